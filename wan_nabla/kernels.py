@@ -1,0 +1,71 @@
+"""The two attention kernels wan-nabla calls: compiled FlexAttention (sparse) and dense SDPA.
+
+    out_BHSD = sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask)
+    out_BHSD = dense_attention(q_BHSD, k_BHSD, v_BHSD)
+
+`sparse_attention` holds one `torch.compile(flex_attention, dynamic=False)` for the process: it
+compiles once per shape (and device), and never again for new masks, steps, prompts or seeds,
+because masks enter as BlockMask tensors and the mask_mod closure is cached per layout.
+Eager flex is never used: on the CPU it silently ignores BlockMask block tables.
+
+`dense_attention` is SDPA with cuDNN first on CUDA (the fastest dense kernel measured on H100,
+see NABLA.md), then flash, memory-efficient and math. On the CPU SDPA picks its own kernel.
+
+Limits: no backward (inference only); head_dim must be one FlexAttention supports (<= 256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+_lock = threading.Lock()
+_compiled_flex = None
+_CUDA_DENSE_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def compiled_flex():
+    """The process-wide compiled flex_attention (created on first use)."""
+    global _compiled_flex
+    with _lock:
+        if _compiled_flex is None:
+            # Each distinct shape is one compiled graph; test suites and benchmarks visit many.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex
+
+
+def flex_kernel_options(device: torch.device) -> dict | None:
+    """Kernel options for 64-token blocks: on CUDA the default tiles do not divide 64 (NABLA.md)."""
+    if device.type == "cuda":
+        return {"BLOCK_M": 64, "BLOCK_N": 64}
+    return None
+
+
+def sparse_attention(
+    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, block_mask: BlockMask,
+    kernel_options: dict | None = None,
+) -> torch.Tensor:
+    opts = kernel_options if kernel_options is not None else flex_kernel_options(q_BHSD.device)
+    return compiled_flex()(q_BHSD, k_BHSD, v_BHSD, block_mask=block_mask, kernel_options=opts)
+
+
+def _dense_context(device: torch.device):
+    if device.type == "cuda":
+        return sdpa_kernel(_CUDA_DENSE_ORDER, set_priority=True)
+    return contextlib.nullcontext()
+
+
+def dense_attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+    with _dense_context(q_BHSD.device):
+        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD)

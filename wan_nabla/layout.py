@@ -1,0 +1,151 @@
+"""Token tiling: raster patch order <-> tile order, with padding to whole tiles.
+
+    layout = TileLayout(frames=21, height=45, width=80)   # patch grid of 1280x720x81 on Wan2.1
+    layout.padded_len          # 80640 = 21 * 6 * 10 tiles * 64 tokens
+    x_tiles = layout.to_tiles(x_BSC)       # [B, S, C] raster -> [B, S_pad, C] tile order
+    x_back = layout.from_tiles(x_tiles)    # exact inverse, pads dropped
+
+A *tile* is one latent frame x an 8x8 square of patch tokens = 64 consecutive tokens, so that
+block-sparse attention over 64-token blocks works on spatio-temporal neighbourhoods. Tiles are
+ordered by (frame, tile row, tile column); inside a tile tokens are row-major.
+
+When the patch grid's height or width is not a multiple of 8 (e.g. 1280x720 gives 45x80), the
+grid is padded at the bottom/right to whole tiles: never cropped. Pad tokens are zero on entry,
+are masked out as keys by the attention (`valid`), and are dropped by `from_tiles`. Only the
+edge tiles contain pads; `tile_has_pad` marks them so the kernel evaluates a token mask there and
+nowhere else.
+
+Limits: one layout per (frames, height, width); the tile side is fixed at 8 patch tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TILE_SIDE = 8
+TILE_TOKENS = TILE_SIDE * TILE_SIDE
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    frames: int
+    """Latent frames after patchify (Wan2.1: (video_frames - 1) / 4 + 1)."""
+    height: int
+    """Patch-token rows (latent height / 2)."""
+    width: int
+    """Patch-token columns (latent width / 2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TileLayout.{name} must be a positive integer, got {v!r}")
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def tiles_h(self) -> int:
+        return -(-self.height // TILE_SIDE)
+
+    @property
+    def tiles_w(self) -> int:
+        return -(-self.width // TILE_SIDE)
+
+    @property
+    def tile_grid(self) -> tuple[int, int, int]:
+        """(frames, tile rows, tile columns): the grid STA windows are measured in."""
+        return (self.frames, self.tiles_h, self.tiles_w)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.frames * self.tiles_h * self.tiles_w
+
+    @property
+    def seq_len(self) -> int:
+        """Real tokens, raster order."""
+        return self.frames * self.height * self.width
+
+    @property
+    def padded_len(self) -> int:
+        return self.n_tiles * TILE_TOKENS
+
+    @property
+    def needs_padding(self) -> bool:
+        return self.height % TILE_SIDE != 0 or self.width % TILE_SIDE != 0
+
+    # ---- reordering --------------------------------------------------------------------
+    def grid_to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., F, H, W, C] raster grid -> [..., S_pad, C] in tile order, zero pads."""
+        lead = x.shape[:-4]
+        f, h, w, c = x.shape[-4:]
+        if (f, h, w) != (self.frames, self.height, self.width):
+            raise ValueError(f"grid {(f, h, w)} does not match layout {(self.frames, self.height, self.width)}")
+        ph, pw = self.tiles_h * TILE_SIDE - h, self.tiles_w * TILE_SIDE - w
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))  # pads W then H (last dims first, C untouched)
+        x = x.reshape(*lead, f, self.tiles_h, TILE_SIDE, self.tiles_w, TILE_SIDE, c)
+        nd = len(lead)
+        perm = list(range(nd)) + [nd + i for i in (0, 1, 3, 2, 4, 5)]
+        return x.permute(perm).reshape(*lead, self.padded_len, c)
+
+    def to_tiles(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """Raster tokens along `seq_dim` (length seq_len) -> tile order (length padded_len)."""
+        x = x.movedim(seq_dim, -2)
+        grid = x.reshape(*x.shape[:-2], self.frames, self.height, self.width, x.shape[-1])
+        return self.grid_to_tiles(grid).movedim(-2, seq_dim)
+
+    def from_tiles(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """Tile order (length padded_len) along `seq_dim` -> raster tokens, pads dropped."""
+        x = x.movedim(seq_dim, -2)
+        lead, c = x.shape[:-2], x.shape[-1]
+        if x.shape[-2] != self.padded_len:
+            raise ValueError(f"expected {self.padded_len} tokens in tile order, got {x.shape[-2]}")
+        nd = len(lead)
+        x = x.reshape(*lead, self.frames, self.tiles_h, self.tiles_w, TILE_SIDE, TILE_SIDE, c)
+        perm = list(range(nd)) + [nd + i for i in (0, 1, 3, 2, 4, 5)]
+        x = x.permute(perm).reshape(
+            *lead, self.frames, self.tiles_h * TILE_SIDE, self.tiles_w * TILE_SIDE, c
+        )
+        x = x[..., : self.height, : self.width, :]
+        return x.reshape(*lead, self.seq_len, c).movedim(-2, seq_dim)
+
+    # ---- masks of real tokens ----------------------------------------------------------
+    def valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[S_pad] bool: True for real tokens in tile order."""
+        return _valid_tokens(self, torch.device(device))
+
+    def tile_counts(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[n_tiles] float32: number of real tokens per tile (64 except at the bottom/right edge)."""
+        return self.valid(device).view(self.n_tiles, TILE_TOKENS).sum(-1, dtype=torch.float32)
+
+    def tile_has_pad(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[n_tiles] bool: tiles that contain at least one pad token."""
+        return ~self.valid(device).view(self.n_tiles, TILE_TOKENS).all(-1)
+
+    def real_token_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[S] int64: tile-order positions of the real tokens, in tile order (for gathering K/V)."""
+        return _real_index(self, torch.device(device))
+
+    def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[n_tiles, 3] int64: (frame, tile row, tile column) of each tile in tile order."""
+        t, i, j = torch.meshgrid(
+            torch.arange(self.frames, device=device),
+            torch.arange(self.tiles_h, device=device),
+            torch.arange(self.tiles_w, device=device),
+            indexing="ij",
+        )
+        return torch.stack([t.reshape(-1), i.reshape(-1), j.reshape(-1)], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_tokens(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    ones = torch.ones(layout.frames, layout.height, layout.width, 1, dtype=torch.bool, device=device)
+    return layout.grid_to_tiles(ones).reshape(layout.padded_len)
+
+
+@functools.lru_cache(maxsize=64)
+def _real_index(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    return torch.nonzero(_valid_tokens(layout, device), as_tuple=False).reshape(-1)

@@ -1,0 +1,140 @@
+"""Self-attention processors for Wan2.1 blocks, and the run context they share.
+
+    run = AttentionRun(AttentionConfig(type="nabla", threshold=0.7))
+    proc = WanSparseAttnProcessor(run, layer=3)      # installed by adapter.apply_attention
+    run.set_step(0)                                  # the pipeline tells it the denoising step
+    run.density_summary()                            # {"overall": ..., "per_step": [...], ...}
+
+Each call computes q/k/v exactly as diffusers' WanAttnProcessor does (projections, RMS q/k norm,
+rotary embedding), then `AttentionRun.attend` picks the kernel:
+- dense (type full, a layer in `dense_layers`, or a step < `dense_steps`): SDPA, cuDNN first on
+  CUDA. With tile padding, keys/values are gathered to the real tokens so pads get no weight.
+- sparse: a tile keep mask (NABLA from these very q/k, STA from the static cache, or their OR),
+  a BlockMask, compiled FlexAttention.
+
+The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
+in diffusers' raster order for `full`. Kept-block density is recorded per (step, layer) as device
+tensors and read only when a summary is asked for, so recording never syncs the GPU.
+Limits: self-attention only (attn1); image-conditioned (I2V) attention is not supported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+
+from .config import AttentionConfig
+from .kernels import dense_attention, sparse_attention
+from .layout import TileLayout
+from .masks import block_density, nabla_tile_mask, sta_tile_mask, to_block_mask
+
+log = logging.getLogger(__name__)
+
+
+class AttentionRun:
+    """State shared by all processors of one patched transformer: config, step, layout, stats."""
+
+    def __init__(self, config: AttentionConfig, kernel_options: dict | None = None):
+        self.config = config
+        self.kernel_options = kernel_options
+        self.step = 0
+        self.layout: TileLayout | None = None
+        self._densities: dict[int, list] = defaultdict(list)
+        self._sta_block_masks: dict = {}
+
+    # ---- schedule ----------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def uses_dense(self, layer: int) -> bool:
+        c = self.config
+        return c.type == "full" or layer in c.dense_layers or self.step < c.dense_steps
+
+    # ---- the attention itself ----------------------------------------------------------
+    def attend(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, layer: int) -> torch.Tensor:
+        layout = self.layout
+        if self.uses_dense(layer):
+            if layout is not None and layout.needs_padding:
+                real = layout.real_token_index(q_BHSD.device)
+                k_BHSD, v_BHSD = k_BHSD.index_select(2, real), v_BHSD.index_select(2, real)
+            self._densities[self.step].append(1.0)
+            return dense_attention(q_BHSD, k_BHSD, v_BHSD)
+        if layout is None:
+            raise RuntimeError("sparse attention called without a tile layout; use wan_nabla.apply_attention")
+        block_mask, density = self.block_mask(q_BHSD, k_BHSD, layout)
+        self._densities[self.step].append(density)
+        return sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask, self.kernel_options)
+
+    def block_mask(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout):
+        """(BlockMask, density) for this call's q/k under the configured attention type."""
+        c = self.config
+        device = q_BHSD.device
+        if c.type == "sta":
+            key = (layout, c.sta_window, device)
+            if key not in self._sta_block_masks:  # static: built once per shape, not per call
+                keep = sta_tile_mask(layout, c.sta_window, device)
+                self._sta_block_masks[key] = (to_block_mask(keep, layout), block_density(keep))
+            return self._sta_block_masks[key]
+        keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, c.threshold)
+        if c.type == "nabla_sta":
+            keep = keep | sta_tile_mask(layout, c.sta_window, device)
+        return to_block_mask(keep, layout), block_density(keep)
+
+    # ---- statistics --------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._densities.clear()
+
+    def density_summary(self) -> dict:
+        """Mean kept-block density per step and overall (1.0 = dense). Syncs the device once."""
+        per_step = {}
+        for step, values in sorted(self._densities.items()):
+            vals = [float(v) for v in values]
+            per_step[step] = sum(vals) / len(vals)
+        overall = sum(per_step.values()) / len(per_step) if per_step else None
+        return {
+            "attention": self.config.label(),
+            "overall": overall,
+            "per_step": [per_step[s] for s in sorted(per_step)],
+        }
+
+    def log_step(self, step: int) -> None:
+        vals = self._densities.get(step)
+        if vals and log.isEnabledFor(logging.DEBUG):
+            d = sum(float(v) for v in vals) / len(vals)
+            log.debug("step %d: %s mean kept-block density %.4f over %d attention calls",
+                      step, self.config.label(), d, len(vals))
+
+
+def _rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs (same math as diffusers, float32 tables)."""
+    x1, x2 = x_BSHD.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.type_as(x_BSHD)
+
+
+class WanSparseAttnProcessor:
+    """Drop-in processor for a Wan2.1 self-attention module (block.attn1)."""
+
+    def __init__(self, run: AttentionRun, layer: int):
+        self.run = run
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        if encoder_hidden_states is not None or attention_mask is not None or kw:
+            raise ValueError("WanSparseAttnProcessor handles self-attention only (no context, mask or kwargs)")
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, S, H, D]
+        if rotary_emb is not None:
+            cos, sin = rotary_emb
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = self.run.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.layer)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
