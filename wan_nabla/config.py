@@ -61,6 +61,10 @@ class AttentionConfig:
     """The first N denoising steps use full attention (published STA preset: 12)."""
     dense_layers: tuple[int, ...] = ()
     """Transformer block indices that always use full attention."""
+    block_size: tuple[int, int] | None = None
+    """Kernel block (query tokens, key tokens), each 64 (one tile) or 128 (two tiles). A 128 block
+    is kept if any tile pair in it is kept (a superset of the tile mask, never less). None picks
+    the fastest measured geometry on CUDA and (64, 64), the exact tile mask, on the CPU."""
 
     def __post_init__(self) -> None:
         t = self.type
@@ -100,6 +104,11 @@ class AttentionConfig:
                 f"attention.dense_layers: {dl!r} is not allowed; use a list of block indices (integers >= 0)"
             )
         object.__setattr__(self, "dense_layers", tuple(sorted(set(int(x) for x in dl))))
+        bs = self.block_size
+        if bs is not None:
+            if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in (64, 128) for x in bs):
+                raise ConfigError(f"attention.block_size: {bs!r} is not allowed; use [q, kv] with each 64 or 128")
+            object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
 
     @property
     def sparse(self) -> bool:
@@ -116,6 +125,7 @@ class AttentionConfig:
         d = dataclasses.asdict(self)
         d["sta_window"] = list(self.sta_window) if self.sta_window else None
         d["dense_layers"] = list(self.dense_layers)
+        d["block_size"] = list(self.block_size) if self.block_size else None
         return d
 
     def label(self) -> str:

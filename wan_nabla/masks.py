@@ -17,7 +17,9 @@ STA (arXiv 2502.04507): query tile (t, i, j) attends key tile (t', i', j') iff |
 `to_block_mask` turns a tile-level keep mask into a BlockMask: key tiles that contain pad tokens
 go to the partial list, evaluated with a token mask (`valid[kv]`); every other kept tile is a full
 block that the kernel never masks. Indices are built with a cumulative-sum scatter, no sort.
-Limits: block size is one tile (64 tokens) on both sides; the whole batch shares one layout.
+Blocks of 128 tokens (two tiles) on either side are an OR-coarsening of the tile mask, which the
+flex kernel runs much faster than 64-token blocks on Hopper (NABLA.md).
+Limits: block sizes are 64 or 128 tokens; the whole batch shares one layout.
 """
 
 from __future__ import annotations
@@ -98,14 +100,32 @@ def _compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count, out[..., :n].contiguous()
 
 
-def to_block_mask(keep_BHnn: torch.Tensor, layout: TileLayout) -> BlockMask:
-    """Tile keep mask [B|1, H|1, n, n] -> FlexAttention BlockMask over the padded tile-order sequence."""
+def coarsen(keep_BHnn: torch.Tensor, q_tiles: int, kv_tiles: int) -> torch.Tensor:
+    """OR-pool a tile keep mask into blocks of q_tiles x kv_tiles tiles (the last block may be short)."""
+    if q_tiles == 1 and kv_tiles == 1:
+        return keep_BHnn
+    *lead, nq, nk = keep_BHnn.shape
+    mq, mk = -(-nq // q_tiles), -(-nk // kv_tiles)
+    padded = torch.nn.functional.pad(keep_BHnn, (0, mk * kv_tiles - nk, 0, mq * q_tiles - nq))
+    return padded.view(*lead, mq, q_tiles, mk, kv_tiles).any(dim=-1).any(dim=-2)
+
+
+def to_block_mask(
+    keep_BHnn: torch.Tensor, layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)
+) -> BlockMask:
+    """Tile keep mask [B|1, H|1, n, n] -> BlockMask over the padded tile-order sequence.
+
+    With 128-token blocks a block is kept if any of its tile pairs is kept (`coarsen`)."""
     if keep_BHnn.dim() == 2:
         keep_BHnn = keep_BHnn[None, None]
-    device = keep_BHnn.device
-    has_pad = layout.tile_has_pad(device)
-    partial = keep_BHnn & has_pad
-    full = keep_BHnn & ~has_pad
+    bq, bkv = block_size
+    if bq % TILE_TOKENS or bkv % TILE_TOKENS:
+        raise ValueError(f"block sizes must be multiples of {TILE_TOKENS}, got {block_size}")
+    keep = coarsen(keep_BHnn, bq // TILE_TOKENS, bkv // TILE_TOKENS)
+    device = keep.device
+    has_pad = _block_has_pad(layout, bkv, device)
+    partial = keep & has_pad
+    full = keep & ~has_pad
     kv_num, kv_idx = _compact_indices(partial)
     full_num, full_idx = _compact_indices(full)
     return BlockMask.from_kv_blocks(
@@ -113,11 +133,17 @@ def to_block_mask(keep_BHnn: torch.Tensor, layout: TileLayout) -> BlockMask:
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=TILE_TOKENS,
+        BLOCK_SIZE=(bq, bkv),
         mask_mod=key_padding_mask_mod(layout, device),
         seq_lengths=(layout.padded_len, layout.padded_len),
         compute_q_blocks=False,
     )
+
+
+def _block_has_pad(layout: TileLayout, bkv: int, device: torch.device) -> torch.Tensor:
+    """[n_kv_blocks] bool: key blocks holding a pad token or reaching past the sequence end."""
+    valid = _valid_padded(layout, torch.device(device))
+    return ~valid.view(-1, bkv).all(-1)
 
 
 def key_padding_mask_mod(layout: TileLayout, device: torch.device | str):
@@ -126,9 +152,20 @@ def key_padding_mask_mod(layout: TileLayout, device: torch.device | str):
     return _mask_mod_cached(layout, torch.device(device))
 
 
+_MAX_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_padded(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    """layout.valid() extended with False up to a multiple of the largest block (no OOB reads)."""
+    valid = layout.valid(device)
+    extra = -len(valid) % _MAX_BLOCK
+    return torch.cat([valid, valid.new_zeros(extra)]) if extra else valid
+
+
 @functools.lru_cache(maxsize=64)
 def _mask_mod_cached(layout: TileLayout, device: torch.device):
-    valid = layout.valid(device)
+    valid = _valid_padded(layout, device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return valid[kv_idx]
@@ -136,6 +173,9 @@ def _mask_mod_cached(layout: TileLayout, device: torch.device):
     return mask_mod
 
 
-def block_density(keep_BHnn: torch.Tensor) -> torch.Tensor:
-    """Kept share of (query tile, key tile) pairs, averaged over batch and heads (0-d float tensor)."""
-    return keep_BHnn.float().mean()
+def block_density(keep_BHnn: torch.Tensor, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)) -> torch.Tensor:
+    """Kept share of (query block, key block) pairs at the kernel's geometry, averaged over batch
+    and heads (0-d float tensor): the fraction of the dense attention work the kernel does."""
+    if keep_BHnn.dim() == 2:
+        keep_BHnn = keep_BHnn[None, None]
+    return coarsen(keep_BHnn, block_size[0] // TILE_TOKENS, block_size[1] // TILE_TOKENS).float().mean()

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from .config import AttentionConfig
-from .kernels import dense_attention, sparse_attention
+from .kernels import default_block_size, dense_attention, sparse_attention
 from .layout import TileLayout
 from .masks import block_density, nabla_tile_mask, sta_tile_mask, to_block_mask
 
@@ -71,16 +71,17 @@ class AttentionRun:
         """(BlockMask, density) for this call's q/k under the configured attention type."""
         c = self.config
         device = q_BHSD.device
+        bs = c.block_size or default_block_size(device)
         if c.type == "sta":
-            key = (layout, c.sta_window, device)
+            key = (layout, c.sta_window, bs, device)
             if key not in self._sta_block_masks:  # static: built once per shape, not per call
                 keep = sta_tile_mask(layout, c.sta_window, device)
-                self._sta_block_masks[key] = (to_block_mask(keep, layout), block_density(keep))
+                self._sta_block_masks[key] = (to_block_mask(keep, layout, bs), block_density(keep, bs))
             return self._sta_block_masks[key]
         keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, c.threshold)
         if c.type == "nabla_sta":
             keep = keep | sta_tile_mask(layout, c.sta_window, device)
-        return to_block_mask(keep, layout), block_density(keep)
+        return to_block_mask(keep, layout, bs), block_density(keep, bs)
 
     # ---- statistics --------------------------------------------------------------------
     def reset_stats(self) -> None:

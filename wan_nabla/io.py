@@ -1,0 +1,118 @@
+"""Atomic output files: a reader never sees a half-written video, JSON or text file.
+
+    atomic_write_json(out / "run.json", {"steps": 50})
+    with atomic_output(out / "fox.mp4") as tmp:       # tmp = out/.fox.mp4.<random>.tmp.mp4
+        encoder.write(tmp)                            # replaced onto fox.mp4 only on success
+    out = ensure_writable_dir("outputs/today")        # OutputError if it cannot be written
+
+Everything is written to a hidden temp file in the destination directory (so os.replace is a
+same-filesystem rename), fsynced, then renamed. On any exception the temp file is removed and the
+destination is left as it was. Limits: the directory entry itself is fsynced only on POSIX; a crash
+(power loss, SIGKILL) between the temp write and its removal can leave a `.*.tmp*` file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(ValueError):
+    """An output location cannot be used; the message is one line naming the path and the reason."""
+
+
+def _mkstemp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # mkstemp creates 0600; the published file should get the usual umask-derived mode instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+    except (AttributeError, OSError):  # no fchmod on Windows; keep the private mode there
+        pass
+    return fd, Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on Windows, where directories cannot be opened.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically; on failure nothing appears at `path` and no temp is left."""
+    path = Path(path)
+    fd, tmp = _mkstemp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | Path, obj: Any, sort_keys: bool = False) -> Path:
+    """JSON with indent=2 and a final newline. Serialisation happens before any file is created."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`, with the same suffix so encoders can infer the format;
+    it is renamed onto `path` only if the block finishes without an exception."""
+    path = Path(path)
+    fd, tmp = _mkstemp_beside(path, suffix=".tmp" + path.suffix)
+    os.close(fd)  # the writer opens (and usually truncates) the file by name itself
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` (with parents) if needed and prove it is writable; OutputError otherwise."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"output directory {str(path)!r} cannot be used: it exists and is not a directory") from None
+    except OSError as exc:
+        raise OutputError(f"output directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
+    try:
+        # A real write is the only reliable check: os.access ignores ACLs, read-only mounts, root.
+        fd, probe = _mkstemp_beside(path / "write-probe")
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    return path

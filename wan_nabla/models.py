@@ -1,0 +1,178 @@
+"""Find and load a Wan2.1 text-to-video pipeline: the tiny test model, a local directory, or a hub id.
+
+    model = resolve_model(args.model, cfg.model)           # CLI > config > weights/... > hub id
+    pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
+    set_flow_shift(pipe, 5.0)                              # 720p; 3.0 for 480p
+    save_tiny_checkpoint("/tmp/tiny-wan")                  # diffusers layout, safetensors only
+
+Limits and policy:
+- Only safetensors weights are ever loaded (use_safetensors=True), never pickles, and never
+  trust_remote_code. A directory holding only .bin/.pt/.pkl weights is refused.
+- `dtype=` is passed to from_pretrained (diffusers 0.42 deprecates `torch_dtype`).
+- The VAE is always loaded and run in float32 (Wan's VAE is unstable in bf16/fp16); `dtype` applies
+  to the transformer and the text encoder.
+- A hub id is first looked up in the local HF cache. Downloading happens only when the cache misses
+  and HF_HUB_OFFLINE is not set; any failure becomes ModelNotFoundError with the `hf download`
+  command to run (diffusers 0.42 needs huggingface_hub >= 1.32, where the old `huggingface-cli`
+  no longer exists).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import EntryNotFoundError
+
+from .tiny import TINY_MODEL_ID, build_tiny_pipeline
+
+DEFAULT_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+DEFAULT_LOCAL_DIR = Path("weights/Wan2.1-T2V-1.3B-Diffusers")
+
+REQUIRED_ENTRIES = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    # Cache misses and network failures come as OSError subclasses, except the HTTP client's own
+    # transport errors, which (depending on the huggingface_hub version) derive from Exception only.
+    errors: list[type[BaseException]] = [OSError, ValueError, EntryNotFoundError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(name).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def download_command(repo_id: str = DEFAULT_HUB_ID) -> str:
+    """The shell command that puts `repo_id` where resolve_model() looks for it."""
+    return f"hf download {repo_id} --local-dir weights/{repo_id.rstrip('/').split('/')[-1]}"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested weights are not available; the message is one line ending in the download command."""
+
+    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID):
+        reason = " ".join(str(reason).split())  # one line, whatever the wrapped error looked like
+        super().__init__(f"{reason}; get the weights with: {download_command(repo_id)}")
+        self.repo_id = repo_id
+
+
+def resolve_model(cli_model: str | None, config_model: str | None, weights_root: Path = Path("weights")) -> str:
+    """First of: --model, the config's `model`, weights_root/Wan2.1-T2V-1.3B-Diffusers if present, the hub id."""
+    for choice in (cli_model, config_model):
+        if choice is not None and str(choice).strip():
+            return str(choice)
+    local = Path(weights_root) / DEFAULT_LOCAL_DIR.name
+    if local.is_dir():
+        return str(local)
+    return DEFAULT_HUB_ID
+
+
+def looks_like_hub_id(model: str) -> bool:
+    """'owner/name' with exactly one slash and no path prefix (./, /, ~)."""
+    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
+
+
+def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID) -> None:
+    """Raise ModelNotFoundError unless `path` is a complete diffusers Wan layout with safetensors weights."""
+    missing = [e for e in REQUIRED_ENTRIES if not (path / e).exists()]
+    if missing:
+        raise ModelNotFoundError(f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}", repo_id)
+    for sub in _WEIGHT_SUBFOLDERS:
+        files = [f for f in (path / sub).iterdir() if f.is_file()]
+        if any(f.suffix == ".safetensors" for f in files):
+            continue
+        pickles = sorted(f.name for f in files if f.suffix in _PICKLE_SUFFIXES)
+        why = f"only pickle weights ({', '.join(pickles)}), which are refused" if pickles else "no weight files"
+        raise ModelNotFoundError(f"{str(path / sub)!r} has no .safetensors weights: {why}", repo_id)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> WanPipeline:
+    with warnings.catch_warnings():
+        # diffusers 0.42 still passes this kwarg to huggingface_hub, which ignores it; pure noise.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        vae = AutoencoderKLWan.from_pretrained(
+            source, subfolder="vae", dtype=torch.float32, use_safetensors=True, local_files_only=local_files_only
+        )
+        return WanPipeline.from_pretrained(
+            source, vae=vae, dtype=dtype, use_safetensors=True, local_files_only=local_files_only
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; the environment may have changed since.
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> WanPipeline:
+    errors = _hub_errors()
+    try:
+        return _from_pretrained(repo_id, dtype, local_files_only=True)
+    except errors as exc:
+        cache_miss = exc
+    if _offline():
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_first_line(cache_miss)})",
+            repo_id,
+        ) from cache_miss
+    try:
+        return _from_pretrained(repo_id, dtype, local_files_only=False)
+    except errors as exc:
+        raise ModelNotFoundError(f"could not download {repo_id!r} ({_first_line(exc)})", repo_id) from exc
+
+
+def load_pipeline(
+    model: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    tiny_seed: int = 0,
+) -> WanPipeline:
+    """Load `model` ('tiny', a directory, or 'owner/name'); transformer + text encoder in `dtype`, VAE fp32."""
+    if model == TINY_MODEL_ID:
+        pipe = build_tiny_pipeline(seed=tiny_seed)
+        pipe.transformer.to(dtype=dtype)
+        pipe.text_encoder.to(dtype=dtype)
+        return pipe.to(device)
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        check_model_dir(path)
+        try:
+            pipe = _from_pretrained(str(path), dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({_first_line(exc)})") from exc
+    elif path.exists():
+        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory")
+    elif looks_like_hub_id(model):
+        pipe = _load_hub(model, dtype)
+    else:
+        raise ModelNotFoundError(f"model directory {model!r} does not exist")
+    return pipe.to(device)
+
+
+def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Save build_tiny_pipeline(seed) in diffusers layout (safetensors) and return the directory."""
+    path = Path(path)
+    build_tiny_pipeline(seed=seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def set_flow_shift(pipe: WanPipeline, shift: float) -> WanPipeline:
+    """Replace the scheduler by the same UniPC flow-matching scheduler with a different flow_shift."""
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=float(shift))
+    return pipe
