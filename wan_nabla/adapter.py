@@ -145,3 +145,54 @@ def _make_unpatch_hook(run: AttentionRun):
         return run.layout.from_tiles(out_BSC, seq_dim=1)
 
     return hook
+
+
+# ---- the denoising loop's calls into diffusers' WanPipeline components ------------------------
+TEXT_MAX_TOKENS = 512  # Wan2.1 pads/truncates prompts to 512 UMT5 tokens
+
+
+def encode_prompts(pipe, prompt: str, negative_prompt: str, cfg: bool, device: torch.device):
+    """UMT5 embeddings [1, 512, text_dim] for the prompt and (when cfg) the negative prompt."""
+    pos, neg = pipe.encode_prompt(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        do_classifier_free_guidance=cfg,
+        num_videos_per_prompt=1,
+        max_sequence_length=TEXT_MAX_TOKENS,
+        device=device,
+    )
+    return pos, neg
+
+
+def initial_latents(pipe, width: int, height: int, frames: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Seeded float32 noise [1, 16, (frames-1)/4+1, H/8, W/8], drawn on the CPU so a seed gives the
+    same video on every device (as diffusers does with a CPU generator)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    latents = pipe.prepare_latents(
+        1, pipe.transformer.config.in_channels, height, width, frames, torch.float32, torch.device("cpu"), gen
+    )
+    return latents.to(device)
+
+
+def make_scheduler(pipe, shift: float):
+    """A fresh copy of the pipeline's flow-matching scheduler with this shift."""
+    return type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
+
+
+def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """One transformer call on a batch: latents [B, 16, F, H, W], embeds [B, 512, text_dim]."""
+    x = latents.to(pipe.transformer.dtype)
+    return pipe.transformer(
+        hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds, return_dict=False
+    )[0]
+
+
+def decode_video(pipe, latents: torch.Tensor):
+    """Latents -> float frames [T, H, W, 3] in [0, 1] (numpy), through the Wan VAE in its own dtype."""
+    vae = pipe.vae
+    z = vae.config.z_dim
+    latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+    video = vae.decode(latents * std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="np")[0]

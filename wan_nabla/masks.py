@@ -142,8 +142,9 @@ def to_block_mask(
 
 def _block_has_pad(layout: TileLayout, bkv: int, device: torch.device) -> torch.Tensor:
     """[n_kv_blocks] bool: key blocks holding a pad token or reaching past the sequence end."""
-    valid = _valid_padded(layout, torch.device(device))
-    return ~valid.view(-1, bkv).all(-1)
+    n_blocks = -(-layout.padded_len // bkv)
+    valid = _valid_padded(layout, torch.device(device))[: n_blocks * bkv]
+    return ~valid.view(n_blocks, bkv).all(-1)
 
 
 def key_padding_mask_mod(layout: TileLayout, device: torch.device | str):

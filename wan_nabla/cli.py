@@ -1,0 +1,196 @@
+"""The `wan-nabla` command line: generate, batch, bench.
+
+    wan-nabla generate --model tiny --prompt "a red fox running through snow" \\
+        --config configs/nabla_0.7.yaml --output fox.mp4
+    wan-nabla batch scripts/example_prompts.jsonl --config configs/nabla_0.7.yaml --out-dir outputs/
+    wan-nabla bench --level op --out benchmarks/results/h100
+
+Exit codes: 0 success; 1 a batch finished with failed items; 2 bad command line, config, model
+or output location (one line on stderr naming the bad value, nothing written); 130 interrupted.
+Flags override the config file's `generation:` values; the resolved config is logged and saved
+in the sidecar JSON next to each video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config, parse_size
+
+log = logging.getLogger("wan_nabla")
+
+
+class UsageError(ValueError):
+    """A bad command-line value (exit code 2)."""
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .io import OutputError
+    from .models import ModelNotFoundError
+
+    return (UsageError, ConfigError, OutputError, ModelNotFoundError)
+
+
+# ---- shared flags ------------------------------------------------------------------------------
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and batch (for batch they are defaults for every item)."""
+    p.add_argument("--config", help="YAML config (configs/*.yaml); default: full attention, Wan defaults")
+    p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
+    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
+    p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
+    p.add_argument("--frames", type=int, help="number of video frames, 4k+1 (e.g. 17, 81)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--shift", type=float, help="flow-matching shift (default 5.0 for 720p, 3.0 for 480p)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default 16)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
+    p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
+
+
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """Config file + flag overrides, validated (ConfigError names the bad value)."""
+    cfg = load_config(args.config)
+    size = parse_size(args.size, "--size") if args.size is not None else None
+    return cfg.override(
+        model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
+        steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
+        fps=args.fps, device=args.device, dtype=args.dtype,
+    )
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if getattr(args, "verbose", False) else (
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("wan_nabla").setLevel(level)
+    for noisy in ("diffusers", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def load_generator(cfg: RunConfig, quiet: bool):
+    """Resolve the model (flag, config, weights/, hub) and load it with attention installed."""
+    from .models import resolve_model
+    from .pipeline import VideoGenerator
+
+    model = resolve_model(cfg.model, None)
+    log.info("loading model %s (%s attention)", model, cfg.attention.label())
+    gen = VideoGenerator.load(model, cfg)
+    log.info("loaded in %.1fs on %s", gen.load_s, gen.device)
+    return gen
+
+
+def write_video_with_sidecar(gen, result, prompt: str, output: Path) -> dict:
+    """MP4 and its sidecar JSON, both atomic: the sidecar is written while the MP4 is still a temp
+    file, and removed again if publishing the MP4 fails, so neither exists without the other."""
+    from .io import atomic_output, atomic_write_json
+    from .sidecar import sidecar_path, sidecar_record
+    from .video import probe_mp4, write_mp4
+
+    side = sidecar_path(output)
+    t0 = time.perf_counter()
+    try:
+        with atomic_output(output) as tmp:
+            write_mp4(result.frames, tmp, fps=result.settings["fps"])
+            video = probe_mp4(tmp)
+            record = sidecar_record(prompt=prompt, result=result, config=gen.config, model_id=gen.model_id,
+                                    output=output, video=video, load_s=gen.load_s,
+                                    write_s=time.perf_counter() - t0)
+            atomic_write_json(side, record)
+    except BaseException:
+        if side.exists() and not output.exists():
+            side.unlink()
+        raise
+    return record
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _default_output(prompt: str) -> Path:
+    from .naming import unique_path
+
+    return unique_path(Path("outputs"), prompt)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .io import ensure_writable_dir
+
+    if not args.prompt or not args.prompt.strip():
+        raise UsageError("--prompt: must be a non-empty string")
+    cfg = resolve_run_config(args)
+    output = Path(args.output) if args.output else _default_output(args.prompt)
+    if output.suffix.lower() != ".mp4":
+        raise UsageError(f"--output: {str(output)!r} must end in .mp4")
+    if output.is_dir():
+        raise UsageError(f"--output: {str(output)!r} is a directory; give a file name ending in .mp4")
+    ensure_writable_dir(output.parent if str(output.parent) else Path("."))
+    log.info("resolved config: %s", cfg.to_dict())
+
+    gen = load_generator(cfg, args.quiet)
+    result = gen.generate(args.prompt, progress=not args.quiet)
+    record = write_video_with_sidecar(gen, result, args.prompt, output)
+    t = record["timings"]
+    density = record["attention"]["overall"]
+    log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
+             t["denoising_s"], t["decode_s"], f"{density:.3f}" if density is not None else "n/a")
+    print(output)
+    return 0
+
+
+# ---- batch / bench (implemented in their own modules) ------------------------------------------
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    return run_batch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wan-nabla", description="Wan2.1 text-to-video with NABLA/STA sparse attention")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,bench}")
+
+    g = sub.add_parser("generate", help="generate one video from a prompt")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("--output", help="output .mp4 (default outputs/<prompt-slug>.mp4); sidecar <name>.json beside it")
+    add_generation_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("batch", help="generate a video per line of a .txt or record of a .jsonl prompt file")
+    b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...)")
+    b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
+    b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
+    add_generation_flags(b)
+    b.set_defaults(func=cmd_batch)
+
+    sub.add_parser("bench", help="GPU/CPU benchmark harness (wan-nabla bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    try:
+        return args.func(args)
+    except _usage_errors() as e:
+        print(f"wan-nabla: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wan-nabla: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

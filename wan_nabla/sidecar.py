@@ -1,0 +1,68 @@
+"""The JSON record written next to every video, and the environment it names.
+
+    record = sidecar_record(prompt=..., result=result, config=cfg, model_id=..., output=path, ...)
+    atomic_write_json(sidecar_path(path), record)
+
+`sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
+judge the video: prompt, negative prompt, seed, model id, the fully resolved config (file values
+with CLI overrides applied), the video's measured properties, timings (load, text encoding,
+denoising with per-step times, decode, write), attention density per step and overall, and the
+package, torch, diffusers, transformers, CUDA and GPU versions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def sidecar_path(video_path: str | Path) -> Path:
+    return Path(video_path).with_suffix(".json")
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    env: dict[str, Any] = {
+        "wan_nabla": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, video: dict,
+                   load_s: float, write_s: float) -> dict[str, Any]:
+    """The sidecar dict for one generated video (`result` is a pipeline.GenerationResult)."""
+    resolved = config.to_dict()
+    resolved["generation"] = result.settings
+    timings = {"load_s": load_s, **result.timings, "write_s": write_s}
+    return {
+        "prompt": prompt,
+        "negative_prompt": result.settings.get("negative_prompt", ""),
+        "seed": result.seed,
+        "model": model_id,
+        "output": str(output),
+        "video": video,
+        "config": resolved,
+        "timings": timings,
+        "attention": result.attention,
+        "versions": environment(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
