@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -144,10 +145,14 @@ def load_pipeline(
 ) -> WanPipeline:
     """Load `model` ('tiny', a directory, or 'owner/name'); transformer + text encoder in `dtype`, VAE fp32."""
     if model == TINY_MODEL_ID:
-        pipe = build_tiny_pipeline(seed=tiny_seed)
-        pipe.transformer.to(dtype=dtype)
-        pipe.text_encoder.to(dtype=dtype)
-        return pipe.to(device)
+        if dtype == torch.float32:
+            return build_tiny_pipeline(seed=tiny_seed).to(device)
+        # A plain .to(dtype) would also cast the modules that diffusers/transformers keep in fp32
+        # (time embedder, modulation tables, norms; T5's `wo` in fp16). Going through
+        # from_pretrained applies exactly the rules real weights get, and exercises the real loader.
+        with tempfile.TemporaryDirectory(prefix="wan-nabla-tiny-") as tmp:
+            save_tiny_checkpoint(tmp, seed=tiny_seed)
+            return _from_pretrained(tmp, dtype, local_files_only=True).to(device)
 
     path = Path(model).expanduser()
     if path.is_dir():

@@ -1,0 +1,47 @@
+# wan-nabla for a CUDA GPU node. Weights are not baked in: mount them.
+#
+#   docker build -t wan-nabla .
+#   docker run --rm --gpus all \
+#     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
+#     wan-nabla --model /weights/Wan2.1-T2V-1.3B-Diffusers \
+#       --config /opt/wan-nabla/configs/nabla_0.7.yaml --prompt "a red fox in the snow"
+#
+# The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
+FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+
+# torch.compile (FlexAttention) JIT-builds Triton launchers with a host C compiler, which the
+# "runtime" images lack (pytorch/pytorch#116696); g++ serves inductor's CPU fallback.
+# Distro package versions are not pinned: the base image tag already fixes the distro release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+# Compiled Triton/inductor kernels go to the cache volume too, so only the first run compiles.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/hf-cache \
+    TORCHINDUCTOR_CACHE_DIR=/hf-cache/torchinductor \
+    TRITON_CACHE_DIR=/hf-cache/triton
+
+WORKDIR /opt/wan-nabla
+COPY pyproject.toml README.md ./
+COPY wan_nabla ./wan_nabla
+COPY configs ./configs
+COPY scripts ./scripts
+RUN pip install --no-cache-dir .
+
+# uid 1000 (the "app" user) matches the usual host user, so bind-mounted outputs stay editable. Newer Ubuntu bases
+# ship a uid-1000 'ubuntu' user, which is removed first. Ownership must be set before VOLUME.
+RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
+    && useradd --create-home --uid 1000 app \
+    && mkdir -p /weights /outputs /hf-cache \
+    && chown app:app /outputs /hf-cache
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it (a name cannot be checked).
+USER 1000
+VOLUME ["/weights", "/outputs", "/hf-cache"]
+WORKDIR /outputs
+ENTRYPOINT ["wan-nabla"]
+CMD ["--help"]

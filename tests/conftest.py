@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny random Wan2.1 pipeline and its saved checkpoint per test session.
+
+Treat both as read-only: copy the checkpoint (shutil.copytree) before damaging it, and do not
+replace components of `tiny_pipe` (build a fresh one with build_tiny_pipeline instead).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from wan_nabla.models import save_tiny_checkpoint
+from wan_nabla.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """build_tiny_pipeline(seed=0): float32, CPU."""
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Directory holding save_tiny_checkpoint(seed=0): diffusers layout, safetensors weights."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-wan") / "Wan2.1-T2V-tiny-Diffusers", seed=0)

@@ -1,0 +1,161 @@
+"""Independent references for the sparse-attention tests: brute-force masks and float64 attention.
+
+Nothing here imports wan_nabla's layout or masks: token -> tile mapping, pooling, the CDF rule and
+the STA rule are re-derived from their definitions on the raster (unpadded) token order, so a bug
+in the fast path cannot hide in a shared helper. Tolerances for comparisons live in TOL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TOL = {
+    # fp32 end-to-end transformer outputs (two blocks, tiny dims) vs the same math in float64/fp32.
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    # float64 reference attention vs fp32 flex kernel, per attention call.
+    torch.float64: dict(atol=1e-5, rtol=1e-4),
+}
+
+
+def tiny_transformer(seed: int = 0, heads: int = 2, head_dim: int = 24, layers: int = 2):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tr = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
+    ).eval()
+    # Random (not zero-init) norms/tables so every path carries signal.
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return tr
+
+
+def tile_ids(frames: int, height: int, width: int) -> torch.Tensor:
+    """[S] tile index of every raster token (t, h, w): tiles are 8x8 patch squares per frame."""
+    nh, nw = math.ceil(height / 8), math.ceil(width / 8)
+    ids = []
+    for t in range(frames):
+        for h in range(height):
+            for w in range(width):
+                ids.append((t * nh + h // 8) * nw + w // 8)
+    return torch.tensor(ids)
+
+
+def tile_coords(frames: int, height: int, width: int) -> list[tuple[int, int, int]]:
+    nh, nw = math.ceil(height / 8), math.ceil(width / 8)
+    return [(t, i, j) for t in range(frames) for i in range(nh) for j in range(nw)]
+
+
+def sta_keep(frames: int, height: int, width: int, window) -> torch.Tensor:
+    """[n, n] bool by the distance rule, looping over tile pairs."""
+    coords = tile_coords(frames, height, width)
+    n = len(coords)
+    keep = torch.zeros(n, n, dtype=torch.bool)
+    for a, (t, i, j) in enumerate(coords):
+        for b, (t2, i2, j2) in enumerate(coords):
+            keep[a, b] = abs(t - t2) <= window[0] // 2 and abs(i - i2) <= window[1] // 2 and abs(j - j2) <= window[2] // 2
+    return keep
+
+
+def cdf_keep_rows(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row: visit entries by descending probability, keep while the mass before is < threshold."""
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    flat_p, flat_k = p.reshape(-1, p.shape[-1]), keep.view(-1, p.shape[-1])
+    for r in range(flat_p.shape[0]):
+        mass = 0.0
+        for j in sorted(range(flat_p.shape[1]), key=lambda c: -float(flat_p[r, c])):
+            if threshold >= 1.0 or mass < threshold:
+                flat_k[r, j] = True
+            mass += float(flat_p[r, j])
+    return keep
+
+
+def nabla_keep(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, grid, threshold: float) -> tuple[torch.Tensor, float]:
+    """NABLA keep mask from raster-order q/k in float64, and the smallest |mass - threshold| margin
+    seen at a decision (so a test can tell a real mismatch from a float32 rounding tie)."""
+    ids = tile_ids(*grid)
+    n = int(ids.max()) + 1
+    q, k = q_BHSD.double(), k_BHSD.double()
+    onehot = torch.zeros(len(ids), n, dtype=torch.float64)
+    onehot[torch.arange(len(ids)), ids] = 1.0
+    onehot /= onehot.sum(0, keepdim=True)
+    qp = torch.einsum("bhsd,sn->bhnd", q, onehot)
+    kp = torch.einsum("bhsd,sn->bhnd", k, onehot)
+    p = torch.softmax(qp @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    keep = cdf_keep_rows(p, threshold)
+    cum = torch.sort(p, dim=-1, descending=True).values.cumsum(-1)
+    margin = float((cum - threshold).abs().min()) if threshold < 1.0 else 1.0
+    return keep, margin
+
+
+def masked_attention_f64(q_BHSD, k_BHSD, v_BHSD, token_keep_BHSS: torch.Tensor) -> torch.Tensor:
+    s = (q_BHSD.double() @ k_BHSD.double().transpose(-1, -2)) / math.sqrt(q_BHSD.shape[-1])
+    s = s.masked_fill(~token_keep_BHSS, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v_BHSD.double()
+
+
+class ReferenceProcessor:
+    """A Wan self-attention processor computing masked attention in float64 on raster tokens,
+    with the NABLA/STA keep mask built by the brute-force rules above."""
+
+    def __init__(self, attention: dict, grid_from):
+        self.attention = attention
+        self.grid_from = grid_from  # callable -> (frames, height, width) patch grid of the current call
+        self.margins: list[float] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        cos, sin = rotary_emb
+
+        def rot(x):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s = cos[..., 0::2], sin[..., 1::2]
+            return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2).type_as(x)
+
+        q, k = rot(q).transpose(1, 2), rot(k).transpose(1, 2)
+        v = v.transpose(1, 2)
+        grid = self.grid_from()
+        ids = tile_ids(*grid)
+        a = self.attention
+        b, h = q.shape[:2]
+        n = int(ids.max()) + 1
+        keep = torch.zeros(b, h, n, n, dtype=torch.bool)
+        if a["type"] in ("nabla", "nabla_sta"):
+            nk, margin = nabla_keep(q, k, grid, a["threshold"])
+            self.margins.append(margin)
+            keep |= nk
+        if a["type"] in ("sta", "nabla_sta"):
+            keep |= sta_keep(*grid, a["sta_window"])
+        token_keep = keep[:, :, ids][:, :, :, ids]
+        out = masked_attention_f64(q, k, v, token_keep).to(q.dtype)
+        out = out.transpose(1, 2).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install_reference(transformer, attention: dict) -> list:
+    """Put ReferenceProcessor on every attn1; returns the originals for restoring."""
+    p_t, p_h, p_w = transformer.config.patch_size
+    state = {}
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        state["grid"] = (x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w)
+
+    hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    proc = ReferenceProcessor(attention, lambda: state["grid"])
+    originals = [blk.attn1.processor for blk in transformer.blocks]
+    for blk in transformer.blocks:
+        blk.attn1.processor = proc
+
+    def restore():
+        hook.remove()
+        for blk, p in zip(transformer.blocks, originals):
+            blk.attn1.processor = p
+
+    return proc, restore
