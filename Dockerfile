@@ -3,8 +3,9 @@
 #   docker build -t wan-nabla .
 #   docker run --rm --gpus all \
 #     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
-#     wan-nabla --model /weights/Wan2.1-T2V-1.3B-Diffusers \
-#       --config /opt/wan-nabla/configs/nabla_0.7.yaml --prompt "a red fox in the snow"
+#     wan-nabla generate --model /weights/Wan2.1-T2V-1.3B-Diffusers \
+#       --config /opt/wan-nabla/configs/nabla_0.7.yaml --prompt "a red fox in the snow" \
+#       --output /outputs/fox.mp4
 #
 # The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime

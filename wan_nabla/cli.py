@@ -56,13 +56,29 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     """Config file + flag overrides, validated (ConfigError names the bad value)."""
+    from .tiny import TINY_GENERATION, TINY_MODEL_ID
+
     cfg = load_config(args.config)
     size = parse_size(args.size, "--size") if args.size is not None else None
-    return cfg.override(
+    if (args.model or cfg.model) == TINY_MODEL_ID:
+        tiny = {k: v for k, v in TINY_GENERATION.items() if getattr(args, k) is None}
+        if tiny:
+            log.info("--model tiny: using %s (give the flags to change)", tiny)
+            cfg = cfg.override(**tiny)
+    flags = dict(
         model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
         fps=args.fps, device=args.device, dtype=args.dtype,
     )
+    try:
+        return cfg.override(**flags)
+    except ConfigError as e:
+        msg = str(e)
+        for name, value in flags.items():  # name the flag the user typed, not only the config key
+            if value is not None and msg.startswith(f"generation.{name}:"):
+                msg = f"--{name.replace('_', '-')} ({msg}"
+                msg = msg.replace(":", "):", 1)
+        raise ConfigError(msg) from None
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -72,6 +88,16 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("wan_nabla").setLevel(level)
     for noisy in ("diffusers", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Loading bars of diffusers/transformers (shards, components) are noise next to our own bars.
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    if getattr(args, "quiet", False):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def load_generator(cfg: RunConfig, quiet: bool):

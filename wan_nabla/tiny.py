@@ -20,6 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 TINY_MODEL_ID = "tiny"
+# Generation settings the CLI uses with `--model tiny` for every value not given as a flag: the
+# presets' 832x480x81 x 50 steps would take a long time on a CPU for a video that is noise anyway.
+TINY_GENERATION = {"size": (128, 128), "frames": 17, "steps": 4}
 
 # T5's id convention (pad=0, eos=1, unk=2) so UMT5Config defaults stay correct.
 _SPECIAL = ("<pad>", "</s>", "<unk>")
