@@ -56,6 +56,7 @@ def test_dense_steps_switch_at_the_right_step(monkeypatch):
     assert per_step[:2] == [1.0, 1.0]
     assert all(d == pytest.approx(0.2) for d in per_step[2:])  # 5 frames, 1 tile each, window 1
     n_layers = len(gen.pipe.transformer.blocks)
+    assert res.attention["per_layer"] == [pytest.approx(0.6)] * n_layers  # (1 + 1 + 0.2 + 0.2) / 4
     assert kernel_steps == [("dense", 0)] * n_layers + [("dense", 1)] * n_layers + \
         [("sparse", 2)] * n_layers + [("sparse", 3)] * n_layers
 
@@ -89,3 +90,13 @@ def test_sparse_generation_differs_from_dense():
     dense = _gen({"type": "full"}).generate("a fox", progress=False, **SMALL).frames
     sparse = _gen({"type": "sta", "sta_window": [1, 1, 1]}).generate("a fox", progress=False, **SMALL).frames
     assert np.abs(dense - sparse).max() > 1e-3
+
+
+def test_verbose_logs_density_per_step(caplog):
+    import logging
+
+    gen = _gen({"type": "nabla", "threshold": 0.5})
+    with caplog.at_level(logging.DEBUG, logger="wan_nabla.processors"):
+        gen.generate("a fox", progress=False, **SMALL)
+    lines = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
+    assert len(lines) == 4 and lines[0].startswith("step 0: nabla 0.5 mean kept-block density")

@@ -59,12 +59,12 @@ class AttentionRun:
             if layout is not None and layout.needs_padding:
                 real = layout.real_token_index(q_BHSD.device)
                 k_BHSD, v_BHSD = k_BHSD.index_select(2, real), v_BHSD.index_select(2, real)
-            self._densities[self.step].append(1.0)
+            self._densities[self.step].append((layer, 1.0))
             return dense_attention(q_BHSD, k_BHSD, v_BHSD)
         if layout is None:
             raise RuntimeError("sparse attention called without a tile layout; use wan_nabla.apply_attention")
         block_mask, density = self.block_mask(q_BHSD, k_BHSD, layout)
-        self._densities[self.step].append(density)
+        self._densities[self.step].append((layer, density))
         return sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask, self.kernel_options)
 
     def block_mask(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout):
@@ -88,22 +88,27 @@ class AttentionRun:
         self._densities.clear()
 
     def density_summary(self) -> dict:
-        """Mean kept-block density per step and overall (1.0 = dense). Syncs the device once."""
-        per_step = {}
-        for step, values in sorted(self._densities.items()):
-            vals = [float(v) for v in values]
+        """Mean kept-block density per step, per layer and overall (1.0 = dense). Reading the
+        recorded device tensors syncs the device once, here and not during the run."""
+        per_step: dict[int, float] = {}
+        by_layer: dict[int, list[float]] = defaultdict(list)
+        for step, records in sorted(self._densities.items()):
+            vals = [float(v) for _, v in records]
             per_step[step] = sum(vals) / len(vals)
+            for (layer, _), v in zip(records, vals):
+                by_layer[layer].append(v)
         overall = sum(per_step.values()) / len(per_step) if per_step else None
         return {
             "attention": self.config.label(),
             "overall": overall,
             "per_step": [per_step[s] for s in sorted(per_step)],
+            "per_layer": [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)],
         }
 
     def log_step(self, step: int) -> None:
         vals = self._densities.get(step)
         if vals and log.isEnabledFor(logging.DEBUG):
-            d = sum(float(v) for v in vals) / len(vals)
+            d = sum(float(v) for _, v in vals) / len(vals)
             log.debug("step %d: %s mean kept-block density %.4f over %d attention calls",
                       step, self.config.label(), d, len(vals))
 
