@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config, parse_size
@@ -112,30 +111,6 @@ def load_generator(cfg: RunConfig, quiet: bool):
     return gen
 
 
-def write_video_with_sidecar(gen, result, prompt: str, output: Path) -> dict:
-    """MP4 and its sidecar JSON, both atomic: the sidecar is written while the MP4 is still a temp
-    file, and removed again if publishing the MP4 fails, so neither exists without the other."""
-    from .io import atomic_output, atomic_write_json
-    from .sidecar import sidecar_path, sidecar_record
-    from .video import probe_mp4, write_mp4
-
-    side = sidecar_path(output)
-    t0 = time.perf_counter()
-    try:
-        with atomic_output(output) as tmp:
-            write_mp4(result.frames, tmp, fps=result.settings["fps"])
-            video = probe_mp4(tmp)
-            record = sidecar_record(prompt=prompt, result=result, config=gen.config, model_id=gen.model_id,
-                                    output=output, video=video, load_s=gen.load_s,
-                                    write_s=time.perf_counter() - t0)
-            atomic_write_json(side, record)
-    except BaseException:
-        if side.exists() and not output.exists():
-            side.unlink()
-        raise
-    return record
-
-
 # ---- generate ----------------------------------------------------------------------------------
 def _default_output(prompt: str) -> Path:
     from .naming import unique_path
@@ -156,6 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--output: {str(output)!r} is a directory; give a file name ending in .mp4")
     ensure_writable_dir(output.parent if str(output.parent) else Path("."))
     log.info("resolved config: %s", cfg.to_dict())
+
+    from .sidecar import write_video_with_sidecar
 
     gen = load_generator(cfg, args.quiet)
     result = gen.generate(args.prompt, progress=not args.quiet)

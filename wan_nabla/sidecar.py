@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,31 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_video_with_sidecar(gen, result, prompt: str, output: Path, extra: dict[str, Any] | None = None) -> dict:
+    """Write the MP4 and its sidecar (plus `extra` entries), both atomically: the sidecar is
+    written while the MP4 is still a temp file, and removed again if publishing the MP4 fails,
+    so neither exists without the other. The encoded frame count is checked before publishing."""
+    from . import io as wio
+    from . import video
+
+    output = Path(output)
+    side = sidecar_path(output)
+    t0 = time.perf_counter()
+    try:
+        with wio.atomic_output(output) as tmp:
+            video.write_mp4(result.frames, tmp, fps=result.settings["fps"])
+            info = video.probe_mp4(tmp)
+            if info["frames"] != len(result.frames):
+                raise RuntimeError(f"encoded {info['frames']} frames, expected {len(result.frames)}")
+            record = sidecar_record(prompt=prompt, result=result, config=gen.config, model_id=gen.model_id,
+                                    output=output, video=info, load_s=gen.load_s,
+                                    write_s=time.perf_counter() - t0)
+            record.update(extra or {})
+            wio.atomic_write_json(side, record)
+    except BaseException:
+        if side.exists() and not output.exists():
+            side.unlink()
+        raise
+    return record

@@ -1,0 +1,84 @@
+"""Output names from prompts: no traversal, no control characters, bounded length, unique."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from wan_nabla.naming import safe_slug, unique_path
+
+NAME_LIMIT_BYTES = 255  # ext4, xfs, btrfs, apfs, ntfs (in UTF-16 units, which is never more)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A red fox, running!", "a-red-fox-running"),
+        ("../../etc/passwd", "etc-passwd"),
+        ("a/b\\c", "a-b-c"),
+        ("nul\x00byte\nnew\rline\ttab", "nul-byte-new-line-tab"),
+        ("\u202eevil\u200b.mp4", "evil-mp4"),  # bidi override and zero-width space removed
+        ("🦊🎬 fox", "fox"),
+        ("ｆｏｘ　ＦＯＸ", "fox-fox"),  # NFKC: full-width letters and ideographic space
+        ("Füchse im Schnee", "füchse-im-schnee"),
+        ("狐狸在雪地里", "狐狸在雪地里"),
+        ("snake_case__name", "snake-case-name"),
+    ],
+)
+def test_safe_slug_examples(text, expected):
+    """Guards the character policy: letters/digits kept, everything else one '-'."""
+    assert safe_slug(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "   ", "...", "../..", "🦊🎬", "\x00\n", "/"])
+def test_safe_slug_never_empty_or_dot_name(text):
+    """An empty slug would make '.mp4' (a hidden file) or '' (the directory itself)."""
+    assert safe_slug(text) == "video"
+
+
+@pytest.mark.parametrize("name", ["CON", "nul", "Aux", "com1", "LPT9", "com¹"])
+def test_safe_slug_avoids_windows_reserved_names(name):
+    """'con.mp4' cannot be created on Windows, whatever the extension."""
+    slug = safe_slug(name)
+    assert slug not in {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+    assert slug.endswith("-video")
+
+
+def test_safe_slug_length_limits_in_characters_and_bytes():
+    """500 ASCII characters stop at 60; 4-byte characters stop at 120 bytes, so slug + '-NNNN.mp4'
+    + the '.<name>.<random>.tmp.mp4' temp wrapping stays below 255 bytes."""
+    assert len(safe_slug("x" * 500)) == 60
+    wide = safe_slug("𠀀" * 200)  # CJK extension B: a letter, 4 bytes in UTF-8
+    assert len(wide.encode()) <= 120 and set(wide) == {"𠀀"}
+    temp_name = f".{wide}-9999.mp4.abcdefgh.tmp.mp4"
+    assert len(temp_name.encode()) < NAME_LIMIT_BYTES
+    assert not safe_slug("ab-" * 100).endswith("-")
+
+
+def test_unique_path_suffixes_past_existing_and_taken(tmp_path):
+    """Never an existing file, never a name already given out in this run."""
+    assert unique_path(tmp_path, "a fox") == tmp_path / "a-fox.mp4"
+    (tmp_path / "a-fox.mp4").write_bytes(b"x")
+    assert unique_path(tmp_path, "a fox") == tmp_path / "a-fox-2.mp4"
+    assert unique_path(tmp_path, "a fox", taken={"a-fox-2.mp4"}) == tmp_path / "a-fox-3.mp4"
+    assert unique_path(tmp_path, "a fox", suffix=".json") == tmp_path / "a-fox.json"
+
+
+def test_unique_path_treats_dangling_symlink_as_taken(tmp_path):
+    """Path.exists() is False for a dangling link; writing through it would create its target."""
+    os.symlink(tmp_path / "elsewhere" / "target.mp4", tmp_path / "a-fox.mp4")
+    assert unique_path(tmp_path, "a fox") == tmp_path / "a-fox-2.mp4"
+
+
+def test_unique_path_available_callback_overrides_existence(tmp_path):
+    """The batch lets an item reuse its own leftover file: `available` decides, not existence."""
+    (tmp_path / "a-fox.mp4").write_bytes(b"x")
+    assert unique_path(tmp_path, "a fox", available=lambda p: True) == tmp_path / "a-fox.mp4"
+    assert unique_path(tmp_path, "a fox", available=lambda p: p.name != "a-fox.mp4") == tmp_path / "a-fox-2.mp4"
+
+
+@pytest.mark.parametrize("text", ["../../etc/passwd", "/abs/path", "..", "a/../../b", "~/x", "C:\\Windows\\x"])
+def test_unique_path_stays_inside_directory(tmp_path, text):
+    out = unique_path(tmp_path, text)
+    assert out.resolve().parent == tmp_path.resolve()
