@@ -46,8 +46,11 @@ def compiled_flex():
 
 
 # Kernel block geometry when the config leaves it open. CUDA: 128-token query blocks (two tiles)
-# over 64-token key blocks ran the flex kernel at ~2/3 of cuDNN throughput on H100 versus ~1/3
-# for 64x64 (NABLA.md); the CPU keeps the exact tile mask.
+# over 64-token key blocks (one tile). Measured on H100 at 14B heads, 1280x720x81 (benchmarks/
+# NOTES.md): with TMA it was the fastest at equal NABLA threshold / STA window, 64-67% of dense
+# cuDNN per kept block against 36-40% for 64x64; 128x128 runs a kept block faster still but
+# OR-coarsening keys too keeps so many more blocks that it lost at every threshold. The CPU keeps
+# the exact tile mask.
 DEFAULT_BLOCK_SIZE = {"cuda": (128, 64), "cpu": (64, 64)}
 
 
@@ -55,11 +58,19 @@ def default_block_size(device: torch.device) -> tuple[int, int]:
     return DEFAULT_BLOCK_SIZE.get(device.type, (64, 64))
 
 
+def _hopper_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def flex_kernel_options(device: torch.device, block_size: tuple[int, int]) -> dict | None:
     """Kernel tiles equal to the mask blocks: on CUDA the default tiles need not divide a 64-token
-    block, which fails to compile (NABLA.md)."""
+    block, which fails to compile (NABLA.md). On Hopper and newer, TMA loads (10-15% faster on H100;
+    flex turns them off by itself where a tensor does not qualify)."""
     if device.type == "cuda":
-        return {"BLOCK_M": block_size[0], "BLOCK_N": block_size[1]}
+        opts = {"BLOCK_M": block_size[0], "BLOCK_N": block_size[1]}
+        if _hopper_or_newer(device):
+            opts["USE_TMA"] = True
+        return opts
     return None
 
 

@@ -3,23 +3,42 @@
     keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, threshold=0.7)     # [B, H, n, n] bool
     keep |= sta_tile_mask(layout, (11, 3, 3), q_BHSD.device)          # [n, n] bool, cached
     bm = to_block_mask(keep, layout)                                   # FlexAttention BlockMask
+    bm, density = nabla_block_mask(q_BHSD, k_BHSD, layout, 0.7, (11, 3, 3), (128, 64))  # all in one
 
 NABLA (arXiv 2507.13546): mean-pool queries and keys over each 64-token tile (real tokens only),
 take the coarse map P = softmax(q_bar k_bar^T / sqrt(D)) in float32 over key tiles, and per query
 tile keep the most probable key tiles until their mass reaches `threshold`: tile j (in descending
 order of probability) is kept iff the mass of the tiles before it is < threshold. threshold >= 1
-keeps every tile. The selection uses one sort per row (fp32), not the published three bf16 sorts.
+keeps every tile.
+
+Two implementations of that rule, chosen by `impl` ("auto": Triton for CUDA tensors, else torch):
+- torch (reference, any device): one fp32 sort per row, cumulative sum, scatter back.
+- Triton (CUDA): no sort. The kept set of a row is {p >= c}: the mass before an entry x is
+  G(x) = sum of the entries > x, which only falls as x grows, so a search over the bit patterns of
+  non-negative fp32 values (their integer order is their value order) finds the smallest c with
+  G(c) < threshold. The search halves a bracket that starts at G(t) >= total - n*t, sums in
+  float32, and stops once one element is left in it (7 steps on average, 31 at most); two float64
+  sums then check the answer (G64(c) < threshold <= G64(c - 1)) and a float64 bisection redoes the
+  rows that fail, so the result is the exact rule on the fp32 map. The sort path's fp32 cumulative
+  sum can differ from it only where the mass before an entry lies within fp32 rounding (~1e-7) of
+  the threshold. Exactly tied probabilities are kept or dropped together (a sort keeps an arbitrary
+  subset). One program per query block does softmax (float64 normaliser, so every kernel
+  specialisation sees the same map), the search, the OR with STA, the OR-coarsening to 128-token
+  blocks and the compaction into BlockMask index lists: `nabla_block_mask` reads the coarse scores
+  once. Pooling is a Triton kernel too (q and k read once, pads skipped without a masked copy);
+  `to_block_mask` and `block_density` run the compaction part on a given keep mask.
 
 STA (arXiv 2502.04507): query tile (t, i, j) attends key tile (t', i', j') iff |t - t'| <= wT // 2,
 |i - i'| <= wH // 2 and |j - j'| <= wW // 2. Windows are truncated at borders. Static per
 (layout, window, device), so it is built once and cached under that key.
 
-`to_block_mask` turns a tile-level keep mask into a BlockMask: key tiles that contain pad tokens
-go to the partial list, evaluated with a token mask (`valid[kv]`); every other kept tile is a full
-block that the kernel never masks. Indices are built with a cumulative-sum scatter, no sort.
-Blocks of 128 tokens (two tiles) on either side are an OR-coarsening of the tile mask, which the
-flex kernel runs much faster than 64-token blocks on Hopper (NABLA.md).
-Limits: block sizes are 64 or 128 tokens; the whole batch shares one layout.
+`to_block_mask` turns a tile-level keep mask into a BlockMask: key blocks that contain pad tokens
+go to the partial list, evaluated with a token mask (`valid[kv]`); every other kept block is a full
+block that the kernel never masks. Blocks of 128 tokens (two tiles) on either side are an
+OR-coarsening of the tile mask, which the flex kernel runs much faster than 64-token blocks on
+Hopper (NABLA.md). Index lists hold the kept blocks first, ascending, then the others.
+Limits: block sizes are 64 or 128 tokens; the whole batch shares one layout; the Triton path
+handles up to 16,384 tiles per frame sequence (longer rows fall back to torch).
 """
 
 from __future__ import annotations
@@ -32,28 +51,82 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import TILE_TOKENS, TileLayout
 
+try:  # CPU-only installs (CI) have no Triton: the torch reference paths are used there.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
-def pool_tiles(x_BHSD: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+IMPLS = ("auto", "torch", "triton")
+_MAX_TRITON_TILES = 16384
+# Contraction (a*b+c -> fma) may differ between kernel specialisations; off, they round alike.
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _use_triton(x: torch.Tensor, impl: str, n: int | None = None) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not allowed; use one of {', '.join(IMPLS)}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("impl='triton' requested but triton is not installed; use impl='torch'")
+        return True
+    return triton is not None and x.is_cuda and (n is None or n <= _MAX_TRITON_TILES)
+
+
+# ---- coarse map -----------------------------------------------------------------------------
+def pool_tiles(x_BHSD: torch.Tensor, layout: TileLayout, impl: str = "auto") -> torch.Tensor:
     """Mean over the real tokens of each tile: [B, H, S_pad, D] -> [B, H, n_tiles, D] float32."""
     b, h, s, d = x_BHSD.shape
     if s != layout.padded_len:
         raise ValueError(f"expected {layout.padded_len} tokens in tile order, got {s}")
+    if _use_triton(x_BHSD, impl):
+        return _pool_triton(x_BHSD, layout)
     x = x_BHSD.view(b, h, layout.n_tiles, TILE_TOKENS, d)
     if layout.needs_padding:
         w = layout.valid(x.device).view(1, 1, layout.n_tiles, TILE_TOKENS, 1)
-        x = x * w  # pads are zero by construction; multiply anyway so pooling never depends on it
+        x = x * w  # pad tokens carry real activations after the first block: never pool them
     return x.sum(dim=3, dtype=torch.float32) / layout.tile_counts(x.device).view(1, 1, -1, 1)
 
 
-def coarse_map(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+def coarse_map(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, impl: str = "auto") -> torch.Tensor:
     """P = softmax(q_bar k_bar^T / sqrt(D)) over key tiles: [B, H, n, n] float32."""
-    qp, kp = pool_tiles(q_BHSD, layout), pool_tiles(k_BHSD, layout)
-    scores = torch.matmul(qp, kp.transpose(-1, -2)) * (1.0 / math.sqrt(q_BHSD.shape[-1]))
-    return torch.softmax(scores, dim=-1)
+    return torch.softmax(_coarse_scores(q_BHSD, k_BHSD, layout, impl) * _scale(q_BHSD), dim=-1)
 
 
-def cdf_select(p: torch.Tensor, threshold: float) -> torch.Tensor:
+def _scale(q_BHSD: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q_BHSD.shape[-1])
+
+
+def _coarse_scores(q_BHSD, k_BHSD, layout: TileLayout, impl: str) -> torch.Tensor:
+    """q_bar k_bar^T, unscaled: [B, H, n, n] float32 (cuBLAS fp32 on CUDA)."""
+    qp, kp = pool_tiles(q_BHSD, layout, impl), pool_tiles(k_BHSD, layout, impl)
+    return torch.matmul(qp, kp.transpose(-1, -2))
+
+
+# ---- the CDF rule ---------------------------------------------------------------------------
+def cdf_select(p: torch.Tensor, threshold: float, impl: str = "auto") -> torch.Tensor:
     """Per row keep the most probable entries until their sum reaches `threshold` (bool mask)."""
+    if threshold >= 1.0:
+        return torch.ones_like(p, dtype=torch.bool)
+    if threshold <= 0.0:
+        return torch.zeros_like(p, dtype=torch.bool)
+    n = p.shape[-1]
+    if _use_triton(p, impl, n):
+        rows = p.reshape(-1, n).float().contiguous()
+        out = torch.empty(rows.shape, dtype=torch.uint8, device=p.device)
+        _launch_select(rows, mode=1, n_rows=rows.shape[0], n_cols=n, bh=1, threshold=threshold, tile_out=out)
+        return out.view(torch.bool).view(p.shape)
+    return cdf_select_sorted(p, threshold)
+
+
+def cdf_select_sorted(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The reference rule: sort each row (fp32), cumulative sum, keep while mass before < threshold."""
     if threshold >= 1.0:
         return torch.ones_like(p, dtype=torch.bool)
     vals, order = torch.sort(p, dim=-1, descending=True)
@@ -62,11 +135,72 @@ def cdf_select(p: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def nabla_tile_mask(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, threshold: float) -> torch.Tensor:
+def cdf_select_bisect(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The Triton kernel's algorithm in plain torch (any device; for tests and reading).
+
+    keep x iff G(x) = sum(p[p > x]) < threshold, found by bisection on the fp32 bit patterns."""
+    if threshold >= 1.0:
+        return torch.ones_like(p, dtype=torch.bool)
+    if threshold <= 0.0:
+        return torch.zeros_like(p, dtype=torch.bool)
+    x = torch.where(p > 0, p.float(), torch.zeros((), device=p.device))
+    bits, x64 = x.view(torch.int32), x.double()
+    lo = torch.zeros(x.shape[:-1] + (1,), dtype=torch.int32, device=p.device)
+    hi = bits.amax(-1, keepdim=True)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        take = torch.where(bits > mid, x64, 0.0).sum(-1, keepdim=True) < threshold
+        hi, lo = torch.where(take, mid, hi), torch.where(take, lo, mid)
+    cut = torch.where(x64.sum(-1, keepdim=True) < threshold, torch.zeros_like(hi), hi)
+    return bits >= cut
+
+
+def nabla_tile_mask(
+    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, threshold: float, impl: str = "auto"
+) -> torch.Tensor:
     """NABLA's adaptive keep mask over (query tile, key tile): [B, H, n, n] bool."""
-    return cdf_select(coarse_map(q_BHSD, k_BHSD, layout), threshold)
+    n = layout.n_tiles
+    if threshold < 1.0 and _use_triton(q_BHSD, impl, n):
+        scores = _coarse_scores(q_BHSD, k_BHSD, layout, impl)
+        b, h = scores.shape[:2]
+        out = torch.empty((b, h, n, n), dtype=torch.uint8, device=q_BHSD.device)
+        _launch_select(scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
+                       scale=_scale(q_BHSD), tile_out=out)
+        return out.view(torch.bool)
+    return cdf_select_sorted(coarse_map(q_BHSD, k_BHSD, layout, "torch"), threshold)
 
 
+def nabla_block_mask(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    layout: TileLayout,
+    threshold: float,
+    sta_window: tuple[int, int, int] | None = None,
+    block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS),
+    impl: str = "auto",
+) -> tuple[BlockMask, torch.Tensor]:
+    """(BlockMask, kept-block density as a 0-d device tensor) for NABLA, optionally OR STA.
+
+    Same result as to_block_mask(nabla_tile_mask(...) | sta_tile_mask(...)) with block_density;
+    on CUDA one Triton pass goes from the coarse scores straight to the BlockMask index lists."""
+    _check_blocks(block_size)
+    n = layout.n_tiles
+    device = q_BHSD.device
+    if not _use_triton(q_BHSD, impl, n):
+        keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, threshold, impl="torch")
+        if sta_window is not None:
+            keep = keep | sta_tile_mask(layout, sta_window, device)
+        return to_block_mask(keep, layout, block_size, impl="torch"), block_density(keep, block_size)
+    scores = _coarse_scores(q_BHSD, k_BHSD, layout, impl)
+    b, h = scores.shape[:2]
+    lists = _launch_select(
+        scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold, scale=_scale(q_BHSD),
+        sta_window=sta_window, layout=layout, block_size=block_size, out_shape=(b, h),
+    )
+    return _block_mask_from_lists(lists, layout, block_size), _lists_density(lists)
+
+
+# ---- STA ------------------------------------------------------------------------------------
 def sta_tile_mask(layout: TileLayout, window: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
     """Sliding tile attention keep mask [n, n] bool (static; cached per layout/window/device)."""
     return _sta_cached(layout.tile_grid, tuple(int(w) for w in window), torch.device(device))
@@ -85,6 +219,13 @@ def _sta_cached(tile_grid: tuple[int, int, int], window: tuple[int, int, int], d
     delta = (coords[:, None, :] - coords[None, :, :]).abs()
     half = torch.tensor([w // 2 for w in window], device=device)
     return (delta <= half).all(dim=-1)
+
+
+# ---- BlockMask construction -----------------------------------------------------------------
+def _check_blocks(block_size: tuple[int, int]) -> None:
+    bq, bkv = block_size
+    if bq not in (TILE_TOKENS, 2 * TILE_TOKENS) or bkv not in (TILE_TOKENS, 2 * TILE_TOKENS):
+        raise ValueError(f"block sizes must be {TILE_TOKENS} or {2 * TILE_TOKENS} tokens, got {block_size}")
 
 
 def _compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,40 +252,59 @@ def coarsen(keep_BHnn: torch.Tensor, q_tiles: int, kv_tiles: int) -> torch.Tenso
 
 
 def to_block_mask(
-    keep_BHnn: torch.Tensor, layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)
+    keep_BHnn: torch.Tensor,
+    layout: TileLayout,
+    block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS),
+    impl: str = "auto",
 ) -> BlockMask:
     """Tile keep mask [B|1, H|1, n, n] -> BlockMask over the padded tile-order sequence.
 
     With 128-token blocks a block is kept if any of its tile pairs is kept (`coarsen`)."""
     if keep_BHnn.dim() == 2:
         keep_BHnn = keep_BHnn[None, None]
+    _check_blocks(block_size)
     bq, bkv = block_size
-    if bq % TILE_TOKENS or bkv % TILE_TOKENS:
-        raise ValueError(f"block sizes must be multiples of {TILE_TOKENS}, got {block_size}")
+    n = keep_BHnn.shape[-1]
+    if _use_triton(keep_BHnn, impl, n):
+        b, h = keep_BHnn.shape[:2]
+        src = keep_BHnn.to(torch.bool).contiguous().view(torch.uint8)
+        lists = _launch_select(src, mode=2, n_rows=n, n_cols=n, bh=b * h, threshold=1.0,
+                               layout=layout, block_size=block_size, out_shape=(b, h))
+        return _block_mask_from_lists(lists, layout, block_size)
     keep = coarsen(keep_BHnn, bq // TILE_TOKENS, bkv // TILE_TOKENS)
     device = keep.device
-    has_pad = _block_has_pad(layout, bkv, device)
+    has_pad = _block_has_pad(layout, bkv, device)[: keep.shape[-1]]
     partial = keep & has_pad
     full = keep & ~has_pad
     kv_num, kv_idx = _compact_indices(partial)
     full_num, full_idx = _compact_indices(full)
+    return _block_mask_from_lists((kv_num, kv_idx, full_num, full_idx), layout, block_size)
+
+
+def _block_mask_from_lists(lists, layout: TileLayout, block_size: tuple[int, int]) -> BlockMask:
+    kv_num, kv_idx, full_num, full_idx = lists
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=(bq, bkv),
-        mask_mod=key_padding_mask_mod(layout, device),
+        BLOCK_SIZE=tuple(block_size),
+        mask_mod=key_padding_mask_mod(layout, kv_idx.device),
         seq_lengths=(layout.padded_len, layout.padded_len),
         compute_q_blocks=False,
     )
 
 
+def _lists_density(lists) -> torch.Tensor:
+    kv_num, kv_idx, full_num, _ = lists
+    total = kv_num.numel() * kv_idx.shape[-1]
+    return (kv_num.sum(dtype=torch.int64) + full_num.sum(dtype=torch.int64)).float() / total
+
+
 def _block_has_pad(layout: TileLayout, bkv: int, device: torch.device) -> torch.Tensor:
-    """[n_kv_blocks] bool: key blocks holding a pad token or reaching past the sequence end."""
-    n_blocks = -(-layout.padded_len // bkv)
-    valid = _valid_padded(layout, torch.device(device))[: n_blocks * bkv]
-    return ~valid.view(n_blocks, bkv).all(-1)
+    """[n_kv_blocks (+1)] bool: key blocks holding a pad token or reaching past the sequence end."""
+    valid = _valid_padded(layout, torch.device(device))
+    return ~valid.view(-1, bkv).all(-1)
 
 
 def key_padding_mask_mod(layout: TileLayout, device: torch.device | str):
@@ -165,6 +325,11 @@ def _valid_padded(layout: TileLayout, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _pad_flags(layout: TileLayout, bkv: int, device: torch.device) -> torch.Tensor:
+    return _block_has_pad(layout, bkv, device).to(torch.uint8).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
 def _mask_mod_cached(layout: TileLayout, device: torch.device):
     valid = _valid_padded(layout, device)
 
@@ -179,4 +344,252 @@ def block_density(keep_BHnn: torch.Tensor, block_size: tuple[int, int] = (TILE_T
     and heads (0-d float tensor): the fraction of the dense attention work the kernel does."""
     if keep_BHnn.dim() == 2:
         keep_BHnn = keep_BHnn[None, None]
-    return coarsen(keep_BHnn, block_size[0] // TILE_TOKENS, block_size[1] // TILE_TOKENS).float().mean()
+    n = keep_BHnn.shape[-1]
+    if _use_triton(keep_BHnn, "auto", n):
+        b, h = keep_BHnn.shape[:2]
+        src = keep_BHnn.to(torch.bool).contiguous().view(torch.uint8)
+        kv_num, _, full_num, _ = _launch_select(src, mode=2, n_rows=n, n_cols=n, bh=b * h, threshold=1.0,
+                                                layout=None, block_size=block_size, out_shape=(b, h),
+                                                counts_only=True)
+        nkb = -(-n // (block_size[1] // TILE_TOKENS))
+        return (kv_num.sum(dtype=torch.int64) + full_num.sum(dtype=torch.int64)).float() / (kv_num.numel() * nkb)
+    blocks = coarsen(keep_BHnn, block_size[0] // TILE_TOKENS, block_size[1] // TILE_TOKENS)
+    return torch.count_nonzero(blocks).float() / blocks.numel()
+
+
+# ---- Triton kernels -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _layout_tables(layout: TileLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid tokens as uint8 [S_pad], real tokens per tile as float32 [n]) for the pool kernel."""
+    return layout.valid(device).to(torch.uint8).contiguous(), layout.tile_counts(device).contiguous()
+
+
+# Launch geometry (measured on H100 at 14B heads, 1280x720x81; benchmarks/NOTES.md).
+POOL_TILES_PER_PROGRAM = 4
+POOL_WARPS = 4
+
+
+def _pool_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_program: int | None = None,
+                 num_warps: int | None = None) -> torch.Tensor:
+    b, h, s, d = x_BHSD.shape
+    n = layout.n_tiles
+    tpp = tiles_per_program or POOL_TILES_PER_PROGRAM
+    valid, counts = _layout_tables(layout, x_BHSD.device)
+    out = torch.empty((b, h, n, d), dtype=torch.float32, device=x_BHSD.device)
+    sb, sh, ss, sd = x_BHSD.stride()
+    _pool_kernel[(b * h, -(-n // tpp))](
+        x_BHSD, out, valid, counts, h, n, sb, sh, ss, sd,
+        D=d, DP=triton.next_power_of_2(d), T=TILE_TOKENS, TPP=tpp, MASKED=layout.needs_padding,
+        num_warps=num_warps or POOL_WARPS,
+    )
+    return out
+
+
+def _split_f64(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo float32: passes a float64 threshold through float32 kernel arguments."""
+    import numpy as np
+
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
+def _launch_select(
+    src: torch.Tensor,
+    *,
+    mode: int,
+    n_rows: int,
+    n_cols: int,
+    bh: int,
+    threshold: float,
+    scale: float = 1.0,
+    sta_window: tuple[int, int, int] | None = None,
+    layout: TileLayout | None = None,
+    block_size: tuple[int, int] | None = None,
+    out_shape: tuple[int, int] | None = None,
+    tile_out: torch.Tensor | None = None,
+    exact: int = 2,
+    num_warps: int | None = None,
+    counts_only: bool = False,
+):
+    """Run _select_kernel over `bh` groups of n_rows x n_cols rows. With block_size, returns the
+    BlockMask lists (kv_num, kv_idx, full_num, full_idx) shaped out_shape + (blocks...)."""
+    device = src.device
+    qt = kt = 1
+    if block_size is not None:
+        qt, kt = block_size[0] // TILE_TOKENS, block_size[1] // TILE_TOKENS
+    nqb, nkb = -(-n_rows // qt), -(-n_cols // kt)
+    block = triton.next_power_of_2(n_cols)
+    dummy = torch.empty(1, dtype=torch.int32, device=device)
+    if block_size is not None:
+        idx_shape = (*out_shape, nqb, nkb) if not counts_only else (1,)
+        lists = (
+            torch.empty((*out_shape, nqb), dtype=torch.int32, device=device),
+            torch.empty(idx_shape, dtype=torch.int32, device=device),
+            torch.empty((*out_shape, nqb), dtype=torch.int32, device=device),
+            torch.empty(idx_shape, dtype=torch.int32, device=device),
+        )
+        pad = _pad_flags(layout, block_size[1], device) if layout is not None else torch.zeros(
+            -(-n_cols // kt), dtype=torch.uint8, device=device)
+    else:
+        lists, pad = (dummy,) * 4, dummy
+    sta = tuple(w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0)
+    tiles_h, tiles_w = (layout.tiles_h, layout.tiles_w) if layout is not None else (1, 1)
+    warps = num_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
+    _select_kernel[(bh * nqb,)](
+        src, tile_out if tile_out is not None else dummy, *lists, pad,
+        n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
+        *sta, tiles_h, tiles_w,
+        MODE=mode, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
+        WRITE_TILE=tile_out is not None, WRITE_BLOCKS=(0 if block_size is None else 2 if counts_only else 1),
+        num_warps=warps,
+        **_NO_FMA,  # the same rounding in every specialisation: tile and fused paths agree bit for bit
+    )
+    return lists if block_size is not None else None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pool_kernel(x_ptr, out_ptr, valid_ptr, count_ptr, H, n_tiles, s_b, s_h, s_s, s_d,
+                     D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, TPP: tl.constexpr,
+                     MASKED: tl.constexpr):
+        # One program per (batch*head, TPP tiles): sum 64 tokens x D in fp32, skip pads, divide.
+        bh = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1).to(tl.int64) * TPP + tl.arange(0, TPP)  # [TPP]
+        tvalid = tile < n_tiles
+        t = tl.arange(0, T)
+        d = tl.arange(0, DP)
+        tok = tl.minimum(tile, n_tiles - 1)[:, None] * T + t[None, :]  # [TPP, T]
+        ptrs = x_ptr + (bh // H) * s_b + (bh % H) * s_h + tok[:, :, None] * s_s + d[None, None, :] * s_d
+        x = tl.load(ptrs, mask=d[None, None, :] < D, other=0.0).to(tl.float32)
+        if MASKED:
+            v = tl.load(valid_ptr + tok)
+            x = tl.where(v[:, :, None] != 0, x, 0.0)
+        total = tl.sum(x, 1)  # [TPP, DP]
+        cnt = tl.load(count_ptr + tl.minimum(tile, n_tiles - 1))
+        optr = out_ptr + (bh * n_tiles + tile)[:, None] * D + d[None, :]
+        tl.store(optr, total / cnt[:, None], mask=tvalid[:, None] & (d[None, :] < D))
+
+    @triton.jit
+    def _bisect(bits, vals, lo, hi, thr):
+        # The smallest bit pattern c in (lo, hi] with G(c) = sum(vals[bits > c]) < thr, given
+        # G(lo) >= thr and G(hi) < thr; G only falls as c grows, so 31 halvings of a 31-bit range
+        # find it exactly. One row: bits/vals [BLOCK], lo/hi scalars.
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            take = tl.sum(tl.where(bits > mid, vals, 0.0), 0) < thr
+            hi = tl.where(take, mid, hi)
+            lo = tl.where(take, lo, mid)
+        return hi
+
+    @triton.jit
+    def _sum_count(a_sum, a_cnt, b_sum, b_cnt):
+        return a_sum + b_sum, a_cnt + b_cnt
+
+    @triton.jit
+    def _bisect_fast(bits, vals, lo, hi, thr):
+        # The same search, stopping as soon as (lo, hi] holds one element (that element is the
+        # answer: G is constant between elements); the count of elements in the upper half comes
+        # from the same reduction as G. Needs G(lo) >= thr > G(hi); a bracket broken by fp32
+        # rounding gives a wrong answer, which the caller's float64 check catches.
+        cnt = tl.sum(((bits > lo) & (bits <= hi)).to(tl.int32), 0)
+        steps = 0
+        while (cnt > 1) & (hi - lo > 1) & (steps < 32):
+            mid = lo + (hi - lo) // 2
+            above = bits > mid
+            g, upper = tl.reduce((tl.where(above, vals, 0.0), (above & (bits <= hi)).to(tl.int32)), 0, _sum_count)
+            take = g < thr
+            cnt = tl.where(take, cnt - upper, upper)
+            hi = tl.where(take, mid, hi)
+            lo = tl.where(take, lo, mid)
+            steps += 1
+        return tl.min(tl.where((bits > lo) & (bits <= hi), bits, 2147483647), 0)
+
+    @triton.jit
+    def _store_list(sel, valid, cols, num_ptr, idx_ptr, row, nkb):
+        # Stable partition of the block columns: selected ones first (ascending), then the rest,
+        # so every slot of the index row is written.
+        sel_i = sel.to(tl.int32)
+        cnt = tl.sum(sel_i, 0)
+        rest = (valid & (sel_i == 0)).to(tl.int32)
+        slot = tl.where(sel_i != 0, tl.cumsum(sel_i, 0) - 1, cnt + tl.cumsum(rest, 0) - 1)
+        tl.store(idx_ptr + row * nkb + slot, cols, mask=valid)
+        tl.store(num_ptr + row, cnt)
+
+    @triton.jit
+    def _select_kernel(
+        src_ptr, tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr,
+        n_rows, n_cols, nqb, nkb, scale, thr, thr_lo, keep_all,
+        sta_t, sta_h, sta_w, tiles_h, tiles_w,
+        MODE: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities, 2: a 0/1 keep mask
+        EXACT: tl.constexpr,  # 1: float64 bisection, 2: float32 search checked in float64, 0: float32 only
+        QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+    ):
+        # One program per query block (QT tile rows, one after the other: few live registers).
+        pid = tl.program_id(0).to(tl.int64)
+        grp = pid // nqb
+        qb = pid % nqb
+        cols = tl.arange(0, BLOCK)
+        cmask = cols < n_cols
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for r in tl.static_range(QT):
+            row = qb * QT + r
+            rvalid = row < n_rows
+            rowc = tl.minimum(row, n_rows - 1)
+            off = (grp * n_rows + rowc) * n_cols
+            if MODE == 2:
+                keep = tl.load(src_ptr + off + cols, mask=cmask, other=0) != 0
+            else:
+                if MODE == 0:
+                    x = tl.load(src_ptr + off + cols, mask=cmask, other=float("-inf")) * scale
+                    e = tl.where(cmask, tl.exp(x - tl.max(x, 0)), 0.0)
+                    # Normaliser summed in float64: the fp32 sum's rounding depends on the reduction
+                    # order, which the compiler picks per specialisation; this way the tile and the
+                    # fused builds see the same probabilities.
+                    p = (e.to(tl.float64) * (1.0 / tl.sum(e.to(tl.float64), 0))).to(tl.float32)
+                else:
+                    p = tl.load(src_ptr + off + cols, mask=cmask, other=0.0)
+                p = tl.where(p > 0.0, p, 0.0)  # +0.0 for zeros, -0.0 and padding columns
+                bits = p.to(tl.int32, bitcast=True)  # non-negative floats: integer order = value order
+                top = tl.max(bits, 0)  # G(max) = 0 < thr; G(+0.0) = total mass >= thr unless `everything`
+                thr64 = tl.sum(tl.zeros([1], tl.float64) + thr + thr_lo, 0)  # the threshold exactly (hi + lo)
+                if EXACT == 1:  # plain bisection with float64 sums
+                    cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
+                else:
+                    # float32 sums, bracket from G(t) >= total - n*t, early exit at one element left
+                    t0 = tl.maximum((tl.sum(p, 0) - thr) / n_cols * 0.999, 0.0)
+                    cut = _bisect_fast(bits, p, t0.to(tl.int32, bitcast=True), top, thr)
+                    if EXACT == 2:  # exact iff G64(cut) < thr <= G64(cut - 1); else redo in float64
+                        above = tl.sum(tl.where(bits > cut, p.to(tl.float64), 0.0), 0)
+                        below = tl.sum(tl.where(bits > cut - 1, p.to(tl.float64), 0.0), 0)
+                        if (above >= thr64) | (below < thr64):
+                            cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
+                everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
+                keep = bits >= tl.where(everything, 0, cut)
+            if HAS_STA:
+                hw = tiles_h * tiles_w
+                dt = tl.abs(rowc // hw - cols // hw)
+                di = tl.abs((rowc // tiles_w) % tiles_h - (cols // tiles_w) % tiles_h)
+                dj = tl.abs(rowc % tiles_w - cols % tiles_w)
+                keep = keep | ((dt <= sta_t) & (di <= sta_h) & (dj <= sta_w))
+            keep = keep & cmask & rvalid
+            if WRITE_TILE:
+                tl.store(tile_ptr + off + cols, keep.to(tl.uint8), mask=cmask & rvalid)
+            acc = acc | keep.to(tl.int32)
+        if WRITE_BLOCKS != 0:  # 1: counts and index lists, 2: counts only (block_density)
+            if KT == 2:
+                kb = tl.max(tl.reshape(acc, (BLOCK // 2, 2)), 1)  # OR over pairs of key tiles
+                bcols = tl.arange(0, BLOCK // 2)
+            else:
+                kb = acc
+                bcols = tl.arange(0, BLOCK)
+            bvalid = bcols < nkb
+            nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
+            kept = (kb != 0) & bvalid
+            if WRITE_BLOCKS == 1:
+                _store_list(kept & nopad, bvalid, bcols, fn_ptr, fi_ptr, pid, nkb)
+                _store_list(kept & (nopad == 0), bvalid, bcols, kvn_ptr, kvi_ptr, pid, nkb)
+            else:
+                tl.store(fn_ptr + pid, tl.sum((kept & nopad).to(tl.int32), 0))
+                tl.store(kvn_ptr + pid, tl.sum((kept & (nopad == 0)).to(tl.int32), 0))

@@ -1,0 +1,278 @@
+"""wan-nabla bench: the harness runs on the CPU at tiny shapes, and every fast mask path equals its
+brute-force definition (the rule, the published-style rule, BlockMask construction)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_nabla import masks
+from wan_nabla.bench import main as bench_main
+from wan_nabla.bench import published, report
+from wan_nabla.bench.op import brute_force_keep, temporal_pair_order
+from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
+from wan_nabla.layout import TILE_TOKENS, TileLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = [(64, 64), (128, 64), (64, 128), (128, 128)]
+
+
+def _probs(shape, sharp=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(shape, generator=g) * sharp, dim=-1)
+
+
+def _clear_rows(p, threshold, margin=1e-6):
+    """Rows where no entry's mass-before lies within `margin` of the threshold (no rounding ties)."""
+    _, _, mass = brute_force_keep(p, threshold)
+    return ~((mass - threshold).abs() < margin).any(-1)
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.7, 0.95, 0.9999])
+def test_bisection_rule_equals_brute_force(threshold):
+    """Guards the sort-free selection (the Triton kernel's algorithm): batch 2, odd row length,
+    ties-free random maps, against a float64 sort + cumulative-sum brute force."""
+    p = _probs((2, 3, 37, 37), seed=int(threshold * 1e4))
+    ref, ref_ties, _ = brute_force_keep(p, threshold)
+    got = masks.cdf_select_bisect(p, threshold)
+    assert torch.equal(got, ref_ties)
+    clear = _clear_rows(p, threshold)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[clear], ref[clear])
+    assert torch.equal(masks.cdf_select(p, threshold)[clear], ref[clear])  # CPU dispatch: sort path
+
+
+def test_bisection_rule_edge_thresholds_and_ties():
+    """threshold >= 1 keeps all, <= 0 none; exactly tied probabilities are kept or dropped together."""
+    p = _probs((4, 40), seed=3)
+    p[:, 5] = p[:, 6]
+    p = p / p.sum(-1, keepdim=True)
+    assert masks.cdf_select_bisect(p, 1.0).all() and masks.cdf_select(p, 1.0).all()
+    assert not masks.cdf_select_bisect(p, 0.0).any()
+    for thr in (0.1, 0.5, 0.9):
+        _, ref_ties, _ = brute_force_keep(p, thr)
+        got = masks.cdf_select_bisect(p, thr)
+        assert torch.equal(got, ref_ties)
+        assert torch.equal(got[:, 5], got[:, 6])
+    flat = torch.full((2, 20), 1 / 20)
+    assert torch.equal(masks.cdf_select_bisect(flat, 0.5), brute_force_keep(flat, 0.5)[1])
+
+
+def _dense_blocks(keep_tiles, layout, block_size):
+    """Brute force: kept blocks of the padded sequence, from the tile keep mask."""
+    qt, kt = block_size[0] // TILE_TOKENS, block_size[1] // TILE_TOKENS
+    n = layout.n_tiles
+    mq, mk = -(-n // qt), -(-n // kt)
+    out = torch.zeros(*keep_tiles.shape[:-2], mq, mk, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            out[..., i // qt, j // kt] |= keep_tiles[..., i, j]
+    return out
+
+
+@pytest.mark.parametrize("grid", [(1, 7, 40), (3, 8, 24), (2, 12, 20)])
+@pytest.mark.parametrize("block_size", BLOCKS)
+def test_block_mask_equals_brute_force(grid, block_size):
+    """Odd tile counts (5 and 9 tiles), padding or none: BlockMask blocks, the partial/full split
+    and the density all follow the tile mask (regression: odd counts with 64-token key blocks)."""
+    layout = TileLayout(*grid)
+    g = torch.Generator().manual_seed(sum(grid))
+    keep = torch.rand((2, 3, layout.n_tiles, layout.n_tiles), generator=g) > 0.6
+    bm = masks.to_block_mask(keep, layout, block_size)
+    ref = _dense_blocks(keep, layout, block_size)
+    assert torch.equal(bm.to_dense().bool(), ref)
+    assert abs(float(masks.block_density(keep, block_size)) - ref.float().mean().item()) < 1e-6
+    has_pad = masks._block_has_pad(layout, block_size[1], torch.device("cpu"))[: ref.shape[-1]]
+    partial = torch.zeros_like(ref)
+    for b in range(2):
+        for h in range(3):
+            for r in range(ref.shape[-2]):
+                cols = bm.kv_indices[b, h, r, : bm.kv_num_blocks[b, h, r]].long()
+                partial[b, h, r, cols] = True
+    assert torch.equal(partial, ref & has_pad)
+
+
+@pytest.mark.parametrize("block_size", [(64, 64), (128, 64)])
+def test_nabla_block_mask_equals_the_chain(block_size):
+    """The one-call build equals nabla_tile_mask | sta -> to_block_mask, with the same density."""
+    layout = TileLayout(3, 12, 20)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
+    k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
+    for sta in (None, (3, 1, 1)):
+        keep = masks.nabla_tile_mask(q, k, layout, 0.5)
+        if sta:
+            keep = keep | masks.sta_tile_mask(layout, sta, "cpu")
+        bm, dens = masks.nabla_block_mask(q, k, layout, 0.5, sta, block_size)
+        assert torch.equal(bm.to_dense(), masks.to_block_mask(keep, layout, block_size).to_dense())
+        assert abs(float(dens) - float(masks.block_density(keep, block_size))) < 1e-7
+
+
+def test_published_mask_follows_its_definition():
+    """Published-style rule (ascending cumsum >= 1 - threshold) in fp32 without pads equals NABLA's
+    CDF rule away from rounding ties; its STA OR is a superset of both parts; its BlockMask lists
+    exactly its tile mask with 64-token blocks."""
+    layout = TileLayout(3, 16, 16)  # no padding: the published pooling equals ours
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn((1, 2, layout.padded_len, 32), generator=g)
+    k = torch.randn((1, 2, layout.padded_len, 32), generator=g)
+    p = masks.coarse_map(q, k, layout, impl="torch")
+    for thr in (0.3, 0.7):
+        pub = published.published_keep(q, k, layout, thr).bool()
+        ours = masks.nabla_tile_mask(q, k, layout, thr, impl="torch")
+        clear = _clear_rows(p, thr, margin=1e-5)
+        assert clear.float().mean() > 0.9
+        assert torch.equal(pub[clear], ours[clear])
+        with_sta = published.published_keep(q, k, layout, thr, (3, 1, 1)).bool()
+        assert (with_sta >= pub).all() and (with_sta >= masks.sta_tile_mask(layout, (3, 1, 1), "cpu")).all()
+        bm = published.published_block_mask(q, k, layout, thr, (3, 1, 1))
+        assert torch.equal(bm.to_dense().bool(), with_sta)
+    assert torch.equal(published.published_sta(*layout.tile_grid, 3, 1, 1, "cpu"),
+                       masks.sta_tile_mask(layout, (3, 1, 1), "cpu"))
+
+
+def test_temporal_pair_order_is_a_pairing_permutation():
+    layout = TileLayout(5, 16, 24)
+    perm = temporal_pair_order(layout)
+    assert sorted(perm.tolist()) == list(range(layout.n_tiles))
+    coords = layout.tile_coords()[perm]
+    pairs = coords[: 4 * 6].view(-1, 2, 3)
+    assert (pairs[:, 1, 0] == pairs[:, 0, 0] + 1).all() and (pairs[:, 0, 1:] == pairs[:, 1, 1:]).all()
+
+
+def test_random_transformer_is_finite_and_keeps_fp32_modules():
+    model = random_transformer(WAN_SIZES["tiny"], torch.device("cpu"), torch.bfloat16)
+    assert model.scale_shift_table.dtype == torch.float32 and model.blocks[0].ffn.net[2].weight.dtype == torch.bfloat16
+    x = smooth_latents((1, 16, 3, 16, 16), torch.device("cpu")).to(torch.bfloat16)
+    out = model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 32,
+                dtype=torch.bfloat16), return_dict=False)[0]
+    assert torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
+                     "--device", "cpu", "--sweep", "--fused-rows", "nabla 0.5"])
+    return rc, out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_json_and_markdown(quick_results):
+    """The CPU smoke run of `wan-nabla bench` produces every required field and file."""
+    rc, out, res = quick_results
+    assert rc == 0, res.get("errors")
+    env = res["env"]
+    for key in ("device_name", "torch", "triton", "diffusers", "commit", "command", "created"):
+        assert key in env
+    md = (out / "results.md").read_text()
+    assert "## Attention op" in md and "## Transformer forward" in md and "share of cuDNN" in md
+    assert "T5" in res["targets"]
+
+
+def test_quick_op_level_rows_and_checks(quick_results):
+    _, _, res = quick_results
+    sc = res["op"][0]
+    kinds = {r["kind"] for r in sc["rows"]}
+    assert {"dense_cudnn", "dense_flex", "nabla", "sta", "nabla_sta", "published"} <= kinds
+    for r in sc["rows"]:
+        for key in ("total_ms", "density", "tflops", "share_of_cudnn", "speedup"):
+            assert r[key] is not None and r[key] > 0
+        if r["kind"] in ("nabla", "nabla_sta"):
+            assert r["mask_ms"] is not None and r["kernel_ms"] is not None and r["tile_density"] <= r["density"] + 1e-6
+    checks = sc["checks"]
+    assert all(m["rule_on_same_map_vs_fp64_ties"] == 0 and m["mismatch_vs_fp64"] == 0 for m in checks["mask"])
+    assert all(f["equal"] and f["density_equal"] for f in checks["fused_equal"])
+    for f in checks["fidelity"]:
+        assert f["rel_l2_vs_exact_masked"] < 1e-4 and f["rel_l2_masked_vs_dense"] > 1e-2  # the mask matters
+    assert sc["recompiles_on_new_masks"] == 0
+    assert sc["sweep"] and all("error" not in e for e in sc["sweep"])
+
+
+def test_quick_transformer_level(quick_results):
+    _, _, res = quick_results
+    rows = res["transformer"][0]["rows"]
+    assert rows[0]["name"] == "full" and rows[0]["density"] == 1.0
+    assert any(r["name"].endswith("[fused mask]") for r in rows)
+    for r in rows:
+        assert r["finite_output"] and r["recompiles_after_first"] == 0 and 0 < r["attention_ms"] < r["total_ms"]
+        if r["name"] != "full":
+            assert 0 < r["density"] < 1 and r["ideal_speedup"] > 0 and r["fraction_of_ideal"] > 0
+
+
+def test_report_targets_from_figures():
+    """Targets are computed from the rows: T4 pairs published and wan-nabla rows by threshold."""
+    def row(name, kind, ms, dens, thr=None, win=None, mask=1.0):
+        return {"name": name, "kind": kind, "total_ms": ms, "density": dens, "share_of_cudnn": dens * 100 / ms,
+                "mask_ms": mask, "kernel_ms": ms - mask, "config": {"threshold": thr, "sta_window": win}}
+    res = {"op": [{"scenario": {"label": report.TARGET_OP}, "rows": [
+        row("dense cuDNN SDPA", "dense_cudnn", 100, 1.0),
+        row("nabla 0.2", "nabla", 12, 0.1, 0.2, None, 0.5),
+        row("published-style nabla 0.2", "published", 24, 0.06, 0.2),
+    ]}]}
+    t = report.compute_targets(res)
+    assert t["T4"]["pairs"][0]["speedup"] == 2.0 and t["T4"]["met"]
+    assert t["T2"]["fraction"] == 0.5 / 12 and t["T2"]["met"]
+    assert t["T1"]["rows"] == 1 and t["T1"]["min"] == 0.1 * 100 / 12 and t["T1"]["met"]
+    res["op"][0]["rows"][1]["total_ms"] = 30.0  # slower sparse row: T1, T2 and T4 now missed
+    res["op"][0]["rows"][1]["share_of_cudnn"] = 0.1 * 100 / 30
+    t = report.compute_targets(res)
+    assert not t["T1"]["met"] and t["T2"]["fraction"] == 0.5 / 30 and not t["T4"]["met"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CPU-only torch)")
+def test_triton_kernels_match_torch_in_interpreter():
+    """The Triton pooling, selection (exact, incl. thresholds at a mass boundary) and fused BlockMask
+    kernels equal the torch references, run by Triton's CPU interpreter."""
+    script = textwrap.dedent("""
+        import torch
+        from wan_nabla import masks
+        from wan_nabla.bench.op import brute_force_keep
+        from wan_nabla.layout import TileLayout
+        g = torch.Generator().manual_seed(0)
+        p = torch.softmax(torch.randn((2, 5, 37), generator=g) * 3, -1)
+        vals, _ = torch.sort(p.double(), -1, descending=True)
+        before = torch.cumsum(vals, -1) - vals
+        for thr in (0.05, 0.5, 0.95, float(before[0, 0, 7]) + 1e-12, float(before[1, 2, 3]) - 1e-12):
+            assert torch.equal(masks.cdf_select(p, thr, impl="triton"), brute_force_keep(p, thr)[1]), thr
+        for grid in ((1, 7, 40), (2, 12, 20)):
+            layout = TileLayout(*grid)
+            q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
+            k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
+            assert (masks.pool_tiles(q, layout, "triton") - masks.pool_tiles(q, layout, "torch")).abs().max() < 1e-5
+            keep = masks.nabla_tile_mask(q, k, layout, 0.5, impl="torch")
+            assert torch.equal(masks.nabla_tile_mask(q, k, layout, 0.5, impl="triton"), keep)
+            for bs in ((64, 64), (128, 64), (128, 128)):
+                full = keep | masks.sta_tile_mask(layout, (3, 1, 1), "cpu")
+                ref = masks.to_block_mask(full, layout, bs, impl="torch").to_dense()
+                bm, dens = masks.nabla_block_mask(q, k, layout, 0.5, (3, 1, 1), bs, impl="triton")
+                assert torch.equal(bm.to_dense(), ref) and torch.equal(masks.to_block_mask(full, layout, bs, impl="triton").to_dense(), ref)
+                assert abs(float(dens) - float(masks.block_density(full, bs))) < 1e-7
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_path_equals_reference():
+    layout = TileLayout(5, 14, 24)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn((2, 4, layout.padded_len, 64), generator=g, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn((2, 4, layout.padded_len, 64), generator=g, device="cuda", dtype=torch.bfloat16)
+    p = masks.coarse_map(q, k, layout, impl="torch")
+    for thr in (0.2, 0.7):
+        assert torch.equal(masks.cdf_select(p, thr), brute_force_keep(p, thr)[1])
+        keep = masks.nabla_tile_mask(q, k, layout, thr)
+        for bs in ((64, 64), (128, 64)):
+            ref = masks.to_block_mask(keep, layout, bs, impl="torch").to_dense()
+            bm, _ = masks.nabla_block_mask(q, k, layout, thr, None, bs)
+            assert torch.equal(bm.to_dense(), ref)

@@ -1,0 +1,221 @@
+"""Records of a benchmark run: frozen scenario/result dataclasses, the environment, the timer.
+
+    env = environment(argv)                      # device, versions, commit, command line
+    t = time_call(lambda: f(x), device)          # Timing(median_ms, min_ms, max_ms, reps)
+    row = OpRow(scenario="14B heads 1280x720x81", name="nabla 0.4", ...).to_dict()
+
+Timing follows METHOD.md: warm-up calls first (compile and autotune stay out of the numbers),
+then repeated calls timed with CUDA events (host clock after a sync on the CPU), median reported
+with min/max and the repeat count. Inputs at the sizes benchmarked are far larger than L2, so
+calls repeat over one buffer without measuring the cache.
+Limits: one device per process; the timer assumes `fn` is idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    reps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, min_reps: int = 3, max_reps: int = 30,
+    budget_ms: float = 1500.0,
+) -> Timing:
+    """Median time of fn() after `warmup` calls; the repeat count fits `budget_ms` (3..30)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    probe = _one(fn, device)
+    reps = int(max(min_reps, min(max_reps, budget_ms / max(probe, 1e-3))))
+    times = [probe] + [_one(fn, device) for _ in range(reps - 1)]
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def _one(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def first_call_s(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call including whatever it compiles (seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def compiled_graphs() -> int:
+    """Graphs TorchDynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass(frozen=True)
+class OpScenario:
+    """One attention-op problem: heads x head_dim over the patch grid of a video size."""
+
+    heads: int
+    width: int
+    height: int
+    frames: int = 81
+    head_dim: int = 128
+    batch: int = 1
+    qk: str = "synthetic"
+    """synthetic (smooth random fields + rotary) or wan_block (q/k of a random-weight Wan block)."""
+
+    @property
+    def label(self) -> str:
+        model = {12: "1.3B", 40: "14B"}.get(self.heads, f"{self.heads}h")
+        src = "" if self.qk == "synthetic" else f", {self.qk} q/k"
+        return f"{model} heads {self.width}x{self.height}x{self.frames}{src}"
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Wan2.1 patch grid (latent frames, rows, columns): VAE 4x8x8, patch 1x2x2."""
+        return ((self.frames - 1) // 4 + 1, self.height // 16, self.width // 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["label"] = self.label
+        d["grid"] = list(self.grid)
+        return d
+
+
+@dataclass(frozen=True)
+class OpRow:
+    """One measured row of the attention-op table. Times in ms (median); None = not measured."""
+
+    scenario: str
+    name: str
+    kind: str
+    """dense_cudnn | dense_flex | nabla | sta | nabla_sta | published."""
+    total_ms: float
+    density: float
+    """Kept share of (query block, key block) pairs at the kernel geometry (1.0 dense)."""
+    tflops: float
+    """Effective TFLOP/s: 4*B*H*S_real^2*D x density / total time."""
+    share_of_cudnn: float
+    speedup: float
+    """Dense cuDNN time / this row's total time."""
+    tile_density: float | None = None
+    """Kept share of (query tile, key tile) pairs: what the algorithm asked for, before coarsening."""
+    mask_ms: float | None = None
+    mask_fused_ms: float | None = None
+    kernel_ms: float | None = None
+    block_size: tuple[int, int] | None = None
+    kernel_options: dict | None = None
+    compile_s: float | None = None
+    reps: int = 0
+    spread_ms: tuple[float, float] | None = None
+    config: dict | None = None
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _git_commit(root: Path) -> str:
+    """The checkout's commit without running git (the device copy may have no .git at all)."""
+    env = os.environ.get("WAN_NABLA_COMMIT")
+    if env:
+        return env
+    head = root / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            name = ref[5:]
+            path = root / ".git" / name
+            if path.exists():
+                return path.read_text().strip()
+            packed = root / ".git" / "packed-refs"
+            for line in packed.read_text().splitlines() if packed.exists() else []:
+                if line.endswith(" " + name):
+                    return line.split()[0]
+            return "unknown"
+        return ref
+    except OSError:
+        return "unknown"
+
+
+def _version(name: str) -> str | None:
+    try:
+        mod = __import__(name)
+        return getattr(mod, "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    env: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "wan-nabla bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": _git_commit(root),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, sm_count=props.multi_processor_count,
+                   memory_gb=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability(device)))
+        try:
+            env["cudnn"] = torch.backends.cudnn.version()
+        except Exception:  # noqa: BLE001 - informational only
+            env["cudnn"] = None
+    return env
+
+
+@dataclass
+class Results:
+    """Everything one `wan-nabla bench` run measured; serialised by report.py."""
+
+    env: dict[str, Any]
+    op: list[dict[str, Any]] = field(default_factory=list)
+    transformer: list[dict[str, Any]] = field(default_factory=list)
+    e2e: list[dict[str, Any]] = field(default_factory=list)
+    targets: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,241 @@
+"""Transformer level: one full WanTransformer3DModel forward, dense against each preset.
+
+    out = run_transformer_level([TransformerScenario("14B", 1280, 720)], torch.device("cuda"))
+
+Random weights at the real sizes (random_init.py), bf16, batch 1, smooth random latents (so NABLA
+sees spatio-temporal structure), 512 random text tokens, timestep 500. Attention is installed with
+the app's own `apply_attention`; the run is put past `dense_steps` so each forward measures the
+sparse regime. The first (compiling) forward also records the tile-level density before
+coarsening; it is not timed. `AttentionRun.attend` and `.block_mask` are wrapped with CUDA events, which gives,
+per forward, the attention time (mask + kernel) summed over layers and the mask-build part of it;
+everything else (projections, rotary, FFN, cross-attention, the tile reorder hooks) is
+"non-attention". The Amdahl-ideal speed-up of a sparse row is
+    ideal = T_dense / (N_dense + d * A_dense)
+with T, N, A the dense row's total, non-attention and attention times and d the row's measured
+kept-block density at the kernel geometry (`ideal_tile`, with the tile density before coarsening,
+is reported too). Achieved = T_dense / T_row; the ratio of the two is target T3.
+Limits: one forward per row after one warm-up forward (compile); random weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import masks
+from ..adapter import apply_attention
+from ..kernels import default_block_size
+from ..config import AttentionConfig
+from .op import preset_configs
+from .random_init import WAN_SIZES, random_transformer, smooth_latents
+from .records import compiled_graphs, first_call_s, sync
+
+
+@dataclass(frozen=True)
+class TransformerScenario:
+    size: str
+    width: int
+    height: int
+    frames: int = 81
+    batch: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"Wan2.1-{self.size} {self.width}x{self.height}x{self.frames}"
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.batch, 16, (self.frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+FULL_SCENARIOS = (TransformerScenario("1.3B", 832, 480), TransformerScenario("14B", 1280, 720))
+QUICK_SCENARIOS = (TransformerScenario("tiny", 256, 144, 9),)
+EXTRA_ROWS = (("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)),)
+FUSED_SUFFIX = " [fused mask]"
+
+
+def row_configs(quick: bool, fused: tuple[str, ...] = ()) -> list[tuple[str, AttentionConfig]]:
+    rows = [("full", AttentionConfig())]
+    if quick:
+        rows += [("nabla 0.5", AttentionConfig(type="nabla", threshold=0.5)),
+                 ("sta 3-1-1", AttentionConfig(type="sta", sta_window=(3, 1, 1)))]
+    else:
+        rows += preset_configs() + list(EXTRA_ROWS)
+    return rows + [(name + FUSED_SUFFIX, cfg) for name, cfg in rows if name in fused and cfg.type != "sta"]
+
+
+def use_fused_mask(run) -> None:
+    """What-if: AttentionRun.block_mask through masks.nabla_block_mask (one Triton pass from the
+    coarse scores to the BlockMask) instead of nabla_tile_mask | sta -> to_block_mask + block_density."""
+    app = run.block_mask
+
+    def fused(q, k, layout):
+        c = run.config
+        if c.type == "sta":
+            return app(q, k, layout)
+        bs = c.block_size or default_block_size(q.device)
+        return masks.nabla_block_mask(q, k, layout, c.threshold, c.sta_window if c.type == "nabla_sta" else None, bs)
+
+    run.block_mask = fused
+
+
+class _Timer:
+    """Event pairs around run.attend / run.block_mask (host clock on the CPU)."""
+
+    def __init__(self, run, device: torch.device):
+        self.device = device
+        self.attn: list = []
+        self.mask: list = []
+        run.attend = self._wrap(run.attend, self.attn)
+        run.block_mask = self._wrap(run.block_mask, self.mask)
+
+    def _wrap(self, fn, sink):
+        cuda = self.device.type == "cuda"
+
+        def wrapped(*args, **kw):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = fn(*args, **kw)
+                e.record()
+                sink.append((s, e))
+            else:
+                t0 = time.perf_counter()
+                out = fn(*args, **kw)
+                sink.append((t0, time.perf_counter()))
+            return out
+
+        return wrapped
+
+    def reset(self) -> None:
+        self.attn.clear()
+        self.mask.clear()
+
+    def total_ms(self, sink) -> float:
+        if self.device.type == "cuda":
+            return sum(s.elapsed_time(e) for s, e in sink)
+        return sum(e - s for s, e in sink) * 1e3
+
+
+@torch.no_grad()
+def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = False, reps: int = 2,
+                 rows: list[str] | None = None, fused: tuple[str, ...] = (),
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = WAN_SIZES[s.size]
+    t0 = time.perf_counter()
+    model = random_transformer(size, device, dtype)
+    sync(device)
+    build_s = time.perf_counter() - t0
+    x = smooth_latents(s.latent_shape, device).to(dtype)
+    text = torch.randn((s.batch, 512, size.text_dim), device=device, dtype=dtype)
+    ts = torch.full((s.batch,), 500.0, device=device)
+    _, _, f, h, w = s.latent_shape
+    params_b = sum(p.numel() for p in model.parameters()) / 1e9
+    log(f"[transformer] {s.label}: {params_b:.2f}B params "
+        f"(built in {build_s:.1f} s), patch grid {f}x{h // 2}x{w // 2}")
+
+    def forward():
+        return model(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
+
+    results = []
+    dense = None
+    for name, cfg in row_configs(quick, fused):
+        if rows is not None and name.removesuffix(FUSED_SUFFIX) not in rows and name != "full":
+            continue
+        handle = apply_attention(model, cfg)
+        run = handle.run
+        if name.endswith(FUSED_SUFFIX):
+            use_fused_mask(run)
+        run.set_step(cfg.dense_steps)  # the sparse regime (presets with dense_steps start dense)
+        timer = _Timer(run, device)
+        tiles: list[torch.Tensor] = []
+        try:
+            g0 = compiled_graphs()
+            timed_mask = run.block_mask
+            if cfg.sparse:  # tile density (before coarsening) is collected in the untimed first forward
+                run.block_mask = _with_tile_density(timed_mask, cfg, tiles)
+            first = first_call_s(forward, device)
+            run.block_mask = timed_mask
+            g1 = compiled_graphs()
+            totals, attn, mask = [], [], []
+            out = None
+            for _ in range(reps):
+                timer.reset()
+                run.reset_stats()
+                sync(device)
+                t = time.perf_counter()
+                out = forward()
+                sync(device)
+                totals.append((time.perf_counter() - t) * 1e3)
+                attn.append(timer.total_ms(timer.attn))
+                mask.append(timer.total_ms(timer.mask))
+            g2 = compiled_graphs()
+            finite = bool(torch.isfinite(out).all())
+            dens = run.density_summary()["overall"]
+        finally:
+            handle.remove()
+        tile_dens = float(torch.stack(tiles).mean()) if tiles else 1.0
+        total = statistics.median(totals)
+        a = statistics.median(attn)
+        row = {
+            "scenario": s.label, "name": name, "config": cfg.to_dict(), "total_ms": total, "attention_ms": a,
+            "mask_ms": statistics.median(mask), "non_attention_ms": total - a, "attention_share": a / total,
+            "per_layer_attention_ms": a / size.layers, "density": dens, "tile_density": tile_dens,
+            "first_forward_s": first, "graphs_compiled_first": g1 - g0, "recompiles_after_first": g2 - g1,
+            "reps": reps, "times_ms": totals, "finite_output": finite,
+        }
+        if name == "full":
+            dense = row
+        elif dense is not None:
+            T, A = dense["total_ms"], dense["attention_ms"]
+            N = T - A
+            row["speedup"] = T / total
+            row["ideal_speedup"] = T / (N + dens * A)
+            row["ideal_speedup_tile"] = T / (N + tile_dens * A)
+            row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
+            row["fraction_of_ideal_tile"] = row["speedup"] / row["ideal_speedup_tile"]
+        results.append(row)
+        log(f"  {name}: {total:.1f} ms (attention {a:.1f} ms = {a / total:.0%}, mask {row['mask_ms']:.1f} ms), "
+            f"density {dens:.3f}" + (f", {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x"
+                                     f" ({row['fraction_of_ideal']:.0%})" if "speedup" in row else ""))
+    model = x = text = None  # free the model before the next scenario
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"scenario": s.label, "size": s.size, "params_b": params_b, "build_s": build_s, "rows": results}
+
+
+def _with_tile_density(block_mask, cfg: AttentionConfig, sink: list):
+    """Wrap run.block_mask to also record the tile-level keep share of each call."""
+
+    def wrapped(q, k, layout):
+        keep = None
+        if cfg.type in ("nabla", "nabla_sta"):
+            keep = masks.nabla_tile_mask(q, k, layout, cfg.threshold)
+        if cfg.type in ("sta", "nabla_sta"):
+            sta = masks.sta_tile_mask(layout, cfg.sta_window, q.device)
+            keep = sta if keep is None else keep | sta
+        if keep is not None:
+            sink.append(keep.float().mean())
+        return block_mask(q, k, layout)
+
+    return wrapped
+
+
+def run_transformer_level(scenarios, device: torch.device, *, quick: bool = False,
+                          log: Callable[[str], None] = print, **kw) -> list[dict[str, Any]]:
+    out = []
+    for s in scenarios:
+        try:
+            out.append(run_scenario(s, device, quick=quick, log=log, **kw))
+        except torch.OutOfMemoryError as e:
+            out.append({"scenario": s.label, "error": f"out of memory: {str(e).splitlines()[0]}", "rows": []})
+            gc.collect()
+            torch.cuda.empty_cache()
+    return out
