@@ -50,6 +50,19 @@ def tile_coords(frames: int, height: int, width: int) -> list[tuple[int, int, in
     return [(t, i, j) for t in range(frames) for i in range(nh) for j in range(nw)]
 
 
+def time_pair_groups(frames: int, height: int, width: int) -> torch.Tensor:
+    """[n] query-block id of each tile (standard tile index) for 128-token query blocks in the
+    time-paired order: tiles (t, i, j) and (t+1, i, j) share a block for even t < 2*(F//2); in an
+    odd last frame, row-major neighbours (2s, 2s+1) share one."""
+    nh, nw = math.ceil(height / 8), math.ceil(width / 8)
+    hw, e = nh * nw, frames // 2 * 2
+    groups = []
+    for t, i, j in tile_coords(frames, height, width):
+        s = i * nw + j
+        groups.append((t // 2) * hw + s if t < e else (e // 2) * hw + s // 2)
+    return torch.tensor(groups)
+
+
 def sta_keep(frames: int, height: int, width: int, window) -> torch.Tensor:
     """[n, n] bool by the distance rule, looping over tile pairs."""
     coords = tile_coords(frames, height, width)
@@ -102,8 +115,9 @@ class ReferenceProcessor:
     """A Wan self-attention processor computing masked attention in float64 on raster tokens,
     with the NABLA/STA keep mask built by the brute-force rules above."""
 
-    def __init__(self, attention: dict, grid_from):
+    def __init__(self, attention: dict, grid_from, time_pairs: bool = False):
         self.attention = attention
+        self.time_pairs = time_pairs  # 128-token query blocks of time-paired tiles (OR over the pair)
         self.grid_from = grid_from  # callable -> (frames, height, width) patch grid of the current call
         self.margins: list[float] = []
 
@@ -132,13 +146,18 @@ class ReferenceProcessor:
             keep |= nk
         if a["type"] in ("sta", "nabla_sta"):
             keep |= sta_keep(*grid, a["sta_window"])
+        if self.time_pairs:
+            groups = time_pair_groups(*grid)
+            pooled = torch.zeros(b, h, int(groups.max()) + 1, n, dtype=torch.bool)
+            pooled.index_reduce_(2, groups, keep, "amax")  # block kept iff any of its tiles keeps it
+            keep = pooled[:, :, groups]
         token_keep = keep[:, :, ids][:, :, :, ids]
         out = masked_attention_f64(q, k, v, token_keep).to(q.dtype)
         out = out.transpose(1, 2).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def install_reference(transformer, attention: dict) -> list:
+def install_reference(transformer, attention: dict, time_pairs: bool = False) -> list:
     """Put ReferenceProcessor on every attn1; returns the originals for restoring."""
     p_t, p_h, p_w = transformer.config.patch_size
     state = {}
@@ -148,7 +167,7 @@ def install_reference(transformer, attention: dict) -> list:
         state["grid"] = (x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w)
 
     hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    proc = ReferenceProcessor(attention, lambda: state["grid"])
+    proc = ReferenceProcessor(attention, lambda: state["grid"], time_pairs)
     originals = [blk.attn1.processor for blk in transformer.blocks]
     for blk in transformer.blocks:
         blk.attn1.processor = proc

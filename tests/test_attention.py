@@ -185,3 +185,49 @@ def test_coarse_blocks_are_a_superset_and_still_exact(transformer):
         d128 = h128.run.density_summary()["overall"]
     assert d128 >= d64
     assert (out128 - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("latent_shape", [PADDED, (5, 16, 32)], ids=["padded-3frames", "aligned-5frames"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"type": "nabla", "threshold": 0.4, "block_size": [128, 64]},
+        {"type": "sta", "sta_window": [1, 1, 1], "block_size": [128, 64]},
+        {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1], "block_size": [128, 64]},
+    ],
+    ids=["nabla0.4", "sta1-1-1", "nabla0.3+sta1-3-1"],
+)
+def test_time_paired_query_blocks_match_bruteforce(transformer, latent_shape, attention):
+    """Guards: with 128-token query blocks the tiles are time-paired (the default) and a query
+    block keeps the OR of its two tiles' key tiles: output == float64 brute force that pairs
+    tiles by the definition ((t, i, j) with (t+1, i, j); odd last frame row-major), odd and even
+    frame counts, padding, batch 2."""
+    inputs = _inputs(latent_shape, seed=zlib.crc32(str(attention).encode()) % 1000)
+    dense = _run(transformer, inputs)
+    proc, restore = install_reference(transformer, attention, time_pairs=True)
+    try:
+        ref = _run(transformer, inputs)
+    finally:
+        restore()
+    assert all(m > 1e-5 for m in proc.margins)
+    with apply_attention(transformer, attention) as h:
+        out = _run(transformer, inputs)
+        assert h.run.layout.time_pairs
+    assert (out - dense).abs().max() > 1e-3
+    _assert_close(out, ref)
+
+
+def test_time_pairs_off_pairs_spatial_neighbours(transformer):
+    """Guards: time_pairs=false keeps the row-major tile order (query blocks = side-by-side tiles),
+    which differs from the paired result for a mask that is not pair-symmetric."""
+    inputs = _inputs((4, 16, 32))
+    att = {"type": "sta", "sta_window": [1, 1, 1], "block_size": [128, 64]}
+    with apply_attention(transformer, att) as h:
+        paired = _run(transformer, inputs)
+        d_paired = h.run.density_summary()["overall"]
+    with apply_attention(transformer, {**att, "time_pairs": False}) as h:
+        spatial = _run(transformer, inputs)
+        assert not h.run.layout.time_pairs
+        d_spatial = h.run.density_summary()["overall"]
+    # 4 frames x 2 tiles: paired blocks see 2 frames x 1 square, spatial blocks 1 frame x 2 squares
+    assert d_paired == pytest.approx(d_spatial) and (paired - spatial).abs().max() > 1e-3

@@ -52,3 +52,19 @@ def test_padding_counts():
 def test_grid_to_tiles_rejects_wrong_grid():
     with pytest.raises(ValueError, match="does not match"):
         TileLayout(2, 8, 8).grid_to_tiles(torch.zeros(2, 8, 9, 1))
+
+
+@pytest.mark.parametrize("grid", [(1, 8, 8), (2, 9, 13), (3, 9, 13), (21, 45, 80), (4, 16, 24)])
+def test_time_pairs_round_trip_and_order(grid):
+    """Guards: the time-paired order is exact to invert and places (t, i, j), (t+1, i, j) next to
+    each other for even t; an odd last frame stays row-major; tile_coords describe the tokens."""
+    L = TileLayout(*grid, time_pairs=True)
+    x = torch.randn(2, L.seq_len, 3)
+    assert torch.equal(L.from_tiles(L.to_tiles(x)), x)
+    f, th, tw = L.tile_grid
+    expected = [(t, i, j) for p in range(f // 2) for i in range(th) for j in range(tw) for t in (2 * p, 2 * p + 1)]
+    expected += [(f - 1, i, j) for i in range(th) for j in range(tw)] if f % 2 else []
+    assert L.tile_coords().tolist() == [list(e) for e in expected]
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    first = L.to_tiles(coords[None].double())[0].view(L.n_tiles, 64, 3)[:, 0].long()
+    assert torch.equal(torch.stack([first[:, 0], first[:, 1] // 8, first[:, 2] // 8], -1), L.tile_coords())

@@ -87,3 +87,14 @@ def test_block_mask_tables_match_keep_mask(grid, block_size):
         : coarse.shape[3] * block_size[1]].view(-1, block_size[1]).all(-1)
     assert torch.equal(full_counts, (coarse & ~has_pad).sum(-1).int())
     assert float(block_density(keep, block_size)) == pytest.approx(coarse.float().mean().item())
+
+
+@pytest.mark.parametrize("grid", [(3, 9, 13), (4, 16, 24)])
+@pytest.mark.parametrize("window", [(1, 1, 1), (3, 1, 1), (3, 3, 3)])
+def test_sta_follows_the_time_paired_order(grid, window):
+    """Guards: STA is the distance rule on each tile's own coordinates in the layout's order."""
+    L = TileLayout(*grid, time_pairs=True)
+    pos = {tuple(c): n for n, c in enumerate(R.tile_coords(*grid))}
+    perm = torch.tensor([pos[tuple(c)] for c in L.tile_coords().tolist()])
+    ref = R.sta_keep(*grid, window)[perm][:, perm]
+    assert torch.equal(sta_tile_mask(L, window, "cpu"), ref)

@@ -65,6 +65,10 @@ class AttentionConfig:
     """Kernel block (query tokens, key tokens), each 64 (one tile) or 128 (two tiles). A 128 block
     is kept if any tile pair in it is kept (a superset of the tile mask, never less). None picks
     the fastest measured geometry on CUDA and (64, 64), the exact tile mask, on the CPU."""
+    time_pairs: bool | None = None
+    """Order tiles so that a 128-token query block is one 8x8 square over two consecutive latent
+    frames instead of two side-by-side squares (fewer blocks kept after coarsening; measured
+    15-18% faster kernels on H100). None: on whenever the query block is 128 tokens."""
 
     def __post_init__(self) -> None:
         t = self.type
@@ -109,6 +113,8 @@ class AttentionConfig:
             if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in (64, 128) for x in bs):
                 raise ConfigError(f"attention.block_size: {bs!r} is not allowed; use [q, kv] with each 64 or 128")
             object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
+        if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
+            raise ConfigError(f"attention.time_pairs: {self.time_pairs!r} is not allowed; use true, false or null")
 
     @property
     def sparse(self) -> bool:

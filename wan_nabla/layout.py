@@ -7,7 +7,9 @@
 
 A *tile* is one latent frame x an 8x8 square of patch tokens = 64 consecutive tokens, so that
 block-sparse attention over 64-token blocks works on spatio-temporal neighbourhoods. Tiles are
-ordered by (frame, tile row, tile column); inside a tile tokens are row-major.
+ordered by (frame, tile row, tile column), or with `time_pairs` by (frame pair, tile row, tile
+column, frame in pair) so that 128-token query blocks span two frames of one square; inside a
+tile tokens are row-major.
 
 When the patch grid's height or width is not a multiple of 8 (e.g. 1280x720 gives 45x80), the
 grid is padded at the bottom/right to whole tiles: never cropped. Pad tokens are zero on entry,
@@ -38,12 +40,19 @@ class TileLayout:
     """Patch-token rows (latent height / 2)."""
     width: int
     """Patch-token columns (latent width / 2)."""
+    time_pairs: bool = False
+    """Order tiles (t, i, j), (t+1, i, j) next to each other for even t (an odd last frame keeps
+    row-major order), so a 128-token query block is one 8x8 square over two latent frames rather
+    than two side-by-side squares: their coarse maps are more alike, so OR-coarsening keeps fewer
+    blocks (benchmarks/NOTES.md)."""
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TileLayout.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.time_pairs, bool):
+            raise ValueError(f"TileLayout.time_pairs must be a bool, got {self.time_pairs!r}")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -77,6 +86,27 @@ class TileLayout:
         return self.height % TILE_SIDE != 0 or self.width % TILE_SIDE != 0
 
     # ---- reordering --------------------------------------------------------------------
+    def _pair(self, x: torch.Tensor) -> torch.Tensor:
+        """[*lead, F, th, tw, R] tile-major -> [*lead, n_tiles, R] in this layout's tile order."""
+        lead, r = x.shape[:-4], x.shape[-1]
+        if not self.time_pairs or self.frames < 2:
+            return x.reshape(*lead, self.n_tiles, r)
+        e = self.frames // 2 * 2
+        head = x[..., :e, :, :, :].reshape(*lead, e // 2, 2, self.tiles_h, self.tiles_w, r)
+        head = head.movedim(-4, -2).reshape(*lead, -1, r)  # (t//2, i, j, t%2)
+        return torch.cat([head, x[..., e:, :, :, :].reshape(*lead, -1, r)], dim=-2)
+
+    def _unpair(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of _pair: [*lead, n_tiles, R] -> [*lead, F, th, tw, R]."""
+        lead, r = x.shape[:-2], x.shape[-1]
+        th, tw = self.tiles_h, self.tiles_w
+        if not self.time_pairs or self.frames < 2:
+            return x.reshape(*lead, self.frames, th, tw, r)
+        e = self.frames // 2 * 2
+        head, tail = x[..., : e * th * tw, :], x[..., e * th * tw :, :]
+        head = head.reshape(*lead, e // 2, th, tw, 2, r).movedim(-2, -4).reshape(*lead, e, th, tw, r)
+        return torch.cat([head, tail.reshape(*lead, -1, th, tw, r)], dim=-4)
+
     def grid_to_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """[..., F, H, W, C] raster grid -> [..., S_pad, C] in tile order, zero pads."""
         lead = x.shape[:-4]
@@ -89,7 +119,8 @@ class TileLayout:
         x = x.reshape(*lead, f, self.tiles_h, TILE_SIDE, self.tiles_w, TILE_SIDE, c)
         nd = len(lead)
         perm = list(range(nd)) + [nd + i for i in (0, 1, 3, 2, 4, 5)]
-        return x.permute(perm).reshape(*lead, self.padded_len, c)
+        x = x.permute(perm).reshape(*lead, f, self.tiles_h, self.tiles_w, TILE_TOKENS * c)
+        return self._pair(x).reshape(*lead, self.padded_len, c)
 
     def to_tiles(self, x: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
         """Raster tokens along `seq_dim` (length seq_len) -> tile order (length padded_len)."""
@@ -104,6 +135,7 @@ class TileLayout:
         if x.shape[-2] != self.padded_len:
             raise ValueError(f"expected {self.padded_len} tokens in tile order, got {x.shape[-2]}")
         nd = len(lead)
+        x = self._unpair(x.reshape(*lead, self.n_tiles, TILE_TOKENS * c))
         x = x.reshape(*lead, self.frames, self.tiles_h, self.tiles_w, TILE_SIDE, TILE_SIDE, c)
         perm = list(range(nd)) + [nd + i for i in (0, 1, 3, 2, 4, 5)]
         x = x.permute(perm).reshape(
@@ -130,14 +162,14 @@ class TileLayout:
         return _real_index(self, torch.device(device))
 
     def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[n_tiles, 3] int64: (frame, tile row, tile column) of each tile in tile order."""
+        """[n_tiles, 3] int64: (frame, tile row, tile column) of each tile, in this layout's order."""
         t, i, j = torch.meshgrid(
             torch.arange(self.frames, device=device),
             torch.arange(self.tiles_h, device=device),
             torch.arange(self.tiles_w, device=device),
             indexing="ij",
         )
-        return torch.stack([t.reshape(-1), i.reshape(-1), j.reshape(-1)], dim=-1)
+        return self._pair(torch.stack([t, i, j], dim=-1))
 
 
 @functools.lru_cache(maxsize=64)

@@ -106,12 +106,14 @@ def _launch_select(
         lists, pad = (dummy,) * 4, dummy
     sta = tuple(w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0)
     tiles_h, tiles_w = (layout.tiles_h, layout.tiles_w) if layout is not None else (1, 1)
+    n_frames = layout.frames if layout is not None else 1
+    paired = layout is not None and layout.time_pairs
     warps = num_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
     _select_kernel[(bh * nqb,)](
         src, tile_out if tile_out is not None else dummy, *lists, pad,
         n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
-        *sta, tiles_h, tiles_w,
-        MODE=mode, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
+        *sta, tiles_h, tiles_w, n_frames,
+        MODE=mode, PAIRED=paired, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
         WRITE_TILE=tile_out is not None, WRITE_BLOCKS=(0 if block_size is None else 2 if counts_only else 1),
         num_warps=warps,
         **_NO_FMA,  # the same rounding in every specialisation: tile and fused paths agree bit for bit
@@ -189,11 +191,26 @@ if triton is not None:
         tl.store(num_ptr + row, cnt)
 
     @triton.jit
+    def _tile_tij(idx, n_frames, tiles_h, tiles_w, PAIRED: tl.constexpr):
+        # (frame, tile row, tile column) of tile position idx: layout.TileLayout's order.
+        hw = tiles_h * tiles_w
+        if PAIRED:  # (t // 2, i, j, t % 2) for the first 2*(F//2) frames, then the odd last frame
+            e = (n_frames // 2) * 2
+            head = idx < e * hw
+            r = idx % (2 * hw)
+            t = tl.where(head, (idx // (2 * hw)) * 2 + r % 2, e)
+            s = tl.where(head, r // 2, idx - e * hw)
+        else:
+            t = idx // hw
+            s = idx % hw
+        return t, s // tiles_w, s % tiles_w
+
+    @triton.jit
     def _select_kernel(
         src_ptr, tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr,
         n_rows, n_cols, nqb, nkb, scale, thr, thr_lo, keep_all,
-        sta_t, sta_h, sta_w, tiles_h, tiles_w,
-        MODE: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities, 2: a 0/1 keep mask
+        sta_t, sta_h, sta_w, tiles_h, tiles_w, n_frames,
+        MODE: tl.constexpr, PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities, 2: a 0/1 keep mask
         EXACT: tl.constexpr,  # 1: float64 bisection, 2: float32 search checked in float64, 0: float32 only
         QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr,
         HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
@@ -240,10 +257,9 @@ if triton is not None:
                 everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
                 keep = bits >= tl.where(everything, 0, cut)
             if HAS_STA:
-                hw = tiles_h * tiles_w
-                dt = tl.abs(rowc // hw - cols // hw)
-                di = tl.abs((rowc // tiles_w) % tiles_h - (cols // tiles_w) % tiles_h)
-                dj = tl.abs(rowc % tiles_w - cols % tiles_w)
+                rt, ri, rj = _tile_tij(rowc, n_frames, tiles_h, tiles_w, PAIRED)
+                ct, ci, cj = _tile_tij(cols, n_frames, tiles_h, tiles_w, PAIRED)
+                dt, di, dj = tl.abs(rt - ct), tl.abs(ri - ci), tl.abs(rj - cj)
                 keep = keep | ((dt <= sta_t) & (di <= sta_h) & (dj <= sta_w))
             keep = keep & cmask & rvalid
             if WRITE_TILE:

@@ -196,20 +196,14 @@ def nabla_block_mask(
 
 # ---- STA ------------------------------------------------------------------------------------
 def sta_tile_mask(layout: TileLayout, window: tuple[int, int, int], device: torch.device | str) -> torch.Tensor:
-    """Sliding tile attention keep mask [n, n] bool (static; cached per layout/window/device)."""
-    return _sta_cached(layout.tile_grid, tuple(int(w) for w in window), torch.device(device))
+    """Sliding tile attention keep mask [n, n] bool in the layout's tile order (static; cached per
+    layout, window and device)."""
+    return _sta_cached(layout, tuple(int(w) for w in window), torch.device(device))
 
 
 @functools.lru_cache(maxsize=32)
-def _sta_cached(tile_grid: tuple[int, int, int], window: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    nt, nh, nw = tile_grid
-    coords = torch.stack(
-        torch.meshgrid(
-            torch.arange(nt, device=device), torch.arange(nh, device=device), torch.arange(nw, device=device),
-            indexing="ij",
-        ),
-        dim=-1,
-    ).reshape(-1, 3)
+def _sta_cached(layout: TileLayout, window: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    coords = layout.tile_coords(device)
     delta = (coords[:, None, :] - coords[None, :, :]).abs()
     half = torch.tensor([w // 2 for w in window], device=device)
     return (delta <= half).all(dim=-1)

@@ -48,6 +48,16 @@ class AttentionRun:
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
+    def block_size(self, device: torch.device) -> tuple[int, int]:
+        return self.config.block_size or default_block_size(device)
+
+    def layout_for(self, frames: int, height: int, width: int, device: torch.device) -> TileLayout:
+        """The tile layout of a patch grid under this config (time pairs with 128-token queries)."""
+        pairs = self.config.time_pairs
+        if pairs is None:
+            pairs = self.block_size(device)[0] == 128
+        return TileLayout(frames, height, width, time_pairs=pairs)
+
     def uses_dense(self, layer: int) -> bool:
         c = self.config
         return c.type == "full" or layer in c.dense_layers or self.step < c.dense_steps
@@ -71,7 +81,7 @@ class AttentionRun:
         """(BlockMask, density) for this call's q/k under the configured attention type."""
         c = self.config
         device = q_BHSD.device
-        bs = c.block_size or default_block_size(device)
+        bs = self.block_size(device)
         if c.type == "sta":
             key = (layout, c.sta_window, bs, device)
             if key not in self._sta_block_masks:  # static: built once per shape, not per call
