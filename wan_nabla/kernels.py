@@ -49,8 +49,9 @@ def compiled_flex():
 # over 64-token key blocks (one tile). Measured on H100 at 14B heads, 1280x720x81 (benchmarks/
 # NOTES.md): with TMA it was the fastest at equal NABLA threshold / STA window, 64-67% of dense
 # cuDNN per kept block against 36-40% for 64x64; 128x128 runs a kept block faster still but
-# OR-coarsening keys too keeps so many more blocks that it lost at every threshold. The CPU keeps
-# the exact tile mask.
+# OR-coarsening keys too keeps so many more blocks that it lost at every threshold. With 128-token
+# queries the layout pairs tiles in time (processors.AttentionRun.layout_for). The CPU keeps the
+# exact tile mask.
 DEFAULT_BLOCK_SIZE = {"cuda": (128, 64), "cpu": (64, 64)}
 
 
