@@ -53,6 +53,8 @@ def _write(tmp_path, text):
         ("attention: {type: full, threshold: 0.5}\n", "attention.threshold"),
         ("attention: {type: full, dense_layers: [a]}\n", "attention.dense_layers"),
         ("attention: [full]\n", "attention"),
+        ("attention: {type: nabla, threshold: 0.5, time_pairs: 2}\n", "attention.time_pairs"),
+        ("attention: {type: nabla, threshold: 0.5, block_size: [128, 32]}\n", "attention.block_size"),
         ("generation: {frames: 80}\n", "generation.frames"),
         ("generation: {size: 830x480}\n", "generation.size"),
         ("generation: {size: big}\n", "generation.size"),
