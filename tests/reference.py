@@ -148,9 +148,8 @@ class ReferenceProcessor:
             keep |= sta_keep(*grid, a["sta_window"])
         if self.time_pairs:
             groups = time_pair_groups(*grid)
-            pooled = torch.zeros(b, h, int(groups.max()) + 1, n, dtype=torch.bool)
-            pooled.index_reduce_(2, groups, keep, "amax")  # block kept iff any of its tiles keeps it
-            keep = pooled[:, :, groups]
+            counts = torch.zeros(b, h, int(groups.max()) + 1, n).index_add_(2, groups, keep.float())
+            keep = (counts > 0)[:, :, groups]  # a block keeps a key tile iff any of its tiles does
         token_keep = keep[:, :, ids][:, :, :, ids]
         out = masked_attention_f64(q, k, v, token_keep).to(q.dtype)
         out = out.transpose(1, 2).flatten(2, 3)
