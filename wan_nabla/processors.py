@@ -102,7 +102,13 @@ class AttentionRun:
         recorded device tensors syncs the device once, here and not during the run."""
         per_step: dict[int, float] = {}
         by_layer: dict[int, list[float]] = defaultdict(list)
-        for step, records in sorted(self._densities.items()):
+        items = sorted(self._densities.items())
+        tensors = [v for _, recs in items for _, v in recs if isinstance(v, torch.Tensor)]
+        # One device-to-host copy for all recorded densities instead of one sync per value.
+        host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+        for step, records in items:
+            self._densities[step] = records = [
+                (layer, next(host) if isinstance(v, torch.Tensor) else v) for layer, v in records]
             vals = [float(v) for _, v in records]
             per_step[step] = sum(vals) / len(vals)
             for (layer, _), v in zip(records, vals):
