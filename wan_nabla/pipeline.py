@@ -84,9 +84,9 @@ class VideoGenerator:
         t0 = time.perf_counter()
         pipe = load_pipeline(model, device=dev, dtype=dt, tiny_seed=tiny_seed)
         _sync(dev)
-        self = cls(pipe, config, dev, model_id=model)
-        self.load_s = time.perf_counter() - t0
-        return self
+        gen = cls(pipe, config, dev, model_id=model)
+        gen.load_s = time.perf_counter() - t0
+        return gen
 
     def close(self) -> None:
         self.handle.remove()
