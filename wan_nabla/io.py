@@ -57,17 +57,8 @@ def _unlink_quietly(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically; on failure nothing appears at `path` and no temp is left."""
     path = Path(path)
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_output(path) as tmp:  # fsync, rename and cleanup live there
+        tmp.write_bytes(data)
     return path
 
 

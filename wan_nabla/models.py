@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
@@ -179,5 +179,7 @@ def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
 
 def set_flow_shift(pipe: WanPipeline, shift: float) -> WanPipeline:
     """Replace the scheduler by the same UniPC flow-matching scheduler with a different flow_shift."""
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=float(shift))
+    from .adapter import make_scheduler
+
+    pipe.scheduler = make_scheduler(pipe, float(shift))
     return pipe

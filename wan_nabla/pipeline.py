@@ -45,7 +45,8 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued device work, so host clocks measure it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -83,7 +84,7 @@ class VideoGenerator:
         dt = _DTYPES[dtype or gen_cfg.dtype]
         t0 = time.perf_counter()
         pipe = load_pipeline(model, device=dev, dtype=dt, tiny_seed=tiny_seed)
-        _sync(dev)
+        sync_device(dev)
         gen = cls(pipe, config, dev, model_id=model)
         gen.load_s = time.perf_counter() - t0
         return gen
@@ -109,7 +110,7 @@ class VideoGenerator:
 
         t0 = time.perf_counter()
         pos, neg = adapter.encode_prompts(pipe, prompt, g.negative_prompt, cfg_on, dev)
-        _sync(dev)
+        sync_device(dev)
         timings["text_encoding_s"] = time.perf_counter() - t0
 
         scheduler = adapter.make_scheduler(pipe, g.resolved_shift)
@@ -134,7 +135,7 @@ class VideoGenerator:
                     uncond = adapter.denoise(pipe, latents, t, neg)
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-                _sync(dev)
+                sync_device(dev)
                 per_step.append(time.perf_counter() - ts)
                 run.log_step(i)
                 bar.update(1)
@@ -147,7 +148,7 @@ class VideoGenerator:
 
         t0 = time.perf_counter()
         frames = adapter.decode_video(pipe, latents)
-        _sync(dev)
+        sync_device(dev)
         timings["decode_s"] = time.perf_counter() - t0
         if dev.type == "cuda":
             timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..pipeline import sync_device
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -38,9 +40,7 @@ class Timing:
         return dataclasses.asdict(self)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sync = sync_device  # one definition for the app's timings and the benchmarks
 
 
 def time_call(
