@@ -4,7 +4,7 @@
 #   docker run --rm --gpus all \
 #     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
 #     wan-nabla generate --model /weights/Wan2.1-T2V-1.3B-Diffusers \
-#       --config /opt/wan-nabla/configs/nabla_0.7.yaml --prompt "a red fox in the snow" \
+#       --config nabla_0.7 --prompt "a red fox in the snow" \
 #       --output /outputs/fox.mp4
 #
 # The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
@@ -29,7 +29,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/wan-nabla
 COPY pyproject.toml README.md ./
 COPY wan_nabla ./wan_nabla
-COPY configs ./configs
 COPY scripts ./scripts
 RUN pip install --no-cache-dir .
 

@@ -2,7 +2,7 @@
 # The one command for a whole GPU benchmark run of wan-nabla:
 #   scripts/gpu_bench.sh OUT_DIR [wan-nabla bench arguments...]
 # e.g. on the device machine:  scripts/gpu_bench.sh "$OUT" --sweep
-# Installs the carried wheels (.whl/, made here by ../shared/gpu/wheels.sh: diffusers, ftfy) when
+# Installs the carried wheels (.whl/, staged by scripts/gpu_wheels.sh: diffusers, ftfy) when
 # the image lacks them, runs the checkout in place (PYTHONPATH), records the GPU's state, runs
 # `python -m wan_nabla.bench` (all levels unless arguments say otherwise) writing results.json,
 # results.md, results_speedup.png and log.txt under OUT_DIR, and prints a short table last.
@@ -13,7 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if ! python3 -c "import diffusers, ftfy" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "diffusers/ftfy missing and no .whl/ here: run ../shared/gpu/wheels.sh in the checkout and carry .whl" >&2
+    echo "diffusers/ftfy missing and no .whl/ here: run scripts/gpu_wheels.sh in the checkout and carry .whl" >&2
     exit 2
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -7,7 +7,7 @@
    selection, CUDA flex with TMA) and on the CPU (torch reference masks, CPU flex), for block
    sizes (64, 64) and (128, 64): kept-block densities must agree and outputs must match to fp32
    tolerance (relative L2). Dense output is reported too, to show the masks matter.
-2. Every preset in configs/ runs the whole generation loop on CUDA in bf16 on the tiny model
+2. Every bundled preset runs the whole generation loop on CUDA in bf16 on the tiny model
    (frames finite, density recorded); no MP4 is written (the GPU image lacks imageio-ffmpeg).
 Writes OUT_DIR/gpu_smoke.json.
 """
@@ -65,7 +65,7 @@ def cross_device() -> list[dict]:
 
 def presets() -> list[dict]:
     rows = []
-    for cfg_path in sorted((ROOT / "configs").glob("*.yaml")):
+    for cfg_path in sorted((ROOT / "wan_nabla" / "presets").glob("*.yaml")):
         cfg = load_config(cfg_path).override(dtype="bfloat16", device="cuda")
         gen = VideoGenerator(build_tiny_pipeline(seed=0).to("cuda", torch.bfloat16), cfg, torch.device("cuda"), "tiny")
         gen.pipe.vae.to(torch.float32)

@@ -50,6 +50,33 @@ def tile_coords(frames: int, height: int, width: int) -> list[tuple[int, int, in
     return [(t, i, j) for t in range(frames) for i in range(nh) for j in range(nw)]
 
 
+def tile_order(frames: int, height: int, width: int, time_pairs: bool = False) -> list[tuple[int, int, int]]:
+    """(t, i, j) of each tile in kernel order: frame-major, or with time pairs (t, i, j), (t+1, i, j)
+    adjacent for even t below 2*(F//2), then an odd last frame row-major."""
+    nh, nw = math.ceil(height / 8), math.ceil(width / 8)
+    if not time_pairs or frames < 2:
+        return tile_coords(frames, height, width)
+    out = []
+    for t0 in range(0, frames // 2 * 2, 2):
+        for i in range(nh):
+            for j in range(nw):
+                out += [(t0, i, j), (t0 + 1, i, j)]
+    if frames % 2:
+        out += [(frames - 1, i, j) for i in range(nh) for j in range(nw)]
+    return out
+
+
+def valid_tile_order(layout) -> torch.Tensor:
+    """[S_pad] bool: which positions of the padded tile-order sequence hold real tokens (from the
+    layout's grid and tile order only; tokens inside a tile are row-major 8x8)."""
+    out = []
+    for t, i, j in tile_order(layout.frames, layout.height, layout.width, layout.time_pairs):
+        for r in range(8):
+            for c in range(8):
+                out.append(i * 8 + r < layout.height and j * 8 + c < layout.width)
+    return torch.tensor(out)
+
+
 def time_pair_groups(frames: int, height: int, width: int) -> torch.Tensor:
     """[n] query-block id of each tile (standard tile index) for 128-token query blocks in the
     time-paired order: tiles (t, i, j) and (t+1, i, j) share a block for even t < 2*(F//2); in an
@@ -85,6 +112,31 @@ def cdf_keep_rows(p: torch.Tensor, threshold: float) -> torch.Tensor:
                 flat_k[r, j] = True
             mass += float(flat_p[r, j])
     return keep
+
+
+def cdf_keep_rows_ties(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The CDF rule with exactly tied probabilities decided together, in float64, row by row: a group
+    of equal entries is kept iff the mass of all entries larger than them is < threshold."""
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    flat_p, flat_k = p.double().reshape(-1, p.shape[-1]), keep.view(-1, p.shape[-1])
+    for r in range(flat_p.shape[0]):
+        row = [float(x) for x in flat_p[r]]
+        for j, x in enumerate(row):
+            larger = sum(y for y in row if y > x)
+            flat_k[r, j] = threshold >= 1.0 or (larger < threshold and threshold > 0.0)
+    return keep
+
+
+def mass_before_rows(p: torch.Tensor) -> torch.Tensor:
+    """float64 mass of the entries ranked before each entry (descending order, ties in index order)."""
+    out = torch.zeros_like(p, dtype=torch.float64)
+    flat_p, flat_o = p.double().reshape(-1, p.shape[-1]), out.view(-1, p.shape[-1])
+    for r in range(flat_p.shape[0]):
+        mass = 0.0
+        for j in sorted(range(flat_p.shape[1]), key=lambda c: (-float(flat_p[r, c]), c)):
+            flat_o[r, j] = mass
+            mass += float(flat_p[r, j])
+    return out
 
 
 def nabla_keep(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, grid, threshold: float) -> tuple[torch.Tensor, float]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wan_nabla import ConfigError, apply_attention
-from wan_nabla import kernels
+from wan_nabla.attention import kernels
 
 from .reference import TOL, install_reference, tiny_transformer
 
@@ -129,13 +129,32 @@ def test_dense_layers_use_dense_kernel(transformer, monkeypatch):
     """Guards: blocks listed in dense_layers never call the sparse kernel."""
     calls = []
     real_sparse, real_dense = kernels.sparse_attention, kernels.dense_attention
-    import wan_nabla.processors as P
+    import wan_nabla.attention.processors as P
 
     monkeypatch.setattr(P, "sparse_attention", lambda *a, **k: calls.append("sparse") or real_sparse(*a, **k))
     monkeypatch.setattr(P, "dense_attention", lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
     with apply_attention(transformer, {"type": "sta", "sta_window": [3, 1, 1], "dense_layers": [1]}):
         _run(transformer, _inputs(PADDED))
     assert calls == ["sparse", "dense"]
+
+
+@pytest.mark.parametrize("attention, step", [
+    ({"type": "nabla", "threshold": 0.3, "dense_layers": [0, 1]}, 0),
+    ({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2}, 1),
+    ({"type": "nabla_sta", "threshold": 0.2, "sta_window": [1, 1, 1], "dense_steps": 1, "block_size": [128, 64]}, 0),
+], ids=["dense-layers", "dense-steps", "dense-step-128-pairs"])
+def test_dense_path_on_a_padded_grid_equals_unpatched(transformer, attention, step):
+    """Guards: with a sparse type, dense layers and dense steps still run in tile order with pad
+    tokens in the sequence; pad keys must get no weight there either (a mutant that let dense
+    attention see pad keys changed outputs by 0.1 and passed every other test)."""
+    inputs = _inputs(PADDED)
+    ref = _run(transformer, inputs)
+    with apply_attention(transformer, attention) as h:
+        h.run.set_step(step)
+        out = _run(transformer, inputs)
+        assert h.run.layout is not None and h.run.layout.needs_padding  # tile order with pads
+        assert h.run.density_summary()["overall"] == 1.0
+    _assert_close(out, ref)
 
 
 def test_dense_layers_out_of_range_is_a_clear_error(transformer):

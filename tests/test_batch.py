@@ -22,11 +22,13 @@ import psutil
 import pytest
 import torch
 
-from wan_nabla import batch, cli
-from wan_nabla.manifest import ManifestWriter, read_manifest
+from wan_nabla import cli
+from wan_nabla.batch import plan as batch_plan
+from wan_nabla.batch import run as batch
+from wan_nabla.batch.manifest import ManifestWriter, read_manifest
 from wan_nabla.pipeline import GenerationResult, VideoGenerator
-from wan_nabla.resume import remove_stale_temps
-from wan_nabla.video import probe_mp4
+from wan_nabla.batch.resume import remove_stale_temps
+from wan_nabla.output.video import probe_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny", "--size", "16x16", "--frames", "1", "--steps", "1"]
@@ -125,13 +127,13 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
     assert (last[0]["status"], last[0]["output"]) == ("ok", "fox.mp4")
     wide = probe_mp4(out / last[1]["output"])
     assert (wide["frames"], wide["width"], wide["height"]) == (5, 32, 16)
-    assert last[1]["settings"]["size"] == "32x16" and last[1]["seed"] == batch.derive_seed(0, 1)
+    assert last[1]["settings"]["size"] == "32x16" and last[1]["seed"] == batch_plan.derive_seed(0, 1)
     assert mp4_names(out) == ["a-wide-shot.mp4", "fox.mp4"]
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypatch):
     """--dry-run validates every line and prints the plan, without loading a model or writing."""
-    monkeypatch.setattr(cli, "load_generator", lambda *a, **k: pytest.fail("dry run loaded a model"))
+    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("dry run loaded a model"))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a fox", "seed": 9}, {"prompt": "x", "frames": 2}])
     out = tmp_path / "out"
     assert run("batch", prompts, "--out-dir", out, *SMALL, "--dry-run") == 1
@@ -162,7 +164,7 @@ def test_sigkill_mid_batch_then_resume(tmp_path):
     prompts.write_text("".join(f"clip number {i}\n" for i in range(10)) + "clip number 3\n")
     out = tmp_path / "out"
     argv = ["batch", str(prompts), "--out-dir", str(out), *SMALL, "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "wan_nabla.cli", *argv], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "wan_nabla", *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
@@ -249,6 +251,27 @@ def test_resume_redoes_missing_partial_and_changed_items_only(tmp_path, capsys):
     assert {n: (out / n).stat().st_mtime_ns for n in mp4_names(out)} == stamps
 
 
+def test_resume_checks_the_sidecar_key_not_only_the_manifest(tmp_path):
+    """Guards the resume rule's sidecar check: the manifest says ok and the MP4 decodes completely,
+    but the sidecar beside it now belongs to something else (another key): the item is not done,
+    and the foreign pair is never overwritten (the item is redone under a new name)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "name": "clip a"}, {"prompt": "b", "name": "clip b"}])
+    out = tmp_path / "out"
+    argv = ["batch", prompts, "--out-dir", out, *SMALL, "--guidance-scale", "1", "--quiet"]
+    assert run(*argv) == 0
+    side = out / "clip-a.json"
+    record = json.loads(side.read_text())
+    record["batch"]["key"] = "0" * 20  # e.g. replaced by another run's output of the same name
+    side.write_text(json.dumps(record))
+    stamp = (out / "clip-a.mp4").stat().st_mtime_ns
+    assert run(*argv) == 0
+    again = last_by_index(out)
+    assert [again[0]["status"], again[1]["status"]] == ["ok", "skipped"]
+    assert again[0]["output"] == "clip-a-2.mp4"
+    assert (out / "clip-a.mp4").stat().st_mtime_ns == stamp
+    assert json.loads(side.read_text())["batch"]["key"] == "0" * 20
+
+
 def test_manifest_reader_skips_truncated_line_and_writer_ends_it(tmp_path):
     path = tmp_path / "manifest.jsonl"
     path.write_bytes(b'{"index": 0, "status": "ok"}\n{"index": 1, "sta')
@@ -261,13 +284,21 @@ def test_manifest_reader_skips_truncated_line_and_writer_ends_it(tmp_path):
 
 
 def test_stale_temp_files_of_own_outputs_are_removed(tmp_path):
-    """Temps of killed writes (nested for MP4s) go; other hidden files and outputs stay."""
-    names = ["a.mp4", ".a.mp4.ab_d1234.tmp.mp4", "..a.mp4.abcd1234.tmp.mp4.efgh5678.tmp.mp4",
-             ".a.json.x1y2z3w4.tmp", ".other.mp4.abcd1234.tmp.mp4", ".hidden", "a.json"]
+    """Temps of killed writes of this batch's MP4s and sidecars go; other hidden files, other
+    outputs' temps and the outputs themselves stay."""
+    from wan_nabla.output.files import atomic_output
+
+    with pytest.raises(RuntimeError):  # the real temp-file naming, not a hand-written imitation
+        with atomic_output(tmp_path / "a.mp4") as tmp:
+            real_temp = tmp.name
+            raise RuntimeError("killed")
+    names = ["a.mp4", real_temp, ".a.mp4.ab_d1234.tmp.mp4", ".a.json.x1y2z3w4.tmp.json",
+             ".other.mp4.abcd1234.tmp.mp4", ".a.mp4.tmp.mp4", ".hidden", "a.json"]
     for n in names:
         (tmp_path / n).write_bytes(b"x")
     assert remove_stale_temps(tmp_path, {"a.mp4"}) == 3
-    assert sorted(os.listdir(tmp_path)) == sorted([".hidden", ".other.mp4.abcd1234.tmp.mp4", "a.json", "a.mp4"])
+    assert sorted(os.listdir(tmp_path)) == sorted([".hidden", ".a.mp4.tmp.mp4", ".other.mp4.abcd1234.tmp.mp4",
+                                                   "a.json", "a.mp4"])
 
 
 # ---- names ---------------------------------------------------------------------------------------
@@ -324,9 +355,9 @@ def test_adversarial_prompts_and_names_stay_inside_out_dir(tmp_path):
 def test_seed_derivation_is_stable_and_documented():
     """sha256(f"{base}:{index}")[:8] big-endian mod 2**31; pinned so a change cannot slip through."""
     ref = int.from_bytes(hashlib.sha256(b"5:3").digest()[:8], "big") % 2**31
-    assert batch.derive_seed(5, 3) == ref
-    assert batch.derive_seed(0, 0) == 1483348161
-    seeds = {batch.derive_seed(b, i) for b in range(3) for i in range(100)}
+    assert batch_plan.derive_seed(5, 3) == ref
+    assert batch_plan.derive_seed(0, 0) == 1483348161
+    seeds = {batch_plan.derive_seed(b, i) for b in range(3) for i in range(100)}
     assert len(seeds) == 300 and all(0 <= s < 2**31 for s in seeds)
 
 
@@ -337,8 +368,8 @@ def test_batch_seeds_are_recorded_and_reproduce_the_video_alone(tmp_path):
     flags = ["--model", "tiny", "--size", "32x32", "--frames", "5", "--steps", "2", "--quiet"]
     assert run("batch", prompts, "--out-dir", out, "--seed", "5", *flags) == 0
     last = last_by_index(out)
-    assert [last[0]["seed"], last[1]["seed"]] == [batch.derive_seed(5, 0), 7]
-    assert [sidecar(out, last[i])["seed"] for i in (0, 1)] == [batch.derive_seed(5, 0), 7]
+    assert [last[0]["seed"], last[1]["seed"]] == [batch_plan.derive_seed(5, 0), 7]
+    assert [sidecar(out, last[i])["seed"] for i in (0, 1)] == [batch_plan.derive_seed(5, 0), 7]
 
     alone = tmp_path / "alone.mp4"
     assert run("generate", "--prompt", "a fox in snow", "--seed", last[0]["seed"], *flags, "--output", alone) == 0
@@ -423,7 +454,7 @@ def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
 
 def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch):
     """Two batches in one directory would race for names and redo each other's items."""
-    monkeypatch.setattr(cli, "load_generator", lambda *a, **k: pytest.fail("loaded a model while locked out"))
+    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("loaded a model while locked out"))
     (tmp_path / "p.txt").write_text("a fox\n")
     out = tmp_path / "out"
     out.mkdir()

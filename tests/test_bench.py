@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_nabla import masks
+from wan_nabla.attention import masks
+from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 from wan_nabla.bench import main as bench_main
 from wan_nabla.bench import published, report
-from wan_nabla.bench.op import brute_force_keep, temporal_pair_order
 from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
-from wan_nabla.layout import TILE_TOKENS, TileLayout
+from wan_nabla.config import AttentionConfig
+
+from . import reference as R
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = [(64, 64), (128, 64), (64, 128), (128, 128)]
@@ -32,22 +34,25 @@ def _probs(shape, sharp=3.0, seed=0):
 
 def _clear_rows(p, threshold, margin=1e-6):
     """Rows where no entry's mass-before lies within `margin` of the threshold (no rounding ties)."""
-    _, _, mass = brute_force_keep(p, threshold)
+    mass = R.mass_before_rows(p)
     return ~((mass - threshold).abs() < margin).any(-1)
 
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.7, 0.95, 0.9999])
 def test_bisection_rule_equals_brute_force(threshold):
     """Guards the sort-free selection (the Triton kernel's algorithm): batch 2, odd row length,
-    ties-free random maps, against a float64 sort + cumulative-sum brute force."""
-    p = _probs((2, 3, 37, 37), seed=int(threshold * 1e4))
-    ref, ref_ties, _ = brute_force_keep(p, threshold)
+    ties-free random maps, against the float64 brute force of tests/reference.py."""
+    p = _probs((2, 3, 11, 37), seed=int(threshold * 1e4))
+    ref_ties = R.cdf_keep_rows_ties(p, threshold)
     got = masks.cdf_select_bisect(p, threshold)
     assert torch.equal(got, ref_ties)
     clear = _clear_rows(p, threshold)
     assert clear.float().mean() > 0.9
+    ref = R.cdf_keep_rows(p.double(), threshold)
     assert torch.equal(got[clear], ref[clear])
     assert torch.equal(masks.cdf_select(p, threshold)[clear], ref[clear])  # CPU dispatch: sort path
+    if 0.05 < threshold < 0.99:
+        assert 0 < got.float().mean() < 1
 
 
 def test_bisection_rule_edge_thresholds_and_ties():
@@ -58,12 +63,12 @@ def test_bisection_rule_edge_thresholds_and_ties():
     assert masks.cdf_select_bisect(p, 1.0).all() and masks.cdf_select(p, 1.0).all()
     assert not masks.cdf_select_bisect(p, 0.0).any()
     for thr in (0.1, 0.5, 0.9):
-        _, ref_ties, _ = brute_force_keep(p, thr)
+        ref_ties = R.cdf_keep_rows_ties(p, thr)
         got = masks.cdf_select_bisect(p, thr)
         assert torch.equal(got, ref_ties)
         assert torch.equal(got[:, 5], got[:, 6])
     flat = torch.full((2, 20), 1 / 20)
-    assert torch.equal(masks.cdf_select_bisect(flat, 0.5), brute_force_keep(flat, 0.5)[1])
+    assert torch.equal(masks.cdf_select_bisect(flat, 0.5), R.cdf_keep_rows_ties(flat, 0.5))
 
 
 def _dense_blocks(keep_tiles, layout, block_size):
@@ -86,11 +91,17 @@ def test_block_mask_equals_brute_force(grid, block_size):
     layout = TileLayout(*grid)
     g = torch.Generator().manual_seed(sum(grid))
     keep = torch.rand((2, 3, layout.n_tiles, layout.n_tiles), generator=g) > 0.6
-    bm = masks.to_block_mask(keep, layout, block_size)
+    plan = masks.plan_from_keep(keep, layout, block_size)
+    bm = plan.block_mask()
     ref = _dense_blocks(keep, layout, block_size)
     assert torch.equal(bm.to_dense().bool(), ref)
     assert abs(float(masks.block_density(keep, block_size)) - ref.float().mean().item()) < 1e-6
-    has_pad = masks._block_has_pad(layout, block_size[1], torch.device("cpu"))[: ref.shape[-1]]
+    assert abs(float(plan.density) - ref.float().mean().item()) < 1e-6
+    # brute force: a key block needs the token mask iff one of its tokens is a pad (or past the end)
+    valid = R.valid_tile_order(layout)
+    bkv = block_size[1]
+    valid = torch.cat([valid, torch.zeros(-len(valid) % bkv, dtype=torch.bool)])
+    has_pad = ~valid.view(-1, bkv).all(-1)
     partial = torch.zeros_like(ref)
     for b in range(2):
         for h in range(3):
@@ -101,19 +112,26 @@ def test_block_mask_equals_brute_force(grid, block_size):
 
 
 @pytest.mark.parametrize("block_size", [(64, 64), (128, 64)])
-def test_nabla_block_mask_equals_the_chain(block_size):
-    """The one-call build equals nabla_tile_mask | sta -> to_block_mask, with the same density."""
+def test_plan_blocks_equals_the_tile_mask_per_type(block_size):
+    """plan_blocks (the one rule) keeps exactly tile_keep_mask's blocks for every attention type,
+    and tile_keep_mask is NABLA, STA or their OR as the config says."""
     layout = TileLayout(3, 12, 20)
     g = torch.Generator().manual_seed(1)
     q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
     k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
-    for sta in (None, (3, 1, 1)):
-        keep = masks.nabla_tile_mask(q, k, layout, 0.5)
-        if sta:
-            keep = keep | masks.sta_tile_mask(layout, sta, "cpu")
-        bm, dens = masks.nabla_block_mask(q, k, layout, 0.5, sta, block_size)
-        assert torch.equal(bm.to_dense(), masks.to_block_mask(keep, layout, block_size).to_dense())
-        assert abs(float(dens) - float(masks.block_density(keep, block_size))) < 1e-7
+    nabla = masks.nabla_tile_mask(q, k, layout, 0.5)
+    sta = masks.sta_tile_mask(layout, (3, 1, 1), "cpu")
+    for cfg, expect in ((AttentionConfig(type="nabla", threshold=0.5), nabla),
+                        (AttentionConfig(type="sta", sta_window=(3, 1, 1)), sta),
+                        (AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1)), nabla | sta)):
+        keep = masks.tile_keep_mask(cfg, q, k, layout)
+        assert torch.equal(keep, expect)
+        plan = masks.plan_blocks(cfg, q, k, layout, block_size)
+        assert torch.equal(plan.block_mask().to_dense().bool(), _dense_blocks(keep.expand(2, 2, -1, -1), layout, block_size)
+                           [: plan.kv_num.shape[0], : plan.kv_num.shape[1]])
+        assert abs(float(plan.density) - float(masks.block_density(keep, block_size))) < 1e-7
+    assert masks.plan_blocks(AttentionConfig(type="sta", sta_window=(3, 1, 1)), q, k, layout, block_size) is \
+        masks.plan_blocks(AttentionConfig(type="sta", sta_window=(3, 1, 1)), None, None, layout, block_size)
 
 
 def test_published_mask_follows_its_definition():
@@ -139,15 +157,6 @@ def test_published_mask_follows_its_definition():
                        masks.sta_tile_mask(layout, (3, 1, 1), "cpu"))
 
 
-def test_temporal_pair_order_is_a_pairing_permutation():
-    layout = TileLayout(5, 16, 24)
-    perm = temporal_pair_order(layout)
-    assert sorted(perm.tolist()) == list(range(layout.n_tiles))
-    coords = layout.tile_coords()[perm]
-    pairs = coords[: 4 * 6].view(-1, 2, 3)
-    assert (pairs[:, 1, 0] == pairs[:, 0, 0] + 1).all() and (pairs[:, 0, 1:] == pairs[:, 1, 1:]).all()
-
-
 def test_random_transformer_is_finite_and_keeps_fp32_modules():
     model = random_transformer(WAN_SIZES["tiny"], torch.device("cpu"), torch.bfloat16)
     assert model.scale_shift_table.dtype == torch.float32 and model.blocks[0].ffn.net[2].weight.dtype == torch.bfloat16
@@ -161,7 +170,7 @@ def test_random_transformer_is_finite_and_keeps_fp32_modules():
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
-                     "--device", "cpu", "--sweep", "--fused-rows", "nabla 0.5"])
+                     "--device", "cpu", "--sweep"])
     return rc, out, json.loads((out / "results.json").read_text())
 
 
@@ -189,7 +198,7 @@ def test_quick_op_level_rows_and_checks(quick_results):
             assert r["mask_ms"] is not None and r["kernel_ms"] is not None and r["tile_density"] <= r["density"] + 1e-6
     checks = sc["checks"]
     assert all(m["rule_on_same_map_vs_fp64_ties"] == 0 and m["mismatch_vs_fp64"] == 0 for m in checks["mask"])
-    assert all(f["equal"] and f["density_equal"] for f in checks["fused_equal"])
+    assert checks["plan_equal"] and all(f["equal"] and f["density_equal"] for f in checks["plan_equal"])
     for f in checks["fidelity"]:
         assert f["rel_l2_vs_exact_masked"] < 1e-4 and f["rel_l2_masked_vs_dense"] > 1e-2  # the mask matters
     assert sc["recompiles_on_new_masks"] == 0
@@ -200,7 +209,6 @@ def test_quick_transformer_level(quick_results):
     _, _, res = quick_results
     rows = res["transformer"][0]["rows"]
     assert rows[0]["name"] == "full" and rows[0]["density"] == 1.0
-    assert any(r["name"].endswith("[fused mask]") for r in rows)
     for r in rows:
         assert r["finite_output"] and r["recompiles_after_first"] == 0 and 0 < r["attention_ms"] < r["total_ms"]
         if r["name"] != "full":
@@ -227,38 +235,44 @@ def test_report_targets_from_figures():
     assert not t["T1"]["met"] and t["T2"]["fraction"] == 0.5 / 30 and not t["T4"]["met"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CPU-only torch)")
 def test_triton_kernels_match_torch_in_interpreter():
-    """The Triton pooling, selection (exact, incl. thresholds at a mass boundary) and fused BlockMask
-    kernels equal the torch references, run by Triton's CPU interpreter."""
+    """The Triton pooling, selection (exact, incl. thresholds at a mass boundary) and block-plan
+    kernels equal the torch references, run by Triton's CPU interpreter (the dev extra installs
+    triton; CI must not skip this)."""
+    assert importlib.util.find_spec("triton") is not None, "triton missing: pip install -e '.[dev]'"
     script = textwrap.dedent("""
         import torch
-        from wan_nabla import masks
-        from wan_nabla.bench.op import brute_force_keep
-        from wan_nabla.layout import TileLayout
+        from tests import reference as R
+        from wan_nabla.attention import masks
+        from wan_nabla.attention.layout import TileLayout
+        from wan_nabla.config import AttentionConfig
         g = torch.Generator().manual_seed(0)
         p = torch.softmax(torch.randn((2, 5, 37), generator=g) * 3, -1)
-        vals, _ = torch.sort(p.double(), -1, descending=True)
-        before = torch.cumsum(vals, -1) - vals
-        for thr in (0.05, 0.5, 0.95, float(before[0, 0, 7]) + 1e-12, float(before[1, 2, 3]) - 1e-12):
-            assert torch.equal(masks.cdf_select(p, thr, impl="triton"), brute_force_keep(p, thr)[1]), thr
-        for grid in ((1, 7, 40), (2, 12, 20)):
-            layout = TileLayout(*grid)
+        before = R.mass_before_rows(p)
+        vals = torch.sort(before, -1).values
+        for thr in (0.05, 0.5, 0.95, float(vals[0, 0, 7]) + 1e-12, float(vals[1, 2, 3]) - 1e-12):
+            got = masks.cdf_select(p, thr, impl="triton")
+            assert torch.equal(got, R.cdf_keep_rows_ties(p, thr)), thr
+        for grid, pairs in (((1, 7, 40), False), ((2, 12, 20), False), ((3, 9, 13), True)):
+            layout = TileLayout(*grid, time_pairs=pairs)
             q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             assert (masks.pool_tiles(q, layout, "triton") - masks.pool_tiles(q, layout, "torch")).abs().max() < 1e-5
             keep = masks.nabla_tile_mask(q, k, layout, 0.5, impl="torch")
+            assert 0 < keep.float().mean() < 1
             assert torch.equal(masks.nabla_tile_mask(q, k, layout, 0.5, impl="triton"), keep)
             for bs in ((64, 64), (128, 64), (128, 128)):
-                full = keep | masks.sta_tile_mask(layout, (3, 1, 1), "cpu")
-                ref = masks.to_block_mask(full, layout, bs, impl="torch").to_dense()
-                bm, dens = masks.nabla_block_mask(q, k, layout, 0.5, (3, 1, 1), bs, impl="triton")
-                assert torch.equal(bm.to_dense(), ref) and torch.equal(masks.to_block_mask(full, layout, bs, impl="triton").to_dense(), ref)
-                assert abs(float(dens) - float(masks.block_density(full, bs))) < 1e-7
+                for cfg in (AttentionConfig(type="nabla", threshold=0.5),
+                            AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))):
+                    ref = masks.plan_from_keep(masks.tile_keep_mask(cfg, q, k, layout, "torch"), layout, bs)
+                    got = masks.plan_blocks(cfg, q, k, layout, bs, impl="triton")
+                    for f in ("kv_num", "kv_idx", "full_num", "full_idx"):
+                        assert torch.equal(getattr(got, f), getattr(ref, f)), (grid, bs, f)
+                    assert abs(float(got.density) - float(ref.density)) < 1e-7
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
@@ -270,9 +284,9 @@ def test_cuda_fast_path_equals_reference():
     k = torch.randn((2, 4, layout.padded_len, 64), generator=g, device="cuda", dtype=torch.bfloat16)
     p = masks.coarse_map(q, k, layout, impl="torch")
     for thr in (0.2, 0.7):
-        assert torch.equal(masks.cdf_select(p, thr), brute_force_keep(p, thr)[1])
-        keep = masks.nabla_tile_mask(q, k, layout, thr)
+        assert torch.equal(masks.cdf_select(p[:, :, :40]).cpu(), R.cdf_keep_rows_ties(p[:, :, :40].cpu(), thr))
+        cfg = AttentionConfig(type="nabla", threshold=thr)
+        keep = masks.tile_keep_mask(cfg, q, k, layout)
         for bs in ((64, 64), (128, 64)):
-            ref = masks.to_block_mask(keep, layout, bs, impl="torch").to_dense()
-            bm, _ = masks.nabla_block_mask(q, k, layout, thr, None, bs)
-            assert torch.equal(bm.to_dense(), ref)
+            ref = masks.plan_from_keep(keep, layout, bs).block_mask().to_dense()
+            assert torch.equal(masks.plan_blocks(cfg, q, k, layout, bs).block_mask().to_dense(), ref)

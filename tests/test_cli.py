@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from wan_nabla.cli import main
-from wan_nabla.video import probe_mp4
+from wan_nabla.output.video import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "wan_nabla" / "presets").glob("*.yaml"))
 FAST = ["--model", "tiny", "--size", "128x128", "--frames", "17", "--steps", "2", "--quiet"]
 
 
 def test_generate_writes_mp4_and_sidecar(tmp_path):
     out = tmp_path / "fox.mp4"
-    rc = main(["generate", "--prompt", "a red fox running through snow", "--config", str(ROOT / "configs/nabla_0.7.yaml"),
+    rc = main(["generate", "--prompt", "a red fox running through snow", "--config", "nabla_0.7",
                "--output", str(out), "--seed", "5", "--size", "144x208", "--frames", "9", "--steps", "3",
                "--model", "tiny", "--quiet", "--fps", "12"])
     assert rc == 0
@@ -34,21 +34,61 @@ def test_generate_writes_mp4_and_sidecar(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fox.json", "fox.mp4"]  # no temp files left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_preset_runs_end_to_end(tmp_path, config):
+def test_every_preset_runs_end_to_end_and_is_sparse(tmp_path, config):
+    """Guards: every bundled preset runs by name, and at a size where its masks can be sparse
+    (512x128 px, 29 frames: 8 latent frames x 1 x 4 tiles, so STA 11-x-x and 5-wide windows leave
+    tiles out) its sparse steps keep less than everything; dense steps keep everything."""
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--prompt", "a fox", "--config", str(config), "--output", str(out), *FAST]) == 0
+    steps = 13 if config.stem == "sta_11_3_3" else 2  # the STA preset runs 12 dense steps first
+    args = ["--model", "tiny", "--size", "512x128", "--frames", "29", "--steps", str(steps), "--quiet"]
+    assert main(["generate", "--prompt", "a fox", "--config", config.stem, "--output", str(out), *args]) == 0
     side = json.loads(out.with_suffix(".json").read_text())
-    assert probe_mp4(out)["frames"] == 17
+    assert probe_mp4(out)["frames"] == 29
     dens = side["attention"]["per_step"]
-    if config.stem in ("full", "sta_11_3_3"):  # sta preset: 12 dense steps > 2 steps run
-        assert dens == [1.0, 1.0]
-    assert all(0 < d <= 1 for d in dens)
+    dense_steps = side["config"]["attention"]["dense_steps"]
+    if config.stem == "full":
+        assert dens == [1.0] * steps
+    else:
+        assert dens[:dense_steps] == [1.0] * dense_steps
+        assert all(0 < d < 1 for d in dens[dense_steps:]), dens
+
+
+def test_presets_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    """Guards: `--config nabla_0.7.yaml` / `--config nabla_0.7` find the bundled preset from any
+    working directory; a file that exists at the given path wins over the preset."""
+    from wan_nabla.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("nabla_0.7.yaml").attention.threshold == 0.7
+    assert load_config("nabla_0.7").attention.threshold == 0.7
+    (tmp_path / "nabla_0.7.yaml").write_text("attention:\n  type: nabla\n  threshold: 0.3\n")
+    assert load_config("nabla_0.7.yaml").attention.threshold == 0.3  # the existing file wins
+    assert load_config("nabla_0.7").attention.threshold == 0.7
+    with pytest.raises(ConfigError, match="nabla_0.7.*sta_11_3_3"):  # the error lists the presets
+        load_config("nabla_0.77")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("somewhere/nabla_0.7.yaml")  # a path with a directory is never a preset name
+    out = tmp_path / "o.mp4"
+    assert main(["generate", "--prompt", "x", "--config", "nabla_0.7", "--output", str(out), *FAST]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["attention"]["threshold"] == 0.7
+
+
+def test_presets_command_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    for c in CONFIGS:
+        assert c.stem in listed
+    assert main(["presets", "--show", "sta_11_3_3"]) == 0
+    assert "dense_steps: 12" in capsys.readouterr().out
+    assert main(["presets", "--show", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_tiny_model_defaults_when_flags_absent(tmp_path):
     out = tmp_path / "t.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "x", "--config", str(ROOT / "configs/full.yaml"),
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--config", "full.yaml",
                  "--output", str(out), "--quiet"]) == 0
     info = probe_mp4(out)
     assert (info["frames"], info["width"], info["height"]) == (17, 128, 128)
@@ -110,8 +150,8 @@ def test_output_must_be_mp4(tmp_path, capsys):
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     """Guards: atomic outputs: a crash after part of the MP4 is encoded, or while the sidecar is
     written, leaves neither file (and no temp file) behind."""
-    import wan_nabla.io as wio
-    import wan_nabla.video as video
+    import wan_nabla.output.files as wio
+    import wan_nabla.output.video as video
 
     real = video.write_mp4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wan_nabla.layout import TileLayout
+from wan_nabla.attention.layout import TileLayout
 
 from .reference import tile_ids
 
@@ -45,7 +45,13 @@ def test_padding_counts():
     assert (L.tiles_h, L.tiles_w, L.padded_len, L.seq_len) == (6, 10, 80640, 75600)
     counts = L.tile_counts()
     assert counts.max() == 64 and counts.min() == 5 * 8
-    assert int(L.tile_has_pad().sum()) == 21 * 10  # bottom tile row of every frame
+    # 64-token key blocks are tiles: the bottom tile row of every frame holds pads.
+    assert int(L.key_block_has_pad(64).sum()) == 21 * 10
+    # 128-token blocks pair tiles side by side (10 per row): the bottom row's 5 blocks per frame.
+    assert int(L.key_block_has_pad(128).sum()) == 21 * 5
+    # time-paired order puts (t, i, j) and (t + 1, i, j) into one block: pads only in bottom squares.
+    P = TileLayout(21, 45, 80, time_pairs=True)
+    assert int(P.key_block_has_pad(128).sum()) == 10 * 10 + 5  # 10 frame pairs x 10 squares + odd last frame
     assert not TileLayout(21, 48, 80).needs_padding
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wan_nabla.naming import safe_slug, unique_path
+from wan_nabla.output.naming import safe_slug, unique_path
 
 NAME_LIMIT_BYTES = 255  # ext4, xfs, btrfs, apfs, ntfs (in UTF-16 units, which is never more)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import wan_nabla.processors as P
+import wan_nabla.attention.processors as P
 from wan_nabla.config import RunConfig
 from wan_nabla.pipeline import VideoGenerator
 from wan_nabla.tiny import build_tiny_pipeline
@@ -96,7 +96,7 @@ def test_verbose_logs_density_per_step(caplog):
     import logging
 
     gen = _gen({"type": "nabla", "threshold": 0.5})
-    with caplog.at_level(logging.DEBUG, logger="wan_nabla.processors"):
+    with caplog.at_level(logging.DEBUG, logger="wan_nabla.attention.processors"):
         gen.generate("a fox", progress=False, **SMALL)
     lines = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
     assert len(lines) == 4 and lines[0].startswith("step 0: nabla 0.5 mean kept-block density")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wan_nabla.prompts import PromptFileError, read_prompt_file
+from wan_nabla.batch.prompts import PromptFileError, read_prompt_file
 
 
 def _write(tmp_path, name, data):

@@ -10,9 +10,9 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from wan_nabla import io as wio
-from wan_nabla.io import OutputError, atomic_output, atomic_write_bytes, atomic_write_json, ensure_writable_dir
-from wan_nabla.video import is_complete_mp4, probe_mp4, write_mp4
+from wan_nabla.output import files as wio
+from wan_nabla.output.files import OutputError, atomic_output, atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from wan_nabla.output.video import is_complete_mp4, probe_mp4, write_mp4
 
 
 def _gradient_video(t: int, h: int, w: int) -> np.ndarray:

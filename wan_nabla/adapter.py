@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig, ConfigError
-from .processors import AttentionRun, WanSparseAttnProcessor
+from .attention.processors import AttentionRun, WanSparseAttnProcessor
 
 _HANDLE_ATTR = "_wan_nabla_handle"
 

@@ -1,9 +1,10 @@
-"""The `wan-nabla` command line: generate, batch, bench.
+"""The `wan-nabla` command line: generate, batch, presets, bench.
 
     wan-nabla generate --model tiny --prompt "a red fox running through snow" \\
-        --config configs/nabla_0.7.yaml --output fox.mp4
-    wan-nabla batch scripts/example_prompts.jsonl --config configs/nabla_0.7.yaml --out-dir outputs/
-    wan-nabla bench --level op --out benchmarks/results/h100
+        --config nabla_0.7 --output fox.mp4
+    wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/
+    wan-nabla presets                                  # bundled configs, one line each
+    wan-nabla bench --levels op --out benchmarks/results/h100
 
 Exit codes: 0 success; 1 a batch finished with failed items; 2 bad command line, config, model
 or output location (one line on stderr naming the bad value, nothing written); 130 interrupted.
@@ -18,26 +19,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config, parse_size
+from .app import UsageError, load_generator, resolve_run_config, usage_errors
 
 log = logging.getLogger("wan_nabla")
-
-
-class UsageError(ValueError):
-    """A bad command-line value (exit code 2)."""
-
-
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    from .io import OutputError
-    from .models import ModelNotFoundError
-
-    return (UsageError, ConfigError, OutputError, ModelNotFoundError)
 
 
 # ---- shared flags ------------------------------------------------------------------------------
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by generate and batch (for batch they are defaults for every item)."""
-    p.add_argument("--config", help="YAML config (configs/*.yaml); default: full attention, Wan defaults")
+    p.add_argument("--config", help="a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a YAML path; "
+                                    "default: full attention, Wan defaults")
     p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
@@ -51,33 +42,6 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
-
-
-def resolve_run_config(args: argparse.Namespace) -> RunConfig:
-    """Config file + flag overrides, validated (ConfigError names the bad value)."""
-    from .tiny import TINY_GENERATION, TINY_MODEL_ID
-
-    cfg = load_config(args.config)
-    size = parse_size(args.size, "--size") if args.size is not None else None
-    if (args.model or cfg.model) == TINY_MODEL_ID:
-        tiny = {k: v for k, v in TINY_GENERATION.items() if getattr(args, k) is None}
-        if tiny:
-            log.info("--model tiny: using %s (give the flags to change)", tiny)
-            cfg = cfg.override(**tiny)
-    flags = dict(
-        model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
-        steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
-        fps=args.fps, device=args.device, dtype=args.dtype,
-    )
-    try:
-        return cfg.override(**flags)
-    except ConfigError as e:
-        msg = str(e)
-        for name, value in flags.items():  # name the flag the user typed, not only the config key
-            if value is not None and msg.startswith(f"generation.{name}:"):
-                msg = f"--{name.replace('_', '-')} ({msg}"
-                msg = msg.replace(":", "):", 1)
-        raise ConfigError(msg) from None
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -99,27 +63,15 @@ def setup_logging(args: argparse.Namespace) -> None:
         disable_progress_bars()
 
 
-def load_generator(cfg: RunConfig, quiet: bool):
-    """Resolve the model (flag, config, weights/, hub) and load it with attention installed."""
-    from .models import resolve_model
-    from .pipeline import VideoGenerator
-
-    model = resolve_model(cfg.model, None)
-    log.info("loading model %s (%s attention)", model, cfg.attention.label())
-    gen = VideoGenerator.load(model, cfg)
-    log.info("loaded in %.1fs on %s", gen.load_s, gen.device)
-    return gen
-
-
 # ---- generate ----------------------------------------------------------------------------------
 def _default_output(prompt: str) -> Path:
-    from .naming import unique_path
+    from .output.naming import unique_path
 
     return unique_path(Path("outputs"), prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .io import ensure_writable_dir
+    from .output.files import ensure_writable_dir
 
     if not args.prompt or not args.prompt.strip():
         raise UsageError("--prompt: must be a non-empty string")
@@ -132,11 +84,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ensure_writable_dir(output.parent if str(output.parent) else Path("."))
     log.info("resolved config: %s", cfg.to_dict())
 
-    from .sidecar import write_video_with_sidecar
+    from .output.sidecar import publish_video
 
-    gen = load_generator(cfg, args.quiet)
+    gen = load_generator(cfg)
     result = gen.generate(args.prompt, progress=not args.quiet)
-    record = write_video_with_sidecar(gen, result, args.prompt, output)
+    record = publish_video(gen, result, args.prompt, output)
     t = record["timings"]
     density = record["attention"]["overall"]
     log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
@@ -145,11 +97,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- batch / bench (implemented in their own modules) ------------------------------------------
+# ---- batch / presets / bench (implemented in their own modules) --------------------------------
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
     return run_batch(args)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import PRESET_DIR, list_presets, preset_path
+
+    if args.show:
+        path = preset_path(args.show)
+        if path is None:
+            raise UsageError(f"presets --show: {args.show!r} is not a bundled preset; run `wan-nabla presets`")
+        print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    rows = list_presets()
+    width = max(len(name) for name, _ in rows)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
+    print(f"\n(use as --config NAME; files in {PRESET_DIR}; `wan-nabla presets --show NAME` prints one)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,presets,bench}")
 
     g = sub.add_parser("generate", help="generate one video from a prompt")
     g.add_argument("--prompt", required=True, help="text prompt")
@@ -171,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
     add_generation_flags(b)
     b.set_defaults(func=cmd_batch)
+
+    pr = sub.add_parser("presets", help="list the bundled attention presets (usable as --config NAME)")
+    pr.add_argument("--show", metavar="NAME", help="print one preset's YAML (to copy and edit)")
+    pr.set_defaults(func=cmd_presets)
 
     sub.add_parser("bench", help="GPU/CPU benchmark harness (wan-nabla bench --help)", add_help=False)
     return parser
@@ -187,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     try:
         return args.func(args)
-    except _usage_errors() as e:
+    except usage_errors() as e:
         print(f"wan-nabla: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

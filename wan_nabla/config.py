@@ -1,6 +1,6 @@
 """Typed configuration: the attention section, generation defaults, and their YAML form.
 
-    cfg = load_config("configs/nabla_0.7.yaml")          # RunConfig, validated
+    cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
     att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
 
@@ -280,14 +280,19 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None) -> RunConfig:
-    """Read and validate a YAML config; None gives the defaults (full attention)."""
+    """Read and validate a YAML config (a path, or a bundled preset's name: presets/__init__.py);
+    None gives the defaults (full attention)."""
+    from .presets import preset_names, resolve_config_path
+
     if path is None:
         return RunConfig()
-    p = Path(path)
+    p = resolve_config_path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; give a YAML path or a preset name: {', '.join(preset_names())}"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
     try:

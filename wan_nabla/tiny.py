@@ -67,7 +67,7 @@ def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
     # fork_rng: deterministic weights without disturbing the caller's torch RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # Config taken from diffusers' own tests/pipelines/wan/test_wan.py.
+        # The tiny VAE config of diffusers' own Wan pipeline tests.
         vae = AutoencoderKLWan(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )

@@ -3,10 +3,11 @@
     wan-nabla bench --out benchmarks/results                      # all levels, real sizes (one GPU)
     wan-nabla bench --levels op --op 40@1280x720 --sweep --out r/  # the target scenario + kernel sweep
     wan-nabla bench --quick --out /tmp/b                           # tiny shapes, runs on the CPU
-    wan-nabla bench --render benchmarks/results/results.json       # rewrite .md/.png from a JSON
+    wan-nabla bench --render benchmarks/results/h100.json       # rewrite .md/.png from a JSON
 
 Modules: op.py (one attention call: dense cuDNN/flex, NABLA, STA, presets, published-style),
-published.py (the peer baseline), transformer.py (one WanTransformer3DModel forward at 1.3B/14B
+checks.py (exactness checks of the op level), sweep.py (kernel geometry sweep, mask-build
+breakdown), configs.py (the presets measured), published.py (the peer baseline), transformer.py (one WanTransformer3DModel forward at 1.3B/14B
 size, random weights), e2e.py (VideoGenerator.generate at 1.3B size), report.py (JSON, markdown,
 PNG, targets T1-T5), records.py (records, timer, environment), qk.py (q/k with locality),
 random_init.py (random-weight models built on the GPU). Results are written after every level,
@@ -68,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer scenarios (default: 1.3B@832x480 14B@1280x720)")
     p.add_argument("--transformer-rows", nargs="+", metavar="NAME",
                    help="only these transformer rows (preset file stems, e.g. nabla_0.4), plus full")
-    p.add_argument("--fused-rows", nargs="+", default=[], metavar="NAME",
-                   help="also run these transformer rows with the fused mask build (what-if for processors.py)")
     p.add_argument("--reps", type=int, default=2, help="timed forwards per transformer row")
     p.add_argument("--e2e", dest="e2e_scenario", type=_model_scenario, metavar="SIZE@WxH[xF]",
                    help="end-to-end scenario (default 1.3B@832x480x81)")
@@ -151,7 +150,7 @@ def _run_level(level: str, args, device: torch.device, res, log) -> None:
         if args.transformer_rows:
             rows = list(args.transformer_rows)
         res.transformer.extend(tr.run_transformer_level(scen, device, quick=args.quick, log=log, reps=args.reps,
-                                                        rows=rows, fused=tuple(args.fused_rows)))
+                                                        rows=rows))
     elif level == "e2e":
         from . import e2e
 

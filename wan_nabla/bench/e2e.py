@@ -23,8 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import AttentionConfig, GenerationConfig, RunConfig, load_config
-from .op import CONFIG_DIR
+from ..config import AttentionConfig, GenerationConfig, RunConfig
+from .configs import preset_attention
 from .random_init import random_pipeline
 from .records import compiled_graphs, sync
 
@@ -56,7 +56,7 @@ def attention_configs(names) -> list[tuple[str, AttentionConfig]]:
         if name == "full":
             out.append((name, AttentionConfig()))
         else:
-            out.append((name, load_config(CONFIG_DIR / f"{name}.yaml").attention))
+            out.append((name, preset_attention(name)))
     return out
 
 

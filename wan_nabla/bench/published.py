@@ -3,7 +3,7 @@
     bm = published_block_mask(q_BHSD, k_BHSD, layout, threshold=0.4, sta_window=(11, 3, 3))
     out = published_attention(q_BHSD, k_BHSD, v_BHSD, bm)     # 64x64 blocks, BLOCK_M=BLOCK_N=64
 
-What makes it "published-style" (NABLA.md): every call pools q/k in their own dtype (bf16) over
+What makes it "published-style" (docs/design.md, section 7): every call pools q/k in their own dtype (bf16) over
 64 tokens with `.mean` (pad tokens included: the published code crops instead of padding), takes
 the coarse map and softmax in bf16, and binarises it with three full sorts: an ascending sort,
 `cumsum >= 1 - threshold`, an `argsort` of the sort indices to scatter back, and an `argsort` of
@@ -25,8 +25,8 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..kernels import compiled_flex
-from ..layout import TILE_TOKENS, TileLayout
+from ..attention.kernels import compiled_flex
+from ..attention.layout import TILE_TOKENS, TileLayout
 
 PUBLISHED_BLOCK = (TILE_TOKENS, TILE_TOKENS)
 PUBLISHED_KERNEL_OPTIONS = {"BLOCK_M": TILE_TOKENS, "BLOCK_N": TILE_TOKENS}

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..layout import TileLayout
+from ..attention.layout import TileLayout
 
 # Gains span diffuse to local heads; q.k/sqrt(D) for a token with itself is about gain^2*sqrt(D).
 GAIN_RANGE = (0.9, 2.2)
@@ -85,3 +85,16 @@ def synthetic_qkv(
     v = torch.randn((batch, heads, layout.padded_len, head_dim), generator=gen, device=device)
     q, k = (t.to(dtype).contiguous() for t in out)
     return q, k, v.to(dtype)
+
+
+def real_tokens(x_BHSD: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    if not layout.needs_padding:
+        return x_BHSD
+    return x_BHSD.index_select(2, layout.real_token_index(x_BHSD.device)).contiguous()
+
+
+def relayout(x_BHSD: torch.Tensor, src: TileLayout, dst: TileLayout) -> torch.Tensor:
+    """The same tokens in another layout's tile order (e.g. time-paired), pads zero."""
+    if src == dst:
+        return x_BHSD
+    return dst.to_tiles(src.from_tiles(x_BHSD, seq_dim=2), seq_dim=2).contiguous()

@@ -4,7 +4,7 @@
     t = time_call(lambda: f(x), device)          # Timing(median_ms, min_ms, max_ms, reps)
     row = OpRow(scenario="14B heads 1280x720x81", name="nabla 0.4", ...).to_dict()
 
-Timing follows METHOD.md: warm-up calls first (compile and autotune stay out of the numbers),
+Timing: warm-up calls first (compile and autotune stay out of the numbers),
 then repeated calls timed with CUDA events (host clock after a sync on the CPU), median reported
 with min/max and the repeat count. Inputs at the sizes benchmarked are far larger than L2, so
 calls repeat over one buffer without measuring the cache.
@@ -136,7 +136,6 @@ class OpRow:
     tile_density: float | None = None
     """Kept share of (query tile, key tile) pairs: what the algorithm asked for, before coarsening."""
     mask_ms: float | None = None
-    mask_fused_ms: float | None = None
     kernel_ms: float | None = None
     block_size: tuple[int, int] | None = None
     kernel_options: dict | None = None

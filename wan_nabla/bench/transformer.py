@@ -6,7 +6,7 @@ Random weights at the real sizes (random_init.py), bf16, batch 1, smooth random 
 sees spatio-temporal structure), 512 random text tokens, timestep 500. Attention is installed with
 the app's own `apply_attention`; the run is put past `dense_steps` so each forward measures the
 sparse regime. The first (compiling) forward also records the tile-level density before
-coarsening; it is not timed. `AttentionRun.attend` and `.block_mask` are wrapped with CUDA events, which gives,
+coarsening; it is not timed. `AttentionRun.attend` and `.plan` are wrapped with CUDA events, which gives,
 per forward, the attention time (mask + kernel) summed over layers and the mask-build part of it;
 everything else (projections, rotary, FFN, cross-attention, the tile reorder hooks) is
 "non-attention". The Amdahl-ideal speed-up of a sparse row is
@@ -27,11 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from .. import masks
 from ..adapter import apply_attention
-from ..kernels import default_block_size
+from ..attention import masks
 from ..config import AttentionConfig
-from .op import preset_configs
+from .configs import preset_configs
 from .random_init import WAN_SIZES, random_transformer, smooth_latents
 from .records import compiled_graphs, first_call_s, sync
 
@@ -56,43 +55,27 @@ class TransformerScenario:
 FULL_SCENARIOS = (TransformerScenario("1.3B", 832, 480), TransformerScenario("14B", 1280, 720))
 QUICK_SCENARIOS = (TransformerScenario("tiny", 256, 144, 9),)
 EXTRA_ROWS = (("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)),)
-FUSED_SUFFIX = " [fused mask]"
 
 
-def row_configs(quick: bool, fused: tuple[str, ...] = ()) -> list[tuple[str, AttentionConfig]]:
+def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     rows = [("full", AttentionConfig())]
     if quick:
         rows += [("nabla 0.5", AttentionConfig(type="nabla", threshold=0.5)),
                  ("sta 3-1-1", AttentionConfig(type="sta", sta_window=(3, 1, 1)))]
     else:
         rows += preset_configs() + list(EXTRA_ROWS)
-    return rows + [(name + FUSED_SUFFIX, cfg) for name, cfg in rows if name in fused and cfg.type != "sta"]
-
-
-def use_fused_mask(run) -> None:
-    """What-if: AttentionRun.block_mask through masks.nabla_block_mask (one Triton pass from the
-    coarse scores to the BlockMask) instead of nabla_tile_mask | sta -> to_block_mask + block_density."""
-    app = run.block_mask
-
-    def fused(q, k, layout):
-        c = run.config
-        if c.type == "sta":
-            return app(q, k, layout)
-        bs = c.block_size or default_block_size(q.device)
-        return masks.nabla_block_mask(q, k, layout, c.threshold, c.sta_window if c.type == "nabla_sta" else None, bs)
-
-    run.block_mask = fused
+    return rows
 
 
 class _Timer:
-    """Event pairs around run.attend / run.block_mask (host clock on the CPU)."""
+    """Event pairs around run.attend / run.plan (host clock on the CPU)."""
 
     def __init__(self, run, device: torch.device):
         self.device = device
         self.attn: list = []
         self.mask: list = []
         run.attend = self._wrap(run.attend, self.attn)
-        run.block_mask = self._wrap(run.block_mask, self.mask)
+        run.plan = self._wrap(run.plan, self.mask)
 
     def _wrap(self, fn, sink):
         cuda = self.device.type == "cuda"
@@ -124,7 +107,7 @@ class _Timer:
 
 @torch.no_grad()
 def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = False, reps: int = 2,
-                 rows: list[str] | None = None, fused: tuple[str, ...] = (),
+                 rows: list[str] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = WAN_SIZES[s.size]
@@ -145,23 +128,21 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
 
     results = []
     dense = None
-    for name, cfg in row_configs(quick, fused):
-        if rows is not None and name.removesuffix(FUSED_SUFFIX) not in rows and name != "full":
+    for name, cfg in row_configs(quick):
+        if rows is not None and name not in rows and name != "full":
             continue
         handle = apply_attention(model, cfg)
         run = handle.run
-        if name.endswith(FUSED_SUFFIX):
-            use_fused_mask(run)
         run.set_step(cfg.dense_steps)  # the sparse regime (presets with dense_steps start dense)
         timer = _Timer(run, device)
         tiles: list[torch.Tensor] = []
         try:
             g0 = compiled_graphs()
-            timed_mask = run.block_mask
+            timed_plan = run.plan
             if cfg.sparse:  # tile density (before coarsening) is collected in the untimed first forward
-                run.block_mask = _with_tile_density(timed_mask, cfg, tiles)
+                run.plan = _with_tile_density(timed_plan, cfg, tiles)
             first = first_call_s(forward, device)
-            run.block_mask = timed_mask
+            run.plan = timed_plan
             g1 = compiled_graphs()
             totals, attn, mask = [], [], []
             out = None
@@ -211,19 +192,12 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
     return {"scenario": s.label, "size": s.size, "params_b": params_b, "build_s": build_s, "rows": results}
 
 
-def _with_tile_density(block_mask, cfg: AttentionConfig, sink: list):
-    """Wrap run.block_mask to also record the tile-level keep share of each call."""
+def _with_tile_density(plan, cfg: AttentionConfig, sink: list):
+    """Wrap run.plan to also record the tile-level keep share of each call."""
 
     def wrapped(q, k, layout):
-        keep = None
-        if cfg.type in ("nabla", "nabla_sta"):
-            keep = masks.nabla_tile_mask(q, k, layout, cfg.threshold)
-        if cfg.type in ("sta", "nabla_sta"):
-            sta = masks.sta_tile_mask(layout, cfg.sta_window, q.device)
-            keep = sta if keep is None else keep | sta
-        if keep is not None:
-            sink.append(keep.float().mean())
-        return block_mask(q, k, layout)
+        sink.append(masks.tile_keep_mask(cfg, q, k, layout).float().mean())
+        return plan(q, k, layout)
 
     return wrapped
 

@@ -1,16 +1,13 @@
 """`wan-nabla batch`: many prompts, one loaded pipeline, resumable, one bad item never stops the run.
 
-    wan-nabla batch scripts/example_prompts.jsonl --config configs/nabla_0.7.yaml --out-dir outputs/run1
+    wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/run1
     run_batch(args)   # 0: every item ok or already done; 1: some item failed; bad input: UsageError (2)
 
 Algorithm
-1. Plan (nothing loaded, nothing written): config < command-line flags < the item's own fields give
-   each item's settings; a line that is malformed or has a bad value becomes a failed item with a
-   one-line reason (prompts.py reads the file). Seed: the item's `seed`, else
-   `derive_seed(base, index)` = first 8 bytes of sha256(f"{base}:{index}") mod 2**31, with base =
-   --seed (or the config's seed, default 0) and index = the item's position among the items.
-2. Identity: `key` = sha256 of (index, prompt, negative prompt, name, model, attention config,
-   generation settings except device), stored in the manifest and in the sidecar (`batch.key`).
+1. Plan (nothing loaded, nothing written; plan.py): config < command-line flags < the item's own
+   fields give each item's settings, seed and key; a line that is malformed or has a bad value
+   becomes a failed item with a one-line reason (prompts.py reads the file).
+2. Identity: the item's `key` is stored in the manifest and in the sidecar (`batch.key`).
    An item is done iff the last ok/skipped manifest record with its key names an MP4 in the output
    directory that decodes completely with the expected frame count and whose sidecar carries the
    key. A changed prompt, setting or position is a new key, so it is never mistaken for done.
@@ -31,62 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, GenerationConfig, RunConfig, parse_size
-from .io import ensure_writable_dir
+from ..app import UsageError, load_generator, resolve_run_config
+from ..output.files import ensure_writable_dir
+from ..output.naming import unique_path
+from ..output.sidecar import publish_video, sidecar_path
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
-from .naming import unique_path
-from .prompts import PromptFileError, PromptItem, read_prompt_file
+from .plan import PlannedItem, plan_item
+from .prompts import PromptFileError, read_prompt_file
 from .resume import assign_outputs, free_or_own, remove_stale_temps
-from .sidecar import sidecar_path, write_video_with_sidecar
 
 log = logging.getLogger(__name__)
-
-
-def derive_seed(base: int, index: int) -> int:
-    """The seed of item `index` without its own seed: stable across runs, machines and Python versions."""
-    digest = hashlib.sha256(f"{base}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**31
-
-
-@dataclass
-class PlannedItem:
-    item: PromptItem
-    settings: GenerationConfig | None = None
-    key: str | None = None
-    error: str | None = None
-    output: Path | None = None
-    done: dict[str, Any] | None = None
-    """The verified earlier record if this item is already done."""
-
-
-def plan_item(cfg: RunConfig, item: PromptItem, model_id: str) -> PlannedItem:
-    """Resolve one item's settings, seed and key; a bad value makes it a failed item, not an error."""
-    if item.error:
-        return PlannedItem(item, error=item.error)
-    ov = dict(item.overrides)
-    try:
-        if "size" in ov:
-            ov["size"] = parse_size(ov["size"], "size")
-        seed = ov.pop("seed", None)
-        seed = derive_seed(cfg.generation.seed, item.index) if seed is None else seed
-        g = cfg.override(negative_prompt=item.negative_prompt, seed=seed, **ov).generation
-    except ConfigError as e:
-        return PlannedItem(item, error=f"line {item.line}: {str(e).removeprefix('generation.')}")
-    ident = {
-        "index": item.index, "prompt": item.prompt, "name": item.name, "model": model_id,
-        "attention": cfg.attention.to_dict(), "generation": {k: v for k, v in g.to_dict().items() if k != "device"},
-    }  # fmt: skip
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
-    return PlannedItem(item, settings=g, key=key)
 
 
 def _now() -> str:
@@ -112,7 +69,7 @@ def _write_video(gen, result, p: PlannedItem) -> dict[str, Any]:
     """The batch entry (the item's key) goes into the sidecar in the same atomic step as the
     video: a resumed run must recognise its own files even after a kill right after the write."""
     batch = {"key": p.key, "index": p.item.index, "line": p.item.line, "manifest": MANIFEST_NAME}
-    return write_video_with_sidecar(gen, result, p.item.prompt, p.output, extra={"batch": batch})
+    return publish_video(gen, result, p.item.prompt, p.output, extra={"batch": batch})
 
 
 def _describe(exc: BaseException) -> str:
@@ -176,8 +133,7 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
 
 def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
     """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written."""
-    from .cli import UsageError, load_generator, resolve_run_config
-    from .models import resolve_model
+    from ..models import resolve_model
 
     cfg = resolve_run_config(args)
     try:
@@ -206,7 +162,7 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
         if pending:
             log.info("resolved config: %s", cfg.to_dict())
             try:
-                gen = load_generator(cfg, args.quiet)
+                gen = load_generator(cfg)
             except BaseException:
                 if not had_manifest:  # a model that cannot be loaded leaves nothing behind
                     manifest_path.unlink(missing_ok=True)

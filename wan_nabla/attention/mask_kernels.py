@@ -1,12 +1,14 @@
 """Triton kernels behind masks.py on CUDA: tile pooling and the sort-free CDF selection.
 
-    pooled = _pool_triton(q_BHSD, layout)                          # [B, H, n, D] float32
-    _launch_select(scores, mode=1, n_rows=..., n_cols=n, bh=1, threshold=0.7, tile_out=keep)
+    pooled = pool_tiles_triton(q_BHSD, layout)                       # [B, H, n, D] float32
+    select_triton(probs, mode=1, n_rows=..., n_cols=n, bh=1, threshold=0.7, tile_out=keep)
+    lists = select_triton(scores, mode=0, ..., layout=layout, block_size=(128, 64), out_shape=(B, H))
 
 masks.py documents the algorithm (bisection over fp32 bit patterns, float64 check and fallback,
-ties kept together) and chooses between these kernels and its torch reference path; nothing
-here is called on CPU-only installs, where Triton is absent. Launch geometry was measured on an
-H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
+ties kept together) and chooses between these kernels and its torch reference path. `TRITON`
+is None on installs without Triton (the CPU torch wheel); the kernels also run under Triton's
+CPU interpreter (TRITON_INTERPRET=1, set before this module is imported), which is how CI tests
+them. Launch geometry was measured on an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
 Limits: rows of up to 16,384 tiles (masks.py falls back to torch beyond that).
 """
 
@@ -18,11 +20,14 @@ import torch
 
 from .layout import TILE_TOKENS, TileLayout
 
-try:  # CPU-only installs (CI) have no Triton
+try:  # the CPU torch wheel does not bring Triton
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+
+TRITON = triton
+"""The triton module, or None where it is not installed."""
 
 # Contraction (a*b+c -> fma) may differ between kernel specialisations; off, they round alike.
 _NO_FMA = {"enable_fp_fusion": False}
@@ -34,13 +39,20 @@ def _layout_tables(layout: TileLayout, device: torch.device) -> tuple[torch.Tens
     return layout.valid(device).to(torch.uint8).contiguous(), layout.tile_counts(device).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _pad_flags(layout: TileLayout, bkv: int, device: torch.device) -> torch.Tensor:
+    """[n_kv_blocks] uint8: 1 for key blocks that hold a pad token (they go to the partial list)."""
+    return layout.key_block_has_pad(bkv, device).to(torch.uint8).contiguous()
+
+
 # Launch geometry (measured on H100 at 14B heads, 1280x720x81; benchmarks/NOTES.md).
 POOL_TILES_PER_PROGRAM = 4
 POOL_WARPS = 4
 
 
-def _pool_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_program: int | None = None,
-                 num_warps: int | None = None) -> torch.Tensor:
+def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_program: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """Mean of the real tokens of each tile: [B, H, S_pad, D] -> [B, H, n_tiles, D] float32."""
     b, h, s, d = x_BHSD.shape
     n = layout.n_tiles
     tpp = tiles_per_program or POOL_TILES_PER_PROGRAM
@@ -63,7 +75,7 @@ def _split_f64(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
-def _launch_select(
+def select_triton(
     src: torch.Tensor,
     *,
     mode: int,
@@ -79,12 +91,16 @@ def _launch_select(
     tile_out: torch.Tensor | None = None,
     exact: int = 2,
     num_warps: int | None = None,
-    counts_only: bool = False,
 ):
-    """Run _select_kernel over `bh` groups of n_rows x n_cols rows. With block_size, returns the
-    BlockMask lists (kv_num, kv_idx, full_num, full_idx) shaped out_shape + (blocks...)."""
-    from .masks import _pad_flags  # masks imports this module; resolve at call time
-
+    """Run the selection kernel over `bh` groups of n_rows x n_cols rows of `src` (mode 0: raw
+    coarse scores, softmax in the kernel; mode 1: probabilities). tile_out (uint8, src's shape)
+    receives the tile keep mask. With block_size (and layout), returns the block lists
+    (kv_num, kv_idx, full_num, full_idx) shaped out_shape + (blocks...): key blocks holding pad
+    tokens go to the partial (kv_*) lists, every other kept block to the full lists."""
+    if mode not in (0, 1):
+        raise ValueError(f"mode must be 0 (scores) or 1 (probabilities), got {mode}")
+    if block_size is not None and (layout is None or out_shape is None):
+        raise ValueError("block lists need the layout and out_shape")
     device = src.device
     qt = kt = 1
     if block_size is not None:
@@ -93,15 +109,13 @@ def _launch_select(
     block = triton.next_power_of_2(n_cols)
     dummy = torch.empty(1, dtype=torch.int32, device=device)
     if block_size is not None:
-        idx_shape = (*out_shape, nqb, nkb) if not counts_only else (1,)
         lists = (
             torch.empty((*out_shape, nqb), dtype=torch.int32, device=device),
-            torch.empty(idx_shape, dtype=torch.int32, device=device),
+            torch.empty((*out_shape, nqb, nkb), dtype=torch.int32, device=device),
             torch.empty((*out_shape, nqb), dtype=torch.int32, device=device),
-            torch.empty(idx_shape, dtype=torch.int32, device=device),
+            torch.empty((*out_shape, nqb, nkb), dtype=torch.int32, device=device),
         )
-        pad = _pad_flags(layout, block_size[1], device) if layout is not None else torch.zeros(
-            -(-n_cols // kt), dtype=torch.uint8, device=device)
+        pad = _pad_flags(layout, block_size[1], device)
     else:
         lists, pad = (dummy,) * 4, dummy
     sta = tuple(w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0)
@@ -114,7 +128,7 @@ def _launch_select(
         n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
         *sta, tiles_h, tiles_w, n_frames,
         MODE=mode, PAIRED=paired, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
-        WRITE_TILE=tile_out is not None, WRITE_BLOCKS=(0 if block_size is None else 2 if counts_only else 1),
+        WRITE_TILE=tile_out is not None, WRITE_BLOCKS=block_size is not None,
         num_warps=warps,
         **_NO_FMA,  # the same rounding in every specialisation: tile and fused paths agree bit for bit
     )
@@ -210,7 +224,7 @@ if triton is not None:
         src_ptr, tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr,
         n_rows, n_cols, nqb, nkb, scale, thr, thr_lo, keep_all,
         sta_t, sta_h, sta_w, tiles_h, tiles_w, n_frames,
-        MODE: tl.constexpr, PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities, 2: a 0/1 keep mask
+        MODE: tl.constexpr, PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities
         EXACT: tl.constexpr,  # 1: float64 bisection, 2: float32 search checked in float64, 0: float32 only
         QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr,
         HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
@@ -227,35 +241,32 @@ if triton is not None:
             rvalid = row < n_rows
             rowc = tl.minimum(row, n_rows - 1)
             off = (grp * n_rows + rowc) * n_cols
-            if MODE == 2:
-                keep = tl.load(src_ptr + off + cols, mask=cmask, other=0) != 0
+            if MODE == 0:
+                x = tl.load(src_ptr + off + cols, mask=cmask, other=float("-inf")) * scale
+                e = tl.where(cmask, tl.exp(x - tl.max(x, 0)), 0.0)
+                # Normaliser summed in float64: the fp32 sum's rounding depends on the reduction
+                # order, which the compiler picks per specialisation; this way the tile and the
+                # block-list builds see the same probabilities.
+                p = (e.to(tl.float64) * (1.0 / tl.sum(e.to(tl.float64), 0))).to(tl.float32)
             else:
-                if MODE == 0:
-                    x = tl.load(src_ptr + off + cols, mask=cmask, other=float("-inf")) * scale
-                    e = tl.where(cmask, tl.exp(x - tl.max(x, 0)), 0.0)
-                    # Normaliser summed in float64: the fp32 sum's rounding depends on the reduction
-                    # order, which the compiler picks per specialisation; this way the tile and the
-                    # fused builds see the same probabilities.
-                    p = (e.to(tl.float64) * (1.0 / tl.sum(e.to(tl.float64), 0))).to(tl.float32)
-                else:
-                    p = tl.load(src_ptr + off + cols, mask=cmask, other=0.0)
-                p = tl.where(p > 0.0, p, 0.0)  # +0.0 for zeros, -0.0 and padding columns
-                bits = p.to(tl.int32, bitcast=True)  # non-negative floats: integer order = value order
-                top = tl.max(bits, 0)  # G(max) = 0 < thr; G(+0.0) = total mass >= thr unless `everything`
-                thr64 = tl.sum(tl.zeros([1], tl.float64) + thr + thr_lo, 0)  # the threshold exactly (hi + lo)
-                if EXACT == 1:  # plain bisection with float64 sums
-                    cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
-                else:
-                    # float32 sums, bracket from G(t) >= total - n*t, early exit at one element left
-                    t0 = tl.maximum((tl.sum(p, 0) - thr) / n_cols * 0.999, 0.0)
-                    cut = _bisect_fast(bits, p, t0.to(tl.int32, bitcast=True), top, thr)
-                    if EXACT == 2:  # exact iff G64(cut) < thr <= G64(cut - 1); else redo in float64
-                        above = tl.sum(tl.where(bits > cut, p.to(tl.float64), 0.0), 0)
-                        below = tl.sum(tl.where(bits > cut - 1, p.to(tl.float64), 0.0), 0)
-                        if (above >= thr64) | (below < thr64):
-                            cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
-                everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
-                keep = bits >= tl.where(everything, 0, cut)
+                p = tl.load(src_ptr + off + cols, mask=cmask, other=0.0)
+            p = tl.where(p > 0.0, p, 0.0)  # +0.0 for zeros, -0.0 and padding columns
+            bits = p.to(tl.int32, bitcast=True)  # non-negative floats: integer order = value order
+            top = tl.max(bits, 0)  # G(max) = 0 < thr; G(+0.0) = total mass >= thr unless `everything`
+            thr64 = tl.sum(tl.zeros([1], tl.float64) + thr + thr_lo, 0)  # the threshold exactly (hi + lo)
+            if EXACT == 1:  # plain bisection with float64 sums
+                cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
+            else:
+                # float32 sums, bracket from G(t) >= total - n*t, early exit at one element left
+                t0 = tl.maximum((tl.sum(p, 0) - thr) / n_cols * 0.999, 0.0)
+                cut = _bisect_fast(bits, p, t0.to(tl.int32, bitcast=True), top, thr)
+                if EXACT == 2:  # exact iff G64(cut) < thr <= G64(cut - 1); else redo in float64
+                    above = tl.sum(tl.where(bits > cut, p.to(tl.float64), 0.0), 0)
+                    below = tl.sum(tl.where(bits > cut - 1, p.to(tl.float64), 0.0), 0)
+                    if (above >= thr64) | (below < thr64):
+                        cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
+            everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
+            keep = bits >= tl.where(everything, 0, cut)
             if HAS_STA:
                 rt, ri, rj = _tile_tij(rowc, n_frames, tiles_h, tiles_w, PAIRED)
                 ct, ci, cj = _tile_tij(cols, n_frames, tiles_h, tiles_w, PAIRED)
@@ -265,7 +276,7 @@ if triton is not None:
             if WRITE_TILE:
                 tl.store(tile_ptr + off + cols, keep.to(tl.uint8), mask=cmask & rvalid)
             acc = acc | keep.to(tl.int32)
-        if WRITE_BLOCKS != 0:  # 1: counts and index lists, 2: counts only (block_density)
+        if WRITE_BLOCKS:
             if KT == 2:
                 kb = tl.max(tl.reshape(acc, (BLOCK // 2, 2)), 1)  # OR over pairs of key tiles
                 bcols = tl.arange(0, BLOCK // 2)
@@ -275,9 +286,5 @@ if triton is not None:
             bvalid = bcols < nkb
             nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
             kept = (kb != 0) & bvalid
-            if WRITE_BLOCKS == 1:
-                _store_list(kept & nopad, bvalid, bcols, fn_ptr, fi_ptr, pid, nkb)
-                _store_list(kept & (nopad == 0), bvalid, bcols, kvn_ptr, kvi_ptr, pid, nkb)
-            else:
-                tl.store(fn_ptr + pid, tl.sum((kept & nopad).to(tl.int32), 0))
-                tl.store(kvn_ptr + pid, tl.sum((kept & (nopad == 0)).to(tl.int32), 0))
+            _store_list(kept & nopad, bvalid, bcols, fn_ptr, fi_ptr, pid, nkb)
+            _store_list(kept & (nopad == 0), bvalid, bcols, kvn_ptr, kvi_ptr, pid, nkb)

@@ -3,6 +3,7 @@
     atomic_write_json(out / "run.json", {"steps": 50})
     with atomic_output(out / "fox.mp4") as tmp:       # tmp = out/.fox.mp4.<random>.tmp.mp4
         encoder.write(tmp)                            # replaced onto fox.mp4 only on success
+    temp_target(".fox.mp4.k2j4x9ab.tmp.mp4")          # 'fox.mp4': whose temp file this is
     out = ensure_writable_dir("outputs/today")        # OutputError if it cannot be written
 
 Everything is written to a hidden temp file in the destination directory (so os.replace is a
@@ -16,10 +17,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+# mkstemp's names: ".<target>." + 8 random characters + ".tmp" + the target's suffix.
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temp file of atomic_output is meant to become, or None if `name` is not one."""
+    m = _TEMP.match(name)
+    if m is None or not m["target"].endswith(m["suffix"] or ""):
+        return None
+    return m["target"]
 
 
 class OutputError(ValueError):

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import OutputError
+from ..output.files import OutputError
 
 try:
     import fcntl

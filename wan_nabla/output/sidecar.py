@@ -1,7 +1,6 @@
 """The JSON record written next to every video, and the environment it names.
 
-    record = sidecar_record(prompt=..., result=result, config=cfg, model_id=..., output=path, ...)
-    atomic_write_json(sidecar_path(path), record)
+    record = publish_video(gen, result, prompt, Path("outputs/fox.mp4"))   # fox.mp4 + fox.json
 
 `sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
 judge the video: prompt, negative prompt, seed, model id, the fully resolved config (file values
@@ -28,7 +27,7 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     env: dict[str, Any] = {
         "wan_nabla": __version__,
@@ -69,11 +68,12 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
     }
 
 
-def write_video_with_sidecar(gen, result, prompt: str, output: Path, extra: dict[str, Any] | None = None) -> dict:
-    """Write the MP4 and its sidecar (plus `extra` entries), both atomically: the sidecar is
-    written while the MP4 is still a temp file, and removed again if publishing the MP4 fails,
-    so neither exists without the other. The encoded frame count is checked before publishing."""
-    from . import io as wio
+def publish_video(gen, result, prompt: str, output: Path, extra: dict[str, Any] | None = None) -> dict:
+    """Write the MP4 and its sidecar (plus `extra` entries) as one atomic step: the video is encoded
+    into a temp file beside `output`, checked (decoded frame count), the sidecar is written
+    atomically while the MP4 is still a temp file, then the MP4 is renamed into place; if that
+    fails the sidecar is removed again, so neither exists without the other."""
+    from . import files as wio
     from . import video
 
     output = Path(output)

@@ -9,7 +9,7 @@ because masks enter as BlockMask tensors and the mask_mod closure is cached per 
 Eager flex is never used: on the CPU it silently ignores BlockMask block tables.
 
 `dense_attention` is SDPA with cuDNN first on CUDA (the fastest dense kernel measured on H100,
-see NABLA.md), then flash, memory-efficient and math. On the CPU SDPA picks its own kernel.
+docs/design.md), then flash, memory-efficient and math. On the CPU SDPA picks its own kernel.
 
 Limits: no backward (inference only); head_dim must be one FlexAttention supports (<= 256).
 """
@@ -65,7 +65,7 @@ def _hopper_or_newer(device: torch.device) -> bool:
 
 def flex_kernel_options(device: torch.device, block_size: tuple[int, int]) -> dict | None:
     """Kernel tiles equal to the mask blocks: on CUDA the default tiles need not divide a 64-token
-    block, which fails to compile (NABLA.md). On Hopper and newer, TMA loads (10-15% faster on H100;
+    block, which fails to compile (docs/design.md). On Hopper and newer, TMA loads (10-15% faster on H100;
     flex turns them off by itself where a tensor does not qualify)."""
     if device.type == "cuda":
         opts = {"BLOCK_M": block_size[0], "BLOCK_N": block_size[1]}

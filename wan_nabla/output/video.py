@@ -1,12 +1,14 @@
 """Write and check H.264 MP4 videos with the ffmpeg binary that imageio-ffmpeg ships.
 
-    write_mp4(frames, "outputs/fox.mp4", fps=16)    # frames: [T, H, W, 3], float in [0, 1] or uint8
+    write_mp4(frames, tmp_path, fps=16)             # frames: [T, H, W, 3], float in [0, 1] or uint8
     probe_mp4("outputs/fox.mp4")                    # {'frames': 81, 'width': 832, 'height': 480,
                                                     #  'codec': 'h264', 'fps': 16.0}
     is_complete_mp4("outputs/fox.mp4", 81)          # True; never raises
 
 Output: libx264, yuv420p, CRF 18 by default, `+faststart` (index up front, so browsers can stream
-it), written atomically (see io.atomic_output): exactly T frames at exactly H x W, no resizing.
+it): exactly T frames at exactly H x W, no resizing. `write_mp4` writes exactly the path it is
+given; publishing atomically is the caller's job (sidecar.publish_video writes into a temp path
+from files.atomic_output and renames it together with the sidecar).
 Limits: yuv420p needs even H and W, so odd sizes are refused rather than silently padded. Non-finite
 float frames are refused too (a NaN from the model would otherwise become a black video).
 No audio. probe/is_complete decode the whole file: cheap for generated clips, slow for films.
@@ -22,7 +24,6 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
-from .io import atomic_output
 
 _FRAME_LINE = re.compile(rb"^frame=(\d+)\s*$", re.MULTILINE)
 
@@ -44,7 +45,7 @@ def to_uint8_frames(frames: Any) -> np.ndarray:
 
 
 def write_mp4(frames: Any, path: str | Path, fps: float = 16, crf: int = 18, preset: str = "medium") -> Path:
-    """Encode frames to an H.264 MP4 at `path`, atomically. Returns the path."""
+    """Encode frames to an H.264 MP4 at exactly `path` (not atomic: see module doc). Returns the path."""
     arr = to_uint8_frames(frames)
     t, h, w, _ = arr.shape
     if t < 1:
@@ -56,26 +57,24 @@ def write_mp4(frames: Any, path: str | Path, fps: float = 16, crf: int = 18, pre
     if not 0 <= int(crf) <= 51:
         raise ValueError(f"crf must be in [0, 51], got {crf!r}")
     path = Path(path)
-    with atomic_output(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp),
-            (w, h),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=None,  # rate control comes from -crf below; imageio's quality maps poorly to x264
-            macro_block_size=1,  # never rescale: the caller asked for exactly H x W
-            ffmpeg_log_level="error",
-            output_params=["-crf", str(int(crf)), "-preset", preset, "-movflags", "+faststart"],
-        )
-        writer.send(None)
-        try:
-            for frame in arr:
-                writer.send(frame)
-        finally:
-            # Always reap ffmpeg; on error the half-written temp is discarded by atomic_output.
-            writer.close()
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (w, h),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        quality=None,  # rate control comes from -crf below; imageio's quality maps poorly to x264
+        macro_block_size=1,  # never rescale: the caller asked for exactly H x W
+        ffmpeg_log_level="error",
+        output_params=["-crf", str(int(crf)), "-preset", preset, "-movflags", "+faststart"],
+    )
+    writer.send(None)
+    try:
+        for frame in arr:
+            writer.send(frame)
+    finally:
+        writer.close()  # always reap ffmpeg, also when a frame fails
     return path
 
 

@@ -14,8 +14,8 @@ tile tokens are row-major.
 When the patch grid's height or width is not a multiple of 8 (e.g. 1280x720 gives 45x80), the
 grid is padded at the bottom/right to whole tiles: never cropped. Pad tokens are zero on entry,
 are masked out as keys by the attention (`valid`), and are dropped by `from_tiles`. Only the
-edge tiles contain pads; `tile_has_pad` marks them so the kernel evaluates a token mask there and
-nowhere else.
+edge tiles contain pads; `key_block_has_pad` marks the kernel's key blocks that hold one, so the
+kernel evaluates a token mask there and nowhere else.
 
 Limits: one layout per (frames, height, width); the tile side is fixed at 8 patch tokens.
 """
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 TILE_SIDE = 8
 TILE_TOKENS = TILE_SIDE * TILE_SIDE
+MAX_BLOCK = 2 * TILE_TOKENS
+"""The largest kernel block (tokens): two tiles."""
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,17 @@ class TileLayout:
         """[n_tiles] float32: number of real tokens per tile (64 except at the bottom/right edge)."""
         return self.valid(device).view(self.n_tiles, TILE_TOKENS).sum(-1, dtype=torch.float32)
 
-    def tile_has_pad(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[n_tiles] bool: tiles that contain at least one pad token."""
-        return ~self.valid(device).view(self.n_tiles, TILE_TOKENS).all(-1)
+    def valid_padded(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[S_pad rounded up to MAX_BLOCK] bool: `valid` extended with False, so a kernel block of
+        any allowed size can index it without reading past the end."""
+        return _valid_padded(self, torch.device(device))
+
+    def key_block_has_pad(self, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[ceil(S_pad / block)] bool: key blocks of `block` tokens holding a pad token (or reaching
+        past the end of the sequence). Only these need a token mask in the attention kernel."""
+        if block not in (TILE_TOKENS, MAX_BLOCK):
+            raise ValueError(f"block must be {TILE_TOKENS} or {MAX_BLOCK} tokens, got {block}")
+        return _key_block_has_pad(self, block, torch.device(device))
 
     def real_token_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[S] int64: tile-order positions of the real tokens, in tile order (for gathering K/V)."""
@@ -181,3 +191,16 @@ def _valid_tokens(layout: TileLayout, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _real_index(layout: TileLayout, device: torch.device) -> torch.Tensor:
     return torch.nonzero(_valid_tokens(layout, device), as_tuple=False).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_padded(layout: TileLayout, device: torch.device) -> torch.Tensor:
+    valid = _valid_tokens(layout, device)
+    extra = -len(valid) % MAX_BLOCK
+    return torch.cat([valid, valid.new_zeros(extra)]) if extra else valid
+
+
+@functools.lru_cache(maxsize=64)
+def _key_block_has_pad(layout: TileLayout, block: int, device: torch.device) -> torch.Tensor:
+    n_blocks = -(-layout.padded_len // block)
+    return ~_valid_padded(layout, device)[: n_blocks * block].view(n_blocks, block).all(-1)

@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .naming import unique_path
-from .sidecar import sidecar_path
-from .video import is_complete_mp4
-
-if TYPE_CHECKING:
-    from .batch import PlannedItem
-
-# A temp file of io.atomic_output / atomic_write_json: ".<target>.<8 random chars>.tmp[.mp4]".
-_TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?:\.mp4)?$")
+from ..output.files import temp_target
+from ..output.naming import unique_path
+from ..output.sidecar import sidecar_path
+from ..output.video import is_complete_mp4
+from .plan import PlannedItem
 
 
 def sidecar_key(path: Path) -> str | None:
@@ -91,10 +86,7 @@ def remove_stale_temps(out_dir: Path, names: set[str]) -> int:
     targets = names | {str(sidecar_path(Path(n))) for n in names}
     removed = 0
     for entry in os.scandir(out_dir):
-        m = _TEMP.match(entry.name)
-        while m and m["target"] not in targets:  # write_mp4 nests one temp inside another
-            m = _TEMP.match(m["target"])
-        if m and entry.is_file(follow_symlinks=False):
+        if temp_target(entry.name) in targets and entry.is_file(follow_symlinks=False):
             Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed

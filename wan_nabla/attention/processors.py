@@ -9,8 +9,8 @@ Each call computes q/k/v exactly as diffusers' WanAttnProcessor does (projection
 rotary embedding), then `AttentionRun.attend` picks the kernel:
 - dense (type full, a layer in `dense_layers`, or a step < `dense_steps`): SDPA, cuDNN first on
   CUDA. With tile padding, keys/values are gathered to the real tokens so pads get no weight.
-- sparse: a tile keep mask (NABLA from these very q/k, STA from the static cache, or their OR),
-  a BlockMask, compiled FlexAttention.
+- sparse: `masks.plan_blocks` (NABLA from these very q/k, STA from the static cache, or their OR)
+  gives the kept blocks, compiled FlexAttention runs them.
 
 The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
 in diffusers' raster order for `full`. Kept-block density is recorded per (step, layer) as device
@@ -25,10 +25,10 @@ from collections import defaultdict
 
 import torch
 
-from .config import AttentionConfig
+from ..config import AttentionConfig
 from .kernels import default_block_size, dense_attention, sparse_attention
 from .layout import TileLayout
-from .masks import block_density, nabla_tile_mask, sta_tile_mask, to_block_mask
+from .masks import BlockPlan, plan_blocks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class AttentionRun:
         self.step = 0
         self.layout: TileLayout | None = None
         self._densities: dict[int, list] = defaultdict(list)
-        self._sta_block_masks: dict = {}
 
     # ---- schedule ----------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -73,25 +72,13 @@ class AttentionRun:
             return dense_attention(q_BHSD, k_BHSD, v_BHSD)
         if layout is None:
             raise RuntimeError("sparse attention called without a tile layout; use wan_nabla.apply_attention")
-        block_mask, density = self.block_mask(q_BHSD, k_BHSD, layout)
-        self._densities[self.step].append((layer, density))
-        return sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask, self.kernel_options)
+        plan = self.plan(q_BHSD, k_BHSD, layout)
+        self._densities[self.step].append((layer, plan.density))
+        return sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan.block_mask(), self.kernel_options)
 
-    def block_mask(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout):
-        """(BlockMask, density) for this call's q/k under the configured attention type."""
-        c = self.config
-        device = q_BHSD.device
-        bs = self.block_size(device)
-        if c.type == "sta":
-            key = (layout, c.sta_window, bs, device)
-            if key not in self._sta_block_masks:  # static: built once per shape, not per call
-                keep = sta_tile_mask(layout, c.sta_window, device)
-                self._sta_block_masks[key] = (to_block_mask(keep, layout, bs), block_density(keep, bs))
-            return self._sta_block_masks[key]
-        keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, c.threshold)
-        if c.type == "nabla_sta":
-            keep = keep | sta_tile_mask(layout, c.sta_window, device)
-        return to_block_mask(keep, layout, bs), block_density(keep, bs)
+    def plan(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout) -> BlockPlan:
+        """The kept blocks for this call's q/k under the configured attention type."""
+        return plan_blocks(self.config, q_BHSD, k_BHSD, layout, self.block_size(q_BHSD.device))
 
     # ---- statistics --------------------------------------------------------------------
     def reset_stats(self) -> None:
