@@ -18,6 +18,7 @@ fa4=0; ff=0
 for a in "$@"; do
   case $a in --fa4) fa4=1 ;; --ffmpeg) ff=1 ;; *) echo "unknown option $a" >&2; exit 2 ;; esac
 done
+mkdir -p .git/info
 for d in /.whl/ /.whl-big/ /.ffmpeg/; do
   grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
 done
