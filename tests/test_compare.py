@@ -6,6 +6,7 @@ edge tile), the size test_cli.py compiles too, so the suite compiles FlexAttenti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reference import masked_attention_f64, sta_keep, tile_order
+from tests.reference import masked_attention_f64, nabla_keep, sta_keep, tile_ids, tile_order
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.cli import main
-from wan_nabla.compare.probe import exact_attention_stats, frame_major, plan_block_keep, sample_rows
+from wan_nabla.compare.probe import (coarse_kept_mass, exact_attention_stats, frame_major, plan_block_keep,
+                                     sample_rows)
 from wan_nabla.config import AttentionConfig
 
 TINY = ["--model", "tiny", "--size", "144x208", "--frames", "9", "--steps", "2", "--quiet"]
@@ -45,6 +47,11 @@ def test_exact_stats_match_float64_brute_force():
     keep = plan_block_keep(plan)
     tile_keep = masks.tile_keep_mask(AttentionConfig(type="nabla", threshold=0.5), q, k, layout)
     assert torch.equal(keep, masks.coarsen(tile_keep, 2, 1))  # the plan's lists read back
+    slots = torch.arange(plan.kv_idx.shape[-1])
+    junk = dataclasses.replace(  # what follows the kept entries of a row must not matter
+        plan, kv_idx=torch.where(slots < plan.kv_num[..., None], plan.kv_idx, 0),
+        full_idx=torch.where(slots < plan.full_num[..., None], plan.full_idx, 0))
+    assert torch.equal(plan_block_keep(junk), keep)
     assert 0 < keep.float().mean() < 1
 
     token_keep = keep.repeat_interleave(128, 2)[:, :, :s].repeat_interleave(64, 3)[..., :s]
@@ -64,6 +71,31 @@ def test_exact_stats_match_float64_brute_force():
     assert stats["kept_mass_min"] == pytest.approx(kept.amin((0, 2)).tolist(), rel=1e-9)
     assert stats["kept_mass_mean"] == pytest.approx(kept.mean((0, 2)).tolist(), rel=1e-9)
     assert stats["rows"] == len(rows) and max(stats["kept_mass_mean"]) < 1
+
+
+def test_coarse_kept_mass_matches_brute_force_and_meets_threshold():
+    """Guards the coarse kept mass: it equals the mass of the brute-force NABLA keep set on a
+    float64 pooled map (tests/reference.py, raster tokens of a padded grid), is >= threshold on
+    every query tile (the CDF rule) and below 1 (tiles were dropped)."""
+    g = torch.Generator().manual_seed(2)
+    grid, th = (3, 9, 13), 0.4
+    layout = TileLayout(*grid)
+    q_r, k_r = (torch.randn(2, 2, 3 * 9 * 13, 16, generator=g) for _ in range(2))
+    q, k = layout.to_tiles(q_r, seq_dim=2), layout.to_tiles(k_r, seq_dim=2)
+    keep = masks.tile_keep_mask(AttentionConfig(type="nabla", threshold=th), q, k, layout)
+    got = coarse_kept_mass(q, k, layout, keep)
+    ref_keep, margin = nabla_keep(q_r, k_r, grid, th)
+    assert margin > 1e-6 and torch.equal(keep, ref_keep)
+    ids = tile_ids(*grid)
+    pool = torch.zeros(len(ids), int(ids.max()) + 1, dtype=torch.float64).index_put_(
+        (torch.arange(len(ids)), ids), torch.ones(len(ids), dtype=torch.float64))
+    pool /= pool.sum(0)
+    qp, kp = (torch.einsum("bhsd,sn->bhnd", x.double(), pool) for x in (q_r, k_r))
+    p = torch.softmax(qp @ kp.transpose(-1, -2) / 4.0, -1)
+    mass = (p * ref_keep).sum(-1)
+    assert got["min"] == pytest.approx(mass.amin((0, 2)).tolist(), abs=1e-6)
+    assert got["mean"] == pytest.approx(mass.mean((0, 2)).tolist(), abs=1e-6)
+    assert min(got["min"]) >= th - 1e-6 and max(got["mean"]) < 1
 
 
 def test_sample_rows_and_frame_major_order():

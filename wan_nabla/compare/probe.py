@@ -102,7 +102,10 @@ def plan_block_keep(plan: masks.BlockPlan) -> torch.Tensor:
     for num, idx in ((plan.kv_num, plan.kv_idx), (plan.full_num, plan.full_idx)):
         n = idx.shape[-1]
         listed = torch.arange(n, device=idx.device) < num[..., None].long()  # slot holds a kept block
-        part = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx.long(), listed)
+        # Only the first `num` slots count, whatever the rest of the row holds: they go to a spare column.
+        target = torch.where(listed, idx.long(), n)
+        part = torch.zeros(*idx.shape[:-1], n + 1, dtype=torch.bool, device=idx.device)
+        part = part.scatter_(-1, target, True)[..., :n]
         keep = part if keep is None else keep | part
     return keep
 
