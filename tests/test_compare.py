@@ -241,21 +241,33 @@ def test_missing_extras_and_full_masks_exit_2(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_gpu_table_quick_mode(tmp_path, capsys):
+def test_gpu_table_quick_mode(tmp_path, capsys, monkeypatch):
     """Guards the GPU script's logic (scripts/gpu_compare.sh runs this module at full size): one
     reference, a row per preset with attention error, kept mass and NABLA's coarse guarantee,
-    JSON + markdown + pictures written, the table printed last."""
-    from wan_nabla.compare.table import main as table_main
+    JSON + markdown + pictures written, the table printed last; a preset that fails becomes an
+    error row (exit 1) and does not cost the others' rows."""
+    import wan_nabla.compare.table as table
 
-    assert table_main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--presets", "nabla_0.4"]) == 0
+    real = table.capture
+
+    def capture(pipe, config, *a, **kw):
+        if config.attention.threshold == 0.7:
+            raise RuntimeError("kernel exploded")
+        return real(pipe, config, *a, **kw)
+
+    monkeypatch.setattr(table, "capture", capture)
+    assert table.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--presets", "nabla_0.7",
+                       "nabla_0.4"]) == 1
     result = json.loads((tmp_path / "compare_table.json").read_text())
     assert result["settings"]["model"] == "tiny" and "Random weights" in result["note"]
-    (row,) = result["rows"]
+    row, failed = result["rows"]  # presets run in the bundled (sorted) order
+    assert failed == {"preset": "nabla_0.7", "label": "nabla 0.7", "error": "RuntimeError: kernel exploded"}
     assert row["preset"] == "nabla_0.4" and 0 < row["density"] < 1
     assert row["rel_l2_mean"] > 10 * row["dense_kernel_rel_l2_mean"] and row["kept_mass_mean"] < 1
     assert row["coarse_mass_min"] >= 0.4 - 1e-6 and row["attention_error"]["calls"]
     assert {p.name for p in tmp_path.iterdir()} == {"compare_table.json", "compare_table.md", "compare_table.png",
                                                      "compare_mask_nabla_0.4.png"}
     printed = capsys.readouterr().out.rstrip().splitlines()
-    assert any(line.startswith("| nabla_0.4 |") for line in printed[-6:])
-    assert table_main(["--out", str(tmp_path), "--quick", "--presets", "full"]) == 2
+    assert any(line.startswith("| nabla_0.4 |") for line in printed[-8:])
+    assert any(line.startswith("| nabla_0.7 | RuntimeError") for line in printed[-8:])
+    assert table.main(["--out", str(tmp_path), "--quick", "--presets", "full"]) == 2

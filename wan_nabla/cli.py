@@ -26,10 +26,10 @@ log = logging.getLogger("wan_nabla")
 
 
 # ---- shared flags ------------------------------------------------------------------------------
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and batch (for batch they are defaults for every item)."""
-    p.add_argument("--config", help="a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a YAML path; "
-                                    "default: full attention, Wan defaults")
+def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
+    """Flags shared by generate, batch and compare (for batch they are defaults for every item)."""
+    p.add_argument("--config", help=config_help or "a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a "
+                                                   "YAML path; default: full attention, Wan defaults")
     p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-video", action="store_true", help="skip side_by_side.mp4 (no ffmpeg needed)")
     c.add_argument("--max-query-rows", type=int,
                    help="query rows per sampled call for exact attention (default 4096; all when fewer)")
-    add_generation_flags(c)  # --config is the candidate
+    add_generation_flags(c, config_help="the candidate config (required): a preset name or a YAML path; its "
+                                        "generation: section and the flags apply to both runs")
     add_sampling_flags(c)
     c.set_defaults(func=cmd_compare)
 

@@ -31,7 +31,9 @@ Exact attention is computed in float64 on the CPU and float32 on CUDA, over chun
 sequences the query rows are subsampled: at most `max_query_rows` real tokens, evenly spaced in
 the call's token order (every key is always used). The probe's own time is measured between
 device syncs and reported per step, so callers can take it out of step times.
-Limits: self-attention calls of one run; sampled masks are kept on the host ([heads, n, n] bool).
+Limits: self-attention calls of one run; sampled masks are kept on the host ([heads, n, n] bool);
+a sampled call needs float32 copies of k and v plus `chunk_bytes` of device memory on top of
+the run (1.3B 832x480x81: about 2 GB).
 """
 
 from __future__ import annotations

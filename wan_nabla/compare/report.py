@@ -75,7 +75,8 @@ def metrics_record(prompt: str, model_id: str, ref, cand, frames: dict[str, Any]
     }
 
 
-def _mean(xs) -> float | None:
+def mean_of(xs) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
@@ -93,13 +94,13 @@ def attention_record(cand) -> dict[str, Any]:
         "threshold": att.threshold,
         "summary": {
             "calls": len(calls),
-            "rel_l2_mean": _mean([r["rel_l2"] for r in rows]),
+            "rel_l2_mean": mean_of([r["rel_l2"] for r in rows]),
             "rel_l2_max": max((r["rel_l2"] for r in rows), default=None),
-            "dense_kernel_rel_l2_mean": _mean([r["dense_kernel_rel_l2"] for r in rows]),
-            "kept_mass_mean": _mean([r["kept_mass_mean"] for r in rows]),
+            "dense_kernel_rel_l2_mean": mean_of([r["dense_kernel_rel_l2"] for r in rows]),
+            "kept_mass_mean": mean_of([r["kept_mass_mean"] for r in rows]),
             "kept_mass_min": min((r["kept_mass_min"] for r in rows), default=None),
             "coarse_mass_min": min(coarse, default=None),
-            "density_mean": _mean([c["density"] for c in calls]),
+            "density_mean": mean_of([c["density"] for c in calls]),
         },
         "compute_dtype": exact[0]["compute_dtype"] if exact else None,
         "query_rows": {"sampled": exact[0]["rows"], "of": exact[0]["rows_of"]} if exact else None,
@@ -118,7 +119,7 @@ def attention_rows(attention: dict[str, Any]) -> list[dict[str, Any]]:
             "step": c["step"], "layer": c["layer"], "dense": c["dense"], "density": c["density"],
             "rel_l2": e.get("rel_l2", {}).get("sparse"),
             "dense_kernel_rel_l2": e.get("rel_l2", {}).get("dense_kernel"),
-            "kept_mass_mean": _mean(e.get("kept_mass_mean", [])),
+            "kept_mass_mean": mean_of(e.get("kept_mass_mean", [])),
             "kept_mass_min": min(e.get("kept_mass_min", []), default=None),
             "coarse_mass_min": min(c["coarse_mass_min"]) if c.get("coarse_mass_min") else None,
         })

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +42,7 @@ from ..output.files import atomic_write_bytes, atomic_write_json, atomic_write_t
 from ..pipeline import resolve_device
 from .metrics import frame_metrics, json_number, missing_extras, rel_l2
 from .probe import Sampling, spread
-from .report import attention_record, fmt
+from .report import attention_record, fmt, mean_of
 from .run import capture
 
 PROMPT = "a red fox running through fresh snow at dawn"
@@ -51,56 +53,64 @@ NOTE = ("Random weights: these rows say nothing about visual quality. Random-wei
         "masks drop on such maps (exact attention on the same q/k/v) and show the tool at real size.")
 
 
-def build_rows(pipe, device: torch.device, configs: list[tuple[str, AttentionConfig]], settings: dict,
-               sampling: Sampling, max_query_rows: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The reference run, then one row per config (see module doc)."""
+def iter_rows(pipe, device: torch.device, configs: list[tuple[str, AttentionConfig]], settings: dict,
+              sampling: Sampling, max_query_rows: int, budget_s: float = math.inf,
+              log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
+    """The reference run, then one row per config (see module doc). A config that fails gives a
+    row with its error and the next one runs; once `budget_s` has passed, the rest are skipped."""
     gen = GenerationConfig(size=settings["size"], frames=settings["frames"], steps=settings["steps"],
                            device=str(device), dtype=settings["dtype"])
     model_id = f"random-{settings['model']}"
     with_ssim = not missing_extras(("skimage",))
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     ref = capture(pipe, RunConfig(attention=AttentionConfig(), generation=gen), device, model_id, PROMPT,
                   keep_noise=True)
     log(f"[compare] reference (full): {time.perf_counter() - t0:.1f} s, steady step {ref.steady_step_s():.3f} s")
-    rows = []
     for name, att in configs:
+        if time.perf_counter() - start > budget_s:
+            log(f"  {name}: skipped (time budget of {budget_s:.0f} s spent)")
+            yield {"preset": name, "label": att.label(), "error": "skipped: time budget spent"}
+            continue
         t0 = time.perf_counter()
-        cand = capture(pipe, RunConfig(attention=att, generation=gen), device, model_id, PROMPT, reference=ref,
-                       probe=(sampling, True), max_query_rows=max_query_rows)
-        frames = frame_metrics(ref.result.frames, cand.result.frames, with_ssim=with_ssim)
-        attention = attention_record(cand)
-        sm = attention["summary"]
-        row = {
-            "preset": name, "label": cand.label, "attention": att.to_dict(), "threshold": att.threshold,
-            "density": cand.result.attention["overall"],
-            "tile_density_sampled": _mean([c["tile_density"] for c in attention["calls"]]),
-            "rel_l2_mean": sm["rel_l2_mean"], "rel_l2_max": sm["rel_l2_max"],
-            "dense_kernel_rel_l2_mean": sm["dense_kernel_rel_l2_mean"],
-            "kept_mass_mean": sm["kept_mass_mean"], "kept_mass_min": sm["kept_mass_min"],
-            "coarse_mass_min": sm["coarse_mass_min"],
-            "output_rel_l2_per_step": [json_number(x) for x in cand.step_rel_l2],
-            "final_latents_rel_l2": json_number(rel_l2(cand.final_latents, ref.final_latents)),
-            "psnr_db": frames["overall"]["psnr_db"], "ssim_mean": frames["overall"]["ssim_mean"],
-            "steady_step_s": cand.steady_step_s(), "reference_steady_step_s": ref.steady_step_s(),
-            "speedup": ref.steady_step_s() / cand.steady_step_s(),
-            "first_step_s": cand.result.timings["per_step_s"][0],
-            "probe_s": sum(cand.probe_s), "wall_s": time.perf_counter() - t0,
-            "attention_error": attention,
-        }
-        rows.append(row)
-        row["_records"] = cand.probe.records  # for the mask picture; dropped before writing JSON
-        log(f"  {name}: density {row['density']:.3f}, attention rel. L2 {row['rel_l2_mean']:.4f} "
-            f"(floor {row['dense_kernel_rel_l2_mean']:.4f}), kept mass mean {row['kept_mass_mean']:.3f} "
-            f"min {row['kept_mass_min']:.3f}, coarse min {fmt(row['coarse_mass_min'], 3)}, "
-            f"{row['speedup']:.2f}x, {row['wall_s']:.1f} s")
-        del cand
+        try:
+            yield _row(name, att, ref, pipe, device, model_id, gen, sampling, max_query_rows, with_ssim, t0, log)
+        except Exception as e:  # noqa: BLE001 - one failing preset must not lose the others' rows
+            log(f"  {name}: FAILED {type(e).__name__}: {e}")
+            yield {"preset": name, "label": att.label(), "error": f"{type(e).__name__}: {str(e)[:500]}"}
         gc.collect()
-    return rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+def _row(name, att, ref, pipe, device, model_id, gen, sampling, max_query_rows, with_ssim, t0, log) -> dict:
+    cand = capture(pipe, RunConfig(attention=att, generation=gen), device, model_id, PROMPT, reference=ref,
+                   probe=(sampling, True), max_query_rows=max_query_rows)
+    frames = frame_metrics(ref.result.frames, cand.result.frames, with_ssim=with_ssim)
+    attention = attention_record(cand)
+    sm = attention["summary"]
+    row = {
+        "preset": name, "label": cand.label, "attention": att.to_dict(), "threshold": att.threshold,
+        "density": cand.result.attention["overall"],
+        "tile_density_sampled": mean_of([c["tile_density"] for c in attention["calls"]]),
+        "rel_l2_mean": sm["rel_l2_mean"], "rel_l2_max": sm["rel_l2_max"],
+        "dense_kernel_rel_l2_mean": sm["dense_kernel_rel_l2_mean"],
+        "kept_mass_mean": sm["kept_mass_mean"], "kept_mass_min": sm["kept_mass_min"],
+        "coarse_mass_min": sm["coarse_mass_min"],
+        "output_rel_l2_per_step": [json_number(x) for x in cand.step_rel_l2],
+        "final_latents_rel_l2": json_number(rel_l2(cand.final_latents, ref.final_latents)),
+        "psnr_db": frames["overall"]["psnr_db"], "ssim_mean": frames["overall"]["ssim_mean"],
+        "steady_step_s": cand.steady_step_s(), "reference_steady_step_s": ref.steady_step_s(),
+        "speedup": ref.steady_step_s() / cand.steady_step_s(),
+        "first_step_s": cand.result.timings["per_step_s"][0],
+        "probe_s": sum(cand.probe_s), "wall_s": time.perf_counter() - t0,
+        "attention_error": attention,
+        "_records": cand.probe.records,  # for the mask picture; not written to JSON
+    }
+    log(f"  {name}: density {row['density']:.3f}, attention rel. L2 {row['rel_l2_mean']:.4f} "
+        f"(floor {row['dense_kernel_rel_l2_mean']:.4f}), kept mass mean {row['kept_mass_mean']:.3f} "
+        f"min {row['kept_mass_min']:.3f}, coarse min {fmt(row['coarse_mass_min'], 3)}, "
+        f"{row['speedup']:.2f}x, {row['wall_s']:.1f} s")
+    return row
 
 
 TABLE_HEAD = ("| preset | kept blocks | attention rel. L2 mean / max | dense-kernel floor | kept mass mean | "
@@ -119,6 +129,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"sampled steps {s['sampled_steps']}, layers {s['sampled_layers']}; presets' dense_steps dropped.", "",
              TABLE_HEAD, "|" + "---|" * 11]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['error']} |" + " |" * 9)
+            continue
         th = f" ({r['threshold']:g})" if r["threshold"] else ""
         last = r["output_rel_l2_per_step"][-1] if r["output_rel_l2_per_step"] else None
         lines.append(
@@ -129,7 +142,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Kept mass: share of the exact attention probability of a query row inside the blocks the "
               "kernel computed (min: the worst row of any head). Coarse mass: the same on NABLA's pooled map, "
               ">= threshold by construction for NABLA presets. Step s: median steady denoising step (probe time "
-              "excluded); speed-up against the full reference in the same run.", ""]
+              "excluded; the probe's syncs still slow sampled steps a little, so it is indicative only: "
+              "`wan-nabla bench` measures speed); speed-up against the full reference in the same run.", ""]
     return "\n".join(lines)
 
 
@@ -141,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="denoising steps (default 3; quick 2)")
     p.add_argument("--presets", nargs="*", help="bundled sparse presets to run (default: all)")
     p.add_argument("--max-query-rows", type=int, default=4096)
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="skip the presets left once this many seconds have passed since the reference started")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     settings = dict(QUICK if args.quick else FULL)
@@ -165,25 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(steps=tuple(range(settings["steps"])), layers=spread(len(tr.blocks)),
                         heads=spread(tr.config.num_attention_heads))
     settings.update(sampled_steps=list(sampling.steps), sampled_layers=list(sampling.layers))
-    rows = build_rows(pipe, device, configs, settings, sampling, args.max_query_rows)
-    first = rows[0]["attention_error"] if rows else {}
+    rows: list[dict[str, Any]] = []
+    result = _write_results(out, env, settings, rows)
+    for row in iter_rows(pipe, device, configs, settings, sampling, args.max_query_rows, args.budget_s):
+        rows.append(row)
+        result = _write_results(out, env, settings, rows)  # after every preset: a kill keeps the rows so far
+    text = markdown(result)
+    ok = [r for r in rows if "error" not in r]
+    if not missing_extras(("matplotlib",)) and ok:
+        from .pictures import mask_picture, presets_picture
+
+        title = (f"Wan2.1-{settings['model']} random weights, "
+                 f"{settings['size'][0]}x{settings['size'][1]}x{settings['frames']}")
+        atomic_write_bytes(out / "compare_table.png", presets_picture(ok, title))
+        pick = next((r for r in ok if r["preset"] == "nabla_0.4"), ok[0])
+        atomic_write_bytes(out / f"compare_mask_{pick['preset']}.png",
+                           mask_picture(pick["_records"][-1], f"{pick['label']} (random weights)"))
+    print(text)
+    return 1 if len(ok) < len(rows) else 0
+
+
+def _write_results(out: Path, env: dict, settings: dict, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    first = next((r["attention_error"] for r in rows if "attention_error" in r), {})
     result = {"env": env, "note": NOTE, "prompt": PROMPT, "settings": {**settings, "size": list(settings["size"])},
               "compute_dtype": first.get("compute_dtype"),
               "query_rows": (first.get("query_rows") or {}).get("sampled"),
               "rows": [{k: v for k, v in r.items() if k != "_records"} for r in rows]}
     atomic_write_json(out / "compare_table.json", result)
-    text = markdown(result)
-    atomic_write_text(out / "compare_table.md", text)
-    if not missing_extras(("matplotlib",)) and rows:
-        from .pictures import mask_picture, presets_picture
-
-        title = f"Wan2.1-{settings['model']} random weights, {settings['size'][0]}x{settings['size'][1]}x{settings['frames']}"
-        atomic_write_bytes(out / "compare_table.png", presets_picture(result["rows"], title))
-        pick = next((r for r in rows if r["preset"] == "nabla_0.4"), rows[0])
-        rec = pick["_records"][-1]
-        atomic_write_bytes(out / f"compare_mask_{pick['preset']}.png", mask_picture(rec, f"{pick['label']} (random weights)"))
-    print(text)
-    return 0
+    atomic_write_text(out / "compare_table.md", markdown(result))
+    return result
 
 
 if __name__ == "__main__":
