@@ -1,8 +1,9 @@
 """Command-line input of `compare` and `generate --save-masks`: checked before any work is done.
 
-    require_extras()                                   # UsageError naming the missing packages
+    require_extras("compare")                          # UsageError naming the missing packages
     wanted = parse_sampling(args)                      # syntax of --sample-steps/-layers/-heads
-    sampling = resolve_sampling(wanted, gen, cfg)      # ranges, once the model is loaded
+    sampling = resolve_sampling(wanted, pipe.transformer, steps=50)   # ranges, once loaded
+    spread(30)                                         # (0, 14, 29): the default sample
     created = claim_out_dir(Path("cmp"), overwrite=False)   # the directory, made by this run
     remove_if_empty(Path("cmp"), created)              # undo that after a failure
 
@@ -19,9 +20,39 @@ from typing import Any
 from ..app import UsageError
 from ..output.files import OutputError, ensure_writable_dir
 from .metrics import missing_extras
-from .probe import Sampling, parse_indices, resolve_indices
+from .probe import Sampling
 
 SAMPLE_FLAGS = ("steps", "layers", "heads")
+
+
+def parse_indices(text: str | None) -> tuple[int, ...] | None:
+    """'0,2,-1' -> (0, 2, -1); None or '' -> None (the default sampling). ValueError otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{text!r} is not allowed; use comma-separated integers such as 0,2,-1") from None
+    return tuple(out)
+
+
+def spread(n: int, start: int = 0) -> tuple[int, ...]:
+    """First, middle and last of start..n-1 (fewer when they coincide)."""
+    start = min(max(start, 0), n - 1)
+    return tuple(sorted({start, (start + n - 1) // 2, n - 1}))
+
+
+def resolve_indices(wanted: tuple[int, ...] | None, n: int, what: str, start: int = 0) -> tuple[int, ...]:
+    """Sorted unique indices in 0..n-1 (negative ones count from the end); `spread` when None."""
+    if wanted is None:
+        return spread(n, start)
+    bad = [i for i in wanted if not -n <= i < n]
+    if bad:
+        raise ValueError(f"{bad} out of range; this run has {what} 0..{n - 1} (negative counts from the end)")
+    return tuple(sorted({i % n for i in wanted}))
 
 
 def require_extras(what: str) -> None:

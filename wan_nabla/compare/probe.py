@@ -1,6 +1,6 @@
 """What the masks kept and what it cost, measured on the very q/k/v of a run's attention calls.
 
-    sampling = Sampling(steps=spread(4), layers=spread(30), heads=(0, 11))  # (0, 1, 3), (0, 14, 29)
+    sampling = Sampling(steps=(0, 1, 3), layers=(0, 14, 29), heads=(0, 11))  # options.py: from flags
     probe = AttentionProbe(gen.handle.run, sampling, exact=True)
     gen.generate("a fox")          # the probe watches every self-attention call of the run
     probe.records                  # one CallRecord per sampled (step, layer)
@@ -55,37 +55,6 @@ from ..pipeline import sync_device
 
 DEFAULT_MAX_QUERY_ROWS = 4096
 DEFAULT_CHUNK_BYTES = 1 << 30
-
-
-# ---- which calls to sample ---------------------------------------------------------------------
-def parse_indices(text: str | None) -> tuple[int, ...] | None:
-    """'0,2,-1' -> (0, 2, -1); None or '' -> None (the default sampling). ValueError otherwise."""
-    if text is None or not str(text).strip():
-        return None
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise ValueError(f"{text!r} is not allowed; use comma-separated integers such as 0,2,-1") from None
-    return tuple(out)
-
-
-def spread(n: int, start: int = 0) -> tuple[int, ...]:
-    """First, middle and last of start..n-1 (fewer when they coincide)."""
-    start = min(max(start, 0), n - 1)
-    return tuple(sorted({start, (start + n - 1) // 2, n - 1}))
-
-
-def resolve_indices(wanted: tuple[int, ...] | None, n: int, what: str, start: int = 0) -> tuple[int, ...]:
-    """Sorted unique indices in 0..n-1 (negative ones count from the end); `spread` when None."""
-    if wanted is None:
-        return spread(n, start)
-    bad = [i for i in wanted if not -n <= i < n]
-    if bad:
-        raise ValueError(f"{bad} out of range; this run has {what} 0..{n - 1} (negative counts from the end)")
-    return tuple(sorted({i % n for i in wanted}))
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,11 @@ def markdown(metrics: dict[str, Any], attention: dict[str, Any], mask_files: lis
               f"shift {s['shift']}.", ""]
     if metrics["random_weights"]:
         lines += [f"**{RANDOM_NOTE}**", ""]
+    tr, tc = t["reference"], t["candidate"]
     lines += ["| | reference | candidate |", "|---|---|---|",
               f"| attention | {ref} | {cand} |",
-              f"| step time s (steady) | {fmt(t['reference']['steady_step_s'])} | {fmt(t['candidate']['steady_step_s'])} |",
-              f"| denoising s (all steps) | {fmt(t['reference']['denoising_s'])} | {fmt(t['candidate']['denoising_s'])} |",
+              f"| step time s (steady) | {fmt(tr['steady_step_s'])} | {fmt(tc['steady_step_s'])} |",
+              f"| denoising s (all steps) | {fmt(tr['denoising_s'])} | {fmt(tc['denoising_s'])} |",
               f"| kept-block density | {fmt(metrics['reference_density'])} | {fmt(metrics['density']['overall'])} |",
               ""]
     lines += [f"Speed-up {fmt(t['speedup'], 3)}x ({t['speedup_basis']}).", ""]
@@ -177,7 +178,8 @@ def markdown(metrics: dict[str, Any], attention: dict[str, Any], mask_files: lis
               f"token-level kept mass mean {fmt(sm['kept_mass_mean'])}, min {fmt(sm['kept_mass_min'])}; "
               f"coarse kept mass min {fmt(sm['coarse_mass_min'])}"
               + (f" (threshold {attention['threshold']:g})" if attention.get("threshold") else "") + ".", "",
-              "| step | layer | kept blocks | rel. L2 vs exact | dense kernel | kept mass mean | kept mass min | coarse mass min |",
+              "| step | layer | kept blocks | rel. L2 vs exact | dense kernel | kept mass mean | kept mass min "
+              "| coarse mass min |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['step']} | {r['layer']}{' (dense)' if r['dense'] else ''} | {fmt(r['density'], 3)} | "

@@ -194,7 +194,8 @@ def write_outputs(out: Path, prompt: str, gen: VideoGenerator, ref: Capture, can
     for name, data in pngs.items():
         atomic_write_bytes(out / "masks" / name, data)
     atomic_write_bytes(out / "metrics.png", pictures.metrics_picture(
-        metrics["steps"]["output_rel_l2"], frames, report.attention_rows(attention), f"{cand.label} vs {ref.label}{tag}"))
+        metrics["steps"]["output_rel_l2"], frames, report.attention_rows(attention),
+        f"{cand.label} vs {ref.label}{tag}"))
     sbs, scale = side_by_side(ref.result.frames, cand.result.frames, ref.label, cand.label)
     _write_png(out / "side_by_side.png", sbs[len(sbs) // 2])
     if video:

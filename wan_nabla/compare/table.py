@@ -41,7 +41,8 @@ from ..config import AttentionConfig, GenerationConfig, RunConfig
 from ..output.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..pipeline import resolve_device
 from .metrics import frame_metrics, json_number, missing_extras, rel_l2
-from .probe import Sampling, spread
+from .options import spread
+from .probe import Sampling
 from .report import attention_record, fmt, mean_of
 from .run import capture
 
