@@ -100,3 +100,21 @@ def test_verbose_logs_density_per_step(caplog):
         gen.generate("a fox", progress=False, **SMALL)
     lines = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
     assert len(lines) == 4 and lines[0].startswith("step 0: nabla 0.5 mean kept-block density")
+
+
+def test_on_step_sees_each_step_and_the_final_latents():
+    """Guards the compare tool's hook: on_step is called once per step, in order, with the guided
+    noise prediction and the latents after the step; the last latents decode to the returned
+    frames, and a callback does not change the video."""
+    from wan_nabla import adapter
+
+    gen = _gen({"type": "full"})
+    seen = []
+    res = gen.generate("a fox", progress=False, on_step=lambda i, n, x: seen.append((i, n.clone(), x.clone())),
+                       **SMALL)
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert all(n.shape == x.shape == (1, 16, 5, 16, 16) for _, n, x in seen)
+    assert not torch.equal(seen[0][2], seen[-1][2])
+    with torch.no_grad():
+        np.testing.assert_array_equal(adapter.decode_video(gen.pipe, seen[-1][2]), res.frames)
+    np.testing.assert_array_equal(gen.generate("a fox", progress=False, **SMALL).frames, res.frames)

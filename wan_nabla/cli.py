@@ -1,7 +1,8 @@
-"""The `wan-nabla` command line: generate, batch, presets, bench.
+"""The `wan-nabla` command line: generate, batch, compare, presets, bench.
 
     wan-nabla generate --model tiny --prompt "a red fox running through snow" \\
-        --config nabla_0.7 --output fox.mp4
+        --config nabla_0.7 --output fox.mp4 [--save-masks]
+    wan-nabla compare --prompt "a red fox" --config nabla_0.4 [--against full] --out cmp/
     wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/
     wan-nabla presets                                  # bundled configs, one line each
     wan-nabla bench --levels op --out benchmarks/results/h100
@@ -25,10 +26,10 @@ log = logging.getLogger("wan_nabla")
 
 
 # ---- shared flags ------------------------------------------------------------------------------
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and batch (for batch they are defaults for every item)."""
-    p.add_argument("--config", help="a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a YAML path; "
-                                    "default: full attention, Wan defaults")
+def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
+    """Flags shared by generate, batch and compare (for batch they are defaults for every item)."""
+    p.add_argument("--config", help=config_help or "a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a "
+                                                   "YAML path; default: full attention, Wan defaults")
     p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
@@ -42,6 +43,14 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Which attention calls compare / --save-masks look at closely (comma-separated indices,
+    negative from the end; default: first sparse, middle and last step; first, middle, last)."""
+    p.add_argument("--sample-steps", metavar="I,J,..", help="denoising steps to sample (e.g. 0,-1)")
+    p.add_argument("--sample-layers", metavar="I,J,..", help="transformer blocks to sample (e.g. 0,15,-1)")
+    p.add_argument("--sample-heads", metavar="I,J,..", help="heads drawn in the mask pictures")
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -82,13 +91,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if output.is_dir():
         raise UsageError(f"--output: {str(output)!r} is a directory; give a file name ending in .mp4")
     ensure_writable_dir(output.parent if str(output.parent) else Path("."))
+    saver = None
+    if args.save_masks:
+        from .compare.save_masks import MaskSaver
+
+        saver = MaskSaver.prepare(args, cfg, output)
     log.info("resolved config: %s", cfg.to_dict())
 
     from .output.sidecar import publish_video
 
     gen = load_generator(cfg)
+    if saver is not None:
+        saver.attach(gen)
     result = gen.generate(args.prompt, progress=not args.quiet)
     record = publish_video(gen, result, args.prompt, output)
+    if saver is not None:
+        log.info("mask pictures: %s", saver.write(result)[0].parent)
     t = record["timings"]
     density = record["attention"]["overall"]
     log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
@@ -97,11 +115,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- batch / presets / bench (implemented in their own modules) --------------------------------
+# ---- batch / compare / presets / bench (implemented in their own modules) ----------------------
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import run_batch
 
     return run_batch(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare.run import run_compare_command
+
+    return run_compare_command(args)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -126,12 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,presets,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,bench}")
 
     g = sub.add_parser("generate", help="generate one video from a prompt")
     g.add_argument("--prompt", required=True, help="text prompt")
     g.add_argument("--output", help="output .mp4 (default outputs/<prompt-slug>.mp4); sidecar <name>.json beside it")
     add_generation_flags(g)
+    g.add_argument("--save-masks", action="store_true",
+                   help="also draw the kept tile masks of sampled steps/layers/heads into <output stem>_masks/")
+    add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("batch", help="generate a video per line of a .txt or record of a .jsonl prompt file")
@@ -140,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
     add_generation_flags(b)
     b.set_defaults(func=cmd_batch)
+
+    c = sub.add_parser("compare", help="run a sparse config and a reference on the same prompt, seed and noise; "
+                                       "write videos side by side, errors, mask pictures and a report")
+    c.add_argument("--prompt", required=True, help="text prompt")
+    c.add_argument("--against", help="the reference config (preset name or YAML path; default full); "
+                                     "only its attention is used")
+    c.add_argument("--out", required=True, help="output directory (new or empty): report.md, metrics.json, ...")
+    c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
+    c.add_argument("--no-video", action="store_true", help="skip side_by_side.mp4 (no ffmpeg needed)")
+    c.add_argument("--max-query-rows", type=int,
+                   help="query rows per sampled call for exact attention (default 4096; all when fewer)")
+    add_generation_flags(c, config_help="the candidate config (required): a preset name or a YAML path; its "
+                                        "generation: section and the flags apply to both runs")
+    add_sampling_flags(c)
+    c.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("presets", help="list the bundled attention presets (usable as --config NAME)")
     pr.add_argument("--show", metavar="NAME", help="print one preset's YAML (to copy and edit)")

@@ -5,6 +5,7 @@
     result.frames        # float32 [17, 128, 128, 3] in [0, 1]
     result.timings       # text_encoding_s, denoising_s, per_step_s, decode_s, ...
     result.attention     # kept-block density per step and overall
+    gen.generate(prompt, on_step=lambda i, noise, latents: ...)   # per-step noise prediction
 
 The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-free guidance
 (noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +51,10 @@ def sync_device(device: torch.device) -> None:
     """Wait for queued device work, so host clocks measure it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""on_step(step index, guided noise prediction, latents after the scheduler step)."""
 
 
 @dataclass
@@ -98,8 +104,12 @@ class VideoGenerator:
 
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str | None = None, *, progress: bool = True,
-                 **overrides: Any) -> GenerationResult:
-        """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...)."""
+                 on_step: StepCallback | None = None, **overrides: Any) -> GenerationResult:
+        """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
+
+        `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
+        prediction (the transformer's dtype) and the latents after the scheduler step (float32),
+        both [1, 16, F, H/8, W/8]; its time counts in the step's time (used by compare/run.py)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         g = self.settings(negative_prompt=negative_prompt, **overrides)
@@ -135,6 +145,8 @@ class VideoGenerator:
                     uncond = adapter.denoise(pipe, latents, t, neg)
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(i, noise, latents)
                 sync_device(dev)
                 per_step.append(time.perf_counter() - ts)
                 run.log_step(i)
