@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from .wan_original import save_original_checkpoint
 from wan_nabla.models import save_tiny_checkpoint
 from wan_nabla.tiny import build_tiny_pipeline
 
@@ -22,3 +23,10 @@ def tiny_pipe():
 def tiny_checkpoint(tmp_path_factory):
     """Directory holding save_tiny_checkpoint(seed=0): diffusers layout, safetensors weights."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-wan") / "Wan2.1-T2V-tiny-Diffusers", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_original_checkpoint(tmp_path_factory, tiny_pipe):
+    """The tiny transformer's weights in Wan's original layout: original key names, 2 shards, index
+    json, and a decoy Wan2.1_VAE.pth that must never be opened."""
+    return save_original_checkpoint(tiny_pipe.transformer.state_dict(), tmp_path_factory.mktemp("orig") / "Wan-tiny")
