@@ -265,6 +265,8 @@ def test_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(tiny_original_c
     assert len(err) == 1 and err[0].startswith("wan-nabla: error:") and needle in err[0], err
     if kind.startswith("pickle"):
         assert "never loads" in err[0] and "Wan-AI/Wan2.1-T2V-14B-Diffusers" in err[0]
+    if kind in ("index_parent_dir", "index_absolute", "index_subdir"):
+        assert "shards must sit next to the index" in err[0]  # refused by name, before any file is opened
     assert list(out.parent.iterdir()) == []
 
 

@@ -143,3 +143,16 @@ def test_memory_config_and_flags():
                      ({"model": ["tiny"]}, "model")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             RunConfig.from_mapping(bad)
+
+
+@pytest.mark.parametrize("flag, value, allowed", [("--offload", "cpu", "none, model, group, sequential"),
+                                                  ("--vae-tiling", "maybe", "auto, on, off")])
+def test_bad_memory_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, allowed):
+    """Guards: a bad --offload / --vae-tiling is one line naming the flag and the allowed values,
+    exit 2, before any model is loaded or file written."""
+    from wan_nabla.cli import main
+
+    assert main(["generate", "--prompt", "x", "--model", "tiny", flag, value, "--output", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wan-nabla: error: {flag} (memory.") and allowed in err[0], err
+    assert list(tmp_path.iterdir()) == []

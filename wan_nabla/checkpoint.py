@@ -20,8 +20,8 @@ Algorithm:
    if `scale_shift_table` or `blocks.N.attn1.*`. Original names are mapped by diffusers' own
    `convert_wan_transformer_to_diffusers`, applied to a {name: name} dict (renames only).
 3. The transformer is built from `transformer_config` (the --model's transformer config.json) on
-   the meta device; missing keys, unexpected keys and shape mismatches are reported (the first in
-   sorted order, with how many more).
+   the meta device; shape mismatches, then missing keys, then unexpected keys are reported (the
+   first in sorted order, with how many more).
 4. Tensors are read one at a time and cast to `dtype`, except the modules diffusers keeps in
    float32 (`_keep_in_fp32_modules`, the rule from_pretrained applies), then assigned in place
    (load_state_dict(assign=True)); the rotary tables, which are not in checkpoints, are rebuilt.
@@ -240,6 +240,12 @@ def _check_keys(names: Mapping[str, str], expected: Mapping[str, tuple], shapes,
         return repr(new) if old == new else f"{new!r} (checkpoint name {old!r})"
 
     arch = f"{config.num_layers} blocks, width {config.num_attention_heads * config.attention_head_dim}"
+    # Shapes first: a 14B checkpoint with a 1.3B --model is then named as a size mismatch.
+    for new in sorted(set(expected) & set(names)):
+        got = shapes[names[new]][1]
+        if got != expected[new]:
+            raise CheckpointError(f"shape mismatch for {shown(new)}: checkpoint {list(got)}, --model transformer "
+                                  f"{list(expected[new])} ({arch}); do --model and the checkpoint have the same size?")
     missing = sorted(set(expected) - set(names))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -250,11 +256,6 @@ def _check_keys(names: Mapping[str, str], expected: Mapping[str, tuple], shapes,
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(f"checkpoint has unexpected key {shown(unexpected[0])}{more} for the --model "
                               f"transformer ({arch}; {naming} key names)")
-    for new in sorted(expected):
-        got = shapes[names[new]][1]
-        if got != expected[new]:
-            raise CheckpointError(f"shape mismatch for {shown(new)}: checkpoint {list(got)}, --model transformer "
-                                  f"{list(expected[new])} ({arch}); do --model and the checkpoint have the same size?")
 
 
 def fingerprint(files: CheckpointFiles) -> list[dict[str, Any]]:
