@@ -9,7 +9,6 @@ import logging
 import shutil
 import types
 
-import huggingface_hub.constants as hf_constants
 import numpy as np
 import pytest
 import torch
@@ -270,15 +269,10 @@ def test_bad_checkpoint_exits_2_with_one_line_and_writes_nothing(tiny_original_c
     assert list(out.parent.iterdir()) == []
 
 
-def test_hub_id_from_cache_and_offline_download_command(tiny_original_checkpoint, tmp_path, monkeypatch, capsys):
+def test_hub_id_from_cache_and_offline_download_command(tiny_original_checkpoint, tmp_path, offline_hub, capsys):
     """Guards: a hub id for --transformer is found in the HF cache (offline), and a missing one
     exits 2 with the exact `hf download` command (safetensors + json only, no pickles)."""
-    repo_dir = tmp_path / "hub" / "models--someone--Wan-tiny-NABLA"
-    shutil.copytree(tiny_original_checkpoint, repo_dir / "snapshots" / ("0" * 40))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline_hub("someone/Wan-tiny-NABLA", tiny_original_checkpoint)
     _, info = load_transformer("someone/Wan-tiny-NABLA", "tiny", torch.float32)
     assert info["naming"] == "original" and info["source"] == "someone/Wan-tiny-NABLA"
     assert main(["generate", "--prompt", "x", "--transformer", "someone/missing-dit", "--output",
