@@ -1,5 +1,5 @@
 """Memory modes on one GPU: peak memory per phase and s/step per --offload mode, cards simulated
-with torch.cuda.set_per_process_memory_fraction (method: wan_nabla/bench/memory.py).
+with torch.cuda.set_per_process_memory_fraction (method: wan_nabla/bench/memory.py, reading: memory_report.py).
 
     source scripts/gpu_env.sh
     python3 scripts/gpu_memory.py --part 14B-720p --out $OUT    # ~7 min on an H100
@@ -22,6 +22,8 @@ Random weights at real sizes (UMT5-XXL, Wan2.1 transformer, Wan VAE); 2-3 denois
 first not timed; the VAE decode peak is measured once per video size (tiled and not) and added
 to what each mode keeps resident. Writes OUT/memory_<part>.json and .md after every run (a
 killed job keeps what it measured), and prints the "Which mode for my GPU" table last.
+The allocator runs with its default settings, as users get it (PYTORCH_CUDA_ALLOC_CONF, if set,
+is recorded): a capped run that passes fits that card as is.
 """
 
 from __future__ import annotations
@@ -32,15 +34,12 @@ import os
 import sys
 from pathlib import Path
 
-# Fragmentation would make "fits" depend on allocation order; set before CUDA initialises.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from wan_nabla.bench import memory  # noqa: E402
+from wan_nabla.bench import memory, memory_report  # noqa: E402
 from wan_nabla.bench.records import environment  # noqa: E402
 from wan_nabla.output.files import atomic_write_json, atomic_write_text  # noqa: E402
 from wan_nabla.pipeline import resolve_device  # noqa: E402
@@ -52,12 +51,12 @@ NOTE = ("random weights at real sizes (speed and memory only; videos are noise);
 def _write(result: dict, out: Path, stem: str) -> None:
     atomic_write_json(out / f"{stem}.json", result)
     atomic_write_text(out / f"{stem}.md", f"# Memory modes ({result['part']})\n\n{NOTE}.\n\n"
-                      + memory.render_markdown(result))
+                      + memory_report.render_markdown(result))
 
 
 def _short(result: dict) -> str:
     """The last lines printed: the recommendation per card."""
-    md = memory.render_markdown(result)
+    md = memory_report.render_markdown(result)
     start = md.index("Which mode for my GPU")
     return md[start:md.index("| VAE decode")].strip()
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.report:
-        result = memory.merge([json.loads(f.read_text()) for f in args.report])
+        result = memory_report.merge([json.loads(f.read_text()) for f in args.report])
         _write(result, args.out, "memory")
         print(_short(result))
         return 0
@@ -92,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     env["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
     def save(result: dict) -> None:
-        result.update(environment=env, note=NOTE, context_gib=memory.CONTEXT_GIB, cards_gib=list(memory.CARDS_GIB))
-        result["recommendation"] = memory.recommendation_table(result["runs"])
+        result.update(environment=env, note=NOTE, context_gib=memory_report.CONTEXT_GIB,
+                      cards_gib=list(memory_report.CARDS_GIB))
+        result["recommendation"] = memory_report.recommendation_table(result["runs"])
         _write(result, args.out, stem)
 
     result = memory.run_part(part, device, sparse=args.sparse, budget_s=args.budget_s, on_update=save)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_nabla.bench import memory
+from wan_nabla.bench import memory, memory_report
 from wan_nabla.bench.random_init import WAN_SIZES
 from wan_nabla.presets import preset_names
 
@@ -52,9 +52,9 @@ def test_gpu_parts_are_well_formed_and_fit_the_time_budget(part):
     the primary runs' pessimistic time estimate fits the default budget of one GPU command."""
     runs = memory.plan(part)
     for run in (x for r in runs for x in _walk(r)):
-        assert run.size in WAN_SIZES and run.video in memory.VIDEOS and run.offload in memory.MODES
+        assert run.size in WAN_SIZES and run.video in memory_report.VIDEOS and run.offload in memory_report.MODES
         assert run.attention == "full" or run.attention in preset_names()
-        assert run.card_gib is None or run.card_gib in memory.CARDS_GIB
+        assert run.card_gib is None or run.card_gib in memory_report.CARDS_GIB
         assert run.steps > run.warmup
     assert sum(memory.estimate_s(r) for r in runs) < 500
     labels = [r.label() for r in runs]
@@ -74,9 +74,12 @@ def test_budget_skips_runs_without_building_anything():
 
 
 def _row(size, offload, s, peaks, b2=True, card=None, status="ok", video="720p"):
-    return {"size": size, "video": video, "attention": "full", "offload": offload, "batch_cfg": b2, "card_gib": card,
-            "status": status, "s_per_step": s, "peak_gib": {"encode": peaks[0], "denoise": peaks[1]},
-            "resident_before_decode_gib": peaks[2]}
+    """A measured run as memory.measure records it; peaks = (encode, denoise, resident before decode)."""
+    row = {"size": size, "video": video, "attention": "full", "offload": offload, "batch_cfg": b2, "card_gib": card,
+           "status": status, "s_per_step": s, "peak_gib": None}
+    if peaks:
+        row.update(peak_gib={"encode": peaks[0], "denoise": peaks[1]}, resident_before_decode_gib=peaks[2])
+    return row
 
 
 def test_recommendation_is_the_fastest_mode_that_fits_each_card():
@@ -88,17 +91,16 @@ def test_recommendation_is_the_fastest_mode_that_fits_each_card():
             _row("14B", "group", 27.0, (10.6, 20.0, 0.5), card=24),
             _row("14B", "group", 28.0, (10.6, 14.0, 0.5), b2=False, card=16),
             _row("14B", "sequential", 60.0, (1.0, 9.0, 0.5), b2=False, card=16),
-            _row("14B", "sequential", 9.0, None or (1, 1, 1), status="oom", card=12)]
-    rows[-1]["peak_gib"] = None
-    memory.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
+            _row("14B", "sequential", 9.0, None, status="oom", card=12)]
+    memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
                                        {"video": "720p", "tiling": False, "decode_extra_gib": 30.0}])
     assert rows[0]["decode_gib_est"] == 38.0 + 4.0  # none at 1280x720: tiling on by the auto rule
-    rec = memory.recommend(rows)[("14B", "720p")]
+    rec = memory_report.recommend(rows)[("14B", "720p")]
     pick = {card: (r["offload"], r["batch_cfg"]) if r else None for card, r in rec.items()}
     assert pick == {80: ("none", True), 48: ("model", True), 24: ("group", True), 16: ("group", False),
                     12: ("sequential", False)}
     rows[4]["peak_gib"]["denoise"] = 12.0
-    memory.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0}])
-    assert memory.recommend(rows)[("14B", "720p")][12] is None
-    md = memory.render_markdown({"runs": rows, "vae": [], "skipped": []})
+    memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0}])
+    assert memory_report.recommend(rows)[("14B", "720p")][12] is None
+    md = memory_report.render_markdown({"runs": rows, "vae": [], "skipped": []})
     assert "| 24 GB |" in md and "group* (27.00 s/step" in md and "does not fit" in md

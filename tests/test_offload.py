@@ -115,12 +115,14 @@ def test_peak_memory_is_recorded_per_phase(monkeypatch):
     resets = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev=None: resets.append(dev))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: next(peaks))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda dev=None: 30 * 2**30)
     p = pipeline_mod._PhasePeaks(torch.device("cuda"))
     for phase in ("encode", "denoise", "decode"):
         p.end(phase)
     assert len(resets) == 4
     assert p.record() == {"peak_gpu_memory_gb": 20.0,
-                          "peak_gpu_memory_gb_by_phase": {"encode": 5.0, "denoise": 20.0, "decode": 9.0}}
+                          "peak_gpu_memory_gb_by_phase": {"encode": 5.0, "denoise": 20.0, "decode": 9.0},
+                          "peak_gpu_reserved_gb_by_phase": {"encode": 30.0, "denoise": 30.0, "decode": 30.0}}
     assert pipeline_mod._PhasePeaks(torch.device("cpu")).record() == {}
 
 

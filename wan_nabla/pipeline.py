@@ -186,23 +186,27 @@ class VideoGenerator:
 
 
 class _PhasePeaks:
-    """Peak allocated GPU memory per phase: the allocator's peak is reset as each phase begins."""
+    """Peak GPU memory per phase (GiB; allocated by tensors, and reserved by the caching allocator,
+    which is what the device sees): the allocator's peaks are reset as each phase begins."""
 
     def __init__(self, device: torch.device):
         self.device = device if device.type == "cuda" else None
         self.gb: dict[str, float] = {}
+        self.reserved_gb: dict[str, float] = {}
         if self.device is not None:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def end(self, phase: str) -> None:
         if self.device is not None:
             self.gb[phase] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.reserved_gb[phase] = torch.cuda.max_memory_reserved(self.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def record(self) -> dict[str, Any]:
         if not self.gb:
             return {}
-        return {"peak_gpu_memory_gb": max(self.gb.values()), "peak_gpu_memory_gb_by_phase": dict(self.gb)}
+        return {"peak_gpu_memory_gb": max(self.gb.values()), "peak_gpu_memory_gb_by_phase": dict(self.gb),
+                "peak_gpu_reserved_gb_by_phase": dict(self.reserved_gb)}
 
 
 def _progress(total: int, enabled: bool):
