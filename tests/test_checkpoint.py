@@ -295,3 +295,18 @@ def test_zero_shot_line_names_the_tuned_checkpoint(caplog):
         assert not warn_if_zero_shot(cfg.override(transformer=same)), same
     assert not same_checkpoint("weights/Wan2.1-T2V-14B-NABLA-0.6-STA-11-3-3", tuned)
     assert not warn_if_zero_shot(RunConfig())
+
+
+def test_batch_item_key_covers_the_dit_weights():
+    """Guards resume: a batch item made with other DiT weights (--transformer) is a different
+    item, never skipped as done; without --transformer the key is what it was (the base model)."""
+    from wan_nabla.app import model_label
+    from wan_nabla.batch.plan import plan_item
+    from wan_nabla.batch.prompts import PromptItem
+
+    item = PromptItem(index=0, line=1, prompt="a fox")
+    base = RunConfig().override(model="tiny")
+    assert model_label(base) == "tiny"
+    keys = {plan_item(c, item, model_label(c)).key
+            for c in (base, base.override(transformer="/w/a"), base.override(transformer="/w/b"))}
+    assert len(keys) == 3
