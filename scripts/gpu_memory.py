@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output directory ($OUT on the GPU machine)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--sparse", default=memory.DEFAULT_SPARSE, help="the sparse preset measured next to dense")
-    p.add_argument("--budget-s", type=float, default=500.0,
-                   help="start no run expected to end after this many seconds (default 500)")
+    p.add_argument("--budget-s", type=float, default=460.0,
+                   help="start no run expected to end after this many seconds (default 460)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
