@@ -92,7 +92,7 @@ def test_unreadable_config(tmp_path):
 def test_overrides_win_and_are_validated():
     cfg = RunConfig()
     o = cfg.override(steps=3, size=(128, 64), model="tiny", seed=None)
-    assert (o.generation.steps, o.generation.size, o.model, o.generation.seed) == (3, (128, 64), "tiny", 0)
+    assert (o.generation.steps, o.generation.size, o.model.base, o.generation.seed) == (3, (128, 64), "tiny", 0)
     with pytest.raises(ConfigError, match="generation.frames"):
         cfg.override(frames=4)
 

@@ -158,15 +158,9 @@ def test_tiny_bf16_matches_a_bf16_load_from_disk_tensor_for_tensor(tiny_checkpoi
     assert any("scale_shift_table" in k for k in kept)
 
 
-def test_hub_id_is_loaded_from_the_hf_cache(tiny_checkpoint, tmp_path, monkeypatch):
+def test_hub_id_is_loaded_from_the_hf_cache(tiny_checkpoint, offline_hub):
     repo = "someone/tiny-wan"
-    repo_dir = tmp_path / "hub" / "models--someone--tiny-wan"
-    shutil.copytree(tiny_checkpoint, repo_dir / "snapshots" / ("0" * 40))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads HF_HOME once at import, so the constant itself must be patched.
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline_hub(repo, tiny_checkpoint)
     pipe = load_pipeline(repo, dtype=torch.float32)
     assert pipe.transformer.config.num_layers == 2
 

@@ -186,11 +186,12 @@ def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) 
     )[0]
 
 
-def decode_video(pipe, latents: torch.Tensor):
-    """Latents -> float frames [T, H, W, 3] in [0, 1] (numpy), through the Wan VAE in its own dtype."""
+def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None):
+    """Latents -> float frames [T, H, W, 3] in [0, 1] (numpy), through the Wan VAE in its own dtype,
+    on `device` (default: where the VAE's weights are; give it when an offload hook moves the VAE)."""
     vae = pipe.vae
     z = vae.config.z_dim
-    latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+    latents = latents.to(device=device or next(vae.parameters()).device, dtype=vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
     video = vae.decode(latents * std + mean, return_dict=False)[0]

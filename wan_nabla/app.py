@@ -1,7 +1,8 @@
 """The application layer: turn command-line / YAML input into a run, for every subcommand.
 
     cfg = resolve_run_config(args)        # config file (path or preset name) + flag overrides
-    gen = load_generator(cfg)             # model resolved (flag, config, weights/, hub) and loaded
+    gen = load_generator(cfg)             # model resolved (flag, config, weights/, hub), DiT weights
+                                          # (--transformer) and memory mode (--offload) applied
     except usage_errors() as e: ...       # the errors that mean "bad input": exit code 2
 
 `args` is any object with the generation flags of `cli.add_generation_flags` as attributes
@@ -25,10 +26,11 @@ class UsageError(ValueError):
 
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit code 2, one line, nothing written)."""
+    from .checkpoint import CheckpointError
     from .models import ModelNotFoundError
     from .output.files import OutputError
 
-    return (UsageError, ConfigError, OutputError, ModelNotFoundError)
+    return (UsageError, ConfigError, OutputError, ModelNotFoundError, CheckpointError)
 
 
 def resolve_run_config(args: Any) -> RunConfig:
@@ -37,7 +39,7 @@ def resolve_run_config(args: Any) -> RunConfig:
 
     cfg = load_config(args.config)
     size = parse_size(args.size, "--size") if args.size is not None else None
-    if (args.model or cfg.model) == TINY_MODEL_ID:
+    if (args.model or cfg.model.base) == TINY_MODEL_ID:
         tiny = {k: v for k, v in TINY_GENERATION.items() if getattr(args, k) is None}
         if tiny:
             log.info("--model tiny: using %s (give the flags to change)", tiny)
@@ -45,17 +47,26 @@ def resolve_run_config(args: Any) -> RunConfig:
     flags = dict(
         model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
-        fps=args.fps, device=args.device, dtype=args.dtype,
+        fps=args.fps, device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
+        offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
     )
     try:
         return cfg.override(**flags)
     except ConfigError as e:
         msg = str(e)
         for name, value in flags.items():  # name the flag the user typed, not only the config key
-            if value is not None and msg.startswith(f"generation.{name}:"):
+            if value is not None and any(msg.startswith(f"{s}.{name}:") for s in ("generation", "memory", "model")):
                 msg = f"--{name.replace('_', '-')} ({msg}"
                 msg = msg.replace(":", "):", 1)
         raise ConfigError(msg) from None
+
+
+def model_label(cfg: RunConfig) -> str:
+    """The resolved base model, plus the DiT weights when --transformer replaces its own."""
+    from .models import resolve_model
+
+    base = resolve_model(cfg.model.base, None)
+    return f"{base} + transformer {cfg.model.transformer}" if cfg.model.transformer else base
 
 
 def load_generator(cfg: RunConfig):
@@ -63,8 +74,24 @@ def load_generator(cfg: RunConfig):
     from .models import resolve_model
     from .pipeline import VideoGenerator
 
-    model = resolve_model(cfg.model, None)
-    log.info("loading model %s (%s attention)", model, cfg.attention.label())
+    model = resolve_model(cfg.model.base, None)
+    dit = cfg.model.transformer
+    log.info("loading model %s%s (%s attention, offload %s)", model, f" with DiT weights {dit}" if dit else "",
+             cfg.attention.label(), cfg.memory.offload)
+    warn_if_zero_shot(cfg)
     gen = VideoGenerator.load(model, cfg)
     log.info("loaded in %.1fs on %s", gen.load_s, gen.device)
     return gen
+
+
+def warn_if_zero_shot(cfg: RunConfig) -> bool:
+    """One log line when the config names the DiT it was tuned for and the run uses other weights."""
+    from .models import download_command, same_checkpoint
+
+    tuned = cfg.model.recommended_transformer
+    if not tuned or same_checkpoint(cfg.model.transformer, tuned):
+        return False
+    log.warning("zero-shot run: this config was tuned for the DiT %s, but the run uses %s; for the tuned weights: "
+                "%s, then add --transformer weights/%s", tuned, cfg.model.transformer or "the model's own transformer",
+                download_command(tuned, dit_only=True), tuned.split("/")[-1])
+    return True

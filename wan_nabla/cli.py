@@ -3,6 +3,8 @@
     wan-nabla generate --model tiny --prompt "a red fox running through snow" \\
         --config nabla_0.7 --output fox.mp4 [--save-masks]
     wan-nabla compare --prompt "a red fox" --config nabla_0.4 [--against full] --out cmp/
+    wan-nabla generate --model weights/Wan2.1-T2V-14B-Diffusers --transformer weights/Wan2.1-T2V-14B-NABLA-0.7 \\
+        --config nabla_0.7 --offload group --size 1280x720 --prompt "..."   # fine-tuned DiT, 24 GB card
     wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/
     wan-nabla presets                                  # bundled configs, one line each
     wan-nabla bench --levels op --out benchmarks/results/h100
@@ -31,6 +33,12 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--config", help=config_help or "a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a "
                                                    "YAML path; default: full attention, Wan defaults")
     p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
+    p.add_argument("--transformer", metavar="PATH", help="DiT weights replacing the model's own: a .safetensors "
+                   "file, a *.safetensors.index.json with its shards, a directory of them (Wan's original layout "
+                   "or diffusers'), or a hub repo id; text encoder, VAE and architecture come from --model")
+    p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
+                   "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
+    p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
     p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
     p.add_argument("--frames", type=int, help="number of video frames, 4k+1 (e.g. 17, 81)")

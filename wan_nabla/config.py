@@ -2,6 +2,7 @@
 
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
+    cfg.model.base, cfg.model.transformer, cfg.memory.offload   # the weights, where they live
     att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
 
 YAML is only a serialization of these dataclasses: unknown keys, wrong types and out-of-range
@@ -22,6 +23,8 @@ import yaml
 
 ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
 DTYPES = ("bfloat16", "float16", "float32")
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
+AUTO_ON_OFF = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -241,42 +244,130 @@ class GenerationConfig:
         return d
 
 
+def _optional_text(key: str, value: Any, allowed: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use {allowed}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run. YAML: `model: <id or dir>` (the base only) or a mapping of these fields."""
+
+    base: str | None = None
+    """tiny, a local diffusers-format Wan2.1 directory, or a hub repo id (models.py). Gives the text
+    encoder, tokenizer, VAE, scheduler and the transformer's architecture (its config.json); None:
+    weights/Wan2.1-T2V-1.3B-Diffusers if present, else the 1.3B hub id."""
+    transformer: str | None = None
+    """DiT weights that replace the base's transformer weights: a .safetensors file, a
+    *.safetensors.index.json with its shards, a directory holding either (Wan's original layout or
+    a diffusers `transformer/` folder), or a hub repo id. Original or diffusers key names (checkpoint.py)."""
+    recommended_transformer: str | None = None
+    """Hub id of the DiT this config was tuned for (the fine-tuned NABLA presets). Informational:
+    when the run uses other DiT weights, one log line says the run is zero-shot."""
+
+    def __post_init__(self) -> None:
+        what = "tiny, a directory or a hub repo id"
+        _optional_text("model.base", self.base, what)
+        _optional_text("model.transformer", self.transformer, "a .safetensors file, an index .json, a directory or a hub repo id")
+        _optional_text("model.recommended_transformer", self.recommended_transformer, "a hub repo id (owner/name)")
+
+    @classmethod
+    def from_value(cls, data: Any) -> ModelConfig:
+        """`model:` as written in YAML: None, a string (the base) or a mapping of the fields."""
+        if data is None or isinstance(data, ModelConfig):
+            return data or cls()
+        if not isinstance(data, Mapping):
+            if not isinstance(data, str) or not data.strip():
+                raise ConfigError(f"model: {data!r} is not allowed; use tiny, a directory, a hub repo id "
+                                  "or a mapping with base, transformer, recommended_transformer")
+            return cls(base=data)
+        _check_keys("model", data, tuple(f.name for f in fields(cls)))
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Where the components live during a run (offload.py); outputs do not depend on it."""
+
+    offload: str = "none"
+    """none: everything on the device. model: each component (text encoder, transformer, VAE) is
+    moved to the device only while it runs. group: transformer blocks stream to the device one at a
+    time (prefetched on a CUDA stream while the previous block computes); the text encoder is on the
+    device only while encoding. sequential: lowest memory, every layer of the transformer and the
+    text encoder streams in on its own."""
+    vae_tiling: str = "auto"
+    """Decode the video in overlapping spatial tiles (less memory, seams blended): on, off, or auto
+    (on from offload.VAE_TILING_AUTO_PIXELS per frame, or whenever offload is not none)."""
+
+    def __post_init__(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"memory.offload: {self.offload!r} is not allowed; use one of {', '.join(OFFLOAD_MODES)}")
+        if self.vae_tiling not in AUTO_ON_OFF:
+            raise ConfigError(f"memory.vae_tiling: {self.vae_tiling!r} is not allowed; use one of {', '.join(AUTO_ON_OFF)}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> MemoryConfig:
+        _check_keys("memory", data, tuple(f.name for f in fields(cls)))
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Flag-style overrides that RunConfig.override routes to a section other than `generation`.
+_SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "transformer"),
+                      "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling")}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole config file: optional model, attention section, generation defaults."""
+    """A whole config file: model, attention section, generation defaults, memory placement."""
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    model: str | None = None
-    """tiny, a local diffusers-format Wan2.1 directory, or a hub repo id (see models.py)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The weights (ModelConfig); YAML `model:` may be a plain string, the base model."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
-        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
-            raise ConfigError(f"model: {self.model!r} is not allowed; use tiny, a directory or a hub repo id")
+        object.__setattr__(self, "model", ModelConfig.from_value(self.model))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
         data = {} if data is None else data
-        _check_keys("", data, ("model", "attention", "generation"))
+        _check_keys("", data, ("model", "attention", "generation", "memory"))
         return cls(
             attention=AttentionConfig.from_mapping(data.get("attention") or {}),
             generation=GenerationConfig.from_mapping(data.get("generation") or {}),
-            model=data.get("model"),
+            model=ModelConfig.from_value(data.get("model")),
+            memory=MemoryConfig.from_mapping(data.get("memory") or {}),
         )
 
     def override(self, **changes: Any) -> RunConfig:
-        """Return a copy with generation fields (and `model`) replaced; None values are ignored."""
+        """Return a copy with generation fields, `model` (the base), `transformer`, `offload` and
+        `vae_tiling` replaced; None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        model = changes.pop("model", self.model)
+        sections: dict[str, dict[str, Any]] = {}
+        for name, (section, key) in _SECTION_OVERRIDES.items():
+            if name in changes:
+                sections.setdefault(section, {})[key] = changes.pop(name)
         gen_names = {f.name for f in fields(GenerationConfig)}
         for k in changes:
             if k not in gen_names:
                 raise ConfigError(f"unknown generation override '{k}'")
-        gen = dataclasses.replace(self.generation, **changes) if changes else self.generation
-        return RunConfig(attention=self.attention, generation=gen, model=model)
+        if changes:
+            sections["generation"] = changes
+        return dataclasses.replace(
+            self, **{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()}
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "attention": self.attention.to_dict(), "generation": self.generation.to_dict()}
+        return {"model": self.model.to_dict(), "attention": self.attention.to_dict(),
+                "generation": self.generation.to_dict(), "memory": self.memory.to_dict()}
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -1,7 +1,9 @@
 """Find and load a Wan2.1 text-to-video pipeline: the tiny test model, a local directory, or a hub id.
 
-    model = resolve_model(args.model, cfg.model)           # CLI > config > weights/... > hub id
+    model = resolve_model(args.model, cfg.model.base)      # CLI > config > weights/... > hub id
     pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
+    dit, source = load_transformer("weights/Wan2.1-T2V-14B-NABLA-0.7", model)   # other DiT weights
+    pipe = load_pipeline(model, device="cuda", transformer=dit)  # ... used instead of model's own
     set_flow_shift(pipe, 5.0)                              # 720p; 3.0 for 480p
     save_tiny_checkpoint("/tmp/tiny-wan")                  # diffusers layout, safetensors only
 
@@ -15,6 +17,9 @@ Limits and policy:
   and HF_HUB_OFFLINE is not set; any failure becomes ModelNotFoundError with the `hf download`
   command to run (diffusers 0.42 needs huggingface_hub >= 1.32, where the old `huggingface-cli`
   no longer exists).
+- `load_transformer` takes DiT weights from elsewhere (checkpoint.py: original Wan or diffusers key
+  names, one file or shards) into the architecture of the base model's transformer config; a hub id
+  is fetched with only its *.safetensors and *.json files. The base then needs no transformer weights.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
-from .tiny import TINY_MODEL_ID, build_tiny_pipeline
+from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
 
 DEFAULT_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 DEFAULT_LOCAL_DIR = Path("weights/Wan2.1-T2V-1.3B-Diffusers")
@@ -39,6 +44,8 @@ REQUIRED_ENTRIES = ("model_index.json", "transformer", "vae", "text_encoder", "t
 _WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+# A DiT repository is fetched without its pickles (original Wan repos also hold .pth encoder/VAE).
+DIT_PATTERNS = ("*.safetensors", "*.json")
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -53,17 +60,19 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def download_command(repo_id: str = DEFAULT_HUB_ID) -> str:
-    """The shell command that puts `repo_id` where resolve_model() looks for it."""
-    return f"hf download {repo_id} --local-dir weights/{repo_id.rstrip('/').split('/')[-1]}"
+def download_command(repo_id: str = DEFAULT_HUB_ID, dit_only: bool = False) -> str:
+    """The shell command that puts `repo_id` where resolve_model() looks for it (`dit_only`: only
+    the safetensors weights and json files of a transformer checkpoint, for --transformer)."""
+    include = "".join(f' --include "{p}"' for p in DIT_PATTERNS) if dit_only else ""
+    return f"hf download {repo_id}{include} --local-dir weights/{repo_id.rstrip('/').split('/')[-1]}"
 
 
 class ModelNotFoundError(RuntimeError):
     """The requested weights are not available; the message is one line ending in the download command."""
 
-    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID):
+    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID, command: str | None = None):
         reason = " ".join(str(reason).split())  # one line, whatever the wrapped error looked like
-        super().__init__(f"{reason}; get the weights with: {download_command(repo_id)}")
+        super().__init__(f"{reason}; get the weights with: {command or download_command(repo_id)}")
         self.repo_id = repo_id
 
 
@@ -83,12 +92,15 @@ def looks_like_hub_id(model: str) -> bool:
     return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
 
 
-def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID) -> None:
-    """Raise ModelNotFoundError unless `path` is a complete diffusers Wan layout with safetensors weights."""
+def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID, transformer_weights: bool = True) -> None:
+    """Raise ModelNotFoundError unless `path` is a complete diffusers Wan layout with safetensors weights
+    (without `transformer_weights`, only the transformer's config.json is needed)."""
     missing = [e for e in REQUIRED_ENTRIES if not (path / e).exists()]
+    if not transformer_weights and (path / "transformer").is_dir() and not (path / "transformer" / "config.json").exists():
+        missing.append("transformer/config.json")
     if missing:
         raise ModelNotFoundError(f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}", repo_id)
-    for sub in _WEIGHT_SUBFOLDERS:
+    for sub in _WEIGHT_SUBFOLDERS if transformer_weights else ("vae", "text_encoder"):
         files = [f for f in (path / sub).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
@@ -97,7 +109,9 @@ def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID) -> None:
         raise ModelNotFoundError(f"{str(path / sub)!r} has no .safetensors weights: {why}", repo_id)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> WanPipeline:
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, transformer=None) -> WanPipeline:
+    # A given transformer is used as it is (diffusers then neither reads nor downloads its folder).
+    extra = {} if transformer is None else {"transformer": transformer}
     with warnings.catch_warnings():
         # diffusers 0.42 still passes this kwarg to huggingface_hub, which ignores it; pure noise.
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
@@ -105,7 +119,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
             source, subfolder="vae", dtype=torch.float32, use_safetensors=True, local_files_only=local_files_only
         )
         return WanPipeline.from_pretrained(
-            source, vae=vae, dtype=dtype, use_safetensors=True, local_files_only=local_files_only
+            source, vae=vae, dtype=dtype, use_safetensors=True, local_files_only=local_files_only, **extra
         )
 
 
@@ -120,21 +134,36 @@ def _offline() -> bool:
     return env or bool(hf_constants.HF_HUB_OFFLINE)
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> WanPipeline:
+def _from_hub(repo_id: str, fetch, command: str | None = None):
+    """fetch(local_files_only): from the HF cache first, then (unless offline) the network."""
     errors = _hub_errors()
     try:
-        return _from_pretrained(repo_id, dtype, local_files_only=True)
+        return fetch(True)
     except errors as exc:
         cache_miss = exc
     if _offline():
         raise ModelNotFoundError(
             f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_first_line(cache_miss)})",
-            repo_id,
+            repo_id, command,
         ) from cache_miss
     try:
-        return _from_pretrained(repo_id, dtype, local_files_only=False)
+        return fetch(False)
     except errors as exc:
-        raise ModelNotFoundError(f"could not download {repo_id!r} ({_first_line(exc)})", repo_id) from exc
+        raise ModelNotFoundError(f"could not download {repo_id!r} ({_first_line(exc)})", repo_id, command) from exc
+
+
+def _kind(model: str) -> tuple[str, Path]:
+    """('tiny' | 'dir' | 'hub', path) for a --model value; ModelNotFoundError for files and missing paths."""
+    path = Path(model).expanduser()
+    if model == TINY_MODEL_ID:
+        return "tiny", path
+    if path.is_dir():
+        return "dir", path
+    if path.exists():
+        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory")
+    if looks_like_hub_id(model):
+        return "hub", path
+    raise ModelNotFoundError(f"model directory {model!r} does not exist")
 
 
 def load_pipeline(
@@ -142,32 +171,88 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     tiny_seed: int = 0,
+    transformer: torch.nn.Module | None = None,
 ) -> WanPipeline:
-    """Load `model` ('tiny', a directory, or 'owner/name'); transformer + text encoder in `dtype`, VAE fp32."""
-    if model == TINY_MODEL_ID:
+    """Load `model` ('tiny', a directory, or 'owner/name'); transformer + text encoder in `dtype`, VAE fp32.
+    A given `transformer` (load_transformer) replaces the model's own, whose weights are then not read."""
+    kind, path = _kind(model)
+    if kind == "tiny":
         if dtype == torch.float32:
-            return build_tiny_pipeline(seed=tiny_seed).to(device)
+            pipe = build_tiny_pipeline(seed=tiny_seed)
+            if transformer is not None:
+                pipe = WanPipeline(**{**pipe.components, "transformer": transformer})
+            return pipe.to(device)
         # A plain .to(dtype) would also cast the modules that diffusers/transformers keep in fp32
         # (time embedder, modulation tables, norms; T5's `wo` in fp16). Going through
         # from_pretrained applies exactly the rules real weights get, and exercises the real loader.
         with tempfile.TemporaryDirectory(prefix="wan-nabla-tiny-") as tmp:
             save_tiny_checkpoint(tmp, seed=tiny_seed)
-            return _from_pretrained(tmp, dtype, local_files_only=True).to(device)
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        check_model_dir(path)
+            return _from_pretrained(tmp, dtype, True, transformer).to(device)
+    if kind == "dir":
+        check_model_dir(path, transformer_weights=transformer is None)
         try:
-            pipe = _from_pretrained(str(path), dtype, local_files_only=True)
+            pipe = _from_pretrained(str(path), dtype, True, transformer)
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({_first_line(exc)})") from exc
-    elif path.exists():
-        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory")
-    elif looks_like_hub_id(model):
-        pipe = _load_hub(model, dtype)
     else:
-        raise ModelNotFoundError(f"model directory {model!r} does not exist")
+        pipe = _from_hub(model, lambda local: _from_pretrained(model, dtype, local, transformer))
     return pipe.to(device)
+
+
+def transformer_config(model: str) -> dict:
+    """The transformer config (WanTransformer3DModel keyword arguments) of a --model value."""
+    from diffusers import WanTransformer3DModel
+
+    kind, path = _kind(model)
+    if kind == "tiny":
+        return dict(TINY_TRANSFORMER_CONFIG)
+
+    def read(source: str, local: bool) -> dict:
+        return dict(WanTransformer3DModel.load_config(source, subfolder="transformer", local_files_only=local))
+
+    if kind == "hub":
+        return _from_hub(model, lambda local: read(model, local))
+    check_model_dir(path, transformer_weights=False)
+    try:
+        return read(str(path), True)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot read the transformer config of {str(path)!r} ({_first_line(exc)})") from exc
+
+
+def resolve_transformer(spec: str) -> Path:
+    """A --transformer value as a local path: itself, or a hub id's snapshot (safetensors + json only)."""
+    path = Path(spec).expanduser()
+    if path.exists() or not looks_like_hub_id(spec):
+        return path  # checkpoint.locate_checkpoint reports what is wrong with it
+    from huggingface_hub import snapshot_download
+
+    def fetch(local: bool) -> Path:
+        return Path(snapshot_download(spec, allow_patterns=list(DIT_PATTERNS), local_files_only=local))
+
+    return _from_hub(spec, fetch, download_command(spec, dit_only=True))
+
+
+def load_transformer(spec: str, model: str, dtype: torch.dtype = torch.bfloat16):
+    """(transformer, source record): the DiT weights `spec` (path or hub id) in the architecture of
+    `model`'s transformer config; checkpoint.CheckpointError for a bad checkpoint."""
+    from .checkpoint import load_transformer as load_checkpoint
+
+    config = transformer_config(model)
+    transformer, info = load_checkpoint(resolve_transformer(spec), config, dtype)
+    return transformer, {"source": spec, **info}
+
+
+def same_checkpoint(source: str | None, repo_id: str) -> bool:
+    """Whether the --transformer value `source` is the hub repo `repo_id`: the id itself, or a path
+    through a directory named like the repo (`hf download ... --local-dir weights/<name>`) or its
+    HF cache folder (models--owner--name)."""
+    if not source:
+        return False
+    if source.strip().lower() == repo_id.lower():
+        return True
+    owner, _, name = repo_id.lower().partition("/")
+    parts = [p.lower() for p in Path(source).expanduser().parts]
+    return name in parts or f"models--{owner}--{name}" in parts
 
 
 def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:

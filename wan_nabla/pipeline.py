@@ -3,7 +3,7 @@
     gen = VideoGenerator.load("tiny", load_config("configs/nabla_0.7.yaml"), device="cpu")
     result = gen.generate("a red fox running through snow", size=(128, 128), frames=17, steps=4)
     result.frames        # float32 [17, 128, 128, 3] in [0, 1]
-    result.timings       # text_encoding_s, denoising_s, per_step_s, decode_s, ...
+    result.timings       # text_encoding_s, denoising_s, per_step_s, decode_s, peak GPU memory per phase
     result.attention     # kept-block density per step and overall
     gen.generate(prompt, on_step=lambda i, noise, latents: ...)   # per-step noise prediction
 
@@ -11,7 +11,8 @@ The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-fr
 (noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
 batch of two by default (`batch_cfg`), the step index handed to the attention processors before
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
-so a seed reproduces the same video on any device.
+so a seed reproduces the same video on any device. `config.memory` places the components
+(offload.py); peak GPU memory is recorded per phase (encode, denoise, decode).
 
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import adapter
+from . import adapter, offload
 from .config import GenerationConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -71,32 +72,46 @@ class GenerationResult:
 class VideoGenerator:
     """A loaded Wan2.1 pipeline with wan-nabla attention installed; reusable across prompts."""
 
-    def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom"):
+    def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom",
+                 transformer_source: dict[str, Any] | None = None):
         self.pipe = pipe
         self.config = config
         self.device = device
         self.model_id = model_id
+        # Where the DiT weights came from (models.load_transformer's record), for the sidecar.
+        self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
         self.handle = adapter.apply_attention(pipe.transformer, config.attention)
+        try:
+            self.memory = offload.apply_memory(pipe, config.memory, device)
+        except BaseException:
+            self.handle.remove()  # leave the pipeline as it was given
+            raise
         self._first_call = True
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
              tiny_seed: int = 0) -> VideoGenerator:
-        from .models import load_pipeline
+        from .models import load_pipeline, load_transformer
 
         gen_cfg = config.generation
         dev = resolve_device(device or gen_cfg.device)
         dt = _DTYPES[dtype or gen_cfg.dtype]
         t0 = time.perf_counter()
-        pipe = load_pipeline(model, device=dev, dtype=dt, tiny_seed=tiny_seed)
+        transformer, source = None, None
+        if config.model.transformer:
+            transformer, source = load_transformer(config.model.transformer, model, dt)
+        # Offload modes start from the CPU: a 14B model may not fit on the device at all.
+        place = dev if config.memory.offload == "none" else torch.device("cpu")
+        pipe = load_pipeline(model, device=place, dtype=dt, tiny_seed=tiny_seed, transformer=transformer)
+        gen = cls(pipe, config, dev, model_id=model, transformer_source=source)
         sync_device(dev)
-        gen = cls(pipe, config, dev, model_id=model)
         gen.load_s = time.perf_counter() - t0
         return gen
 
     def close(self) -> None:
         self.handle.remove()
+        self.memory.remove()
 
     def settings(self, **overrides: Any) -> GenerationConfig:
         """The config's generation defaults with per-call overrides (None = keep) applied."""
@@ -104,12 +119,14 @@ class VideoGenerator:
 
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str | None = None, *, progress: bool = True,
-                 on_step: StepCallback | None = None, **overrides: Any) -> GenerationResult:
+                 on_step: StepCallback | None = None, decode: bool = True,
+                 **overrides: Any) -> GenerationResult:
         """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
 
         `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
         prediction (the transformer's dtype) and the latents after the scheduler step (float32),
-        both [1, 16, F, H/8, W/8]; its time counts in the step's time (used by compare/run.py)."""
+        both [1, 16, F, H/8, W/8]; its time counts in the step's time (used by compare/run.py).
+        decode=False stops after denoising (memory and speed measurements): frames are then empty."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         g = self.settings(negative_prompt=negative_prompt, **overrides)
@@ -118,10 +135,12 @@ class VideoGenerator:
         run.reset_stats()
         timings: dict[str, Any] = {}
 
+        peaks = _PhasePeaks(dev)
         t0 = time.perf_counter()
         pos, neg = adapter.encode_prompts(pipe, prompt, g.negative_prompt, cfg_on, dev)
         sync_device(dev)
         timings["text_encoding_s"] = time.perf_counter() - t0
+        peaks.end("encode")
 
         scheduler = adapter.make_scheduler(pipe, g.resolved_shift)
         scheduler.set_timesteps(g.steps, device=dev)
@@ -157,13 +176,18 @@ class VideoGenerator:
             # The first step compiles FlexAttention for this shape (once per process and shape).
             timings["first_step_s"] = per_step[0]
         self._first_call = False
+        peaks.end("denoise")
 
-        t0 = time.perf_counter()
-        frames = adapter.decode_video(pipe, latents)
-        sync_device(dev)
-        timings["decode_s"] = time.perf_counter() - t0
-        if dev.type == "cuda":
-            timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        frames = np.zeros((0, g.height, g.width, 3), np.float32)
+        if decode:
+            t0 = time.perf_counter()
+            timings["vae_tiling"] = self.memory.before_decode(g.width, g.height)
+            frames = adapter.decode_video(pipe, latents, dev)
+            sync_device(dev)
+            timings["decode_s"] = time.perf_counter() - t0
+            peaks.end("decode")
+        self.memory.after_video()
+        timings.update(peaks.record())
 
         return GenerationResult(
             frames=np.asarray(frames, dtype=np.float32),
@@ -172,6 +196,30 @@ class VideoGenerator:
             timings=timings,
             attention=run.density_summary(),
         )
+
+
+class _PhasePeaks:
+    """Peak GPU memory per phase (GiB; allocated by tensors, and reserved by the caching allocator,
+    which is what the device sees): the allocator's peaks are reset as each phase begins."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.gb: dict[str, float] = {}
+        self.reserved_gb: dict[str, float] = {}
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def end(self, phase: str) -> None:
+        if self.device is not None:
+            self.gb[phase] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.reserved_gb[phase] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def record(self) -> dict[str, Any]:
+        if not self.gb:
+            return {}
+        return {"peak_gpu_memory_gb": max(self.gb.values()), "peak_gpu_memory_gb_by_phase": dict(self.gb),
+                "peak_gpu_reserved_gb_by_phase": dict(self.reserved_gb)}
 
 
 def _progress(total: int, enabled: bool):

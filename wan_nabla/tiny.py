@@ -31,6 +31,13 @@ _TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
 # into t/h/w = 12/10/10, all even and positive.
 _HEAD_DIM = 32
 
+# The tiny transformer's config (WanTransformer3DModel keyword arguments).
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=_HEAD_DIM, in_channels=16, out_channels=16,
+    text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+)
+
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: every UTF-8 byte is a token, so any unicode prompt encodes
@@ -86,20 +93,7 @@ def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
             eos_token_id=tokenizer.eos_token_id,
         )
         text_encoder = UMT5EncoderModel(text_config)
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=_HEAD_DIM,
-            in_channels=16,
-            out_channels=16,
-            text_dim=_TEXT_DIM,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=64,
-        )
+        transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),

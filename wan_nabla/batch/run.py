@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app import UsageError, load_generator, resolve_run_config
+from ..app import UsageError, load_generator, model_label, resolve_run_config
 from ..output.files import ensure_writable_dir
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
@@ -133,8 +133,6 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
 
 def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
     """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written."""
-    from ..models import resolve_model
-
     cfg = resolve_run_config(args)
     try:
         items = read_prompt_file(args.prompts)
@@ -143,7 +141,7 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
     out_dir = Path(args.out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
-    model_id = resolve_model(cfg.model, None)
+    model_id = model_label(cfg)
     planned = [plan_item(cfg, it, model_id) for it in items]
     if args.dry_run:
         assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))

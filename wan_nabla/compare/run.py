@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -126,10 +127,10 @@ def resolve_pair(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     ref_args = copy.copy(args)
     ref_args.config = args.against or "full"
     against = resolve_run_config(ref_args)
-    if args.model is None and against.model not in (None, cand.model):
-        raise UsageError(f"--against: its model {against.model!r} differs from the candidate's "
-                         f"{cand.model!r}; compare runs one model (give --model)")
-    return RunConfig(attention=against.attention, generation=cand.generation, model=cand.model), cand
+    if args.model is None and against.model.base not in (None, cand.model.base):
+        raise UsageError(f"--against: its model {against.model.base!r} differs from the candidate's "
+                         f"{cand.model.base!r}; compare runs one model (give --model)")
+    return dataclasses.replace(cand, attention=against.attention), cand
 
 
 def _check_video_writer() -> None:

@@ -3,10 +3,11 @@
     record = publish_video(gen, result, prompt, Path("outputs/fox.mp4"))   # fox.mp4 + fox.json
 
 `sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
-judge the video: prompt, negative prompt, seed, model id, the fully resolved config (file values
-with CLI overrides applied), the video's measured properties, timings (load, text encoding,
-denoising with per-step times, decode, write), attention density per step and overall, and the
-package, torch, diffusers, transformers, CUDA and GPU versions.
+judge the video: prompt, negative prompt, seed, model id, where the DiT weights came from (path,
+key naming, size / mtime / sha256 of each file: checkpoint.py), the fully resolved config (file
+values with CLI overrides applied), the video's measured properties, timings (load, text encoding,
+denoising with per-step times, decode, write, peak GPU memory per phase), attention density per
+step and overall, and the package, torch, diffusers, transformers, CUDA and GPU versions.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def environment() -> dict[str, Any]:
 
 
 def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, video: dict,
-                   load_s: float, write_s: float) -> dict[str, Any]:
+                   load_s: float, write_s: float, transformer: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sidecar dict for one generated video (`result` is a pipeline.GenerationResult)."""
     resolved = config.to_dict()
     resolved["generation"] = result.settings
@@ -58,6 +59,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "negative_prompt": result.settings.get("negative_prompt", ""),
         "seed": result.seed,
         "model": model_id,
+        "transformer": transformer,
         "output": str(output),
         "video": video,
         "config": resolved,
@@ -87,7 +89,8 @@ def publish_video(gen, result, prompt: str, output: Path, extra: dict[str, Any] 
                 raise RuntimeError(f"encoded {info['frames']} frames, expected {len(result.frames)}")
             record = sidecar_record(prompt=prompt, result=result, config=gen.config, model_id=gen.model_id,
                                     output=output, video=info, load_s=gen.load_s,
-                                    write_s=time.perf_counter() - t0)
+                                    write_s=time.perf_counter() - t0,
+                                    transformer=getattr(gen, "transformer_source", None))
             record.update(extra or {})
             wio.atomic_write_json(side, record)
     except BaseException:

@@ -1,0 +1,107 @@
+"""scripts/gpu_memory.py: the CPU quick mode runs every memory mode end to end, the GPU parts are
+well formed and fit their time budget, and the recommendation picks what the numbers say."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from wan_nabla.bench import memory, memory_report
+from wan_nabla.bench.random_init import WAN_SIZES
+from wan_nabla.presets import preset_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_memory_script", ROOT / "scripts" / "gpu_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_cpu_mode_measures_every_mode_and_writes_reports(tmp_path):
+    """Guards the GPU run against typos: the script's own entry point runs the tiny model through
+    none / model / group / sequential (dense and sparse) on the CPU and writes JSON + markdown;
+    --report merges part files."""
+    script = _script()
+    assert script.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "memory_quick.json").read_text())
+    assert [r["offload"] for r in res["runs"]] == ["none", "model", "group", "sequential", "group"]
+    assert all(r["status"] == "ok" and r["s_per_step"] > 0 for r in res["runs"]), res["runs"]
+    assert {(d["video"], d["tiling"]) for d in res["vae"]} == {("quick", False), ("quick", True)}
+    assert res["environment"]["command"].startswith("scripts/gpu_memory.py") and "commit" in res["environment"]
+    md = (tmp_path / "memory_quick.md").read_text()
+    assert "Which mode for my GPU" in md and "random weights" in md
+    assert script.main(["--report", str(tmp_path / "memory_quick.json"), "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "memory.json").read_text())["runs"] == res["runs"]
+
+
+def _walk(run):
+    yield run
+    for f in run.fallback:
+        yield from _walk(f)
+
+
+@pytest.mark.parametrize("part", [p for p in memory.PARTS if p != "quick"])
+def test_gpu_parts_are_well_formed_and_fit_the_time_budget(part):
+    """Guards the GPU parts (which cannot run here): known sizes, videos, presets, modes and cards;
+    the primary runs' pessimistic time estimate stays under 500 s (a GPU command may run 600 s;
+    the run-time budget guard, 460 s by default, skips what would not fit)."""
+    runs = memory.plan(part)
+    for run in (x for r in runs for x in _walk(r)):
+        assert run.size in WAN_SIZES and run.video in memory_report.VIDEOS and run.offload in memory_report.MODES
+        assert run.attention == "full" or run.attention in preset_names()
+        assert run.card_gib is None or run.card_gib in memory_report.CARDS_GIB
+        assert run.steps > run.warmup
+    assert sum(memory.estimate_s(r) for r in runs) < 500
+    labels = [r.label() for r in runs]
+    if part == "14B-720p":  # the issue's goal: 14B 720p on a 24 GB card, against none on the whole GPU
+        assert "14B 720p full offload=group CFG batch 2 on 24 GiB" in labels
+        assert "14B 720p full offload=none CFG batch 2 on whole GPU" in labels
+    if part == "1.3B":  # 1.3B 480p within 12 GB
+        assert "1.3B 480p full offload=model CFG batch 2 on 12 GiB" in labels
+
+
+def test_budget_skips_runs_without_building_anything():
+    """Guards the time budget: runs that would overrun it are listed as skipped, not started."""
+    import torch
+
+    res = memory.run_part("14B-720p", torch.device("cpu"), budget_s=0, log=lambda s: None)
+    assert res["runs"] == [] and len(res["skipped"]) == len(memory.plan("14B-720p"))
+
+
+def _row(size, offload, s, peaks, b2=True, card=None, status="ok", video="720p"):
+    """A measured run as memory.measure records it; peaks = (encode, denoise, resident before decode)."""
+    row = {"size": size, "video": video, "attention": "full", "offload": offload, "batch_cfg": b2, "card_gib": card,
+           "status": status, "s_per_step": s, "peak_gib": None}
+    if peaks:
+        row.update(peak_gib={"encode": peaks[0], "denoise": peaks[1]}, resident_before_decode_gib=peaks[2])
+    return row
+
+
+def test_recommendation_is_the_fastest_mode_that_fits_each_card():
+    """Guards the README table's logic: per card, the fastest ok run whose overall peak (encode,
+    denoise, estimated decode = resident + measured VAE decode peak) fits card - CONTEXT_GIB;
+    OOM runs never qualify; nothing fitting gives None."""
+    rows = [_row("14B", "none", 25.0, (38.0, 55.0, 38.0)),
+            _row("14B", "model", 25.5, (10.6, 45.0, 0.5), card=48),
+            _row("14B", "group", 27.0, (10.6, 20.0, 0.5), card=24),
+            _row("14B", "group", 28.0, (10.6, 14.0, 0.5), b2=False, card=16),
+            _row("14B", "sequential", 60.0, (1.0, 9.0, 0.5), b2=False, card=16),
+            _row("14B", "sequential", 9.0, None, status="oom", card=12)]
+    memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
+                                       {"video": "720p", "tiling": False, "decode_extra_gib": 30.0}])
+    assert rows[0]["decode_gib_est"] == 38.0 + 4.0  # none at 1280x720: tiling on by the auto rule
+    rec = memory_report.recommend(rows)[("14B", "720p")]
+    pick = {card: (r["offload"], r["batch_cfg"]) if r else None for card, r in rec.items()}
+    assert pick == {80: ("none", True), 48: ("model", True), 24: ("group", True), 16: ("group", False),
+                    12: ("sequential", False)}
+    rows[4]["peak_gib"]["denoise"] = 12.0
+    memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0}])
+    assert memory_report.recommend(rows)[("14B", "720p")][12] is None
+    md = memory_report.render_markdown({"runs": rows, "vae": [], "skipped": []})
+    assert "| 24 GB |" in md and "group* (27.00 s/step" in md and "does not fit" in md

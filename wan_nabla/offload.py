@@ -1,0 +1,136 @@
+"""Memory modes: where the pipeline's components live while a video is made (diffusers' own hooks).
+
+    handle = apply_memory(pipe, MemoryConfig(offload="group"), torch.device("cuda"))
+    ...                                   # encode / denoise / decode as usual: the hooks move weights
+    handle.before_decode(1280, 720)       # VAE tiling as configured for this frame size
+    handle.after_video()                  # model mode: every component back on the CPU
+    handle.remove()                       # hooks gone; offloaded components stay on the CPU
+
+The modes (`memory.offload`, `--offload`); the text encoder is UMT5-XXL (11.4 GB in bf16), the
+14B transformer 28.6 GB, the VAE 0.5 GB (fp32):
+- none: every component on the device (as loaded); nothing is installed. Fastest, most memory.
+- model: diffusers' `enable_model_cpu_offload` (accelerate hooks, chain text encoder ->
+  transformer -> VAE): a component moves to the device when it is called and the one before it
+  goes back to the CPU, so the text encoder is off the device before the transformer arrives.
+  After each video everything returns to the CPU (`maybe_free_model_hooks`). Peak: the largest
+  component plus its activations; the transformer moves once per video, steps run at full speed.
+- group: diffusers group offloading. Transformer at block level, one block per group; on CUDA the
+  next block is copied from pinned CPU memory on a side stream while the current one computes
+  (`use_stream`, `record_stream`). Patch embedding, condition embedder and head form one group that
+  stays on the device for the whole forward. Text encoder at block level too, which for UMT5 (no
+  ModuleList child) is a single group: on the device during encoding only. The VAE moves to the
+  device for decoding and back after it (0.5 GB that a 12 GB card needs while encoding).
+- sequential: lowest memory. Group offloading at leaf level for the transformer and the text
+  encoder (every Linear / norm / embedding moves on its own, prefetched on a stream on CUDA); the
+  VAE as in group, with tiling. accelerate's `enable_sequential_cpu_offload` is not used: it fails
+  inside UMT5 with accelerate 1.15 + transformers 5 (tied embedding), and it is slower.
+
+VAE tiling (`memory.vae_tiling`): AutoencoderKLWan.enable_tiling (256-px tiles, 192-px stride,
+blended seams; frames still decode one latent frame at a time). `auto` turns it on from
+VAE_TILING_AUTO_PIXELS per frame, and always in group / sequential modes. Tiling changes decoded
+pixels slightly (blending); the latents never depend on the memory mode. VAE slicing is not
+offered: it splits a batch, and wan-nabla decodes one video at a time.
+
+Limits: group / sequential pin a CPU copy of the transformer (host RAM: about twice the
+transformer until the first step, then once); model mode needs accelerate. Forward hooks of
+adapter.py keep working under every mode (they read module outputs, never weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import MemoryConfig
+
+# Frames with at least this many pixels are decoded with VAE tiling under `vae_tiling: auto`.
+# Provisional (720p); scripts/gpu_memory.py measures the decode peak with and without tiling.
+VAE_TILING_AUTO_PIXELS = 1280 * 720
+# The hook names diffusers' group offloading registers (hooks/group_offloading.py); its own
+# re-apply path removes exactly these three.
+_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+_CPU = torch.device("cpu")
+
+
+def vae_tiling_on(memory: MemoryConfig, width: int, height: int) -> bool:
+    """Whether a width x height video is decoded tiled under this memory config."""
+    if memory.vae_tiling != "auto":
+        return memory.vae_tiling == "on"
+    return width * height >= VAE_TILING_AUTO_PIXELS or memory.offload in ("group", "sequential")
+
+
+class MemoryHandle:
+    """What apply_memory returns: per-video calls and a way to take the hooks off again."""
+
+    def __init__(self, pipe, memory: MemoryConfig, device: torch.device, grouped: tuple = ()):
+        self.pipe = pipe
+        self.memory = memory
+        self.device = device
+        self._grouped = grouped
+        self.active = True
+
+    def before_decode(self, width: int, height: int) -> bool:
+        """Set VAE tiling for this frame size (and bring the VAE in); returns whether tiling is on."""
+        on = vae_tiling_on(self.memory, width, height)
+        self.pipe.vae.enable_tiling() if on else self.pipe.vae.disable_tiling()
+        if self.memory.offload in ("group", "sequential"):
+            self.pipe.vae.to(self.device)
+        return on
+
+    def after_video(self) -> None:
+        """Everything that offloading keeps off the device goes back to the CPU."""
+        if self.memory.offload == "model":
+            self.pipe.maybe_free_model_hooks()
+        elif self.memory.offload in ("group", "sequential"):
+            self.pipe.vae.to(_CPU)
+
+    def remove(self) -> None:
+        """Take the hooks off. Offloaded components end on the CPU; mode none leaves placement alone."""
+        if not self.active:
+            return
+        self.active = False
+        mode = self.memory.offload
+        if mode == "none":
+            return
+        if mode == "model":
+            self.pipe.remove_all_hooks()
+        else:
+            from diffusers.hooks import HookRegistry
+
+            for module in self._grouped:
+                registry = HookRegistry.check_if_exists_or_initialize(module)
+                for name in _GROUP_HOOKS:
+                    registry.remove_hook(name, recurse=True)
+        for name in ("text_encoder", "transformer", "vae"):
+            getattr(self.pipe, name).to(_CPU)
+
+
+def apply_memory(pipe, memory: MemoryConfig, device: torch.device) -> MemoryHandle:
+    """Place the pipeline's components for `memory.offload` on `device` (see module doc).
+    Call after adapter.apply_attention; offload modes expect the components on the CPU."""
+    device = torch.device(device)
+    mode = memory.offload
+    if mode == "none":
+        pipe.to(device)
+        return MemoryHandle(pipe, memory, device)
+    if mode == "model":
+        try:
+            pipe.enable_model_cpu_offload(device=device)
+        except ImportError as e:  # accelerate is a dependency, but a trimmed install may lack it
+            raise RuntimeError(f"memory.offload 'model' needs accelerate ({e}); pip install accelerate") from None
+        return MemoryHandle(pipe, memory, device)
+
+    from diffusers.hooks import apply_group_offloading
+
+    stream = device.type == "cuda"
+    kw = dict(onload_device=device, offload_device=_CPU)
+    streamed = dict(use_stream=stream, record_stream=stream, non_blocking=stream)
+    if mode == "group":
+        apply_group_offloading(pipe.transformer, offload_type="block_level", num_blocks_per_group=1, **kw, **streamed)
+        # One group for the whole encoder: a stream has nothing to prefetch, and pinning would
+        # keep a second host copy of 11 GB.
+        apply_group_offloading(pipe.text_encoder, offload_type="block_level", num_blocks_per_group=1, **kw)
+    else:  # sequential
+        apply_group_offloading(pipe.transformer, offload_type="leaf_level", **kw, **streamed)
+        apply_group_offloading(pipe.text_encoder, offload_type="leaf_level", **kw, **streamed)
+    pipe.vae.to(_CPU)
+    return MemoryHandle(pipe, memory, device, grouped=(pipe.transformer, pipe.text_encoder))
