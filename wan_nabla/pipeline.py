@@ -5,12 +5,20 @@
     result.frames        # float32 [17, 128, 128, 3] in [0, 1]
     result.timings       # text_encoding_s, denoising_s, per_step_s, decode_s, ...
     result.attention     # kept-block density per step and overall
+    result.speed         # compile mode and time, step-cache skips, merged LoRAs
 
 The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-free guidance
 (noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
 batch of two by default (`batch_cfg`), the step index handed to the attention processors before
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
-so a seed reproduces the same video on any device.
+so a seed reproduces the same video on any device. Guidance <= 1 (step-distilled LoRAs) runs one
+pass per step and never encodes the negative prompt.
+
+Speed levers (config `speed:` and `lora:`), set up once in this order: attention processors,
+LoRAs merged into the weights (lora.py), compiled blocks, step cache (adapter.py says why the
+order matters). Per video the cache state is reset; skipped block computations are counted from
+the attention calls (a skipped block never calls its attention), and compile time is what
+TorchDynamo/Inductor spent during the call (0 once everything is compiled).
 
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
@@ -18,6 +26,8 @@ Wan2.1 T2V only.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from contextlib import nullcontext
@@ -33,6 +43,19 @@ from .config import GenerationConfig, RunConfig
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+AUTO_COMPILE = {"cuda": "blocks"}
+"""What `speed.compile: auto` means per device type (others: none)."""
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    return AUTO_COMPILE.get(device.type, "none") if mode == "auto" else mode
+
+
+def compile_seconds() -> float:
+    """Seconds TorchDynamo + Inductor have spent compiling in this process so far."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,6 +83,8 @@ class GenerationResult:
     """The resolved generation settings of this video (size, frames, steps, guidance, shift, ...)."""
     timings: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] = field(default_factory=dict)
+    """compile (mode, seconds, graphs), cache (kind, block calls computed/skipped), lora (records)."""
 
 
 class VideoGenerator:
@@ -73,6 +98,15 @@ class VideoGenerator:
         self.load_s = 0.0
         self.handle = adapter.apply_attention(pipe.transformer, config.attention)
         self._first_call = True
+        self.lora: list[dict[str, Any]] = []
+        if config.lora:
+            from .lora import load_loras
+
+            self.lora = load_loras(pipe, config.lora)
+        self.compile_mode = resolve_compile(config.speed.compile, device)
+        self._uncompile = (adapter.compile_blocks(pipe.transformer, self.handle.run, self.compile_mode)
+                           if self.compile_mode != "none" else None)
+        self._cache_key = None
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
@@ -90,7 +124,21 @@ class VideoGenerator:
         return gen
 
     def close(self) -> None:
+        """Undo attention, compiled blocks and cache (merged LoRAs stay in the weights)."""
+        adapter.disable_cache(self.pipe.transformer)
+        if self._uncompile is not None:
+            self._uncompile()
         self.handle.remove()
+
+    def _prepare_cache(self, steps: int) -> None:
+        """Enable the configured step cache (again when MagCache's step count changes) and reset it."""
+        speed, tr = self.config.speed, self.pipe.transformer
+        kind = speed.cache_kind
+        key = (kind, steps if kind == "mag" else None)
+        if kind != "none" and key != self._cache_key:
+            adapter.enable_cache(tr, kind, speed.cache_params, steps, speed.mag_ratios)
+            self._cache_key = key
+        adapter.reset_cache(tr)
 
     def settings(self, **overrides: Any) -> GenerationConfig:
         """The config's generation defaults with per-call overrides (None = keep) applied."""
@@ -107,32 +155,38 @@ class VideoGenerator:
         cfg_on = g.guidance_scale > 1.0
         run.reset_stats()
         timings: dict[str, Any] = {}
+        compile_s0, graphs0 = compile_seconds(), _graphs()
+        self._prepare_cache(g.steps)
+        calibrate = bool(self.config.speed.cache_params.get("calibrate"))
 
         t0 = time.perf_counter()
         pos, neg = adapter.encode_prompts(pipe, prompt, g.negative_prompt, cfg_on, dev)
         sync_device(dev)
         timings["text_encoding_s"] = time.perf_counter() - t0
 
-        scheduler = adapter.make_scheduler(pipe, g.resolved_shift)
-        scheduler.set_timesteps(g.steps, device=dev)
+        scheduler = adapter.make_scheduler(pipe, g.resolved_shift, g.sampler)
+        adapter.set_timesteps(scheduler, g.steps, dev)
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
+        passes = 1 if not cfg_on or both is not None else 2
 
         per_step = []
+        printed = io.StringIO()  # diffusers prints MagCache's calibrated ratios to stdout
         t_loop = time.perf_counter()
         bar = _progress(g.steps, progress)
-        with bar:
+        with bar, (contextlib.redirect_stdout(printed) if calibrate else contextlib.nullcontext()):
             for i, t in enumerate(scheduler.timesteps):
                 ts = time.perf_counter()
                 run.set_step(i)
                 if not cfg_on:
-                    noise = adapter.denoise(pipe, latents, t, pos)
+                    noise = adapter.denoise(pipe, latents, t, pos, context="cond")
                 elif both is not None:
-                    cond, uncond = adapter.denoise(pipe, torch.cat([latents, latents]), t, both).chunk(2)
+                    x2 = torch.cat([latents, latents])
+                    cond, uncond = adapter.denoise(pipe, x2, t, both, context="cfg").chunk(2)
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 else:
-                    cond = adapter.denoise(pipe, latents, t, pos)
-                    uncond = adapter.denoise(pipe, latents, t, neg)
+                    cond = adapter.denoise(pipe, latents, t, pos, context="cond")
+                    uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 sync_device(dev)
@@ -145,6 +199,13 @@ class VideoGenerator:
             # The first step compiles FlexAttention for this shape (once per process and shape).
             timings["first_step_s"] = per_step[0]
         self._first_call = False
+        timings["compile_s"] = compile_seconds() - compile_s0
+        speed = {
+            "compile": {"mode": self.compile_mode, "compile_s": timings["compile_s"], "graphs_compiled": _graphs() - graphs0},
+            "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
+            "lora": self.lora,
+            "passes_per_step": passes,
+        }
 
         t0 = time.perf_counter()
         frames = adapter.decode_video(pipe, latents)
@@ -158,8 +219,42 @@ class VideoGenerator:
             seed=g.seed,
             settings=g.to_dict(),
             timings=timings,
-            attention=run.density_summary(),
+            attention=run.density_summary(steps=g.steps),
+            speed=speed,
         )
+
+    def _cache_record(self, steps: int, passes: int, printed: str) -> dict[str, Any]:
+        """Block computations the step cache skipped in the last video (from attention calls)."""
+        calls = self.handle.run.calls_per_step()
+        n_blocks = len(self.pipe.transformer.blocks)
+        computed = [calls.get(i, 0) for i in range(steps)]
+        total = steps * passes * n_blocks
+        record = {"cache": self.config.speed.cache, "block_calls": total, "computed": sum(computed),
+                  "skipped": total - sum(computed), "skipped_share": (total - sum(computed)) / total,
+                  "computed_per_step": computed}
+        if printed:
+            record["calibrated_mag_ratios"] = _printed_ratios(printed)
+        return record
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _printed_ratios(text: str) -> list[float] | None:
+    """The first ratio list diffusers' MagCache printed after a calibration run."""
+    import ast
+
+    for line in text.splitlines():
+        try:
+            values = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            continue  # the banner around the list
+        if isinstance(values, list):
+            return [float(x) for x in values]
+    return None
 
 
 def _progress(total: int, enabled: bool):

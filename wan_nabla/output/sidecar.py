@@ -5,7 +5,8 @@
 `sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
 judge the video: prompt, negative prompt, seed, model id, the fully resolved config (file values
 with CLI overrides applied), the video's measured properties, timings (load, text encoding,
-denoising with per-step times, decode, write), attention density per step and overall, and the
+denoising with per-step times, decode, write), attention density per step and overall, the speed
+levers (compile mode and time, step-cache skips, merged LoRAs with their sha256), and the
 package, torch, diffusers, transformers, CUDA and GPU versions.
 """
 
@@ -63,6 +64,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "config": resolved,
         "timings": timings,
         "attention": result.attention,
+        "speed": result.speed,
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
