@@ -288,7 +288,7 @@ def test_distill_preset_generates_with_a_lora_and_records_the_levers(tmp_path, l
     cache; the sidecar records the LoRA (with its sha256), the cache skips and the compile mode."""
     out = tmp_path / "v.mp4"
     assert main(["generate", "--prompt", "a fox", "--config", "distill_4step_sta", "--model", "tiny", "--quiet",
-                 "--size", "64x64", "--frames", "5", "--output", str(out), "--cache", "first-block:0",
+                 "--size", "64x64", "--frames", "5", "--dtype", "float32", "--output", str(out), "--cache", "first-block:0",
                  "--lora", f"{lora_files / 'original.safetensors'}:0.5"]) == 0
     side = json.loads(out.with_suffix(".json").read_text())
     gen = side["config"]["generation"]
@@ -296,3 +296,101 @@ def test_distill_preset_generates_with_a_lora_and_records_the_levers(tmp_path, l
     assert side["config"]["lora"] == [{"path": str(lora_files / "original.safetensors"), "scale": 0.5}]
     assert len(side["speed"]["lora"][0]["sha256"]) == 64 and side["speed"]["compile"]["mode"] == "none"
     assert side["speed"]["cache"]["block_calls"] == 4 * 2 and side["speed"]["passes_per_step"] == 1
+
+
+# ---- compiled blocks ---------------------------------------------------------------------------
+def _block_graphs() -> int:
+    """Graphs TorchDynamo holds for WanTransformerBlock.forward (every block shares this code)."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(WanTransformerBlock.forward.__code__))
+
+
+def test_compiled_blocks_match_eager_and_never_recompile():
+    """Guards: compiled blocks (attention as an opaque custom op inside one graph per block) give
+    the eager frames and densities; the dense-to-sparse switch (dense_steps), new prompts, seeds
+    and a new generator on another pipeline reuse the one block graph (a processor that exposed
+    its step, layer or stats to TorchDynamo would recompile per step or per block)."""
+    att = {"type": "nabla_sta", "threshold": 0.5, "sta_window": [1, 1, 1], "dense_steps": 1}
+    eager = _gen(att).generate("a fox", progress=False, seed=1, **SMALL)
+    gen = _gen(att, speed={"compile": "blocks"})
+    n0 = _block_graphs()
+    a = gen.generate("a fox", progress=False, seed=1, **SMALL)
+    assert _block_graphs() == n0 + 1 and a.speed["compile"]["compile_s"] > 0
+    np.testing.assert_allclose(a.frames, eager.frames, atol=1e-4)
+    assert a.attention["per_step"] == pytest.approx(eager.attention["per_step"]) and a.attention["per_step"][1] < 1
+    b = gen.generate("another prompt, ünïcödé", progress=False, seed=2, **SMALL)
+    c = _gen(att, speed={"compile": "blocks"}).generate("a fox", progress=False, seed=1, **SMALL)
+    assert _block_graphs() == n0 + 1
+    assert b.speed["compile"]["graphs_compiled"] == 0 == c.speed["compile"]["graphs_compiled"]
+    assert np.array_equal(a.frames, c.frames) and not np.allclose(a.frames, b.frames)
+
+
+# ---- the GPU measurement script, at tiny size ----------------------------------------------------
+def _ssim_reference(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
+    """SSIM from its definition, float64, one explicit Gaussian window per valid pixel."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    r = int(3.5 * sigma + 0.5)
+    x = np.arange(-r, r + 1)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    n = w.size
+    vals = []
+    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
+        for c in range(fa.shape[-1]):
+            pa = sliding_window_view(fa[..., c], w.shape)
+            pb = sliding_window_view(fb[..., c], w.shape)
+            ua, ub = (pa * w).sum((-1, -2)), (pb * w).sum((-1, -2))
+            va = ((pa - ua[..., None, None]) ** 2 * w).sum((-1, -2)) * n / (n - 1)
+            vb = ((pb - ub[..., None, None]) ** 2 * w).sum((-1, -2)) * n / (n - 1)
+            vab = ((pa - ua[..., None, None]) * (pb - ub[..., None, None]) * w).sum((-1, -2)) * n / (n - 1)
+            c1, c2 = 0.01 ** 2, 0.03 ** 2
+            vals.append((((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua ** 2 + ub ** 2 + c1) * (va + vb + c2))).mean())
+    return float(np.mean(vals))
+
+
+def test_ssim_and_psnr_of_the_levers_script_match_their_definitions():
+    """Guards: the cache quality numbers: SSIM equals the windowed definition (and scikit-image's
+    structural_similarity with Gaussian weights when it is installed), PSNR = 10 log10(1 / MSE)."""
+    from wan_nabla.bench.levers import psnr, ssim
+
+    g = np.random.default_rng(0)
+    a = g.random((3, 23, 31, 3)).astype(np.float32)
+    b = np.clip(a + 0.1 * g.standard_normal(a.shape), 0, 1).astype(np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    assert ssim(ta, tb, frames_per_chunk=2) == pytest.approx(_ssim_reference(a, b), abs=2e-6)
+    assert ssim(ta, ta) == pytest.approx(1.0, abs=1e-6)
+    assert psnr(ta, tb) == pytest.approx(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)), rel=1e-9)
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        return
+    sk = np.mean([structural_similarity(x, y, gaussian_weights=True, sigma=1.5, data_range=1.0, channel_axis=-1)
+                  for x, y in zip(a, b)])
+    assert ssim(ta, tb) == pytest.approx(sk, abs=2e-6)
+
+
+def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
+    """Guards: the GPU lever script end to end on the CPU at tiny size, so the H100 run does not
+    die on a slip: every row runs (dense, STA, compiled blocks, fused LoRA, cache, split variant),
+    nothing compiles inside a timed generate, the cache row has its skips and quality numbers, and
+    JSON + markdown are written with the table printed last."""
+    from wan_nabla.bench import levers
+
+    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9"]) == 0
+    data = json.loads((tmp_path / "levers.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert len(rows) == 6 and all("error" not in r and "skipped" not in r for r in rows.values()), rows.keys()
+    assert data["random_weights"] is True and data["env"]["commit"]
+    assert all(r["graphs_compiled_in_generate"] == 0 for r in rows.values())
+    assert [r["compile"] for r in rows.values()] == ["none", "none", "blocks", "blocks", "blocks", "blocks-split"]
+    lora = rows["+ LoRA, fused"]["lora"][0]
+    assert lora["rank"] == 4 and lora["format"] == "original" and lora["ignored_keys"] == 2
+    cache = rows["+ cache first-block:0.1"]
+    assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
+    assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("|") and "| + compiled blocks |" in out
+    assert (tmp_path / "levers.md").read_text() in out

@@ -146,8 +146,9 @@ class VideoGenerator:
 
     @torch.no_grad()
     def generate(self, prompt: str, negative_prompt: str | None = None, *, progress: bool = True,
-                 **overrides: Any) -> GenerationResult:
-        """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...)."""
+                 decode: bool = True, **overrides: Any) -> GenerationResult:
+        """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
+        decode=False skips the VAE (benchmarks of the loop): `frames` is then empty, decode_s None."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         g = self.settings(negative_prompt=negative_prompt, **overrides)
@@ -208,9 +209,9 @@ class VideoGenerator:
         }
 
         t0 = time.perf_counter()
-        frames = adapter.decode_video(pipe, latents)
+        frames = adapter.decode_video(pipe, latents) if decode else np.zeros((0, g.height, g.width, 3), np.float32)
         sync_device(dev)
-        timings["decode_s"] = time.perf_counter() - t0
+        timings["decode_s"] = time.perf_counter() - t0 if decode else None
         if dev.type == "cuda":
             timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
 

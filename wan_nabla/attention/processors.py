@@ -21,8 +21,9 @@ and appends to Python lists; traced by TorchDynamo that would guard on the step 
 every call. So under a compiled block the processor hands attention to an opaque region, chosen
 by `run.compile_region`:
 - "op": the custom op `wan_nabla::attend` (torch.library), one node inside the block's single
-  graph; Dynamo sees only its fake (an empty tensor like q). The layer index enters as a 0-d CPU
-  tensor, a graph input, so all blocks share one graph instead of guarding on 40 different ints.
+  graph; Dynamo sees only its fake (an empty tensor like q). The run and layer enter as a small
+  CPU tensor, a graph input, so all blocks (and later runs) share one graph instead of guarding
+  on 40 different ints or baking a run into it.
 - "split": a `torch.compiler.disable`d call; the block's graph splits around attention.
 Either way the mask build and the kernel run as they do eagerly (the kernel is the process-wide
 compiled flex), dense_steps switch kernels without a recompile, and statistics stay exact.
@@ -153,16 +154,17 @@ def _rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @torch.library.custom_op("wan_nabla::attend", mutates_args=())
-def attend_op(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, run_id: int,
-              layer: torch.Tensor) -> torch.Tensor:
-    """`AttentionRun.attend` as one opaque node of a compiled graph (compile_region "op")."""
-    out = _RUNS[run_id].attend(q_BHSD, k_BHSD, v_BHSD, int(layer))
+def attend_op(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`AttentionRun.attend` as one opaque node of a compiled graph (compile_region "op");
+    ids = [run_id, layer] on the CPU."""
+    run_id, layer = ids.tolist()
+    out = _RUNS[run_id].attend(q_BHSD, k_BHSD, v_BHSD, layer)
     # The compiled graph was planned with the fake's strides (those of q); hand back exactly those.
     return out if out.stride() == q_BHSD.stride() else torch.empty_like(q_BHSD).copy_(out)
 
 
 @attend_op.register_fake
-def _attend_fake(q_BHSD, k_BHSD, v_BHSD, run_id, layer):
+def _attend_fake(q_BHSD, k_BHSD, v_BHSD, ids):
     return torch.empty_like(q_BHSD)
 
 
@@ -178,7 +180,7 @@ class WanSparseAttnProcessor:
     def __init__(self, run: AttentionRun, layer: int):
         self.run = run
         self.layer = layer
-        self.layer_id = torch.tensor(layer)  # CPU: reading it inside the custom op never syncs
+        self.ids = torch.tensor([run.run_id, layer])  # CPU: reading it inside the custom op never syncs
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         if encoder_hidden_states is not None or attention_mask is not None or kw:
@@ -195,7 +197,7 @@ class WanSparseAttnProcessor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         region = self.run.compile_region
         if region == "op":
-            out = attend_op(q, k, v, self.run.run_id, self.layer_id)
+            out = attend_op(q, k, v, self.ids)
         elif region == "split":
             out = attend_outside_graph(self.run, q, k, v, self.layer)
         else:
