@@ -312,16 +312,18 @@ def test_compiled_blocks_match_eager_and_never_recompile():
     the eager frames and densities; the dense-to-sparse switch (dense_steps), new prompts, seeds
     and a new generator on another pipeline reuse the one block graph (a processor that exposed
     its step, layer or stats to TorchDynamo would recompile per step or per block)."""
-    att = {"type": "nabla_sta", "threshold": 0.5, "sta_window": [1, 1, 1], "dense_steps": 1}
-    eager = _gen(att).generate("a fox", progress=False, seed=1, **SMALL)
+    att = {"type": "nabla_sta", "threshold": 0.5, "sta_window": [1, 1, 1], "dense_steps": 1, "dense_layers": [1]}
+    small = {**SMALL, "guidance_scale": 1.0}  # batch 1: block 0's input then has odd strides
+    eager = _gen(att).generate("a fox", progress=False, seed=1, **small)
     gen = _gen(att, speed={"compile": "blocks"})
     n0 = _block_graphs()
-    a = gen.generate("a fox", progress=False, seed=1, **SMALL)
+    a = gen.generate("a fox", progress=False, seed=1, **small)
     assert _block_graphs() == n0 + 1 and a.speed["compile"]["compile_s"] > 0
     np.testing.assert_allclose(a.frames, eager.frames, atol=1e-4)
     assert a.attention["per_step"] == pytest.approx(eager.attention["per_step"]) and a.attention["per_step"][1] < 1
-    b = gen.generate("another prompt, ünïcödé", progress=False, seed=2, **SMALL)
-    c = _gen(att, speed={"compile": "blocks"}).generate("a fox", progress=False, seed=1, **SMALL)
+    assert a.attention["per_layer"] == pytest.approx(eager.attention["per_layer"])
+    b = gen.generate("another prompt, ünïcödé", progress=False, seed=2, **small)
+    c = _gen(att, speed={"compile": "blocks"}).generate("a fox", progress=False, seed=1, **small)
     assert _block_graphs() == n0 + 1
     assert b.speed["compile"]["graphs_compiled"] == 0 == c.speed["compile"]["graphs_compiled"]
     assert np.array_equal(a.frames, c.frames) and not np.allclose(a.frames, b.frames)
@@ -394,3 +396,25 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.rstrip().endswith("|") and "| + compiled blocks |" in out
     assert (tmp_path / "levers.md").read_text() in out
+
+
+def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():
+    """Guards: resume never mistakes a video made with another LoRA or cache for done; compile
+    (speed only) does not re-key; a config without levers keys exactly as before they existed."""
+    import hashlib
+
+    from wan_nabla.batch.plan import plan_item
+    from wan_nabla.batch.prompts import PromptItem
+
+    item = PromptItem(index=0, line=1, prompt="a fox")
+    base = load_config("nabla_0.7")
+    key = plan_item(base, item, "tiny").key
+    g = plan_item(base, item, "tiny").settings
+    before = {"index": 0, "prompt": "a fox", "name": None, "model": "tiny", "attention": base.attention.to_dict(),
+              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler")}}
+    assert key == hashlib.sha256(json.dumps(before, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+    assert plan_item(base.with_levers(compile="blocks"), item, "tiny").key == key
+    keys = {plan_item(c, item, "tiny").key for c in (
+        base.with_levers(lora=["a.safetensors"]), base.with_levers(lora=["a.safetensors:0.5"]),
+        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"))}
+    assert len(keys) == 4 and key not in keys
