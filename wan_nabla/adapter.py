@@ -17,7 +17,7 @@ diffusers' forward itself is not copied. `check_compatible` fails loudly if the 
 signature or the module names this relies on change (tested against the pinned diffusers range).
 
 Speed levers (pipeline.VideoGenerator applies them in this order: attention, LoRA, compile, cache):
-    undo = compile_blocks(pipe.transformer, handle.run, "blocks")   # before enable_cache
+    compiled = compile_blocks(pipe.transformer, handle.run, "blocks")   # before enable_cache
     enable_cache(pipe.transformer, "first-block", {"threshold": 0.05}, steps=4)
     reset_cache(pipe.transformer)                                    # before every video
     denoise(pipe, latents, t, embeds, context="cond")                # cache state per context
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,7 @@ from .config import AttentionConfig, ConfigError
 from .attention.processors import AttentionRun, WanSparseAttnProcessor
 
 _HANDLE_ATTR = "_wan_nabla_handle"
+log = logging.getLogger(__name__)
 
 
 def check_compatible(transformer: torch.nn.Module) -> None:
@@ -226,10 +228,31 @@ def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
 
 
 # ---- speed levers: compiled blocks and step caches ---------------------------------------------
-def compile_blocks(transformer, run: AttentionRun, mode: str):
+class CompiledBlocks:
+    """What compile_blocks returns: `undo()` restores the eager forwards; `error` is the one-line
+    compile failure the blocks fell back to eager after (fallback mode only), else None."""
+
+    def __init__(self, blocks: list, run: AttentionRun):
+        self.blocks = blocks
+        self.run = run
+        self.error: str | None = None
+
+    def fall_back(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        self.run.compile_region = "eager"
+        log.warning("compiling the transformer blocks failed; running them eagerly (%s)", self.error)
+
+    def undo(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.run.compile_region = "eager"
+
+
+def compile_blocks(transformer, run: AttentionRun, mode: str, fallback: bool = False) -> CompiledBlocks:
     """Compile the forward of every repeated block (module doc): mode "blocks" puts attention in
     one custom op (fullgraph: a graph break is an error), "blocks-split" splits the graph around
-    it. Returns a function that restores the eager forwards. Call before enable_cache."""
+    it. With `fallback`, a compile failure (TorchDynamo/Inductor) is logged and the blocks run
+    eagerly from then on instead of failing the video. Call before enable_cache."""
     if transformer.is_cache_enabled:
         raise RuntimeError("compile_blocks must run before a step cache is enabled (its hooks wrap forward)")
     if mode not in ("blocks", "blocks-split"):
@@ -242,37 +265,44 @@ def compile_blocks(transformer, run: AttentionRun, mode: str):
     # One graph per input shape (dynamic=False, like the compiled flex); let resolutions, CFG batch
     # sizes and sizes of tests coexist instead of silently falling back to eager at the default limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    state = CompiledBlocks(blocks, run)
     for block in blocks:
-        compiled = torch.compile(block.forward, fullgraph=mode == "blocks", dynamic=False)
-        block.forward = _canonical_input(compiled)
-
-    def undo() -> None:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
-        run.compile_region = "eager"
-
-    return undo
+        eager = block.forward
+        compiled = torch.compile(eager, fullgraph=mode == "blocks", dynamic=False)
+        block.forward = _compiled_forward(state, eager, compiled, fallback)
+    return state
 
 
-def _canonical_input(forward):
-    """Give the compiled forward its hidden states with standard contiguous strides. Block 0 gets
-    the patch embedding's view (transposed in raster order; with batch 1 a dim-0 stride of C in
-    tile order), later blocks a fresh tensor: static-shape guards compare strides, so without this
-    block 0 compiled a second graph (measured). A contiguous view is re-strided for free; a
-    transposed one is copied once per forward."""
+def _standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """x with the strides of a contiguous tensor of its shape. Block 0 gets the patch embedding's
+    view (transposed in raster order; with batch 1 a dim-0 stride of C in tile order), later blocks
+    a fresh tensor: static-shape guards compare strides, so without this block 0 compiled a second
+    graph (measured). A contiguous view is re-strided for free; a transposed one is copied."""
+    want, acc = [], 1
+    for n in reversed(x.shape):
+        want.insert(0, acc)
+        acc *= max(n, 1)
+    want = tuple(want)
+    if x.stride() == want:
+        return x
+    return x.as_strided(x.shape, want) if x.is_contiguous() else x.contiguous()
 
-    def wrapped(hidden_states, *args, **kwargs):
-        x = hidden_states
-        want, acc = [], 1
-        for n in reversed(x.shape):
-            want.insert(0, acc)
-            acc *= max(n, 1)
-        want = tuple(want)
-        if x.stride() != want:
-            x = x.as_strided(x.shape, want) if x.is_contiguous() else x.contiguous()
-        return forward(x, *args, **kwargs)
 
-    return wrapped
+def _compiled_forward(state: CompiledBlocks, eager, compiled, fallback: bool):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def forward(hidden_states, *args, **kwargs):
+        x = _standard_strides(hidden_states)
+        if state.error is None:
+            try:
+                return compiled(x, *args, **kwargs)
+            except TorchDynamoException as e:  # Inductor's errors derive from it too
+                if not fallback:
+                    raise
+                state.fall_back(e)
+        return eager(x, *args, **kwargs)
+
+    return forward
 
 
 def enable_cache(transformer, kind: str, params: Mapping[str, Any], steps: int,

@@ -104,8 +104,10 @@ class VideoGenerator:
 
             self.lora = load_loras(pipe, config.lora)
         self.compile_mode = resolve_compile(config.speed.compile, device)
-        self._uncompile = (adapter.compile_blocks(pipe.transformer, self.handle.run, self.compile_mode)
-                           if self.compile_mode != "none" else None)
+        # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
+        self._compiled = (adapter.compile_blocks(pipe.transformer, self.handle.run, self.compile_mode,
+                                                 fallback=config.speed.compile == "auto")
+                          if self.compile_mode != "none" else None)
         self._cache_key = None
 
     @classmethod
@@ -126,8 +128,8 @@ class VideoGenerator:
     def close(self) -> None:
         """Undo attention, compiled blocks and cache (merged LoRAs stay in the weights)."""
         adapter.disable_cache(self.pipe.transformer)
-        if self._uncompile is not None:
-            self._uncompile()
+        if self._compiled is not None:
+            self._compiled.undo()
         self.handle.remove()
 
     def _prepare_cache(self, steps: int) -> None:
@@ -202,7 +204,8 @@ class VideoGenerator:
         self._first_call = False
         timings["compile_s"] = compile_seconds() - compile_s0
         speed = {
-            "compile": {"mode": self.compile_mode, "compile_s": timings["compile_s"], "graphs_compiled": _graphs() - graphs0},
+            "compile": {"mode": self.compile_mode, "compile_s": timings["compile_s"], "graphs_compiled": _graphs() - graphs0,
+                        "error": self._compiled.error if self._compiled is not None else None},
             "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
             "lora": self.lora,
             "passes_per_step": passes,
