@@ -41,6 +41,12 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float))) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def _from_section(cls, section: str, data: Mapping[str, Any]):
+    """A config dataclass from its YAML section: unknown keys are errors, values validated by cls."""
+    _check_keys(section, data, tuple(f.name for f in fields(cls)))
+    return cls(**dict(data))
+
+
 def _check_keys(section: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{section or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
@@ -243,8 +249,7 @@ class GenerationConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GenerationConfig:
-        _check_keys("generation", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
+        return _from_section(cls, "generation", data)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -318,8 +323,7 @@ class SpeedConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SpeedConfig:
-        _check_keys("speed", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
+        return _from_section(cls, "speed", data)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
