@@ -10,7 +10,8 @@ lever more than the row before, generating one video of `steps` steps without CF
 Euler, shift 5: the distilled-LoRA preset's sampling):
     dense -> + STA 11-3-3 -> + compiled blocks -> + LoRA, fused -> + first-block cache
 then a variant row: compiled blocks with the graph split around attention instead of the custom
-op (skipped if the run is past --deadline-s). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
+op, skipped when the run would pass --deadline-s (its cost is estimated from the compiled row).
+`--rows` picks rows by key (dense sta compiled lora cache variant). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
 distill LoRA's shape as assumed here: rank 64 (alpha 64) on q/k/v/o of self- and cross-attention
 and ffn.0/ffn.2 of every block, original naming (lora_down/lora_up), `diff_b` bias deltas and a
 `diff_m` modulation table per block (which diffusers' loader does not apply). Fused, it costs
@@ -79,6 +80,7 @@ QUICK = LeverScenario("tiny", 128, 128, 9, sta_window=(1, 1, 1))
 
 @dataclass
 class Row:
+    key: str
     name: str
     attention: AttentionConfig
     compile: str = "none"
@@ -86,6 +88,8 @@ class Row:
     lora: tuple[LoraSpec, ...] = ()
     decode: bool = False
     optional: bool = False
+    warm: bool = True
+    """A warm-up forward first (rows that compile something; dense SDPA compiles nothing)."""
     note: str = ""
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -95,14 +99,18 @@ def plan_rows(s: LeverScenario, lora_path: str, cache: str) -> list[Row]:
     lora = (LoraSpec(lora_path),)
     sta_label = "STA " + "-".join(map(str, s.sta_window))
     return [
-        Row("dense (cuDNN SDPA)", AttentionConfig()),
-        Row(f"+ {sta_label}", sta),
-        Row("+ compiled blocks", sta, compile="blocks", note="attention as one custom op inside each block graph"),
-        Row("+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}"),
-        Row(f"+ cache {cache}", sta, compile="blocks", cache=cache, decode=True, note="LoRA merged since the row above"),
-        Row("variant: compiled blocks, graph split", sta, compile="blocks-split", optional=True,
-            note="graph split around attention (torch.compiler.disable); LoRA merged"),
+        Row("dense", "dense (cuDNN SDPA)", AttentionConfig(), warm=False),
+        Row("sta", f"+ {sta_label}", sta),
+        Row("compiled", "+ compiled blocks", sta, compile="blocks", note="attention as one custom op inside each block graph"),
+        Row("lora", "+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}"),
+        Row("cache", f"+ cache {cache}", sta, compile="blocks", cache=cache, decode=True,
+            note="LoRA merged since the row above"),
+        Row("variant", "variant: compiled blocks, graph split", sta, compile="blocks-split", optional=True,
+            note="graph split around attention (torch.compiler.disable); LoRA merged if its row ran"),
     ]
+
+
+ROW_KEYS = ("dense", "sta", "compiled", "lora", "cache", "variant")
 
 
 # ---- synthetic LoRA -------------------------------------------------------------------------------
@@ -198,7 +206,8 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
         timer = AttentionTimer(gen.handle.run, device)
         c0 = compile_seconds()
         t0 = time.perf_counter()
-        _warm_forward(gen, s, device)
+        if row.warm:
+            _warm_forward(gen, s, device)
         warm_s = time.perf_counter() - t0
         compile_s = compile_seconds() - c0
         timer.reset()
@@ -213,7 +222,8 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
     t = res.timings
     step_s = statistics.median(t["per_step_s"])
     out = {
-        "name": row.name, "note": row.note, "attention": row.attention.to_dict(), "compile": gen.compile_mode,
+        "key": row.key, "name": row.name, "note": row.note, "attention": row.attention.to_dict(),
+        "compile": gen.compile_mode,
         "cache": row.cache, "lora": res.speed["lora"], "setup_s": setup_s, "warmup_forward_s": warm_s,
         "compile_s": compile_s, "graphs_compiled_in_generate": res.speed["compile"]["graphs_compiled"],
         "encode_s": t["text_encoding_s"], "denoise_s": t["denoising_s"], "per_step_s": t["per_step_s"],
@@ -324,9 +334,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         result["lora_file"] = write_synthetic_lora(lora_path, WAN_SIZES[s.size], rank=4 if args.quick else LORA_RANK)
         reference = None
         for row in plan_rows(s, str(lora_path), args.cache):
-            if row.optional and time.perf_counter() - start > args.deadline_s:
-                result["rows"].append({"name": row.name, "skipped": f"past --deadline-s {args.deadline_s:.0f}"})
+            if row.key not in args.rows:
                 continue
+            if row.optional:
+                # Its cost: about the compiled row's (one more block compile and the same steps).
+                like = next((r for r in result["rows"] if r.get("compile") == "blocks" and "denoise_s" in r), None)
+                cost = like["compile_s"] + like["warmup_forward_s"] + like["denoise_s"] if like else 0.0
+                if time.perf_counter() - start + cost > args.deadline_s:
+                    result["rows"].append({"key": row.key, "name": row.name, "skipped": f"would end past --deadline-s "
+                                                                        f"{args.deadline_s:.0f} (estimated {cost:.0f} s)"})
+                    continue
             try:
                 rec, frames = run_row(pipe, s, row, device, dtype)
                 if frames is not None and row.cache == "none":
@@ -341,7 +358,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     f"{rec['attention_ms_per_forward']:.0f} ms/fwd), compile {rec['compile_s']:.1f} s, "
                     f"skipped {rec['cache_record']['skipped']}/{rec['cache_record']['block_calls']}")
             except Exception as e:  # noqa: BLE001 - one row's failure must not lose the others
-                result["rows"].append({"name": row.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                result["rows"].append({"key": row.key, "name": row.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
                                        "traceback": traceback.format_exc()})
                 log(f"  {row.name}: FAILED {type(e).__name__}: {e}")
             gc.collect()
@@ -361,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU-sized)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per row (default 4)")
     p.add_argument("--cache", default="first-block:0.1", help="the cache row's --cache value (default first-block:0.1)")
-    p.add_argument("--deadline-s", type=float, default=420.0,
-                   help="skip the optional variant row when the run is already this old (default 420)")
+    p.add_argument("--deadline-s", type=float, default=500.0,
+                   help="skip the optional variant row when it would end later than this (default 500 s)")
+    p.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=list(ROW_KEYS),
+                   help="rows to run (default: all; later rows keep the levers of the rows they follow)")
     return p
 
 
