@@ -46,7 +46,6 @@ from .masks import BlockPlan, plan_blocks
 
 log = logging.getLogger(__name__)
 
-COMPILE_REGIONS = ("eager", "op", "split")
 _RUNS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _RUN_IDS = itertools.count()
 
