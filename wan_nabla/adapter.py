@@ -16,12 +16,30 @@ What is patched, and why here:
 diffusers' forward itself is not copied. `check_compatible` fails loudly if the processor call
 signature or the module names this relies on change (tested against the pinned diffusers range).
 
+Speed levers (pipeline.VideoGenerator applies them in this order: attention, LoRA, compile, cache):
+    compiled = compile_blocks(pipe.transformer, handle.run, "blocks")   # before enable_cache
+    enable_cache(pipe.transformer, "first-block", {"threshold": 0.05}, steps=4)
+    reset_cache(pipe.transformer)                                    # before every video
+    denoise(pipe, latents, t, embeds, context="cond")                # cache state per context
+- compile_blocks compiles each repeated block's `forward` (the model's `_repeated_blocks`, the
+  rule of diffusers' compile_repeated_blocks), not `nn.Module.compile`: diffusers' cache hooks
+  replace `block.forward`, and MagCache's hook is `torch.compiler.disable`d, so a compiled
+  `_call_impl` above the hooks ran MagCache blocks eagerly (0 graphs) and broke the graph under
+  FirstBlockCache; a compiled forward below the hooks is one full graph shared by every block with
+  or without a cache (measured on the tiny model). Hence compile first, then enable the cache.
+- Caches are diffusers' FirstBlockCache and MagCache; each transformer call runs inside
+  `cache_context(name)` (state is kept per name: "cfg" for the batched CFG pair, which then shares
+  one skip decision, "cond"/"uncond" for separate passes) and `reset_cache` clears the state
+  between videos (otherwise a video's first step compares against the last one's residual).
+
 Limits: Wan2.1 text-to-video transformers (no per-token timesteps, no image context).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +49,7 @@ from .config import AttentionConfig, ConfigError
 from .attention.processors import AttentionRun, WanSparseAttnProcessor
 
 _HANDLE_ATTR = "_wan_nabla_handle"
+log = logging.getLogger(__name__)
 
 
 def check_compatible(transformer: torch.nn.Module) -> None:
@@ -44,7 +63,8 @@ def check_compatible(transformer: torch.nn.Module) -> None:
     expected = ["self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"]
     if params[: len(expected)] != expected:
         raise RuntimeError(f"unsupported diffusers version: WanAttnProcessor.__call__ takes {params}, expected {expected}")
-    for name in ("rope", "patch_embedding", "proj_out", "blocks"):
+    for name in ("rope", "patch_embedding", "proj_out", "blocks", "enable_cache", "cache_context",
+                 "_reset_stateful_cache"):
         if not hasattr(transformer, name):
             raise RuntimeError(f"unsupported diffusers version: WanTransformer3DModel has no '{name}'")
     if getattr(transformer.config, "image_dim", None) is not None:
@@ -173,17 +193,146 @@ def initial_latents(pipe, width: int, height: int, frames: int, seed: int, devic
     return latents.to(device)
 
 
-def make_scheduler(pipe, shift: float):
-    """A fresh copy of the pipeline's flow-matching scheduler with this shift."""
+def make_scheduler(pipe, shift: float, sampler: str = "unipc"):
+    """A fresh flow-matching scheduler with this shift: a copy of the pipeline's own (unipc), or
+    first-order Euler (euler; config.GenerationConfig.sampler)."""
+    if sampler == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=shift)
     return type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
 
 
-def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """One transformer call on a batch: latents [B, 16, F, H, W], embeds [B, 512, text_dim]."""
+def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
+    """Wan's UniPC timesteps, or for Euler the sigmas linspace(1, 0, steps + 1)[:-1], shifted by the
+    scheduler (4 steps: timesteps 1000, 750, 500, 250 before the shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigmas = [1.0 - i / steps for i in range(steps)]
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
+def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+            context: str | None = None) -> torch.Tensor:
+    """One transformer call on a batch: latents [B, 16, F, H, W], embeds [B, 512, text_dim]. With a
+    step cache enabled the call runs in the cache context `context` (module doc)."""
     x = latents.to(pipe.transformer.dtype)
-    return pipe.transformer(
-        hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds, return_dict=False
-    )[0]
+    tr = pipe.transformer
+    scope = tr.cache_context(context or "cond") if tr.is_cache_enabled else contextlib.nullcontext()
+    with scope:
+        return tr(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+# ---- speed levers: compiled blocks and step caches ---------------------------------------------
+class CompiledBlocks:
+    """What compile_blocks returns: `undo()` restores the eager forwards; `error` is the one-line
+    compile failure the blocks fell back to eager after (fallback mode only), else None."""
+
+    def __init__(self, blocks: list, run: AttentionRun):
+        self.blocks = blocks
+        self.run = run
+        self.error: str | None = None
+
+    def fall_back(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        self.run.compile_region = "eager"
+        log.warning("compiling the transformer blocks failed; running them eagerly (%s)", self.error)
+
+    def undo(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        self.run.compile_region = "eager"
+
+
+def compile_blocks(transformer, run: AttentionRun, mode: str, fallback: bool = False) -> CompiledBlocks:
+    """Compile the forward of every repeated block (module doc): mode "blocks" puts attention in
+    one custom op (fullgraph: a graph break is an error), "blocks-split" splits the graph around
+    it. With `fallback`, a compile failure (TorchDynamo/Inductor) is logged and the blocks run
+    eagerly from then on instead of failing the video. Call before enable_cache."""
+    if transformer.is_cache_enabled:
+        raise RuntimeError("compile_blocks must run before a step cache is enabled (its hooks wrap forward)")
+    if mode not in ("blocks", "blocks-split"):
+        raise ValueError(f"compile mode {mode!r} is not allowed; use blocks or blocks-split")
+    kinds = tuple(getattr(transformer, "_repeated_blocks", ()) or ())
+    blocks = [m for m in transformer.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        raise RuntimeError(f"unsupported diffusers version: no repeated blocks {kinds} to compile")
+    run.compile_region = "op" if mode == "blocks" else "split"
+    # One graph per input shape (dynamic=False, like the compiled flex); let resolutions, CFG batch
+    # sizes and sizes of tests coexist instead of silently falling back to eager at the default limit.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    state = CompiledBlocks(blocks, run)
+    for block in blocks:
+        eager = block.forward
+        compiled = torch.compile(eager, fullgraph=mode == "blocks", dynamic=False)
+        block.forward = _compiled_forward(state, eager, compiled, fallback)
+    return state
+
+
+def _standard_strides(x: torch.Tensor) -> torch.Tensor:
+    """x with the strides of a contiguous tensor of its shape. Block 0 gets the patch embedding's
+    view (transposed in raster order; with batch 1 a dim-0 stride of C in tile order), later blocks
+    a fresh tensor: static-shape guards compare strides, so without this block 0 compiled a second
+    graph (measured). A contiguous view is re-strided for free; a transposed one is copied."""
+    want, acc = [], 1
+    for n in reversed(x.shape):
+        want.insert(0, acc)
+        acc *= max(n, 1)
+    want = tuple(want)
+    if x.stride() == want:
+        return x
+    return x.as_strided(x.shape, want) if x.is_contiguous() else x.contiguous()
+
+
+def _compiled_forward(state: CompiledBlocks, eager, compiled, fallback: bool):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def forward(hidden_states, *args, **kwargs):
+        x = _standard_strides(hidden_states)
+        if state.error is None:
+            try:
+                return compiled(x, *args, **kwargs)
+            except TorchDynamoException as e:  # Inductor's errors derive from it too
+                if not fallback:
+                    raise
+                state.fall_back(e)
+        return eager(x, *args, **kwargs)
+
+    return forward
+
+
+def enable_cache(transformer, kind: str, params: Mapping[str, Any], steps: int,
+                 mag_ratios: tuple[float, ...] | None = None) -> None:
+    """Enable diffusers' FirstBlockCache ("first-block", params: threshold) or MagCache ("mag",
+    params: threshold and max_skip_steps, or calibrate) on `transformer` (replacing an enabled one)."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+
+    disable_cache(transformer)
+    if kind == "first-block":
+        config = FirstBlockCacheConfig(threshold=params["threshold"])
+    elif kind == "mag":
+        config = MagCacheConfig(num_inference_steps=steps, mag_ratios=list(mag_ratios) if mag_ratios else None,
+                                **params)
+    else:
+        raise ValueError(f"cache kind {kind!r} is not allowed; use first-block or mag")
+    transformer.enable_cache(config)
+
+
+def disable_cache(transformer) -> None:
+    if transformer.is_cache_enabled:
+        transformer.disable_cache()
+
+
+def reset_cache(transformer) -> None:
+    """Forget the cached residuals and step counters (call before every video)."""
+    if transformer.is_cache_enabled:
+        # Private in diffusers 0.42 (check_compatible insists it exists); WanPipeline.__call__
+        # reaches it through maybe_free_model_hooks(), which would also offload models.
+        transformer._reset_stateful_cache()
 
 
 def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None):

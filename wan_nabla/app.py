@@ -27,10 +27,11 @@ class UsageError(ValueError):
 def usage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (exit code 2, one line, nothing written)."""
     from .checkpoint import CheckpointError
+    from .lora import LoraError
     from .models import ModelNotFoundError
     from .output.files import OutputError
 
-    return (UsageError, ConfigError, OutputError, ModelNotFoundError, CheckpointError)
+    return (UsageError, ConfigError, OutputError, ModelNotFoundError, CheckpointError, LoraError)
 
 
 def resolve_run_config(args: Any) -> RunConfig:
@@ -49,13 +50,19 @@ def resolve_run_config(args: Any) -> RunConfig:
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
         fps=args.fps, device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
         offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
+        sampler=getattr(args, "sampler", None),
     )
+    levers = dict(compile=getattr(args, "compile", None), cache=getattr(args, "cache", None),
+                  lora=getattr(args, "lora", None))
     try:
-        return cfg.override(**flags)
+        return cfg.override(**flags).with_levers(**levers)
     except ConfigError as e:
         msg = str(e)
-        for name, value in flags.items():  # name the flag the user typed, not only the config key
-            if value is not None and any(msg.startswith(f"{s}.{name}:") for s in ("generation", "memory", "model")):
+        named = {**{f"{s}.{k}": v for k, v in flags.items() for s in ("generation", "memory", "model")},
+                 "speed.compile": levers["compile"], "speed.cache": levers["cache"], "lora": levers["lora"]}
+        for key, value in named.items():  # name the flag the user typed, not only the config key
+            name = key.rpartition(".")[2]
+            if value is not None and msg.startswith(f"{key}:"):
                 msg = f"--{name.replace('_', '-')} ({msg}"
                 msg = msg.replace(":", "):", 1)
         raise ConfigError(msg) from None
@@ -70,10 +77,14 @@ def model_label(cfg: RunConfig) -> str:
 
 
 def load_generator(cfg: RunConfig):
-    """Resolve the model (flag, config, weights/, hub) and load it with attention installed."""
+    """Resolve the model (flag, config, weights/, hub) and load it with attention installed (and
+    the config's LoRAs, compiled blocks and step cache); LoRA files are checked before the model
+    is loaded."""
+    from .lora import preflight_loras
     from .models import resolve_model
     from .pipeline import VideoGenerator
 
+    preflight_loras(cfg.lora)
     model = resolve_model(cfg.model.base, None)
     dit = cfg.model.transformer
     log.info("loading model %s%s (%s attention, offload %s)", model, f" with DiT weights {dit}" if dit else "",

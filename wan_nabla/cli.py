@@ -49,6 +49,11 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--fps", type=int, help="frames per second of the MP4 (default 16)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
+    p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
+    p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
+    p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="merge a .safetensors LoRA into the transformer (repeatable; replaces the config's lora list)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
 

@@ -3,6 +3,7 @@
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
     cfg.model.base, cfg.model.transformer, cfg.memory.offload   # the weights, where they live
+    cfg = cfg.with_levers(compile="blocks", cache="first-block:0.05", lora=["l.safetensors:0.8"])
     att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
 
 YAML is only a serialization of these dataclasses: unknown keys, wrong types and out-of-range
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +27,9 @@ ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
 DTYPES = ("bfloat16", "float16", "float32")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
+SAMPLERS = ("unipc", "euler")
+COMPILE_MODES = ("auto", "none", "blocks", "blocks-split")
+CACHE_FORMS = "none, first-block:T (T >= 0), mag:T[:K] (T >= 0, K >= 1 skips in a row) or mag:calibrate"
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,12 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float))) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _from_section(cls, section: str, data: Mapping[str, Any]):
+    """A config dataclass from its YAML section: unknown keys are errors, values validated by cls."""
+    _check_keys(section, data, tuple(f.name for f in fields(cls)))
+    return cls(**dict(data))
 
 
 def _check_keys(section: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -191,6 +202,11 @@ class GenerationConfig:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     batch_cfg: bool = True
     """Run the conditional and unconditional passes as one batch of two."""
+    sampler: str = "unipc"
+    """unipc: Wan's UniPC flow-matching multistep solver on its default timesteps. euler:
+    first-order flow-matching Euler on sigmas linspace(1, 0, steps + 1)[:-1] before the shift (for 4
+    steps: timesteps 1000/750/500/250), the schedule step-distilled LoRAs such as LightX2V's are
+    trained for."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", parse_size(self.size, "generation.size"))
@@ -219,6 +235,8 @@ class GenerationConfig:
             raise ConfigError(f"generation.device: {d!r} is not allowed; use auto, cpu, cuda or cuda:N")
         if not isinstance(self.batch_cfg, bool):
             raise ConfigError(f"generation.batch_cfg: {self.batch_cfg!r} is not allowed; use true or false")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"generation.sampler: {self.sampler!r} is not allowed; use one of {', '.join(SAMPLERS)}")
 
     @property
     def width(self) -> int:
@@ -234,8 +252,7 @@ class GenerationConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GenerationConfig:
-        _check_keys("generation", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
+        return _from_section(cls, "generation", data)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -323,28 +340,161 @@ _SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "tran
                       "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling")}
 
 
+def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any]]:
+    """'none' | 'first-block:T' | 'mag:T[:K]' | 'mag:calibrate' -> (kind, parameters)."""
+    bad = ConfigError(f"{key}: {spec!r} is not allowed; use {CACHE_FORMS}")
+    if not isinstance(spec, str):
+        raise bad
+    kind, _, rest = spec.strip().partition(":")
+    args = rest.split(":") if rest else []
+    try:
+        if kind == "none" and not args:
+            return "none", {}
+        if kind == "first-block" and len(args) == 1:
+            threshold = float(args[0])
+            if math.isfinite(threshold) and threshold >= 0:
+                return "first-block", {"threshold": threshold}
+        if kind == "mag" and args == ["calibrate"]:
+            return "mag", {"calibrate": True}
+        if kind == "mag" and len(args) in (1, 2):
+            threshold, max_skip = float(args[0]), int(args[1]) if len(args) == 2 else 3
+            if math.isfinite(threshold) and threshold >= 0 and max_skip >= 1:
+                return "mag", {"threshold": threshold, "max_skip_steps": max_skip}
+    except ValueError:
+        pass
+    raise bad
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Levers that stack with sparse attention and leave the attention config alone."""
+
+    compile: str = "auto"
+    """none | blocks (each transformer block's forward compiled, one graph shared by all blocks,
+    attention an opaque custom op inside it) | blocks-split (the graph splits around attention) |
+    auto (blocks on CUDA, none elsewhere)."""
+    cache: str = "none"
+    """Step cache through diffusers' hooks: none | first-block:T (FirstBlockCache: skip blocks
+    1..N-1 of a step while block 0's residual changed by a relative mean below T) | mag:T[:K]
+    (MagCache: skip whole steps while the error accumulated from `mag_ratios` stays <= T, at most K
+    in a row, never in the first 20% of steps) | mag:calibrate (skip nothing; record the ratios)."""
+    mag_ratios: tuple[float, ...] | None = None
+    """MagCache's per-step residual magnitude ratios of this model (from mag:calibrate); required
+    by mag:T. Interpolated by diffusers when their count differs from the steps."""
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"speed.compile: {self.compile!r} is not allowed; use one of {', '.join(COMPILE_MODES)}")
+        kind, params = parse_cache(self.cache)
+        r = self.mag_ratios
+        if r is not None:
+            if not isinstance(r, (list, tuple)) or not r or not all(_is_number(x) and x > 0 for x in r):
+                raise ConfigError(f"speed.mag_ratios: {r!r} is not allowed; use a list of positive numbers")
+            object.__setattr__(self, "mag_ratios", tuple(float(x) for x in r))
+        if kind == "mag" and not params.get("calibrate") and self.mag_ratios is None:
+            raise ConfigError(f"speed.cache: {self.cache!r} needs speed.mag_ratios, this model's ratios; "
+                              "measure them with --cache mag:calibrate (recorded in the sidecar)")
+
+    @property
+    def cache_kind(self) -> str:
+        return parse_cache(self.cache)[0]
+
+    @property
+    def cache_params(self) -> dict[str, Any]:
+        return parse_cache(self.cache)[1]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> SpeedConfig:
+        return _from_section(cls, "speed", data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mag_ratios"] = list(self.mag_ratios) if self.mag_ratios else None
+        return d
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA merged into the transformer's weights (lora.py)."""
+
+    path: str
+    """A .safetensors file (diffusers/PEFT or original-Wan lora_down/lora_up naming)."""
+    scale: float = 1.0
+    """Multiplies the LoRA's delta (alpha/rank included); 0 leaves the weights unchanged."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError(f"lora.path: {self.path!r} is not allowed; give a .safetensors file")
+        if not self.path.lower().endswith(".safetensors"):
+            raise ConfigError(f"lora: {self.path!r} is not allowed; only .safetensors LoRA files are loaded")
+        if not _is_number(self.scale):
+            raise ConfigError(f"lora.scale: {self.scale!r} is not allowed; use a finite number")
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @classmethod
+    def parse(cls, value: Any) -> LoraSpec:
+        """'PATH', 'PATH:SCALE', {'path': ..., 'scale': ...} or a LoraSpec."""
+        if isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, Mapping):
+            _check_keys("lora[]", value, ("path", "scale"))
+            return cls(**dict(value))
+        if isinstance(value, os.PathLike):
+            return cls(os.fspath(value))
+        if isinstance(value, str):
+            path, sep, scale = value.rpartition(":")
+            try:
+                number = float(scale) if sep and path else None
+            except ValueError:
+                number = None  # a ':' that is part of the path
+            return cls(value) if number is None else cls(path, number)
+        raise ConfigError(f"lora: {value!r} is not allowed; use PATH[:SCALE] or {{path: ..., scale: ...}}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "scale": self.scale}
+
+
+def _lora_list(value: Any) -> tuple[LoraSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"lora: {value!r} is not allowed; use a list of PATH[:SCALE] or {{path, scale}} entries")
+    return tuple(LoraSpec.parse(v) for v in value)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole config file: model, attention section, generation defaults, memory placement."""
+    """A whole config file: model, attention section, generation defaults, memory placement, speed
+    levers, LoRAs."""
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     """The weights (ModelConfig); YAML `model:` may be a plain string, the base model."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    lora: tuple[LoraSpec, ...] = ()
+    """LoRAs merged into the transformer at load, in order."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", ModelConfig.from_value(self.model))
+        object.__setattr__(self, "lora", _lora_list(self.lora))
+        if self.speed.compile not in ("auto", "none") and self.memory.offload != "none":
+            raise ConfigError(f"speed.compile: {self.speed.compile!r} does not combine with memory.offload "
+                              f"{self.memory.offload!r} (compiled blocks are not traced through offload hooks); "
+                              "use compile none or auto, or offload none")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
         data = {} if data is None else data
-        _check_keys("", data, ("model", "attention", "generation", "memory"))
+        _check_keys("", data, ("model", "attention", "generation", "memory", "speed", "lora"))
         return cls(
             attention=AttentionConfig.from_mapping(data.get("attention") or {}),
             generation=GenerationConfig.from_mapping(data.get("generation") or {}),
             model=ModelConfig.from_value(data.get("model")),
             memory=MemoryConfig.from_mapping(data.get("memory") or {}),
+            speed=SpeedConfig.from_mapping(data.get("speed") or {}),
+            lora=data.get("lora"),
         )
 
     def override(self, **changes: Any) -> RunConfig:
@@ -365,9 +515,20 @@ class RunConfig:
             self, **{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()}
         )
 
+    def with_levers(self, *, compile: str | None = None, cache: str | None = None,
+                    lora: list | None = None) -> RunConfig:
+        """Copy with speed.compile / speed.cache replaced and, when `lora` is given, the LoRA list
+        replaced by it (entries as for LoraSpec.parse); None keeps the config's value."""
+        speed = self.speed
+        if compile is not None or cache is not None:
+            speed = dataclasses.replace(speed, **{k: v for k, v in (("compile", compile), ("cache", cache))
+                                                  if v is not None})
+        return dataclasses.replace(self, speed=speed, lora=self.lora if lora is None else lora)
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "attention": self.attention.to_dict(),
-                "generation": self.generation.to_dict(), "memory": self.memory.to_dict()}
+                "generation": self.generation.to_dict(), "memory": self.memory.to_dict(),
+                "speed": self.speed.to_dict(), "lora": [x.to_dict() for x in self.lora]}
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -6,13 +6,21 @@
     result.timings       # text_encoding_s, denoising_s, per_step_s, decode_s, peak GPU memory per phase
     result.attention     # kept-block density per step and overall
     gen.generate(prompt, on_step=lambda i, noise, latents: ...)   # per-step noise prediction
+    result.speed         # compile mode and time, step-cache skips, merged LoRAs
 
 The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-free guidance
 (noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
 batch of two by default (`batch_cfg`), the step index handed to the attention processors before
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
-so a seed reproduces the same video on any device. `config.memory` places the components
-(offload.py); peak GPU memory is recorded per phase (encode, denoise, decode).
+so a seed reproduces the same video on any device. Guidance <= 1 (step-distilled LoRAs) runs one
+pass per step and never encodes the negative prompt.
+
+Set up once, in this order: attention processors, LoRAs merged into the weights (lora.py), memory
+placement (`config.memory`, offload.py), compiled blocks, step cache (adapter.py says why the
+order matters; compiled blocks are not combined with offloading). Per video the cache state is
+reset; skipped block computations are counted from the attention calls (a skipped block never
+calls its attention), compile time is what TorchDynamo/Inductor spent during the call (0 once
+everything is compiled), and peak GPU memory is recorded per phase (encode, denoise, decode).
 
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
@@ -20,6 +28,8 @@ Wan2.1 T2V only.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +46,24 @@ from .config import GenerationConfig, RunConfig
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+AUTO_COMPILE = {"cuda": "blocks"}
+"""What `speed.compile: auto` means per device type (others: none)."""
+
+
+def resolve_compile(mode: str, device: torch.device, offload: str = "none") -> str:
+    """The compile mode to use: `auto` is the measured default of the device type, and none while
+    the transformer is offloaded (its blocks then run under diffusers' offload hooks, whose weight
+    movement is not something to trace; an explicit mode with offloading is refused by RunConfig)."""
+    if mode != "auto":
+        return mode
+    return "none" if offload != "none" else AUTO_COMPILE.get(device.type, "none")
+
+
+def compile_seconds() -> float:
+    """Seconds TorchDynamo + Inductor have spent compiling in this process so far."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,6 +95,8 @@ class GenerationResult:
     """The resolved generation settings of this video (size, frames, steps, guidance, shift, ...)."""
     timings: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] = field(default_factory=dict)
+    """compile (mode, seconds, graphs), cache (kind, block calls computed/skipped), lora (records)."""
 
 
 class VideoGenerator:
@@ -82,12 +112,23 @@ class VideoGenerator:
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
         self.handle = adapter.apply_attention(pipe.transformer, config.attention)
+        self.lora: list[dict[str, Any]] = []
         try:
+            if config.lora:  # before offloading moves the weights
+                from .lora import load_loras
+
+                self.lora = load_loras(pipe, config.lora)
             self.memory = offload.apply_memory(pipe, config.memory, device)
         except BaseException:
             self.handle.remove()  # leave the pipeline as it was given
             raise
         self._first_call = True
+        self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
+        # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
+        self._compiled = (adapter.compile_blocks(pipe.transformer, self.handle.run, self.compile_mode,
+                                                 fallback=config.speed.compile == "auto")
+                          if self.compile_mode != "none" else None)
+        self._cache_key = None
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
@@ -110,8 +151,22 @@ class VideoGenerator:
         return gen
 
     def close(self) -> None:
+        """Undo attention, compiled blocks and cache (merged LoRAs stay in the weights)."""
+        adapter.disable_cache(self.pipe.transformer)
+        if self._compiled is not None:
+            self._compiled.undo()
         self.handle.remove()
         self.memory.remove()
+
+    def _prepare_cache(self, steps: int) -> None:
+        """Enable the configured step cache (again when MagCache's step count changes) and reset it."""
+        speed, tr = self.config.speed, self.pipe.transformer
+        kind = speed.cache_kind
+        key = (kind, steps if kind == "mag" else None)
+        if kind != "none" and key != self._cache_key:
+            adapter.enable_cache(tr, kind, speed.cache_params, steps, speed.mag_ratios)
+            self._cache_key = key
+        adapter.reset_cache(tr)
 
     def settings(self, **overrides: Any) -> GenerationConfig:
         """The config's generation defaults with per-call overrides (None = keep) applied."""
@@ -134,6 +189,9 @@ class VideoGenerator:
         cfg_on = g.guidance_scale > 1.0
         run.reset_stats()
         timings: dict[str, Any] = {}
+        compile_s0, graphs0 = compile_seconds(), _graphs()
+        self._prepare_cache(g.steps)
+        calibrate = bool(self.config.speed.cache_params.get("calibrate"))
 
         peaks = _PhasePeaks(dev)
         t0 = time.perf_counter()
@@ -142,26 +200,29 @@ class VideoGenerator:
         timings["text_encoding_s"] = time.perf_counter() - t0
         peaks.end("encode")
 
-        scheduler = adapter.make_scheduler(pipe, g.resolved_shift)
-        scheduler.set_timesteps(g.steps, device=dev)
+        scheduler = adapter.make_scheduler(pipe, g.resolved_shift, g.sampler)
+        adapter.set_timesteps(scheduler, g.steps, dev)
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
+        passes = 1 if not cfg_on or both is not None else 2
 
         per_step = []
+        printed = io.StringIO()  # diffusers prints MagCache's calibrated ratios to stdout
         t_loop = time.perf_counter()
         bar = _progress(g.steps, progress)
-        with bar:
+        with bar, (contextlib.redirect_stdout(printed) if calibrate else contextlib.nullcontext()):
             for i, t in enumerate(scheduler.timesteps):
                 ts = time.perf_counter()
                 run.set_step(i)
                 if not cfg_on:
-                    noise = adapter.denoise(pipe, latents, t, pos)
+                    noise = adapter.denoise(pipe, latents, t, pos, context="cond")
                 elif both is not None:
-                    cond, uncond = adapter.denoise(pipe, torch.cat([latents, latents]), t, both).chunk(2)
+                    x2 = torch.cat([latents, latents])
+                    cond, uncond = adapter.denoise(pipe, x2, t, both, context="cfg").chunk(2)
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 else:
-                    cond = adapter.denoise(pipe, latents, t, pos)
-                    uncond = adapter.denoise(pipe, latents, t, neg)
+                    cond = adapter.denoise(pipe, latents, t, pos, context="cond")
+                    uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
                     noise = uncond + g.guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 if on_step is not None:
@@ -177,8 +238,17 @@ class VideoGenerator:
             timings["first_step_s"] = per_step[0]
         self._first_call = False
         peaks.end("denoise")
+        timings["compile_s"] = compile_seconds() - compile_s0
+        speed = {
+            "compile": {"mode": self.compile_mode, "compile_s": timings["compile_s"], "graphs_compiled": _graphs() - graphs0,
+                        "error": self._compiled.error if self._compiled is not None else None},
+            "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
+            "lora": self.lora,
+            "passes_per_step": passes,
+        }
 
         frames = np.zeros((0, g.height, g.width, 3), np.float32)
+        timings["decode_s"] = None
         if decode:
             t0 = time.perf_counter()
             timings["vae_tiling"] = self.memory.before_decode(g.width, g.height)
@@ -194,8 +264,42 @@ class VideoGenerator:
             seed=g.seed,
             settings=g.to_dict(),
             timings=timings,
-            attention=run.density_summary(),
+            attention=run.density_summary(steps=g.steps),
+            speed=speed,
         )
+
+    def _cache_record(self, steps: int, passes: int, printed: str) -> dict[str, Any]:
+        """Block computations the step cache skipped in the last video (from attention calls)."""
+        calls = self.handle.run.calls_per_step()
+        n_blocks = len(self.pipe.transformer.blocks)
+        computed = [calls.get(i, 0) for i in range(steps)]
+        total = steps * passes * n_blocks
+        record = {"cache": self.config.speed.cache, "block_calls": total, "computed": sum(computed),
+                  "skipped": total - sum(computed), "skipped_share": (total - sum(computed)) / total,
+                  "computed_per_step": computed}
+        if printed:
+            record["calibrated_mag_ratios"] = _printed_ratios(printed)
+        return record
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _printed_ratios(text: str) -> list[float] | None:
+    """The first ratio list diffusers' MagCache printed after a calibration run."""
+    import ast
+
+    for line in text.splitlines():
+        try:
+            values = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            continue  # the banner around the list
+        if isinstance(values, list):
+            return [float(x) for x in values]
+    return None
 
 
 class _PhasePeaks:

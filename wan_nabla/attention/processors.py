@@ -15,12 +15,26 @@ rotary embedding), then `AttentionRun.attend` picks the kernel:
 The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
 in diffusers' raster order for `full`. Kept-block density is recorded per (step, layer) as device
 tensors and read only when a summary is asked for, so recording never syncs the GPU.
+
+Compiled blocks (adapter.compile_blocks). `AttentionRun.attend` reads Python state (step, layout)
+and appends to Python lists; traced by TorchDynamo that would guard on the step and recompile on
+every call. So under a compiled block the processor hands attention to an opaque region, chosen
+by `run.compile_region`:
+- "op": the custom op `wan_nabla::attend` (torch.library), one node inside the block's single
+  graph; Dynamo sees only its fake (an empty tensor like q). The run and layer enter as a small
+  CPU tensor, a graph input, so all blocks (and later runs) share one graph instead of guarding
+  on 40 different ints or baking a run into it.
+- "split": a `torch.compiler.disable`d call; the block's graph splits around attention.
+Either way the mask build and the kernel run as they do eagerly (the kernel is the process-wide
+compiled flex), dense_steps switch kernels without a recompile, and statistics stay exact.
 Limits: self-attention only (attn1); image-conditioned (I2V) attention is not supported.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections import defaultdict
 
 import torch
@@ -32,6 +46,9 @@ from .masks import BlockPlan, plan_blocks
 
 log = logging.getLogger(__name__)
 
+_RUNS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_RUN_IDS = itertools.count()
+
 
 class AttentionRun:
     """State shared by all processors of one patched transformer: config, step, layout, stats."""
@@ -42,6 +59,10 @@ class AttentionRun:
         self.step = 0
         self.layout: TileLayout | None = None
         self._densities: dict[int, list] = defaultdict(list)
+        self.compile_region = "eager"
+        """How processors reach `attend`: eager (a plain call), op or split (module doc)."""
+        self.run_id = next(_RUN_IDS)
+        _RUNS[self.run_id] = self
 
     # ---- schedule ----------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -84,9 +105,15 @@ class AttentionRun:
     def reset_stats(self) -> None:
         self._densities.clear()
 
-    def density_summary(self) -> dict:
+    def calls_per_step(self) -> dict[int, int]:
+        """Attention calls recorded per step: one per computed block and batch (a block a step
+        cache skipped never calls its attention)."""
+        return {step: len(recs) for step, recs in sorted(self._densities.items())}
+
+    def density_summary(self, steps: int | None = None) -> dict:
         """Mean kept-block density per step, per layer and overall (1.0 = dense). Reading the
-        recorded device tensors syncs the device once, here and not during the run."""
+        recorded device tensors syncs the device once, here and not during the run. With `steps`,
+        `per_step` has one entry per step, None where no attention ran (a cache skipped it)."""
         per_step: dict[int, float] = {}
         by_layer: dict[int, list[float]] = defaultdict(list)
         items = sorted(self._densities.items())
@@ -101,10 +128,11 @@ class AttentionRun:
             for (layer, _), v in zip(records, vals):
                 by_layer[layer].append(v)
         overall = sum(per_step.values()) / len(per_step) if per_step else None
+        order = range(steps) if steps is not None else sorted(per_step)
         return {
             "attention": self.config.label(),
             "overall": overall,
-            "per_step": [per_step[s] for s in sorted(per_step)],
+            "per_step": [per_step.get(s) for s in order],
             "per_layer": [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)],
         }
 
@@ -124,12 +152,34 @@ def _rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x_BSHD)
 
 
+@torch.library.custom_op("wan_nabla::attend", mutates_args=())
+def attend_op(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`AttentionRun.attend` as one opaque node of a compiled graph (compile_region "op");
+    ids = [run_id, layer] on the CPU."""
+    run_id, layer = ids.tolist()
+    out = _RUNS[run_id].attend(q_BHSD, k_BHSD, v_BHSD, layer)
+    # The compiled graph was planned with the fake's strides (those of q); hand back exactly those.
+    return out if out.stride() == q_BHSD.stride() else torch.empty_like(q_BHSD).copy_(out)
+
+
+@attend_op.register_fake
+def _attend_fake(q_BHSD, k_BHSD, v_BHSD, ids):
+    return torch.empty_like(q_BHSD)
+
+
+@torch.compiler.disable
+def attend_outside_graph(run: AttentionRun, q_BHSD, k_BHSD, v_BHSD, layer: int) -> torch.Tensor:
+    """`AttentionRun.attend` behind a graph break (compile_region "split")."""
+    return run.attend(q_BHSD, k_BHSD, v_BHSD, layer)
+
+
 class WanSparseAttnProcessor:
     """Drop-in processor for a Wan2.1 self-attention module (block.attn1)."""
 
     def __init__(self, run: AttentionRun, layer: int):
         self.run = run
         self.layer = layer
+        self.ids = torch.tensor([run.run_id, layer])  # CPU: reading it inside the custom op never syncs
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         if encoder_hidden_states is not None or attention_mask is not None or kw:
@@ -143,7 +193,14 @@ class WanSparseAttnProcessor:
         if rotary_emb is not None:
             cos, sin = rotary_emb
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = self.run.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.layer)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        region = self.run.compile_region
+        if region == "op":
+            out = attend_op(q, k, v, self.ids)
+        elif region == "split":
+            out = attend_outside_graph(self.run, q, k, v, self.layer)
+        else:
+            out = self.run.attend(q, k, v, self.layer)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -10,7 +10,8 @@ checks.py (exactness checks of the op level), sweep.py (kernel geometry sweep, m
 breakdown), configs.py (the presets measured), published.py (the peer baseline), transformer.py (one WanTransformer3DModel forward at 1.3B/14B
 size, random weights), e2e.py (VideoGenerator.generate at 1.3B size), report.py (JSON, markdown,
 PNG, targets T1-T5), records.py (records, timer, environment), qk.py (q/k with locality),
-random_init.py (random-weight models built on the GPU). Results are written after every level,
+random_init.py (random-weight models built on the GPU); levers.py, with its own entry point
+(`python -m wan_nabla.bench.levers`), measures the speed levers end to end. Results are written after every level,
 so a run stopped half-way keeps what it measured.
 Limits: one device; the full run needs a GPU with >= 80 GB for the 14B transformer level.
 """

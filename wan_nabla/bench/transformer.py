@@ -67,7 +67,7 @@ def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     return rows
 
 
-class _Timer:
+class AttentionTimer:
     """Event pairs around run.attend / run.plan (host clock on the CPU)."""
 
     def __init__(self, run, device: torch.device):
@@ -134,7 +134,7 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
         handle = apply_attention(model, cfg)
         run = handle.run
         run.set_step(cfg.dense_steps)  # the sparse regime (presets with dense_steps start dense)
-        timer = _Timer(run, device)
+        timer = AttentionTimer(run, device)
         tiles: list[torch.Tensor] = []
         try:
             g0 = compiled_graphs()

@@ -7,7 +7,8 @@ judge the video: prompt, negative prompt, seed, model id, where the DiT weights 
 key naming, size / mtime / sha256 of each file: checkpoint.py), the fully resolved config (file
 values with CLI overrides applied), the video's measured properties, timings (load, text encoding,
 denoising with per-step times, decode, write, peak GPU memory per phase), attention density per
-step and overall, and the package, torch, diffusers, transformers, CUDA and GPU versions.
+step and overall, the speed levers (compile mode and time, step-cache skips, merged LoRAs with
+their sha256), and the package, torch, diffusers, transformers, CUDA and GPU versions.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "config": resolved,
         "timings": timings,
         "attention": result.attention,
+        "speed": result.speed,
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
