@@ -1,4 +1,4 @@
-"""Typed configuration: the attention section, generation defaults, and their YAML form.
+"""Typed configuration: the attention section, generation defaults, the parallel layout, and their YAML form.
 
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
@@ -242,13 +242,58 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks started by torchrun share the work (distributed/); one process needs none of it."""
+
+    ulysses_degree: int = 1
+    """Ranks that split one video's tokens (Ulysses sequence parallel): attention runs on all
+    tokens for heads/ulysses_degree heads per rank, so it must divide the model's heads (1.3B: 12,
+    14B: 40). 1 = off."""
+    cfg_parallel: bool = False
+    """Run the conditional and the unconditional pass on two groups of ranks (needs
+    guidance_scale > 1)."""
+    timeout_s: float = 3600.0
+    """How long a rank waits for the others in one collective before the run fails (seconds).
+    At the end of a data-parallel batch idle ranks wait for the last item, so it must exceed the
+    longest item."""
+
+    def __post_init__(self) -> None:
+        u = self.ulysses_degree
+        if not _is_int(u) or u < 1:
+            raise ConfigError(f"parallel.ulysses_degree: {u!r} is not allowed; use an integer >= 1")
+        if not isinstance(self.cfg_parallel, bool):
+            raise ConfigError(f"parallel.cfg_parallel: {self.cfg_parallel!r} is not allowed; use true or false")
+        t = self.timeout_s
+        if not _is_number(t) or t <= 0:
+            raise ConfigError(f"parallel.timeout_s: {t!r} is not allowed; use a number of seconds > 0")
+        object.__setattr__(self, "timeout_s", float(t))
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that generate one video together."""
+        return self.ulysses_degree * (2 if self.cfg_parallel else 1)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ParallelConfig:
+        _check_keys("parallel", data, tuple(f.name for f in fields(cls)))
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PARALLEL_KEYS = tuple(f.name for f in fields(ParallelConfig))
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """A whole config file: optional model, attention section, generation defaults."""
+    """A whole config file: optional model, attention section, generation defaults, parallel layout."""
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: str | None = None
     """tiny, a local diffusers-format Wan2.1 directory, or a hub repo id (see models.py)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
@@ -257,26 +302,31 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
         data = {} if data is None else data
-        _check_keys("", data, ("model", "attention", "generation"))
+        _check_keys("", data, ("model", "attention", "generation", "parallel"))
         return cls(
             attention=AttentionConfig.from_mapping(data.get("attention") or {}),
             generation=GenerationConfig.from_mapping(data.get("generation") or {}),
             model=data.get("model"),
+            parallel=ParallelConfig.from_mapping(data.get("parallel") or {}),
         )
 
     def override(self, **changes: Any) -> RunConfig:
-        """Return a copy with generation fields (and `model`) replaced; None values are ignored."""
+        """Return a copy with generation fields, parallel fields (ulysses_degree, cfg_parallel,
+        timeout_s) and `model` replaced; None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         model = changes.pop("model", self.model)
+        par = {k: changes.pop(k) for k in PARALLEL_KEYS if k in changes}
         gen_names = {f.name for f in fields(GenerationConfig)}
         for k in changes:
             if k not in gen_names:
                 raise ConfigError(f"unknown generation override '{k}'")
         gen = dataclasses.replace(self.generation, **changes) if changes else self.generation
-        return RunConfig(attention=self.attention, generation=gen, model=model)
+        parallel = dataclasses.replace(self.parallel, **par) if par else self.parallel
+        return RunConfig(attention=self.attention, generation=gen, model=model, parallel=parallel)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "attention": self.attention.to_dict(), "generation": self.generation.to_dict()}
+        return {"model": self.model, "attention": self.attention.to_dict(), "generation": self.generation.to_dict(),
+                "parallel": self.parallel.to_dict()}
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -19,6 +19,7 @@ Limits and policy:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -30,7 +31,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
-from .tiny import TINY_MODEL_ID, build_tiny_pipeline
+from .tiny import TINY_HEADS, TINY_MODEL_ID, build_tiny_pipeline
 
 DEFAULT_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 DEFAULT_LOCAL_DIR = Path("weights/Wan2.1-T2V-1.3B-Diffusers")
@@ -168,6 +169,30 @@ def load_pipeline(
     else:
         raise ModelNotFoundError(f"model directory {model!r} does not exist")
     return pipe.to(device)
+
+
+def transformer_heads(model: str) -> int | None:
+    """The attention head count of `model`'s transformer, read from its config.json without loading
+    any weights (for parallel layouts checked before loading); None where it cannot be known yet
+    (a missing directory, a hub model not in the cache)."""
+    if model == TINY_MODEL_ID:
+        return TINY_HEADS
+    path = Path(model).expanduser()
+    config: str | Path | None = None
+    if path.is_dir():
+        config = path / "transformer" / "config.json"
+    elif looks_like_hub_id(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "transformer/config.json")
+        config = found if isinstance(found, str) else None
+    if config is None:
+        return None
+    try:
+        heads = json.loads(Path(config).read_text(encoding="utf-8")).get("num_attention_heads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:

@@ -12,6 +12,13 @@ batch of two by default (`batch_cfg`), the step index handed to the attention pr
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
 so a seed reproduces the same video on any device.
 
+Several GPUs (`parallel`, a distributed.ParallelContext, under torchrun): with Ulysses the
+transformer's hooks shard the tokens (adapter.py) and every rank of the video runs this same loop
+on the same latents; with CFG parallel each rank runs only its branch's pass (batch 1) and the
+two predictions are exchanged once per step. Every rank then combines them and steps the
+scheduler identically, so latents stay equal on all ranks (checked at the end); only the group's
+leader decodes (`frames` is None on the others).
+
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
 """
@@ -53,26 +60,44 @@ def sync_device(device: torch.device) -> None:
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray
-    """[T, H, W, 3] float32 in [0, 1]."""
+    frames: np.ndarray | None
+    """[T, H, W, 3] float32 in [0, 1]; None on the ranks of a parallel run that do not decode."""
     seed: int
     settings: dict[str, Any]
     """The resolved generation settings of this video (size, frames, steps, guidance, shift, ...)."""
     timings: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+    """The final latents [1, 16, F, H/8, W/8] (float32, CPU) that were decoded."""
+    parallel: dict[str, Any] | None = None
+    """The parallel layout that produced this video (ParallelContext.describe()), None for one process."""
 
 
 class VideoGenerator:
     """A loaded Wan2.1 pipeline with wan-nabla attention installed; reusable across prompts."""
 
-    def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom"):
+    def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom", parallel=None):
         self.pipe = pipe
         self.config = config
         self.device = device
         self.model_id = model_id
         self.load_s = 0.0
+        self.parallel = None
         self.handle = adapter.apply_attention(pipe.transformer, config.attention)
+        self.use_parallel(parallel)
         self._first_call = True
+
+    def use_parallel(self, parallel) -> None:
+        """Generate together with the other ranks of `parallel` (a distributed.ParallelContext;
+        None: alone): attention is reinstalled with its sequence parallelism, and densities are
+        averaged over the ranks of a video."""
+        if parallel is None:
+            return
+        self.handle.remove()
+        self.parallel = parallel
+        self.handle = adapter.apply_attention(self.pipe.transformer, self.config.attention,
+                                              sequence_parallel=parallel.sequence_parallel())
+        self.handle.run.stats_mean = parallel.item_mean
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
@@ -103,8 +128,12 @@ class VideoGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         g = self.settings(negative_prompt=negative_prompt, **overrides)
-        pipe, dev, run = self.pipe, self.device, self.handle.run
+        pipe, dev, run, par = self.pipe, self.device, self.handle.run, self.parallel
         cfg_on = g.guidance_scale > 1.0
+        split_cfg = par is not None and par.cfg_parallel
+        if split_cfg and not cfg_on:
+            raise ValueError(f"guidance_scale {g.guidance_scale:g} turns classifier-free guidance off, but this run "
+                             f"splits the CFG passes over ranks (--cfg-parallel); use guidance_scale > 1")
         run.reset_stats()
         timings: dict[str, Any] = {}
 
@@ -125,15 +154,7 @@ class VideoGenerator:
             for i, t in enumerate(scheduler.timesteps):
                 ts = time.perf_counter()
                 run.set_step(i)
-                if not cfg_on:
-                    noise = adapter.denoise(pipe, latents, t, pos)
-                elif both is not None:
-                    cond, uncond = adapter.denoise(pipe, torch.cat([latents, latents]), t, both).chunk(2)
-                    noise = uncond + g.guidance_scale * (cond - uncond)
-                else:
-                    cond = adapter.denoise(pipe, latents, t, pos)
-                    uncond = adapter.denoise(pipe, latents, t, neg)
-                    noise = uncond + g.guidance_scale * (cond - uncond)
+                noise = predict_noise(pipe, latents, t, pos, neg if cfg_on else None, g.guidance_scale, both, par)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 sync_device(dev)
                 per_step.append(time.perf_counter() - ts)
@@ -146,20 +167,46 @@ class VideoGenerator:
             timings["first_step_s"] = per_step[0]
         self._first_call = False
 
+        if par is not None:
+            par.check_in_sync(latents, "final latents")
+        attention = run.density_summary()  # collective under parallelism: every rank, same point
+
         t0 = time.perf_counter()
-        frames = adapter.decode_video(pipe, latents)
+        frames = None
+        if par is None or par.is_leader:
+            frames = np.asarray(adapter.decode_video(pipe, latents), dtype=np.float32)
         sync_device(dev)
         timings["decode_s"] = time.perf_counter() - t0
         if dev.type == "cuda":
             timings["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
 
         return GenerationResult(
-            frames=np.asarray(frames, dtype=np.float32),
+            frames=frames,
             seed=g.seed,
             settings=g.to_dict(),
             timings=timings,
-            attention=run.density_summary(),
+            attention=attention,
+            latents=latents.detach().float().cpu(),
+            parallel=par.describe() if par is not None else None,
         )
+
+
+def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
+                  guidance_scale: float, both: torch.Tensor | None = None, parallel=None) -> torch.Tensor:
+    """One step's guided noise prediction (the loop body without the scheduler), on every rank.
+
+    neg None: no guidance, one conditional pass. CFG parallel: this rank's branch only, exchanged
+    with its partner. Else `both` (= cat(pos, neg)) runs the pair as one batch of two, or two passes
+    without it. noise = uncond + g * (cond - uncond)."""
+    if neg is None:
+        return adapter.denoise(pipe, latents, t, pos)
+    if parallel is not None and parallel.cfg_parallel:
+        cond, uncond = parallel.exchange_cfg(adapter.denoise(pipe, latents, t, neg if parallel.branch else pos))
+    elif both is not None:
+        cond, uncond = adapter.denoise(pipe, torch.cat([latents, latents]), t, both).chunk(2)
+    else:
+        cond, uncond = adapter.denoise(pipe, latents, t, pos), adapter.denoise(pipe, latents, t, neg)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def _progress(total: int, enabled: bool):

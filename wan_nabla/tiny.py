@@ -30,6 +30,7 @@ _TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
 # 32 is a power of two (friendly to attention kernels) and splits for Wan's 3-axis rope
 # into t/h/w = 12/10/10, all even and positive.
 _HEAD_DIM = 32
+TINY_HEADS = 2
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -61,8 +62,11 @@ def _tiny_scheduler() -> UniPCMultistepScheduler:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
-    """Random-init WanPipeline (float32, CPU): 2 blocks x 2 heads x 32 head-dim, tiny VAE/UMT5."""
+def build_tiny_pipeline(seed: int = 0, heads: int = TINY_HEADS) -> WanPipeline:
+    """Random-init WanPipeline (float32, CPU): 2 blocks x 2 heads x 32 head-dim, tiny VAE/UMT5.
+    `heads` splits the same 64 channels into more heads (4: 16 head-dim; for Ulysses over 4 ranks)."""
+    if heads not in (1, 2, 4):
+        raise ValueError(f"heads must be 1, 2 or 4 (64 channels, head-dim >= 16 for Wan's rope), got {heads}")
     tokenizer = build_tiny_tokenizer()
     # fork_rng: deterministic weights without disturbing the caller's torch RNG stream.
     with torch.random.fork_rng(devices=[]):
@@ -88,8 +92,8 @@ def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
         text_encoder = UMT5EncoderModel(text_config)
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=_HEAD_DIM,
+            num_attention_heads=heads,
+            attention_head_dim=_HEAD_DIM * TINY_HEADS // heads,
             in_channels=16,
             out_channels=16,
             text_dim=_TEXT_DIM,

@@ -13,7 +13,9 @@ rotary embedding), then `AttentionRun.attend` picks the kernel:
   gives the kept blocks, compiled FlexAttention runs them.
 
 The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
-in diffusers' raster order for `full`. Kept-block density is recorded per (step, layer) as device
+in diffusers' raster order for `full`. Under Ulysses sequence parallelism (`run.sequence_parallel`)
+each rank holds a chunk of the tokens: the processor's all-to-all gives `attend` all tokens for a
+share of the heads, so masks and kernels see exactly what they see on one GPU. Kept-block density is recorded per (step, layer) as device
 tensors and read only when a summary is asked for, so recording never syncs the GPU.
 Limits: self-attention only (attn1); image-conditioned (I2V) attention is not supported.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -36,11 +39,15 @@ log = logging.getLogger(__name__)
 class AttentionRun:
     """State shared by all processors of one patched transformer: config, step, layout, stats."""
 
-    def __init__(self, config: AttentionConfig, kernel_options: dict | None = None):
+    def __init__(self, config: AttentionConfig, kernel_options: dict | None = None, sequence_parallel=None):
         self.config = config
         self.kernel_options = kernel_options
         self.step = 0
         self.layout: TileLayout | None = None
+        self.sequence_parallel = sequence_parallel
+        """distributed.SequenceParallel or None: processors run `attend` between its all-to-alls."""
+        self.stats_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Averages recorded densities over the ranks of one video (set by the pipeline), or None."""
         self._densities: dict[int, list] = defaultdict(list)
 
     # ---- schedule ----------------------------------------------------------------------
@@ -91,8 +98,13 @@ class AttentionRun:
         by_layer: dict[int, list[float]] = defaultdict(list)
         items = sorted(self._densities.items())
         tensors = [v for _, recs in items for _, v in recs if isinstance(v, torch.Tensor)]
-        # One device-to-host copy for all recorded densities instead of one sync per value.
-        host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+        # One device-to-host copy for all recorded densities instead of one sync per value. Under
+        # sequence / CFG parallelism every rank of a video records the same calls for its share of
+        # heads and batch items, so the mean over ranks is the one-GPU value.
+        stacked = torch.stack([t.float().reshape(()) for t in tensors]) if tensors else None
+        if stacked is not None and self.stats_mean is not None:
+            stacked = self.stats_mean(stacked)
+        host = iter(stacked.tolist()) if stacked is not None else iter(())
         for step, records in items:
             self._densities[step] = records = [
                 (layer, next(host) if isinstance(v, torch.Tensor) else v) for layer, v in records]
@@ -143,7 +155,11 @@ class WanSparseAttnProcessor:
         if rotary_emb is not None:
             cos, sin = rotary_emb
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = self.run.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.layer)
+        sp = self.run.sequence_parallel
+        if sp is None:
+            out = self.run.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.layer)
+        else:  # Ulysses: all tokens for this rank's heads, attention exactly as on one GPU, and back
+            out = sp.gather_heads(self.run.attend(*sp.scatter_heads(q, k, v), self.layer))
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

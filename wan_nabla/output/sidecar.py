@@ -5,8 +5,10 @@
 `sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
 judge the video: prompt, negative prompt, seed, model id, the fully resolved config (file values
 with CLI overrides applied), the video's measured properties, timings (load, text encoding,
-denoising with per-step times, decode, write), attention density per step and overall, and the
-package, torch, diffusers, transformers, CUDA and GPU versions.
+denoising with per-step times, decode, write), attention density per step and overall (the mean
+over all ranks of a parallel run), the parallel layout that made it (world size, Ulysses degree,
+CFG parallel, the ranks of its group; one process: world size 1), and the package, torch,
+diffusers, transformers, CUDA and GPU versions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import platform
 import time
 from pathlib import Path
 from typing import Any
+
+
+SINGLE_PROCESS = {"world_size": 1, "ulysses_degree": 1, "cfg_parallel": False, "group_size": 1,
+                  "data_parallel_groups": 1}
 
 
 def sidecar_path(video_path: str | Path) -> Path:
@@ -63,6 +69,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "config": resolved,
         "timings": timings,
         "attention": result.attention,
+        "parallel": result.parallel or SINGLE_PROCESS,
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
