@@ -227,3 +227,21 @@ def test_batch_layout_must_divide_the_world(tmp_path):
     assert (roles.group, roles.group_rank, roles.branch, roles.ulysses_rank) == (1, 1, 0, 1)
     assert layout.cfg_ranks(1, 1) == [5, 7] and layout.ulysses_ranks(1, 1) == [6, 7]
     assert check_parallel(RunConfig(), "generate", env={}) is None  # one process: today's path
+
+
+def test_shards_are_whole_tiles_and_differ_by_at_most_one():
+    """Guards the sharding rule: contiguous chunks of whole 64-token tiles in rank order (raster:
+    single tokens), sizes differing by at most one unit, covering the sequence exactly."""
+    from wan_nabla.distributed import SequenceParallel
+
+    for total, unit, size, expect in [(384, 64, 4, [128, 128, 64, 64]), (384, 64, 2, [192, 192]),
+                                      (195, 1, 4, [49, 49, 49, 48]), (80640, 64, 8, [10112] * 4 + [10048] * 4)]:
+        starts = []
+        for r in range(size):
+            sp = SequenceParallel(None, size, r)
+            sp.set_sequence(total, unit)
+            assert sp.sizes == expect and sp.local_len == expect[r]
+            starts.append(sp.start)
+        assert starts == [sum(expect[:r]) for r in range(size)] and sum(expect) == total
+    with pytest.raises(ValueError, match="whole number"):
+        SequenceParallel(None, 2, 0).set_sequence(100, 64)

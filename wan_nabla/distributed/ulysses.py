@@ -98,8 +98,10 @@ class SequenceParallel:
         if h % self.size:
             raise ValueError(f"{h} heads cannot be split over {self.size} ranks")
         hl = h // self.size
-        x = torch.stack([q_BSHD, k_BSHD, v_BSHD]).view(3, b, s_loc, self.size, hl, d)
-        send = x.permute(3, 2, 0, 1, 4, 5).reshape(self.size * s_loc, 3 * b * hl * d)  # [U * S_loc, ...]
+        send = q_BSHD.new_empty(self.size, s_loc, 3, b, hl, d)  # chunk r (heads of rank r) first: dim 0
+        for i, t in enumerate((q_BSHD, k_BSHD, v_BSHD)):  # one copy each, straight into the send buffer
+            send[:, :, i] = t.unflatten(2, (self.size, hl)).permute(2, 1, 0, 3, 4)
+        send = send.view(self.size * s_loc, 3 * b * hl * d)
         recv = send.new_empty(sum(sizes), 3 * b * hl * d)
         with self.timer.timed(send.device):
             dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[s_loc] * self.size,
