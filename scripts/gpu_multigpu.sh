@@ -7,7 +7,8 @@
 # multicast off in every process (torchrun's children inherit it), records the GPUs and their
 # topology, runs torchrun with one process per GPU (NPROC overrides) and writes multigpu.json,
 # multigpu.md, gpus.txt and log.txt under OUT_DIR; the table is printed last. About 8 minutes on
-# 2x H200 (--budget-s, default 450 s, stops starting new measurements).
+# 2x H200 (--budget-s, default 470 s, stops starting new measurements; the JSON is rewritten after
+# every measurement, so a run cut short keeps what it measured).
 set -euo pipefail
 out=${1:?usage: scripts/gpu_multigpu.sh OUT_DIR [multigpu arguments...]}
 shift

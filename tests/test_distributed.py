@@ -245,3 +245,16 @@ def test_shards_are_whole_tiles_and_differ_by_at_most_one():
         assert starts == [sum(expect[:r]) for r in range(size)] and sum(expect) == total
     with pytest.raises(ValueError, match="whole number"):
         SequenceParallel(None, 2, 0).set_sequence(100, 64)
+
+
+def test_gpu_script_layouts_for_any_gpu_count():
+    """Guards the layouts the GPU script measures on N GPUs (the 4/8-GPU runs reuse it)."""
+    from wan_nabla.bench.multigpu import layouts
+
+    def names(n):
+        return {k: (v.ulysses_degree, v.cfg_parallel) if v else None for k, v in layouts(n).items()}
+
+    assert names(1) == {"1gpu": None}
+    assert names(2) == {"1gpu": None, "ulysses2": (2, False), "cfg2": (1, True)}
+    assert names(3) == {"1gpu": None, "ulysses3": (3, False)}
+    assert names(8) == {"1gpu": None, "ulysses8": (8, False), "cfg2xulysses4": (4, True)}

@@ -12,8 +12,8 @@
    `pipeline.predict_noise` (no text encoder, scheduler or VAE). Layouts for N ranks: `1gpu`
    (every rank alone, batch of 2 as the app does; ranks run it at the same time), `ulysses{N}`
    (batch of 2, tokens split over N ranks) and, for even N, `cfg2` (x ulysses N/2): one branch per
-   half. Attention: full (cuDNN SDPA), STA 11-3-3 and NABLA 0.4, every step sparse (no dense
-   steps). One warm-up step (compile; reported as warmup_s), then `--steps` timed steps; the
+   half. Attention: full (cuDNN SDPA), STA 11-3-3 and NABLA 0.4 (`--attention` picks rows), every
+   step sparse (no dense steps). One warm-up step (compile; reported as warmup_s), then `--steps` timed steps; the
    median is reported, the slowest rank's. comm_s: time inside the collectives (all-to-alls,
    gathers, CFG exchange) by CUDA events, per step. Speed-up = 1gpu step / layout step, same
    attention. Measurements start only while under `--budget-s`; the rest are listed as skipped.
@@ -167,6 +167,8 @@ class Bench:
             inputs = (lat.to(self.device), torch.tensor(500.0, device=self.device),
                       pos.to(self.device, self.dtype), neg.to(self.device, self.dtype))
             for att_name, att in (QUICK_ATTENTION if self.args.quick else ATTENTION).items():
+                if self.args.attention and att_name not in self.args.attention:
+                    continue
                 for lay, par in layouts(self.launch.world_size).items():
                     row = {"size": size, "video": f"{w}x{h}x{frames}", "attention": att_name, "layout": lay,
                            "model_build_s": build_s}
@@ -262,6 +264,11 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _nccl_version() -> str:
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model and grid (CPU test of this script)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after one warm-up)")
     p.add_argument("--sizes", nargs="*", help="only these model sizes (1.3B, 14B)")
-    p.add_argument("--budget-s", type=float, default=450.0, help="start no measurement after this many seconds")
+    p.add_argument("--attention", nargs="*", help=f"only these attention rows ({', '.join(ATTENTION)})")
+    p.add_argument("--budget-s", type=float, default=470.0, help="start no measurement after this many seconds")
     p.add_argument("--no-exactness", action="store_true", help="skip the exactness check")
     args = p.parse_args(argv)
     if "WORLD_SIZE" not in os.environ:  # plain `python -m`: a world of one
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(argv, bench.device)
     env.update(command="python -m wan_nabla.bench.multigpu " + " ".join(sys.argv[1:] if argv is None else argv),
                world_size=bench.launch.world_size, weights="random (real architectures)",
-               nccl=".".join(map(str, torch.cuda.nccl.version())) if bench.device.type == "cuda" else None)
+               nccl=_nccl_version() if bench.device.type == "cuda" else None)
     bench.results["env"] = env
     try:
         if not args.no_exactness:
