@@ -68,6 +68,11 @@ def _write(tmp_path, text):
         ("generation: {fps: 0}\n", "generation.fps"),
         ("generation: {resolution: 480p}\n", "generation.resolution"),
         ("model: 3\n", "model"),
+        ("parallel: {ulysses_degree: 0}\n", "parallel.ulysses_degree"),
+        ("parallel: {ulysses_degree: '2'}\n", "parallel.ulysses_degree"),
+        ("parallel: {cfg_parallel: yes please}\n", "parallel.cfg_parallel"),
+        ("parallel: {timeout_s: 0}\n", "parallel.timeout_s"),
+        ("parallel: {ranks: 2}\n", "parallel.ranks"),
         ("attention: {type: full\n", "not valid YAML"),
     ],
 )
@@ -96,6 +101,9 @@ def test_overrides_win_and_are_validated():
     assert (o.generation.steps, o.generation.size, o.model.base, o.generation.seed) == (3, (128, 64), "tiny", 0)
     with pytest.raises(ConfigError, match="generation.frames"):
         cfg.override(frames=4)
+    par = cfg.override(ulysses_degree=2, cfg_parallel=True, cfg_parallel_typo=None)  # None values are ignored
+    assert (par.parallel.ulysses_degree, par.parallel.cfg_parallel, par.parallel.group_size) == (2, True, 4)
+    assert par.generation == cfg.generation and RunConfig.from_mapping(par.to_dict()).parallel == par.parallel
 
 
 def test_shift_defaults_follow_resolution():

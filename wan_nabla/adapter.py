@@ -13,6 +13,12 @@ What is patched, and why here:
   own `flatten(2).transpose(1, 2)` yields tile order), `rope` (cos/sin tables reordered the same
   way, as float32), and `proj_out` (tile order undone and pads dropped before unpatchify);
 - a forward pre-hook on the transformer derives the TileLayout from the input latent shape.
+With `sequence_parallel` (a distributed.SequenceParallel, Ulysses over U ranks) the same three
+hooks also shard: `patch_embedding` keeps this rank's contiguous chunk of whole tiles (of raster
+tokens for `full`, which has no tile order), `rope` slices its tables to that chunk, and
+`proj_out` all-gathers the chunks before the tile order is undone, so diffusers' unpatchify sees
+the whole sequence. Everything between (norms, modulation, cross-attention, FFN) is per token;
+the self-attention processor does the all-to-alls around the attention (processors.py).
 diffusers' forward itself is not copied. `check_compatible` fails loudly if the processor call
 signature or the module names this relies on change (tested against the pinned diffusers range).
 
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 
 from .config import AttentionConfig, ConfigError
+from .attention.layout import TILE_TOKENS
 from .attention.processors import AttentionRun, WanSparseAttnProcessor
 
 _HANDLE_ATTR = "_wan_nabla_handle"
@@ -99,25 +106,32 @@ class AttentionHandle:
 
 
 def apply_attention(
-    transformer, attention: AttentionConfig | Mapping[str, Any], kernel_options: dict | None = None
+    transformer, attention: AttentionConfig | Mapping[str, Any], kernel_options: dict | None = None,
+    sequence_parallel=None,
 ) -> AttentionHandle:
-    """Install wan-nabla processors on every self-attention of `transformer`; see module doc."""
+    """Install wan-nabla processors on every self-attention of `transformer`; see module doc.
+    `sequence_parallel`: a distributed.SequenceParallel to shard tokens over its ranks (or None)."""
     check_compatible(transformer)
     config = AttentionConfig.from_mapping(attention)
     n_layers = len(transformer.blocks)
     bad = [i for i in config.dense_layers if i >= n_layers]
     if bad:
         raise ConfigError(f"attention.dense_layers: {bad} out of range; this transformer has blocks 0..{n_layers - 1}")
+    sp = sequence_parallel
+    heads = transformer.config.num_attention_heads
+    if sp is not None and heads % sp.size:
+        raise ConfigError(f"parallel.ulysses_degree: {sp.size} does not divide the model's {heads} attention heads; "
+                          f"use a divisor of {heads}")
     if getattr(transformer, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("attention is already applied to this transformer; call handle.remove() first")
 
-    run = AttentionRun(config, kernel_options)
+    run = AttentionRun(config, kernel_options, sequence_parallel=sp)
     originals = [block.attn1.processor for block in transformer.blocks]
     for i, block in enumerate(transformer.blocks):
         block.attn1.processor = WanSparseAttnProcessor(run, i)
 
     hooks = [transformer.register_forward_pre_hook(_make_layout_hook(transformer, run), with_kwargs=True)]
-    if config.sparse:
+    if config.sparse or sp is not None:
         hooks += [
             transformer.patch_embedding.register_forward_hook(_make_patch_hook(run)),
             transformer.rope.register_forward_hook(_make_rope_hook(run)),
@@ -137,7 +151,14 @@ def _make_layout_hook(transformer, run: AttentionRun):
         if timestep is not None and timestep.ndim == 2:
             raise ValueError("per-token timesteps (Wan2.2 TI2V) are not supported by wan-nabla's tile layout")
         _, _, f, h, w = x.shape  # [B, C, F, H, W] latents
-        run.layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device) if run.config.sparse else None
+        layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device) if run.config.sparse else None
+        run.layout = layout
+        sp = run.sequence_parallel
+        if sp is not None:  # shards of whole 64-token tiles in tile order, of single tokens in raster order
+            if layout is not None:
+                sp.set_sequence(layout.padded_len, TILE_TOKENS)
+            else:
+                sp.set_sequence((f // p_t) * (h // p_h) * (w // p_w), 1)
         return None
 
     return hook
@@ -145,8 +166,13 @@ def _make_layout_hook(transformer, run: AttentionRun):
 
 def _make_patch_hook(run: AttentionRun):
     def hook(module, args, out_BCFHW):
-        tiles_BSC = run.layout.grid_to_tiles(out_BCFHW.permute(0, 2, 3, 4, 1))
-        return tiles_BSC.transpose(1, 2)[..., None, None]  # diffusers flattens dims 2.. next
+        if run.layout is not None:
+            x_BSC = run.layout.grid_to_tiles(out_BCFHW.permute(0, 2, 3, 4, 1))
+        else:
+            x_BSC = out_BCFHW.flatten(2).transpose(1, 2)
+        if run.sequence_parallel is not None:
+            x_BSC = run.sequence_parallel.shard(x_BSC, dim=1)
+        return x_BSC.transpose(1, 2)[..., None, None]  # diffusers flattens dims 2.. next
 
     return hook
 
@@ -154,14 +180,20 @@ def _make_patch_hook(run: AttentionRun):
 def _make_rope_hook(run: AttentionRun):
     def hook(module, args, out):
         cos, sin = out  # [1, S, 1, D] raster order
-        return tuple(run.layout.to_tiles(t[:, :, 0].float(), seq_dim=1)[:, :, None] for t in (cos, sin))
+        if run.layout is not None:
+            cos, sin = (run.layout.to_tiles(t[:, :, 0].float(), seq_dim=1)[:, :, None] for t in (cos, sin))
+        if run.sequence_parallel is not None:
+            cos, sin = (run.sequence_parallel.shard(t, dim=1) for t in (cos, sin))
+        return cos, sin
 
     return hook
 
 
 def _make_unpatch_hook(run: AttentionRun):
     def hook(module, args, out_BSC):
-        return run.layout.from_tiles(out_BSC, seq_dim=1)
+        if run.sequence_parallel is not None:
+            out_BSC = run.sequence_parallel.gather(out_BSC, dim=1)
+        return run.layout.from_tiles(out_BSC, seq_dim=1) if run.layout is not None else out_BSC
 
     return hook
 

@@ -9,8 +9,11 @@
     wan-nabla presets                                  # bundled configs, one line each
     wan-nabla bench --levels op --out benchmarks/results/h100
 
-Exit codes: 0 success; 1 a batch finished with failed items; 2 bad command line, config, model
-or output location (one line on stderr naming the bad value, nothing written); 130 interrupted.
+    torchrun --nproc-per-node 2 -m wan_nabla generate --ulysses-degree 2 ...   # several GPUs
+
+Exit codes: 0 success; 1 a batch finished with failed items (or another rank of a torchrun job
+failed); 2 bad command line, config, parallel layout, model or output location (one line on
+stderr naming the bad value, nothing written; under torchrun on every rank); 130 interrupted.
 Flags override the config file's `generation:` values; the resolved config is logged and saved
 in the sidecar JSON next to each video.
 """
@@ -19,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .app import UsageError, load_generator, resolve_run_config, usage_errors
+from .app import (PeerFailure, UsageError, check_parallel, load_generator, on_main, parallel_session,
+                  resolve_run_config, usage_errors)
 
 log = logging.getLogger("wan_nabla")
 
@@ -54,6 +59,11 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a .safetensors LoRA into the transformer (repeatable; replaces the config's lora list)")
+    p.add_argument("--ulysses-degree", type=int, metavar="U",
+                   help="under torchrun: split each video's tokens over U ranks (sequence parallel; U divides the "
+                        "model's heads: 1.3B 12, 14B 40)")
+    p.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="under torchrun: run the conditional and unconditional passes on two groups of ranks")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
 
@@ -69,6 +79,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if getattr(args, "verbose", False) else (
         logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("wan_nabla").setLevel(level)
     for noisy in ("diffusers", "transformers", "torch"):
@@ -98,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt or not args.prompt.strip():
         raise UsageError("--prompt: must be a non-empty string")
     cfg = resolve_run_config(args)
+    plan = check_parallel(cfg, "generate")  # every rank, before anything is loaded or written
     output = Path(args.output) if args.output else _default_output(args.prompt)
     if output.suffix.lower() != ".mp4":
         raise UsageError(f"--output: {str(output)!r} must end in .mp4")
@@ -108,16 +121,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.save_masks:
         from .compare.save_masks import MaskSaver
 
+        if plan is not None:
+            raise UsageError("--save-masks: works in single-process runs only (not under torchrun / parallel flags)")
+
         saver = MaskSaver.prepare(args, cfg, output)
     log.info("resolved config: %s", cfg.to_dict())
 
     from .output.sidecar import publish_video
 
-    gen = load_generator(cfg)
+    gen = load_generator(cfg, plan)  # on every rank, before the process group exists
     if saver is not None:
         saver.attach(gen)
-    result = gen.generate(args.prompt, progress=not args.quiet)
-    record = publish_video(gen, result, args.prompt, output)
+    with parallel_session(plan) as ctx:
+        gen.use_parallel(ctx)
+        result = gen.generate(args.prompt, progress=not args.quiet and (ctx is None or ctx.is_main))
+        record = on_main(ctx, lambda: publish_video(gen, result, args.prompt, output))
+    if record is None:  # another rank of a torchrun job; rank 0 wrote the files
+        return 0
     if saver is not None:
         log.info("mask pictures: %s", saver.write(result)[0].parent)
     t = record["timings"]
@@ -218,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except usage_errors() as e:
         print(f"wan-nabla: error: {e}", file=sys.stderr)
         return 2
+    except PeerFailure as e:
+        print(f"wan-nabla: error: {e}", file=sys.stderr)
+        return 2 if e.usage else 1
     except KeyboardInterrupt:
         print("wan-nabla: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Typed configuration: the attention section, generation defaults, and their YAML form.
+"""Typed configuration: the attention section, generation defaults, the parallel layout, and their YAML form.
 
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
@@ -463,9 +463,53 @@ def _lora_list(value: Any) -> tuple[LoraSpec, ...]:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks started by torchrun share the work (distributed/); one process needs none of it."""
+
+    ulysses_degree: int = 1
+    """Ranks that split one video's tokens (Ulysses sequence parallel): attention runs on all
+    tokens for heads/ulysses_degree heads per rank, so it must divide the model's heads (1.3B: 12,
+    14B: 40). 1 = off."""
+    cfg_parallel: bool = False
+    """Run the conditional and the unconditional pass on two groups of ranks (needs
+    guidance_scale > 1)."""
+    timeout_s: float = 3600.0
+    """How long a rank waits for the others in one collective before the run fails (seconds).
+    At the end of a data-parallel batch idle ranks wait for the last item, so it must exceed the
+    longest item."""
+
+    def __post_init__(self) -> None:
+        u = self.ulysses_degree
+        if not _is_int(u) or u < 1:
+            raise ConfigError(f"parallel.ulysses_degree: {u!r} is not allowed; use an integer >= 1")
+        if not isinstance(self.cfg_parallel, bool):
+            raise ConfigError(f"parallel.cfg_parallel: {self.cfg_parallel!r} is not allowed; use true or false")
+        t = self.timeout_s
+        if not _is_number(t) or t <= 0:
+            raise ConfigError(f"parallel.timeout_s: {t!r} is not allowed; use a number of seconds > 0")
+        object.__setattr__(self, "timeout_s", float(t))
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that generate one video together."""
+        return self.ulysses_degree * (2 if self.cfg_parallel else 1)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ParallelConfig:
+        _check_keys("parallel", data, tuple(f.name for f in fields(cls)))
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PARALLEL_KEYS = tuple(f.name for f in fields(ParallelConfig))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole config file: model, attention section, generation defaults, memory placement, speed
-    levers, LoRAs."""
+    levers, LoRAs, parallel layout."""
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -475,6 +519,7 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     lora: tuple[LoraSpec, ...] = ()
     """LoRAs merged into the transformer at load, in order."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", ModelConfig.from_value(self.model))
@@ -483,11 +528,15 @@ class RunConfig:
             raise ConfigError(f"speed.compile: {self.speed.compile!r} does not combine with memory.offload "
                               f"{self.memory.offload!r} (compiled blocks are not traced through offload hooks); "
                               "use compile none or auto, or offload none")
+        if self.speed.cache_kind != "none" and self.parallel.ulysses_degree > 1:
+            raise ConfigError(f"speed.cache: {self.speed.cache!r} does not combine with parallel.ulysses_degree "
+                              f"{self.parallel.ulysses_degree} (each rank would decide to skip blocks from its own "
+                              "tokens and the ranks would fall out of step); use cache none, or cfg_parallel alone")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
         data = {} if data is None else data
-        _check_keys("", data, ("model", "attention", "generation", "memory", "speed", "lora"))
+        _check_keys("", data, ("model", "attention", "generation", "memory", "speed", "lora", "parallel"))
         return cls(
             attention=AttentionConfig.from_mapping(data.get("attention") or {}),
             generation=GenerationConfig.from_mapping(data.get("generation") or {}),
@@ -495,16 +544,21 @@ class RunConfig:
             memory=MemoryConfig.from_mapping(data.get("memory") or {}),
             speed=SpeedConfig.from_mapping(data.get("speed") or {}),
             lora=data.get("lora"),
+            parallel=ParallelConfig.from_mapping(data.get("parallel") or {}),
         )
 
     def override(self, **changes: Any) -> RunConfig:
-        """Return a copy with generation fields, `model` (the base), `transformer`, `offload` and
-        `vae_tiling` replaced; None values are ignored."""
+        """Return a copy with generation fields, `model` (the base), `transformer`, `offload`,
+        `vae_tiling` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
+        None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         sections: dict[str, dict[str, Any]] = {}
         for name, (section, key) in _SECTION_OVERRIDES.items():
             if name in changes:
                 sections.setdefault(section, {})[key] = changes.pop(name)
+        for name in PARALLEL_KEYS:
+            if name in changes:
+                sections.setdefault("parallel", {})[name] = changes.pop(name)
         gen_names = {f.name for f in fields(GenerationConfig)}
         for k in changes:
             if k not in gen_names:
@@ -528,7 +582,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "attention": self.attention.to_dict(),
                 "generation": self.generation.to_dict(), "memory": self.memory.to_dict(),
-                "speed": self.speed.to_dict(), "lora": [x.to_dict() for x in self.lora]}
+                "speed": self.speed.to_dict(), "lora": [x.to_dict() for x in self.lora],
+                "parallel": self.parallel.to_dict()}
 
 
 def load_config(path: str | Path | None) -> RunConfig:

@@ -24,6 +24,7 @@ Limits and policy:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -35,7 +36,7 @@ from diffusers import AutoencoderKLWan, WanPipeline
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
-from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
+from .tiny import TINY_HEADS, TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
 
 DEFAULT_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 DEFAULT_LOCAL_DIR = Path("weights/Wan2.1-T2V-1.3B-Diffusers")
@@ -253,6 +254,30 @@ def same_checkpoint(source: str | None, repo_id: str) -> bool:
     owner, _, name = repo_id.lower().partition("/")
     parts = [p.lower() for p in Path(source).expanduser().parts]
     return name in parts or f"models--{owner}--{name}" in parts
+
+
+def transformer_heads(model: str) -> int | None:
+    """The attention head count of `model`'s transformer, read from its config.json without loading
+    any weights (for parallel layouts checked before loading); None where it cannot be known yet
+    (a missing directory, a hub model not in the cache)."""
+    if model == TINY_MODEL_ID:
+        return TINY_HEADS
+    path = Path(model).expanduser()
+    config: str | Path | None = None
+    if path.is_dir():
+        config = path / "transformer" / "config.json"
+    elif looks_like_hub_id(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "transformer/config.json")
+        config = found if isinstance(found, str) else None
+    if config is None:
+        return None
+    try:
+        heads = json.loads(Path(config).read_text(encoding="utf-8")).get("num_attention_heads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:

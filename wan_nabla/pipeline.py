@@ -22,6 +22,13 @@ reset; skipped block computations are counted from the attention calls (a skippe
 calls its attention), compile time is what TorchDynamo/Inductor spent during the call (0 once
 everything is compiled), and peak GPU memory is recorded per phase (encode, denoise, decode).
 
+Several GPUs (`parallel`, a distributed.ParallelContext, under torchrun): with Ulysses the
+transformer's hooks shard the tokens (adapter.py) and every rank of the video runs this same loop
+on the same latents; with CFG parallel each rank runs only its branch's pass (batch 1) and the
+two predictions are exchanged once per step. Every rank then combines them and steps the
+scheduler identically, so latents stay equal on all ranks (checked at the end); only the group's
+leader decodes (`frames` is None on the others).
+
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
 """
@@ -88,8 +95,8 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class GenerationResult:
-    frames: np.ndarray
-    """[T, H, W, 3] float32 in [0, 1]."""
+    frames: np.ndarray | None
+    """[T, H, W, 3] float32 in [0, 1]; None on the ranks of a parallel run that do not decode."""
     seed: int
     settings: dict[str, Any]
     """The resolved generation settings of this video (size, frames, steps, guidance, shift, ...)."""
@@ -97,13 +104,17 @@ class GenerationResult:
     attention: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
     """compile (mode, seconds, graphs), cache (kind, block calls computed/skipped), lora (records)."""
+    latents: torch.Tensor | None = None
+    """The final latents [1, 16, F, H/8, W/8] (float32, CPU) that were decoded."""
+    parallel: dict[str, Any] | None = None
+    """The parallel layout that produced this video (ParallelContext.describe()), None for one process."""
 
 
 class VideoGenerator:
     """A loaded Wan2.1 pipeline with wan-nabla attention installed; reusable across prompts."""
 
     def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom",
-                 transformer_source: dict[str, Any] | None = None):
+                 transformer_source: dict[str, Any] | None = None, parallel=None):
         self.pipe = pipe
         self.config = config
         self.device = device
@@ -111,6 +122,7 @@ class VideoGenerator:
         # Where the DiT weights came from (models.load_transformer's record), for the sidecar.
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
+        self.parallel = None
         self.handle = adapter.apply_attention(pipe.transformer, config.attention)
         self.lora: list[dict[str, Any]] = []
         try:
@@ -124,11 +136,34 @@ class VideoGenerator:
             raise
         self._first_call = True
         self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
-        # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
-        self._compiled = (adapter.compile_blocks(pipe.transformer, self.handle.run, self.compile_mode,
-                                                 fallback=config.speed.compile == "auto")
-                          if self.compile_mode != "none" else None)
+        self._compiled = None
+        self._compile()
         self._cache_key = None
+        self.use_parallel(parallel)
+
+    def _compile(self) -> None:
+        # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
+        if self.compile_mode != "none":
+            self._compiled = adapter.compile_blocks(self.pipe.transformer, self.handle.run, self.compile_mode,
+                                                    fallback=self.config.speed.compile == "auto")
+
+    def use_parallel(self, parallel) -> None:
+        """Generate together with the other ranks of `parallel` (a distributed.ParallelContext;
+        None: alone): attention is reinstalled with its sequence parallelism, and densities are
+        averaged over the ranks of a video."""
+        if parallel is None:
+            return
+        compiled = self._compiled is not None
+        if compiled:  # the compiled blocks were set up for the attention run being replaced
+            self._compiled.undo()
+            self._compiled = None
+        self.handle.remove()
+        self.parallel = parallel
+        self.handle = adapter.apply_attention(self.pipe.transformer, self.config.attention,
+                                              sequence_parallel=parallel.sequence_parallel())
+        self.handle.run.stats_mean = parallel.item_mean
+        if compiled:
+            self._compile()
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
@@ -185,8 +220,12 @@ class VideoGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         g = self.settings(negative_prompt=negative_prompt, **overrides)
-        pipe, dev, run = self.pipe, self.device, self.handle.run
+        pipe, dev, run, par = self.pipe, self.device, self.handle.run, self.parallel
         cfg_on = g.guidance_scale > 1.0
+        split_cfg = par is not None and par.cfg_parallel
+        if split_cfg and not cfg_on:
+            raise ValueError(f"guidance_scale {g.guidance_scale:g} turns classifier-free guidance off, but this run "
+                             f"splits the CFG passes over ranks (--cfg-parallel); use guidance_scale > 1")
         run.reset_stats()
         timings: dict[str, Any] = {}
         compile_s0, graphs0 = compile_seconds(), _graphs()
@@ -204,7 +243,7 @@ class VideoGenerator:
         adapter.set_timesteps(scheduler, g.steps, dev)
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
-        passes = 1 if not cfg_on or both is not None else 2
+        passes = 1 if not cfg_on or both is not None or split_cfg else 2  # transformer calls per step here
 
         per_step = []
         printed = io.StringIO()  # diffusers prints MagCache's calibrated ratios to stdout
@@ -214,16 +253,7 @@ class VideoGenerator:
             for i, t in enumerate(scheduler.timesteps):
                 ts = time.perf_counter()
                 run.set_step(i)
-                if not cfg_on:
-                    noise = adapter.denoise(pipe, latents, t, pos, context="cond")
-                elif both is not None:
-                    x2 = torch.cat([latents, latents])
-                    cond, uncond = adapter.denoise(pipe, x2, t, both, context="cfg").chunk(2)
-                    noise = uncond + g.guidance_scale * (cond - uncond)
-                else:
-                    cond = adapter.denoise(pipe, latents, t, pos, context="cond")
-                    uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
-                    noise = uncond + g.guidance_scale * (cond - uncond)
+                noise = predict_noise(pipe, latents, t, pos, neg if cfg_on else None, g.guidance_scale, both, par)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
                 if on_step is not None:
                     on_step(i, noise, latents)
@@ -247,9 +277,13 @@ class VideoGenerator:
             "passes_per_step": passes,
         }
 
+        if par is not None:
+            par.check_in_sync(latents, "final latents")
+        attention = run.density_summary(steps=g.steps)  # collective under parallelism: every rank, same point
+
         frames = np.zeros((0, g.height, g.width, 3), np.float32)
         timings["decode_s"] = None
-        if decode:
+        if decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
             t0 = time.perf_counter()
             timings["vae_tiling"] = self.memory.before_decode(g.width, g.height)
             frames = adapter.decode_video(pipe, latents, dev)
@@ -260,12 +294,14 @@ class VideoGenerator:
         timings.update(peaks.record())
 
         return GenerationResult(
-            frames=np.asarray(frames, dtype=np.float32),
+            frames=frames,
             seed=g.seed,
             settings=g.to_dict(),
             timings=timings,
-            attention=run.density_summary(steps=g.steps),
+            attention=attention,
             speed=speed,
+            latents=latents.detach().float().cpu(),
+            parallel=par.describe() if par is not None else None,
         )
 
     def _cache_record(self, steps: int, passes: int, printed: str) -> dict[str, Any]:
@@ -324,6 +360,28 @@ class _PhasePeaks:
             return {}
         return {"peak_gpu_memory_gb": max(self.gb.values()), "peak_gpu_memory_gb_by_phase": dict(self.gb),
                 "peak_gpu_reserved_gb_by_phase": dict(self.reserved_gb)}
+
+
+def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
+                  guidance_scale: float, both: torch.Tensor | None = None, parallel=None) -> torch.Tensor:
+    """One step's guided noise prediction (the loop body without the scheduler), on every rank.
+
+    neg None: no guidance, one conditional pass. CFG parallel: this rank's branch only, exchanged
+    with its partner. Else `both` (= cat(pos, neg)) runs the pair as one batch of two, or two passes
+    without it. noise = uncond + g * (cond - uncond). Each pass runs in its step-cache context
+    (cond / uncond / cfg: adapter.denoise)."""
+    if neg is None:
+        return adapter.denoise(pipe, latents, t, pos, context="cond")
+    if parallel is not None and parallel.cfg_parallel:
+        branch = "uncond" if parallel.branch else "cond"
+        mine = adapter.denoise(pipe, latents, t, neg if parallel.branch else pos, context=branch)
+        cond, uncond = parallel.exchange_cfg(mine)
+    elif both is not None:
+        cond, uncond = adapter.denoise(pipe, torch.cat([latents, latents]), t, both, context="cfg").chunk(2)
+    else:
+        cond = adapter.denoise(pipe, latents, t, pos, context="cond")
+        uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def _progress(total: int, enabled: bool):

@@ -30,13 +30,21 @@ _TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
 # 32 is a power of two (friendly to attention kernels) and splits for Wan's 3-axis rope
 # into t/h/w = 12/10/10, all even and positive.
 _HEAD_DIM = 32
+TINY_HEADS = 2
 
 # The tiny transformer's config (WanTransformer3DModel keyword arguments).
 TINY_TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=_HEAD_DIM, in_channels=16, out_channels=16,
+    patch_size=(1, 2, 2), num_attention_heads=TINY_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16, out_channels=16,
     text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
 )
+
+
+def tiny_transformer_config(heads: int = TINY_HEADS) -> dict:
+    """The tiny transformer's config with its 64 channels split into `heads` heads."""
+    if heads not in (1, 2, 4):
+        raise ValueError(f"heads must be 1, 2 or 4 (64 channels, head-dim >= 16 for Wan's rope), got {heads}")
+    return {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": heads, "attention_head_dim": _HEAD_DIM * TINY_HEADS // heads}
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -68,8 +76,10 @@ def _tiny_scheduler() -> UniPCMultistepScheduler:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
-    """Random-init WanPipeline (float32, CPU): 2 blocks x 2 heads x 32 head-dim, tiny VAE/UMT5."""
+def build_tiny_pipeline(seed: int = 0, heads: int = TINY_HEADS) -> WanPipeline:
+    """Random-init WanPipeline (float32, CPU): 2 blocks x 2 heads x 32 head-dim, tiny VAE/UMT5.
+    `heads` splits the same 64 channels into more heads (4: 16 head-dim; for Ulysses over 4 ranks)."""
+    config = tiny_transformer_config(heads)
     tokenizer = build_tiny_tokenizer()
     # fork_rng: deterministic weights without disturbing the caller's torch RNG stream.
     with torch.random.fork_rng(devices=[]):
@@ -93,7 +103,7 @@ def build_tiny_pipeline(seed: int = 0) -> WanPipeline:
             eos_token_id=tokenizer.eos_token_id,
         )
         text_encoder = UMT5EncoderModel(text_config)
-        transformer = WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
+        transformer = WanTransformer3DModel(**config)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),

@@ -13,7 +13,9 @@ rotary embedding), then `AttentionRun.attend` picks the kernel:
   gives the kept blocks, compiled FlexAttention runs them.
 
 The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
-in diffusers' raster order for `full`. Kept-block density is recorded per (step, layer) as device
+in diffusers' raster order for `full`. Under Ulysses sequence parallelism (`run.sequence_parallel`)
+each rank holds a chunk of the tokens: the processor's all-to-all gives `attend` all tokens for a
+share of the heads, so masks and kernels see exactly what they see on one GPU. Kept-block density is recorded per (step, layer) as device
 tensors and read only when a summary is asked for, so recording never syncs the GPU.
 
 Compiled blocks (adapter.compile_blocks). `AttentionRun.attend` reads Python state (step, layout)
@@ -25,6 +27,8 @@ by `run.compile_region`:
   CPU tensor, a graph input, so all blocks (and later runs) share one graph instead of guarding
   on 40 different ints or baking a run into it.
 - "split": a `torch.compiler.disable`d call; the block's graph splits around attention.
+Under Ulysses the all-to-alls and attention always run behind such a graph break
+(`attend_sequence_parallel`), whatever the region.
 Either way the mask build and the kernel run as they do eagerly (the kernel is the process-wide
 compiled flex), dense_steps switch kernels without a recompile, and statistics stay exact.
 Limits: self-attention only (attn1); image-conditioned (I2V) attention is not supported.
@@ -36,6 +40,7 @@ import itertools
 import logging
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -53,11 +58,15 @@ _RUN_IDS = itertools.count()
 class AttentionRun:
     """State shared by all processors of one patched transformer: config, step, layout, stats."""
 
-    def __init__(self, config: AttentionConfig, kernel_options: dict | None = None):
+    def __init__(self, config: AttentionConfig, kernel_options: dict | None = None, sequence_parallel=None):
         self.config = config
         self.kernel_options = kernel_options
         self.step = 0
         self.layout: TileLayout | None = None
+        self.sequence_parallel = sequence_parallel
+        """distributed.SequenceParallel or None: processors run `attend` between its all-to-alls."""
+        self.stats_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Averages recorded densities over the ranks of one video (set by the pipeline), or None."""
         self._densities: dict[int, list] = defaultdict(list)
         self.compile_region = "eager"
         """How processors reach `attend`: eager (a plain call), op or split (module doc)."""
@@ -118,8 +127,13 @@ class AttentionRun:
         by_layer: dict[int, list[float]] = defaultdict(list)
         items = sorted(self._densities.items())
         tensors = [v for _, recs in items for _, v in recs if isinstance(v, torch.Tensor)]
-        # One device-to-host copy for all recorded densities instead of one sync per value.
-        host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+        # One device-to-host copy for all recorded densities instead of one sync per value. Under
+        # sequence / CFG parallelism every rank of a video records the same calls for its share of
+        # heads and batch items, so the mean over ranks is the one-GPU value.
+        stacked = torch.stack([t.float().reshape(()) for t in tensors]) if tensors else None
+        if stacked is not None and self.stats_mean is not None:
+            stacked = self.stats_mean(stacked)
+        host = iter(stacked.tolist()) if stacked is not None else iter(())
         for step, records in items:
             self._densities[step] = records = [
                 (layer, next(host) if isinstance(v, torch.Tensor) else v) for layer, v in records]
@@ -173,6 +187,14 @@ def attend_outside_graph(run: AttentionRun, q_BHSD, k_BHSD, v_BHSD, layer: int) 
     return run.attend(q_BHSD, k_BHSD, v_BHSD, layer)
 
 
+@torch.compiler.disable
+def attend_sequence_parallel(run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: int) -> torch.Tensor:
+    """Ulysses attention on local tokens [B, S_loc, H, D] -> [B, H, S_loc, D]: heads scattered over
+    the ranks (all tokens each), `run.attend`, gathered back; behind a graph break in compiled blocks."""
+    sp = run.sequence_parallel
+    return sp.gather_heads(run.attend(*sp.scatter_heads(q_BSHD, k_BSHD, v_BSHD), layer))
+
+
 class WanSparseAttnProcessor:
     """Drop-in processor for a Wan2.1 self-attention module (block.attn1)."""
 
@@ -193,14 +215,19 @@ class WanSparseAttnProcessor:
         if rotary_emb is not None:
             cos, sin = rotary_emb
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         region = self.run.compile_region
-        if region == "op":
-            out = attend_op(q, k, v, self.ids)
-        elif region == "split":
-            out = attend_outside_graph(self.run, q, k, v, self.layer)
+        if self.run.sequence_parallel is not None:
+            # Ulysses: all tokens for this rank's heads, attention exactly as on one GPU, and back;
+            # the all-to-alls stay outside any compiled graph.
+            out = attend_sequence_parallel(self.run, q, k, v, self.layer)
         else:
-            out = self.run.attend(q, k, v, self.layer)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+            if region == "op":
+                out = attend_op(q, k, v, self.ids)
+            elif region == "split":
+                out = attend_outside_graph(self.run, q, k, v, self.layer)
+            else:
+                out = self.run.attend(q, k, v, self.layer)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -1,18 +1,21 @@
 """`manifest.jsonl`: the batch's append-only log, one JSON record per item per attempt.
 
-    with ManifestWriter(out_dir / "manifest.jsonl") as m:   # exclusive lock; OutputError if held
-        m.append({"index": 0, "status": "ok", ...})          # written, flushed and fsynced
+    with ManifestWriter(out_dir / "manifest.jsonl") as m:   # directory lock; OutputError if held
+        m.append({"index": 0, "status": "ok", ...})          # written and fsynced
+    ManifestWriter(path, owner=False)   # another rank of the same torchrun batch: appends only
     records = read_manifest(out_dir / "manifest.jsonl")       # every complete record, in order
 
 Each record is written as one line with a single write, then fsynced, so a run killed at any
 moment leaves at worst a truncated last line. The reader skips lines that are not a JSON object
 (and says how many); the writer first ends such a dangling line with "\\n", so a new record never
-glues onto it. The writer holds an advisory `flock` on the manifest for its lifetime: a second
-batch on the same directory fails at once instead of interleaving work (released by the kernel
-even on SIGKILL).
+glues onto it. Two advisory `flock`s: the owner (the batch, rank 0 under torchrun) holds one on
+the output directory for its lifetime, so a second batch on the same directory fails at once
+instead of interleaving work (released by the kernel even on SIGKILL); every append holds one on
+the manifest itself for that append only, so the group leaders of a data-parallel batch append
+whole lines to one manifest.
 
-Limits: the lock is POSIX-only (on Windows two concurrent batches are not detected), and it is
-advisory: tools that ignore flock (an editor) can still write the file.
+Limits: the locks are POSIX-only (on Windows two concurrent batches are not detected), and they
+are advisory: tools that ignore flock (an editor) can still write the file.
 """
 
 from __future__ import annotations
@@ -62,38 +65,58 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
 
 
 class ManifestWriter:
-    """Appends records to a manifest under an exclusive lock (see module doc)."""
+    """Appends records to a manifest; the owner also holds the batch's directory lock (module doc)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, owner: bool = True):
         self.path = Path(path)
-        self._f = open(self.path, "ab")  # noqa: SIM115 - held open (and locked) for the whole run
+        self._dir_fd: int | None = None
+        if owner and fcntl is not None:
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(
+                    f"{str(self.path.parent)!r} is locked by another running batch; wait for it or use another --out-dir"
+                ) from None
+            self._dir_fd = fd
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise OutputError(
-                        f"{str(self.path)!r} is locked by another running batch; wait for it or use another --out-dir"
-                    ) from None
-            if self._f.tell() > 0:
-                with open(self.path, "rb") as r:
-                    r.seek(-1, os.SEEK_END)
-                    if r.read(1) != b"\n":
-                        self._write(b"\n")
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         except BaseException:
-            self._f.close()
+            self._unlock_dir()
             raise
 
-    def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+    def _unlock_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # also releases the lock
+            self._dir_fd = None
 
     def append(self, record: dict[str, Any]) -> None:
-        self._write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        """One record as one line: under an exclusive lock of the manifest for this append only
+        (several ranks of a torchrun batch append to one manifest), a dangling line left by a
+        killed writer is ended first; then one write and an fsync."""
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size:
+                os.lseek(self._fd, size - 1, os.SEEK_SET)  # reads honour the offset; O_APPEND writes go to the end
+                if os.read(self._fd, 1) != b"\n":
+                    data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        self._f.close()  # also releases the lock
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._unlock_dir()
 
     def __enter__(self) -> ManifestWriter:
         return self

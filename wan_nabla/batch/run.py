@@ -14,10 +14,21 @@ Algorithm
 3. Names: a done item keeps its file; every other item gets safe_slug(name or prompt) + ".mp4",
    suffixed -2, -3, ... past names of this run and past any existing file whose sidecar is not
    this item's (its own leftover from a killed attempt is reused; other files are never touched).
-4. Run: lock manifest.jsonl, load the pipeline once (only if something is left to do), then per
-   item generate, write MP4 + sidecar atomically and append one manifest record (fsynced). Any
+4. Run: lock the output directory, load the pipeline once (only if something is left to do), then
+   per item generate, write MP4 + sidecar atomically and append one manifest record (fsynced). Any
    exception of an item (CUDA out-of-memory included) is recorded as failed; memory is released
    (gc, CUDA cache) and the run goes on. Leftover temp files of killed writes are removed.
+
+Under torchrun (`torchrun --nproc-per-node N -m wan_nabla batch ...`) the ranks form groups of
+ulysses_degree x (2 if cfg_parallel else 1) ranks (one rank each without those flags: one pipeline
+per GPU). Every rank plans the same items from the same file; rank 0 alone locks the directory,
+checks what is done and names the outputs (steps 2-3), then sends those names to all. Each
+group's leader claims the next pending item from a counter rank 0 serves (distributed/claims.py),
+so every item runs exactly once and fast groups take more items; the group generates it together,
+its leader writes the files and appends the record (one manifest, one line per append). Resume,
+names and failure isolation are those of one process; a failure of one rank in the middle of a
+step (not of the whole group) cannot be isolated: its partners wait in a collective until
+parallel.timeout_s, and torchrun ends the run (rerun to resume).
 
 Limits: resuming after editing the file re-keys items whose index moved (a line inserted above
 them), so those are generated again under new names; the old files are left alone. Verifying done
@@ -27,6 +38,7 @@ items decodes each of their MP4s once per run (fast for clips, linear in their n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -34,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app import UsageError, load_generator, model_label, resolve_run_config
+from ..app import UsageError, agreed, check_parallel, load_generator, model_label, parallel_session, resolve_run_config
 from ..output.files import ensure_writable_dir
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
@@ -89,21 +101,29 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool) -> dict[str, Any]:
-    """Generate and write one item; returns its manifest record (ok or failed), never raises Exception."""
+def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None) -> dict[str, Any] | None:
+    """Generate and write one item; returns its manifest record (ok or failed), never raises Exception.
+    With a ParallelContext all ranks of the group call it; the leader writes and gets the record,
+    the others get None."""
     g, error = p.settings, None
+    writer = ctx is None or ctx.is_leader
     t0 = time.perf_counter()
     try:
-        if not free_or_own(p.output, p.key):  # someone put a file there since planning: never overwrite it
+        if writer and not free_or_own(p.output, p.key):  # someone put a file there since planning: never overwrite it
+            if ctx is not None:  # other groups name concurrently; only rank 0's plan is collision-free
+                raise RuntimeError(f"{p.output.name} appeared since planning and is not this item's; run the batch "
+                                   f"again to give the item a new name")
             p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
                                    available=lambda c: free_or_own(c, p.key))
             names.add(p.output.name)
-        result = gen.generate(p.item.prompt, negative_prompt=g.negative_prompt, progress=progress, size=g.size,
-                              frames=g.frames, steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift,
-                              seed=g.seed, fps=g.fps)
+        result = agreed(ctx, lambda: gen.generate(
+            p.item.prompt, negative_prompt=g.negative_prompt, progress=progress, size=g.size, frames=g.frames,
+            steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift, seed=g.seed, fps=g.fps), scope="item")
         density = result.attention.get("overall")
-        side = _write_video(gen, result, p)
+        side = agreed(ctx, lambda: _write_video(gen, result, p), here=writer, scope="item")
         del result
+        if not writer:
+            return None
         timings = {k: v for k, v in side["timings"].items() if k not in ("per_step_s", "load_s")}
         timings["total_s"] = time.perf_counter() - t0
         return _record(p, "ok", timings=timings, attention_density=density)
@@ -111,7 +131,7 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
         error = f"line {p.item.line}: {_describe(exc)}"
         log.debug("item %d failed", p.item.index, exc_info=True)
     _release_memory()  # after the except block, so the traceback (and its tensors) is already gone
-    return _record(p, "failed", error=error)
+    return _record(p, "failed", error=error) if writer else None
 
 
 def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
@@ -142,49 +162,127 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
     model_id = model_label(cfg)
+    ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
     planned = [plan_item(cfg, it, model_id) for it in items]
+    if cfg.parallel.cfg_parallel:
+        for p in planned:
+            if p.settings is not None and p.settings.guidance_scale <= 1.0:
+                p.error = (f"line {p.item.line}: guidance_scale: {p.settings.guidance_scale:g} turns classifier-free "
+                           f"guidance off, which --cfg-parallel needs; use a value > 1")
     if args.dry_run:
-        assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
-        print_plan(planned, out_dir)
+        if ranks is None or ranks[0].rank == 0:
+            assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
+            print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
-
-    created_dir = not out_dir.exists()
-    ensure_writable_dir(out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
-    had_manifest = manifest_path.exists()
-    with ManifestWriter(manifest_path) as manifest:
-        names = assign_outputs(planned, out_dir, read_manifest(manifest_path))
-        remove_stale_temps(out_dir, names)
-        pending = [p for p in planned if p.error is None and p.done is None]
-        gen = None
-        if pending:
-            log.info("resolved config: %s", cfg.to_dict())
-            try:
-                gen = load_generator(cfg)
-            except BaseException:
-                if not had_manifest:  # a model that cannot be loaded leaves nothing behind
-                    manifest_path.unlink(missing_ok=True)
-                    if created_dir:
-                        with contextlib.suppress(OSError):
-                            out_dir.rmdir()
-                raise
-        try:
-            counts = _run_all(planned, pending, gen, manifest, names, out_dir, args.quiet, on_record)
-        finally:
-            if gen is not None:
-                gen.close()
-            remove_stale_temps(out_dir, names)
-    print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
-          f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
+    gen = None
+    if ranks is not None and _preview_pending(planned, out_dir):
+        gen = load_generator(cfg, ranks)  # before the process group, like generate (app.load_generator)
+    with parallel_session(ranks) as ctx:
+        counts = _execute(cfg, planned, out_dir, args.quiet, ctx, on_record, gen)
+    if ctx is None or ctx.is_main:
+        print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
+              f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
     return 1 if counts["failed"] else 0
 
 
-def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record) -> dict[str, int]:
+class _OutDir:
+    """Rank 0's hold on the output directory: its lock (the manifest writer), the output names."""
+
+    def __init__(self, out_dir: Path, planned: list[PlannedItem]):
+        self.created = not out_dir.exists()
+        ensure_writable_dir(out_dir)
+        self.manifest_path = out_dir / MANIFEST_NAME
+        self.had_manifest = self.manifest_path.exists()
+        self.manifest = ManifestWriter(self.manifest_path)
+        try:
+            self.names = assign_outputs(planned, out_dir, read_manifest(self.manifest_path))
+            remove_stale_temps(out_dir, self.names)
+        except BaseException:
+            self.manifest.close()
+            raise
+
+    def discard(self, out_dir: Path) -> None:
+        """A model that cannot be loaded leaves nothing behind."""
+        if not self.had_manifest:
+            self.manifest_path.unlink(missing_ok=True)
+            if self.created:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+
+
+def _preview_pending(planned: list[PlannedItem], out_dir: Path) -> bool:
+    """Whether anything is left to do, from a read-only look at the directory (every rank, before
+    the process group; rank 0's plan under the lock is the one that counts)."""
+    preview = [dataclasses.replace(p) for p in planned]
+    assign_outputs(preview, out_dir, read_manifest(out_dir / MANIFEST_NAME))
+    return any(p.error is None and p.done is None for p in preview)
+
+
+def _share_outputs(ctx, planned: list[PlannedItem], out_dir: Path) -> set[str]:
+    """Rank 0's names and done records on every rank (all ranks planned the same items)."""
+    shared = ctx.broadcast([(p.output.name if p.output else None, p.done) for p in planned])
+    for p, (name, done) in zip(planned, shared):
+        p.output, p.done = (out_dir / name if name else None), done
+    return {name for name, _ in shared if name}
+
+
+def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None) -> dict[str, int]:
+    main = ctx is None or ctx.is_main
+    try:
+        held = agreed(ctx, lambda: _OutDir(out_dir, planned), here=main)
+    except BaseException:
+        if gen is not None:
+            gen.close()
+        raise
+    names = held.names if held is not None else set()
+    if ctx is not None:
+        names = _share_outputs(ctx, planned, out_dir)
+    manifest = held.manifest if held is not None else None
+    try:
+        pending = [p for p in planned if p.error is None and p.done is None]
+        if pending and gen is None:  # one process; or the directory changed since the ranks' preview
+            log.info("resolved config: %s", cfg.to_dict())
+            try:
+                gen = agreed(ctx, lambda: load_generator(cfg, ctx))
+            except BaseException:
+                if held is not None:
+                    held.discard(out_dir)
+                raise
+        if gen is not None:
+            gen.use_parallel(ctx)
+        if manifest is None and ctx is not None and ctx.is_leader:
+            manifest = ManifestWriter(out_dir / MANIFEST_NAME, owner=False)
+        return _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, ctx)
+    finally:
+        if gen is not None:
+            gen.close()
+        if manifest is not None:
+            manifest.close()
+        if held is not None:
+            remove_stale_temps(out_dir, names)
+
+
+def _claimed(pending: list[PlannedItem], claims):
+    """The items this rank works on: all in order (one process), or its group's claims."""
+    if claims is None:
+        yield from pending
+        return
+    while (k := claims.next()) < len(pending):
+        yield pending[k]
+
+
+def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, ctx) -> dict[str, int]:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    main = ctx is None or ctx.is_main
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     total = len(planned)
+    claims = None
+    if ctx is not None:
+        from ..distributed.claims import WorkClaims
+
+        claims = WorkClaims(ctx)
 
     def write(rec: dict[str, Any]) -> None:
         manifest.append(rec)
@@ -192,24 +290,39 @@ def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record) 
         if on_record is not None:
             on_record(rec)
 
-    for p in planned:
-        if p.error:
-            log.warning("item %d failed: %s", p.item.index, p.error)
-            write(_record(p, "failed", error=p.error))
-        elif p.done:
-            write(_record(p, "skipped", attention_density=p.done.get("attention_density")))
-    bar = tqdm(total=total, initial=total - len(pending), desc="batch", unit="video", position=0,
-               disable=quiet, dynamic_ncols=True)
+    if main:
+        for p in planned:
+            if p.error:
+                log.warning("item %d failed: %s", p.item.index, p.error)
+                write(_record(p, "failed", error=p.error))
+            elif p.done:
+                write(_record(p, "skipped", attention_density=p.done.get("attention_density")))
+    initial = total - len(pending)
+    bar = tqdm(total=total, initial=initial, desc="batch", unit="video", position=0,
+               disable=quiet or not main, dynamic_ncols=True)
     bar.set_postfix(failed=counts["failed"])
     with bar, (contextlib.nullcontext() if quiet else logging_redirect_tqdm()):
-        for n, p in enumerate(pending, start=total - len(pending) + 1):
-            rec = run_item(gen, p, names, out_dir, progress=not quiet)
+        for p in _claimed(pending, claims):
+            rec = run_item(gen, p, names, out_dir, progress=not quiet and main, ctx=ctx)
+            if rec is None:
+                continue
             write(rec)
             if rec["status"] == "ok":
-                log.info("[%d/%d] item %d: %s (%.1fs)", n, total, p.item.index, p.output.name,
-                         rec["timings"]["total_s"])
+                log.info("item %d: %s (%.1fs)", p.item.index, p.output.name, rec["timings"]["total_s"])
             else:
-                log.warning("[%d/%d] item %d failed: %s", n, total, p.item.index, rec["error"])
+                log.warning("item %d failed: %s", p.item.index, rec["error"])
+            if claims is None:
+                bar.update(1)
+            else:  # every group's finished items, as counted by the claims counter
+                bar.update(initial + claims.count("done") - bar.n)
             bar.set_postfix(failed=counts["failed"])
-            bar.update(1)
-    return counts
+    if ctx is None:
+        return counts
+    ctx.barrier()  # every group is done with its last item (parallel.timeout_s bounds the wait)
+    return ctx.broadcast(_totals(ctx, counts))
+
+
+def _totals(ctx, counts: dict[str, int]) -> dict[str, int]:
+    """The counts of all leaders' records (gathered on rank 0)."""
+    every = ctx.gather_to_main(counts)
+    return {k: sum(c[k] for c in every) for k in counts} if every is not None else counts

@@ -7,8 +7,10 @@ judge the video: prompt, negative prompt, seed, model id, where the DiT weights 
 key naming, size / mtime / sha256 of each file: checkpoint.py), the fully resolved config (file
 values with CLI overrides applied), the video's measured properties, timings (load, text encoding,
 denoising with per-step times, decode, write, peak GPU memory per phase), attention density per
-step and overall, the speed levers (compile mode and time, step-cache skips, merged LoRAs with
-their sha256), and the package, torch, diffusers, transformers, CUDA and GPU versions.
+step and overall (the mean over all ranks of a parallel run), the speed levers (compile mode and
+time, step-cache skips, merged LoRAs with their sha256), the parallel layout that made it (world
+size, Ulysses degree, CFG parallel, the ranks of its group; one process: world size 1), and the
+package, torch, diffusers, transformers, CUDA and GPU versions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import platform
 import time
 from pathlib import Path
 from typing import Any
+
+
+SINGLE_PROCESS = {"world_size": 1, "ulysses_degree": 1, "cfg_parallel": False, "group_size": 1,
+                  "data_parallel_groups": 1}
 
 
 def sidecar_path(video_path: str | Path) -> Path:
@@ -67,6 +73,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
         "timings": timings,
         "attention": result.attention,
         "speed": result.speed,
+        "parallel": result.parallel or SINGLE_PROCESS,
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
