@@ -117,7 +117,7 @@ def _make_layout_hook(transformer, run: AttentionRun):
         if timestep is not None and timestep.ndim == 2:
             raise ValueError("per-token timesteps (Wan2.2 TI2V) are not supported by wan-nabla's tile layout")
         _, _, f, h, w = x.shape  # [B, C, F, H, W] latents
-        run.layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device) if run.config.sparse else None
+        run.layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device, x.dtype) if run.config.sparse else None
         return None
 
     return hook

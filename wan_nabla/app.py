@@ -46,13 +46,15 @@ def resolve_run_config(args: Any) -> RunConfig:
         model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
         fps=args.fps, device=args.device, dtype=args.dtype,
+        attention_backend=getattr(args, "attention_backend", None),
     )
     try:
         return cfg.override(**flags)
     except ConfigError as e:
         msg = str(e)
         for name, value in flags.items():  # name the flag the user typed, not only the config key
-            if value is not None and msg.startswith(f"generation.{name}:"):
+            key = "attention.backend" if name == "attention_backend" else f"generation.{name}"
+            if value is not None and msg.startswith(f"{key}:"):
                 msg = f"--{name.replace('_', '-')} ({msg}"
                 msg = msg.replace(":", "):", 1)
         raise ConfigError(msg) from None

@@ -40,6 +40,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=int, help="frames per second of the MP4 (default 16)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
+    p.add_argument("--attention-backend", help="auto, flex or fa4: the attention kernels (default: the config's "
+                                               "attention.backend, auto = flash-attn-4 where installed and supported)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
+ATTENTION_BACKENDS = ("auto", "flex", "fa4")
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -69,6 +70,11 @@ class AttentionConfig:
     """Order tiles so that a 128-token query block is one 8x8 square over two consecutive latent
     frames instead of two side-by-side squares (fewer blocks kept after coarsening; measured
     15-18% faster kernels on H100). None: on whenever the query block is 128 tokens."""
+    backend: str = "auto"
+    """Attention kernels: flex (compiled FlexAttention for sparse, SDPA for dense), fa4
+    (flash-attn-4's CuTe kernels for sparse and dense on sm90+ GPUs), or auto (fa4 where it is
+    installed and the GPU supports it, else flex). The CPU always runs flex; a missing or broken
+    flash-attn-4 falls back to flex with one log line (attention/kernels.py)."""
 
     def __post_init__(self) -> None:
         t = self.type
@@ -115,6 +121,9 @@ class AttentionConfig:
             object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
         if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
             raise ConfigError(f"attention.time_pairs: {self.time_pairs!r} is not allowed; use true, false or null")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention.backend: {self.backend!r} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def sparse(self) -> bool:
@@ -265,15 +274,19 @@ class RunConfig:
         )
 
     def override(self, **changes: Any) -> RunConfig:
-        """Return a copy with generation fields (and `model`) replaced; None values are ignored."""
+        """Return a copy with generation fields (and `model`, `attention_backend`) replaced; None
+        values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         model = changes.pop("model", self.model)
+        attention = self.attention
+        if "attention_backend" in changes:
+            attention = dataclasses.replace(attention, backend=changes.pop("attention_backend"))
         gen_names = {f.name for f in fields(GenerationConfig)}
         for k in changes:
             if k not in gen_names:
                 raise ConfigError(f"unknown generation override '{k}'")
         gen = dataclasses.replace(self.generation, **changes) if changes else self.generation
-        return RunConfig(attention=self.attention, generation=gen, model=model)
+        return RunConfig(attention=attention, generation=gen, model=model)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "attention": self.attention.to_dict(), "generation": self.generation.to_dict()}
