@@ -66,7 +66,7 @@ class AttentionRun:
         if name is None:
             requested = self.config.backend
             if self.fallback is not None:
-                name, why = "flex", f"flash-attn-4 given up in this run: {self.fallback}"
+                name, why = "flex", f"flash-attn-4 failed, flex from now on: {self.fallback}"
             else:
                 name, why = resolve_backend(requested, device, dtype)
             log_choice(requested, name, why)
@@ -84,9 +84,8 @@ class AttentionRun:
         return name
 
     def give_up_fa4(self, reason: str) -> None:
-        """flash-attn-4 failed: log once, run flex from now on (this call included)."""
-        if self.fallback is None:
-            log.warning("flash-attn-4 failed, using flex from now on: %s", reason)
+        """flash-attn-4 failed: flex from now on, this call included (the next backend() logs why,
+        once: kernels.log_choice)."""
         self.fallback = reason
         self._backends.clear()
 
