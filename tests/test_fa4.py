@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from wan_nabla.config import AttentionConfig, ConfigError
 
 from . import reference as R
 
+ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = [(128, 128), (128, 64), (64, 64), (64, 128)]
 PADDED = (3, 18, 26)  # latents -> patch grid 3 x 9 x 13: pads, odd tile count per frame
 
@@ -309,3 +311,60 @@ def test_fa4_unsupported_head_dim_runs_flex_for_that_call(fa4_on_cpu):
     assert run.kernel_for(torch.randn(1, 2, 64, 16)) == "fa4"
     assert math.isclose(float((run.dense(q, q, q) - torch.nn.functional.scaled_dot_product_attention(q, q, q))
                               .abs().max()), 0.0, abs_tol=1e-6)
+
+
+def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
+    """Guards scripts/gpu_fa4_check.py against typos before a GPU run: its --quick CPU mode (with
+    the imitation) runs every section and passes its own checks."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_fa4_check", ROOT / "scripts" / "gpu_fa4_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    real = kernels.resolve_backend
+    monkeypatch.setattr(kernels, "resolve_backend", lambda requested, device, dtype=None: (
+        ("fa4", "imitation") if requested != "flex" else real(requested, device, dtype)))
+    assert mod.main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
+    res = json.loads((tmp_path / "gpu_fa4_check.json").read_text())
+    assert set(res["sections"]) == {"kernel", "rotary", "transformer", "presets"}
+    assert all(r["ok"] for rows in res["sections"].values() for r in rows)
+
+
+@pytest.mark.skipif(fa4.load()[0] is None, reason="flash-attn-4 and the CUTLASS DSL are not installed")
+def test_fa4_compiles_for_sm90_without_a_gpu():
+    """Where flash-attn-4 is installed (not in CI): the wrapper's real calls (mask_mod, validity aux
+    tensor, block tables from a BlockPlan at 128x128 / 128x64 / broadcast, head_dim 24, dense with
+    fewer keys) compile for sm_90a under FakeTensorMode, FA4's compile-only mode."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from wan_nabla.attention import fa4, masks
+        from wan_nabla.attention.layout import TileLayout
+        layout = TileLayout(3, 17, 21, time_pairs=True)
+        n = layout.n_tiles
+        length = len(fa4.validity(layout, "cpu"))  # a CPU torch cannot build it on a fake CUDA device
+        fa4.validity = lambda layout, device: torch.empty(length, dtype=torch.int32, device="cuda")
+        for d, bs, bcast in ((128, (128, 128), False), (128, (128, 64), False), (128, (128, 128), True),
+                             (24, (128, 128), False)):
+            keep = torch.rand(2, 3, n, n) < 0.3
+            plan = masks.plan_from_keep(keep[:1, :1] if bcast else keep, layout, bs)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = lambda t: torch.empty(t.shape, dtype=t.dtype, device="cuda")
+                fplan = masks.BlockPlan(fake(plan.kv_num), fake(plan.kv_idx), fake(plan.full_num),
+                                        fake(plan.full_idx), bs, layout, plan.density)
+                q = torch.empty(2, layout.padded_len, 3, d, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+                assert fa4.sparse_attention(q, q, q, fplan).shape == q.shape
+                kr = torch.empty(2, layout.seq_len, 3, d, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+                assert fa4.dense_attention(q, kr, kr).shape == q.shape
+        print("ok")
+    """)
+    env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_90", CUTE_DSL_ARCH="sm_90a", FLASH_ATTENTION_NUM_SMS="132")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800,
+                         cwd=ROOT)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The H100 measurement of the flash-attn-4 backend, in one job (~7 minutes on an H100, FA4's
+# first-call compiles and the published-style max-autotune compile included):
+#   source scripts/gpu_env.sh && WAN_NABLA_COMMIT=<sha> scripts/gpu_fa4.sh "$OUT"
+# 1. scripts/gpu_fa4_check.py: FA4 vs flex vs float64 references (kernel, rotary, tiny transformer
+#    on padded grids with batch 2, every preset)                       -> gpu_fa4_check.json (~2-3 min)
+# 2. the attention op at 14B heads, 1280x720x81, both backends: dense cuDNN/flex/FA4, every
+#    NABLA/STA/preset row, checks, the geometry comparison (128x64 vs 128x128, time-paired or
+#    not, by total time), the mask breakdown, the published-style rows on their cropped grid
+#                                                                      -> fa4_op.json/.md/.png, targets.json (~4-5 min)
+# Every step has its own time limit, results are checkpointed while they are measured, and a
+# short table is printed last. Files under OUT: gpu.txt, log.txt, gpu_fa4_check.json, fa4_op.json,
+# fa4_op.md, fa4_op_speedup.png, targets.json (7). The 14B transformer level (T3, T6) is
+# scripts/gpu_fa4_transformer.sh, a second job.
+set -uo pipefail
+out=${1:?usage: scripts/gpu_fa4.sh OUT_DIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  echo "diffusers missing: run 'source scripts/gpu_env.sh' (with .whl carried) first" >&2
+  exit 2
+fi
+if [[ -z "${WAN_NABLA_COMMIT:-}" || "${WAN_NABLA_COMMIT}" == unknown ]]; then
+  WAN_NABLA_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  export WAN_NABLA_COMMIT
+  [[ $WAN_NABLA_COMMIT == unknown ]] && echo "WARNING: WAN_NABLA_COMMIT not set and no git: results will say 'unknown'" >&2
+fi
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
+    --format=csv 2>/dev/null || echo "nvidia-smi unavailable"; } > "$out/gpu.txt"
+python3 -c "from wan_nabla.attention import fa4; import torch; print('flash-attn-4:', fa4.available(torch.device('cuda')))" \
+  2>&1 | tee "$out/log.txt"
+start=$(date +%s)
+timeout 200 python3 scripts/gpu_fa4_check.py "$out" > "$out/check_log.txt" 2>&1
+check_rc=$?
+sed -n '/^SUMMARY/,$p' "$out/check_log.txt"  # the failures and one line per section
+cat "$out/check_log.txt" >> "$out/log.txt" && rm -f "$out/check_log.txt"
+echo "[check: rc $check_rc, $(( $(date +%s) - start )) s]" | tee -a "$out/log.txt"
+left=$(( 540 - ($(date +%s) - start) ))
+timeout $(( left > 120 ? left : 120 )) python3 -m wan_nabla.bench --levels op --op 40@1280x720 --backends flex fa4 \
+  --geometry --breakdown --budget-ms 200 --out "$out" --stem fa4_op >> "$out/log.txt" 2>&1
+op_rc=$?
+grep -E "geometry \[|FAILED|Error" "$out/log.txt" | tail -n 20
+echo "[op level: rc $op_rc, $(( $(date +%s) - start )) s in all]" | tee -a "$out/log.txt"
+if [[ -f "$out/fa4_op.json" ]]; then  # a stopped run still has its checkpointed rows: render them
+  python3 -m wan_nabla.bench --render "$out/fa4_op.json" --out "$out" --stem fa4_op | tail -n 45
+fi
+echo "check rc $check_rc, op level rc $op_rc"
