@@ -124,9 +124,10 @@ def test_fa4_sparse_path_equals_float64_masked_attention(fake_fa4, grid, block_s
         assert out.shape == q.shape
 
 
-def test_descending_lists_would_be_wrong_so_order_is_checked(fake_fa4):
-    """Guards the test above: with the block past the end not processed first (a list in descending
-    order), FA4 reads zero-filled keys; the imitation must show that, or the ordering is untested."""
+def test_past_the_end_block_in_the_full_list_would_be_wrong(fake_fa4):
+    """Guards the test above: a key block reaching past the sequence end that FA4 does not
+    bounds-check (full list, not processed first) reads zero-filled keys; the imitation must show
+    that, or the conversion's rule (such blocks are partial blocks) is untested."""
     layout = TileLayout(1, 8, 24, time_pairs=True)  # 3 tiles: the last 128-key block reaches past the end
     q, k, v = _qkv(layout, seed=3)
     keep = torch.ones((2, 2, layout.n_tiles, layout.n_tiles), dtype=torch.bool)

@@ -9,10 +9,11 @@ mask_*, full_* -> full_*, block_size = the plan's (bq, bkv)): FA4 evaluates its 
 the "mask" (partial) blocks, which is where the plan puts every key block holding a pad token,
 and runs "full" blocks unmasked. The mask_mod (`fa4_mask.key_valid_mask`, one module-level CuTe
 function so FA4 compiles it once) reads `validity(layout)`, int32 [S_pad rounded up to 128], as
-FA4's aux tensor: pad keys score -inf and get exactly zero weight. Rows hold kept blocks first
-in ascending order: FA4 walks a list from its last entry down and bounds-checks only the first
-block it processes, so the block reaching past the end of the sequence (odd tile counts with
-128-token key blocks; always a partial block) must be the last kept entry (docs/design.md).
+FA4's aux tensor: pad keys score -inf and get exactly zero weight. The block reaching past the end
+of the sequence (odd tile counts with 128-token key blocks) is always a partial block, and it is
+safe twice over: FA4 walks a list from its last entry down and bounds-checks only the first block
+it processes, which ascending rows make that block; and the validity vector is 0 up to the next
+multiple of 128, so the mask_mod hides those keys even unchecked (docs/design.md).
 Dense attention is FA4 without block tables; the caller gathers real keys first (processors.py).
 
 Robustness: `load()` imports FA4 lazily (the CUTLASS DSL import takes seconds) and turns any
