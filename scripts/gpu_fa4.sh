@@ -11,35 +11,28 @@
 # Every step has its own time limit, results are checkpointed while they are measured, and a
 # short table is printed last. Files under OUT: gpu.txt, log.txt, gpu_fa4_check.json, fa4_op.json,
 # fa4_op.md, fa4_op_speedup.png, targets.json (7). The 14B transformer level (T3, T6) is
-# scripts/gpu_fa4_transformer.sh, a second job.
+# scripts/gpu_fa4_transformer.sh, a second job. WAN_NABLA_QUICK=1 runs the same steps at tiny
+# sizes on the CPU (a smoke run of this script; FA4 is then reported unavailable).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_fa4.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  echo "diffusers missing: run 'source scripts/gpu_env.sh' (with .whl carried) first" >&2
-  exit 2
-fi
-if [[ -z "${WAN_NABLA_COMMIT:-}" || "${WAN_NABLA_COMMIT}" == unknown ]]; then
-  WAN_NABLA_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-  export WAN_NABLA_COMMIT
-  [[ $WAN_NABLA_COMMIT == unknown ]] && echo "WARNING: WAN_NABLA_COMMIT not set and no git: results will say 'unknown'" >&2
-fi
-export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-mkdir -p "$out"
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
-    --format=csv 2>/dev/null || echo "nvidia-smi unavailable"; } > "$out/gpu.txt"
+source scripts/gpu_prelude.sh
 python3 -c "from wan_nabla.attention import fa4; import torch; print('flash-attn-4:', fa4.available(torch.device('cuda')))" \
-  2>&1 | tee "$out/log.txt"
+  > "$out/log.txt" 2>&1; cat "$out/log.txt"
+quick_check=(); bench_args=(--op 40@1280x720 --budget-ms 200)
+if [[ ${WAN_NABLA_QUICK:-0} == 1 ]]; then
+  quick_check=(--device cpu --quick); bench_args=(--quick --device cpu --budget-ms 5)
+fi
 start=$(date +%s)
-timeout 200 python3 scripts/gpu_fa4_check.py "$out" > "$out/check_log.txt" 2>&1
+timeout 200 python3 scripts/gpu_fa4_check.py "$out" ${quick_check[@]+"${quick_check[@]}"} > "$out/check_log.txt" 2>&1
 check_rc=$?
 sed -n '/^SUMMARY/,$p' "$out/check_log.txt"  # the failures and one line per section
 cat "$out/check_log.txt" >> "$out/log.txt" && rm -f "$out/check_log.txt"
 echo "[check: rc $check_rc, $(( $(date +%s) - start )) s]" | tee -a "$out/log.txt"
 left=$(( 540 - ($(date +%s) - start) ))
-timeout $(( left > 120 ? left : 120 )) python3 -m wan_nabla.bench --levels op --op 40@1280x720 --backends flex fa4 \
-  --geometry --breakdown --budget-ms 200 --out "$out" --stem fa4_op >> "$out/log.txt" 2>&1
+timeout $(( left > 120 ? left : 120 )) python3 -m wan_nabla.bench --levels op "${bench_args[@]}" --backends flex fa4 \
+  --geometry --breakdown --out "$out" --stem fa4_op >> "$out/log.txt" 2>&1
 op_rc=$?
 grep -E "geometry \[|FAILED|Error" "$out/log.txt" | tail -n 20
 echo "[op level: rc $op_rc, $(( $(date +%s) - start )) s in all]" | tee -a "$out/log.txt"

@@ -11,17 +11,7 @@ set -uo pipefail
 out=${1:?usage: scripts/gpu_fa4_transformer.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  echo "diffusers missing: run 'source scripts/gpu_env.sh' (with .whl carried) first" >&2
-  exit 2
-fi
-if [[ -z "${WAN_NABLA_COMMIT:-}" || "${WAN_NABLA_COMMIT}" == unknown ]]; then
-  WAN_NABLA_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-  export WAN_NABLA_COMMIT
-fi
-export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-mkdir -p "$out"
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv 2>/dev/null || true; } > "$out/gpu.txt"
+source scripts/gpu_prelude.sh
 timeout 560 python3 -m wan_nabla.bench --levels transformer --transformer 14B@1280x720 --backends flex fa4 \
   --transformer-rows sta_11_3_3 "nabla 0.05" "nabla 0.1" --reps 2 --out "$out" --stem fa4_transformer 2>&1 \
   | tee "$out/log.txt" | tail -n 40
