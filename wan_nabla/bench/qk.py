@@ -1,6 +1,9 @@
 """Queries and keys with spatio-temporal locality, for the attention-op benchmark.
 
     q, k, v = synthetic_qkv(layout, heads=40, device=dev)        # [1, 40, S_pad, 128] tile order
+    q = processor_storage(q)                  # stored [B, S, H, D] as the processor stores it
+    cos, sin = tile_rotary(layout, 128, dev)  # the rotary tables the processor sees, tile order
+    q, k, v = wan_block_qkv(scenario, dev, torch.bfloat16, seed=0)   # from a random-weight Wan block
 
 Random white-noise q/k give NABLA a flat coarse map (every tile looks alike), so the density it
 reaches is just the threshold and says nothing about real videos. Real Wan q/k vary smoothly over

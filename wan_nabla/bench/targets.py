@@ -226,7 +226,12 @@ def target_text(key: str, t: dict) -> str:
         return f"{t['value']:.0%}: " + ", ".join(f"{n} {r['fraction']:.0%} ({r['speedup']:.2f}x of {r['ideal']:.2f}x, "
                                                   f"density {r['density']:.3f})" for n, r in t["rows"].items())
     if key == "T4":
-        return f"min {t['value']:.2f}x: " + ", ".join(f"{p['published_row']} {p['speedup']:.2f}x" for p in t["pairs"])
+        text = f"min {t['value']:.2f}x: " + ", ".join(f"{p['published_row']} {p['speedup']:.2f}x" for p in t["pairs"])
+        pb = t.get("per_block")
+        if pb:
+            text += ("; kernel per kept block: published " + "/".join(f"{x:.0%}" for x in pb["published_kernel_share"])
+                     + f" of cuDNN, wan-nabla flex 64x64 on its mask {pb['wan_nabla_flex_64x64_same_mask']:.0%}")
+        return text
     if key == "T5":
         bad = ", ".join(t["with_recompiles"]) or "none"
         comp = t.get("max_first_call_compile_s")
