@@ -66,7 +66,9 @@ def kernel_checks(device, dtype, quick: bool) -> list[dict]:
     layouts = [TileLayout(1, 7, 40, time_pairs=True)] if quick else [TileLayout(1, 7, 40, time_pairs=True),
                                                                       TileLayout(3, 17, 21, time_pairs=True)]
     cases = [(16, BLOCKS[:1], True)] if quick else [(128, BLOCKS, True), (32, BLOCKS[:2], False), (24, BLOCKS[:2], False)]
-    with_flex = device.type == "cuda"  # flex's own error is the yardstick on the GPU (CPU smoke: skipped)
+    # flex's own error on the same inputs is the yardstick for head_dim 128 on the GPU (each flex
+    # shape compiles for seconds, so not for every case); elsewhere a bf16 bound: rel. L2 <= 1e-2
+    with_flex = device.type == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     for layout in layouts:
         for d, blocks, broadcast in cases:
@@ -86,12 +88,17 @@ def kernel_checks(device, dtype, quick: bool) -> list[dict]:
                         out, err = None, str(e)
                     first_s = time.perf_counter() - t0
                     ref = R.masked_attention_f64(q.cpu(), k.cpu(), v.cpu(), token_keep(kp.expand(2, 3, -1, -1), layout, bs))
-                    flex_err = rel_l2(kernels.sparse_attention(q, k, v, plan.block_mask()), ref) if with_flex else 0.0
+                    flex_err = None
+                    if with_flex and d == 128:
+                        flex_err = rel_l2(kernels.sparse_attention(q, k, v, plan.block_mask()), ref)
+                    bound = 1e-2 if device.type == "cuda" else 1e-5
+                    if flex_err is not None:
+                        bound = max(bound, 1.5 * flex_err + 2e-3)
                     r = {"check": "sparse", "grid": [layout.frames, layout.height, layout.width], "head_dim": d,
                          "block_size": list(bs), "broadcast": kp.shape[0] == 1, "first_call_s": first_s,
                          "error": err, "rel_l2_flex": flex_err,
                          "rel_l2_fa4": rel_l2(out, ref) if out is not None else None}
-                    r["ok"] = out is not None and r["rel_l2_fa4"] <= 1.5 * flex_err + 2e-3
+                    r["ok"] = out is not None and r["rel_l2_fa4"] <= bound
                     rows.append(r)
             # dense with fewer keys than queries (real keys gathered), and under inference_mode
             real = layout.real_token_index(device)

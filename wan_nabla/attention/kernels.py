@@ -86,7 +86,6 @@ GEOMETRY = {
                                       "to be confirmed by scripts/gpu_fa4.sh"),
 }
 CPU_GEOMETRY = Geometry((64, 64), False, "exact tile mask")
-DEFAULT_BLOCK_SIZE = {"cuda": GEOMETRY["flex"].block_size, "cpu": CPU_GEOMETRY.block_size}
 
 
 def default_geometry(backend: str, device: torch.device) -> Geometry:
