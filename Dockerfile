@@ -30,7 +30,12 @@ WORKDIR /opt/wan-nabla
 COPY pyproject.toml README.md ./
 COPY wan_nabla ./wan_nabla
 COPY scripts ./scripts
-RUN pip install --no-cache-dir .
+# The fa4 extra (flash-attn-4 + the CUTLASS DSL, CUDA 12 libraries) gives `attention.backend: auto`
+# the FA4 kernels on sm90+ GPUs; elsewhere, or if it cannot load, wan-nabla runs flex (one log line).
+# lora: peft for --lora; compare: SSIM and pictures for `wan-nabla compare`.
+# DL3013 reads the local source with extras as an unpinned package; its dependencies are pinned in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[fa4,lora,compare]"
 
 # uid 1000 (the "app" user) matches the usual host user, so bind-mounted outputs stay editable. Newer Ubuntu bases
 # ship a uid-1000 'ubuntu' user, which is removed first. Ownership must be set before VOLUME.

@@ -34,7 +34,7 @@ peft=$(python3 -c 'import re,pathlib; print(re.search(r"\"(peft[^\"]*)\"", pathl
 get .whl "$diffusers" ftfy wcwidth importlib_metadata "$peft" accelerate psutil
 if [[ $fa4 == 1 ]]; then
   get .whl flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
-    nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi torch-c-dlpack-ext quack-kernels
+    nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 quack-kernels==0.6.5
   if [[ ! -f .whl-big/part.aa ]]; then
     tmp=$(mktemp -d)
     get "$tmp" nvidia-cutlass-dsl-libs-cu13==4.8.1

@@ -229,3 +229,90 @@ def install_reference(transformer, attention: dict, time_pairs: bool = False) ->
             blk.attn1.processor = p
 
     return proc, restore
+
+
+# ---- flash-attn-4 imitation (CPU tests of wan_nabla/attention/fa4.py) ------------------------------
+class BlockSparseTensorsImitation:
+    """Stands in for flash_attn.cute.block_sparsity.BlockSparseTensorsTorch (keyword fields)."""
+
+    def __init__(self, mask_block_cnt, mask_block_idx, full_block_cnt=None, full_block_idx=None, block_size=None):
+        self.mask_block_cnt, self.mask_block_idx = mask_block_cnt, mask_block_idx
+        self.full_block_cnt, self.full_block_idx = full_block_cnt, full_block_idx
+        self.block_size = block_size
+
+
+def key_valid_mask_imitation(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+    """The torch twin of fa4_mask.key_valid_mask: keep a key iff aux_tensors[0][kv] == 1."""
+    return aux_tensors[0][kv_idx] == 1
+
+
+def flash_attn_func_imitation(q, k, v, *, softmax_scale=None, mask_mod=None, aux_tensors=None,
+                              block_sparse_tensors=None, **unused):
+    """flash-attn-4's forward in float64, as the b36 code reads (q/k/v [B, S, H, D]; returns (out, None)):
+    - without block tables every key is visited (mask_mod, if any, on every element);
+    - with them, per (batch, head, query block) the "mask" list and then the "full" list are walked
+      from entry cnt-1 down to 0; mask_mod applies on mask blocks only; only the FIRST block processed
+      from each list is bounds-checked (keys >= S_k -> -inf); in later blocks a key past the end is
+      read as TMA's zero fill (score 0, value 0), so an unsorted list gives wrong results here as
+      it would on the GPU. Rows with no visited key give 0."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    bst = block_sparse_tensors
+    bkv = bst.block_size[1] if bst is not None else sk
+    nk = -(-sk // bkv) * bkv
+    kz = torch.zeros(b, nk, h, d, dtype=torch.float64)
+    vz = torch.zeros(b, nk, h, v.shape[-1], dtype=torch.float64)
+    kz[:, :sk], vz[:, :sk] = k.double(), v.double()
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kz) * scale  # [B, H, Sq, Nk]
+    allowed = torch.zeros(b, h, sq, nk, dtype=torch.bool)
+    kv = torch.arange(nk)
+
+    def mod(bi, hi, rows, cols, wrap=True):
+        # FA4 wraps key indices mod S_k before the mask_mod only in the bounds-checked block; a read
+        # past the aux tensor elsewhere would be garbage: counted as "keep" so such a bug shows.
+        if mask_mod is None:
+            return torch.ones(len(rows), len(cols), dtype=torch.bool)
+        cols = cols % sk if wrap else cols
+        inside = cols < len(aux_tensors[0])
+        keep = mask_mod(bi, hi, rows[:, None], cols.clamp(max=len(aux_tensors[0]) - 1)[None, :], None, aux_tensors)
+        return keep.expand(len(rows), len(cols)) | ~inside[None, :]
+
+    if bst is None:
+        allowed[:, :, :, :sk] = True
+        if mask_mod is not None:
+            for bi in range(b):
+                for hi in range(h):
+                    allowed[bi, hi] = allowed[bi, hi] & torch.nn.functional.pad(
+                        mod(bi, hi, torch.arange(sq), kv[:sk]), (0, nk - sk))
+    else:
+        bq = bst.block_size[0]
+        lists = [(bst.mask_block_cnt, bst.mask_block_idx, True)]
+        if bst.full_block_cnt is not None:
+            lists.append((bst.full_block_cnt, bst.full_block_idx, False))
+        for bi in range(b):
+            for hi in range(h):
+                for m in range(-(-sq // bq)):
+                    rows = torch.arange(m * bq, min((m + 1) * bq, sq))
+                    for cnt, idx, masked in lists:
+                        c = int(cnt[min(bi, cnt.shape[0] - 1), min(hi, cnt.shape[1] - 1), m])
+                        order = idx[min(bi, idx.shape[0] - 1), min(hi, idx.shape[1] - 1), m, :c].tolist()
+                        for pos, n in enumerate(reversed(order)):
+                            cols = kv[n * bkv:(n + 1) * bkv]
+                            ok = (mod(bi, hi, rows, cols, wrap=pos == 0) if masked
+                                  else torch.ones(len(rows), len(cols), dtype=torch.bool))
+                            if pos == 0:  # the bounds-checked block
+                                ok = ok & (cols < sk)[None, :]
+                            allowed[bi, hi, rows[:, None], cols[None, :]] |= ok
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visited -> 0
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vz)
+    return out.to(q.dtype), None
+
+
+def token_keep_from_blocks(blocks_BHmn: torch.Tensor, block_size, s_pad: int, valid: torch.Tensor) -> torch.Tensor:
+    """[B, H, S_pad, S_pad] bool: token pairs inside kept blocks whose key is a real token."""
+    bq, bkv = block_size
+    rows = torch.arange(s_pad) // bq
+    cols = torch.arange(s_pad) // bkv
+    return blocks_BHmn[:, :, rows][:, :, :, cols] & valid[None, None, None, :]

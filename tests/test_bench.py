@@ -17,7 +17,7 @@ import torch
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 from wan_nabla.bench import main as bench_main
-from wan_nabla.bench import published, report
+from wan_nabla.bench import published, report, targets
 from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
 from wan_nabla.config import AttentionConfig
 
@@ -170,69 +170,166 @@ def test_random_transformer_is_finite_and_keeps_fp32_modules():
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
-                     "--device", "cpu", "--sweep"])
+                     "--device", "cpu", "--sweep", "--geometry"])
+    return rc, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_fa4_results(tmp_path_factory, quick_results):
+    """The same CPU smoke run with flash-attn-4 stood in for by tests/reference.py's float64
+    imitation, on both backends: every FA4 code path of the bench runs (rows, dense, geometry,
+    checks, the transformer level, T1-T6)."""
+    from wan_nabla.attention import fa4, kernels
+    from wan_nabla.attention import processors as P
+
+    imitation = fa4.FA4Kernels(R.flash_attn_func_imitation, R.BlockSparseTensorsImitation,
+                               R.key_valid_mask_imitation, "imitation")
+    real = kernels.resolve_backend
+
+    def resolve(requested, device, dtype=None):
+        return ("fa4", "imitation on the CPU") if requested != "flex" else real(requested, device, dtype)
+
+    out = tmp_path_factory.mktemp("bench_fa4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fa4, "load", lambda: (imitation, "flash-attn-4 imitation"))
+        mp.setattr(fa4, "DTYPES", (torch.bfloat16, torch.float16, torch.float32))
+        mp.setattr(kernels, "resolve_backend", resolve)
+        mp.setattr(P, "resolve_backend", resolve)
+        rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
+                         "--device", "cpu", "--backends", "flex", "fa4", "--geometry", "--no-published"])
     return rc, out, json.loads((out / "results.json").read_text())
 
 
 def test_quick_run_writes_json_and_markdown(quick_results):
-    """The CPU smoke run of `wan-nabla bench` produces every required field and file."""
+    """The CPU smoke run of `wan-nabla bench` produces every required field and file, and
+    targets.json names a real commit."""
     rc, out, res = quick_results
     assert rc == 0, res.get("errors")
     env = res["env"]
-    for key in ("device_name", "torch", "triton", "diffusers", "commit", "command", "created"):
+    for key in ("device_name", "torch", "triton", "diffusers", "commit", "command", "created", "default_backend"):
         assert key in env
     md = (out / "results.md").read_text()
     assert "## Attention op" in md and "## Transformer forward" in md and "share of cuDNN" in md
-    assert "T5" in res["targets"]
+    assert "T5" in res["targets"] and "Fastest geometry [flex]" in md
+    targets = json.loads((out / "targets.json").read_text())
+    assert targets["commit"] not in (None, "unknown") and targets["device"] == env["device_name"]
+    assert all({"value", "goal", "met"} <= set(targets[k]) for k in ("T1", "T2", "T4", "T5"))
 
 
 def test_quick_op_level_rows_and_checks(quick_results):
     _, _, res = quick_results
     sc = res["op"][0]
     kinds = {r["kind"] for r in sc["rows"]}
-    assert {"dense_cudnn", "dense_flex", "nabla", "sta", "nabla_sta", "published"} <= kinds
+    assert {"dense_cudnn", "dense_flex", "nabla", "sta", "nabla_sta", "published", "dense_cudnn_cropped",
+            "published_kernel"} <= kinds
     for r in sc["rows"]:
         for key in ("total_ms", "density", "tflops", "share_of_cudnn", "speedup"):
             assert r[key] is not None and r[key] > 0
         if r["kind"] in ("nabla", "nabla_sta"):
             assert r["mask_ms"] is not None and r["kernel_ms"] is not None and r["tile_density"] <= r["density"] + 1e-6
+            assert r["backend"] == "flex" and r["name"].endswith("[flex]")
+    pub = [r for r in sc["rows"] if r["kind"] == "published"]
+    assert pub and all(r["seq_real"] < sc["seq_real"] for r in pub)  # its own cropped grid: 256x144 -> 256x128
+    assert sc["published"]["size"] == [256, 128] and sc["published"]["compile"]["dynamic"] is True
+    assert pub[0]["reps"] >= 10
     checks = sc["checks"]
     assert all(m["rule_on_same_map_vs_fp64_ties"] == 0 and m["mismatch_vs_fp64"] == 0 for m in checks["mask"])
     assert checks["plan_equal"] and all(f["equal"] and f["density_equal"] for f in checks["plan_equal"])
     for f in checks["fidelity"]:
         assert f["rel_l2_vs_exact_masked"] < 1e-4 and f["rel_l2_masked_vs_dense"] > 1e-2  # the mask matters
-    assert sc["recompiles_on_new_masks"] == 0
+    assert sc["recompiles_on_new_masks"] == {"flex": 0}
     assert sc["sweep"] and all("error" not in e for e in sc["sweep"])
+    geo = sc["geometry"]
+    assert geo["winner"]["flex"]["geometry"] in {e["geometry"] for e in geo["entries"]}
+    assert all("error" not in e and len(e["masks"]) == 2 for e in geo["entries"])
 
 
 def test_quick_transformer_level(quick_results):
     _, _, res = quick_results
-    rows = res["transformer"][0]["rows"]
-    assert rows[0]["name"] == "full" and rows[0]["density"] == 1.0
+    sc = res["transformer"][0]
+    rows = sc["rows"]
+    assert rows[0]["name"] == "full [flex]" and rows[0]["density"] == 1.0 and sc["fastest_dense"] == "full [flex]"
     for r in rows:
         assert r["finite_output"] and r["recompiles_after_first"] == 0 and 0 < r["attention_ms"] < r["total_ms"]
-        if r["name"] != "full":
+        if r["config"]["type"] != "full":
             assert 0 < r["density"] < 1 and r["ideal_speedup"] > 0 and r["fraction_of_ideal"] > 0
 
 
+def test_quick_fa4_rows_geometry_and_targets(quick_fa4_results):
+    """Guards the bench's FA4 paths (with the imitation): FA4 rows next to flex rows, dense FA4,
+    the geometry comparison for both backends, FA4 output fidelity, transformer rows per backend,
+    and T1/T2/T3/T6 computed on the default backend (fa4 here)."""
+    rc, out, res = quick_fa4_results
+    assert rc == 0, res.get("errors")
+    assert res["env"]["default_backend"] == "fa4"
+    sc = res["op"][0]
+    assert sc["backends"] == ["flex", "fa4"]
+    by = {(r["kind"], r.get("backend")) for r in sc["rows"]}
+    assert {("dense_fa4", "fa4"), ("nabla", "fa4"), ("sta", "fa4"), ("nabla", "flex")} <= by
+    fa4_rows = [r for r in sc["rows"] if r.get("backend") == "fa4" and r["kind"] in ("nabla", "sta", "nabla_sta")]
+    assert all("FAILED" not in r["notes"] for r in fa4_rows)
+    assert {e["backend"] for e in sc["geometry"]["entries"]} == {"flex", "fa4"} and "fa4" in sc["geometry"]["winner"]
+    fid = [f for f in sc["checks"]["fidelity"] if f["row"].endswith("[fa4]")]
+    assert len(fid) == 2 and all(f["rel_l2_vs_exact_masked"] < 1e-4 and f["fallback"] is None for f in fid)
+    assert sc["recompiles_on_new_masks"] == {"flex": 0, "fa4": 0}
+    tr = res["transformer"][0]
+    fulls = [r for r in tr["rows"] if r["config"]["type"] == "full"]
+    assert len(fulls) == 2 and tr["fastest_dense"] == min(fulls, key=lambda r: r["total_ms"])["name"]
+    names = {r["name"] for r in tr["rows"]}
+    assert {"full [flex]", "full [fa4]", "nabla 0.5 [fa4]", "sta 3-1-1 [fa4]"} <= names
+    assert all(r["backend"] == ("fa4" if r["name"].endswith("[fa4]") else "flex") for r in tr["rows"])
+    t = res["targets"]
+    assert t["T1"]["backend"] == "fa4" and t["T2"]["row"].endswith("[fa4]") and t["T3"]["backend"] == "fa4"
+    assert t["T6"]["value"] == pytest.approx(t["T6"]["cudnn_ms"] / t["T6"]["fa4_ms"])
+
+
+def _op_row(name, kind, ms, dens, tile=None, thr=None, win=None, mask=1.0, backend="fa4", base=100.0):
+    flops = 1.0e15
+    tflops = flops * dens / (ms * 1e-3) / 1e12
+    return {"name": name, "kind": kind, "total_ms": ms, "density": dens, "tile_density": tile or dens,
+            "tflops": tflops, "share_of_cudnn": dens * base / ms, "speedup": base / ms, "mask_ms": mask,
+            "kernel_ms": ms - mask, "backend": backend,
+            "config": {"type": kind if kind != "published" else ("nabla_sta" if win else "nabla"),
+                       "threshold": thr, "sta_window": win}}
+
+
 def test_report_targets_from_figures():
-    """Targets are computed from the rows: T4 pairs published and wan-nabla rows by threshold."""
-    def row(name, kind, ms, dens, thr=None, win=None, mask=1.0):
-        return {"name": name, "kind": kind, "total_ms": ms, "density": dens, "share_of_cudnn": dens * 100 / ms,
-                "mask_ms": mask, "kernel_ms": ms - mask, "config": {"threshold": thr, "sta_window": win}}
-    res = {"op": [{"scenario": {"label": report.TARGET_OP}, "rows": [
-        row("dense cuDNN SDPA", "dense_cudnn", 100, 1.0),
-        row("nabla 0.2", "nabla", 12, 0.1, 0.2, None, 0.5),
-        row("published-style nabla 0.2", "published", 24, 0.06, 0.2),
-    ]}]}
+    """Guards T1-T6 arithmetic: the default backend's rows decide T1/T2 (band 0.05-0.5, NABLA row
+    nearest density 0.07), T4 compares useful throughput (kept tiles x real-token FLOPs / time)
+    with wan-nabla's NABLA rows interpolated in log tile density, T3 takes the worse of the NABLA
+    and STA rows nearest 0.07, T6 is cuDNN over FA4 per dense forward."""
+    rows = [
+        _op_row("dense cuDNN SDPA", "dense_cudnn", 100, 1.0, backend=None),
+        _op_row("nabla 0.2 [fa4]", "nabla", 8, 0.08, tile=0.05, thr=0.2, mask=0.4),
+        _op_row("nabla 0.4 [fa4]", "nabla", 16, 0.16, tile=0.10, thr=0.4),
+        _op_row("nabla 0.2 [flex]", "nabla", 12, 0.07, tile=0.05, thr=0.2, backend="flex"),  # nearer 0.07
+        # useful throughput of both fa4 NABLA rows: 1e15 x tile density / time = 6250 TFLOP/s; the
+        # published row at tile density 0.075 (between them) reaches a quarter of that: 1562.5
+        _op_row("published-style nabla 0.3", "published", 48, 0.075, thr=0.3, backend=None),
+    ]
+    res = {"env": {"default_backend": "fa4"}, "op": [{"scenario": {"label": targets.TARGET_OP}, "rows": rows}]}
     t = report.compute_targets(res)
-    assert t["T4"]["pairs"][0]["speedup"] == 2.0 and t["T4"]["met"]
-    assert t["T2"]["fraction"] == 0.5 / 12 and t["T2"]["met"]
-    assert t["T1"]["rows"] == 1 and t["T1"]["min"] == 0.1 * 100 / 12 and t["T1"]["met"]
-    res["op"][0]["rows"][1]["total_ms"] = 30.0  # slower sparse row: T1, T2 and T4 now missed
-    res["op"][0]["rows"][1]["share_of_cudnn"] = 0.1 * 100 / 30
+    assert t["T1"]["backend"] == "fa4" and t["T1"]["rows"] == 2 and t["T1"]["value"] == pytest.approx(1.0)
+    assert t["T1"]["met"] and t["T1"]["by_backend"]["flex"] == [pytest.approx(0.07 * 100 / 12)] * 2
+    assert t["T2"]["row"] == "nabla 0.2 [fa4]" and t["T2"]["value"] == pytest.approx(0.05) and t["T2"]["met"]
+    assert t["T4"]["value"] == pytest.approx(4.0) and t["T4"]["met"]
+    rows[1]["mask_ms"] = 0.5  # mask now 6.25% of the sparse call
+    assert not report.compute_targets(res)["T2"]["met"]
+    # transformer: fastest dense decides the ideal; worst of NABLA/STA near 0.07; T6
+    def tr_row(name, typ, backend, ms, frac=None, dens=1.0):
+        r = {"name": name, "config": {"type": typ}, "backend": backend, "total_ms": ms, "density": dens,
+             "recompiles_after_first": 0}
+        if frac is not None:
+            r.update(fraction_of_ideal=frac, speedup=2.0, ideal_speedup=2.0 / frac)
+        return r
+    res["transformer"] = [{"scenario": targets.TARGET_TRANSFORMER, "rows": [
+        tr_row("full [flex]", "full", "flex", 1000), tr_row("full [fa4]", "full", "fa4", 900),
+        tr_row("sta [fa4]", "sta", "fa4", 400, 0.95, 0.06), tr_row("nabla 0.1 [fa4]", "nabla", "fa4", 420, 0.90, 0.08),
+        tr_row("nabla 0.5 [fa4]", "nabla", "fa4", 800, 0.50, 0.4), tr_row("sta [flex]", "sta", "flex", 500, 0.99, 0.06)]}]
     t = report.compute_targets(res)
-    assert not t["T1"]["met"] and t["T2"]["fraction"] == 0.5 / 30 and not t["T4"]["met"]
+    assert t["T3"]["value"] == 0.90 and not t["T3"]["met"] and set(t["T3"]["rows"]) == {"sta [fa4]", "nabla 0.1 [fa4]"}
+    assert t["T6"]["value"] == pytest.approx(1000 / 900) and t["T6"]["met"]
+    assert t["T5"]["met"] and t["T5"]["checked"] == 6
 
 
 def test_triton_kernels_match_torch_in_interpreter():

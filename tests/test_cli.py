@@ -121,6 +121,8 @@ def _bad_yaml(tmp_path, text):
         (lambda t: ["--steps", "-2"], "--steps"),
         (lambda t: ["--guidance-scale", "-1"], "--guidance-scale"),
         (lambda t: ["--device", "gpu7"], "--device"),
+        (lambda t: ["--attention-backend", "triton"], "--attention-backend (attention.backend): 'triton'"),
+        (lambda t: ["--config", _bad_yaml(t, "attention: {type: full, backend: cudnn}\n")], "attention.backend"),
         (lambda t: ["--model", str(t / "no-such-model")], "hf download"),
     ],
 )

@@ -71,12 +71,26 @@ def test_package_is_installed_from_the_copied_sources(instructions):
     copies = " ".join(_all(instructions, "COPY"))
     for needed in ("pyproject.toml", "wan_nabla"):
         assert needed in copies, needed
-    installs = [a for a in _all(instructions, "RUN") if re.search(r"pip install .*--no-cache-dir.* \.(\s|$)", a + " ")]
-    assert installs, "expected `pip install --no-cache-dir .`"
+    installs = [a for a in _all(instructions, "RUN")
+                if re.search(r"pip install .*--no-cache-dir.* \"?\.(\[[\w,-]+\])?\"?(\s|$)", a + " ")]
+    assert installs, "expected `pip install --no-cache-dir .` (or with extras: \".[fa4]\")"
     order = [kw + " " + a for kw, a in instructions]
     first_install = next(i for i, line in enumerate(order) if line.startswith("RUN") and line[4:] in installs)
     last_source_copy = max(i for i, line in enumerate(order) if line.startswith("COPY") and "wan_nabla" in line)
     assert last_source_copy < first_install
+
+
+def test_image_installs_the_fa4_lora_and_compare_extras_and_they_exist(instructions):
+    """Guards the flash-attn-4 backend, --lora and `compare` in the image: the install names the
+    fa4, lora and compare extras, they exist, and fa4 pins flash-attn-4 and the CUTLASS DSL to the
+    versions measured."""
+    named = [set(m[1].split(",")) for a in _all(instructions, "RUN")
+             for m in [re.search(r'pip install .*"\.\[([\w,-]+)\]"', a)] if m]
+    assert any({"fa4", "lora", "compare"} <= n for n in named), named
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"fa4", "lora", "compare"} <= set(extras)
+    pins = {Requirement(r).name: str(Requirement(r).specifier) for r in extras["fa4"]}
+    assert pins["flash-attn-4"] == "==4.0.0b36" and pins["nvidia-cutlass-dsl"] == "==4.8.1"
 
 
 def test_copied_sources_exist_and_pass_dockerignore(instructions):

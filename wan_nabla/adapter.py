@@ -151,7 +151,7 @@ def _make_layout_hook(transformer, run: AttentionRun):
         if timestep is not None and timestep.ndim == 2:
             raise ValueError("per-token timesteps (Wan2.2 TI2V) are not supported by wan-nabla's tile layout")
         _, _, f, h, w = x.shape  # [B, C, F, H, W] latents
-        layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device) if run.config.sparse else None
+        layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device, x.dtype) if run.config.sparse else None
         run.layout = layout
         sp = run.sequence_parallel
         if sp is not None:  # shards of whole 64-token tiles in tile order, of single tokens in raster order

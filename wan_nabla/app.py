@@ -70,6 +70,7 @@ def resolve_run_config(args: Any) -> RunConfig:
         offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
         sampler=getattr(args, "sampler", None),
         ulysses_degree=getattr(args, "ulysses_degree", None), cfg_parallel=getattr(args, "cfg_parallel", None),
+        attention_backend=getattr(args, "attention_backend", None),
     )
     levers = dict(compile=getattr(args, "compile", None), cache=getattr(args, "cache", None),
                   lora=getattr(args, "lora", None))
@@ -77,10 +78,11 @@ def resolve_run_config(args: Any) -> RunConfig:
         return cfg.override(**flags).with_levers(**levers)
     except ConfigError as e:
         msg = str(e)
-        named = {**{f"{s}.{k}": v for k, v in flags.items() for s in ("generation", "memory", "model", "parallel")},
-                 "speed.compile": levers["compile"], "speed.cache": levers["cache"], "lora": levers["lora"]}
-        for key, value in named.items():  # name the flag the user typed, not only the config key
-            name = key.rpartition(".")[2]
+        named = {f"{s}.{k}": (k, v) for k, v in flags.items() for s in ("generation", "memory", "model", "parallel")}
+        named.update({"attention.backend": ("attention_backend", flags["attention_backend"]),
+                      "speed.compile": ("compile", levers["compile"]), "speed.cache": ("cache", levers["cache"]),
+                      "lora": ("lora", levers["lora"])})
+        for key, (name, value) in named.items():  # name the flag the user typed, not only the config key
             if value is not None and msg.startswith(f"{key}:"):
                 msg = f"--{name.replace('_', '-')} ({msg}"
                 msg = msg.replace(":", "):", 1)

@@ -64,6 +64,8 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
                         "model's heads: 1.3B 12, 14B 40)")
     p.add_argument("--cfg-parallel", action="store_true", default=None,
                    help="under torchrun: run the conditional and unconditional passes on two groups of ranks")
+    p.add_argument("--attention-backend", help="auto, flex or fa4: the attention kernels (default: the config's "
+                                               "attention.backend, auto = flash-attn-4 where installed and supported)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
     p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
+ATTENTION_BACKENDS = ("auto", "flex", "fa4")
 DTYPES = ("bfloat16", "float16", "float32")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -83,6 +84,11 @@ class AttentionConfig:
     """Order tiles so that a 128-token query block is one 8x8 square over two consecutive latent
     frames instead of two side-by-side squares (fewer blocks kept after coarsening; measured
     15-18% faster kernels on H100). None: on whenever the query block is 128 tokens."""
+    backend: str = "auto"
+    """Attention kernels: flex (compiled FlexAttention for sparse, SDPA for dense), fa4
+    (flash-attn-4's CuTe kernels for sparse and dense on sm90+ GPUs), or auto (fa4 where it is
+    installed and the GPU supports it, else flex). The CPU always runs flex; a missing or broken
+    flash-attn-4 falls back to flex with one log line (attention/kernels.py)."""
 
     def __post_init__(self) -> None:
         t = self.type
@@ -129,6 +135,9 @@ class AttentionConfig:
             object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
         if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
             raise ConfigError(f"attention.time_pairs: {self.time_pairs!r} is not allowed; use true, false or null")
+        if self.backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention.backend: {self.backend!r} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def sparse(self) -> bool:
@@ -337,7 +346,8 @@ class MemoryConfig:
 
 # Flag-style overrides that RunConfig.override routes to a section other than `generation`.
 _SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "transformer"),
-                      "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling")}
+                      "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling"),
+                      "attention_backend": ("attention", "backend")}
 
 
 def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any]]:
@@ -549,7 +559,7 @@ class RunConfig:
 
     def override(self, **changes: Any) -> RunConfig:
         """Return a copy with generation fields, `model` (the base), `transformer`, `offload`,
-        `vae_tiling` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
+        `vae_tiling`, `attention_backend` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
         None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         sections: dict[str, dict[str, Any]] = {}

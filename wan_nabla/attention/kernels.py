@@ -1,15 +1,24 @@
-"""The two attention kernels wan-nabla calls: compiled FlexAttention (sparse) and dense SDPA.
+"""The attention kernels wan-nabla calls, and the choice between its two backends.
 
-    out_BHSD = sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask)
-    out_BHSD = dense_attention(q_BHSD, k_BHSD, v_BHSD)
+    backend, why = resolve_backend("auto", torch.device("cuda"), torch.bfloat16)   # "fa4" or "flex"
+    geometry = default_geometry(backend, device)      # Geometry(block_size=(128, 128), time_pairs=True)
+    out_BHSD = sparse_attention(q_BHSD, k_BHSD, v_BHSD, block_mask)    # compiled flex
+    out_BHSD = dense_attention(q_BHSD, k_BHSD, v_BHSD)                 # SDPA, cuDNN first
+
+Backends (config `attention.backend`): `flex` is compiled FlexAttention for sparse calls and SDPA
+for dense ones; `fa4` is flash-attn-4's CuTe kernels for both (fa4.py); `auto` takes fa4 where it
+is installed and the GPU supports it, else flex. The CPU always runs flex. A missing or broken
+flash-attn-4, or inputs it cannot take (fp32, odd head dims), give flex and one log line per
+distinct reason (`log_choice`), never an error. Each backend has its own default block geometry
+(`GEOMETRY`, from measurements cited there).
 
 `sparse_attention` holds one `torch.compile(flex_attention, dynamic=False)` for the process: it
 compiles once per shape (and device), and never again for new masks, steps, prompts or seeds,
 because masks enter as BlockMask tensors and the mask_mod closure is cached per layout.
 Eager flex is never used: on the CPU it silently ignores BlockMask block tables.
 
-`dense_attention` is SDPA with cuDNN first on CUDA (the fastest dense kernel measured on H100,
-docs/design.md), then flash, memory-efficient and math. On the CPU SDPA picks its own kernel.
+`dense_attention` is SDPA with cuDNN first on CUDA (the fastest dense SDPA kernel measured on
+H100, docs/design.md), then flash, memory-efficient and math. On the CPU SDPA picks its own kernel.
 
 Limits: no backward (inference only); head_dim must be one FlexAttention supports (<= 256).
 """
@@ -17,12 +26,19 @@ Limits: no backward (inference only); head_dim must be one FlexAttention support
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..config import ATTENTION_BACKENDS
+from . import fa4
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _compiled_flex = None
@@ -45,18 +61,70 @@ def compiled_flex():
         return _compiled_flex
 
 
-# Kernel block geometry when the config leaves it open. CUDA: 128-token query blocks (two tiles)
-# over 64-token key blocks (one tile). Measured on H100 at 14B heads, 1280x720x81 (benchmarks/
-# NOTES.md): with TMA it was the fastest at equal NABLA threshold / STA window, 64-67% of dense
-# cuDNN per kept block against 36-40% for 64x64; 128x128 runs a kept block faster still but
-# OR-coarsening keys too keeps so many more blocks that it lost at every threshold. With 128-token
-# queries the layout pairs tiles in time (processors.AttentionRun.layout_for). The CPU keeps the
-# exact tile mask.
-DEFAULT_BLOCK_SIZE = {"cuda": (128, 64), "cpu": (64, 64)}
+@dataclass(frozen=True)
+class Geometry:
+    """Kernel blocks (query tokens, key tokens) and tile order when the config leaves them open."""
+
+    block_size: tuple[int, int]
+    time_pairs: bool
+    source: str
+    """Where the choice comes from (a results file, or why it is provisional)."""
 
 
-def default_block_size(device: torch.device) -> tuple[int, int]:
-    return DEFAULT_BLOCK_SIZE.get(device.type, (64, 64))
+# Per backend, on CUDA. flex: 128-token query blocks (two time-paired tiles) over 64-token key
+# blocks, the fastest at equal NABLA threshold / STA window on H100 at 14B heads, 1280x720x81:
+# 128x128 runs a kept block faster but OR-coarsening keys too kept so many more blocks that it
+# lost at every threshold (benchmarks/NOTES.md, benchmarks/results/h100_pairs.md). fa4: 128x128
+# is FA4's native SM90 tile and its best-covered block-sparse path (a 128x64 kernel runs on a
+# 64-wide key tile); it ran a random-mask block at 89-103% of dense cuDNN against 81-88% for
+# 128x64 (docs/design.md). PROVISIONAL until `scripts/gpu_fa4.sh` measures both geometries by
+# total time at equal threshold (bench/geometry.py prints the winner). The CPU keeps the exact
+# 64x64 tile mask.
+GEOMETRY = {
+    "flex": Geometry((128, 64), True, "benchmarks/results/h100_pairs.md (flex, H100)"),
+    "fa4": Geometry((128, 128), True, "provisional: FA4 random-mask probe on H100 (docs/design.md); "
+                                      "to be confirmed by scripts/gpu_fa4.sh"),
+}
+CPU_GEOMETRY = Geometry((64, 64), False, "exact tile mask")
+
+
+def default_geometry(backend: str, device: torch.device) -> Geometry:
+    if device.type != "cuda":
+        return CPU_GEOMETRY
+    return GEOMETRY[backend]
+
+
+def default_block_size(device: torch.device, backend: str = "flex") -> tuple[int, int]:
+    return default_geometry(backend, device).block_size
+
+
+# ---- backend choice -------------------------------------------------------------------------------
+_logged: set = set()
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(backend to run, one-line reason). Never raises for a missing or broken flash-attn-4."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend {requested!r} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
+    if requested == "flex":
+        return "flex", "attention.backend is flex"
+    if device.type != "cuda":
+        return "flex", "the CPU always runs flex"
+    ok, why = fa4.available(device)
+    if ok and dtype is not None and dtype not in fa4.DTYPES:
+        ok, why = False, f"dtype {dtype} (flash-attn-4 runs bfloat16 and float16)"
+    return ("fa4" if ok else "flex"), why
+
+
+def log_choice(requested: str, backend: str, why: str) -> None:
+    """One log line per distinct (requested, chosen, reason) in the process. Asking for fa4 and
+    getting flex is a warning; auto's choice is info."""
+    key = (requested, backend, why)
+    if key in _logged:
+        return
+    _logged.add(key)
+    level = logging.WARNING if requested == "fa4" and backend != "fa4" else logging.INFO
+    log.log(level, "attention backend: %s (requested %s; %s)", backend, requested, why)
 
 
 def _hopper_or_newer(device: torch.device) -> bool:

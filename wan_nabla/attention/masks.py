@@ -241,10 +241,12 @@ class BlockPlan:
 
 def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: torch.Tensor | None,
                 layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS),
-                impl: str = "auto") -> BlockPlan:
+                impl: str = "auto", pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockPlan:
     """The blocks `config` keeps for these q/k (see module doc). STA alone ignores q/k and returns
     the cached plan of its (layout, window, block size, device); NABLA on CUDA runs one Triton pass
-    from the coarse scores to the lists, elsewhere the torch tile mask is compacted."""
+    from the coarse scores to the lists, elsewhere the torch tile mask is compacted. `pooled`:
+    the tile means of q and k ([B, H, n, D] float32) when the caller has them already (rotary.py
+    pools inside the rotary kernel); used on the Triton path, where they stand for pool_tiles."""
     check_block_size(block_size)
     if config.type == "full":
         raise ValueError("attention type 'full' has no block plan; it runs dense attention")
@@ -254,7 +256,10 @@ def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: to
     n = layout.n_tiles
     window = config.sta_window if config.type == "nabla_sta" else None
     if use_triton(q_BHSD, impl, n) and config.threshold < 1.0:
-        scores = coarse_scores(q_BHSD, k_BHSD, layout, impl)
+        if pooled is not None:
+            scores = torch.matmul(pooled[0], pooled[1].transpose(-1, -2))
+        else:
+            scores = coarse_scores(q_BHSD, k_BHSD, layout, impl)
         b, h = scores.shape[:2]
         lists = select_triton(
             scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=config.threshold,

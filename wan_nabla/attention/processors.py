@@ -6,11 +6,16 @@
     run.density_summary()                            # {"overall": ..., "per_step": [...], ...}
 
 Each call computes q/k/v exactly as diffusers' WanAttnProcessor does (projections, RMS q/k norm,
-rotary embedding), then `AttentionRun.attend` picks the kernel:
-- dense (type full, a layer in `dense_layers`, or a step < `dense_steps`): SDPA, cuDNN first on
-  CUDA. With tile padding, keys/values are gathered to the real tokens so pads get no weight.
+rotary embedding; on CUDA the rotation is rotary.py's bit-identical Triton kernel, which also
+pools the tiles NABLA needs), then `AttentionRun.attend` picks the kernel:
+- dense (type full, a layer in `dense_layers`, or a step < `dense_steps`): SDPA (cuDNN first on
+  CUDA) or flash-attn-4. With tile padding, keys/values are gathered to the real tokens so pads
+  get no weight.
 - sparse: `masks.plan_blocks` (NABLA from these very q/k, STA from the static cache, or their OR)
-  gives the kept blocks, compiled FlexAttention runs them.
+  gives the kept blocks; compiled FlexAttention or flash-attn-4 runs them.
+The backend (config `backend`: auto | flex | fa4) is resolved per (device, dtype) by
+kernels.resolve_backend and logged once; it also sets the default block geometry
+(kernels.GEOMETRY). If flash-attn-4 fails on a first call, the run logs why and goes on with flex.
 
 The sequence arrives in tile order (adapter.py reorders once per forward) for sparse types, and
 in diffusers' raster order for `full`. Under Ulysses sequence parallelism (`run.sequence_parallel`)
@@ -30,7 +35,10 @@ by `run.compile_region`:
 Under Ulysses the all-to-alls and attention always run behind such a graph break
 (`attend_sequence_parallel`), whatever the region.
 Either way the mask build and the kernel run as they do eagerly (the kernel is the process-wide
-compiled flex), dense_steps switch kernels without a recompile, and statistics stay exact.
+compiled flex or flash-attn-4), dense_steps switch kernels without a recompile, and statistics
+stay exact. Inside a compiled block the rotary embedding is plain torch (Inductor fuses it with
+the q/k norm) and NABLA pools its tiles in mask_kernels.py; the fused rotary + pooling kernel
+(rotary.py) is used by eager blocks.
 Limits: self-attention only (attn1); image-conditioned (I2V) attention is not supported.
 """
 
@@ -45,9 +53,11 @@ from collections.abc import Callable
 import torch
 
 from ..config import AttentionConfig
-from .kernels import default_block_size, dense_attention, sparse_attention
+from . import fa4
+from .kernels import default_geometry, dense_attention, log_choice, resolve_backend, sparse_attention
 from .layout import TileLayout
-from .masks import BlockPlan, plan_blocks
+from .masks import BlockPlan, plan_blocks, use_triton
+from .rotary import rotate, rotate_torch
 
 log = logging.getLogger(__name__)
 
@@ -61,58 +71,135 @@ class AttentionRun:
     def __init__(self, config: AttentionConfig, kernel_options: dict | None = None, sequence_parallel=None):
         self.config = config
         self.kernel_options = kernel_options
+        """Extra FlexAttention kernel options (flex backend only)."""
         self.step = 0
         self.layout: TileLayout | None = None
         self.sequence_parallel = sequence_parallel
         """distributed.SequenceParallel or None: processors run `attend` between its all-to-alls."""
         self.stats_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
         """Averages recorded densities over the ranks of one video (set by the pipeline), or None."""
+        self.fallback: str | None = None
+        """Why flash-attn-4 was given up in this run (None: it was not)."""
+        self._backends: dict[tuple, str] = {}
+        self._used: set[str] = set()
         self._densities: dict[int, list] = defaultdict(list)
         self.compile_region = "eager"
         """How processors reach `attend`: eager (a plain call), op or split (module doc)."""
         self.run_id = next(_RUN_IDS)
         _RUNS[self.run_id] = self
 
-    # ---- schedule ----------------------------------------------------------------------
+    # ---- schedule and backend ----------------------------------------------------------
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def block_size(self, device: torch.device) -> tuple[int, int]:
-        return self.config.block_size or default_block_size(device)
+    def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """The backend this run uses on `device` for `dtype` ("fa4" or "flex"), logged once."""
+        key = (device, dtype)
+        name = self._backends.get(key)
+        if name is None:
+            requested = self.config.backend
+            if self.fallback is not None:
+                name, why = "flex", f"flash-attn-4 failed, flex from now on: {self.fallback}"
+            else:
+                name, why = resolve_backend(requested, device, dtype)
+            log_choice(requested, name, why)
+            self._backends[key] = name
+        return name
 
-    def layout_for(self, frames: int, height: int, width: int, device: torch.device) -> TileLayout:
+    def kernel_for(self, q_BHSD: torch.Tensor) -> str:
+        """The backend of one call: the run's, unless FA4 cannot take these inputs (head_dim)."""
+        name = self.backend(q_BHSD.device, q_BHSD.dtype)
+        if name == "fa4":
+            why = fa4.unsupported(q_BHSD)
+            if why is not None:
+                log_choice(self.config.backend, "flex", why)
+                return "flex"
+        return name
+
+    def give_up_fa4(self, reason: str) -> None:
+        """flash-attn-4 failed: flex from now on, this call included (the next backend() logs why,
+        once: kernels.log_choice)."""
+        self.fallback = reason
+        self._backends.clear()
+
+    def block_size(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[int, int]:
+        return self.config.block_size or default_geometry(self.backend(device, dtype), device).block_size
+
+    def layout_for(self, frames: int, height: int, width: int, device: torch.device,
+                   dtype: torch.dtype | None = None) -> TileLayout:
         """The tile layout of a patch grid under this config (time pairs with 128-token queries)."""
         pairs = self.config.time_pairs
         if pairs is None:
-            pairs = self.block_size(device)[0] == 128
+            if self.config.block_size is None:
+                pairs = default_geometry(self.backend(device, dtype), device).time_pairs
+            else:
+                pairs = self.config.block_size[0] == 128
         return TileLayout(frames, height, width, time_pairs=pairs)
 
     def uses_dense(self, layer: int) -> bool:
         c = self.config
         return c.type == "full" or layer in c.dense_layers or self.step < c.dense_steps
 
+    def pool_layout(self, layer: int, q: torch.Tensor) -> TileLayout | None:
+        """The layout whose tile means this call's NABLA plan will read from the rotary kernel
+        (None: no NABLA plan this call, or not on the Triton path)."""
+        c, layout = self.config, self.layout
+        if layout is None or self.uses_dense(layer) or c.type not in ("nabla", "nabla_sta") or c.threshold >= 1.0:
+            return None
+        return layout if use_triton(q, n=layout.n_tiles) else None
+
     # ---- the attention itself ----------------------------------------------------------
-    def attend(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, layer: int) -> torch.Tensor:
+    def attend(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, layer: int,
+               pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         layout = self.layout
         if self.uses_dense(layer):
-            if layout is not None and layout.needs_padding:
-                real = layout.real_token_index(q_BHSD.device)
-                k_BHSD, v_BHSD = k_BHSD.index_select(2, real), v_BHSD.index_select(2, real)
             self._densities[self.step].append((layer, 1.0))
-            return dense_attention(q_BHSD, k_BHSD, v_BHSD)
+            return self.dense(q_BHSD, k_BHSD, v_BHSD)
         if layout is None:
             raise RuntimeError("sparse attention called without a tile layout; use wan_nabla.apply_attention")
-        plan = self.plan(q_BHSD, k_BHSD, layout)
+        plan = self.plan(q_BHSD, k_BHSD, layout, pooled)
         self._densities[self.step].append((layer, plan.density))
+        return self.sparse(q_BHSD, k_BHSD, v_BHSD, plan)
+
+    def dense(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+        """Dense attention over the real keys (pads of a padded tile layout gathered out)."""
+        layout = self.layout
+        if layout is not None and layout.needs_padding:
+            real = layout.real_token_index(q_BHSD.device)
+            # Gathered as [B, S, H, D] rows (both kernels' preferred layout), viewed as BHSD.
+            k_BHSD, v_BHSD = (t.transpose(1, 2).index_select(1, real).transpose(1, 2) for t in (k_BHSD, v_BHSD))
+        if self.kernel_for(q_BHSD) == "fa4":
+            try:
+                out = fa4.dense_attention(q_BHSD, k_BHSD, v_BHSD)
+                self._used.add("fa4")
+                return out
+            except fa4.FA4Error as e:
+                self.give_up_fa4(str(e))
+        self._used.add("flex")
+        return dense_attention(q_BHSD, k_BHSD, v_BHSD)
+
+    def sparse(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+        """Block-sparse attention over `plan` with this run's backend."""
+        if self.kernel_for(q_BHSD) == "fa4":
+            try:
+                out = fa4.sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan)
+                self._used.add("fa4")
+                return out
+            except fa4.FA4Error as e:
+                self.give_up_fa4(str(e))
+        self._used.add("flex")
         return sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan.block_mask(), self.kernel_options)
 
-    def plan(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout) -> BlockPlan:
+    def plan(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout,
+             pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockPlan:
         """The kept blocks for this call's q/k under the configured attention type."""
-        return plan_blocks(self.config, q_BHSD, k_BHSD, layout, self.block_size(q_BHSD.device))
+        return plan_blocks(self.config, q_BHSD, k_BHSD, layout, self.block_size(q_BHSD.device, q_BHSD.dtype),
+                           pooled=pooled)
 
     # ---- statistics --------------------------------------------------------------------
     def reset_stats(self) -> None:
         self._densities.clear()
+        self._used.clear()
 
     def calls_per_step(self) -> dict[int, int]:
         """Attention calls recorded per step: one per computed block and batch (a block a step
@@ -145,6 +232,7 @@ class AttentionRun:
         order = range(steps) if steps is not None else sorted(per_step)
         return {
             "attention": self.config.label(),
+            "backend": "+".join(sorted(self._used)) or None,
             "overall": overall,
             "per_step": [per_step.get(s) for s in order],
             "per_layer": [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)],
@@ -156,14 +244,6 @@ class AttentionRun:
             d = sum(float(v) for _, v in vals) / len(vals)
             log.debug("step %d: %s mean kept-block density %.4f over %d attention calls",
                       step, self.config.label(), d, len(vals))
-
-
-def _rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved pairs (same math as diffusers, float32 tables)."""
-    x1, x2 = x_BSHD.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    return out.type_as(x_BSHD)
 
 
 @torch.library.custom_op("wan_nabla::attend", mutates_args=())
@@ -212,10 +292,16 @@ class WanSparseAttnProcessor:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k = attn.norm_q(q), attn.norm_k(k)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # [B, S, H, D]
+        pooled = None
+        region = self.run.compile_region
         if rotary_emb is not None:
             cos, sin = rotary_emb
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        region = self.run.compile_region
+            if region == "eager":  # NABLA's tile means, pooled while rotating (not traced: Triton)
+                pool = self.run.pool_layout(self.layer, q) if self.run.sequence_parallel is None else None
+                (q, q_bar), (k, k_bar) = rotate(q, cos, sin, pool), rotate(k, cos, sin, pool)
+                pooled = (q_bar, k_bar) if q_bar is not None and k_bar is not None else None
+            else:  # inside a compiled block: plain torch, which Inductor fuses with the q/k norm
+                q, k = rotate_torch(q, cos, sin), rotate_torch(k, cos, sin)
         if self.run.sequence_parallel is not None:
             # Ulysses: all tokens for this rank's heads, attention exactly as on one GPU, and back;
             # the all-to-alls stay outside any compiled graph.
@@ -227,7 +313,7 @@ class WanSparseAttnProcessor:
             elif region == "split":
                 out = attend_outside_graph(self.run, q, k, v, self.layer)
             else:
-                out = self.run.attend(q, k, v, self.layer)
+                out = self.run.attend(q, k, v, self.layer, pooled=pooled)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # [B, S, H*D]
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -6,8 +6,9 @@
 Settings: config < command-line flags < the item's own fields. Seed: the item's `seed`, else
 `derive_seed(base, index)` = first 8 bytes of sha256(f"{base}:{index}") mod 2**31, with base =
 --seed (or the config's seed, default 0). Key: sha256 of (index, prompt, negative prompt, name,
-model, attention config, generation settings except device, LoRAs and step cache when set), stored in the manifest and in the
-sidecar, so a changed prompt or setting is a new item, never mistaken for one already done.
+model, attention config except its kernel backend, generation settings except device, LoRAs and
+step cache when set: where and with which kernels an item runs is not what it is), stored in the
+manifest and in the sidecar, so a changed prompt or setting is a new item, never mistaken for one already done.
 A bad value makes the item a failed item with a one-line reason, not an error of the run.
 """
 
@@ -55,8 +56,8 @@ def plan_item(cfg: RunConfig, item: PromptItem, model_id: str) -> PlannedItem:
         return PlannedItem(item, error=f"line {item.line}: {str(e).removeprefix('generation.')}")
     ident = {
         "index": item.index, "prompt": item.prompt, "name": item.name, "model": model_id,
-        "attention": cfg.attention.to_dict(), "generation": {k: v for k, v in g.to_dict().items()
-                                                             if k != "device" and (k, v) != ("sampler", "unipc")},
+        "attention": {k: v for k, v in cfg.attention.to_dict().items() if k != "backend"},
+        "generation": {k: v for k, v in g.to_dict().items() if k != "device" and (k, v) != ("sampler", "unipc")},
     }  # fmt: skip
     # What changes the video enters the key; settings added later only when not at their default,
     # so keys of earlier runs stay valid (compile changes speed, not the video).

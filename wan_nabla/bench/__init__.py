@@ -3,16 +3,20 @@
     wan-nabla bench --out benchmarks/results                      # all levels, real sizes (one GPU)
     wan-nabla bench --levels op --op 40@1280x720 --sweep --out r/  # the target scenario + kernel sweep
     wan-nabla bench --quick --out /tmp/b                           # tiny shapes, runs on the CPU
+    wan-nabla bench --levels op --op 40@1280x720 --backends flex fa4 --geometry --out r/   # FA4 vs flex
     wan-nabla bench --render benchmarks/results/h100.json       # rewrite .md/.png from a JSON
 
-Modules: op.py (one attention call: dense cuDNN/flex, NABLA, STA, presets, published-style),
-checks.py (exactness checks of the op level), sweep.py (kernel geometry sweep, mask-build
-breakdown), configs.py (the presets measured), published.py (the peer baseline), transformer.py (one WanTransformer3DModel forward at 1.3B/14B
-size, random weights), e2e.py (VideoGenerator.generate at 1.3B size), report.py (JSON, markdown,
-PNG, targets T1-T5), records.py (records, timer, environment), qk.py (q/k with locality),
-random_init.py (random-weight models built on the GPU); levers.py, with its own entry point
-(`python -m wan_nabla.bench.levers`), measures the speed levers end to end. Results are written after every level,
-so a run stopped half-way keeps what it measured.
+Modules: op.py (one attention call: dense cuDNN/flex/FA4, NABLA, STA, presets per backend),
+published.py (the peer baseline on its own cropped grid), checks.py (exactness checks of the op
+level), geometry.py (128x64 vs 128x128, time-paired or not, per backend, by total time),
+sweep.py (flex kernel option sweep, mask-build breakdown), configs.py (the presets measured),
+transformer.py (one WanTransformer3DModel forward at 1.3B/14B size per backend, random weights),
+e2e.py (VideoGenerator.generate at 1.3B size), report.py (JSON, markdown, PNG, targets.json),
+targets.py (targets T1-T6 from the figures), records.py (records, timer, environment), qk.py
+(q/k with locality), random_init.py (random-weight models built on the GPU); with their own
+entry points: levers.py (the speed levers end to end), memory.py + memory_report.py (memory
+modes), multigpu.py (several GPUs). Results are written after every level, so a run stopped
+half-way keeps what it measured.
 Limits: one device; the full run needs a GPU with >= 80 GB for the 14B transformer level.
 """
 
@@ -60,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU-sized), for tests and smoke runs")
     p.add_argument("--op", dest="op_scenarios", nargs="+", type=_op_scenario, metavar="HEADS@WxH[:wan_block]",
                    help="attention-op scenarios (default: 12 and 40 heads at 832x480 and 1280x720)")
-    p.add_argument("--sweep", action="store_true", help="kernel geometry/options sweep at the target op scenario")
+    p.add_argument("--backends", nargs="+", choices=("flex", "fa4"), default=None,
+                   help="attention backends to measure (default: flex, and fa4 where it runs)")
+    p.add_argument("--geometry", action="store_true",
+                   help="128x64 vs 128x128 blocks, time-paired or not, per backend, at the target op scenario")
+    p.add_argument("--sweep", action="store_true", help="flex kernel options sweep at the target op scenario")
     p.add_argument("--breakdown", action="store_true", help="time each stage of the NABLA mask build")
     p.add_argument("--op-rows", nargs="+", metavar="NAME", help="only these sparse op rows (e.g. 'nabla 0.4' nabla_0.7)")
     p.add_argument("--no-published", action="store_true", help="skip the published-style rows")
@@ -136,10 +144,18 @@ def _run_level(level: str, args, device: torch.device, res, log) -> None:
         from . import op
 
         scen = args.op_scenarios or (op.QUICK_SCENARIOS if args.quick else op.FULL_SCENARIOS)
-        res.op.extend(op.run_op_level(scen, device, quick=args.quick, sweep=args.sweep, log=log,
-                                      published_rows=not args.no_published, checks=not args.no_checks,
-                                      budget_ms=args.budget_ms, only_rows=args.op_rows,
-                                      breakdown=args.breakdown))
+        def checkpoint(partial: dict) -> None:  # the scenario so far, written with what is done
+            from . import report
+
+            report.write_all({**res.to_dict(), "op": res.op + [partial]}, args.out, stem=args.stem, with_plot=False)
+
+        done = op.run_op_level(scen, device, quick=args.quick, sweep=args.sweep, log=log, checkpoint=checkpoint,
+                               published_rows=not args.no_published, checks=not args.no_checks,
+                               budget_ms=args.budget_ms, only_rows=args.op_rows,
+                               breakdown=args.breakdown, geometry=args.geometry, backends=args.backends)
+        res.op.extend(done)
+        res.errors += [f"op {x['scenario'].get('label')}: {e}" for x in done
+                       for e in x.get("errors", []) + ([x["error"]] if x.get("error") else [])]
     elif level == "transformer":
         from . import transformer as tr
 
@@ -151,7 +167,7 @@ def _run_level(level: str, args, device: torch.device, res, log) -> None:
         if args.transformer_rows:
             rows = list(args.transformer_rows)
         res.transformer.extend(tr.run_transformer_level(scen, device, quick=args.quick, log=log, reps=args.reps,
-                                                        rows=rows))
+                                                        rows=rows, backends=args.backends))
     elif level == "e2e":
         from . import e2e
 

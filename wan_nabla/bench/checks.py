@@ -1,8 +1,9 @@
 """Exactness checks of the op level: the mask rule against float64 brute force, the app's block
-plan against the tile mask it stands for, and the sparse kernel against exact masked attention.
+plan against the tile mask it stands for, and each backend's sparse kernel against exact masked
+attention.
 
     brute_force_keep(p, 0.4)               # (keep, keep_ties, mass_before) in float64
-    run_checks(sc, q, k, v, (128, 64), quick=False)
+    run_checks(sc, q, k, v, (128, 64), quick=False, backends=["flex", "fa4"])
 
 Mismatches between the app path and the brute force must lie within rounding of the threshold
 (reported as "in band"); the plan built by the app (one Triton pass on CUDA) must equal
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 
 from ..attention import masks
-from ..attention.kernels import sparse_attention
 from ..attention.layout import TileLayout
 from ..config import AttentionConfig
+from .geometry import app_run
 
 CHECK_THRESHOLDS = (0.2, 0.4, 0.7, 0.9)
 
@@ -44,7 +45,7 @@ def brute_force_keep(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def run_checks(sc, q, k, v, bs, quick: bool) -> dict[str, Any]:
+def run_checks(sc, q, k, v, bs, quick: bool, backends=("flex",)) -> dict[str, Any]:
     layout, device = sc.layout, sc.device
     out: dict[str, Any] = {"mask": [], "plan_equal": [], "fidelity": []}
     p = masks.coarse_map(q, k, layout, impl="torch")
@@ -80,28 +81,35 @@ def run_checks(sc, q, k, v, bs, quick: bool) -> dict[str, Any]:
                 "density_equal": abs(float(plan.density) - float(ref.density)) < 1e-6,
             })
     del p
-    # Output fidelity on sampled query rows: exact fp32 attention under the same block mask.
-    for name, cfg in (("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4, block_size=bs)),
-                      ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3) if not quick else (3, 1, 1),
-                                                     block_size=bs))):
-        bm = masks.plan_blocks(cfg, q, k, layout, bs).block_mask()
-        out["fidelity"].append({"row": name, **fidelity(q, k, v, bm, layout)})
+    # Output fidelity on sampled query rows: exact fp32 attention under the same block plan, per
+    # backend at its default geometry (plain tile order: the kernels do not care which).
+    for backend in backends:
+        for name, cfg in (("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4, time_pairs=False)),
+                          ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3) if not quick else (3, 1, 1),
+                                                         time_pairs=False))):
+            run = app_run(cfg, backend, q.device, q.dtype)
+            run.layout = layout
+            plan = run.plan(q, k, layout)
+            fid = fidelity(q, k, v, plan, layout, lambda: run.sparse(q, k, v, plan))
+            out["fidelity"].append({"row": f"{name} [{backend}]", "block_size": list(plan.block_size),
+                                    "fallback": run.fallback, **fid})
     return out
 
 
-def fidelity(q, k, v, bm, layout: TileLayout, n_rows: int = 128) -> dict[str, float]:
-    """Relative L2 error of sparse_attention vs fp32 attention under bm's exact mask, and how far
-    the masked result is from dense (so a mask that changes nothing is visible)."""
+def fidelity(q, k, v, plan, layout: TileLayout, attend, n_rows: int = 128) -> dict[str, float]:
+    """Relative L2 error of attend() (the kernel over `plan`) vs fp32 attention under the plan's
+    exact mask on sampled query rows, and how far the masked result is from dense (so a mask that
+    changes nothing is visible)."""
     s_pad = layout.padded_len
-    bq = bm.BLOCK_SIZE[0]
-    n_qb = s_pad // bq
+    bq, bkv = plan.block_size
+    n_qb = -(-s_pad // bq)
     picks = sorted({0, n_qb // 3, n_qb // 2, n_qb - 1})  # the last block holds pad tokens
     per = max(1, n_rows // len(picks))
-    rows = torch.cat([torch.arange(b * bq, b * bq + min(per, bq), device=q.device) for b in picks])
-    out = sparse_attention(q, k, v, bm)[:, :, rows].float()
-    dense_blocks = bm.to_dense()  # [B, H, n_qb, n_kb]
+    rows = torch.cat([torch.arange(b * bq, min(b * bq + min(per, bq), s_pad), device=q.device) for b in picks])
+    out = attend()[:, :, rows].float()
+    dense_blocks = plan.block_mask().to_dense()  # [B|1, H|1, n_qb, n_kb]: the plan's lists as a matrix
     valid = layout.valid(q.device)
-    kb = torch.arange(s_pad, device=q.device) // bm.BLOCK_SIZE[1]
+    kb = torch.arange(s_pad, device=q.device) // bkv
     qs, ks, vs = q[:, :, rows].float(), k.float(), v.float()
     scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
     allowed = dense_blocks[:, :, rows // bq][..., kb].bool() & valid

@@ -1,6 +1,9 @@
 """Queries and keys with spatio-temporal locality, for the attention-op benchmark.
 
     q, k, v = synthetic_qkv(layout, heads=40, device=dev)        # [1, 40, S_pad, 128] tile order
+    q = processor_storage(q)                  # stored [B, S, H, D] as the processor stores it
+    cos, sin = tile_rotary(layout, 128, dev)  # the rotary tables the processor sees, tile order
+    q, k, v = wan_block_qkv(scenario, dev, torch.bfloat16, seed=0)   # from a random-weight Wan block
 
 Random white-noise q/k give NABLA a flat coarse map (every tile looks alike), so the density it
 reaches is just the threshold and says nothing about real videos. Real Wan q/k vary smoothly over
@@ -94,7 +97,49 @@ def real_tokens(x_BHSD: torch.Tensor, layout: TileLayout) -> torch.Tensor:
 
 
 def relayout(x_BHSD: torch.Tensor, src: TileLayout, dst: TileLayout) -> torch.Tensor:
-    """The same tokens in another layout's tile order (e.g. time-paired), pads zero."""
+    """The same tokens in another layout's tile order (e.g. time-paired), pads zero, stored
+    [B, S, H, D] as the processor stores them."""
     if src == dst:
         return x_BHSD
-    return dst.to_tiles(src.from_tiles(x_BHSD, seq_dim=2), seq_dim=2).contiguous()
+    return processor_storage(dst.to_tiles(src.from_tiles(x_BHSD, seq_dim=2), seq_dim=2))
+
+
+def processor_storage(x_BHSD: torch.Tensor) -> torch.Tensor:
+    """The same values stored [B, S, H, D] and viewed [B, H, S, D]: how the processor hands q/k/v
+    to the kernels (it computes them per token and transposes a view)."""
+    return x_BHSD.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def tile_rotary(layout: TileLayout, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's rotary tables as the processor receives them on a tile layout: [1, S_pad, 1, D] float32."""
+    cos, sin = wan_rotary(layout, head_dim, device)
+    return tuple(layout.to_tiles(t[None], seq_dim=1)[:, :, None].contiguous() for t in (cos, sin))
+
+
+@torch.no_grad()
+def wan_block_qkv(s, device, dtype, seed: int):
+    """q/k/v that the app's processor sees in block 0 of a random-weight Wan transformer of these heads,
+    fed smooth random latents (tile order, after q/k norm and rotary)."""
+    from ..adapter import apply_attention
+    from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
+
+    size = next((z for z in WAN_SIZES.values() if z.heads == s.heads and z.head_dim == s.head_dim),
+                WanSize("custom", s.heads * s.head_dim, s.heads, 1, 4 * s.heads * s.head_dim))
+    model = random_transformer(size, device, dtype, seed=seed, layers=1)
+    captured: dict[str, torch.Tensor] = {}
+    # plain (unpaired) tile order: the order the op level's scenario layout assumes
+    handle = apply_attention(model, {"type": "nabla", "threshold": 0.5, "time_pairs": False, "backend": "flex"})
+
+    def capture(q, k, v, layer, pooled=None):
+        captured.update(q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+        return torch.zeros_like(q)
+
+    handle.run.attend = capture
+    f, h, w = s.grid
+    latents = smooth_latents((s.batch, 16, f, 2 * h, 2 * w), device, seed).to(dtype)
+    text = torch.randn((s.batch, 512, size.text_dim), device=device, dtype=dtype)
+    model(hidden_states=latents, timestep=torch.full((s.batch,), 500.0, device=device),
+          encoder_hidden_states=text, return_dict=False)
+    handle.remove()
+    del model
+    return captured["q"], captured["k"], captured["v"]

@@ -117,6 +117,11 @@ class OpScenario:
         return d
 
 
+def dense_flops(s: OpScenario, layout) -> float:
+    """Dense attention work over the real tokens: 4 * B * H * S_real^2 * D."""
+    return 4.0 * s.batch * s.heads * float(layout.seq_len) ** 2 * s.head_dim
+
+
 @dataclass(frozen=True)
 class OpRow:
     """One measured row of the attention-op table. Times in ms (median); None = not measured."""
@@ -124,7 +129,7 @@ class OpRow:
     scenario: str
     name: str
     kind: str
-    """dense_cudnn | dense_flex | nabla | sta | nabla_sta | published."""
+    """dense_cudnn | dense_flex | dense_fa4 | nabla | sta | nabla_sta | published | published_kernel."""
     total_ms: float
     density: float
     """Kept share of (query block, key block) pairs at the kernel geometry (1.0 dense)."""
@@ -144,30 +149,50 @@ class OpRow:
     spread_ms: tuple[float, float] | None = None
     config: dict | None = None
     notes: str = ""
+    backend: str | None = None
+    """flex | fa4 (the kernels of this row); None for dense SDPA and the published-style rows."""
+    seq_real: int | None = None
+    """Real tokens of this row's grid (the published-style rows run on their own cropped grid)."""
+    mask_unfused_ms: float | None = None
+    """Mask build with its own pooling pass (mask_ms counts pooling as its increment inside the
+    rotary kernel, the app's path; see op.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def _git_commit(root: Path) -> str:
-    """The checkout's commit without running git (the device copy may have no .git at all)."""
+    """The checkout's commit: WAN_NABLA_COMMIT, else `git rev-parse HEAD`, else .git's files read
+    directly (a device copy may have no git at all: then set WAN_NABLA_COMMIT)."""
     env = os.environ.get("WAN_NABLA_COMMIT")
-    if env:
+    if env and env != "unknown":
         return env
-    head = root / ".git" / "HEAD"
+    import subprocess
+
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            name = ref[5:]
-            path = root / ".git" / name
-            if path.exists():
-                return path.read_text().strip()
-            packed = root / ".git" / "packed-refs"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    git = root / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        ref = (git / "HEAD").read_text().strip()
+        if not ref.startswith("ref: "):
+            return ref
+        name = ref[5:]
+        for base in (git, git.parent.parent if git.parent.name == "worktrees" else git):
+            if (base / name).exists():
+                return (base / name).read_text().strip()
+            packed = base / "packed-refs"
             for line in packed.read_text().splitlines() if packed.exists() else []:
                 if line.endswith(" " + name):
                     return line.split()[0]
-            return "unknown"
-        return ref
+        return "unknown"
     except OSError:
         return "unknown"
 
@@ -177,6 +202,15 @@ def _version(name: str) -> str | None:
         mod = __import__(name)
         return getattr(mod, "__version__", "unknown")
     except ImportError:
+        return None
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
         return None
 
 
@@ -193,7 +227,13 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": platform.processor() or platform.machine(),
         "cuda": torch.version.cuda,
+        "flash_attn_4": _dist_version("flash-attn-4"),
+        "nvidia_cutlass_dsl": _dist_version("nvidia-cutlass-dsl"),
     }
+    from ..attention.kernels import resolve_backend
+
+    env["default_backend"], env["default_backend_reason"] = resolve_backend(
+        "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device_name=props.name, sm_count=props.multi_processor_count,

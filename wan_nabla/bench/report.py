@@ -1,13 +1,9 @@
-"""Results files of a bench run: JSON (every figure), a markdown table, a PNG plot; targets T1-T5.
+"""Results files of a bench run: JSON (every figure), a markdown table, a PNG plot, targets.json.
 
-    paths = write_all(results_dict, Path("benchmarks/results"))   # results.json, results.md, speedup.png
+    paths = write_all(results_dict, Path("benchmarks/results"))   # results.json/.md, _speedup.png, targets.json
     md = render_markdown(load("benchmarks/results/h100.json"))  # re-render from a JSON later
 
-The targets are computed from the figures, never entered by hand: T1 share of dense cuDNN
-throughput of the sparse rows (mask build + kernel) at densities 0.05-0.5; T2 mask build share of
-sparse time at the NABLA row nearest density 0.1; T3 fraction of the Amdahl-ideal transformer
-speed-up at the row nearest density 0.1; T4 published-style time over wan-nabla time at equal
-threshold; T5 no recompiles after the first call, first-call compile <= 60 s.
+The targets T1-T6 are computed from the figures by targets.py, never entered by hand.
 The plot needs matplotlib; without it the PNG is skipped (re-render elsewhere with `--render`).
 """
 
@@ -17,10 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGET_OP = "14B heads 1280x720x81"
-TARGET_TRANSFORMER = "Wan2.1-14B 1280x720x81"
-SPARSE_KINDS = ("nabla", "sta", "nabla_sta")
-
+from .targets import TARGET_OP, compute_targets, label_of, scenario, target_text, targets_json
 
 def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
@@ -39,90 +32,6 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["env"]["command"] = " + ".join(r["env"]["command"] for r in results)
     out["env"]["created"] = ", ".join(r["env"]["created"] for r in results)
     return out
-
-
-def _scenario(items: list[dict], label: str) -> dict | None:
-    ok = [x for x in items if x.get("rows")]
-    for x in ok:
-        name = x["scenario"]["label"] if isinstance(x["scenario"], dict) else x["scenario"]
-        if name == label:
-            return x
-    return ok[-1] if ok else None
-
-
-def _label(x: dict) -> str:
-    return x["scenario"]["label"] if isinstance(x["scenario"], dict) else x["scenario"]
-
-
-def _nearest(rows: list[dict], key: str, value: float) -> dict | None:
-    rows = [r for r in rows if r.get(key) is not None]
-    return min(rows, key=lambda r: abs(r[key] - value)) if rows else None
-
-
-def compute_targets(res: dict[str, Any]) -> dict[str, Any]:
-    t: dict[str, Any] = {}
-    op = _scenario(res.get("op", []), TARGET_OP)
-    if op:
-        rows = op["rows"]
-        where = _label(op)
-        band = [r for r in rows if r["kind"] in SPARSE_KINDS and 0.05 <= r["density"] <= 0.5]
-        pub = [r for r in rows if r["kind"] == "published"]
-        if band:
-            shares = [r["share_of_cudnn"] for r in band]
-            worst = min(band, key=lambda r: r["share_of_cudnn"])
-            t["T1"] = {"target": ">= 0.75 of dense cuDNN throughput at density 0.05-0.5", "scenario": where,
-                       "min": min(shares), "max": max(shares), "rows": len(band), "worst_row": worst["name"],
-                       "published_range": [min(r["share_of_cudnn"] for r in pub), max(r["share_of_cudnn"] for r in pub)]
-                       if pub else None, "met": min(shares) >= 0.75}
-        nab = _nearest([r for r in rows if r["kind"] == "nabla"], "density", 0.1)
-        if nab:
-            frac = nab["mask_ms"] / nab["total_ms"]
-            t["T2"] = {"target": "mask build <= 5% of sparse attention time at density ~0.1", "scenario": where,
-                       "row": nab["name"], "density": nab["density"], "mask_ms": nab["mask_ms"],
-                       "total_ms": nab["total_ms"], "fraction": frac, "met": frac <= 0.05}
-        pairs = []
-        for p in pub:
-            key = (p["config"]["threshold"], tuple(p["config"]["sta_window"] or ()))
-            ours = next((r for r in rows if r["kind"] in ("nabla", "nabla_sta")
-                         and (r["config"]["threshold"], tuple(r["config"]["sta_window"] or ())) == key), None)
-            if ours:
-                pairs.append({"threshold_row": ours["name"], "published_ms": p["total_ms"], "wan_nabla_ms": ours["total_ms"],
-                              "speedup": p["total_ms"] / ours["total_ms"], "published_density": p["density"],
-                              "wan_nabla_density": ours["density"], "wan_nabla_tile_density": ours.get("tile_density")})
-        if pairs:
-            t["T4"] = {"target": ">= 1.5x faster than published-style at equal threshold (equal tile mask)",
-                       "scenario": where, "pairs": pairs, "min": min(p["speedup"] for p in pairs),
-                       "met": min(p["speedup"] for p in pairs) >= 1.5}
-    tr = _scenario(res.get("transformer", []), TARGET_TRANSFORMER)
-    if tr:
-        sparse = [r for r in tr["rows"] if "fraction_of_ideal" in r]
-        row = _nearest(sparse, "density", 0.1)
-        if row:
-            t["T3"] = {"target": ">= 0.90 of the Amdahl-ideal forward speed-up at density ~0.1",
-                       "scenario": tr["scenario"], "row": row["name"], "density": row["density"],
-                       "speedup": row["speedup"], "ideal": row["ideal_speedup"],
-                       "fraction": row["fraction_of_ideal"], "fraction_tile_density": row.get("fraction_of_ideal_tile"),
-                       "all_rows": {r["name"]: round(r["fraction_of_ideal"], 3) for r in sparse},
-                       "met": row["fraction_of_ideal"] >= 0.9}
-    recompiles = []
-    for x in res.get("op", []):
-        if "recompiles_on_new_masks" in x:
-            recompiles.append(("op " + _label(x), x["recompiles_on_new_masks"]))
-    for x in res.get("transformer", []):
-        for r in x.get("rows", []):
-            recompiles.append((f"transformer {x['scenario']} {r['name']}", r["recompiles_after_first"]))
-    compile_s = None
-    for x in res.get("e2e", []):
-        for r in x.get("rows", []):
-            recompiles.append((f"e2e {r['name']} second call", r["recompiles_second_call"]))
-            if r["config"]["type"] != "full":
-                compile_s = max(compile_s or 0.0, r["compile_s"])
-    if recompiles:
-        bad = [name for name, n in recompiles if n]
-        t["T5"] = {"target": "no recompiles after the first call at a fixed shape; first-call compile <= 60 s (1.3B generate)",
-                   "checked": len(recompiles), "with_recompiles": bad, "max_first_call_compile_s": compile_s,
-                   "met": not bad and (compile_s is None or compile_s <= 60.0)}
-    return t
 
 
 # ---- markdown ------------------------------------------------------------------------------
@@ -147,13 +56,13 @@ def render_markdown(res: dict[str, Any]) -> str:
     targets = res.get("targets") or compute_targets(res)
     if targets:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-        for key in ("T1", "T2", "T3", "T4", "T5"):
+        for key in ("T1", "T2", "T3", "T4", "T5", "T6"):
             if key in targets:
-                lines.append(f"| {key}: {targets[key]['target']} | {_target_text(key, targets[key])} | "
+                lines.append(f"| {key}: {targets[key]['target']} | {target_text(key, targets[key])} | "
                              f"{'yes' if targets[key]['met'] else '**no**'} |")
         lines.append("")
     for sc in res.get("op", []):
-        lines += [f"## Attention op: {_label(sc)}", ""]
+        lines += [f"## Attention op: {label_of(sc)}", ""]
         if sc.get("error"):
             lines += [f"error: {sc['error']}", ""]
             continue
@@ -164,10 +73,22 @@ def render_markdown(res: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
             bs = "x".join(map(str, r["block_size"])) if r.get("block_size") else "-"
+            if (r.get("config") or {}).get("time_pairs"):
+                bs += " paired"
             lines.append(f"| {r['name']} | {bs} | {r['density']:.3f} | {_f(r.get('tile_density'), 3)} | "
                          f"{_f(r.get('mask_ms'), 3)} | {_f(r.get('kernel_ms'))} | "
                          f"{r['total_ms']:.2f} | {r['tflops']:.0f} | {r['share_of_cudnn']:.0%} | {r['speedup']:.2f}x |")
         lines.append("")
+        notes = [f"- {r['name']}: {r['notes']}" for r in sc["rows"] if r.get("notes")]
+        if notes:
+            lines += ["Row notes:", ""] + notes + [""]
+        if sc.get("published"):
+            pub = sc["published"]
+            lines += [f"Published-style rows run on their own cropped grid {pub['size'][0]}x{pub['size'][1]} "
+                      f"({pub['seq_real']} tokens, no pads; dense cuDNN {pub['cudnn_ms']:.2f} ms there), compiled "
+                      f"with {pub['compile']}; their share refers to that baseline.", ""]
+        if sc.get("geometry"):
+            lines += _geometry_md(sc["geometry"])
         if sc.get("checks"):
             lines += _checks_md(sc["checks"])
         if sc.get("mask_breakdown"):
@@ -177,13 +98,16 @@ def render_markdown(res: dict[str, Any]) -> str:
                                   for k, v in mb.items() if k not in ("threshold", "block_size")), ""]
         if sc.get("sweep"):
             lines += _sweep_md(sc["sweep"])
-        lines += [f"Recompiles on new masks after warm-up: {sc.get('recompiles_on_new_masks')}; first calls (s): "
+        lines += [f"Recompiles on new masks after warm-up (compiled graphs + FA4 cache entries): "
+                  f"{sc.get('recompiles_on_new_masks')}; first calls (s): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in (sc.get("compile_s") or {}).items()), ""]
     for sc in res.get("transformer", []):
         lines += [f"## Transformer forward: {sc['scenario']}", ""]
         if sc.get("error"):
             lines += [f"error: {sc['error']}", ""]
             continue
+        if sc.get("fastest_dense"):
+            lines += [f"Speed-ups and ideals against the fastest dense forward: {sc['fastest_dense']}.", ""]
         lines += ["| config | density | tile density | total ms | attention ms | share | mask ms | non-attn ms | speed-up | ideal | of ideal | first forward s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
@@ -204,25 +128,6 @@ def render_markdown(res: dict[str, Any]) -> str:
     if res.get("errors"):
         lines += ["## Errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
     return "\n".join(lines)
-
-
-def _target_text(key: str, t: dict) -> str:
-    if key == "T1":
-        pub = t.get("published_range")
-        return (f"{t['min']:.0%}-{t['max']:.0%} over {t['rows']} rows (worst: {t['worst_row']})"
-                + (f"; published-style {pub[0]:.0%}-{pub[1]:.0%}" if pub else ""))
-    if key == "T2":
-        return (f"{t['fraction']:.1%} ({t['row']}, density {t['density']:.3f}: mask {t['mask_ms']:.2f} of "
-                f"{t['total_ms']:.2f} ms)")
-    if key == "T3":
-        return (f"{t['fraction']:.0%} ({t['row']}, density {t['density']:.3f}: {t['speedup']:.2f}x of ideal "
-                f"{t['ideal']:.2f}x; with tile density {_f(t.get('fraction_tile_density'), pct=True)})")
-    if key == "T4":
-        return f"min {t['min']:.2f}x: " + ", ".join(f"{p['threshold_row']} {p['speedup']:.2f}x" for p in t["pairs"])
-    if key == "T5":
-        bad = ", ".join(t["with_recompiles"]) or "none"
-        return f"{t['checked']} checks, recompiles in: {bad}; first-call compile {_f(t.get('max_first_call_compile_s'), 1)} s"
-    return ""
 
 
 def _checks_md(c: dict) -> list[str]:
@@ -250,6 +155,22 @@ def _checks_md(c: dict) -> list[str]:
     return out + [""]
 
 
+def _geometry_md(g: dict) -> list[str]:
+    entries = g.get("entries", [])
+    masks = list(dict.fromkeys(m["mask"] for e in entries for m in e.get("masks", [])))
+    out = ["Geometry at equal threshold (app path, mask + kernel; total ms / kept-block density):", "",
+           "| backend | geometry | " + " | ".join(masks) + " | sum ms |", "|---|---|" + "---|" * (len(masks) + 1)]
+    for e in entries:
+        by = {m["mask"]: m for m in e.get("masks", [])}
+        cells = [f"{by[m]['total_ms']:.2f} / {by[m]['density']:.3f}" if m in by else "-" for m in masks]
+        err = f" ({e['error']})" if e.get("error") else ""
+        out.append(f"| {e['backend']} | {e['geometry']}{err} | " + " | ".join(cells) + f" | {_f(e.get('sum_total_ms'))} |")
+    for backend, w in g.get("winner", {}).items():
+        out.append(f"\nFastest geometry [{backend}]: **{w['geometry']}** (sum {w['sum_total_ms']:.1f} ms; "
+                   f"per-mask wins {w['mask_wins']})")
+    return out + [""]
+
+
 def _sweep_md(sweep: list[dict]) -> list[str]:
     masks = []
     for e in sweep:
@@ -273,10 +194,10 @@ def summary(res: dict[str, Any]) -> str:
     """The short table printed at the end of a run: targets, then the target op scenario's rows."""
     md = render_markdown(res)
     head = md.split("## Attention op")[0].split("## Transformer")[0].split("## End to end")[0]
-    op = _scenario(res.get("op", []), TARGET_OP)
+    op = scenario(res.get("op", []), TARGET_OP)
     lines = [head.rstrip(), ""]
     if op:
-        lines += [f"{_label(op)}: row, density, total ms, share of cuDNN, speed-up"]
+        lines += [f"{label_of(op)}: row, density, total ms, share of cuDNN, speed-up"]
         for r in op["rows"]:
             lines.append(f"  {r['name']:<34} {r['density']:6.3f} {r['total_ms']:9.2f} {r['share_of_cudnn']:6.0%} "
                          f"{r['speedup']:6.2f}x")
@@ -299,12 +220,15 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     cols = min(2, len(scen))
     nrows = -(-len(scen) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.8 * nrows), squeeze=False)
-    style = {"nabla": ("o", "C0", "wan-nabla NABLA"), "nabla_sta": ("s", "C2", "wan-nabla NABLA+STA"),
-             "sta": ("^", "C1", "wan-nabla STA"), "published": ("x", "C3", "published-style NABLA"),
-             "dense_flex": ("D", "C7", "dense flex")}
+    style = {("nabla", "flex"): ("o", "C0", "NABLA [flex]"), ("nabla_sta", "flex"): ("s", "C2", "NABLA+STA [flex]"),
+             ("sta", "flex"): ("^", "C1", "STA [flex]"), ("nabla", "fa4"): ("o", "C4", "NABLA [fa4]"),
+             ("nabla_sta", "fa4"): ("s", "C5", "NABLA+STA [fa4]"), ("sta", "fa4"): ("^", "C6", "STA [fa4]"),
+             ("published", None): ("x", "C3", "published-style NABLA (cropped grid)"),
+             ("dense_flex", "flex"): ("D", "C7", "dense flex"), ("dense_fa4", "fa4"): ("D", "C8", "dense fa4")}
     for ax, sc in zip(axes.flat, scen):
-        for kind, (marker, color, label) in style.items():
-            rows = [r for r in sc["rows"] if r["kind"] == kind]
+        for (kind, backend), (marker, color, label) in style.items():
+            rows = [r for r in sc["rows"] if r["kind"] == kind and r.get("backend", "flex" if kind != "published"
+                                                                                    else None) == backend]
             if rows:
                 ax.scatter([r["density"] for r in rows], [r["speedup"] for r in rows], marker=marker, color=color,
                            label=label, s=40)
@@ -312,13 +236,13 @@ def plot(res: dict[str, Any], path: Path) -> bool:
 
         d = np.geomspace(0.02, 1.0, 50)
         ax.plot(d, 1 / d, "k--", lw=0.8, label="ideal (1/density)")
-        ax.plot(d, 0.75 / d, "k:", lw=0.8, label="75% of dense cuDNN throughput")
+        ax.plot(d, 0.8 / d, "k:", lw=0.8, label="80% of dense cuDNN throughput")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("density (kept share of kernel blocks)")
         ax.set_ylabel("speed-up over dense cuDNN SDPA")
-        ax.set_title(_label(sc), fontsize=10)
+        ax.set_title(label_of(sc), fontsize=10)
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(scen):]:
@@ -331,15 +255,16 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_all(res: dict[str, Any], out_dir: str | Path, stem: str = "results") -> dict[str, str]:
+def write_all(res: dict[str, Any], out_dir: str | Path, stem: str = "results", with_plot: bool = True) -> dict[str, str]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res["targets"] = compute_targets(res)  # always recomputed from the figures
-    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "targets": out_dir / "targets.json"}
     paths["json"].write_text(json.dumps(res, indent=1, default=_jsonable) + "\n")
+    paths["targets"].write_text(json.dumps(targets_json(res, res["targets"]), indent=1, default=_jsonable) + "\n")
     paths["md"].write_text(render_markdown(res) + "\n")
     png = out_dir / f"{stem}_speedup.png"
-    if plot(res, png):
+    if with_plot and plot(res, png):
         paths["png"] = png
     return {k: str(v) for k, v in paths.items()}
 

@@ -17,8 +17,9 @@ from ..attention import masks
 from ..attention.kernels import sparse_attention
 from ..attention.layout import TileLayout
 from ..attention.mask_kernels import pool_tiles_triton, select_triton
+from ..attention.rotary import rotate, rotate_torch
 from ..config import AttentionConfig
-from .qk import relayout
+from .qk import relayout, tile_rotary
 from .records import first_call_s, sync, time_call
 
 # Kernel geometry / option sweep: (label, block_size, time-paired tiles, extra kernel_options).
@@ -48,6 +49,13 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     for tpp in (1, 2, 4):
         for warps in (4, 8):
             out[f"pool_q_tpp{tpp}_w{warps}"] = t(lambda: pool_tiles_triton(q, layout, tpp, warps))
+    # The app pools inside its rotary kernel: rotation alone vs rotation + pooling, per q (or k).
+    cos, sin = tile_rotary(layout, q.shape[-1], device)
+    qs = q.transpose(1, 2)
+    out["rotary_q_torch_eager"] = t(lambda: rotate_torch(qs, cos, sin))
+    out["rotary_q_triton"] = t(lambda: rotate(qs, cos, sin))
+    out["rotary_pool_q_triton"] = t(lambda: rotate(qs, cos, sin, layout))
+    out["pool_increment_q"] = out["rotary_pool_q_triton"] - out["rotary_q_triton"]
     qp, kp = masks.pool_tiles(q, layout), masks.pool_tiles(k, layout)
     out["scores_matmul_fp32"] = t(lambda: torch.matmul(qp, kp.transpose(-1, -2)))
     scores = torch.matmul(qp, kp.transpose(-1, -2))
@@ -63,6 +71,7 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     cfg = AttentionConfig(type="nabla", threshold=threshold)
     out["from_kv_blocks"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs)._make_block_mask())
     out["plan_total"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs).block_mask())
+    out["plan_lists_pooled"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs, pooled=(qp, kp)))
     out["sort_select_reference"] = t(lambda: masks.cdf_select_sorted(torch.softmax(scores, -1), threshold))
     # Host time of one fused build (no sync): what a layer costs the CPU while the GPU is busy.
     import time as _time

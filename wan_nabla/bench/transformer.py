@@ -1,6 +1,7 @@
-"""Transformer level: one full WanTransformer3DModel forward, dense against each preset.
+"""Transformer level: one full WanTransformer3DModel forward, dense against each preset, per backend.
 
-    out = run_transformer_level([TransformerScenario("14B", 1280, 720)], torch.device("cuda"))
+    out = run_transformer_level([TransformerScenario("14B", 1280, 720)], torch.device("cuda"),
+                                backends=("flex", "fa4"))
 
 Random weights at the real sizes (random_init.py), bf16, batch 1, smooth random latents (so NABLA
 sees spatio-temporal structure), 512 random text tokens, timestep 500. Attention is installed with
@@ -9,12 +10,15 @@ sparse regime. The first (compiling) forward also records the tile-level density
 coarsening; it is not timed. `AttentionRun.attend` and `.plan` are wrapped with CUDA events, which gives,
 per forward, the attention time (mask + kernel) summed over layers and the mask-build part of it;
 everything else (projections, rotary, FFN, cross-attention, the tile reorder hooks) is
-"non-attention". The Amdahl-ideal speed-up of a sparse row is
+"non-attention". Every config runs once per backend (row "name [flex]", "name [fa4]"; dense
+`full` is cuDNN SDPA under flex and flash-attn-4 under fa4). The Amdahl-ideal speed-up of a
+sparse row is
     ideal = T_dense / (N_dense + d * A_dense)
-with T, N, A the dense row's total, non-attention and attention times and d the row's measured
-kept-block density at the kernel geometry (`ideal_tile`, with the tile density before coarsening,
-is reported too). Achieved = T_dense / T_row; the ratio of the two is target T3.
-Limits: one forward per row after one warm-up forward (compile); random weights.
+with T, N, A the total, non-attention and attention times of the FASTEST dense row of the run and
+d the row's measured kept-block density at the kernel geometry (`ideal_tile`, with the tile
+density before coarsening, is reported too). Achieved = T_dense / T_row; the ratio of the two is
+target T3 (targets.py); dense fa4 over dense cuDNN is target T6.
+Limits: forwards after one warm-up forward (compile); random weights.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -31,6 +35,7 @@ from ..adapter import apply_attention
 from ..attention import masks
 from ..config import AttentionConfig
 from .configs import preset_configs
+from .geometry import available_backends
 from .random_init import WAN_SIZES, random_transformer, smooth_latents
 from .records import compiled_graphs, first_call_s, sync
 
@@ -54,10 +59,12 @@ class TransformerScenario:
 
 FULL_SCENARIOS = (TransformerScenario("1.3B", 832, 480), TransformerScenario("14B", 1280, 720))
 QUICK_SCENARIOS = (TransformerScenario("tiny", 256, 144, 9),)
-EXTRA_ROWS = (("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)),)
+EXTRA_ROWS = (("nabla 0.05", AttentionConfig(type="nabla", threshold=0.05)),
+              ("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)))
 
 
 def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
+    """(name, config) per row, `full` first."""
     rows = [("full", AttentionConfig())]
     if quick:
         rows += [("nabla 0.5", AttentionConfig(type="nabla", threshold=0.5)),
@@ -107,7 +114,7 @@ class AttentionTimer:
 
 @torch.no_grad()
 def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = False, reps: int = 2,
-                 rows: list[str] | None = None,
+                 rows: list[str] | None = None, backends=None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = WAN_SIZES[s.size]
@@ -127,77 +134,85 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
         return model(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
 
     results = []
-    dense = None
-    for name, cfg in row_configs(quick):
-        if rows is not None and name not in rows and name != "full":
-            continue
-        handle = apply_attention(model, cfg)
-        run = handle.run
-        run.set_step(cfg.dense_steps)  # the sparse regime (presets with dense_steps start dense)
-        timer = AttentionTimer(run, device)
-        tiles: list[torch.Tensor] = []
-        try:
-            g0 = compiled_graphs()
-            timed_plan = run.plan
-            if cfg.sparse:  # tile density (before coarsening) is collected in the untimed first forward
-                run.plan = _with_tile_density(timed_plan, cfg, tiles)
-            first = first_call_s(forward, device)
-            run.plan = timed_plan
-            g1 = compiled_graphs()
-            totals, attn, mask = [], [], []
-            out = None
-            for _ in range(reps):
-                timer.reset()
-                run.reset_stats()
-                sync(device)
-                t = time.perf_counter()
-                out = forward()
-                sync(device)
-                totals.append((time.perf_counter() - t) * 1e3)
-                attn.append(timer.total_ms(timer.attn))
-                mask.append(timer.total_ms(timer.mask))
-            g2 = compiled_graphs()
-            finite = bool(torch.isfinite(out).all())
-            dens = run.density_summary()["overall"]
-        finally:
-            handle.remove()
-        tile_dens = float(torch.stack(tiles).mean()) if tiles else 1.0
-        total = statistics.median(totals)
-        a = statistics.median(attn)
-        row = {
-            "scenario": s.label, "name": name, "config": cfg.to_dict(), "total_ms": total, "attention_ms": a,
-            "mask_ms": statistics.median(mask), "non_attention_ms": total - a, "attention_share": a / total,
-            "per_layer_attention_ms": a / size.layers, "density": dens, "tile_density": tile_dens,
-            "first_forward_s": first, "graphs_compiled_first": g1 - g0, "recompiles_after_first": g2 - g1,
-            "reps": reps, "times_ms": totals, "finite_output": finite,
-        }
-        if name == "full":
-            dense = row
-        elif dense is not None:
-            T, A = dense["total_ms"], dense["attention_ms"]
-            N = T - A
-            row["speedup"] = T / total
-            row["ideal_speedup"] = T / (N + dens * A)
-            row["ideal_speedup_tile"] = T / (N + tile_dens * A)
+    for backend in available_backends(backends, device, dtype, log):
+        for name, cfg in row_configs(quick):
+            if rows is not None and name not in rows and name != "full":
+                continue
+            row = _measure(model, forward, replace(cfg, backend=backend), f"{name} [{backend}]", s, size, device, reps)
+            results.append(row)
+            log(f"  {row['name']}: {row['total_ms']:.1f} ms (attention {row['attention_ms']:.1f} ms = "
+                f"{row['attention_share']:.0%}, mask {row['mask_ms']:.1f} ms), density {row['density']:.3f}")
+    dense = min((r for r in results if r["config"]["type"] == "full"), key=lambda r: r["total_ms"], default=None)
+    if dense is not None:
+        T, A = dense["total_ms"], dense["attention_ms"]
+        N = T - A
+        for row in results:
+            if row["config"]["type"] == "full":
+                continue
+            row["speedup"] = T / row["total_ms"]
+            row["ideal_speedup"] = T / (N + row["density"] * A)
+            row["ideal_speedup_tile"] = T / (N + row["tile_density"] * A)
             row["fraction_of_ideal"] = row["speedup"] / row["ideal_speedup"]
             row["fraction_of_ideal_tile"] = row["speedup"] / row["ideal_speedup_tile"]
-        results.append(row)
-        log(f"  {name}: {total:.1f} ms (attention {a:.1f} ms = {a / total:.0%}, mask {row['mask_ms']:.1f} ms), "
-            f"density {dens:.3f}" + (f", {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x"
-                                     f" ({row['fraction_of_ideal']:.0%})" if "speedup" in row else ""))
+            log(f"  {row['name']}: {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x "
+                f"({row['fraction_of_ideal']:.0%}) against {dense['name']}")
     model = x = text = None  # free the model before the next scenario
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"scenario": s.label, "size": s.size, "params_b": params_b, "build_s": build_s, "rows": results}
+    return {"scenario": s.label, "size": s.size, "params_b": params_b, "build_s": build_s, "rows": results,
+            "fastest_dense": dense["name"] if dense else None}
+
+
+def _measure(model, forward, cfg: AttentionConfig, name: str, s, size, device: torch.device, reps: int) -> dict:
+    """One row: apply the config, one untimed (compiling) forward, `reps` timed forwards."""
+    handle = apply_attention(model, cfg)
+    run = handle.run
+    run.set_step(cfg.dense_steps)  # the sparse regime (presets with dense_steps start dense)
+    timer = AttentionTimer(run, device)
+    tiles: list[torch.Tensor] = []
+    try:
+        g0 = compiled_graphs()
+        timed_plan = run.plan
+        if cfg.sparse:  # tile density (before coarsening) is collected in the untimed first forward
+            run.plan = _with_tile_density(timed_plan, cfg, tiles)
+        first = first_call_s(forward, device)
+        run.plan = timed_plan
+        g1 = compiled_graphs()
+        totals, attn, mask = [], [], []
+        out = None
+        for _ in range(reps):
+            timer.reset()
+            run.reset_stats()
+            sync(device)
+            t = time.perf_counter()
+            out = forward()
+            sync(device)
+            totals.append((time.perf_counter() - t) * 1e3)
+            attn.append(timer.total_ms(timer.attn))
+            mask.append(timer.total_ms(timer.mask))
+        g2 = compiled_graphs()
+        finite = bool(torch.isfinite(out).all())
+        summary = run.density_summary()
+    finally:
+        handle.remove()
+    total, a = statistics.median(totals), statistics.median(attn)
+    return {
+        "scenario": s.label, "name": name, "config": cfg.to_dict(), "backend": summary["backend"],
+        "total_ms": total, "attention_ms": a, "mask_ms": statistics.median(mask), "non_attention_ms": total - a,
+        "attention_share": a / total, "per_layer_attention_ms": a / size.layers, "density": summary["overall"],
+        "tile_density": float(torch.stack(tiles).mean()) if tiles else 1.0, "first_forward_s": first,
+        "graphs_compiled_first": g1 - g0, "recompiles_after_first": g2 - g1, "reps": reps, "times_ms": totals,
+        "finite_output": finite, "fallback": run.fallback,
+    }
 
 
 def _with_tile_density(plan, cfg: AttentionConfig, sink: list):
     """Wrap run.plan to also record the tile-level keep share of each call."""
 
-    def wrapped(q, k, layout):
+    def wrapped(q, k, layout, pooled=None):
         sink.append(masks.tile_keep_mask(cfg, q, k, layout).float().mean())
-        return plan(q, k, layout)
+        return plan(q, k, layout, pooled)
 
     return wrapped
 
