@@ -82,8 +82,8 @@ class Geometry:
 # 64x64 tile mask.
 GEOMETRY = {
     "flex": Geometry((128, 64), True, "benchmarks/results/h100_pairs.md (flex, H100)"),
-    "fa4": Geometry((128, 128), True, "provisional: FA4 random-mask probe on H100 (docs/design.md); "
-                                      "to be confirmed by scripts/gpu_fa4.sh"),
+    "fa4": Geometry((128, 64), True, "benchmarks/results/h100_fa4_probe.json (NABLA 0.2/0.4 and STA at "
+                                     "equal threshold, total time incl. mask: 128x64 time-paired fastest, H100)"),
 }
 CPU_GEOMETRY = Geometry((64, 64), False, "exact tile mask")
 
