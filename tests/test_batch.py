@@ -93,8 +93,10 @@ def test_txt_batch_generates_good_lines_and_records_the_malformed_one(tmp_path, 
 
 
 def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
-    """Per-item values are validated against the same rules as the config; each bad record is one
-    failed manifest record naming its line and value; per-item size/frames really apply."""
+    """Per-item values are validated against the same rules as the config, and against what the
+    model and sampler can run (steps at the shift, size against the rotary table) before any
+    compute; each bad record is one failed manifest record naming its line and value; per-item
+    size/frames really apply."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [
         "# comment", "",
         {"prompt": "a red fox", "name": "fox"},
@@ -107,22 +109,28 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
         {"negative_prompt": "no prompt"},
         {"prompt": "x", "colour": "red"},
         ["not", "an", "object"],
+        {"prompt": "more steps than the sampler runs at shift 3", "steps": 400},
+        {"prompt": "wider than the tiny model's rotary table", "size": "2048x16"},
     ])  # fmt: skip
     out = tmp_path / "out"
     assert run("batch", prompts, "--out-dir", out, *SMALL, "--quiet") == 1
-    assert capsys.readouterr().out.strip().startswith("batch: 2 ok, 8 failed, 0 skipped")
+    assert capsys.readouterr().out.strip().startswith("batch: 2 ok, 10 failed, 0 skipped")
     last = last_by_index(out)
     reasons = {i: r["error"] for i, r in last.items() if r["status"] == "failed"}
     assert reasons == {
         2: "line 5: not valid JSON: Expecting property name enclosed in double quotes (column 26)",
         3: "line 6: size: width and height must be positive multiples of 16, got 100x100",
         4: "line 7: frames: 6 is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)",
-        5: "line 8: steps: '2' is not allowed; use an integer >= 1",
+        5: "line 8: steps: '2' is not allowed; use an integer in [1, 1000]",
         6: "line 9: seed: 1.5 is not allowed; use an integer in [0, 2**63)",
         7: "line 10: missing 'prompt'; every record needs a non-empty \"prompt\" string",
         8: "line 11: unknown key 'colour'; allowed keys: prompt, negative_prompt, seed, size, frames, steps, "
            "guidance_scale, name",
         9: "line 12: expected a JSON object, got list",
+        10: "line 13: steps: 400 steps at shift 3 cannot run: the UniPC sampler's first two timesteps coincide "
+            "and diffusers fails at the last step; use at most 333 steps at this shift (--steps), or a smaller --shift",
+        11: "line 14: size/frames: 2048x16, 1 frames needs 128 rotary positions on the width axis, but model 'tiny' "
+            "has 64; use at most 1024 px per side and 253 frames",
     }  # fmt: skip
     assert (last[0]["status"], last[0]["output"]) == ("ok", "fox.mp4")
     wide = probe_mp4(out / last[1]["output"])
@@ -146,9 +154,23 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("example", ["example_prompts.txt", "example_prompts.jsonl"])
 def test_shipped_example_prompt_files_are_valid(example, capsys):
+    """Guards: every item of the shipped examples plans for the real Wan2.1 models (their rotary
+    table, their sampler); the CLI dry run reads them with the tiny model, whose 64-position
+    rotary table rules out exactly the example's 1280x720 item, before any compute."""
+    from wan_nabla.app import ModelFacts
+    from wan_nabla.batch.prompts import read_prompt_file
+    from wan_nabla.config import RunConfig
+
     prompts = REPO / "scripts" / example
-    assert run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run") == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("0 invalid; output directory /nonexistent/out")
+    wan = ModelFacts("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", num_layers=30)
+    planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=wan.check) for it in read_prompt_file(prompts)]
+    assert planned and [p.error for p in planned] == [None] * len(planned)
+    rc = run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run")
+    lines = capsys.readouterr().out.splitlines()
+    invalid = [ln for ln in lines if " invalid " in ln]
+    assert rc == (1 if invalid else 0) and lines[-1].endswith("output directory /nonexistent/out")
+    assert all("1280x720" in ln and "model 'tiny' has 64" in ln for ln in invalid)
+    assert len(invalid) == (1 if example.endswith(".jsonl") else 0)
 
 
 # ---- resume --------------------------------------------------------------------------------------

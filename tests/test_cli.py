@@ -147,9 +147,10 @@ def test_output_must_be_mp4(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Guards: atomic outputs: a crash after part of the MP4 is encoded, or while the sidecar is
-    written, leaves neither file (and no temp file) behind."""
+    written, leaves neither file (and no temp file) behind; the run ends with exit 1 and one line
+    naming the failure, not a traceback (the traceback only with --verbose)."""
     import wan_nabla.output.files as wio
     import wan_nabla.output.video as video
 
@@ -160,8 +161,8 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("encoder died")
 
     monkeypatch.setattr(video, "write_mp4", crash_mid_write)
-    with pytest.raises(RuntimeError, match="encoder died"):
-        main(["generate", "--prompt", "x", "--output", str(tmp_path / "a.mp4"), *FAST])
+    assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "a.mp4"), *FAST]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["wan-nabla: error: RuntimeError: encoder died"]
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(video, "write_mp4", real)
 
@@ -169,9 +170,10 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(wio, "atomic_write_json", bad_json)
-    with pytest.raises(OSError, match="disk full"):
-        main(["generate", "--prompt", "x", "--output", str(tmp_path / "b.mp4"), *FAST])
-    assert list(tmp_path.iterdir()) == []
+    assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "new" / "b.mp4"), *FAST, "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == "wan-nabla: error: OSError: disk full"
+    assert list(tmp_path.iterdir()) == []  # the directory it created is gone too
 
 
 def test_default_output_name_is_a_safe_slug(tmp_path, monkeypatch):

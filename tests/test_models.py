@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import time
 import types
+from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 import numpy as np
@@ -183,10 +185,13 @@ def test_offline_hub_id_not_in_cache_raises_with_download_command(tmp_path, monk
 
 @pytest.mark.parametrize("model", ["./weights/nope", "/nonexistent/wan", "~/no-such-wan-dir", "a/b/c"])
 def test_missing_local_path_raises_with_download_command(model, monkeypatch, tmp_path):
+    """Guards: a missing directory is reported as one, with the command that fills exactly that
+    directory (the 1.3B repo when the name implies no other), `~` expanded for the shell."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist") as err:
         load_pipeline(model)
-    assert DOWNLOAD_HINT in str(err.value) and "\n" not in str(err.value)
+    target = str(Path(model).expanduser())
+    assert f"hf download {DEFAULT_HUB_ID} --local-dir {target}" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_file_instead_of_directory_is_refused(tmp_path):

@@ -1,20 +1,40 @@
 """The application layer: turn command-line / YAML input into a run, for every subcommand.
 
     cfg = resolve_run_config(args)        # config file (path or preset name) + flag overrides
-    gen = load_generator(cfg)             # model resolved (flag, config, weights/, hub) and loaded
+    facts = validate_run(cfg, {"--prompt": prompt})   # everything checkable before loading
+    gen = load_generator(cfg, facts.model)            # model resolved and loaded
     except usage_errors() as e: ...       # the errors that mean "bad input": exit code 2
 
 `args` is any object with the generation flags of `cli.add_generation_flags` as attributes
 (argparse.Namespace in the CLI). The CLI (cli.py) and the batch runner (batch/run.py) both
 build on this module, so neither imports the other.
+
+validate_run is THE preflight of every subcommand that generates (generate, batch, compare):
+it runs before anything is loaded or written, in about a millisecond (plus one request to the
+hub for a hub id that is not cached), and raises a one-line usage error for
+- text that cannot be written as UTF-8 (prompts with lone surrogates: bytes that were not UTF-8
+  in the shell's argv or a file name, kept by Python's surrogateescape);
+- a device that is not there (`cuda` without CUDA, `cuda:N` past the device count);
+- a model that is missing (models.check_available: path, cache, hub; with the download command);
+- settings the model or the sampler cannot run (ModelFacts.check): steps the UniPC scheduler
+  fails on at this shift (config.GenerationConfig.steps), sizes or frame counts past the model's
+  rotary table, dense_layers past its depth.
+Per-field ranges (guidance, shift, steps, frames, size, seed, fps) are the config's own checks.
+A batch calls validate_run for its whole-run values (exit 2) and ModelFacts.check per item (that
+item fails). ModelFacts comes from the model's config files when they are on disk (a local
+directory, the hub cache, the tiny model's constants), else Wan2.1's values.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError, RunConfig, load_config, parse_size
+from .config import ConfigError, GenerationConfig, RunConfig, load_config, parse_size, utf8_problem
 
 log = logging.getLogger("wan_nabla")
 
@@ -29,6 +49,145 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     from .output.files import OutputError
 
     return (UsageError, ConfigError, OutputError, ModelNotFoundError)
+
+
+def check_text(text: str | None, what: str, required: bool = False) -> None:
+    """UsageError if `text` cannot be written as UTF-8 (or is empty when required)."""
+    if text is None or not text.strip():
+        if required:
+            raise UsageError(f"{what}: must be a non-empty string")
+        return
+    why = utf8_problem(text)
+    if why is not None:
+        raise UsageError(f"{what}: {why}")
+
+
+def check_device(name: str) -> None:
+    """UsageError if device `name` (auto, cpu, cuda, cuda:N) is not on this machine."""
+    import torch
+
+    if name in ("auto", "cpu"):
+        return
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+    index = int(name.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+
+
+def _wan_scheduler() -> dict[str, Any]:
+    from .adapter import WAN_SCHEDULER_CONFIG
+
+    return dict(WAN_SCHEDULER_CONFIG)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model can run, known before it is loaded (module doc)."""
+
+    model: str
+    rope_positions: int = 1024
+    """Rotary table length per axis (WanTransformer3DModel rope_max_seq_len)."""
+    num_layers: int | None = None
+    """Transformer blocks, if known."""
+    patch: tuple[int, int, int] = (1, 2, 2)
+    scheduler: Mapping[str, Any] = field(default_factory=_wan_scheduler)
+    """The scheduler config (adapter.WAN_SCHEDULER_CONFIG when not on disk)."""
+
+    def check_attention(self, attention) -> None:
+        bad = [i for i in attention.dense_layers if self.num_layers is not None and i >= self.num_layers]
+        if bad:
+            raise ConfigError(f"attention.dense_layers: {bad} out of range; model {self.model!r} has blocks "
+                              f"0..{self.num_layers - 1}")
+
+    def check(self, g: GenerationConfig) -> None:
+        """ConfigError if this model and its sampler cannot run settings `g` (module doc)."""
+        shift = g.resolved_shift
+        top = _max_steps(json.dumps(dict(self.scheduler), sort_keys=True, default=str), shift)
+        if g.steps > top:
+            raise ConfigError(
+                f"generation.steps: {g.steps} steps at shift {shift:g} cannot run: the UniPC sampler's first two "
+                f"timesteps coincide and diffusers fails at the last step; use at most {top} steps at this "
+                "shift (--steps), or a smaller --shift")
+        pt, ph, pw = self.patch
+        latent_frames = (g.frames - 1) // 4 + 1
+        need = {"frames": latent_frames // pt, "height": g.height // (8 * ph), "width": g.width // (8 * pw)}
+        over = {k: v for k, v in need.items() if v > self.rope_positions}
+        if over:
+            side = self.rope_positions * 8 * min(ph, pw)
+            frames = 4 * (self.rope_positions * pt - 1) + 1
+            raise ConfigError(
+                f"generation.size/frames: {g.width}x{g.height}, {g.frames} frames needs {max(over.values())} "
+                f"rotary positions on the {'/'.join(over)} axis, but model {self.model!r} has "
+                f"{self.rope_positions}; use at most {side} px per side and {frames} frames")
+
+
+@functools.lru_cache(maxsize=256)
+def _max_steps(scheduler_json: str, shift: float) -> int:
+    """Most steps the scheduler runs at `shift` (1..1000). The failing counts are all counts from
+    a threshold on (sigma_1 grows with the step count), so a bisection finds it exactly."""
+    from .adapter import sampler_runs
+    from .config import NUM_TRAIN_TIMESTEPS
+
+    conf = json.loads(scheduler_json)
+    if sampler_runs(conf, NUM_TRAIN_TIMESTEPS, shift):
+        return NUM_TRAIN_TIMESTEPS
+    ok, bad = 1, NUM_TRAIN_TIMESTEPS  # one step has one timestep: it always runs
+    while bad - ok > 1:
+        mid = (ok + bad) // 2
+        ok, bad = (mid, bad) if sampler_runs(conf, mid, shift) else (ok, mid)
+    return ok
+
+
+def _read_json(path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def model_facts(model: str) -> ModelFacts:
+    """ModelFacts of `model` from its config files on disk (no download, no weights read)."""
+    from .adapter import WAN_SCHEDULER_CONFIG
+    from .models import model_file
+    from .tiny import TINY_LAYERS, TINY_MODEL_ID, TINY_ROPE_POSITIONS
+
+    if model == TINY_MODEL_ID:
+        return ModelFacts(model, TINY_ROPE_POSITIONS, TINY_LAYERS, scheduler=WAN_SCHEDULER_CONFIG)
+    tc = _read_json(model_file(model, "transformer/config.json"))
+    sc = _read_json(model_file(model, "scheduler/scheduler_config.json")) or WAN_SCHEDULER_CONFIG
+    patch = tc.get("patch_size", (1, 2, 2))
+    ok = isinstance(patch, (list, tuple)) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)
+    layers = tc.get("num_layers")
+    return ModelFacts(model, int(tc.get("rope_max_seq_len") or 1024),
+                      layers if isinstance(layers, int) else None, tuple(patch) if ok else (1, 2, 2), sc)
+
+
+def validate_run(cfg: RunConfig, texts: Mapping[str, str | None] | None = None) -> ModelFacts:
+    """The preflight (module doc): raises a usage error (exit 2) or returns the model's facts.
+    `texts` maps what to call a text in a message (e.g. "--prompt") to the text."""
+    from .models import check_available, resolve_model
+
+    for what, text in (texts or {}).items():
+        check_text(text, what)
+    check_device(cfg.generation.device)
+    model = resolve_model(cfg.model, None)
+    check_available(model, cfg.model)
+    facts = model_facts(model)
+    facts.check_attention(cfg.attention)
+    facts.check(cfg.generation)
+    return facts
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an error that stopped a generation (out of memory gets advice)."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        return f"out of memory: {text[:300]}; lower size or frames, or use a sparser attention config"
+    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def resolve_run_config(args: Any) -> RunConfig:
@@ -58,12 +217,12 @@ def resolve_run_config(args: Any) -> RunConfig:
         raise ConfigError(msg) from None
 
 
-def load_generator(cfg: RunConfig):
-    """Resolve the model (flag, config, weights/, hub) and load it with attention installed."""
+def load_generator(cfg: RunConfig, model: str | None = None):
+    """Load `model` (default: resolved from the config: flag, config, weights/, hub) with attention installed."""
     from .models import resolve_model
     from .pipeline import VideoGenerator
 
-    model = resolve_model(cfg.model, None)
+    model = model or resolve_model(cfg.model, None)
     log.info("loading model %s (%s attention)", model, cfg.attention.label())
     gen = VideoGenerator.load(model, cfg)
     log.info("loaded in %.1fs on %s", gen.load_s, gen.device)

@@ -5,7 +5,8 @@
     records = read_manifest(out_dir / "manifest.jsonl")       # every complete record, in order
 
 Each record is written as one line with a single write, then fsynced, so a run killed at any
-moment leaves at worst a truncated last line. The reader skips lines that are not a JSON object
+moment leaves at worst a truncated last line (SIGINT/SIGTERM wait until the line is written and
+fsynced: interrupts.deferred). The reader skips lines that are not a JSON object
 (and says how many); the writer first ends such a dangling line with "\\n", so a new record never
 glues onto it. The writer holds an advisory `flock` on the manifest for its lifetime: a second
 batch on the same directory fails at once instead of interleaving work (released by the kernel
@@ -23,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..interrupts import deferred
 from ..output.files import OutputError
 
 try:
@@ -85,9 +87,10 @@ class ManifestWriter:
             raise
 
     def _write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with deferred():  # a signal never cuts a record in half
+            self._f.write(data)
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def append(self, record: dict[str, Any]) -> None:
         self._write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))

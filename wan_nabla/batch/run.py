@@ -14,10 +14,16 @@ Algorithm
 3. Names: a done item keeps its file; every other item gets safe_slug(name or prompt) + ".mp4",
    suffixed -2, -3, ... past names of this run and past any existing file whose sidecar is not
    this item's (its own leftover from a killed attempt is reused; other files are never touched).
+0. Preflight (app.validate_run): the whole-run values (flags, config, device, model) are
+   checked before anything is planned or written; a problem there is exit 2 with nothing
+   written, not even the output directory.
 4. Run: lock manifest.jsonl, load the pipeline once (only if something is left to do), then per
    item generate, write MP4 + sidecar atomically and append one manifest record (fsynced). Any
    exception of an item (CUDA out-of-memory included) is recorded as failed; memory is released
    (gc, CUDA cache) and the run goes on. Leftover temp files of killed writes are removed.
+   SIGINT/SIGTERM stop the run between bytecodes like Ctrl-C: the item in progress is abandoned
+   (its temp files removed), no manifest line is cut (interrupts.py), exit 130/143; the same
+   command resumes.
 
 Limits: resuming after editing the file re-keys items whose index moved (a line inserted above
 them), so those are generated again under new names; the old files are left alone. Verifying done
@@ -34,8 +40,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app import UsageError, load_generator, resolve_run_config
-from ..output.files import ensure_writable_dir
+from ..app import UsageError, check_text, describe_failure, load_generator, resolve_run_config, validate_run
+from ..output.files import ensure_writable_dir, remove_created_dirs
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
@@ -72,13 +78,6 @@ def _write_video(gen, result, p: PlannedItem) -> dict[str, Any]:
     return publish_video(gen, result, p.item.prompt, p.output, extra={"batch": batch})
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
-        return f"out of memory: {text[:300]}; lower size or frames, or use a sparser attention config"
-    return f"{type(exc).__name__}: {text[:500]}"
-
-
 def _release_memory() -> None:
     """After a failed item: free what its frames held, and hand cached CUDA blocks back to the
     driver so the next item (often a smaller one after an out-of-memory) starts from a clean pool."""
@@ -108,7 +107,7 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
         timings["total_s"] = time.perf_counter() - t0
         return _record(p, "ok", timings=timings, attention_density=density)
     except Exception as exc:  # noqa: BLE001 - isolation is the point; KeyboardInterrupt still stops the run
-        error = f"line {p.item.line}: {_describe(exc)}"
+        error = f"line {p.item.line}: {describe_failure(exc)}"
         log.debug("item %d failed", p.item.index, exc_info=True)
     _release_memory()  # after the except block, so the traceback (and its tensors) is already gone
     return _record(p, "failed", error=error)
@@ -133,28 +132,39 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
 
 def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
     """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written."""
-    from ..models import resolve_model
-
     cfg = resolve_run_config(args)
     try:
         items = read_prompt_file(args.prompts)
     except PromptFileError as e:
         raise UsageError(str(e)) from None
     out_dir = Path(args.out_dir).expanduser()
+    check_text(str(out_dir), "--out-dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
-    model_id = resolve_model(cfg.model, None)
-    planned = [plan_item(cfg, it, model_id) for it in items]
+    facts = validate_run(cfg)
+    model_id = facts.model
+    planned = [plan_item(cfg, it, model_id, check=facts.check) for it in items]
     if args.dry_run:
         assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
         print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
 
-    created_dir = not out_dir.exists()
-    ensure_writable_dir(out_dir)
+    created: list[Path] = []
+    ensure_writable_dir(out_dir, created)
     manifest_path = out_dir / MANIFEST_NAME
     had_manifest = manifest_path.exists()
-    with ManifestWriter(manifest_path) as manifest:
+
+    def undo() -> None:  # a run stopped before its first record leaves nothing behind
+        if not had_manifest:
+            manifest_path.unlink(missing_ok=True)
+        remove_created_dirs(created)
+
+    try:
+        manifest = ManifestWriter(manifest_path)
+    except BaseException:  # e.g. locked by another batch: its manifest is not ours to remove
+        remove_created_dirs(created)
+        raise
+    with manifest:
         names = assign_outputs(planned, out_dir, read_manifest(manifest_path))
         remove_stale_temps(out_dir, names)
         pending = [p for p in planned if p.error is None and p.done is None]
@@ -162,13 +172,9 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
         if pending:
             log.info("resolved config: %s", cfg.to_dict())
             try:
-                gen = load_generator(cfg)
+                gen = load_generator(cfg, model_id)
             except BaseException:
-                if not had_manifest:  # a model that cannot be loaded leaves nothing behind
-                    manifest_path.unlink(missing_ok=True)
-                    if created_dir:
-                        with contextlib.suppress(OSError):
-                            out_dir.rmdir()
+                undo()
                 raise
         try:
             counts = _run_all(planned, pending, gen, manifest, names, out_dir, args.quiet, on_record)

@@ -197,7 +197,7 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
         rows.append(_sparse_row(sc, name, cfg, q, k, v, bs))
         r = rows[-1]
         log(f"  {name}: total {r.total_ms:.2f} ms (mask {r.mask_ms:.3f}, kernel {r.kernel_ms:.2f}) "
-            f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of cuDNN")
+            f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of {cudnn_name}")
         if graphs_before is None:
             graphs_before = compiled_graphs()
 
@@ -207,7 +207,7 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
             rows.append(_published_row(sc, thr, win, q, k, v))
             r = rows[-1]
             log(f"  {r.name}: total {r.total_ms:.2f} ms (mask {r.mask_ms:.3f}, kernel {r.kernel_ms:.2f}) "
-                f"density {r.density:.3f} -> {r.share_of_cudnn:.0%} of cuDNN")
+                f"density {r.density:.3f} -> {r.share_of_cudnn:.0%} of {cudnn_name}")
 
     # Fresh q/k -> new masks: the compiled kernels must be reused as they are.
     q2, k2, _ = make_qkv(replace(s, qk="synthetic"), layout, device, dtype, seed + 1)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..output.sidecar import git_commit
 from ..pipeline import sync_device
 
 
@@ -149,29 +150,6 @@ class OpRow:
         return dataclasses.asdict(self)
 
 
-def _git_commit(root: Path) -> str:
-    """The checkout's commit without running git (the device copy may have no .git at all)."""
-    env = os.environ.get("WAN_NABLA_COMMIT")
-    if env:
-        return env
-    head = root / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            name = ref[5:]
-            path = root / ".git" / name
-            if path.exists():
-                return path.read_text().strip()
-            packed = root / ".git" / "packed-refs"
-            for line in packed.read_text().splitlines() if packed.exists() else []:
-                if line.endswith(" " + name):
-                    return line.split()[0]
-            return "unknown"
-        return ref
-    except OSError:
-        return "unknown"
-
-
 def _version(name: str) -> str | None:
     try:
         mod = __import__(name)
@@ -185,7 +163,7 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "wan-nabla bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": _git_commit(root),
+        "commit": git_commit(root) or "unknown",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
