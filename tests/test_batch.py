@@ -323,6 +323,29 @@ def test_stale_temp_files_of_own_outputs_are_removed(tmp_path):
                                                    "a.json", "a.mp4"])
 
 
+def test_batch_records_and_outputs_are_fsynced_when_written(tmp_path, monkeypatch):
+    """Guards the manifest's and the outputs' durability (removing every fsync broke no test):
+    every manifest record is on disk (fsynced, with all records before it) before the run goes
+    on, the MP4 and the sidecar are fsynced as complete temp files before their rename, and the
+    output directory is fsynced after the MP4 is in it."""
+    from wan_nabla.output.files import temp_target
+
+    from .test_video_io import fsync_recorder
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a fox", "name": "fox"}, {"prompt": "bad", "frames": 2}])
+    out = tmp_path / "out"
+    events = fsync_recorder(monkeypatch)
+    assert run("batch", prompts, "--out-dir", out, *SMALL, "--guidance-scale", "1", "--quiet") == 1
+    lines = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    synced = [e["content"] for e in events if e["path"] == str(out / "manifest.jsonl")]
+    assert len(lines) == 2 and [b"".join(lines[:k]) for k in (1, 2)] == synced
+    temps = {temp_target(Path(e["path"]).name): e for e in events if not e["dir"]}
+    assert set(temps) == {"fox.mp4", "fox.json", None}  # None: the manifest, not a temp file
+    assert temps["fox.mp4"]["content"] == (out / "fox.mp4").read_bytes()
+    assert temps["fox.json"]["content"] == (out / "fox.json").read_bytes()
+    assert any(e["dir"] and e["path"] == str(out) and "fox.mp4" in e["listing"] for e in events)
+
+
 # ---- names ---------------------------------------------------------------------------------------
 def test_adversarial_prompts_and_names_stay_inside_out_dir(tmp_path):
     """Traversal, separators, 500 characters, emoji, NUL/newline escapes, reserved device names,
@@ -441,7 +464,15 @@ def _bad_invocations(tmp_path: Path) -> dict[str, list]:
     bad_cfg.write_text("generation:\n  frames: 6\n")
     comments = tmp_path / "comments.txt"
     comments.write_text("# nothing\n")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("generation: {steps: 2, steps: 3}\n")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a fox\n".encode("utf-16"))
     return {
+        "no gpu": [good, "--device", "cuda"],
+        "steps the sampler cannot run": [good, "--steps", "400"],
+        "duplicate yaml key": [good, "--config", dup],
+        "utf-16 prompt file": [utf16],
         "missing prompt file": [tmp_path / "missing.txt"],
         "csv extension": [csv],
         "only comments": [comments],
@@ -453,9 +484,14 @@ def _bad_invocations(tmp_path: Path) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("case", ["missing prompt file", "csv extension", "only comments", "missing config",
-                                  "invalid config", "bad size", "bad frames"])
+                                  "invalid config", "bad size", "bad frames", "no gpu", "steps the sampler cannot run",
+                                  "duplicate yaml key", "utf-16 prompt file"])
 @pytest.mark.parametrize("out_exists", [False, True])
-def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, out_exists):
+def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, out_exists):
+    """Whole-run problems (command line, config, prompt file, device, sampler limits of the
+    defaults) are exit 2 with one line, before a model is loaded or anything is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "out"
     if out_exists:
         out.mkdir()
@@ -464,6 +500,37 @@ def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsy
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("wan-nabla: error: "), err
     assert (os.listdir(out) == []) if out_exists else not out.exists()
+
+
+def test_unloadable_model_leaves_no_directory_behind(tmp_path, capsys, tiny_checkpoint):
+    """Guards exit-2 cleanliness: a model that passes the preflight but fails to load removed
+    the manifest and --out-dir itself but left the parents the run had created."""
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "p.txt").write_text("a fox\n")
+    out = tmp_path / "new" / "a" / "b"
+    assert run("batch", tmp_path / "p.txt", "--out-dir", out, "--model", model, "--quiet") == 2
+    assert "cannot load model directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p.txt"]
+
+
+def test_10000_equal_prompts_plan_in_seconds(tmp_path, capsys):
+    """Guards against quadratic naming: a dry run of 10,000 equal prompts took ~11 minutes on
+    the 2-core CI machine (every name probed every earlier suffix); now it is linear (a few
+    seconds), with names -2 ... -10000 in order."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox in the snow\n" * 10_000)
+    t0 = time.perf_counter()
+    assert run("batch", prompts, "--out-dir", tmp_path / "out", "--model", "tiny", "--dry-run") == 0
+    elapsed = time.perf_counter() - t0
+    lines = capsys.readouterr().out.splitlines()
+    print(f"planned 10,000 equal prompts in {elapsed:.1f} s")
+    assert elapsed < 30, elapsed
+    assert lines[1].split()[-1] == "a-red-fox-in-the-snow.mp4"
+    assert lines[-2].split()[-1] == "a-red-fox-in-the-snow-10000.mp4"
+    assert lines[-1].startswith("dry run: 10000 items: 10000 would run")
 
 
 def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
@@ -487,6 +554,21 @@ def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch)
 
 
 # ---- long runs -----------------------------------------------------------------------------------
+def test_soak_script_smoke(tmp_path):
+    """The 1,000-item soak (scripts/batch_soak.py) runs at a tiny size: its exactness checks pass
+    on a correct batch and catch a manifest line that is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "scripts" / "batch_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    res = soak.soak(3, tmp_path)
+    assert res["exit_code"] == 0 and res["manifest"]["exact"] and res["manifest"]["records"] == 3, res
+    manifest = tmp_path / "batch" / "manifest.jsonl"
+    manifest.write_bytes(b"".join(manifest.read_bytes().splitlines(keepends=True)[:2]))
+    assert not soak.check_manifest(tmp_path / "batch", 3)["exact"]
+
+
 @pytest.mark.slow
 def test_200_items_keep_memory_flat(tmp_path):
     """Guards against per-item leaks over a long unattended run.

@@ -102,10 +102,14 @@ class ModelFacts:
             raise ConfigError(f"attention.dense_layers: {bad} out of range; model {self.model!r} has blocks "
                               f"0..{self.num_layers - 1}")
 
+    @functools.cached_property
+    def _scheduler_json(self) -> str:
+        return json.dumps(dict(self.scheduler), sort_keys=True, default=str)
+
     def check(self, g: GenerationConfig) -> None:
         """ConfigError if this model and its sampler cannot run settings `g` (module doc)."""
         shift = g.resolved_shift
-        top = _max_steps(json.dumps(dict(self.scheduler), sort_keys=True, default=str), shift)
+        top = _max_steps(self._scheduler_json, shift)
         if g.steps > top:
             raise ConfigError(
                 f"generation.steps: {g.steps} steps at shift {shift:g} cannot run: the UniPC sampler's first two "

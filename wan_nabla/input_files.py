@@ -44,7 +44,10 @@ def _kind(mode: int) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{n} bytes"
 
 
 def read_input_file(path: str | Path, what: str, max_bytes: int) -> bytes:

@@ -73,9 +73,11 @@ def unique_path(
     counters[key] = first
     n = first
     while True:
-        candidate = directory / name(n)
-        if name(n) not in taken and available(candidate):
-            if candidate.resolve().parent != directory.resolve():
-                raise ValueError(f"refusing output name {name(n)!r}: it leaves {directory}")
-            return candidate
+        text = name(n)
+        if text not in taken and available(directory / text):
+            # A slug has no separator and no leading dot, so this cannot fail; checked lexically
+            # (resolve() costs a syscall per path component, and planning calls this per item).
+            if os.path.basename(text) != text or text.startswith("."):
+                raise ValueError(f"refusing output name {text!r}: it leaves {directory}")
+            return directory / text
         n += 1
