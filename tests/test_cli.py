@@ -301,11 +301,14 @@ def test_each_warning_once_and_verbose_shows_only_wan_nabla_debug(tmp_path):
     process, as a user would, with --verbose."""
     code = ("import logging, sys\n"
             "from wan_nabla.cli import build_parser, setup_logging\n"
+            "logging.getLogger('httpx').setLevel(logging.DEBUG)  # as a library or env config may do\n"
             "setup_logging(build_parser().parse_args(sys.argv[1:]))\n"
             "logging.getLogger('huggingface_hub.utils._http').warning('hub-warning')\n"
             "logging.getLogger('diffusers.models.modeling_utils').warning('diffusers-warning')\n"
             "logging.getLogger('filelock').debug('lock-debug')\n"
             "logging.getLogger('urllib3.connectionpool').debug('http-debug')\n"
+            "logging.getLogger('httpx').debug('httpx-debug')\n"
+            "logging.getLogger('some.other.library').info('other-info')\n"
             "logging.getLogger('wan_nabla.pipeline').debug('our-debug')\n")
     proc = subprocess.run([sys.executable, "-c", code, "generate", "--prompt", "x", "--verbose"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -313,6 +316,7 @@ def test_each_warning_once_and_verbose_shows_only_wan_nabla_debug(tmp_path):
     err = proc.stderr
     assert err.count("hub-warning") == 1 and err.count("diffusers-warning") == 1, err
     assert "lock-debug" not in err and "http-debug" not in err and err.count("our-debug") == 1, err
+    assert "httpx-debug" not in err and "other-info" not in err, err
 
 
 def test_quick_start_outputs_are_git_ignored_but_benchmark_json_is_not():

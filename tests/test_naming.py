@@ -91,19 +91,28 @@ def test_repeated_slugs_cost_linear_probes_and_same_names(tmp_path):
     n = 3000
     probes = 0
 
+    class CountingSet(set):
+        """Counts membership tests: the skip loop over taken names is where the quadratic cost was."""
+
+        lookups = 0
+
+        def __contains__(self, item):
+            CountingSet.lookups += 1
+            return super().__contains__(item)
+
     def available(p):
         nonlocal probes
         probes += 1
         return p.name != "a-fox-5.mp4" or own  # -5 exists and belongs to one item only
 
-    taken: set[str] = set()
+    taken = CountingSet()
     counters: dict[str, int] = {}
     names = []
     for i in range(n):
         own = i == 10
         names.append(unique_path(tmp_path, "a fox", taken=taken, available=available, counters=counters).name)
         taken.add(names[-1])
-    assert probes < 2 * n, probes
+    assert probes < 2 * n and CountingSet.lookups < 4 * n, (probes, CountingSet.lookups)
     expected = ["a-fox.mp4", *(f"a-fox-{k}.mp4" for k in (2, 3, 4, 6, 7, 8, 9, 10, 11, 5, 12, 13))]
     assert names[:13] == expected and len(set(names)) == n
     plain: set[str] = set()

@@ -115,3 +115,25 @@ def test_deferred_holds_a_signal_until_the_critical_section_ends():
                 done.append("block finished")
     assert done == ["block finished"] and err.value.exit_code == 143 and str(err.value) == "terminated (SIGTERM)"
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_manifest_record_is_fsynced_before_a_signal_stops_the_run(tmp_path, monkeypatch):
+    """Guards the manifest's critical section: a SIGTERM that arrives while a record is being
+    written (here: inside its fsync) is raised only after the record is written and fsynced."""
+    from wan_nabla.batch.manifest import ManifestWriter
+
+    calls = []
+    real = os.fsync
+
+    def fsync_with_signal(fd):
+        os.kill(os.getpid(), signal.SIGTERM)
+        calls.append("signalled")
+        real(fd)
+        calls.append("fsynced")
+
+    with handle_signals(), ManifestWriter(tmp_path / "manifest.jsonl") as m:
+        monkeypatch.setattr(os, "fsync", fsync_with_signal)
+        with pytest.raises(Interrupted):
+            m.append({"index": 0, "status": "ok"})
+    assert calls == ["signalled", "fsynced"]
+    assert read_manifest(tmp_path / "manifest.jsonl") == [{"index": 0, "status": "ok"}]
