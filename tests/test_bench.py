@@ -262,6 +262,14 @@ def test_cpu_report_names_no_cudnn_and_no_fraction_of_ideal():
     assert "share of cuDNN" in gpu and "| 119% |" in gpu and "n/a (CPU" not in gpu
 
 
+def test_bench_without_the_requested_gpu_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Guards: `wan-nabla bench --device cuda` on a machine without CUDA ended in a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_main(["--device", "cuda", "--quick", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0] and not (tmp_path / "r").exists()
+
+
 def test_triton_kernels_match_torch_in_interpreter():
     """The Triton pooling, selection (exact, incl. thresholds at a mass boundary) and block-plan
     kernels equal the torch references, run by Triton's CPU interpreter (the dev extra installs

@@ -18,6 +18,7 @@ Limits: one device; the full run needs a GPU with >= 80 GB for the 14B transform
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
 from pathlib import Path
 
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .records import Results, environment
 
-    device = _device(args.device)
+    try:
+        device = _device(args.device)
+    except (ValueError, RuntimeError) as e:  # e.g. --device cuda on a machine without CUDA
+        print(f"wan-nabla bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
     res = Results(env=environment(argv, device))
