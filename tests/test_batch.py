@@ -93,8 +93,10 @@ def test_txt_batch_generates_good_lines_and_records_the_malformed_one(tmp_path, 
 
 
 def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
-    """Per-item values are validated against the same rules as the config; each bad record is one
-    failed manifest record naming its line and value; per-item size/frames really apply."""
+    """Per-item values are validated against the same rules as the config, and against what the
+    model and sampler can run (steps at the shift, size against the rotary table) before any
+    compute; each bad record is one failed manifest record naming its line and value; per-item
+    size/frames really apply."""
     prompts = write_jsonl(tmp_path / "p.jsonl", [
         "# comment", "",
         {"prompt": "a red fox", "name": "fox"},
@@ -107,22 +109,28 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
         {"negative_prompt": "no prompt"},
         {"prompt": "x", "colour": "red"},
         ["not", "an", "object"],
+        {"prompt": "more steps than the sampler runs at shift 3", "steps": 400},
+        {"prompt": "wider than the tiny model's rotary table", "size": "2048x16"},
     ])  # fmt: skip
     out = tmp_path / "out"
     assert run("batch", prompts, "--out-dir", out, *SMALL, "--quiet") == 1
-    assert capsys.readouterr().out.strip().startswith("batch: 2 ok, 8 failed, 0 skipped")
+    assert capsys.readouterr().out.strip().startswith("batch: 2 ok, 10 failed, 0 skipped")
     last = last_by_index(out)
     reasons = {i: r["error"] for i, r in last.items() if r["status"] == "failed"}
     assert reasons == {
         2: "line 5: not valid JSON: Expecting property name enclosed in double quotes (column 26)",
         3: "line 6: size: width and height must be positive multiples of 16, got 100x100",
         4: "line 7: frames: 6 is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)",
-        5: "line 8: steps: '2' is not allowed; use an integer >= 1",
+        5: "line 8: steps: '2' is not allowed; use an integer in [1, 1000]",
         6: "line 9: seed: 1.5 is not allowed; use an integer in [0, 2**63)",
         7: "line 10: missing 'prompt'; every record needs a non-empty \"prompt\" string",
         8: "line 11: unknown key 'colour'; allowed keys: prompt, negative_prompt, seed, size, frames, steps, "
            "guidance_scale, name",
         9: "line 12: expected a JSON object, got list",
+        10: "line 13: steps: 400 steps at shift 3 cannot run: the UniPC sampler's first two timesteps coincide "
+            "and diffusers fails at the last step; use at most 333 steps at this shift (--steps), or a smaller --shift",
+        11: "line 14: size/frames: 2048x16, 1 frames needs 128 rotary positions on the width axis, but model 'tiny' "
+            "has 64; use at most 1024 px per side and 253 frames",
     }  # fmt: skip
     assert (last[0]["status"], last[0]["output"]) == ("ok", "fox.mp4")
     wide = probe_mp4(out / last[1]["output"])
@@ -146,9 +154,23 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("example", ["example_prompts.txt", "example_prompts.jsonl"])
 def test_shipped_example_prompt_files_are_valid(example, capsys):
+    """Guards: every item of the shipped examples plans for the real Wan2.1 models (their rotary
+    table, their sampler); the CLI dry run reads them with the tiny model, whose 64-position
+    rotary table rules out exactly the example's 1280x720 item, before any compute."""
+    from wan_nabla.app import ModelFacts
+    from wan_nabla.batch.prompts import read_prompt_file
+    from wan_nabla.config import RunConfig
+
     prompts = REPO / "scripts" / example
-    assert run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run") == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith("0 invalid; output directory /nonexistent/out")
+    wan = ModelFacts("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", num_layers=30)
+    planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=wan.check) for it in read_prompt_file(prompts)]
+    assert planned and [p.error for p in planned] == [None] * len(planned)
+    rc = run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run")
+    lines = capsys.readouterr().out.splitlines()
+    invalid = [ln for ln in lines if " invalid " in ln]
+    assert rc == (1 if invalid else 0) and lines[-1].endswith("output directory /nonexistent/out")
+    assert all("1280x720" in ln and "model 'tiny' has 64" in ln for ln in invalid)
+    assert len(invalid) == (1 if example.endswith(".jsonl") else 0)
 
 
 # ---- resume --------------------------------------------------------------------------------------
@@ -301,6 +323,29 @@ def test_stale_temp_files_of_own_outputs_are_removed(tmp_path):
                                                    "a.json", "a.mp4"])
 
 
+def test_batch_records_and_outputs_are_fsynced_when_written(tmp_path, monkeypatch):
+    """Guards the manifest's and the outputs' durability (removing every fsync broke no test):
+    every manifest record is on disk (fsynced, with all records before it) before the run goes
+    on, the MP4 and the sidecar are fsynced as complete temp files before their rename, and the
+    output directory is fsynced after the MP4 is in it."""
+    from wan_nabla.output.files import temp_target
+
+    from .test_video_io import fsync_recorder
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a fox", "name": "fox"}, {"prompt": "bad", "frames": 2}])
+    out = tmp_path / "out"
+    events = fsync_recorder(monkeypatch)
+    assert run("batch", prompts, "--out-dir", out, *SMALL, "--guidance-scale", "1", "--quiet") == 1
+    lines = (out / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    synced = [e["content"] for e in events if e["path"] == str(out / "manifest.jsonl")]
+    assert len(lines) == 2 and [b"".join(lines[:k]) for k in (1, 2)] == synced
+    temps = {temp_target(Path(e["path"]).name): e for e in events if not e["dir"]}
+    assert set(temps) == {"fox.mp4", "fox.json", None}  # None: the manifest, not a temp file
+    assert temps["fox.mp4"]["content"] == (out / "fox.mp4").read_bytes()
+    assert temps["fox.json"]["content"] == (out / "fox.json").read_bytes()
+    assert any(e["dir"] and e["path"] == str(out) and "fox.mp4" in e["listing"] for e in events)
+
+
 # ---- names ---------------------------------------------------------------------------------------
 def test_adversarial_prompts_and_names_stay_inside_out_dir(tmp_path):
     """Traversal, separators, 500 characters, emoji, NUL/newline escapes, reserved device names,
@@ -419,7 +464,15 @@ def _bad_invocations(tmp_path: Path) -> dict[str, list]:
     bad_cfg.write_text("generation:\n  frames: 6\n")
     comments = tmp_path / "comments.txt"
     comments.write_text("# nothing\n")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("generation: {steps: 2, steps: 3}\n")
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a fox\n".encode("utf-16"))
     return {
+        "no gpu": [good, "--device", "cuda"],
+        "steps the sampler cannot run": [good, "--steps", "400"],
+        "duplicate yaml key": [good, "--config", dup],
+        "utf-16 prompt file": [utf16],
         "missing prompt file": [tmp_path / "missing.txt"],
         "csv extension": [csv],
         "only comments": [comments],
@@ -431,9 +484,14 @@ def _bad_invocations(tmp_path: Path) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("case", ["missing prompt file", "csv extension", "only comments", "missing config",
-                                  "invalid config", "bad size", "bad frames"])
+                                  "invalid config", "bad size", "bad frames", "no gpu", "steps the sampler cannot run",
+                                  "duplicate yaml key", "utf-16 prompt file"])
 @pytest.mark.parametrize("out_exists", [False, True])
-def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, out_exists):
+def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, out_exists):
+    """Whole-run problems (command line, config, prompt file, device, sampler limits of the
+    defaults) are exit 2 with one line, before a model is loaded or anything is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "out"
     if out_exists:
         out.mkdir()
@@ -442,6 +500,37 @@ def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsy
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("wan-nabla: error: "), err
     assert (os.listdir(out) == []) if out_exists else not out.exists()
+
+
+def test_unloadable_model_leaves_no_directory_behind(tmp_path, capsys, tiny_checkpoint):
+    """Guards exit-2 cleanliness: a model that passes the preflight but fails to load removed
+    the manifest and --out-dir itself but left the parents the run had created."""
+    import shutil
+
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "p.txt").write_text("a fox\n")
+    out = tmp_path / "new" / "a" / "b"
+    assert run("batch", tmp_path / "p.txt", "--out-dir", out, "--model", model, "--quiet") == 2
+    assert "cannot load model directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "p.txt"]
+
+
+def test_10000_equal_prompts_plan_in_seconds(tmp_path, capsys):
+    """Guards against quadratic naming: a dry run of 10,000 equal prompts took ~11 minutes on
+    the 2-core CI machine (every name probed every earlier suffix); now it is linear (a few
+    seconds), with names -2 ... -10000 in order."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox in the snow\n" * 10_000)
+    t0 = time.perf_counter()
+    assert run("batch", prompts, "--out-dir", tmp_path / "out", "--model", "tiny", "--dry-run") == 0
+    elapsed = time.perf_counter() - t0
+    lines = capsys.readouterr().out.splitlines()
+    print(f"planned 10,000 equal prompts in {elapsed:.1f} s")
+    assert elapsed < 30, elapsed
+    assert lines[1].split()[-1] == "a-red-fox-in-the-snow.mp4"
+    assert lines[-2].split()[-1] == "a-red-fox-in-the-snow-10000.mp4"
+    assert lines[-1].startswith("dry run: 10000 items: 10000 would run")
 
 
 def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
@@ -465,6 +554,21 @@ def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch)
 
 
 # ---- long runs -----------------------------------------------------------------------------------
+def test_soak_script_smoke(tmp_path):
+    """The 1,000-item soak (scripts/batch_soak.py) runs at a tiny size: its exactness checks pass
+    on a correct batch and catch a manifest line that is missing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "scripts" / "batch_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    res = soak.soak(3, tmp_path)
+    assert res["exit_code"] == 0 and res["manifest"]["exact"] and res["manifest"]["records"] == 3, res
+    manifest = tmp_path / "batch" / "manifest.jsonl"
+    manifest.write_bytes(b"".join(manifest.read_bytes().splitlines(keepends=True)[:2]))
+    assert not soak.check_manifest(tmp_path / "batch", 3)["exact"]
+
+
 @pytest.mark.slow
 def test_200_items_keep_memory_flat(tmp_path):
     """Guards against per-item leaks over a long unattended run.

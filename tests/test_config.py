@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,117 @@ def test_attention_config_from_plain_mapping():
     a = AttentionConfig.from_mapping({"type": "nabla_sta", "threshold": 0.6, "sta_window": [11, 3, 3],
                                       "dense_layers": [3, 1, 3]})
     assert a.sta_window == (11, 3, 3) and a.dense_layers == (1, 3) and a.label() == "nabla 0.6 + sta 11-3-3"
+
+
+# ---- reading defensively ------------------------------------------------------------------------
+def _timed_load(path, limit_s=1.0):
+    """load_config in a thread with a deadline, so a regression that blocks fails instead of hanging."""
+    import threading
+    import time
+
+    box: dict = {}
+
+    def target():
+        t0 = time.perf_counter()
+        try:
+            box["value"] = load_config(path)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+        box["s"] = time.perf_counter() - t0
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(limit_s * 10)
+    assert not th.is_alive(), f"load_config({path}) did not return within {limit_s * 10} s"
+    assert box["s"] < limit_s, box
+    return box
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """~400 bytes that expand to 9**levels values: the "billion laughs" shape."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nattention: *a{levels - 1}\n"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (_alias_bomb(), "aliases expand to more than 10000 values"),
+        ("a: &a [*a]\nattention: *a\n", "refers to itself"),
+        ("attention: {type: nabla, threshold: 0.5, threshold: 0.9}\n", "duplicate key 'threshold' (line 1)"),
+        ("generation:\n  steps: 4\ngeneration:\n  steps: 8\n", "duplicate key 'generation' (line 3)"),
+        ("[" * 5000, "nested more than 32 levels"),
+        ("- " * 6000 + "x\n", "nested too deeply"),
+        ("attention: []\n", "attention: expected a mapping, got list []"),
+        ("generation: [1, 2]\n", "generation: expected a mapping, got list"),
+        ("generation: {negative_prompt: \"\\udcff bad\"}\n", "not valid UTF-8 (byte 0xff at character 1)"),
+        ("attention: {type: nabla, threshold: [" + "1, " * 3000 + "1]}\n", "[1, 1, 1, 1, 1, 1, ...]"),
+    ],
+)
+def test_hostile_yaml_is_refused_fast_with_one_short_line(tmp_path, text, needle):
+    """Guards the YAML reader: an alias bomb (formatting it took minutes and printed gigabytes),
+    recursive aliases, duplicate keys (silently the last value), deep nesting (quadratic in
+    PyYAML), a non-mapping section (silently "defaults"), undecodable text and a huge value are
+    each refused in well under a second with one short line naming the problem."""
+    p = _write(tmp_path, text)
+    box = _timed_load(p)
+    err = box.get("error")
+    assert isinstance(err, ConfigError), box
+    msg = str(err)
+    assert needle in msg and "\n" not in msg and len(msg) < 300, msg
+
+
+def test_yaml_merge_keys_and_plain_anchors_still_work(tmp_path):
+    """The stricter reader keeps what YAML configs legitimately use: a merge key overridden by
+    an explicit key is not a duplicate, and a small anchor is fine."""
+    text = ("model: tiny\nbase: &b {type: nabla, threshold: 0.5}\n") 
+    assert "unknown key 'base'" in str(_timed_load(_write(tmp_path, text))["error"])
+    text = "attention:\n  <<: {type: nabla, threshold: 0.5}\n  threshold: 0.7\ngeneration: &g {steps: 3}\n"
+    cfg = _timed_load(_write(tmp_path, text))["value"]
+    assert (cfg.attention.type, cfg.attention.threshold, cfg.generation.steps) == ("nabla", 0.7, 3)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "too_big", "directory"])
+def test_config_must_be_a_small_regular_file(tmp_path, kind):
+    """Guards: a FIFO blocked forever and /dev/zero read until memory ran out; a config is now a
+    regular file of at most 16 KiB, refused at once otherwise, saying why."""
+    if kind == "fifo":
+        path = tmp_path / "c.yaml"
+        os.mkfifo(path)
+        needle = "FIFO"
+    elif kind == "dev_zero":
+        path, needle = Path("/dev/zero"), "character device"
+    elif kind == "too_big":
+        path = _write(tmp_path, "# padding\n" * 2000)
+        needle = "more than the 16 KiB allowed"
+    else:
+        path, needle = tmp_path, "is a directory"
+    err = _timed_load(path)["error"]
+    assert isinstance(err, ConfigError) and needle in str(err), err
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("guidance_scale", 1e9, "[0, 100]"),
+        ("guidance_scale", 100.5, "[0, 100]"),
+        ("shift", 1e-30, "[0.01, 100]"),
+        ("shift", 1e30, "[0.01, 100]"),
+        ("steps", 1001, "[1, 1000]"),
+        ("frames", 4097, "at most 4093"),
+        ("size", (16400, 16), "at most 16384"),
+        ("size", "²x16", "WIDTHxHEIGHT"),
+        ("size", "1" + "0" * 5000 + "x16", "WIDTHxHEIGHT"),
+    ],
+)
+def test_ranges_are_what_the_sampler_and_formats_carry(field, value, allowed):
+    """Guards the numeric ranges (reasoning in GenerationConfig's docstrings): values that ran
+    and produced NaN frames (guidance 1e9 in fp16, shift 1e-30 / 1e30), or crashed late (steps,
+    frames and sizes past the scheduler's or the rotary table's length), or crashed int() ('²',
+    5000 digits) are refused up front."""
+    with pytest.raises(ConfigError) as e:
+        GenerationConfig(**{field: value})
+    assert allowed in str(e.value) and len(str(e.value)) < 300
+    assert GenerationConfig(guidance_scale=100, shift=0.01, steps=1000, frames=4093, size=(16384, 16)).steps == 1000

@@ -106,12 +106,12 @@ def test_ulysses_4_and_cfg_parallel_with_ulysses_2_equal_one_process(tmp_path):
     """Guards: 4 ranks with uneven shards (2, 2, 1, 1 tiles; 49, 49, 49, 48 raster tokens; one head
     each) for every attention type, CFG parallel whose branches are each split by Ulysses 2
     (CFG pairs across Ulysses groups: ranks 0+2 and 1+3), and Ulysses 4 with compiled blocks
-    (attention and its all-to-alls behind a graph break) reproduce the one-process latents."""
+    (attention and its all-to-alls as one opaque op) reproduce the one-process latents."""
     cases = [{"name": f"ulysses4/{att}", "attention": a, "parallel": {"ulysses_degree": 4}}
              for att, a in EXACT_ATTENTION.items()]
     cases.append({"name": "cfg2xulysses2/full", "attention": {"type": "full"},
                   "parallel": {"ulysses_degree": 2, "cfg_parallel": True}})
-    # compiled blocks: the all-to-alls and attention run behind a graph break, the rest compiled
+    # compiled blocks: the all-to-alls and attention run as one opaque op, the rest compiled
     cases.append({"name": "ulysses4+compile/full", "attention": {"type": "full"},
                   "parallel": {"ulysses_degree": 4}, "speed": {"compile": "blocks"}})
     spec = json.dumps({"heads": HEADS, "generation": GEN, "cases": cases})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import time
 import types
+from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 import numpy as np
@@ -16,8 +18,10 @@ from wan_nabla.models import (
     DEFAULT_HUB_ID,
     DEFAULT_LOCAL_DIR,
     ModelNotFoundError,
+    check_available,
     load_pipeline,
     looks_like_hub_id,
+    repo_id_for,
     resolve_model,
     set_flow_shift,
 )
@@ -177,10 +181,13 @@ def test_offline_hub_id_not_in_cache_raises_with_download_command(tmp_path, monk
 
 @pytest.mark.parametrize("model", ["./weights/nope", "/nonexistent/wan", "~/no-such-wan-dir", "a/b/c"])
 def test_missing_local_path_raises_with_download_command(model, monkeypatch, tmp_path):
+    """Guards: a missing directory is reported as one, with the command that fills exactly that
+    directory (the 1.3B repo when the name implies no other), `~` expanded for the shell."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="does not exist") as err:
         load_pipeline(model)
-    assert DOWNLOAD_HINT in str(err.value) and "\n" not in str(err.value)
+    target = str(Path(model).expanduser())
+    assert f"hf download {DEFAULT_HUB_ID} --local-dir {target}" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_file_instead_of_directory_is_refused(tmp_path):
@@ -248,3 +255,112 @@ def test_set_flow_shift_changes_only_the_shift(tiny_pipe):
     ref = type(old).from_config(old.config)
     ref.set_timesteps(4)
     assert (new.sigmas[1:-1] > ref.sigmas[1:-1]).all(), "a larger shift keeps sigmas higher"
+
+
+@pytest.mark.parametrize(
+    ("model", "repo", "local_dir"),
+    [
+        ("weights/Wan2.1-T2V-1.3B-Diffusers", DEFAULT_HUB_ID, "weights/Wan2.1-T2V-1.3B-Diffusers"),
+        ("weights/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "weights/Wan2.1-T2V-14B-Diffusers"),
+        ("models/wan2.1-t2v-14b-diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "models/wan2.1-t2v-14b-diffusers"),
+        ("existing/my-model", DEFAULT_HUB_ID, "existing/my-model"),
+        ("my-model", DEFAULT_HUB_ID, "my-model"),
+    ],
+)
+def test_a_path_is_never_taken_for_a_hub_id(model, repo, local_dir, tmp_path, monkeypatch):
+    """Guards the README's own real-weights command run before downloading: it took
+    `weights/Wan2.1-T2V-1.3B-Diffusers` for a hub repo, retried the hub for ~23 s and printed
+    `hf download weights/Wan2.1-T2V-1.3B-Diffusers ...`. A path (a known Wan2.1 directory name,
+    an existing parent directory, no 'owner/name' shape) is reported as a missing directory, at
+    once and without any hub request, with the real repo id and that directory."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("asked the hub about a local path"))
+    assert not looks_like_hub_id(model)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as err:
+        check_available(model)
+    assert time.perf_counter() - t0 < 1.0
+    assert str(err.value) == (f"model directory {model!r} does not exist; get the weights with: "
+                              f"hf download {repo} --local-dir {local_dir}")
+    assert repo_id_for(model) == repo
+
+
+def test_repo_for_the_download_command_follows_name_then_config():
+    """A hub id is its own repo; a path ending in a known Wan2.1 name maps to Wan-AI/<name>;
+    anything else falls back to the config's hub id, then to the 1.3B model."""
+    assert repo_id_for("someone/thing") == "someone/thing"
+    assert repo_id_for("/data/Wan2.1-T2V-14B-Diffusers/") == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    assert repo_id_for("/data/my-wan", "Wan-AI/Wan2.1-T2V-14B-Diffusers") == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    assert repo_id_for("/data/my-wan", "./not-a-hub-id") == DEFAULT_HUB_ID
+
+
+def test_uncached_hub_id_without_network_fails_fast_with_the_command(tmp_path, monkeypatch):
+    """Guards: a hub id that is not cached, on a machine that cannot reach the hub (HF_HUB_OFFLINE
+    not set), failed only after huggingface_hub's 5 retries with backoff (~23 s) and printed each
+    retry warning twice; now one request decides (refused connection here), in well under the
+    probe timeout, with the download command and no retry warning."""
+    import logging
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = warnings.append
+    logging.getLogger("huggingface_hub").addHandler(handler)
+    try:
+        for call in (lambda: check_available(DEFAULT_HUB_ID), lambda: load_pipeline("someone/tiny-wan")):
+            t0 = time.perf_counter()
+            with pytest.raises(ModelNotFoundError) as err:
+                call()
+            assert time.perf_counter() - t0 < 3.0
+            assert "cannot be reached" in str(err.value) and "hf download " in str(err.value)
+    finally:
+        logging.getLogger("huggingface_hub").removeHandler(handler)
+    assert not [r for r in warnings if "Retry" in r.getMessage()]
+    assert str(err.value).endswith("hf download someone/tiny-wan --local-dir weights/tiny-wan")
+
+
+def test_sampler_limit_is_exactly_where_diffusers_fails():
+    """Guards the steps/shift preflight against the real scheduler: for several shifts, the
+    limit app.ModelFacts.check enforces is the largest step count that diffusers' UniPC runs to
+    the end (a dummy model output, the real `step` loop), and one step more fails there with the
+    assertion a user met 8.6 minutes into a run."""
+    from diffusers import UniPCMultistepScheduler
+
+    from wan_nabla.app import ModelFacts
+    from wan_nabla.config import ConfigError, GenerationConfig
+
+    facts = ModelFacts("tiny")
+
+    def runs(steps, shift):
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=shift)
+        sched.set_timesteps(steps)
+        x = torch.randn(1, 2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+        try:
+            for t in sched.timesteps:
+                x = sched.step(torch.zeros_like(x) + 0.1, t, x, return_dict=False)[0]
+        except AssertionError:
+            return False
+        return bool(torch.isfinite(x).all())
+
+    limits = {}
+    for shift in (3.0, 5.0, 17.0, 100.0):
+        top = None
+        for steps in range(1, 1001):
+            try:
+                facts.check(GenerationConfig(steps=steps, shift=shift, size=(128, 128), frames=17))
+            except ConfigError as e:
+                assert f"use at most {steps - 1} steps" in str(e)
+                top = steps - 1
+                break
+        assert top is not None and runs(top, shift) and not runs(top + 1, shift), (shift, top)
+        limits[shift] = top
+    assert limits[3.0] == 333 and limits[5.0] == 200 and limits[100.0] == 10
+    facts.check(GenerationConfig(steps=1000, shift=0.5, size=(128, 128), frames=17))  # small shifts run 1000
+    assert runs(1000, 0.5)

@@ -82,3 +82,42 @@ def test_unique_path_available_callback_overrides_existence(tmp_path):
 def test_unique_path_stays_inside_directory(tmp_path, text):
     out = unique_path(tmp_path, text)
     assert out.resolve().parent == tmp_path.resolve()
+
+
+def test_repeated_slugs_cost_linear_probes_and_same_names(tmp_path):
+    """Guards batch planning against quadratic naming (10,000 equal prompts took minutes): with
+    a run's `counters`, n requests for one slug probe O(n) names in all, and the names are exactly
+    those of the plain linear probe, including an item that may reuse its own leftover file."""
+    n = 3000
+    probes = 0
+
+    class CountingSet(set):
+        """Counts membership tests: the skip loop over taken names is where the quadratic cost was."""
+
+        lookups = 0
+
+        def __contains__(self, item):
+            CountingSet.lookups += 1
+            return super().__contains__(item)
+
+    def available(p):
+        nonlocal probes
+        probes += 1
+        return p.name != "a-fox-5.mp4" or own  # -5 exists and belongs to one item only
+
+    taken = CountingSet()
+    counters: dict[str, int] = {}
+    names = []
+    for i in range(n):
+        own = i == 10
+        names.append(unique_path(tmp_path, "a fox", taken=taken, available=available, counters=counters).name)
+        taken.add(names[-1])
+    assert probes < 2 * n and CountingSet.lookups < 4 * n, (probes, CountingSet.lookups)
+    expected = ["a-fox.mp4", *(f"a-fox-{k}.mp4" for k in (2, 3, 4, 6, 7, 8, 9, 10, 11, 5, 12, 13))]
+    assert names[:13] == expected and len(set(names)) == n
+    plain: set[str] = set()
+    for i in range(40):  # no counters: the same answers
+        own = i == 10
+        name = unique_path(tmp_path, "a fox", taken=plain, available=available).name
+        assert name == names[i]
+        plain.add(name)

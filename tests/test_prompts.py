@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -110,3 +111,49 @@ def test_directory_is_not_a_prompt_file(tmp_path):
 
 def test_uppercase_extension_is_accepted(tmp_path):
     assert read_prompt_file(_write(tmp_path, "P.JSONL", '{"prompt": "a"}'))[0].prompt == "a"
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        ("a red fox\npaper boat\n".encode("utf-16"), "UTF-16 (little-endian) text (byte order mark)"),
+        ("a red fox\n".encode("utf-16-be"), "UTF-16 or UTF-32 text"),
+        ("a red fox\n".encode("utf-32"), "UTF-32 (little-endian)"),
+        ("Füchse im Schnee\ncafé au lait\nplain ascii\n".encode("latin-1"), "Windows-1252 or Latin-1 (2 lines"),
+    ],
+)
+def test_non_utf8_prompt_files_are_refused_naming_the_encoding(tmp_path, data, encoding):
+    """Guards: a UTF-16 file (Windows Notepad, PowerShell redirection) or a Latin-1 export gave
+    one "not valid UTF-8" failed item per line, or for UTF-16 garbage prompts with NUL bytes; now
+    the whole file is refused up front with the encoding named."""
+    with pytest.raises(PromptFileError) as err:
+        read_prompt_file(_write(tmp_path, "p.txt", data))
+    assert encoding in str(err.value) and "save it as UTF-8" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_one_bad_line_in_a_utf8_file_stays_one_failed_item(tmp_path):
+    """The encoding rule must not turn one corrupt line into a refused file when the rest of the
+    file is evidently UTF-8."""
+    items = read_prompt_file(_write(tmp_path, "p.txt", "Füchse\n".encode() + b"caf\xe9\ncaf\xe9 again\n"))
+    assert [i.error is None for i in items] == [True, False, False]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "too_big"])
+def test_prompt_file_must_be_a_bounded_regular_file(tmp_path, monkeypatch, kind):
+    """Guards: a FIFO blocked forever, /dev/zero (named p.txt by a symlink) read until memory ran
+    out; now both are refused at once, and so is a file over the size bound."""
+    import wan_nabla.batch.prompts as prompts
+
+    p = tmp_path / "p.txt"
+    if kind == "fifo":
+        os.mkfifo(p)
+        needle = "FIFO"
+    elif kind == "dev_zero":
+        os.symlink("/dev/zero", p)
+        needle = "character device"
+    else:
+        monkeypatch.setattr(prompts, "PROMPT_FILE_MAX_BYTES", 1000)
+        p.write_text("a fox\n" * 200)
+        needle = "more than the 1000 bytes allowed"
+    with pytest.raises(PromptFileError, match=needle):
+        read_prompt_file(p)

@@ -248,6 +248,31 @@ def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
         scheduler.set_timesteps(steps, device=device)
 
 
+# The scheduler of every Wan-AI/Wan2.1-*-Diffusers checkpoint (and of the tiny model), for checks
+# made before a model is loaded.
+WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+                        "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0}
+
+
+def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:
+    """False iff diffusers' scheduler would fail to run `steps` at `shift`, decided without a model.
+
+    UniPCMultistepScheduler finds its start with index_for_timestep(timesteps[0]), which takes the
+    *second* match when the first timestep occurs twice; the run then ends one index past the
+    schedule, and `step` fails (`assert self.this_order > 0`) at the last step. Integer timesteps
+    coincide when sigma_1 rounds to sigma_0's timestep (999): at shift 3.0 from 334 steps, at 5.0
+    from 201. Schedulers without that lookup are assumed to run."""
+    import diffusers
+
+    cls = getattr(diffusers, str(scheduler_config.get("_class_name", "")), None) or diffusers.UniPCMultistepScheduler
+    sched = cls.from_config(dict(scheduler_config), flow_shift=shift)
+    find = getattr(sched, "index_for_timestep", None)
+    if find is None:
+        return True
+    sched.set_timesteps(steps)
+    return int(find(sched.timesteps[0])) == 0
+
+
 def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
             context: str | None = None) -> torch.Tensor:
     """One transformer call on a batch: latents [B, 16, F, H, W], embeds [B, 512, text_dim]. With a

@@ -11,11 +11,14 @@
 
     torchrun --nproc-per-node 2 -m wan_nabla generate --ulysses-degree 2 ...   # several GPUs
 
-Exit codes: 0 success; 1 a batch finished with failed items (or another rank of a torchrun job
-failed); 2 bad command line, config, parallel layout, model or output location (one line on
-stderr naming the bad value, nothing written; under torchrun on every rank); 130 interrupted.
+Exit codes: 0 success; 1 the run failed (generate: while generating or writing; batch: some item
+failed; or another rank of a torchrun job failed), with one line on stderr (the traceback only
+with --verbose); 2 bad command line, config, parallel layout, prompt, model, device or output
+location, found before anything is loaded (one line on stderr naming the bad value; nothing
+written, no directory left behind; under torchrun on every rank); 130 interrupted (SIGINT), 143
+terminated (SIGTERM), with temp files removed (interrupts.py).
 Flags override the config file's `generation:` values; the resolved config is logged and saved
-in the sidecar JSON next to each video.
+in the sidecar JSON next to each video. `--help` of each subcommand shows the defaults.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from .app import (PeerFailure, UsageError, check_parallel, load_generator, on_main, parallel_session,
-                  resolve_run_config, usage_errors)
+from .app import (PeerFailure, UsageError, check_parallel, check_text, describe_failure, load_generator, on_main,
+                  parallel_session, resolve_run_config, usage_errors, validate_run)
+from .config import MAX_FRAMES, MAX_GUIDANCE, MAX_SIDE, NUM_TRAIN_TIMESTEPS, SHIFT_RANGE, GenerationConfig
+from .interrupts import Interrupted, handle_signals
 
 log = logging.getLogger("wan_nabla")
 
@@ -35,25 +41,39 @@ log = logging.getLogger("wan_nabla")
 # ---- shared flags ------------------------------------------------------------------------------
 def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
     """Flags shared by generate, batch and compare (for batch they are defaults for every item)."""
+    from .tiny import TINY_GENERATION
+
+    d = GenerationConfig()
+    tw, th = TINY_GENERATION["size"]
     p.add_argument("--config", help=config_help or "a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a "
-                                                   "YAML path; default: full attention, Wan defaults")
-    p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id")
+                                                   "YAML path (default: full attention, Wan defaults)")
+    p.add_argument("--model", help="'tiny', a local diffusers-format Wan2.1 directory, or a hub repo id (default: "
+                                   "the config's model, else weights/Wan2.1-T2V-1.3B-Diffusers if present, else "
+                                   "Wan-AI/Wan2.1-T2V-1.3B-Diffusers from the Hugging Face cache)")
     p.add_argument("--transformer", metavar="PATH", help="DiT weights replacing the model's own: a .safetensors "
                    "file, a *.safetensors.index.json with its shards, a directory of them (Wan's original layout "
                    "or diffusers'), or a hub repo id; text encoder, VAE and architecture come from --model")
     p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
                    "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
     p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
-    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
-    p.add_argument("--size", help="WIDTHxHEIGHT in pixels, multiples of 16 (e.g. 832x480, 1280x720)")
-    p.add_argument("--frames", type=int, help="number of video frames, 4k+1 (e.g. 17, 81)")
-    p.add_argument("--steps", type=int, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 5.0)")
-    p.add_argument("--shift", type=float, help="flow-matching shift (default 5.0 for 720p, 3.0 for 480p)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--fps", type=int, help="frames per second of the MP4 (default 16)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", help="bfloat16, float16 or float32 (transformer and text encoder)")
+    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: empty)")
+    p.add_argument("--size", help=f"WIDTHxHEIGHT in pixels, multiples of 16, at most {MAX_SIDE} "
+                                  f"(default: {d.width}x{d.height}; with --model tiny {tw}x{th})")
+    p.add_argument("--frames", type=int, help=f"number of video frames, 4k+1, at most {MAX_FRAMES} "
+                                              f"(default: {d.frames}; tiny {TINY_GENERATION['frames']})")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1..{NUM_TRAIN_TIMESTEPS}; the sampler's limit at "
+                                             f"the shift is checked before loading (default: {d.steps}; tiny "
+                                             f"{TINY_GENERATION['steps']})")
+    p.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}]; "
+                                                        f"<= 1 turns CFG off (default: {d.guidance_scale:g})")
+    p.add_argument("--shift", type=float, help=f"flow-matching shift in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}] "
+                                               "(default: 5.0 for 720p and larger, 3.0 below)")
+    p.add_argument("--seed", type=int, help=f"random seed, 0..2**63-1 (default: {d.seed}; batch: a base for "
+                                            "per-item seeds)")
+    p.add_argument("--fps", type=int, help=f"frames per second of the MP4, 1..240 (default: {d.fps})")
+    p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device}: cuda if available)")
+    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE runs "
+                                   f"in float32 (default: {d.dtype})")
     p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
     p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
     p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
@@ -67,7 +87,14 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--attention-backend", help="auto, flex or fa4: the attention kernels (default: the config's "
                                                "attention.backend, auto = flash-attn-4 where installed and supported)")
     p.add_argument("--quiet", action="store_true", help="no progress bars; warnings and errors only")
-    p.add_argument("--verbose", action="store_true", help="debug logging (per-step attention density)")
+    p.add_argument("--verbose", action="store_true",
+                   help="debug log of wan-nabla (per-step attention density), tracebacks of failures")
+
+
+# Libraries whose INFO/DEBUG lines (file locks, HTTP requests, compile internals) are noise next to
+# ours: they stay at WARNING even with --verbose.
+THIRD_PARTY_LOGGERS = ("filelock", "urllib3", "httpx", "httpx2", "httpcore", "huggingface_hub", "fsspec", "torch",
+                       "diffusers", "transformers", "PIL", "matplotlib", "asyncio", "imageio", "imageio_ffmpeg")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -83,10 +110,19 @@ def setup_logging(args: argparse.Namespace) -> None:
         logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
         level = max(level, logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The root logger (every other library) stays at WARNING; only wan_nabla follows the flags.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     logging.getLogger("wan_nabla").setLevel(level)
-    for noisy in ("diffusers", "transformers", "torch"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # huggingface_hub, diffusers and transformers each add their own stderr handler on top of the
+    # propagation to ours, so every warning of theirs was printed twice: keep only ours.
+    for name in ("huggingface_hub", "diffusers", "transformers"):
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if type(handler) is logging.StreamHandler:
+                lib.removeHandler(handler)
     # Loading bars of diffusers/transformers (shards, components) are noise next to our own bars.
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -102,42 +138,61 @@ def setup_logging(args: argparse.Namespace) -> None:
 # ---- generate ----------------------------------------------------------------------------------
 def _default_output(prompt: str) -> Path:
     from .output.naming import unique_path
+    from .output.sidecar import sidecar_path
 
-    return unique_path(Path("outputs"), prompt)
+    def free(p: Path) -> bool:  # neither the MP4 nor its sidecar may be taken
+        return not any(map(os.path.lexists, (p, sidecar_path(p))))
+
+    return unique_path(Path("outputs"), prompt, available=free)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .output.files import ensure_writable_dir
+def _check_output(output: Path, overwrite: bool) -> None:
+    from .output.sidecar import check_destination
 
-    if not args.prompt or not args.prompt.strip():
-        raise UsageError("--prompt: must be a non-empty string")
-    cfg = resolve_run_config(args)
-    plan = check_parallel(cfg, "generate")  # every rank, before anything is loaded or written
-    output = Path(args.output) if args.output else _default_output(args.prompt)
+    check_text(str(output), "--output")
     if output.suffix.lower() != ".mp4":
         raise UsageError(f"--output: {str(output)!r} must end in .mp4")
     if output.is_dir():
         raise UsageError(f"--output: {str(output)!r} is a directory; give a file name ending in .mp4")
-    ensure_writable_dir(output.parent if str(output.parent) else Path("."))
+    check_destination(output, overwrite)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .output.files import ensure_writable_dir, remove_created_dirs
+    from .output.sidecar import check_destination, publish_video
+
+    check_text(args.prompt, "--prompt", required=True)
+    cfg = resolve_run_config(args)
+    plan = check_parallel(cfg, "generate")  # every rank, before anything is loaded or written
+    output = Path(args.output) if args.output else _default_output(args.prompt)
+    _check_output(output, args.overwrite)
+    facts = validate_run(cfg)
     saver = None
     if args.save_masks:
         from .compare.save_masks import MaskSaver
 
         if plan is not None:
             raise UsageError("--save-masks: works in single-process runs only (not under torchrun / parallel flags)")
-
         saver = MaskSaver.prepare(args, cfg, output)
-    log.info("resolved config: %s", cfg.to_dict())
+    created: list[Path] = []
 
-    from .output.sidecar import publish_video
+    def write():
+        check_destination(output, args.overwrite)  # again: something may have appeared while it ran
+        return publish_video(gen, result, args.prompt, output)
 
-    gen = load_generator(cfg, plan)  # on every rank, before the process group exists
-    if saver is not None:
-        saver.attach(gen)
-    with parallel_session(plan) as ctx:
-        gen.use_parallel(ctx)
-        result = gen.generate(args.prompt, progress=not args.quiet and (ctx is None or ctx.is_main))
-        record = on_main(ctx, lambda: publish_video(gen, result, args.prompt, output))
+    try:
+        ensure_writable_dir(output.parent if str(output.parent) else Path("."), created)
+        log.info("resolved config: %s", cfg.to_dict())
+        gen = load_generator(cfg, plan, facts.model)  # on every rank, before the process group exists
+        if saver is not None:
+            saver.attach(gen)
+        with parallel_session(plan) as ctx:
+            gen.use_parallel(ctx)
+            result = gen.generate(args.prompt, progress=not args.quiet and (ctx is None or ctx.is_main))
+            record = on_main(ctx, write)  # rank 0 writes; every rank learns whether it worked
+    except BaseException:
+        remove_created_dirs(created)  # a failed run leaves no empty directories behind
+        raise
     if record is None:  # another rank of a torchrun job; rank 0 wrote the files
         return 0
     if saver is not None:
@@ -180,24 +235,51 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATE_EPILOG = """\
+exit codes:
+  0    the video and its sidecar were written
+  1    the run failed while generating or writing: one line on stderr (the traceback with
+       --verbose); no partial file, no temp file and no new empty directory is left
+  2    bad input (flag, config, prompt, model, device, output location), found before anything is
+       loaded: one line on stderr naming the value; nothing written, no directory left behind
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): temp files removed, nothing half-written"""
+
+BATCH_EPILOG = """\
+exit codes:
+  0    every item ok or already done
+  1    at least one item failed (its reason is in manifest.jsonl), or the run stopped on an
+       unexpected error (one line on stderr; the traceback with --verbose)
+  2    bad command line, config, prompt file, output directory, model or device: one line on
+       stderr, nothing written, no directory left behind
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): the current item is abandoned without
+       temp files, the manifest stays consistent; run the same command again to resume"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wan-nabla", description="Wan2.1 text-to-video with NABLA/STA sparse attention")
+    parser = argparse.ArgumentParser(prog="wan-nabla", description="Wan2.1 text-to-video with NABLA/STA sparse attention",
+                                     epilog="Exit codes: see `wan-nabla generate --help` and `wan-nabla batch --help`.")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,bench}")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    g = sub.add_parser("generate", help="generate one video from a prompt")
-    g.add_argument("--prompt", required=True, help="text prompt")
-    g.add_argument("--output", help="output .mp4 (default outputs/<prompt-slug>.mp4); sidecar <name>.json beside it")
+    g = sub.add_parser("generate", help="generate one video from a prompt", epilog=GENERATE_EPILOG, formatter_class=raw)
+    g.add_argument("--prompt", required=True, help="text prompt (UTF-8)")
+    g.add_argument("--output", help="output .mp4 (default: outputs/<prompt-slug>.mp4, -2, -3, ... if taken); "
+                                    "the sidecar <name>.json is written beside it")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output MP4 and its sidecar (default: refuse); a <name>.json that is "
+                        "not that MP4's sidecar is never replaced")
     add_generation_flags(g)
     g.add_argument("--save-masks", action="store_true",
                    help="also draw the kept tile masks of sampled steps/layers/heads into <output stem>_masks/")
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("batch", help="generate a video per line of a .txt or record of a .jsonl prompt file")
-    b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...)")
+    b = sub.add_parser("batch", help="generate a video per line of a .txt or record of a .jsonl prompt file",
+                       epilog=BATCH_EPILOG, formatter_class=raw)
+    b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
     add_generation_flags(b)
@@ -235,17 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args)
-    try:
-        return args.func(args)
-    except usage_errors() as e:
-        print(f"wan-nabla: error: {e}", file=sys.stderr)
-        return 2
-    except PeerFailure as e:
-        print(f"wan-nabla: error: {e}", file=sys.stderr)
-        return 2 if e.usage else 1
-    except KeyboardInterrupt:
-        print("wan-nabla: interrupted", file=sys.stderr)
-        return 130
+    with handle_signals():
+        try:
+            return args.func(args)
+        except usage_errors() as e:
+            print(f"wan-nabla: error: {e}", file=sys.stderr)
+            return 2
+        except PeerFailure as e:
+            print(f"wan-nabla: error: {e}", file=sys.stderr)
+            return 2 if e.usage else 1
+        except Interrupted as e:
+            print(f"wan-nabla: {e}", file=sys.stderr)
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("wan-nabla: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - an accepted run fails with one line, not a traceback
+            if getattr(args, "verbose", False):
+                traceback.print_exc()
+            print(f"wan-nabla: error: {describe_failure(e)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

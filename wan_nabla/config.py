@@ -7,8 +7,20 @@
     att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
 
 YAML is only a serialization of these dataclasses: unknown keys, wrong types and out-of-range
-values raise ConfigError with one line naming the key, the bad value and what is allowed.
-The CLI turns ConfigError into exit code 2.
+values raise ConfigError with one line naming the key, the bad value (shortened: a value shown in
+a message is at most ~80 characters, however big it is) and what is allowed. The CLI turns
+ConfigError into exit code 2.
+
+Reading is defensive (load_config): the file must be a regular file of at most 1 MiB
+(input_files.py: a FIFO or /dev/zero is refused, not read); YAML with a key given twice is
+refused (PyYAML would silently keep the last value); alias expansion is bounded (an anchor
+referenced from nested aliases - the "billion laughs" shape - is refused before it is built, in
+milliseconds, instead of building and printing gigabytes); a section that is not a mapping
+(`attention: []`) is an error, only `null` means "defaults".
+
+Ranges are the ones the sampler and the number formats can carry (see each field's docstring);
+what depends on the model or on two values at once (steps with shift, sizes against the model's
+rotary table, dense layers against its depth) is checked before loading by app.validate_run.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +44,42 @@ AUTO_ON_OFF = ("auto", "on", "off")
 SAMPLERS = ("unipc", "euler")
 COMPILE_MODES = ("auto", "none", "blocks", "blocks-split")
 CACHE_FORMS = "none, first-block:T (T >= 0), mag:T[:K] (T >= 0, K >= 1 skips in a row) or mag:calibrate"
+
+# Wan2.1's rotary tables hold 1024 positions per axis (WanTransformer3DModel rope_max_seq_len);
+# one position is one latent frame (4 video frames) or one 2x2 patch of 8x8-pixel latents (16 px).
+ROPE_POSITIONS = 1024
+MAX_SIDE = 16 * ROPE_POSITIONS  # 16384 px
+MAX_FRAMES = 4 * (ROPE_POSITIONS - 1) + 1  # 4093 frames = 1024 latent frames
+NUM_TRAIN_TIMESTEPS = 1000  # Wan's UniPC flow-matching scheduler
+MAX_GUIDANCE = 100.0
+SHIFT_RANGE = (0.01, 100.0)
+YAML_MAX_NODES = 10_000
+"""Expanded YAML node budget: a config has ~30 nodes; 10,000 is far above any real file and far
+below what makes building or printing the value slow."""
+YAML_MAX_FLOW_DEPTH = 32
+"""PyYAML's scanner is quadratic in the nesting depth of [ ] / { } (2,000 levels: 2.5 s) and its
+composer recursive, so depth is checked on the raw text before parsing; a config needs 2."""
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxtuple, _short.maxdict, _short.maxlevel = 60, 60, 6, 6, 4, 2
+
+
+def show(value: Any) -> str:
+    """repr(value) cut to ~80 characters, whatever its size or nesting (for one-line errors)."""
+    return _short.repr(value)
+
+
+def utf8_problem(text: str) -> str | None:
+    """None if `text` can be written as UTF-8; else where and why not. Lone surrogates come from
+    bytes that were not UTF-8 (a shell in a Latin-1 locale, a file name) via surrogateescape."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        raw = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
+        return (f"is not valid UTF-8 ({raw} at character {e.start + 1}); use UTF-8 text "
+                "(check the terminal's or file's encoding)")
 
 
 class ConfigError(ValueError):
@@ -53,11 +102,25 @@ def _from_section(cls, section: str, data: Mapping[str, Any]):
 
 def _check_keys(section: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{section or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{section or 'config'}: expected a mapping, got {type(data).__name__} {show(data)}")
     for key in data:
         if key not in allowed:
-            where = f"{section}.{key}" if section else str(key)
+            name = key if isinstance(key, str) and len(key) <= 60 else show(key)
+            where = f"{section}.{name}" if section else str(name)
             raise ConfigError(f"unknown key '{where}'; allowed keys: {', '.join(allowed)}")
+
+
+def _fields_dict(obj: Any) -> dict[str, Any]:
+    """Shallow dataclasses.asdict: the fields are scalars and tuples, so there is nothing to copy
+    deeply, and asdict's deep copy dominated planning a 10,000-item batch."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _section(data: Mapping[str, Any], key: str) -> Any:
+    """A config section: absent or null means defaults; anything else must be a mapping (checked
+    by the section's from_mapping), so `attention: []` is an error rather than "defaults"."""
+    value = data.get(key)
+    return {} if value is None else value
 
 
 @dataclass(frozen=True)
@@ -93,51 +156,51 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         t = self.type
         if t not in ATTENTION_TYPES:
-            raise ConfigError(f"attention.type: {t!r} is not allowed; use one of {', '.join(ATTENTION_TYPES)}")
+            raise ConfigError(f"attention.type: {show(t)} is not allowed; use one of {', '.join(ATTENTION_TYPES)}")
         uses_nabla = t in ("nabla", "nabla_sta")
         uses_sta = t in ("sta", "nabla_sta")
         if uses_nabla:
             th = self.threshold
             if th is None:
-                raise ConfigError(f"attention.threshold is required for type {t!r}; give a number in (0, 1]")
+                raise ConfigError(f"attention.threshold is required for type {show(t)}; give a number in (0, 1]")
             if not _is_number(th) or not (0.0 < float(th) <= 1.0):
-                raise ConfigError(f"attention.threshold: {th!r} is not allowed; use a number in (0, 1]")
+                raise ConfigError(f"attention.threshold: {show(th)} is not allowed; use a number in (0, 1]")
             object.__setattr__(self, "threshold", float(th))
         elif self.threshold is not None:
-            raise ConfigError(f"attention.threshold: set to {self.threshold!r} but type {t!r} does not use it")
+            raise ConfigError(f"attention.threshold: set to {show(self.threshold)} but type {show(t)} does not use it")
         if uses_sta:
             w = self.sta_window
             if w is None:
-                raise ConfigError(f"attention.sta_window is required for type {t!r}; give [wT, wH, wW]")
+                raise ConfigError(f"attention.sta_window is required for type {show(t)}; give [wT, wH, wW]")
             if (
                 not isinstance(w, (list, tuple))
                 or len(w) != 3
                 or not all(_is_int(x) and x > 0 and x % 2 == 1 for x in w)
             ):
                 raise ConfigError(
-                    f"attention.sta_window: {w!r} is not allowed; use three positive odd integers [wT, wH, wW]"
+                    f"attention.sta_window: {show(w)} is not allowed; use three positive odd integers [wT, wH, wW]"
                 )
             object.__setattr__(self, "sta_window", tuple(int(x) for x in w))
         elif self.sta_window is not None:
-            raise ConfigError(f"attention.sta_window: set to {self.sta_window!r} but type {t!r} does not use it")
+            raise ConfigError(f"attention.sta_window: set to {show(self.sta_window)} but type {show(t)} does not use it")
         if not _is_int(self.dense_steps) or self.dense_steps < 0:
-            raise ConfigError(f"attention.dense_steps: {self.dense_steps!r} is not allowed; use an integer >= 0")
+            raise ConfigError(f"attention.dense_steps: {show(self.dense_steps)} is not allowed; use an integer >= 0")
         dl = self.dense_layers
         if not isinstance(dl, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in dl):
             raise ConfigError(
-                f"attention.dense_layers: {dl!r} is not allowed; use a list of block indices (integers >= 0)"
+                f"attention.dense_layers: {show(dl)} is not allowed; use a list of block indices (integers >= 0)"
             )
         object.__setattr__(self, "dense_layers", tuple(sorted(set(int(x) for x in dl))))
         bs = self.block_size
         if bs is not None:
             if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in (64, 128) for x in bs):
-                raise ConfigError(f"attention.block_size: {bs!r} is not allowed; use [q, kv] with each 64 or 128")
+                raise ConfigError(f"attention.block_size: {show(bs)} is not allowed; use [q, kv] with each 64 or 128")
             object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
         if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
-            raise ConfigError(f"attention.time_pairs: {self.time_pairs!r} is not allowed; use true, false or null")
+            raise ConfigError(f"attention.time_pairs: {show(self.time_pairs)} is not allowed; use true, false or null")
         if self.backend not in ATTENTION_BACKENDS:
             raise ConfigError(
-                f"attention.backend: {self.backend!r} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
+                f"attention.backend: {show(self.backend)} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def sparse(self) -> bool:
@@ -151,7 +214,7 @@ class AttentionConfig:
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = _fields_dict(self)
         d["sta_window"] = list(self.sta_window) if self.sta_window else None
         d["dense_layers"] = list(self.dense_layers)
         d["block_size"] = list(self.block_size) if self.block_size else None
@@ -168,18 +231,23 @@ class AttentionConfig:
 
 
 def parse_size(value: Any, key: str = "size") -> tuple[int, int]:
-    """'832x480' or [832, 480] -> (width, height); both multiples of 16 and positive."""
+    """'832x480' or [832, 480] -> (width, height); both positive multiples of 16, at most MAX_SIDE."""
     if isinstance(value, str):
-        parts = value.lower().replace("×", "x").split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ConfigError(f"{key}: {value!r} is not allowed; use WIDTHxHEIGHT, e.g. 832x480")
+        parts = [p.strip() for p in value.lower().replace("×", "x").split("x")]
+        # isdecimal (not isdigit: '²' is a digit int() refuses); 6 digits is far above MAX_SIDE and
+        # keeps int() away from its 4300-digit limit.
+        if len(parts) != 2 or not all(p.isdecimal() and len(p) <= 6 for p in parts):
+            raise ConfigError(f"{key}: {show(value)} is not allowed; use WIDTHxHEIGHT, e.g. 832x480")
         w, h = (int(p) for p in parts)
     elif isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value):
         w, h = value
     else:
-        raise ConfigError(f"{key}: {value!r} is not allowed; use WIDTHxHEIGHT, e.g. 832x480")
+        raise ConfigError(f"{key}: {show(value)} is not allowed; use WIDTHxHEIGHT, e.g. 832x480")
     if w <= 0 or h <= 0 or w % 16 or h % 16:
         raise ConfigError(f"{key}: width and height must be positive multiples of 16, got {w}x{h}")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise ConfigError(f"{key}: {w}x{h} is too large; width and height must be at most {MAX_SIDE} "
+                          f"(Wan's rotary table has {ROPE_POSITIONS} positions of 16 px per axis)")
     return int(w), int(h)
 
 
@@ -193,15 +261,33 @@ class GenerationConfig:
     """Sampling defaults; every field can be overridden on the command line."""
 
     size: tuple[int, int] = (832, 480)
-    """(width, height) in pixels, multiples of 16. YAML: '832x480' or [832, 480]."""
+    """(width, height) in pixels, multiples of 16, each at most 16384. YAML: '832x480' or [832, 480].
+    Why 16384: one rotary position is one 2x2 patch of the 8x-downsampled latents (16 px), and
+    Wan2.1's tables hold 1024 positions per axis; past that diffusers fails inside the first step.
+    A model with a smaller table (the tiny model: 64, i.e. 1024 px) is checked against its own
+    value before loading (app.validate_run)."""
     frames: int = 81
-    """Video frames, of the form 4k+1 (the Wan VAE compresses time by 4)."""
+    """Video frames, of the form 4k+1 (the Wan VAE compresses time by 4), at most 4093: 1024
+    latent frames, the rotary table's length on the time axis (a smaller table is checked by
+    app.validate_run)."""
     steps: int = 50
-    """Denoising steps (UniPC flow matching)."""
+    """Denoising steps (UniPC flow matching), 1..1000. The scheduler maps each step's sigma to
+    one of its 1000 training timesteps, so more steps than that can only repeat timesteps. Not every
+    count up to 1000 runs: when the first two integer timesteps coincide (shift 3.0: from 334
+    steps; shift 5.0: from 201; shift 100: from 11) diffusers' UniPC starts at the wrong index and
+    fails with an assertion at the last step. That set depends on the shift, so it is checked
+    exactly, with the scheduler itself, before loading (app.check_sampler)."""
     guidance_scale: float = 5.0
-    """Classifier-free guidance scale; <= 1 disables the unconditional pass."""
+    """Classifier-free guidance scale in [0, 100]; <= 1 disables the unconditional pass. The
+    guided prediction uncond + g * (cond - uncond) grows linearly in g and the latents with it; they
+    are cast to the transformer's dtype every step, and float16 overflows at 65504 (NaN frames,
+    measured on the tiny model at g = 1e8; bf16/fp32 at 1e38). Published Wan settings are 5-6 and
+    no useful CFG exceeds ~20; 100 keeps a wide margin to every dtype's range."""
     shift: float | None = None
-    """Flow-matching shift; None picks 5.0 for 720p and 3.0 for 480p."""
+    """Flow-matching shift in [0.01, 100]; None picks 5.0 for 720p and 3.0 for 480p. The schedule
+    is sigma' = shift*s / (1 + (shift-1)*s): far outside that range every sigma rounds to 0 or 1
+    (NaN from UniPC's log-SNR at shift 1e-30 and 1e30, measured), and large shifts leave room for
+    only a few steps (see `steps`). Published flow shifts are 1-17."""
     seed: int = 0
     fps: int = 16
     negative_prompt: str = ""
@@ -220,32 +306,38 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", parse_size(self.size, "generation.size"))
         f = self.frames
-        if not _is_int(f) or f < 1 or (f - 1) % 4:
-            raise ConfigError(f"generation.frames: {f!r} is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ConfigError(f"generation.steps: {self.steps!r} is not allowed; use an integer >= 1")
-        if not _is_number(self.guidance_scale) or self.guidance_scale < 0:
-            raise ConfigError(f"generation.guidance_scale: {self.guidance_scale!r} is not allowed; use a number >= 0")
-        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if not _is_int(f) or f < 1 or (f - 1) % 4 or f > MAX_FRAMES:
+            raise ConfigError(f"generation.frames: {show(f)} is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)"
+                              + (f", at most {MAX_FRAMES}" if _is_int(f) and f > MAX_FRAMES else ""))
+        if not _is_int(self.steps) or not (1 <= self.steps <= NUM_TRAIN_TIMESTEPS):
+            raise ConfigError(f"generation.steps: {show(self.steps)} is not allowed; use an integer in "
+                              f"[1, {NUM_TRAIN_TIMESTEPS}]")
+        g = self.guidance_scale
+        if not _is_number(g) or not (0 <= g <= MAX_GUIDANCE):
+            raise ConfigError(f"generation.guidance_scale: {show(g)} is not allowed; use a number in [0, {MAX_GUIDANCE:g}]")
+        object.__setattr__(self, "guidance_scale", float(g))
         if self.shift is not None:
-            if not _is_number(self.shift) or self.shift <= 0:
-                raise ConfigError(f"generation.shift: {self.shift!r} is not allowed; use a number > 0")
+            lo, hi = SHIFT_RANGE
+            if not _is_number(self.shift) or not (lo <= self.shift <= hi):
+                raise ConfigError(f"generation.shift: {show(self.shift)} is not allowed; use a number in [{lo:g}, {hi:g}]")
             object.__setattr__(self, "shift", float(self.shift))
         if not _is_int(self.seed) or self.seed < 0 or self.seed >= 2**63:
-            raise ConfigError(f"generation.seed: {self.seed!r} is not allowed; use an integer in [0, 2**63)")
+            raise ConfigError(f"generation.seed: {show(self.seed)} is not allowed; use an integer in [0, 2**63)")
         if not _is_int(self.fps) or not (1 <= self.fps <= 240):
-            raise ConfigError(f"generation.fps: {self.fps!r} is not allowed; use an integer in [1, 240]")
+            raise ConfigError(f"generation.fps: {show(self.fps)} is not allowed; use an integer in [1, 240]")
         if not isinstance(self.negative_prompt, str):
-            raise ConfigError(f"generation.negative_prompt: {self.negative_prompt!r} is not allowed; use a string")
+            raise ConfigError(f"generation.negative_prompt: {show(self.negative_prompt)} is not allowed; use a string")
+        if (why := utf8_problem(self.negative_prompt)) is not None:
+            raise ConfigError(f"generation.negative_prompt: {why}")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"generation.dtype: {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
+            raise ConfigError(f"generation.dtype: {show(self.dtype)} is not allowed; use one of {', '.join(DTYPES)}")
         d = self.device
         if not isinstance(d, str) or not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ConfigError(f"generation.device: {d!r} is not allowed; use auto, cpu, cuda or cuda:N")
+            raise ConfigError(f"generation.device: {show(d)} is not allowed; use auto, cpu, cuda or cuda:N")
         if not isinstance(self.batch_cfg, bool):
-            raise ConfigError(f"generation.batch_cfg: {self.batch_cfg!r} is not allowed; use true or false")
+            raise ConfigError(f"generation.batch_cfg: {show(self.batch_cfg)} is not allowed; use true or false")
         if self.sampler not in SAMPLERS:
-            raise ConfigError(f"generation.sampler: {self.sampler!r} is not allowed; use one of {', '.join(SAMPLERS)}")
+            raise ConfigError(f"generation.sampler: {show(self.sampler)} is not allowed; use one of {', '.join(SAMPLERS)}")
 
     @property
     def width(self) -> int:
@@ -264,7 +356,7 @@ class GenerationConfig:
         return _from_section(cls, "generation", data)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = _fields_dict(self)
         d["size"] = f"{self.size[0]}x{self.size[1]}"
         d["shift"] = self.resolved_shift
         return d
@@ -272,7 +364,9 @@ class GenerationConfig:
 
 def _optional_text(key: str, value: Any, allowed: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise ConfigError(f"{key}: {value!r} is not allowed; use {allowed}")
+        raise ConfigError(f"{key}: {show(value)} is not allowed; use {allowed}")
+    if value is not None and (why := utf8_problem(value)) is not None:
+        raise ConfigError(f"{key}: {why}")
     return value
 
 
@@ -548,13 +642,13 @@ class RunConfig:
         data = {} if data is None else data
         _check_keys("", data, ("model", "attention", "generation", "memory", "speed", "lora", "parallel"))
         return cls(
-            attention=AttentionConfig.from_mapping(data.get("attention") or {}),
-            generation=GenerationConfig.from_mapping(data.get("generation") or {}),
+            attention=AttentionConfig.from_mapping(_section(data, "attention")),
+            generation=GenerationConfig.from_mapping(_section(data, "generation")),
             model=ModelConfig.from_value(data.get("model")),
-            memory=MemoryConfig.from_mapping(data.get("memory") or {}),
-            speed=SpeedConfig.from_mapping(data.get("speed") or {}),
+            memory=MemoryConfig.from_mapping(_section(data, "memory")),
+            speed=SpeedConfig.from_mapping(_section(data, "speed")),
             lora=data.get("lora"),
-            parallel=ParallelConfig.from_mapping(data.get("parallel") or {}),
+            parallel=ParallelConfig.from_mapping(_section(data, "parallel")),
         )
 
     def override(self, **changes: Any) -> RunConfig:
@@ -596,28 +690,136 @@ class RunConfig:
                 "parallel": self.parallel.to_dict()}
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=False)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: SafeLoader reports it itself
+                    continue
+                if duplicate:
+                    raise ConfigError(f"duplicate key {show(key)} (line {key_node.start_mark.line + 1}); "
+                                      "each key may appear once")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node, limit: int = YAML_MAX_NODES) -> None:
+    """Refuse a node graph whose alias expansion exceeds `limit` nodes, or that refers to itself.
+
+    Aliases make the composed graph a DAG whose expansion can be exponential in the file size; its
+    expanded size is computed here in time linear in the number of distinct nodes (memoised by
+    identity), before anything is constructed."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        nid = id(node)
+        if isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            kids = list(node.value)
+        else:
+            kids = []
+        if children_done:
+            active.discard(nid)
+            size[nid] = 1 + sum(size[id(k)] for k in kids)
+            if size[nid] > limit:
+                raise ConfigError(f"YAML aliases expand to more than {limit} values (line {node.start_mark.line + 1}); "
+                                  "a config needs a few dozen: write the values out")
+            continue
+        if nid in size:
+            continue
+        active.add(nid)
+        stack.append((node, True))
+        for k in kids:
+            if id(k) in active:
+                raise ConfigError(f"YAML alias refers to itself (line {k.start_mark.line + 1}); configs cannot be recursive")
+            if id(k) not in size:
+                stack.append((k, False))
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest [ / { nesting of `text`, skipping quoted strings and comments (a conservative
+    estimate: a bracket inside a plain scalar counts too)."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c == "'":
+            i = text.find("'", i + 1)  # '' (an escaped quote) just closes and reopens
+            i = n if i < 0 else i
+        elif c == "#" and (i == 0 or text[i - 1] in " \t\n"):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        i += 1
+    return deepest
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, with the rules of the module doc (ConfigError, one line)."""
+    if _flow_depth(text) > YAML_MAX_FLOW_DEPTH:
+        raise ConfigError(f"YAML nested more than {YAML_MAX_FLOW_DEPTH} levels deep; a config needs 2")
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"not valid YAML{where}: {show(first)[1:-1]}") from None
+    except RecursionError:
+        raise ConfigError("not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Read and validate a YAML config (a path, or a bundled preset's name: presets/__init__.py);
-    None gives the defaults (full attention)."""
+    None gives the defaults (full attention). See the module doc for what is refused."""
+    from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
     from .presets import preset_names, resolve_config_path
 
     if path is None:
         return RunConfig()
     p = resolve_config_path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {str(p)!r} does not exist; give a YAML path or a preset name: {', '.join(preset_names())}"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {e}") from None
+        raw = read_input_file(p, "config file", CONFIG_MAX_BYTES)
+    except InputFileError as e:
+        if not os.path.lexists(p):
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; give a YAML path or a preset name: {', '.join(preset_names())}"
+            ) from None
+        raise ConfigError(str(e)) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {first}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start + 1}); save it as UTF-8") from None
     try:
+        data = parse_yaml(text)
         return RunConfig.from_mapping(data)
-    except TypeError as e:  # e.g. a section given as a list
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(p)!r}: {e}") from None
+    except TypeError as e:  # e.g. an argument the dataclass does not take
         raise ConfigError(f"config file {str(p)!r}: {e}") from None

@@ -13,10 +13,21 @@ Limits and policy:
 - `dtype=` is passed to from_pretrained (diffusers 0.42 deprecates `torch_dtype`).
 - The VAE is always loaded and run in float32 (Wan's VAE is unstable in bf16/fp16); `dtype` applies
   to the transformer and the text encoder.
+- Path or hub id: `--model` is a local path if it looks like one (looks_like_path: it starts with
+  '.', '/' or '~', contains a backslash or a second '/', ends in '/', exists, its first component
+  is an existing directory, or it ends in a known Wan2.1 directory name under an owner other than
+  Wan-AI, as `weights/Wan2.1-T2V-1.3B-Diffusers` does); otherwise 'owner/name' is a hub id. A
+  missing path is reported as a missing directory, never looked up on the hub.
 - A hub id is first looked up in the local HF cache. Downloading happens only when the cache misses
-  and HF_HUB_OFFLINE is not set; any failure becomes ModelNotFoundError with the `hf download`
-  command to run (diffusers 0.42 needs huggingface_hub >= 1.32, where the old `huggingface-cli`
-  no longer exists).
+  and HF_HUB_OFFLINE is not set, and only after one quick request (HUB_PROBE_TIMEOUT_S, no
+  retries) showed that the hub answers and the repo exists: huggingface_hub itself retries a
+  failed download 5 times with backoff (~23 s offline), so without the probe an offline machine
+  waits that long for a known answer. Any failure becomes ModelNotFoundError with the
+  `hf download` command to run (diffusers 0.42 needs huggingface_hub >= 1.32, where the old
+  `huggingface-cli` no longer exists). check_available() makes the same decisions without
+  loading anything (the CLI calls it before any work); repo_id_for() picks the repo the command
+  names: the hub id itself, Wan-AI/<name> for a path ending in a known Wan2.1 directory name,
+  else the config's hub id or the 1.3B default.
 - `load_transformer` takes DiT weights from elsewhere (checkpoint.py: original Wan or diffusers key
   names, one file or shards) into the architecture of the base model's transformer config; a hub id
   is fetched with only its *.safetensors and *.json files. The base then needs no transformer weights.
@@ -27,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -61,19 +73,41 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def download_command(repo_id: str = DEFAULT_HUB_ID, dit_only: bool = False) -> str:
-    """The shell command that puts `repo_id` where resolve_model() looks for it (`dit_only`: only
-    the safetensors weights and json files of a transformer checkpoint, for --transformer)."""
+KNOWN_REPOS = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers")
+HUB_PROBE_TIMEOUT_S = 5.0
+"""One request, no retries: the hub answers in well under a second when it is reachable."""
+
+
+def repo_id_for(model: str | None, fallback: str | None = None) -> str:
+    """The hub repo that provides `model` (see module doc), for the download command."""
+    if model and looks_like_hub_id(model):
+        return model
+    name = Path(str(model or "").rstrip("/\\")).name
+    for repo in KNOWN_REPOS:
+        if name.lower() == repo.split("/")[1].lower():
+            return repo
+    if fallback and looks_like_hub_id(fallback):
+        return fallback
+    return DEFAULT_HUB_ID
+
+
+def download_command(repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
+                     dit_only: bool = False) -> str:
+    """The shell command that puts `repo_id` at `local_dir` (default weights/<name>, where
+    resolve_model() looks for the 1.3B model); `dit_only`: only the safetensors weights and json
+    files of a transformer checkpoint, for --transformer."""
+    target = str(local_dir) if local_dir is not None else f"weights/{repo_id.rstrip('/').split('/')[-1]}"
     include = "".join(f' --include "{p}"' for p in DIT_PATTERNS) if dit_only else ""
-    return f"hf download {repo_id}{include} --local-dir weights/{repo_id.rstrip('/').split('/')[-1]}"
+    return f"hf download {repo_id}{include} --local-dir {shlex.quote(target)}"
 
 
 class ModelNotFoundError(RuntimeError):
     """The requested weights are not available; the message is one line ending in the download command."""
 
-    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID, command: str | None = None):
+    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
+                 command: str | None = None):
         reason = " ".join(str(reason).split())  # one line, whatever the wrapped error looked like
-        super().__init__(f"{reason}; get the weights with: {command or download_command(repo_id)}")
+        super().__init__(f"{reason}; get the weights with: {command or download_command(repo_id, local_dir)}")
         self.repo_id = repo_id
 
 
@@ -88,26 +122,98 @@ def resolve_model(cli_model: str | None, config_model: str | None, weights_root:
     return DEFAULT_HUB_ID
 
 
+def looks_like_path(model: str) -> bool:
+    """True if `model` names a local path rather than a hub id (rules in the module doc)."""
+    if model == TINY_MODEL_ID:
+        return False
+    if not _HUB_ID.match(model):  # not 'owner/name': only a path can be meant
+        return True
+    owner, name = model.split("/")
+    if os.path.lexists(model) or os.path.isdir(owner):
+        return True
+    return owner != "Wan-AI" and any(name.lower() == r.split("/")[1].lower() for r in KNOWN_REPOS)
+
+
 def looks_like_hub_id(model: str) -> bool:
-    """'owner/name' with exactly one slash and no path prefix (./, /, ~)."""
-    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
+    """'owner/name' with exactly one slash that does not look like a local path."""
+    return bool(_HUB_ID.match(model)) and not looks_like_path(model)
 
 
-def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID, transformer_weights: bool = True) -> None:
+def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
+                    transformer_weights: bool = True) -> None:
     """Raise ModelNotFoundError unless `path` is a complete diffusers Wan layout with safetensors weights
     (without `transformer_weights`, only the transformer's config.json is needed)."""
+    local_dir = path if local_dir is None else local_dir
     missing = [e for e in REQUIRED_ENTRIES if not (path / e).exists()]
     if not transformer_weights and (path / "transformer").is_dir() and not (path / "transformer" / "config.json").exists():
         missing.append("transformer/config.json")
     if missing:
-        raise ModelNotFoundError(f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}", repo_id)
+        raise ModelNotFoundError(f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}",
+                                 repo_id, local_dir)
     for sub in _WEIGHT_SUBFOLDERS if transformer_weights else ("vae", "text_encoder"):
         files = [f for f in (path / sub).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
             continue
         pickles = sorted(f.name for f in files if f.suffix in _PICKLE_SUFFIXES)
         why = f"only pickle weights ({', '.join(pickles)}), which are refused" if pickles else "no weight files"
-        raise ModelNotFoundError(f"{str(path / sub)!r} has no .safetensors weights: {why}", repo_id)
+        raise ModelNotFoundError(f"{str(path / sub)!r} has no .safetensors weights: {why}", repo_id, local_dir)
+
+
+def check_available(model: str, config_model: str | None = None, transformer_weights: bool = True) -> None:
+    """Raise ModelNotFoundError now if load_pipeline(model) would: a missing or incomplete
+    directory, a file, a hub id that is neither cached nor reachable. Loads nothing; at most one
+    quick request to the hub (none when cached or offline). Without `transformer_weights` (the
+    DiT comes from --transformer) a directory needs only its transformer's config.json."""
+    if model == TINY_MODEL_ID:
+        return
+    path = Path(model).expanduser()
+    repo = repo_id_for(model, config_model)
+    if path.is_dir():
+        check_model_dir(path, repo, path, transformer_weights=transformer_weights)
+    elif os.path.lexists(path):
+        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory", repo, path)
+    elif looks_like_hub_id(model):
+        if model_file(model, "model_index.json") is None:
+            _check_hub_reachable(model)
+    else:
+        raise ModelNotFoundError(f"model directory {model!r} does not exist", repo, path)
+
+
+def model_file(model: str, filename: str) -> Path | None:
+    """`filename` (e.g. "transformer/config.json") of a local model directory or of a hub id's
+    cached snapshot, without any download; None if it is not there."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    if not looks_like_hub_id(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model, filename)
+    except (OSError, ValueError):
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """One request without retries: is the hub reachable, and does it have `repo_id`?"""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if _offline():
+        raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set", repo_id)
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id!r} is gated: accept its license on huggingface.co and log in "
+                                 "(hf auth login)", repo_id) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id!r} is not a model repo on the Hugging Face hub (nor a local "
+                                 "directory); check the name", repo_id) from None
+    except _hub_errors() as exc:
+        raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and the hub at "
+                                 f"{hf_constants.ENDPOINT} cannot be reached ({_first_line(exc)})", repo_id) from None
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, transformer=None) -> WanPipeline:
@@ -147,6 +253,7 @@ def _from_hub(repo_id: str, fetch, command: str | None = None):
             f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_first_line(cache_miss)})",
             repo_id, command,
         ) from cache_miss
+    _check_hub_reachable(repo_id)  # fail in one request instead of huggingface_hub's 5 retries
     try:
         return fetch(False)
     except errors as exc:
@@ -161,10 +268,11 @@ def _kind(model: str) -> tuple[str, Path]:
     if path.is_dir():
         return "dir", path
     if path.exists():
-        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory")
+        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory",
+                                 repo_id_for(model), path)
     if looks_like_hub_id(model):
         return "hub", path
-    raise ModelNotFoundError(f"model directory {model!r} does not exist")
+    raise ModelNotFoundError(f"model directory {model!r} does not exist", repo_id_for(model), path)
 
 
 def load_pipeline(
@@ -190,11 +298,12 @@ def load_pipeline(
             save_tiny_checkpoint(tmp, seed=tiny_seed)
             return _from_pretrained(tmp, dtype, True, transformer).to(device)
     if kind == "dir":
-        check_model_dir(path, transformer_weights=transformer is None)
+        check_model_dir(path, repo_id_for(model), path, transformer_weights=transformer is None)
         try:
             pipe = _from_pretrained(str(path), dtype, True, transformer)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({_first_line(exc)})") from exc
+            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({_first_line(exc)})",
+                                     repo_id_for(model), path) from exc
     else:
         pipe = _from_hub(model, lambda local: _from_pretrained(model, dtype, local, transformer))
     return pipe.to(device)
@@ -213,7 +322,7 @@ def transformer_config(model: str) -> dict:
 
     if kind == "hub":
         return _from_hub(model, lambda local: read(model, local))
-    check_model_dir(path, transformer_weights=False)
+    check_model_dir(path, repo_id_for(model), path, transformer_weights=False)
     try:
         return read(str(path), True)
     except (OSError, ValueError) as exc:

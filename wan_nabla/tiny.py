@@ -23,6 +23,8 @@ TINY_MODEL_ID = "tiny"
 # Generation settings the CLI uses with `--model tiny` for every value not given as a flag: the
 # presets' 832x480x81 x 50 steps would take a long time on a CPU for a video that is noise anyway.
 TINY_GENERATION = {"size": (128, 128), "frames": 17, "steps": 4}
+TINY_LAYERS = 2
+TINY_ROPE_POSITIONS = 64  # rotary table length per axis: at most 64 latent frames / 1024 px per side
 
 # T5's id convention (pad=0, eos=1, unk=2) so UMT5Config defaults stay correct.
 _SPECIAL = ("<pad>", "</s>", "<unk>")
@@ -35,8 +37,8 @@ TINY_HEADS = 2
 # The tiny transformer's config (WanTransformer3DModel keyword arguments).
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=TINY_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16, out_channels=16,
-    text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=TINY_LAYERS, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=TINY_ROPE_POSITIONS,
 )
 
 

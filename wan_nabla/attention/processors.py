@@ -32,8 +32,8 @@ by `run.compile_region`:
   CPU tensor, a graph input, so all blocks (and later runs) share one graph instead of guarding
   on 40 different ints or baking a run into it.
 - "split": a `torch.compiler.disable`d call; the block's graph splits around attention.
-Under Ulysses the all-to-alls and attention always run behind such a graph break
-(`attend_sequence_parallel`), whatever the region.
+Under Ulysses the all-to-alls run inside the same opaque region as attention
+(`wan_nabla::attend_sequence_parallel`, or behind the graph break).
 Either way the mask build and the kernel run as they do eagerly (the kernel is the process-wide
 compiled flex or flash-attn-4), dense_steps switch kernels without a recompile, and statistics
 stay exact. Inside a compiled block the rotary embedding is plain torch (Inductor fuses it with
@@ -267,12 +267,29 @@ def attend_outside_graph(run: AttentionRun, q_BHSD, k_BHSD, v_BHSD, layer: int) 
     return run.attend(q_BHSD, k_BHSD, v_BHSD, layer)
 
 
-@torch.compiler.disable
-def attend_sequence_parallel(run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: int) -> torch.Tensor:
-    """Ulysses attention on local tokens [B, S_loc, H, D] -> [B, H, S_loc, D]: heads scattered over
-    the ranks (all tokens each), `run.attend`, gathered back; behind a graph break in compiled blocks."""
+def _attend_sequence_parallel(run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: int) -> torch.Tensor:
+    """Ulysses attention on local tokens [B, S_loc, H, D] -> [B, H, S_loc, D] (contiguous): heads
+    scattered over the ranks (all tokens each), `run.attend`, gathered back."""
     sp = run.sequence_parallel
-    return sp.gather_heads(run.attend(*sp.scatter_heads(q_BSHD, k_BSHD, v_BSHD), layer))
+    return sp.gather_heads(run.attend(*sp.scatter_heads(q_BSHD, k_BSHD, v_BSHD), layer)).contiguous()
+
+
+attend_sequence_parallel = torch.compiler.disable(_attend_sequence_parallel)
+"""Behind a graph break (compile_region "split")."""
+
+
+@torch.library.custom_op("wan_nabla::attend_sequence_parallel", mutates_args=())
+def attend_sequence_parallel_op(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
+                                ids: torch.Tensor) -> torch.Tensor:
+    """Ulysses attention (all-to-alls included) as one opaque node of a compiled graph ("op")."""
+    run_id, layer = ids.tolist()
+    return _attend_sequence_parallel(_RUNS[run_id], q_BSHD, k_BSHD, v_BSHD, layer)
+
+
+@attend_sequence_parallel_op.register_fake
+def _attend_sequence_parallel_fake(q_BSHD, k_BSHD, v_BSHD, ids):
+    b, s, h, d = q_BSHD.shape
+    return q_BSHD.new_empty(b, h, s, d)
 
 
 class WanSparseAttnProcessor:
@@ -304,8 +321,13 @@ class WanSparseAttnProcessor:
                 q, k = rotate_torch(q, cos, sin), rotate_torch(k, cos, sin)
         if self.run.sequence_parallel is not None:
             # Ulysses: all tokens for this rank's heads, attention exactly as on one GPU, and back;
-            # the all-to-alls stay outside any compiled graph.
-            out = attend_sequence_parallel(self.run, q, k, v, self.layer)
+            # the all-to-alls never enter a compiled graph (an opaque op, or a graph break).
+            if region == "op":
+                out = attend_sequence_parallel_op(q, k, v, self.ids)
+            elif region == "split":
+                out = attend_sequence_parallel(self.run, q, k, v, self.layer)
+            else:
+                out = _attend_sequence_parallel(self.run, q, k, v, self.layer)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
             if region == "op":

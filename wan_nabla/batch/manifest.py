@@ -6,7 +6,8 @@
     records = read_manifest(out_dir / "manifest.jsonl")       # every complete record, in order
 
 Each record is written as one line with a single write, then fsynced, so a run killed at any
-moment leaves at worst a truncated last line. The reader skips lines that are not a JSON object
+moment leaves at worst a truncated last line (SIGINT/SIGTERM wait until the line is written and
+fsynced: interrupts.deferred). The reader skips lines that are not a JSON object
 (and says how many); the writer first ends such a dangling line with "\\n", so a new record never
 glues onto it. Two advisory `flock`s: the owner (the batch, rank 0 under torchrun) holds one on
 the output directory for its lifetime, so a second batch on the same directory fails at once
@@ -26,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..interrupts import deferred
 from ..output.files import OutputError
 
 try:
@@ -104,10 +106,11 @@ class ManifestWriter:
                 os.lseek(self._fd, size - 1, os.SEEK_SET)  # reads honour the offset; O_APPEND writes go to the end
                 if os.read(self._fd, 1) != b"\n":
                     data = b"\n" + data
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+            with deferred():  # a signal (SIGINT/SIGTERM) never cuts a record in half
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
         finally:
             if fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -8,8 +8,10 @@ Settings: config < command-line flags < the item's own fields. Seed: the item's 
 --seed (or the config's seed, default 0). Key: sha256 of (index, prompt, negative prompt, name,
 model, attention config except its kernel backend, generation settings except device, LoRAs and
 step cache when set: where and with which kernels an item runs is not what it is), stored in the
-manifest and in the sidecar, so a changed prompt or setting is a new item, never mistaken for one already done.
-A bad value makes the item a failed item with a one-line reason, not an error of the run.
+manifest and in the sidecar, so a changed prompt or setting is a new item, never mistaken for one
+already done. A bad value makes the item a failed item with a one-line reason, not an error of
+the run; so does a value the model or sampler cannot run (`check`, app.ModelFacts.check: steps at
+the shift, size against the rotary table), found here rather than after the item's compute.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import ConfigError, GenerationConfig, RunConfig, parse_size
 from .prompts import PromptItem
@@ -41,8 +43,10 @@ class PlannedItem:
     """The verified earlier record if this item is already done."""
 
 
-def plan_item(cfg: RunConfig, item: PromptItem, model_id: str) -> PlannedItem:
-    """Resolve one item's settings, seed and key; a bad value makes it a failed item, not an error."""
+def plan_item(cfg: RunConfig, item: PromptItem, model_id: str,
+              check: Callable[[GenerationConfig], None] | None = None) -> PlannedItem:
+    """Resolve one item's settings, seed and key; a bad value (config rules, then `check`, which
+    raises ConfigError) makes it a failed item, not an error."""
     if item.error:
         return PlannedItem(item, error=item.error)
     ov = dict(item.overrides)
@@ -52,6 +56,8 @@ def plan_item(cfg: RunConfig, item: PromptItem, model_id: str) -> PlannedItem:
         seed = ov.pop("seed", None)
         seed = derive_seed(cfg.generation.seed, item.index) if seed is None else seed
         g = cfg.override(negative_prompt=item.negative_prompt, seed=seed, **ov).generation
+        if check is not None:
+            check(g)
     except ConfigError as e:
         return PlannedItem(item, error=f"line {item.line}: {str(e).removeprefix('generation.')}")
     ident = {

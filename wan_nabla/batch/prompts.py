@@ -15,10 +15,16 @@ Only the shape of a line is checked here (UTF-8, JSON, an object, known keys, st
 no duplicate keys); value ranges (size, frames, steps, seed, ...) are the batch's job because they
 depend on the config. A line that fails becomes an item whose `error` is one line,
 "line 7: ...": the batch records it as failed and goes on with the others. Only whole-file
-problems raise PromptFileError: missing, unreadable, not a file, an unknown extension, no items.
+problems raise PromptFileError: missing, unreadable, not a regular file (a FIFO or /dev/zero is
+refused, not read: input_files.py), larger than 256 MiB, an unknown extension, no items, or a
+file that is evidently not UTF-8 at all: a UTF-16/UTF-32 byte order mark, NUL bytes in a quarter
+of its first 4 KiB (UTF-16/32 without a mark), or at least two item lines that are not UTF-8
+while no line holds UTF-8 beyond ASCII (a legacy 8-bit encoding such as Windows-1252). One bad
+line in an otherwise UTF-8 file stays a failed item.
 
 Limits: the file is read whole (a million 200-byte prompts is 200 MB); lines end in "\\n" (a
-"\\r" before it is dropped), so a U+2028 inside a prompt does not split it.
+"\\r" before it is dropped), so a U+2028 inside a prompt does not split it. A legacy-encoded file
+with a single non-ASCII line is indistinguishable from one corrupt line and is treated as such.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..input_files import PROMPT_FILE_MAX_BYTES, InputFileError, read_input_file
 
 FORMATS = (".txt", ".jsonl")
 ITEM_KEYS = ("prompt", "negative_prompt", "seed", "size", "frames", "steps", "guidance_scale", "name")
@@ -117,6 +125,32 @@ def _encodable(text: str) -> bool:
         return False
 
 
+_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"), (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+         (b"\xfe\xff", "UTF-16 (big-endian)"), (b"\xff\xfe", "UTF-16 (little-endian)"))
+
+
+def _foreign_encoding(data: bytes) -> str | None:
+    """What a prompt file evidently is if it is not UTF-8 (rules in the module doc), else None."""
+    for bom, name in _BOMS:  # UTF-32 first: its little-endian mark starts like UTF-16's
+        if data.startswith(bom):
+            return f"{name} text (byte order mark)"
+    head = data[:4096]
+    if head and head.count(0) * 4 >= len(head):
+        return "UTF-16 or UTF-32 text (every other byte is NUL)"
+    bad = good_wide = 0
+    for raw in data.split(b"\n"):
+        if raw.isascii() or not raw.strip() or raw.lstrip().startswith(b"#"):
+            continue
+        try:
+            raw.decode("utf-8")
+            good_wide += 1
+        except UnicodeDecodeError:
+            bad += 1
+    if bad >= 2 and not good_wide:
+        return f"in a legacy 8-bit encoding such as Windows-1252 or Latin-1 ({bad} lines are not UTF-8)"
+    return None
+
+
 def read_prompt_file(path: str | Path) -> list[PromptItem]:
     """All items of a .txt or .jsonl prompt file, bad lines included (see module doc)."""
     p = Path(path)
@@ -127,15 +161,15 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
             f"prompt file {str(p)!r}: {what}; use .txt (one prompt per line) or .jsonl (one JSON object per line)"
         )
     try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise PromptFileError(f"prompt file {str(p)!r} does not exist") from None
-    except IsADirectoryError:
-        raise PromptFileError(f"prompt file {str(p)!r} is a directory, not a file") from None
-    except OSError as e:
-        raise PromptFileError(f"prompt file {str(p)!r} cannot be read: {e.strerror or e}") from None
+        data = read_input_file(p, "prompt file", PROMPT_FILE_MAX_BYTES)
+    except InputFileError as e:
+        raise PromptFileError(str(e)) from None
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark (Windows editors)
         data = data[3:]
+    encoding = _foreign_encoding(data)
+    if encoding is not None:
+        raise PromptFileError(f"prompt file {str(p)!r} is {encoding}, not UTF-8; save it as UTF-8 "
+                              "(e.g. iconv -f <encoding> -t UTF-8)")
 
     items: list[PromptItem] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):

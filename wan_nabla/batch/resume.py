@@ -66,6 +66,7 @@ def assign_outputs(planned: list[PlannedItem], out_dir: Path, records: list[dict
     """Mark done items (manifest + files verified) and give every other valid item a unique path."""
     last_done = {r["key"]: r for r in records if r.get("status") in ("ok", "skipped") and isinstance(r.get("key"), str)}
     names: set[str] = set()
+    counters: dict[str, int] = {}  # makes repeated slugs O(1) each (naming.unique_path)
     valid = [p for p in planned if p.error is None]
     for p in valid:
         rec = last_done.get(p.key)
@@ -76,7 +77,7 @@ def assign_outputs(planned: list[PlannedItem], out_dir: Path, records: list[dict
     for p in valid:
         if p.done is None:
             p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
-                                   available=lambda c, k=p.key: free_or_own(c, k))
+                                   available=lambda c, k=p.key: free_or_own(c, k), counters=counters)
             names.add(p.output.name)
     return names
 

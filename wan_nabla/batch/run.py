@@ -18,6 +18,9 @@ Algorithm
    per item generate, write MP4 + sidecar atomically and append one manifest record (fsynced). Any
    exception of an item (CUDA out-of-memory included) is recorded as failed; memory is released
    (gc, CUDA cache) and the run goes on. Leftover temp files of killed writes are removed.
+   SIGINT/SIGTERM stop the run between bytecodes like Ctrl-C: the item in progress is abandoned
+   (its temp files removed), no manifest line is cut (interrupts.py), exit 130/143; the same
+   command resumes.
 
 Under torchrun (`torchrun --nproc-per-node N -m wan_nabla batch ...`) the ranks form groups of
 ulysses_degree x (2 if cfg_parallel else 1) ranks (one rank each without those flags: one pipeline
@@ -46,8 +49,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app import UsageError, agreed, check_parallel, load_generator, model_label, parallel_session, resolve_run_config
-from ..output.files import ensure_writable_dir
+from ..app import (UsageError, agreed, check_parallel, check_text, describe_failure, load_generator, model_label,
+                   parallel_session, resolve_run_config, validate_run)
+from ..output.files import ensure_writable_dir, remove_created_dirs
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
@@ -82,13 +86,6 @@ def _write_video(gen, result, p: PlannedItem) -> dict[str, Any]:
     video: a resumed run must recognise its own files even after a kill right after the write."""
     batch = {"key": p.key, "index": p.item.index, "line": p.item.line, "manifest": MANIFEST_NAME}
     return publish_video(gen, result, p.item.prompt, p.output, extra={"batch": batch})
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
-        return f"out of memory: {text[:300]}; lower size or frames, or use a sparser attention config"
-    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def _release_memory() -> None:
@@ -128,7 +125,7 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
         timings["total_s"] = time.perf_counter() - t0
         return _record(p, "ok", timings=timings, attention_density=density)
     except Exception as exc:  # noqa: BLE001 - isolation is the point; KeyboardInterrupt still stops the run
-        error = f"line {p.item.line}: {_describe(exc)}"
+        error = f"line {p.item.line}: {describe_failure(exc)}"
         log.debug("item %d failed", p.item.index, exc_info=True)
     _release_memory()  # after the except block, so the traceback (and its tensors) is already gone
     return _record(p, "failed", error=error) if writer else None
@@ -159,11 +156,13 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
     except PromptFileError as e:
         raise UsageError(str(e)) from None
     out_dir = Path(args.out_dir).expanduser()
+    check_text(str(out_dir), "--out-dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
-    model_id = model_label(cfg)
     ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
-    planned = [plan_item(cfg, it, model_id) for it in items]
+    facts = validate_run(cfg)  # device, model, LoRAs, sampler and rotary limits (exit 2, nothing written)
+    model_id = model_label(cfg)
+    planned = [plan_item(cfg, it, model_id, check=facts.check) for it in items]
     if cfg.parallel.cfg_parallel:
         for p in planned:
             if p.settings is not None and p.settings.guidance_scale <= 1.0:
@@ -176,9 +175,9 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
         return 1 if any(p.error for p in planned) else 0
     gen = None
     if ranks is not None and _preview_pending(planned, out_dir):
-        gen = load_generator(cfg, ranks)  # before the process group, like generate (app.load_generator)
+        gen = load_generator(cfg, ranks, facts.model)  # before the process group, like generate (app.py)
     with parallel_session(ranks) as ctx:
-        counts = _execute(cfg, planned, out_dir, args.quiet, ctx, on_record, gen)
+        counts = _execute(cfg, planned, out_dir, args.quiet, ctx, on_record, gen, facts.model)
     if ctx is None or ctx.is_main:
         print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
               f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
@@ -189,11 +188,15 @@ class _OutDir:
     """Rank 0's hold on the output directory: its lock (the manifest writer), the output names."""
 
     def __init__(self, out_dir: Path, planned: list[PlannedItem]):
-        self.created = not out_dir.exists()
-        ensure_writable_dir(out_dir)
+        self.created: list[Path] = []
+        ensure_writable_dir(out_dir, self.created)
         self.manifest_path = out_dir / MANIFEST_NAME
         self.had_manifest = self.manifest_path.exists()
-        self.manifest = ManifestWriter(self.manifest_path)
+        try:
+            self.manifest = ManifestWriter(self.manifest_path)
+        except BaseException:  # e.g. locked by another batch: its manifest is not ours to remove
+            remove_created_dirs(self.created)
+            raise
         try:
             self.names = assign_outputs(planned, out_dir, read_manifest(self.manifest_path))
             remove_stale_temps(out_dir, self.names)
@@ -202,12 +205,11 @@ class _OutDir:
             raise
 
     def discard(self, out_dir: Path) -> None:
-        """A model that cannot be loaded leaves nothing behind."""
+        """A run stopped before its first record (a model that cannot be loaded, an interrupt)
+        leaves nothing behind: no manifest it created, no directory it created."""
         if not self.had_manifest:
             self.manifest_path.unlink(missing_ok=True)
-            if self.created:
-                with contextlib.suppress(OSError):
-                    out_dir.rmdir()
+            remove_created_dirs(self.created)
 
 
 def _preview_pending(planned: list[PlannedItem], out_dir: Path) -> bool:
@@ -226,7 +228,8 @@ def _share_outputs(ctx, planned: list[PlannedItem], out_dir: Path) -> set[str]:
     return {name for name, _ in shared if name}
 
 
-def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None) -> dict[str, int]:
+def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None,
+             model: str | None = None) -> dict[str, int]:
     main = ctx is None or ctx.is_main
     try:
         held = agreed(ctx, lambda: _OutDir(out_dir, planned), here=main)
@@ -243,7 +246,7 @@ def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None)
         if pending and gen is None:  # one process; or the directory changed since the ranks' preview
             log.info("resolved config: %s", cfg.to_dict())
             try:
-                gen = agreed(ctx, lambda: load_generator(cfg, ctx))
+                gen = agreed(ctx, lambda: load_generator(cfg, ctx, model))
             except BaseException:
                 if held is not None:
                     held.discard(out_dir)
@@ -258,7 +261,7 @@ def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None)
             gen.close()
         if manifest is not None:
             manifest.close()
-        if held is not None:
+        if held is not None and out_dir.is_dir():  # a discarded run may have removed it
             remove_stale_temps(out_dir, names)
 
 

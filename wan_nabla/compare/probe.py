@@ -222,14 +222,14 @@ class AttentionProbe:
         self.close()
 
     # ---- wrappers ----------------------------------------------------------------------------
-    def _plan(self, q_BHSD, k_BHSD, layout):
-        plan = self._plan_inner(q_BHSD, k_BHSD, layout)
+    def _plan(self, q_BHSD, k_BHSD, layout, pooled=None):
+        plan = self._plan_inner(q_BHSD, k_BHSD, layout, pooled)
         self._last_plan = plan
         return plan
 
-    def _attend(self, q_BHSD, k_BHSD, v_BHSD, layer):
+    def _attend(self, q_BHSD, k_BHSD, v_BHSD, layer, pooled=None):
         self._last_plan = None
-        out = self._attend_inner(q_BHSD, k_BHSD, v_BHSD, layer)
+        out = self._attend_inner(q_BHSD, k_BHSD, v_BHSD, layer, pooled=pooled)
         step, plan = self.run.step, self._last_plan
         self._densities[(step, layer)].append(plan.density if plan is not None else 1.0)
         if step in self.sampling.steps and layer in self.sampling.layers and (step, layer) not in self._seen:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..app import UsageError, load_generator, resolve_run_config
+from ..app import UsageError, check_text, load_generator, resolve_run_config, validate_run
 from ..config import RunConfig
 from ..output.files import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..pipeline import GenerationResult, VideoGenerator
@@ -144,9 +144,11 @@ def _check_video_writer() -> None:
 
 def run_compare_command(args: argparse.Namespace) -> int:
     """The `compare` subcommand (see module doc). Bad input raises a usage error (exit 2)."""
-    if not args.prompt or not args.prompt.strip():
-        raise UsageError("--prompt: must be a non-empty string")
+    check_text(args.prompt, "--prompt", required=True)
     ref_cfg, cand_cfg = resolve_pair(args)
+    check_text(str(args.out), "--out")
+    facts = validate_run(cand_cfg)  # device, model, LoRAs, sampler and rotary limits, before any work
+    facts.check_attention(ref_cfg.attention)
     require_extras("compare")
     wanted = parse_sampling(args)
     if args.max_query_rows is not None and args.max_query_rows < 1:
@@ -156,7 +158,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     created = claim_out_dir(out, args.overwrite)
     try:
-        base = load_generator(ref_cfg)
+        base = load_generator(ref_cfg, None, facts.model)
         transformer = base.pipe.transformer
         g = cand_cfg.generation
         sampling = resolve_sampling(wanted, transformer, g.steps, cand_cfg.attention.dense_steps)

@@ -4,7 +4,8 @@
     with atomic_output(out / "fox.mp4") as tmp:       # tmp = out/.fox.mp4.<random>.tmp.mp4
         encoder.write(tmp)                            # replaced onto fox.mp4 only on success
     temp_target(".fox.mp4.k2j4x9ab.tmp.mp4")          # 'fox.mp4': whose temp file this is
-    out = ensure_writable_dir("outputs/today")        # OutputError if it cannot be written
+    out = ensure_writable_dir("outputs/today", created)  # OutputError if it cannot be written;
+    remove_created_dirs(created)                      # the directories it made, if still empty
 
 Everything is written to a hidden temp file in the destination directory (so os.replace is a
 same-filesystem rename), fsynced, then renamed. On any exception the temp file is removed and the
@@ -104,20 +105,46 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create `path` (with parents) if needed and prove it is writable; OutputError otherwise."""
+def _missing_ancestors(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, outermost first."""
+    missing = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing[::-1]
+
+
+def ensure_writable_dir(path: str | Path, created: list[Path] | None = None) -> Path:
+    """Create `path` (with parents) if needed and prove it is writable; OutputError otherwise.
+    The directories this call created are appended to `created` (outermost first), so a run that
+    then fails on bad input can take them away again (remove_created_dirs)."""
     path = Path(path).expanduser()
+    new = _missing_ancestors(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise OutputError(f"output directory {str(path)!r} cannot be used: it exists and is not a directory") from None
-    except OSError as exc:
-        raise OutputError(f"output directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
-    try:
-        # A real write is the only reliable check: os.access ignores ACLs, read-only mounts, root.
-        fd, probe = _mkstemp_beside(path / "write-probe")
-        os.close(fd)
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise OutputError(f"output directory {str(path)!r} cannot be used: it exists and is not a directory") from None
+        except OSError as exc:
+            raise OutputError(f"output directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
+        try:
+            # A real write is the only reliable check: os.access ignores ACLs, read-only mounts, root.
+            fd, probe = _mkstemp_beside(path / "write-probe")
+            os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    finally:
+        if created is not None:
+            created.extend(p for p in new if p.is_dir())
     return path
+
+
+def remove_created_dirs(created: list[Path]) -> None:
+    """Remove the directories recorded by ensure_writable_dir, innermost first, if they are empty
+    (anything someone put there meanwhile stays, and so does its directory)."""
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+    created.clear()
