@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     part = "quick" if args.quick else args.part
     device = resolve_device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "auto"/"cuda" carry no index; set_device needs one
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     stem = f"memory_{part}"
     env = environment(argv, device)
