@@ -48,9 +48,17 @@ NOTE = ("random weights at real sizes (speed and memory only; videos are noise);
         "decode peaks are estimated as resident memory + the measured VAE decode peak")
 
 
+def _provenance(result: dict) -> str:
+    """One line per measuring environment (a merged report holds one per part)."""
+    envs = result.get("environment") or []
+    envs = [envs] if isinstance(envs, dict) else envs
+    return "".join(f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.\n"
+                   for e in envs)
+
+
 def _write(result: dict, out: Path, stem: str) -> None:
     atomic_write_json(out / f"{stem}.json", result)
-    atomic_write_text(out / f"{stem}.md", f"# Memory modes ({result['part']})\n\n{NOTE}.\n\n"
+    atomic_write_text(out / f"{stem}.md", f"# Memory modes ({result['part']})\n\n{NOTE}.\n\n{_provenance(result)}\n"
                       + memory_report.render_markdown(result))
 
 
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     part = "quick" if args.quick else args.part
     device = resolve_device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # "auto"/"cuda" carry no index; set_device needs one
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     stem = f"memory_{part}"
     env = environment(argv, device)

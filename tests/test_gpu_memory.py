@@ -36,7 +36,9 @@ def test_quick_cpu_mode_measures_every_mode_and_writes_reports(tmp_path):
     assert res["environment"]["command"].startswith("scripts/gpu_memory.py") and "commit" in res["environment"]
     md = (tmp_path / "memory_quick.md").read_text()
     assert "Which mode for my GPU" in md and "random weights" in md
+    assert f"commit {res['environment']['commit']}." in md
     assert script.main(["--report", str(tmp_path / "memory_quick.json"), "--out", str(tmp_path / "merged")]) == 0
+    assert f"commit {res['environment']['commit']}." in (tmp_path / "merged" / "memory.md").read_text()
     assert json.loads((tmp_path / "merged" / "memory.json").read_text())["runs"] == res["runs"]
 
 

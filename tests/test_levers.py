@@ -395,6 +395,7 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.rstrip().endswith("|") and "| + compiled blocks |" in out
     assert (tmp_path / "levers.md").read_text() in out
+    assert f"commit {data['env']['commit']}." in (tmp_path / "levers.md").read_text()
 
 
 def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():

@@ -43,7 +43,12 @@ import torch
 from .config import MemoryConfig
 
 # Frames with at least this many pixels are decoded with VAE tiling under `vae_tiling: auto`.
-# Provisional (720p); scripts/gpu_memory.py measures the decode peak with and without tiling.
+# Measured on an H100 (benchmarks/results/memory.md, 1280x720x81): untiled decode needs 20.2 GiB
+# on top of what is resident, tiled 3.9 GiB, at 8.6 s vs 14.5 s. 720p stays the threshold: untiled,
+# 14B `none` would peak at decode (39.8 resident + 20.2 = 60 GiB, above its 50.1 GiB denoise), and
+# 1.3B `none` (UMT5 + DiT weights alone ~13 GiB) would no longer fit 24-32 GB cards; such an OOM
+# comes after the whole denoise. Where memory is plentiful, `vae_tiling: off` buys the 5.9 s.
+# 832x480 is not measured yet (scripts/gpu_memory.py --part 14B-low).
 VAE_TILING_AUTO_PIXELS = 1280 * 720
 # The hook names diffusers' group offloading registers (hooks/group_offloading.py); its own
 # re-apply path removes exactly these three.

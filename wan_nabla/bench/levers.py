@@ -281,7 +281,10 @@ def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
+    e = result.get("env") or {}
     lines = [f"### Speed levers: {s['scenario']} (random weights, one GPU)", "",
+             f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
+             f"commit {e.get('commit', '?')}.", "",
              "| row | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
              "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
