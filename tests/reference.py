@@ -184,8 +184,9 @@ class ReferenceProcessor:
             c, s = cos[..., 0::2], sin[..., 1::2]
             return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2).type_as(x)
 
-        q, k = rot(q).transpose(1, 2), rot(k).transpose(1, 2)
-        v = v.transpose(1, 2)
+        dev = hidden_states.device  # the float64 reference runs on the CPU, whatever the model's device
+        q, k = rot(q).transpose(1, 2).cpu(), rot(k).transpose(1, 2).cpu()
+        v = v.transpose(1, 2).cpu()
         grid = self.grid_from()
         ids = tile_ids(*grid)
         a = self.attention
@@ -203,7 +204,7 @@ class ReferenceProcessor:
             counts = torch.zeros(b, h, int(groups.max()) + 1, n).index_add_(2, groups, keep.float())
             keep = (counts > 0)[:, :, groups]  # a block keeps a key tile iff any of its tiles does
         token_keep = keep[:, :, ids][:, :, :, ids]
-        out = masked_attention_f64(q, k, v, token_keep).to(q.dtype)
+        out = masked_attention_f64(q, k, v, token_keep).to(dev, q.dtype)
         out = out.transpose(1, 2).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](out))
 
