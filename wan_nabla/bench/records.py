@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
 import platform
 import statistics
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..output.sidecar import git_commit
 
 from ..pipeline import sync_device
 
@@ -161,42 +162,6 @@ class OpRow:
         return dataclasses.asdict(self)
 
 
-def _git_commit(root: Path) -> str:
-    """The checkout's commit: WAN_NABLA_COMMIT, else `git rev-parse HEAD`, else .git's files read
-    directly (a device copy may have no git at all: then set WAN_NABLA_COMMIT)."""
-    env = os.environ.get("WAN_NABLA_COMMIT")
-    if env and env != "unknown":
-        return env
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    git = root / ".git"
-    try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            git = Path(git.read_text().split(":", 1)[1].strip())
-        ref = (git / "HEAD").read_text().strip()
-        if not ref.startswith("ref: "):
-            return ref
-        name = ref[5:]
-        for base in (git, git.parent.parent if git.parent.name == "worktrees" else git):
-            if (base / name).exists():
-                return (base / name).read_text().strip()
-            packed = base / "packed-refs"
-            for line in packed.read_text().splitlines() if packed.exists() else []:
-                if line.endswith(" " + name):
-                    return line.split()[0]
-        return "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _version(name: str) -> str | None:
     try:
         mod = __import__(name)
@@ -219,7 +184,7 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "wan-nabla bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": _git_commit(root),
+        "commit": git_commit(root) or "unknown",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
