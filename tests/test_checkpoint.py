@@ -295,6 +295,7 @@ def test_zero_shot_line_names_the_tuned_checkpoint(caplog):
         assert not warn_if_zero_shot(cfg.override(transformer=same)), same
     assert not same_checkpoint("weights/Wan2.1-T2V-14B-NABLA-0.6-STA-11-3-3", tuned)
     assert not warn_if_zero_shot(RunConfig())
+    assert not warn_if_zero_shot(cfg.override(model="tiny"))  # the tiny test model: no advice to give
 
 
 def test_batch_item_key_covers_the_dit_weights():

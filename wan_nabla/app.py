@@ -356,9 +356,11 @@ def warn_if_zero_shot(cfg: RunConfig) -> bool:
     """One log line when the config names the DiT it was tuned for and the run uses other weights."""
     from .models import download_command, same_checkpoint
 
+    from .tiny import TINY_MODEL_ID
+
     tuned = cfg.model.recommended_transformer
-    if not tuned or same_checkpoint(cfg.model.transformer, tuned):
-        return False
+    if not tuned or same_checkpoint(cfg.model.transformer, tuned) or cfg.model.base == TINY_MODEL_ID:
+        return False  # (the tiny test model has no tuned DiT: nothing to suggest)
     log.warning("zero-shot run: this config was tuned for the DiT %s, but the run uses %s; for the tuned weights: "
                 "%s, then add --transformer weights/%s", tuned, cfg.model.transformer or "the model's own transformer",
                 download_command(tuned, dit_only=True), tuned.split("/")[-1])
