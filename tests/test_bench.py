@@ -209,11 +209,32 @@ def test_quick_run_writes_json_and_markdown(quick_results):
     for key in ("device_name", "torch", "triton", "diffusers", "commit", "command", "created", "default_backend"):
         assert key in env
     md = (out / "results.md").read_text()
-    assert "## Attention op" in md and "## Transformer forward" in md and "share of cuDNN" in md
+    assert "## Attention op" in md and "## Transformer forward" in md and "share of dense SDPA (cpu)" in md
     assert "T5" in res["targets"] and "Fastest geometry [flex]" in md
     targets = json.loads((out / "targets.json").read_text())
     assert targets["commit"] not in (None, "unknown") and targets["device"] == env["device_name"]
     assert all({"value", "goal", "met"} <= set(targets[k]) for k in ("T1", "T2", "T4", "T5"))
+
+
+def test_cpu_run_claims_no_cuDNN_share_no_ideal_and_no_met_target(quick_results, tmp_path, capsys):
+    """Guards the CPU labels: a CPU run never calls its baseline cuDNN (printed rows, markdown),
+    shows no Amdahl ideal, and leaves every H100 target but T5 undecided (met None, shown n/a);
+    a CUDA device that is not there is one line and exit 2, with nothing written."""
+    rc, out, res = quick_results
+    md = (out / "results.md").read_text()
+    op_part = md.split("## Attention op", 1)[1]
+    assert "of cuDNN" not in op_part and "dense cuDNN" not in op_part
+    tr_part = md.split("## Transformer forward", 1)[1].split("\n\n## ", 1)[0]
+    rows = [line for line in tr_part.splitlines() if line.startswith("| ") and "[flex]" in line and "full" not in line]
+    assert rows and all(line.split(" | ")[9:11] == ["-", "-"] for line in rows), rows  # ideal, of ideal
+    assert all(t["met"] is None for k, t in res["targets"].items() if k != "T5") and res["targets"]["T5"]["met"]
+    assert "n/a (CPU run" in md and "**no**" not in md
+    if torch.cuda.is_available():
+        return
+    assert bench_main(["--levels", "op", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" in err[0] and "CUDA is not available" in err[0], err
+    assert not (tmp_path / "x").exists()
 
 
 def test_quick_op_level_rows_and_checks(quick_results):

@@ -23,6 +23,7 @@ Limits: one device; the full run needs a GPU with >= 80 GB for the 14B transform
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
 from pathlib import Path
 
@@ -112,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .records import Results, environment
 
-    device = _device(args.device)
+    try:
+        device = _device(args.device)
+    except ValueError as e:  # no CUDA, or a cuda:N that does not exist: one line, exit 2
+        print(f"wan-nabla bench: error: --device: {e}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)
     res = Results(env=environment(argv, device))

@@ -42,7 +42,7 @@ from .checks import run_checks
 from .configs import preset_configs
 from .geometry import app_run, available_backends, run_geometry
 from .qk import processor_storage, real_tokens, relayout, synthetic_qkv, tile_rotary, wan_block_qkv
-from .records import OpRow, OpScenario, Timing, compiled_graphs, dense_flops, first_call_s, sync, time_call
+from .records import OpRow, OpScenario, Timing, base_name, compiled_graphs, dense_flops, first_call_s, sync, time_call
 from .sweep import mask_breakdown, run_sweep
 
 NABLA_THRESHOLDS = (0.1, 0.2, 0.4, 0.7, 0.9)
@@ -185,7 +185,7 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
             r = sparse_row(sc, f"{name} [{backend}]", cfg, q, k, v, backend)
             rows.append(r)
             log(f"  {r.name}: total {r.total_ms:.2f} ms (mask {r.mask_ms:.3f}, kernel {r.kernel_ms:.2f}) "
-                f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of cuDNN")
+                f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of {base_name(device)}")
             if graphs_before is None:
                 graphs_before = compiled_graphs()
     result["pooling_in_rotary"] = {("time-paired" if lay.time_pairs else "plain") + " tiles": inc
@@ -243,7 +243,7 @@ def dense_rows(sc: _Scenario, q, k, v, backends) -> list[OpRow]:
         rows.append(sc.row("dense flash-attn-4", "dense_fa4", t, 1.0, kernel_ms=t.median_ms, compile_s=comp,
                            notes="unpadded sequence, no mask", backend="fa4"))
     for r in rows:
-        sc.log(f"  {r.name}: {r.total_ms:.2f} ms ({r.share_of_cudnn:.0%} of cuDNN)")
+        sc.log(f"  {r.name}: {r.total_ms:.2f} ms ({r.share_of_cudnn:.0%} of {base_name(sc.device)})")
     return rows
 
 

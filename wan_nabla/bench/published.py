@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..attention.kernels import sparse_attention
 from ..attention.layout import TILE_TOKENS, TileLayout
 from .qk import processor_storage, synthetic_qkv
-from .records import dense_flops
+from .records import base_name, dense_flops
 
 PUBLISHED_BLOCK = (TILE_TOKENS, TILE_TOKENS)
 PUBLISHED_COMPILE = {"mode": "max-autotune-no-cudagraphs", "dynamic": True}
@@ -148,7 +148,8 @@ def run_published(sc, *, quick: bool, seed: int = 0, model_qk: bool = False) -> 
     info: dict[str, Any] = {"grid": list(s.grid), "size": [s.width, s.height], "seq_real": layout.seq_len,
                             "cudnn_ms": base.median_ms, "compile": dict(PUBLISHED_COMPILE)}
     kw = dict(flops=flops, base_ms=base.median_ms, seq_real=layout.seq_len)
-    rows = [sc.row(f"dense cuDNN SDPA, cropped {s.width}x{s.height}", "dense_cudnn_cropped", base, 1.0,
+    dense_name = "dense cuDNN SDPA" if sc.device.type == "cuda" else "dense SDPA (cpu)"
+    rows = [sc.row(f"{dense_name}, cropped {s.width}x{s.height}", "dense_cudnn_cropped", base, 1.0,
                    kernel_ms=base.median_ms, notes="the published-style rows' own baseline", **kw)]
     specs = QUICK_ROWS if quick else (PUBLISHED_ROWS[1:2] if model_qk else PUBLISHED_ROWS)
     for thr, win in specs:
@@ -168,7 +169,7 @@ def run_published(sc, *, quick: bool, seed: int = 0, model_qk: bool = False) -> 
                            config={"type": "nabla_sta" if win else "nabla", "threshold": thr,
                                    "sta_window": list(win) if win else None}, **kw))
         sc.log(f"  {name}: total {t_total.median_ms:.2f} ms (mask {t_mask.median_ms:.3f}, kernel "
-               f"{t_kernel.median_ms:.2f}) tile density {density:.3f} -> {rows[-1].share_of_cudnn:.0%} of cropped cuDNN")
+               f"{t_kernel.median_ms:.2f}) tile density {density:.3f} -> {rows[-1].share_of_cudnn:.0%} of the cropped {base_name(sc.device)}")
     # Per-block cost: wan-nabla's flex kernel (default compile, 64x64 tiles) on the same mask.
     thr, win = specs[0]
     bm = published_block_mask(q, k, layout, thr, win)

@@ -162,6 +162,12 @@ class OpRow:
         return dataclasses.asdict(self)
 
 
+def base_name(device) -> str:
+    """The dense baseline's name in texts: cuDNN on CUDA; on a CPU SDPA picks its own kernel, so
+    rows there are not labelled cuDNN (`device`: a torch.device or an env record's device string)."""
+    return "cuDNN" if str(getattr(device, "type", device)).startswith("cuda") else "dense SDPA (cpu)"
+
+
 def _version(name: str) -> str | None:
     try:
         mod = __import__(name)

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .records import base_name
 from .targets import TARGET_OP, compute_targets, label_of, scenario, target_text, targets_json
+
 
 def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
@@ -45,6 +47,11 @@ def _f(x, nd=2, pct=False):
 
 def render_markdown(res: dict[str, Any]) -> str:
     env = res.get("env", {})
+    base = base_name(env.get("device", ""))  # cuDNN, or plain dense SDPA on a CPU
+    cpu = base != "cuDNN"
+
+    def ideal(row: dict, key: str):
+        return None if cpu else row.get(key)
     lines = ["# wan-nabla bench results", ""]
     lines += [f"- device: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
               f"triton {env.get('triton')}, diffusers {env.get('diffusers')}, CUDA {env.get('cuda')}",
@@ -58,8 +65,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
         for key in ("T1", "T2", "T3", "T4", "T5", "T6"):
             if key in targets:
-                lines.append(f"| {key}: {targets[key]['target']} | {target_text(key, targets[key])} | "
-                             f"{'yes' if targets[key]['met'] else '**no**'} |")
+                met = targets[key]["met"]
+                shown = "n/a (CPU run; set for an H100)" if met is None else ("yes" if met else "**no**")
+                lines.append(f"| {key}: {targets[key]['target']} | {target_text(key, targets[key])} | {shown} |")
         lines.append("")
     for sc in res.get("op", []):
         lines += [f"## Attention op: {label_of(sc)}", ""]
@@ -68,8 +76,8 @@ def render_markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"S = {sc['seq_real']} real tokens ({sc['seq_padded']} padded to {sc['tiles']} tiles); "
                   f"dense = {sc['dense_tflop']:.1f} TFLOP. Times are medians in ms; density = kept share of "
-                  "kernel blocks (tile = before coarsening); share = effective TFLOP/s over dense cuDNN's.", "",
-                  "| row | blocks | density | tile density | mask ms | kernel ms | total ms | eff. TFLOP/s | share of cuDNN | speed-up |",
+                  f"kernel blocks (tile = before coarsening); share = effective TFLOP/s over {base}'s.", "",
+                  f"| row | blocks | density | tile density | mask ms | kernel ms | total ms | eff. TFLOP/s | share of {base} | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
             bs = "x".join(map(str, r["block_size"])) if r.get("block_size") else "-"
@@ -85,7 +93,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         if sc.get("published"):
             pub = sc["published"]
             lines += [f"Published-style rows run on their own cropped grid {pub['size'][0]}x{pub['size'][1]} "
-                      f"({pub['seq_real']} tokens, no pads; dense cuDNN {pub['cudnn_ms']:.2f} ms there), compiled "
+                      f"({pub['seq_real']} tokens, no pads; dense {base} {pub['cudnn_ms']:.2f} ms there), compiled "
                       f"with {pub['compile']}; their share refers to that baseline.", ""]
         if sc.get("geometry"):
             lines += _geometry_md(sc["geometry"])
@@ -97,7 +105,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                       + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in mb.items() if k not in ("threshold", "block_size")), ""]
         if sc.get("sweep"):
-            lines += _sweep_md(sc["sweep"])
+            lines += _sweep_md(sc["sweep"], base)
         lines += [f"Recompiles on new masks after warm-up (compiled graphs + FA4 cache entries): "
                   f"{sc.get('recompiles_on_new_masks')}; first calls (s): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in (sc.get("compile_s") or {}).items()), ""]
@@ -107,14 +115,16 @@ def render_markdown(res: dict[str, Any]) -> str:
             lines += [f"error: {sc['error']}", ""]
             continue
         if sc.get("fastest_dense"):
-            lines += [f"Speed-ups and ideals against the fastest dense forward: {sc['fastest_dense']}.", ""]
+            lines += [f"Speed-ups and ideals against the fastest dense forward: {sc['fastest_dense']}."
+                      + (" A CPU run shows no Amdahl ideal (its tiny shapes say nothing about a GPU's)."
+                         if cpu else ""), ""]
         lines += ["| config | density | tile density | total ms | attention ms | share | mask ms | non-attn ms | speed-up | ideal | of ideal | first forward s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sc["rows"]:
             lines.append(f"| {r['name']} | {r['density']:.3f} | {r['tile_density']:.3f} | {r['total_ms']:.0f} | "
                          f"{r['attention_ms']:.0f} | {r['attention_share']:.0%} | {r['mask_ms']:.1f} | "
-                         f"{r['non_attention_ms']:.0f} | {_f(r.get('speedup'))} | {_f(r.get('ideal_speedup'))} | "
-                         f"{_f(r.get('fraction_of_ideal'), pct=True)} | {r['first_forward_s']:.1f} |")
+                         f"{r['non_attention_ms']:.0f} | {_f(r.get('speedup'))} | {_f(ideal(r, 'ideal_speedup'))} | "
+                         f"{_f(ideal(r, 'fraction_of_ideal'), pct=True)} | {r['first_forward_s']:.1f} |")
         lines.append("")
     for sc in res.get("e2e", []):
         lines += [f"## End to end: {sc['scenario']}", "",
@@ -171,13 +181,13 @@ def _geometry_md(g: dict) -> list[str]:
     return out + [""]
 
 
-def _sweep_md(sweep: list[dict]) -> list[str]:
+def _sweep_md(sweep: list[dict], base: str = "cuDNN") -> list[str]:
     masks = []
     for e in sweep:
         for m in e.get("masks", []):
             if m["mask"] not in masks:
                 masks.append(m["mask"])
-    out = ["Kernel geometry sweep (kernel only; ms / density / share of cuDNN):", "",
+    out = [f"Kernel geometry sweep (kernel only; ms / density / share of {base}):", "",
            "| config | compile s | " + " | ".join(masks) + " |", "|---|---|" + "---|" * len(masks)]
     for e in sweep:
         cells = []
@@ -197,7 +207,8 @@ def summary(res: dict[str, Any]) -> str:
     op = scenario(res.get("op", []), TARGET_OP)
     lines = [head.rstrip(), ""]
     if op:
-        lines += [f"{label_of(op)}: row, density, total ms, share of cuDNN, speed-up"]
+        lines += [f"{label_of(op)}: row, density, total ms, share of {base_name(res.get('env', {}).get('device', ''))}, "
+                  "speed-up"]
         for r in op["rows"]:
             lines.append(f"  {r['name']:<34} {r['density']:6.3f} {r['total_ms']:9.2f} {r['share_of_cudnn']:6.0%} "
                          f"{r['speedup']:6.2f}x")
@@ -217,6 +228,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     scen = [s for s in res.get("op", []) if s.get("rows")]
     if not scen:
         return False
+    base = base_name(res.get("env", {}).get("device", ""))
     cols = min(2, len(scen))
     nrows = -(-len(scen) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.8 * nrows), squeeze=False)
@@ -236,12 +248,12 @@ def plot(res: dict[str, Any], path: Path) -> bool:
 
         d = np.geomspace(0.02, 1.0, 50)
         ax.plot(d, 1 / d, "k--", lw=0.8, label="ideal (1/density)")
-        ax.plot(d, 0.8 / d, "k:", lw=0.8, label="80% of dense cuDNN throughput")
+        ax.plot(d, 0.8 / d, "k:", lw=0.8, label=f"80% of dense {base} throughput")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("density (kept share of kernel blocks)")
-        ax.set_ylabel("speed-up over dense cuDNN SDPA")
+        ax.set_ylabel(f"speed-up over dense {base}")
         ax.set_title(label_of(sc), fontsize=10)
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=7)
