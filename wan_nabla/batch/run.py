@@ -118,7 +118,7 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
             steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift, seed=g.seed, fps=g.fps), scope="item")
         density = result.attention.get("overall")
         side = agreed(ctx, lambda: _write_video(gen, result, p), here=writer, scope="item")
-        del result
+        result = None  # the frames go before the record is made
         if not writer:
             return None
         timings = {k: v for k, v in side["timings"].items() if k not in ("per_step_s", "load_s")}
