@@ -108,6 +108,56 @@ def test_vae_tiling_rule():
     assert not handle.before_decode(832, 480) and not pipe.vae.use_tiling
 
 
+def test_vae_tiling_auto_asks_a_cuda_device_for_room(monkeypatch):
+    """Guards the memory-aware auto rule: on CUDA an untiled decode is chosen iff its measured need
+    (0.272 GiB per million pixel-frames, x1.25) fits in free + cached-unused memory, whatever the
+    frame size; group/sequential always tile; off/on are obeyed; no CUDA device: the pixel rule."""
+    from wan_nabla import offload
+
+    cuda = torch.device("cuda", 0)
+    need_720 = offload.untiled_decode_gib(1280, 720, 81)
+    assert abs(need_720 - 20.3) < 0.2 and abs(offload.untiled_decode_gib(832, 480, 81) - 8.8) < 0.1
+    for free, tiled in ((40.0, False), (need_720 * 1.25 + 0.01, False), (need_720 * 1.25 - 0.01, True), (8.0, True)):
+        monkeypatch.setattr(offload, "free_device_gib", lambda device, free=free: free)
+        assert vae_tiling_on(MemoryConfig(), 1280, 720, 81, cuda) is tiled, free
+    monkeypatch.setattr(offload, "free_device_gib", lambda device: 9.0)  # a small 480p-sized card: tile
+    assert vae_tiling_on(MemoryConfig(), 832, 480, 81, cuda) and not vae_tiling_on(MemoryConfig(), 832, 480, 17, cuda)
+    monkeypatch.setattr(offload, "free_device_gib", lambda device: 1000.0)
+    assert vae_tiling_on(MemoryConfig(offload="group"), 1280, 720, 81, cuda)
+    assert not vae_tiling_on(MemoryConfig(offload="model"), 1280, 720, 81, cuda)
+    assert vae_tiling_on(MemoryConfig(vae_tiling="on"), 128, 128, 17, cuda)
+    assert vae_tiling_on(MemoryConfig(), 1280, 720, 81, torch.device("cpu"))  # pixel rule off CUDA
+
+
+def test_untiled_decode_out_of_memory_decodes_again_tiled(monkeypatch):
+    """Guards "nothing lost": an untiled decode that runs out of memory is retried with tiling,
+    the video comes out and the sidecar timings say so; a tiled decode's OOM is not retried."""
+    from wan_nabla import adapter
+
+    real = adapter.decode_video
+    calls = []
+
+    def decode(pipe, latents, device=None):
+        calls.append(pipe.vae.use_tiling)
+        if not pipe.vae.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pipe, latents, device)
+
+    monkeypatch.setattr(adapter, "decode_video", decode)
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(
+        {"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "off"}}), torch.device("cpu"))
+    res = gen.generate("a fox", progress=False, size=(128, 128), frames=9, steps=1)
+    assert calls == [False, True] and res.frames.shape == (9, 128, 128, 3)
+    assert res.timings["vae_tiling"] is True and res.timings["vae_tiling_retry"] is True
+    gen.close()
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(
+        {"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "on"}}), torch.device("cpu"))
+    monkeypatch.setattr(adapter, "decode_video", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):
+        gen.generate("a fox", progress=False, size=(128, 128), frames=9, steps=1)
+    gen.close()
+
+
 def test_peak_memory_is_recorded_per_phase(monkeypatch):
     """Guards the per-phase bookkeeping: the allocator peak is reset as each phase begins and read
     when it ends, so encode / denoise / decode each get their own peak and the overall is the max."""

@@ -421,7 +421,8 @@ class MemoryConfig:
     text encoder streams in on its own."""
     vae_tiling: str = "auto"
     """Decode the video in overlapping spatial tiles (less memory, seams blended): on, off, or auto
-    (on from offload.VAE_TILING_AUTO_PIXELS per frame, or whenever offload is not none)."""
+    (auto: always with group / sequential offload; else on CUDA when the untiled decode would not
+    fit in free memory, elsewhere from offload.VAE_TILING_AUTO_PIXELS per frame)."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:

@@ -2,7 +2,7 @@
 
     handle = apply_memory(pipe, MemoryConfig(offload="group"), torch.device("cuda"))
     ...                                   # encode / denoise / decode as usual: the hooks move weights
-    handle.before_decode(1280, 720)       # VAE tiling as configured for this frame size
+    handle.before_decode(1280, 720, 81)   # VAE tiling as configured for this video (and free memory)
     handle.after_video()                  # model mode: every component back on the CPU
     handle.remove()                       # hooks gone; offloaded components stay on the CPU
 
@@ -26,10 +26,14 @@ The modes (`memory.offload`, `--offload`); the text encoder is UMT5-XXL (11.4 GB
   inside UMT5 with accelerate 1.15 + transformers 5 (tied embedding), and it is slower.
 
 VAE tiling (`memory.vae_tiling`): AutoencoderKLWan.enable_tiling (256-px tiles, 192-px stride,
-blended seams; frames still decode one latent frame at a time). `auto` turns it on from
-VAE_TILING_AUTO_PIXELS per frame, and always in group / sequential modes. Tiling changes decoded
-pixels slightly (blending); the latents never depend on the memory mode. VAE slicing is not
-offered: it splits a batch, and wan-nabla decodes one video at a time.
+blended seams; frames still decode one latent frame at a time). `auto`: always in group /
+sequential modes; otherwise, on CUDA, untiled when the untiled decode's measured need
+(VAE_DECODE_GIB_PER_MPIXEL_FRAME x width x height x frames, x VAE_DECODE_MARGIN) fits in the
+device's free memory plus what PyTorch's allocator holds unused, tiled when it does not; without
+a CUDA device to ask, from VAE_TILING_AUTO_PIXELS per frame. Should an untiled decode still run
+out of memory, the pipeline decodes again with tiling (the video is not lost). Tiling changes
+decoded pixels slightly (blending); the latents never depend on the memory mode. VAE slicing is
+not offered: it splits a batch, and wan-nabla decodes one video at a time.
 
 Limits: group / sequential pin a CPU copy of the transformer (host RAM: about twice the
 transformer until the first step, then once); model mode needs accelerate. Forward hooks of
@@ -50,17 +54,40 @@ from .config import MemoryConfig
 # comes after the whole denoise. Where memory is plentiful, `vae_tiling: off` buys the 5.9 s.
 # 832x480 is not measured yet (scripts/gpu_memory.py --part 14B-low).
 VAE_TILING_AUTO_PIXELS = 1280 * 720
+# Extra memory of an untiled decode per million pixel-frames (GiB): 20.2 GiB at 1280x720x81 and 8.8
+# GiB at 832x480x81 on an H100 (benchmarks/results/memory.md): 0.271 and 0.272, linear in the
+# video's pixels. The margin covers allocator rounding and fragmentation.
+VAE_DECODE_GIB_PER_MPIXEL_FRAME = 0.272
+VAE_DECODE_MARGIN = 1.25
 # The hook names diffusers' group offloading registers (hooks/group_offloading.py); its own
 # re-apply path removes exactly these three.
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 _CPU = torch.device("cpu")
 
 
-def vae_tiling_on(memory: MemoryConfig, width: int, height: int) -> bool:
-    """Whether a width x height video is decoded tiled under this memory config."""
+def untiled_decode_gib(width: int, height: int, frames: int) -> float:
+    """The measured extra memory of an untiled VAE decode of this video (module doc), in GiB."""
+    return VAE_DECODE_GIB_PER_MPIXEL_FRAME * width * height * frames / 1e6
+
+
+def free_device_gib(device: torch.device) -> float:
+    """Free memory of a CUDA device plus what PyTorch's caching allocator holds unused, in GiB."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) / 2**30
+
+
+def vae_tiling_on(memory: MemoryConfig, width: int, height: int, frames: int | None = None,
+                  device: torch.device | None = None) -> bool:
+    """Whether a width x height x frames video is decoded tiled under this memory config (module
+    doc): with a CUDA `device` and `frames`, auto asks the device for room; else the pixel rule."""
     if memory.vae_tiling != "auto":
         return memory.vae_tiling == "on"
-    return width * height >= VAE_TILING_AUTO_PIXELS or memory.offload in ("group", "sequential")
+    if memory.offload in ("group", "sequential"):
+        return True
+    if device is not None and device.type == "cuda" and frames is not None:
+        return untiled_decode_gib(width, height, frames) * VAE_DECODE_MARGIN > free_device_gib(device)
+    return width * height >= VAE_TILING_AUTO_PIXELS
 
 
 class MemoryHandle:
@@ -73,9 +100,9 @@ class MemoryHandle:
         self._grouped = grouped
         self.active = True
 
-    def before_decode(self, width: int, height: int) -> bool:
-        """Set VAE tiling for this frame size (and bring the VAE in); returns whether tiling is on."""
-        on = vae_tiling_on(self.memory, width, height)
+    def before_decode(self, width: int, height: int, frames: int | None = None) -> bool:
+        """Set VAE tiling for this video (and bring the VAE in); returns whether tiling is on."""
+        on = vae_tiling_on(self.memory, width, height, frames, self.device)
         self.pipe.vae.enable_tiling() if on else self.pipe.vae.disable_tiling()
         if self.memory.offload in ("group", "sequential"):
             self.pipe.vae.to(self.device)

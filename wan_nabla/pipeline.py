@@ -285,8 +285,20 @@ class VideoGenerator:
         timings["decode_s"] = None
         if decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
             t0 = time.perf_counter()
-            timings["vae_tiling"] = self.memory.before_decode(g.width, g.height)
-            frames = adapter.decode_video(pipe, latents, dev)
+            timings["vae_tiling"] = self.memory.before_decode(g.width, g.height, g.frames)
+            try:
+                frames = adapter.decode_video(pipe, latents, dev)
+            except torch.OutOfMemoryError:
+                if timings["vae_tiling"]:
+                    raise
+                # The denoised latents are kept: decode again in tiles rather than lose the video.
+                log.warning("VAE decode ran out of memory untiled at %dx%dx%d; decoding again with tiling",
+                            g.width, g.height, g.frames)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                pipe.vae.enable_tiling()
+                timings["vae_tiling"], timings["vae_tiling_retry"] = True, True
+                frames = adapter.decode_video(pipe, latents, dev)
             sync_device(dev)
             timings["decode_s"] = time.perf_counter() - t0
             peaks.end("decode")
