@@ -46,13 +46,9 @@ import torch
 
 from .config import MemoryConfig
 
-# Frames with at least this many pixels are decoded with VAE tiling under `vae_tiling: auto`.
-# Measured on an H100 (benchmarks/results/memory.md, 1280x720x81): untiled decode needs 20.2 GiB
-# on top of what is resident, tiled 3.9 GiB, at 8.6 s vs 14.5 s. 720p stays the threshold: untiled,
-# 14B `none` would peak at decode (39.8 resident + 20.2 = 60 GiB, above its 50.1 GiB denoise), and
-# 1.3B `none` (UMT5 + DiT weights alone ~13 GiB) would no longer fit 24-32 GB cards; such an OOM
-# comes after the whole denoise. Where memory is plentiful, `vae_tiling: off` buys the 5.9 s.
-# 832x480 is not measured yet (scripts/gpu_memory.py --part 14B-low).
+# `vae_tiling: auto` without a CUDA device to ask (module doc): frames with at least this many
+# pixels are decoded tiled. Measured on an H100 (benchmarks/results/memory.md, 1280x720x81):
+# untiled decode needs 20.2 GiB on top of what is resident, tiled 3.9 GiB, at 8.6 s vs 14.5 s.
 VAE_TILING_AUTO_PIXELS = 1280 * 720
 # Extra memory of an untiled decode per million pixel-frames (GiB): 20.2 GiB at 1280x720x81 and 8.8
 # GiB at 832x480x81 on an H100 (benchmarks/results/memory.md): 0.271 and 0.272, linear in the
