@@ -432,8 +432,7 @@ class MemoryConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> MemoryConfig:
-        _check_keys("memory", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
+        return _from_section(cls, "memory", data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -601,8 +600,7 @@ class ParallelConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ParallelConfig:
-        _check_keys("parallel", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
+        return _from_section(cls, "parallel", data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

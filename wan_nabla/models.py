@@ -371,19 +371,11 @@ def transformer_heads(model: str) -> int | None:
     (a missing directory, a hub model not in the cache)."""
     if model == TINY_MODEL_ID:
         return TINY_HEADS
-    path = Path(model).expanduser()
-    config: str | Path | None = None
-    if path.is_dir():
-        config = path / "transformer" / "config.json"
-    elif looks_like_hub_id(model):
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(model, "transformer/config.json")
-        config = found if isinstance(found, str) else None
+    config = model_file(model, "transformer/config.json")
     if config is None:
         return None
     try:
-        heads = json.loads(Path(config).read_text(encoding="utf-8")).get("num_attention_heads")
+        heads = json.loads(config.read_text(encoding="utf-8")).get("num_attention_heads")
     except (OSError, ValueError, AttributeError):
         return None
     return heads if isinstance(heads, int) and heads > 0 else None
