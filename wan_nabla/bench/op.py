@@ -42,7 +42,8 @@ from .checks import run_checks
 from .configs import preset_configs
 from .geometry import app_run, available_backends, run_geometry
 from .qk import processor_storage, real_tokens, relayout, synthetic_qkv, tile_rotary, wan_block_qkv
-from .records import OpRow, OpScenario, Timing, base_name, compiled_graphs, dense_flops, first_call_s, sync, time_call
+from .records import (OpRow, OpScenario, Timing, base_name, baseline_row_name, compiled_graphs, dense_flops, first_call_s,
+                      sync, time_call)
 from .sweep import mask_breakdown, run_sweep
 
 NABLA_THRESHOLDS = (0.1, 0.2, 0.4, 0.7, 0.9)
@@ -228,7 +229,7 @@ def dense_rows(sc: _Scenario, q, k, v, backends) -> list[OpRow]:
     """Dense cuDNN SDPA (the baseline), compiled flex and flash-attn-4 on the unpadded sequence."""
     rows = []
     qr, kr, vr = (processor_storage(real_tokens(t, sc.layout)) for t in (q, k, v))
-    cudnn_name = "dense cuDNN SDPA" if sc.device.type == "cuda" else "dense SDPA (cpu)"
+    cudnn_name = baseline_row_name(sc.device)
     t = sc.timed(lambda: sc.baseline(qr, kr, vr))
     sc.cudnn_ms = t.median_ms
     rows.append(sc.row(cudnn_name, "dense_cudnn", t, 1.0, kernel_ms=t.median_ms, notes="unpadded sequence"))

@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..attention.kernels import sparse_attention
 from ..attention.layout import TILE_TOKENS, TileLayout
 from .qk import processor_storage, synthetic_qkv
-from .records import base_name, dense_flops
+from .records import base_name, baseline_row_name, dense_flops
 
 PUBLISHED_BLOCK = (TILE_TOKENS, TILE_TOKENS)
 PUBLISHED_COMPILE = {"mode": "max-autotune-no-cudagraphs", "dynamic": True}
@@ -148,8 +148,7 @@ def run_published(sc, *, quick: bool, seed: int = 0, model_qk: bool = False) -> 
     info: dict[str, Any] = {"grid": list(s.grid), "size": [s.width, s.height], "seq_real": layout.seq_len,
                             "cudnn_ms": base.median_ms, "compile": dict(PUBLISHED_COMPILE)}
     kw = dict(flops=flops, base_ms=base.median_ms, seq_real=layout.seq_len)
-    dense_name = "dense cuDNN SDPA" if sc.device.type == "cuda" else "dense SDPA (cpu)"
-    rows = [sc.row(f"{dense_name}, cropped {s.width}x{s.height}", "dense_cudnn_cropped", base, 1.0,
+    rows = [sc.row(f"{baseline_row_name(sc.device)}, cropped {s.width}x{s.height}", "dense_cudnn_cropped", base, 1.0,
                    kernel_ms=base.median_ms, notes="the published-style rows' own baseline", **kw)]
     specs = QUICK_ROWS if quick else (PUBLISHED_ROWS[1:2] if model_qk else PUBLISHED_ROWS)
     for thr, win in specs:

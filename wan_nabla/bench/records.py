@@ -168,6 +168,12 @@ def base_name(device) -> str:
     return "cuDNN" if str(getattr(device, "type", device)).startswith("cuda") else "dense SDPA (cpu)"
 
 
+def baseline_row_name(device) -> str:
+    """The dense baseline's row name: "dense cuDNN SDPA" on CUDA, "dense SDPA (cpu)" elsewhere."""
+    base = base_name(device)
+    return "dense cuDNN SDPA" if base == "cuDNN" else base
+
+
 def _version(name: str) -> str | None:
     try:
         mod = __import__(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import base_name
-from .targets import TARGET_OP, compute_targets, label_of, scenario, target_text, targets_json
+from .targets import TARGET_OP, compute_targets, label_of, on_cpu, scenario, target_text, targets_json
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -45,10 +45,15 @@ def _f(x, nd=2, pct=False):
     return f"{x:.{nd}f}"
 
 
+def _base(res: dict[str, Any]) -> str:
+    """The run's dense baseline in texts: cuDNN, or plain dense SDPA on a CPU (records.base_name)."""
+    return base_name(res.get("env", {}).get("device", ""))
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     env = res.get("env", {})
-    base = base_name(env.get("device", ""))  # cuDNN, or plain dense SDPA on a CPU
-    cpu = base != "cuDNN"
+    base = _base(res)
+    cpu = on_cpu(res)
 
     def ideal(row: dict, key: str):
         return None if cpu else row.get(key)
@@ -207,8 +212,7 @@ def summary(res: dict[str, Any]) -> str:
     op = scenario(res.get("op", []), TARGET_OP)
     lines = [head.rstrip(), ""]
     if op:
-        lines += [f"{label_of(op)}: row, density, total ms, share of {base_name(res.get('env', {}).get('device', ''))}, "
-                  "speed-up"]
+        lines += [f"{label_of(op)}: row, density, total ms, share of {_base(res)}, speed-up"]
         for r in op["rows"]:
             lines.append(f"  {r['name']:<34} {r['density']:6.3f} {r['total_ms']:9.2f} {r['share_of_cudnn']:6.0%} "
                          f"{r['speedup']:6.2f}x")
@@ -228,7 +232,7 @@ def plot(res: dict[str, Any], path: Path) -> bool:
     scen = [s for s in res.get("op", []) if s.get("rows")]
     if not scen:
         return False
-    base = base_name(res.get("env", {}).get("device", ""))
+    base = _base(res)
     cols = min(2, len(scen))
     nrows = -(-len(scen) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.8 * nrows), squeeze=False)
