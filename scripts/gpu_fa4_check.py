@@ -38,6 +38,7 @@ from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.attention import fa4, kernels, masks, rotary  # noqa: E402
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout  # noqa: E402
 from wan_nabla.bench.op import fa4_cache_size  # noqa: E402
+from wan_nabla.output.sidecar import git_commit  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
 from wan_nabla.tiny import build_tiny_pipeline  # noqa: E402
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ok_fa4, why = kernels.resolve_backend("fa4", device, dtype)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "commit": git_commit(ROOT) or "unknown", "command": " ".join(["scripts/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
               "flash_attn_4": why, "backend": ok_fa4, "sections": {}}
     print(f"device {result['device']}, torch {result['torch']}: {ok_fa4} ({why})", flush=True)
     if ok_fa4 != "fa4":

@@ -22,7 +22,6 @@ Writes OUT_DIR/head_balance.json and prints a table last.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.kernels import default_block_size  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
 from wan_nabla.config import AttentionConfig  # noqa: E402
+from wan_nabla.output.sidecar import git_commit  # noqa: E402
 
 CONFIGS = {"nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),
            "nabla 0.4": AttentionConfig(type="nabla", threshold=0.4),
@@ -113,8 +113,8 @@ def model_layers(device: torch.device, quick: bool) -> dict:
         handle = apply_attention(model, cfg)
         run, sink, plan = handle.run, [], handle.run.plan
 
-        def recording(q, k, layout, _plan=plan, _sink=sink):
-            p = _plan(q, k, layout)
+        def recording(q, k, layout, pooled=None, _plan=plan, _sink=sink):  # AttentionRun.plan's signature
+            p = _plan(q, k, layout, pooled)
             _sink.append(head_densities(p))
             return p
 
@@ -134,8 +134,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "commit": os.environ.get("WAN_NABLA_COMMIT", "unknown"), "quick": quick,
-           "synthetic_qk": synthetic(device, quick)}
+           "commit": git_commit(ROOT) or "unknown", "command": " ".join(["scripts/head_balance.py", *sys.argv[1:]]),
+           "quick": quick, "synthetic_qk": synthetic(device, quick)}
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))
     if "--no-model" not in sys.argv:
         res["random_weight_model"] = model_layers(device, quick)

@@ -213,6 +213,7 @@ def test_quick_run_writes_json_and_markdown(quick_results):
     assert "T5" in res["targets"] and "Fastest geometry [flex]" in md
     targets = json.loads((out / "targets.json").read_text())
     assert targets["commit"] not in (None, "unknown") and targets["device"] == env["device_name"]
+    assert targets["commands"] == [env["command"]]
     assert all({"value", "goal", "met"} <= set(targets[k]) for k in ("T1", "T2", "T4", "T5"))
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,3 +34,16 @@ def test_contiguous_groups_of_a_density_ramp_are_unequal_and_snake_fixes_it():
     work = torch.tensor([0.4 + 0.39, 0.05 + 0.06])
     assert abs(hb.imbalance(torch.tensor([0.4, 0.39, 0.05, 0.06]), [[0, 1], [2, 3]])
                - float(work.max() / work.mean() - 1)) < 1e-6
+
+
+def test_quick_run_writes_both_sources_with_provenance(tmp_path):
+    """Guards the script end to end (synthetic q/k and the tiny random-weight transformer through
+    AttentionRun.plan, whose signature it wraps): exit 0, both sources analysed, and the JSON names
+    the commit and the command."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "head_balance.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--quick"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "head_balance.json").read_text())
+    assert res["synthetic_qk"] and res["random_weight_model"], list(res)
+    assert res["commit"] not in (None, "unknown") and res["command"].endswith("--quick")

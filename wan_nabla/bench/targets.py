@@ -218,11 +218,14 @@ def compute_targets(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def targets_json(res: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
-    """The summary file: device and commit of the run(s), then T1-T6 (value, goal, met, details)."""
+    """The summary file: device, commit and command of the run(s), then T1-T6 (value, goal, met, details)."""
     env = res.get("env", {})
-    commits = sorted({r["env"].get("commit") for r in res.get("runs", [])} or {env.get("commit")})
+    runs = res.get("runs", [])
+    commits = sorted({r["env"].get("commit") for r in runs} or {env.get("commit")})
+    commands = [r["env"].get("command") for r in runs] or [env.get("command")]
     return {"device": env.get("device_name"), "commit": commits[0] if len(commits) == 1 else commits,
-            "created": env.get("created"), "default_backend": env.get("default_backend"), **targets}
+            "commands": commands, "created": env.get("created"), "default_backend": env.get("default_backend"),
+            **targets}
 
 
 def target_text(key: str, t: dict) -> str:
