@@ -387,13 +387,18 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     assert data["random_weights"] is True and data["env"]["commit"]
     assert all(r["graphs_compiled_in_generate"] == 0 for r in rows.values())
     assert [r["compile"] for r in rows.values()] == ["none", "none", "blocks", "blocks", "blocks", "blocks-split"]
+    # each row names the backend it ran (the dense baseline is SDPA under "flex"; auto is flex on a CPU)
+    assert [r["backend"] for r in rows.values()] == ["flex"] * 6
+    assert rows["dense (cuDNN SDPA)"]["attention"]["backend"] == "flex"
+    assert [type(r["vae_tiling"]) for r in rows.values()] == [type(None)] * 3 + [bool, bool, type(None)]
     lora = rows["+ LoRA, fused"]["lora"][0]
     assert lora["rank"] == 4 and lora["format"] == "original" and lora["ignored_keys"] == 2
     cache = rows["+ cache first-block:0.1"]
     assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
     assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("|") and "| + compiled blocks |" in out
+    assert out.rstrip().endswith("|") and "| + compiled blocks | flex |" in out
+    assert " untiled |" in out or " tiled |" in out
     assert (tmp_path / "levers.md").read_text() in out
     assert f"commit {data['env']['commit']}." in (tmp_path / "levers.md").read_text()
 
@@ -442,3 +447,14 @@ def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
     assert np.array_equal(res.frames, plain.frames)
     with pytest.raises(TorchDynamoException):
         _gen(speed={"compile": "blocks"}).generate("a fox", progress=False, **SMALL)
+
+
+def test_levers_backend_option_reaches_sparse_rows_only():
+    """Guards: --attention-backend picks the sparse rows' backend while the dense row stays the
+    cuDNN SDPA baseline (a dense row on FA4 would make every ratio against the wrong baseline)."""
+    from wan_nabla.bench import levers
+
+    rows = levers.plan_rows(levers.FULL, "x.safetensors", "first-block:0.1", "fa4")
+    assert rows[0].key == "dense" and rows[0].attention.backend == "flex"
+    assert {r.attention.backend for r in rows[1:]} == {"fa4"}
+    assert levers.build_parser().parse_args(["--out", "o"]).attention_backend == "auto"

@@ -11,7 +11,9 @@ Euler, shift 5: the distilled-LoRA preset's sampling):
     dense -> + STA 11-3-3 -> + compiled blocks -> + LoRA, fused -> + first-block cache
 then a variant row: compiled blocks with the graph split around attention instead of the custom
 op, skipped when the run would pass --deadline-s (its cost is estimated from the compiled row).
-`--rows` picks rows by key (dense sta compiled lora cache variant). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
+The dense row is cuDNN SDPA; the sparse rows use --attention-backend (default auto: FA4 where
+installed and supported, else flex), and each row records the backend it ran (and decoded rows
+whether the VAE decoded tiled). `--rows` picks rows by key (dense sta compiled lora cache variant). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
 distill LoRA's shape as assumed here: rank 64 (alpha 64) on q/k/v/o of self- and cross-attention
 and ffn.0/ffn.2 of every block, original naming (lora_down/lora_up), `diff_b` bias deltas and a
 `diff_m` modulation table per block (which diffusers' loader does not apply). Fused, it costs
@@ -94,12 +96,14 @@ class Row:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def plan_rows(s: LeverScenario, lora_path: str, cache: str) -> list[Row]:
-    sta = AttentionConfig(type="sta", sta_window=s.sta_window)
+def plan_rows(s: LeverScenario, lora_path: str, cache: str, backend: str = "auto") -> list[Row]:
+    """The rows in order. The dense row is always cuDNN SDPA (backend flex: full attention goes to
+    SDPA), the baseline every ratio is taken against; the sparse rows use `backend`."""
+    sta = AttentionConfig(type="sta", sta_window=s.sta_window, backend=backend)
     lora = (LoraSpec(lora_path),)
     sta_label = "STA " + "-".join(map(str, s.sta_window))
     return [
-        Row("dense", "dense (cuDNN SDPA)", AttentionConfig(), warm=False),
+        Row("dense", "dense (cuDNN SDPA)", AttentionConfig(backend="flex"), warm=False),
         Row("sta", f"+ {sta_label}", sta),
         Row("compiled", "+ compiled blocks", sta, compile="blocks", note="attention as one custom op inside each block graph"),
         Row("lora", "+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}"),
@@ -231,7 +235,8 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
         "encode_s": t["text_encoding_s"], "denoise_s": t["denoising_s"], "per_step_s": t["per_step_s"],
         "step_median_s": step_s, "attention_ms_per_forward": attn_ms, "mask_ms_per_forward": mask_ms,
         "non_attention_ms_per_forward": step_s * 1e3 - attn_ms, "decode_s": t["decode_s"],
-        "density": res.attention.get("overall"), "cache_record": res.speed["cache"],
+        "density": res.attention.get("overall"), "backend": res.attention.get("backend"),
+        "vae_tiling": t.get("vae_tiling") if row.decode else None, "cache_record": res.speed["cache"],
         "peak_gpu_memory_gb": t.get("peak_gpu_memory_gb"),
         "finite": bool(np.isfinite(res.frames).all()) if row.decode else None,
     }
@@ -285,20 +290,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"### Speed levers: {s['scenario']} (random weights, one GPU)", "",
              f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
              f"commit {e.get('commit', '?')}.", "",
-             "| row | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
+             "| row | backend | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
              "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "denoise_s" not in r:
-            lines.append(f"| {r['name']} | {r.get('error') or r.get('skipped')} |" + " |" * 12)
+            lines.append(f"| {r['name']} | {r.get('error') or r.get('skipped')} |" + " |" * 13)
             continue
         c = r["cache_record"]
         q = f"{r['psnr_db']:.2f} dB / {r['ssim']:.4f}" if "psnr_db" in r else ""
         vp = f"{r['speedup_vs_previous_dit']:.2f}x" if "speedup_vs_previous_dit" in r else ""
         dec = f"{r['decode_s']:.1f}" if r.get("decode_s") else f"({s['decode_s']:.1f})" if s["decode_s"] else ""
+        if r.get("decode_s") and r.get("vae_tiling") is not None:
+            dec += " tiled" if r["vae_tiling"] else " untiled"
         dens = f"{r['density']:.3f}" if r["density"] is not None else ""
         lines.append(
-            f"| {r['name']} | {r['denoise_s']:.2f} | {r['step_median_s']:.3f} | {r['attention_ms_per_forward']:.0f} | "
+            f"| {r['name']} | {r.get('backend') or ''} | {r['denoise_s']:.2f} | {r['step_median_s']:.3f} | {r['attention_ms_per_forward']:.0f} | "
             f"{r['non_attention_ms_per_forward']:.0f} | {r['encode_s']:.2f} | {dec} | {r['e2e_s']:.1f} | {vp} | "
             f"{r['speedup_vs_dense_dit']:.2f}x | {r['compile_s']:.1f} | {dens} | "
             f"{c['skipped']}/{c['block_calls']} | {q} |")
@@ -338,7 +345,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         lora_path = Path(tmp) / "synthetic_lightx2v_like.safetensors"
         result["lora_file"] = write_synthetic_lora(lora_path, WAN_SIZES[s.size], rank=4 if args.quick else LORA_RANK)
         reference = None
-        for row in plan_rows(s, str(lora_path), args.cache):
+        for row in plan_rows(s, str(lora_path), args.cache, args.attention_backend):
             if row.key not in args.rows:
                 continue
             if row.optional:
@@ -383,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU-sized)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per row (default 4)")
     p.add_argument("--cache", default="first-block:0.1", help="the cache row's --cache value (default first-block:0.1)")
+    p.add_argument("--attention-backend", choices=("auto", "flex", "fa4"), default="auto",
+                   help="backend of the sparse rows (default auto: fa4 where installed and supported); "
+                        "the dense row is always cuDNN SDPA")
     p.add_argument("--deadline-s", type=float, default=500.0,
                    help="skip the optional variant row when it would end later than this (default 500 s)")
     p.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=list(ROW_KEYS),
