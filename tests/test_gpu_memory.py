@@ -32,6 +32,7 @@ def test_quick_cpu_mode_measures_every_mode_and_writes_reports(tmp_path):
     res = json.loads((tmp_path / "memory_quick.json").read_text())
     assert [r["offload"] for r in res["runs"]] == ["none", "model", "group", "sequential", "group"]
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 for r in res["runs"]), res["runs"]
+    assert {r["backend"] for r in res["runs"]} == {"flex"}  # the attention backend each run used
     assert {(d["video"], d["tiling"]) for d in res["vae"]} == {("quick", False), ("quick", True)}
     assert res["environment"]["command"].startswith("scripts/gpu_memory.py") and "commit" in res["environment"]
     md = (tmp_path / "memory_quick.md").read_text()
@@ -97,7 +98,12 @@ def test_recommendation_is_the_fastest_mode_that_fits_each_card():
             _row("14B", "sequential", 9.0, None, status="oom", card=12)]
     memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
                                        {"video": "720p", "tiling": False, "decode_extra_gib": 30.0}])
-    assert rows[0]["decode_gib_est"] == 38.0 + 4.0  # none at 1280x720: tiling on by the auto rule
+    # none at 1280x720 on the whole GPU: 79.25 - 38 GiB free leaves room for the untiled decode
+    # (20.3 GiB x 1.25), so auto decodes untiled there; on a 48 GB card it would decode tiled
+    assert rows[0]["decode_gib_est"] == 38.0 + 30.0 and rows[0]["vae_tiling"] is False
+    assert rows[0]["peak_by_card_gib"][80] == 68.0 and rows[0]["peak_by_card_gib"][48] == 55.0
+    assert rows[0]["tiled_by_card"] == {80: False, 48: True, 24: True, 16: True, 12: True}
+    assert rows[2]["vae_tiling"] is True and rows[2]["decode_gib_est"] == 0.5 + 4.0  # group: always tiled
     rec = memory_report.recommend(rows)[("14B", "720p")]
     pick = {card: (r["offload"], r["batch_cfg"]) if r else None for card, r in rec.items()}
     assert pick == {80: ("none", True), 48: ("model", True), 24: ("group", True), 16: ("group", False),
@@ -106,4 +112,23 @@ def test_recommendation_is_the_fastest_mode_that_fits_each_card():
     memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0}])
     assert memory_report.recommend(rows)[("14B", "720p")][12] is None
     md = memory_report.render_markdown({"runs": rows, "vae": [], "skipped": []})
-    assert "| 24 GB |" in md and "group* (27.00 s/step" in md and "does not fit" in md
+    assert "| 24 GB |" in md and "group* (27.00 s/step, 20.0 GiB, t)" in md and "does not fit" in md
+
+
+def test_recommendation_counts_the_tiled_decode_a_smaller_card_gets():
+    """Guards: a run whose whole-GPU peak comes from an untiled decode still fits a smaller card,
+    because vae_tiling auto decodes tiled there (the 1.3B 480p case: none peaks at 24.5 GiB untiled,
+    17.5 GiB on a 24 GB card); the card's peak is what decides, and the cell says it is tiled."""
+    rows = [_row("1.3B", "none", 0.97, (16.0, 17.5, 15.5), video="480p"),
+            _row("1.3B", "sequential", 1.08, (2.0, 3.1, 0.4), b2=True, card=12, video="480p")]
+    vae = [{"video": "480p", "tiling": False, "decode_extra_gib": 9.0, "seconds": 3.8},
+           {"video": "480p", "tiling": True, "decode_extra_gib": 1.9, "seconds": 6.7}]
+    memory_report.add_decode_estimates(rows, vae)
+    assert rows[0]["total_peak_gib"] == pytest.approx(24.5) and rows[0]["vae_tiling"] is False
+    assert rows[0]["peak_by_card_gib"][24] == 17.5 and rows[0]["tiled_by_card"][24] is True
+    rec = memory_report.recommend(rows)[("1.3B", "480p")]
+    assert {c: r["offload"] for c, r in rec.items()} == {80: "none", 48: "none", 24: "none", 16: "sequential",
+                                                        12: "sequential"}
+    md = memory_report.render_markdown({"runs": rows, "vae": vae, "skipped": []})
+    assert "none (0.97 s/step, 17.5 GiB, t)" in md and "none (0.97 s/step, 24.5 GiB)" in md
+    assert "24.50 untiled" in md

@@ -397,7 +397,7 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
     assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("|") and "| + compiled blocks | flex |" in out
+    assert out.rstrip().endswith("|") and "| + compiled blocks | flex |" in out and "| dense (cuDNN SDPA) | SDPA |" in out
     assert " untiled |" in out or " tiled |" in out
     assert (tmp_path / "levers.md").read_text() in out
     assert f"commit {data['env']['commit']}." in (tmp_path / "levers.md").read_text()

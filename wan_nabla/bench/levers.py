@@ -284,6 +284,12 @@ def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "cfg50_estimates": estimate_50_step_cfg(ok, encode, decode_s or 0.0) if ok else []}
 
 
+def _backend_text(r: dict[str, Any]) -> str:
+    """The kernels a row ran: full attention under "flex" is SDPA (cuDNN on a GPU)."""
+    b = r.get("backend") or ""
+    return "SDPA" if b == "flex" and r["attention"]["type"] == "full" else b
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     e = result.get("env") or {}
@@ -305,7 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
             dec += " tiled" if r["vae_tiling"] else " untiled"
         dens = f"{r['density']:.3f}" if r["density"] is not None else ""
         lines.append(
-            f"| {r['name']} | {r.get('backend') or ''} | {r['denoise_s']:.2f} | {r['step_median_s']:.3f} | {r['attention_ms_per_forward']:.0f} | "
+            f"| {r['name']} | {_backend_text(r)} | {r['denoise_s']:.2f} | {r['step_median_s']:.3f} | {r['attention_ms_per_forward']:.0f} | "
             f"{r['non_attention_ms_per_forward']:.0f} | {r['encode_s']:.2f} | {dec} | {r['e2e_s']:.1f} | {vp} | "
             f"{r['speedup_vs_dense_dit']:.2f}x | {r['compile_s']:.1f} | {dens} | "
             f"{c['skipped']}/{c['block_calls']} | {q} |")

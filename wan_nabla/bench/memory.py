@@ -215,7 +215,7 @@ def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
         timed = t["per_step_s"][run.warmup:] or t["per_step_s"]
         row.update(status="ok", s_per_step=statistics.median(timed), per_step_s=t["per_step_s"],
                    text_encoding_s=t["text_encoding_s"], density=res.attention.get("overall"),
-                   peak_gib=t.get("peak_gpu_memory_gb_by_phase"),
+                   backend=res.attention.get("backend"), peak_gib=t.get("peak_gpu_memory_gb_by_phase"),
                    reserved_peak_gib=t.get("peak_gpu_reserved_gb_by_phase"))
         if device.type == "cuda":
             vae_gib = sum(p.numel() * p.element_size() for p in pipe.vae.parameters()) / 2**30

@@ -2,11 +2,16 @@
 GPU" choice, markdown tables, merging parts.
 
     add_decode_estimates(runs, vae)        # decode peak = resident after denoising + measured decode peak
+    decode_on_card(run, vae, 24)           # (tiled?, decode GiB) as vae_tiling auto decides on a 24 GB card
     recommend(runs)[("14B", "720p")][24]   # the fastest dense run whose overall peak fits a 24 GB card
     render_markdown(result)                # all runs, the recommendation per card, VAE decode peaks
 
 Rule: a run fits a card of N GB when its overall peak (allocated GiB: encode, denoise, estimated
-decode) is at most N - CONTEXT_GIB; among fitting runs the fastest s/step wins, ties go to the
+decode) is at most N - CONTEXT_GIB; the decode is estimated as the pipeline would run it on that
+card: `vae_tiling: auto` decodes untiled when VAE_DECODE_MARGIN x the untiled need fits in what
+the card has left after the resident components (offload.vae_tiling_on), tiled otherwise (always
+tiled under group/sequential). So one run can fit a 24 GB card with a tiled decode while its
+whole-GPU peak (untiled decode) is larger; among fitting runs the fastest s/step wins, ties go to the
 simpler mode. A run that ran capped to exactly that card is marked as confirmed.
 """
 
@@ -15,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import MemoryConfig
-from ..offload import vae_tiling_on
+from ..offload import VAE_DECODE_MARGIN, untiled_decode_gib, vae_tiling_on
 
 CARDS_GIB = (80, 48, 24, 16, 12)
 CONTEXT_GIB = 0.75
@@ -23,18 +28,42 @@ VIDEOS = {"720p": (1280, 720, 81), "480p": (832, 480, 81), "quick": (64, 64, 5)}
 MODES = ("none", "model", "group", "sequential")
 
 
+def decode_on_card(row: dict, vae: list[dict], card_gib: int | None) -> tuple[bool, float | None]:
+    """(tiling, estimated decode peak GiB) of an ok run's decode on a card of `card_gib` GB (None:
+    the whole 80 GB GPU), with the pipeline's own `vae_tiling: auto` rule: untiled when the untiled
+    need x VAE_DECODE_MARGIN fits in the usable memory left after the resident components. The
+    decode peak is that resident memory + the measured VAE decode peak (None when not measured)."""
+    w, h, f = VIDEOS[row["video"]]
+    resident = row["resident_before_decode_gib"]
+    if row["offload"] in ("group", "sequential"):
+        tiling = vae_tiling_on(MemoryConfig(offload=row["offload"]), w, h)
+    else:
+        free = usable_gib(card_gib or CARDS_GIB[0]) - resident
+        tiling = untiled_decode_gib(w, h, f) * VAE_DECODE_MARGIN > free
+    extra = {(d["video"], d["tiling"]): d["decode_extra_gib"] for d in vae}.get((row["video"], tiling))
+    return tiling, None if extra is None else resident + extra
+
+
+def _total(row: dict, decode_gib: float | None) -> float:
+    return max([v for v in (*row["peak_gib"].values(), decode_gib) if v is not None])
+
+
 def add_decode_estimates(rows: list[dict], vae: list[dict]) -> None:
-    """decode_gib (est.) and the overall peak of each ok run, from the decode measurements."""
-    extra = {(d["video"], d["tiling"]): d["decode_extra_gib"] for d in vae}
+    """vae_tiling, decode_gib (est.) and the overall peak of each ok run on the card it ran on
+    (decode_on_card), and the same per card of CARDS_GIB (peak_by_card_gib, tiled_by_card)."""
     for row in rows:
         if row.get("status") != "ok" or row.get("peak_gib") is None:
             continue
-        w, h, _ = VIDEOS[row["video"]]
-        tiling = vae_tiling_on(MemoryConfig(offload=row["offload"]), w, h)
-        e = extra.get((row["video"], tiling))
-        row["vae_tiling"] = tiling
-        row["decode_gib_est"] = None if e is None else row["resident_before_decode_gib"] + e
-        row["total_peak_gib"] = max([v for v in (*row["peak_gib"].values(), row["decode_gib_est"]) if v is not None])
+        row["vae_tiling"], row["decode_gib_est"] = decode_on_card(row, vae, row.get("card_gib"))
+        row["total_peak_gib"] = _total(row, row["decode_gib_est"])
+        by_card = {card: decode_on_card(row, vae, card) for card in CARDS_GIB}
+        row["tiled_by_card"] = {card: t for card, (t, _) in by_card.items()}
+        row["peak_by_card_gib"] = {card: _total(row, d) for card, (_, d) in by_card.items()}
+
+
+def peak_on_card(row: dict, card: int) -> float:
+    """An ok run's overall peak on a card of `card` GB (its decode tiled or not as that card allows)."""
+    return (row.get("peak_by_card_gib") or {}).get(card, row["total_peak_gib"])
 
 
 def usable_gib(card: int) -> float:
@@ -43,14 +72,14 @@ def usable_gib(card: int) -> float:
 
 def recommend(rows: list[dict], attention: str = "full") -> dict[tuple[str, str], dict[int, dict | None]]:
     """For each (size, video) and card: the fastest measured `attention` run whose overall peak
-    (decode estimated) fits the card's usable memory; ties go to the simpler mode."""
+    (decode estimated as on that card) fits the card's usable memory; ties go to the simpler mode."""
     out: dict[tuple[str, str], dict[int, dict | None]] = {}
     ok = [r for r in rows if r.get("status") == "ok" and r["attention"] == attention and r.get("total_peak_gib")]
     for key in sorted({(r["size"], r["video"]) for r in rows}):
         cands = [r for r in ok if (r["size"], r["video"]) == key]
         out[key] = {}
         for card in CARDS_GIB:
-            fit = [r for r in cands if r["total_peak_gib"] <= usable_gib(card)]
+            fit = [r for r in cands if peak_on_card(r, card) <= usable_gib(card)]
             fit.sort(key=lambda r: (r["s_per_step"], MODES.index(r["offload"]), not r["batch_cfg"]))
             out[key][card] = fit[0] if fit else None
     return out
@@ -68,7 +97,8 @@ def recommendation_table(rows: list[dict]) -> list[dict[str, Any]]:
             out.append({"card_gib": card, "size": size, "video": video,
                         "mode": None if r is None else r["offload"], "batch_cfg": None if r is None else r["batch_cfg"],
                         "s_per_step": None if r is None else r["s_per_step"],
-                        "total_peak_gib": None if r is None else r["total_peak_gib"],
+                        "total_peak_gib": None if r is None else peak_on_card(r, card),
+                        "vae_tiled": None if r is None else (r.get("tiled_by_card") or {}).get(card),
                         "confirmed_under_cap": None if r is None else r.get("card_gib") == card})
     return out
 
@@ -87,13 +117,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['size']} | {r['video']} | {r['attention']} | {r['offload']} | {'batch 2' if r['batch_cfg'] else '2 x 1'} "
             f"| {r['card_gib'] or 'whole'} | {status} | {_num(peaks.get('encode'))} | {_num(peaks.get('denoise'))} "
-            f"| {_num(r.get('decode_gib_est'))} | {_num(r.get('total_peak_gib'))} "
+            f"| {_decode_text(r)} | {_num(r.get('total_peak_gib'))} "
             f"| {_num(max((r.get('reserved_peak_gib') or {}).values(), default=None))} | {_num(r.get('s_per_step'))} "
             f"| {ratio} |")
-    lines += ["", "Peaks: allocated GiB per phase (decode: resident + measured VAE decode peak); reserved: "
-              "the caching allocator's peak over encode and denoise.", "",
+    lines += ["", "Peaks: allocated GiB per phase (decode: resident + measured VAE decode peak, tiled or untiled "
+              "as `vae_tiling: auto` decides on the card the run had); reserved: the caching allocator's peak "
+              "over encode and denoise.", "",
               "Which mode for my GPU (dense attention; fastest measured mode whose peak fits the card minus "
-              f"{CONTEXT_GIB} GiB; * = confirmed by a run capped to that card):", ""]
+              f"{CONTEXT_GIB} GiB, its VAE decode tiled where the card needs it (t); "
+              "* = confirmed by a run capped to that card):", ""]
     rec = recommend(rows)
     keys = list(rec)
     no_peaks = not any(r.get("total_peak_gib") for r in rows)
@@ -105,7 +137,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             r = rec[key][card]
             cells.append("n/a (no GPU peaks)" if no_peaks else "does not fit (measured modes)" if r is None else
                          f"{_mode_text(r)}{'*' if r.get('card_gib') == card else ''} "
-                         f"({r['s_per_step']:.2f} s/step, {r['total_peak_gib']:.1f} GiB)")
+                         f"({r['s_per_step']:.2f} s/step, {peak_on_card(r, card):.1f} GiB"
+                         f"{', t' if (r.get('tiled_by_card') or {}).get(card) else ''})")
         lines.append(f"| {card} GB | " + " | ".join(cells) + " |")
     lines += ["", "| VAE decode | tiling | extra GiB | seconds |", "|---|---|---|---|"]
     lines += [f"| {d['video']} | {'on' if d['tiling'] else 'off'} | {_num(d['decode_extra_gib'])} | {d['seconds']:.1f} |"
@@ -115,17 +148,25 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _decode_text(r: dict) -> str:
+    if r.get("decode_gib_est") is None:
+        return ""
+    return f"{r['decode_gib_est']:.2f} {'tiled' if r.get('vae_tiling') else 'untiled'}"
+
+
 def _num(x, nd: int = 2) -> str:
     return "" if x is None else f"{x:.{nd}f}"
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several parts' results as one (runs, decode measurements and skips concatenated)."""
+    """Several parts' results as one (runs, decode measurements and skips concatenated); decode
+    estimates are taken again over all parts' VAE measurements (one VAE for every model size)."""
     merged: dict[str, Any] = {"part": "+".join(r["part"] for r in results), "runs": [], "vae": [], "skipped": [],
                               "environment": [r.get("environment") for r in results]}
     for r in results:
         merged["runs"] += r["runs"]
         merged["vae"] += r["vae"]
         merged["skipped"] += r.get("skipped", [])
+    add_decode_estimates(merged["runs"], merged["vae"])
     merged["recommendation"] = recommendation_table(merged["runs"])
     return merged

@@ -220,7 +220,7 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
             rows += pub_rows
         save()
     sc.relayout_cache = {}
-    del q, k, v
+    q = k = v = None  # drop the big tensors (the part lambdas above hold them as closure cells)
     _free(device)
     return result
 
