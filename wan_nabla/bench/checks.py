@@ -46,7 +46,7 @@ def brute_force_keep(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def run_checks(sc, q, k, v, bs, quick: bool, backends=("flex",)) -> dict[str, Any]:
-    layout, device = sc.layout, sc.device
+    layout = sc.layout
     out: dict[str, Any] = {"mask": [], "plan_equal": [], "fidelity": []}
     p = masks.coarse_map(q, k, layout, impl="torch")
     p_fast = masks.coarse_map(q, k, layout)
