@@ -377,6 +377,14 @@ def test_triton_kernels_match_torch_in_interpreter():
             q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             assert (masks.pool_tiles(q, layout, "triton") - masks.pool_tiles(q, layout, "torch")).abs().max() < 1e-5
+            qp, kp = masks.pool_tiles(q, layout, "torch"), masks.pool_tiles(k, layout, "torch")
+            s64 = qp.double() @ kp.double().transpose(-1, -2)
+            err = (masks.tile_scores(qp, kp, "triton").double() - s64).abs().max() / s64.abs().max()
+            assert err < 1e-6, err  # 3xTF32 scores: fp32-level accuracy
+            odd = torch.randn((3, 45, 80), generator=g), torch.randn((3, 70, 80), generator=g)  # ragged tiles, D = 64 + 16
+            o64 = odd[0].double() @ odd[1].double().transpose(-1, -2)
+            e2 = (masks.tile_scores(*odd, "triton").double() - o64).abs().max() / o64.abs().max()
+            assert e2 < 1e-6, e2
             keep = masks.nabla_tile_mask(q, k, layout, 0.5, impl="torch")
             assert 0 < keep.float().mean() < 1
             assert torch.equal(masks.nabla_tile_mask(q, k, layout, 0.5, impl="triton"), keep)

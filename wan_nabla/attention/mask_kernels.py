@@ -1,6 +1,8 @@
-"""Triton kernels behind masks.py on CUDA: tile pooling and the sort-free CDF selection.
+"""Triton kernels behind masks.py on CUDA: tile pooling, the coarse scores and the sort-free CDF
+selection.
 
     pooled = pool_tiles_triton(q_BHSD, layout)                       # [B, H, n, D] float32
+    scores = scores_triton(q_pooled, k_pooled)                       # [B, H, n, n] float32
     select_triton(probs, mode=1, n_rows=..., n_cols=n, bh=1, threshold=0.7, tile_out=keep)
     lists = select_triton(scores, mode=0, ..., layout=layout, block_size=(128, 64), out_shape=(B, H))
 
@@ -67,6 +69,30 @@ def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_progra
     return out
 
 
+# Coarse scores: 3xTF32 tensor-core products (each fp32 operand split into a TF32 head and a TF32
+# tail; head*head + head*tail + tail*head, fp32 accumulation): about fp32 accuracy (relative error
+# ~1e-6 against float64, like cuBLAS fp32) at tensor-core speed, where cuBLAS fp32 runs on the
+# CUDA cores. Tile sizes measured on an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
+SCORES_BLOCK = (64, 64)
+SCORES_WARPS = 4
+
+
+def scores_triton(qp: torch.Tensor, kp: torch.Tensor, block: tuple[int, int] | None = None,
+                  num_warps: int | None = None) -> torch.Tensor:
+    """qp @ kp^T over the last two dims, float32 ([..., n, D] x [..., m, D] -> [..., n, m])."""
+    *lead, n, d = qp.shape
+    m = kp.shape[-2]
+    q3 = qp.reshape(-1, n, d).float()
+    k3 = kp.reshape(-1, m, d).float()
+    out = torch.empty((q3.shape[0], n, m), dtype=torch.float32, device=qp.device)
+    bm, bn = block or SCORES_BLOCK
+    _scores_kernel[(q3.shape[0], -(-n // bm), -(-m // bn))](
+        q3, k3, out, n, m, d, *q3.stride(), *k3.stride(),
+        BM=bm, BN=bn, BK=min(64, max(16, triton.next_power_of_2(d))), num_warps=num_warps or SCORES_WARPS,
+    )
+    return out.view(*lead, n, m)
+
+
 def _split_f64(x: float) -> tuple[float, float]:
     """x = hi + lo with hi, lo float32: passes a float64 threshold through float32 kernel arguments."""
     import numpy as np
@@ -129,7 +155,7 @@ def select_triton(
         *sta, tiles_h, tiles_w, n_frames,
         MODE=mode, PAIRED=paired, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
         WRITE_TILE=tile_out is not None, WRITE_BLOCKS=block_size is not None,
-        num_warps=warps,
+        KNOWN_TOTAL=mode == 0 and threshold < 0.99, num_warps=warps,
         **_NO_FMA,  # the same rounding in every specialisation: tile and fused paths agree bit for bit
     )
     return lists if block_size is not None else None
@@ -159,6 +185,24 @@ if triton is not None:
         tl.store(optr, total / cnt[:, None], mask=tvalid[:, None] & (d[None, :] < D))
 
     @triton.jit
+    def _scores_kernel(q_ptr, k_ptr, out_ptr, n, m, d, sqb, sqn, sqd, skb, skn, skd,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # One program per (batch*head, BM query tiles, BN key tiles); K loop over D in BK chunks.
+        bh = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        cols = tl.program_id(2) * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            a = tl.load(q_ptr + bh * sqb + rows[:, None] * sqn + kk[None, :] * sqd,
+                        mask=(rows[:, None] < n) & (kk[None, :] < d), other=0.0)
+            b = tl.load(k_ptr + bh * skb + cols[None, :] * skn + kk[:, None] * skd,
+                        mask=(cols[None, :] < m) & (kk[:, None] < d), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        tl.store(out_ptr + bh * n * m + rows[:, None] * m + cols[None, :], acc,
+                 mask=(rows[:, None] < n) & (cols[None, :] < m))
+
+    @triton.jit
     def _bisect(bits, vals, lo, hi, thr):
         # The smallest bit pattern c in (lo, hi] with G(c) = sum(vals[bits > c]) < thr, given
         # G(lo) >= thr and G(hi) < thr; G only falls as c grows, so 31 halvings of a 31-bit range
@@ -169,6 +213,10 @@ if triton is not None:
             hi = tl.where(take, mid, hi)
             lo = tl.where(take, lo, mid)
         return hi
+
+    @triton.jit
+    def _sum_pair(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
 
     @triton.jit
     def _sum_count(a_sum, a_cnt, b_sum, b_cnt):
@@ -194,15 +242,24 @@ if triton is not None:
         return tl.min(tl.where((bits > lo) & (bits <= hi), bits, 2147483647), 0)
 
     @triton.jit
-    def _store_list(sel, valid, cols, num_ptr, idx_ptr, row, nkb):
-        # Stable partition of the block columns: selected ones first (ascending), then the rest,
-        # so every slot of the index row is written.
-        sel_i = sel.to(tl.int32)
-        cnt = tl.sum(sel_i, 0)
-        rest = (valid & (sel_i == 0)).to(tl.int32)
-        slot = tl.where(sel_i != 0, tl.cumsum(sel_i, 0) - 1, cnt + tl.cumsum(rest, 0) - 1)
-        tl.store(idx_ptr + row * nkb + slot, cols, mask=valid)
-        tl.store(num_ptr + row, cnt)
+    def _store_lists(kept, nopad, bvalid, bcols, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, row, nkb):
+        # Two stable partitions of the block columns, full (no pad key) and partial (pad keys):
+        # selected columns first (ascending), then the rest, so every slot of both index rows is
+        # written. One scan serves both lists (16-bit fields of one int32; rows have < 65,536
+        # blocks), and a column's rank among the unselected ones is its index minus the selected
+        # ones before it (every column below nkb is valid).
+        full = (kept & nopad).to(tl.int32)
+        part = (kept & (nopad == 0)).to(tl.int32)
+        scan = tl.cumsum(full + (part << 16), 0)
+        cnt = tl.sum(full + (part << 16), 0)
+        for which in tl.static_range(2):
+            if which == 0:
+                sel, before, n_sel, num_ptr, idx_ptr = full, (scan & 0xFFFF) - full, cnt & 0xFFFF, fn_ptr, fi_ptr
+            else:
+                sel, before, n_sel, num_ptr, idx_ptr = part, (scan >> 16) - part, cnt >> 16, kvn_ptr, kvi_ptr
+            slot = tl.where(sel != 0, before, n_sel + bcols - before)
+            tl.store(idx_ptr + row * nkb + slot, bcols, mask=bvalid)
+            tl.store(num_ptr + row, n_sel)
 
     @triton.jit
     def _tile_tij(idx, n_frames, tiles_h, tiles_w, PAIRED: tl.constexpr):
@@ -227,7 +284,7 @@ if triton is not None:
         MODE: tl.constexpr, PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities
         EXACT: tl.constexpr,  # 1: float64 bisection, 2: float32 search checked in float64, 0: float32 only
         QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr,
-        HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr,
+        HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr, KNOWN_TOTAL: tl.constexpr,
     ):
         # One program per query block (QT tile rows, one after the other: few live registers).
         pid = tl.program_id(0).to(tl.int64)
@@ -254,18 +311,30 @@ if triton is not None:
             bits = p.to(tl.int32, bitcast=True)  # non-negative floats: integer order = value order
             top = tl.max(bits, 0)  # G(max) = 0 < thr; G(+0.0) = total mass >= thr unless `everything`
             thr64 = tl.sum(tl.zeros([1], tl.float64) + thr + thr_lo, 0)  # the threshold exactly (hi + lo)
+            # KNOWN_TOTAL (softmax rows, threshold < 0.99): a softmax row sums to 1 within ~1e-6,
+            # so the bracket's lower end uses 1 (0.999 slack; a broken bracket is caught by the
+            # float64 check) and "keep everything" (total < threshold) cannot happen: two
+            # reductions fewer per row.
+            if KNOWN_TOTAL:
+                total = 1.0
+            else:
+                total = tl.sum(p, 0)
             if EXACT == 1:  # plain bisection with float64 sums
                 cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
             else:
                 # float32 sums, bracket from G(t) >= total - n*t, early exit at one element left
-                t0 = tl.maximum((tl.sum(p, 0) - thr) / n_cols * 0.999, 0.0)
+                t0 = tl.maximum((total - thr) / n_cols * 0.999, 0.0)
                 cut = _bisect_fast(bits, p, t0.to(tl.int32, bitcast=True), top, thr)
                 if EXACT == 2:  # exact iff G64(cut) < thr <= G64(cut - 1); else redo in float64
-                    above = tl.sum(tl.where(bits > cut, p.to(tl.float64), 0.0), 0)
-                    below = tl.sum(tl.where(bits > cut - 1, p.to(tl.float64), 0.0), 0)
+                    p64 = p.to(tl.float64)
+                    above, below = tl.reduce((tl.where(bits > cut, p64, 0.0), tl.where(bits > cut - 1, p64, 0.0)),
+                                             0, _sum_pair)
                     if (above >= thr64) | (below < thr64):
                         cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
-            everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
+            if KNOWN_TOTAL:
+                everything = keep_all != 0
+            else:
+                everything = (tl.sum(p.to(tl.float64), 0) < thr64) | (keep_all != 0)
             keep = bits >= tl.where(everything, 0, cut)
             if HAS_STA:
                 rt, ri, rj = _tile_tij(rowc, n_frames, tiles_h, tiles_w, PAIRED)
@@ -286,5 +355,4 @@ if triton is not None:
             bvalid = bcols < nkb
             nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
             kept = (kb != 0) & bvalid
-            _store_list(kept & nopad, bvalid, bcols, fn_ptr, fi_ptr, pid, nkb)
-            _store_list(kept & (nopad == 0), bvalid, bcols, kvn_ptr, kvi_ptr, pid, nkb)
+            _store_lists(kept, nopad, bvalid, bcols, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, pid, nkb)
