@@ -72,9 +72,11 @@ def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_progra
 # Coarse scores: 3xTF32 tensor-core products (each fp32 operand split into a TF32 head and a TF32
 # tail; head*head + head*tail + tail*head, fp32 accumulation): about fp32 accuracy (relative error
 # ~1e-6 against float64, like cuBLAS fp32) at tensor-core speed, where cuBLAS fp32 runs on the
-# CUDA cores. Tile sizes measured on an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
-SCORES_BLOCK = (64, 64)
-SCORES_WARPS = 4
+# CUDA cores. Tile size measured on an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md):
+# 128x128 with 8 warps 0.36 ms, 64x64 / 64x128 with 4 warps 0.45-0.47 ms, 128x64 0.95 ms, cuBLAS
+# fp32 0.48 ms (D = 128: the products are short, re-reading q/k per output tile dominates).
+SCORES_BLOCK = (128, 128)
+SCORES_WARPS = 8
 
 
 def scores_triton(qp: torch.Tensor, kp: torch.Tensor, block: tuple[int, int] | None = None,
