@@ -362,7 +362,7 @@ def test_triton_kernels_match_torch_in_interpreter():
     script = textwrap.dedent("""
         import torch
         from tests import reference as R
-        from wan_nabla.attention import masks
+        from wan_nabla.attention import mask_kernels, masks
         from wan_nabla.attention.layout import TileLayout
         from wan_nabla.config import AttentionConfig
         g = torch.Generator().manual_seed(0)
@@ -392,10 +392,12 @@ def test_triton_kernels_match_torch_in_interpreter():
                 for cfg in (AttentionConfig(type="nabla", threshold=0.5),
                             AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))):
                     ref = masks.plan_from_keep(masks.tile_keep_mask(cfg, q, k, layout, "torch"), layout, bs)
-                    got = masks.plan_blocks(cfg, q, k, layout, bs, impl="triton")
-                    for f in ("kv_num", "kv_idx", "full_num", "full_idx"):
-                        assert torch.equal(getattr(got, f), getattr(ref, f)), (grid, bs, f)
-                    assert abs(float(got.density) - float(ref.density)) < 1e-7
+                    for via_tiles in (True, False):  # lists by two launches (tile mask, compaction) or one
+                        mask_kernels.LISTS_VIA_TILES = via_tiles
+                        got = masks.plan_blocks(cfg, q, k, layout, bs, impl="triton")
+                        for f in ("kv_num", "kv_idx", "full_num", "full_idx"):
+                            assert torch.equal(getattr(got, f), getattr(ref, f)), (grid, bs, f, via_tiles)
+                        assert abs(float(got.density) - float(ref.density)) < 1e-7
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

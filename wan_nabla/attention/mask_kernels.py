@@ -95,6 +95,11 @@ def scores_triton(qp: torch.Tensor, kp: torch.Tensor, block: tuple[int, int] | N
     return out.view(*lead, n, m)
 
 
+# Block lists in two launches (selection into the tile mask, then compaction) or one; measured on
+# an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
+LISTS_VIA_TILES = True
+
+
 def _split_f64(x: float) -> tuple[float, float]:
     """x = hi + lo with hi, lo float32: passes a float64 threshold through float32 kernel arguments."""
     import numpy as np
@@ -119,12 +124,16 @@ def select_triton(
     tile_out: torch.Tensor | None = None,
     exact: int = 2,
     num_warps: int | None = None,
+    via_tiles: bool | None = None,
 ):
     """Run the selection kernel over `bh` groups of n_rows x n_cols rows of `src` (mode 0: raw
     coarse scores, softmax in the kernel; mode 1: probabilities). tile_out (uint8, src's shape)
     receives the tile keep mask. With block_size (and layout), returns the block lists
     (kv_num, kv_idx, full_num, full_idx) shaped out_shape + (blocks...): key blocks holding pad
-    tokens go to the partial (kv_*) lists, every other kept block to the full lists."""
+    tokens go to the partial (kv_*) lists, every other kept block to the full lists. via_tiles
+    (default LISTS_VIA_TILES): build the lists in two launches, the selection writing the tile
+    keep mask (one row per program, fewer live registers) and a second kernel compacting it,
+    instead of one launch that holds a query block's rows and writes the lists itself."""
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (scores) or 1 (probabilities), got {mode}")
     if block_size is not None and (layout is None or out_shape is None):
@@ -151,6 +160,13 @@ def select_triton(
     n_frames = layout.frames if layout is not None else 1
     paired = layout is not None and layout.time_pairs
     warps = num_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
+    if block_size is not None and (LISTS_VIA_TILES if via_tiles is None else via_tiles):
+        keep = tile_out if tile_out is not None else torch.empty((bh * n_rows, n_cols), dtype=torch.uint8, device=device)
+        select_triton(src, mode=mode, n_rows=n_rows, n_cols=n_cols, bh=bh, threshold=threshold, scale=scale,
+                      sta_window=sta_window, layout=layout, tile_out=keep, exact=exact, num_warps=num_warps)
+        _lists_kernel[(bh * nqb,)](keep, *lists, pad, n_rows, n_cols, nqb, nkb, QT=qt, KT=kt, BLOCK=block,
+                                   num_warps=warps)
+        return lists
     _select_kernel[(bh * nqb,)](
         src, tile_out if tile_out is not None else dummy, *lists, pad,
         n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
@@ -348,13 +364,33 @@ if triton is not None:
                 tl.store(tile_ptr + off + cols, keep.to(tl.uint8), mask=cmask & rvalid)
             acc = acc | keep.to(tl.int32)
         if WRITE_BLOCKS:
-            if KT == 2:
-                kb = tl.max(tl.reshape(acc, (BLOCK // 2, 2)), 1)  # OR over pairs of key tiles
-                bcols = tl.arange(0, BLOCK // 2)
-            else:
-                kb = acc
-                bcols = tl.arange(0, BLOCK)
-            bvalid = bcols < nkb
-            nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
-            kept = (kb != 0) & bvalid
-            _store_lists(kept, nopad, bvalid, bcols, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, pid, nkb)
+            _write_lists(acc, pad_ptr, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, pid, nkb, KT, BLOCK)
+
+    @triton.jit
+    def _write_lists(acc, pad_ptr, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, row, nkb, KT: tl.constexpr, BLOCK: tl.constexpr):
+        # acc: [BLOCK] nonzero where a tile column is kept by any query tile of this query block.
+        if KT == 2:
+            kb = tl.max(tl.reshape(acc, (BLOCK // 2, 2)), 1)  # OR over pairs of key tiles
+            bcols = tl.arange(0, BLOCK // 2)
+        else:
+            kb = acc
+            bcols = tl.arange(0, BLOCK)
+        bvalid = bcols < nkb
+        nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
+        kept = (kb != 0) & bvalid
+        _store_lists(kept, nopad, bvalid, bcols, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, row, nkb)
+
+    @triton.jit
+    def _lists_kernel(tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr, n_rows, n_cols, nqb, nkb,
+                      QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per query block: OR its QT tile rows of the keep mask, then the block lists.
+        pid = tl.program_id(0).to(tl.int64)
+        grp = pid // nqb
+        qb = pid % nqb
+        cols = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for r in tl.static_range(QT):
+            row = qb * QT + r
+            ok = (cols < n_cols) & (row < n_rows)
+            acc = acc | tl.load(tile_ptr + (grp * n_rows + row) * n_cols + cols, mask=ok, other=0).to(tl.int32)
+        _write_lists(acc, pad_ptr, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, pid, nkb, KT, BLOCK)

@@ -74,14 +74,20 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
                       tile_out=keep)
         return keep
 
-    def select(exact, warps=None):
+    def select(exact, warps=None, via_tiles=None):
         return select_triton(scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
                              scale=masks.softmax_scale(q), layout=layout, block_size=bs, out_shape=(b, h),
-                             exact=exact, num_warps=warps)
+                             exact=exact, num_warps=warps, via_tiles=via_tiles)
     for exact, name in ((2, "select_fp32_checked"), (1, "select_fp64"), (0, "select_fp32_only")):
         out[name] = t(lambda: select(exact))
     for warps in (2, 8):
         out[f"select_fp32_checked_w{warps}"] = t(lambda: select(2, warps))
+    # The block lists in one launch (rows of a query block held together) or two (tile mask, then
+    # compaction); the default (mask_kernels.LISTS_VIA_TILES) is what select_fp32_checked timed.
+    for via in (False, True):
+        for warps in (4, 8):
+            out[f"select_lists_{'via_tiles' if via else 'one_launch'}_w{warps}"] = t(lambda: select(2, warps, via))
+    out["select_tile_mask_only"] = t(lambda: select_tiles(scores))
     cfg = AttentionConfig(type="nabla", threshold=threshold)
     out["from_kv_blocks"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs)._make_block_mask())
     out["plan_total"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs).block_mask())
