@@ -362,7 +362,7 @@ def test_triton_kernels_match_torch_in_interpreter():
     script = textwrap.dedent("""
         import torch
         from tests import reference as R
-        from wan_nabla.attention import mask_kernels, masks
+        from wan_nabla.attention import masks
         from wan_nabla.attention.layout import TileLayout
         from wan_nabla.config import AttentionConfig
         g = torch.Generator().manual_seed(0)
@@ -377,14 +377,6 @@ def test_triton_kernels_match_torch_in_interpreter():
             q = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
             assert (masks.pool_tiles(q, layout, "triton") - masks.pool_tiles(q, layout, "torch")).abs().max() < 1e-5
-            qp, kp = masks.pool_tiles(q, layout, "torch"), masks.pool_tiles(k, layout, "torch")
-            s64 = qp.double() @ kp.double().transpose(-1, -2)
-            err = (masks.tile_scores(qp, kp, "triton").double() - s64).abs().max() / s64.abs().max()
-            assert err < 1e-6, err  # 3xTF32 scores: fp32-level accuracy
-            odd = torch.randn((3, 45, 80), generator=g), torch.randn((3, 70, 80), generator=g)  # ragged tiles, D = 64 + 16
-            o64 = odd[0].double() @ odd[1].double().transpose(-1, -2)
-            e2 = (masks.tile_scores(*odd, "triton").double() - o64).abs().max() / o64.abs().max()
-            assert e2 < 1e-6, e2
             keep = masks.nabla_tile_mask(q, k, layout, 0.5, impl="torch")
             assert 0 < keep.float().mean() < 1
             assert torch.equal(masks.nabla_tile_mask(q, k, layout, 0.5, impl="triton"), keep)
@@ -392,12 +384,10 @@ def test_triton_kernels_match_torch_in_interpreter():
                 for cfg in (AttentionConfig(type="nabla", threshold=0.5),
                             AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))):
                     ref = masks.plan_from_keep(masks.tile_keep_mask(cfg, q, k, layout, "torch"), layout, bs)
-                    for via_tiles in (True, False):  # lists by two launches (tile mask, compaction) or one
-                        mask_kernels.LISTS_VIA_TILES = via_tiles
-                        got = masks.plan_blocks(cfg, q, k, layout, bs, impl="triton")
-                        for f in ("kv_num", "kv_idx", "full_num", "full_idx"):
-                            assert torch.equal(getattr(got, f), getattr(ref, f)), (grid, bs, f, via_tiles)
-                        assert abs(float(got.density) - float(ref.density)) < 1e-7
+                    got = masks.plan_blocks(cfg, q, k, layout, bs, impl="triton")
+                    for f in ("kv_num", "kv_idx", "full_num", "full_idx"):
+                        assert torch.equal(getattr(got, f), getattr(ref, f)), (grid, bs, f)
+                    assert abs(float(got.density) - float(ref.density)) < 1e-7
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

@@ -1,8 +1,6 @@
-"""Triton kernels behind masks.py on CUDA: tile pooling, the coarse scores and the sort-free CDF
-selection.
+"""Triton kernels behind masks.py on CUDA: tile pooling and the sort-free CDF selection.
 
     pooled = pool_tiles_triton(q_BHSD, layout)                       # [B, H, n, D] float32
-    scores = scores_triton(q_pooled, k_pooled)                       # [B, H, n, n] float32
     select_triton(probs, mode=1, n_rows=..., n_cols=n, bh=1, threshold=0.7, tile_out=keep)
     lists = select_triton(scores, mode=0, ..., layout=layout, block_size=(128, 64), out_shape=(B, H))
 
@@ -69,37 +67,6 @@ def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_progra
     return out
 
 
-# Coarse scores: 3xTF32 tensor-core products (each fp32 operand split into a TF32 head and a TF32
-# tail; head*head + head*tail + tail*head, fp32 accumulation): about fp32 accuracy (relative error
-# ~1e-6 against float64, like cuBLAS fp32) at tensor-core speed, where cuBLAS fp32 runs on the
-# CUDA cores. Tile size measured on an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md):
-# 128x128 with 8 warps 0.36 ms, 64x64 / 64x128 with 4 warps 0.45-0.47 ms, 128x64 0.95 ms, cuBLAS
-# fp32 0.48 ms (D = 128: the products are short, re-reading q/k per output tile dominates).
-SCORES_BLOCK = (128, 128)
-SCORES_WARPS = 8
-
-
-def scores_triton(qp: torch.Tensor, kp: torch.Tensor, block: tuple[int, int] | None = None,
-                  num_warps: int | None = None) -> torch.Tensor:
-    """qp @ kp^T over the last two dims, float32 ([..., n, D] x [..., m, D] -> [..., n, m])."""
-    *lead, n, d = qp.shape
-    m = kp.shape[-2]
-    q3 = qp.reshape(-1, n, d).float()
-    k3 = kp.reshape(-1, m, d).float()
-    out = torch.empty((q3.shape[0], n, m), dtype=torch.float32, device=qp.device)
-    bm, bn = block or SCORES_BLOCK
-    _scores_kernel[(q3.shape[0], -(-n // bm), -(-m // bn))](
-        q3, k3, out, n, m, d, *q3.stride(), *k3.stride(),
-        BM=bm, BN=bn, BK=min(64, max(16, triton.next_power_of_2(d))), num_warps=num_warps or SCORES_WARPS,
-    )
-    return out.view(*lead, n, m)
-
-
-# Block lists in two launches (selection into the tile mask, then compaction) or one; measured on
-# an H100 at 14B heads, 1280x720x81 (benchmarks/NOTES.md).
-LISTS_VIA_TILES = True
-
-
 def _split_f64(x: float) -> tuple[float, float]:
     """x = hi + lo with hi, lo float32: passes a float64 threshold through float32 kernel arguments."""
     import numpy as np
@@ -124,16 +91,12 @@ def select_triton(
     tile_out: torch.Tensor | None = None,
     exact: int = 2,
     num_warps: int | None = None,
-    via_tiles: bool | None = None,
 ):
     """Run the selection kernel over `bh` groups of n_rows x n_cols rows of `src` (mode 0: raw
     coarse scores, softmax in the kernel; mode 1: probabilities). tile_out (uint8, src's shape)
     receives the tile keep mask. With block_size (and layout), returns the block lists
     (kv_num, kv_idx, full_num, full_idx) shaped out_shape + (blocks...): key blocks holding pad
-    tokens go to the partial (kv_*) lists, every other kept block to the full lists. via_tiles
-    (default LISTS_VIA_TILES): build the lists in two launches, the selection writing the tile
-    keep mask (one row per program, fewer live registers) and a second kernel compacting it,
-    instead of one launch that holds a query block's rows and writes the lists itself."""
+    tokens go to the partial (kv_*) lists, every other kept block to the full lists."""
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (scores) or 1 (probabilities), got {mode}")
     if block_size is not None and (layout is None or out_shape is None):
@@ -160,13 +123,6 @@ def select_triton(
     n_frames = layout.frames if layout is not None else 1
     paired = layout is not None and layout.time_pairs
     warps = num_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
-    if block_size is not None and (LISTS_VIA_TILES if via_tiles is None else via_tiles):
-        keep = tile_out if tile_out is not None else torch.empty((bh * n_rows, n_cols), dtype=torch.uint8, device=device)
-        select_triton(src, mode=mode, n_rows=n_rows, n_cols=n_cols, bh=bh, threshold=threshold, scale=scale,
-                      sta_window=sta_window, layout=layout, tile_out=keep, exact=exact, num_warps=num_warps)
-        _lists_kernel[(bh * nqb,)](keep, *lists, pad, n_rows, n_cols, nqb, nkb, QT=qt, KT=kt, BLOCK=block,
-                                   num_warps=warps)
-        return lists
     _select_kernel[(bh * nqb,)](
         src, tile_out if tile_out is not None else dummy, *lists, pad,
         n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
@@ -201,24 +157,6 @@ if triton is not None:
         cnt = tl.load(count_ptr + tl.minimum(tile, n_tiles - 1))
         optr = out_ptr + (bh * n_tiles + tile)[:, None] * D + d[None, :]
         tl.store(optr, total / cnt[:, None], mask=tvalid[:, None] & (d[None, :] < D))
-
-    @triton.jit
-    def _scores_kernel(q_ptr, k_ptr, out_ptr, n, m, d, sqb, sqn, sqd, skb, skn, skd,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # One program per (batch*head, BM query tiles, BN key tiles); K loop over D in BK chunks.
-        bh = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BM + tl.arange(0, BM)
-        cols = tl.program_id(2) * BN + tl.arange(0, BN)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, d, BK):
-            kk = k0 + tl.arange(0, BK)
-            a = tl.load(q_ptr + bh * sqb + rows[:, None] * sqn + kk[None, :] * sqd,
-                        mask=(rows[:, None] < n) & (kk[None, :] < d), other=0.0)
-            b = tl.load(k_ptr + bh * skb + cols[None, :] * skn + kk[:, None] * skd,
-                        mask=(cols[None, :] < m) & (kk[:, None] < d), other=0.0)
-            acc = tl.dot(a, b, acc, input_precision="tf32x3")
-        tl.store(out_ptr + bh * n * m + rows[:, None] * m + cols[None, :], acc,
-                 mask=(rows[:, None] < n) & (cols[None, :] < m))
 
     @triton.jit
     def _bisect(bits, vals, lo, hi, thr):
@@ -379,18 +317,3 @@ if triton is not None:
         nopad = tl.load(pad_ptr + bcols, mask=bvalid, other=1) == 0
         kept = (kb != 0) & bvalid
         _store_lists(kept, nopad, bvalid, bcols, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, row, nkb)
-
-    @triton.jit
-    def _lists_kernel(tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr, n_rows, n_cols, nqb, nkb,
-                      QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr):
-        # One program per query block: OR its QT tile rows of the keep mask, then the block lists.
-        pid = tl.program_id(0).to(tl.int64)
-        grp = pid // nqb
-        qb = pid % nqb
-        cols = tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for r in tl.static_range(QT):
-            row = qb * QT + r
-            ok = (cols < n_cols) & (row < n_rows)
-            acc = acc | tl.load(tile_ptr + (grp * n_rows + row) * n_cols + cols, mask=ok, other=0).to(tl.int32)
-        _write_lists(acc, pad_ptr, fn_ptr, fi_ptr, kvn_ptr, kvi_ptr, pid, nkb, KT, BLOCK)

@@ -29,9 +29,9 @@ Two implementations of that rule, chosen by `impl` ("auto": Triton for CUDA tens
   dropped together (a sort keeps an arbitrary subset). One program per query block does the
   softmax (float64 normaliser, so every kernel specialisation sees the same map), the search, the
   OR with STA, the OR-coarsening to 128-token blocks and the compaction into index lists, so the
-  coarse scores are read once. Pooling is a Triton kernel too (q and k read once, pads skipped),
-  and so are the scores q_bar k_bar^T: 3xTF32 tensor-core products with fp32 accumulation, about
-  fp32 accuracy (like cuBLAS fp32, not bit-equal to it) at tensor-core speed.
+  coarse scores are read once. Pooling is a Triton kernel too (q and k read once, pads skipped).
+  The scores q_bar k_bar^T stay a cuBLAS fp32 product: a Triton 3xTF32 kernel was 0.1-0.15 ms
+  faster on an H100 but changed more tile decisions against a float64 map (benchmarks/NOTES.md).
 
 STA (arXiv 2502.04507): query tile (t, i, j) attends key tile (t', i', j') iff |t - t'| <= wT // 2,
 |i - i'| <= wH // 2 and |j - j'| <= wW // 2. Windows are truncated at borders. Static per
@@ -57,7 +57,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..config import AttentionConfig
 from .layout import MAX_BLOCK, TILE_TOKENS, TileLayout
-from .mask_kernels import TRITON, pool_tiles_triton, scores_triton, select_triton
+from .mask_kernels import TRITON, pool_tiles_triton, select_triton
 
 IMPLS = ("auto", "torch", "triton")
 MAX_TRITON_TILES = 16384
@@ -95,17 +95,10 @@ def softmax_scale(q_BHSD: torch.Tensor) -> float:
     return 1.0 / math.sqrt(q_BHSD.shape[-1])
 
 
-def tile_scores(qp: torch.Tensor, kp: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Pooled q_bar k_bar^T, unscaled, float32: the Triton 3xTF32 kernel (about fp32 accuracy on
-    the tensor cores, mask_kernels.scores_triton) where `impl` picks Triton, else torch fp32."""
-    if use_triton(qp, impl):
-        return scores_triton(qp, kp)
-    return torch.matmul(qp.float(), kp.float().transpose(-1, -2))
-
-
 def coarse_scores(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, impl: str = "auto") -> torch.Tensor:
-    """q_bar k_bar^T, unscaled: [B, H, n, n] float32."""
-    return tile_scores(pool_tiles(q_BHSD, layout, impl), pool_tiles(k_BHSD, layout, impl), impl)
+    """q_bar k_bar^T, unscaled: [B, H, n, n] float32 (cuBLAS fp32 on CUDA)."""
+    qp, kp = pool_tiles(q_BHSD, layout, impl), pool_tiles(k_BHSD, layout, impl)
+    return torch.matmul(qp, kp.transpose(-1, -2))
 
 
 def coarse_map(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, impl: str = "auto") -> torch.Tensor:
@@ -266,7 +259,7 @@ def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: to
     window = config.sta_window if config.type == "nabla_sta" else None
     if use_triton(q_BHSD, impl, n) and config.threshold < 1.0:
         if pooled is not None:
-            scores = tile_scores(pooled[0], pooled[1], impl)
+            scores = torch.matmul(pooled[0], pooled[1].transpose(-1, -2))
         else:
             scores = coarse_scores(q_BHSD, k_BHSD, layout, impl)
         b, h = scores.shape[:2]

@@ -16,7 +16,7 @@ import torch
 from ..attention import masks
 from ..attention.kernels import sparse_attention
 from ..attention.layout import TileLayout
-from ..attention.mask_kernels import pool_tiles_triton, scores_triton, select_triton
+from ..attention.mask_kernels import pool_tiles_triton, select_triton
 from ..attention.rotary import rotate, rotate_torch
 from ..config import AttentionConfig
 from .qk import relayout, tile_rotary
@@ -57,16 +57,8 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     out["rotary_pool_q_triton"] = t(lambda: rotate(qs, cos, sin, layout))
     out["pool_increment_q"] = out["rotary_pool_q_triton"] - out["rotary_q_triton"]
     qp, kp = masks.pool_tiles(q, layout), masks.pool_tiles(k, layout)
-    out["scores_matmul_fp32"] = t(lambda: torch.matmul(qp, kp.transpose(-1, -2)))  # cuBLAS fp32 (before)
-    out["scores_triton_tf32x3"] = t(lambda: masks.tile_scores(qp, kp))  # what plan_blocks uses
-    for blk, warps in (((64, 64), 4), ((128, 64), 4), ((128, 128), 8), ((64, 128), 4)):
-        out[f"scores_triton_{blk[0]}x{blk[1]}_w{warps}"] = t(lambda: scores_triton(qp, kp, blk, warps))
-    s64 = torch.matmul(qp.double(), kp.double().transpose(-1, -2))
-    cublas = torch.matmul(qp, kp.transpose(-1, -2))
-    scores = masks.tile_scores(qp, kp)
-    out["scores_rel_err_cublas_fp32"] = float((cublas.double() - s64).abs().max() / s64.abs().max())
-    out["scores_rel_err_triton_tf32x3"] = float((scores.double() - s64).abs().max() / s64.abs().max())
-    del s64
+    out["scores_matmul_fp32"] = t(lambda: torch.matmul(qp, kp.transpose(-1, -2)))
+    scores = torch.matmul(qp, kp.transpose(-1, -2))
 
     def select_tiles(src):
         keep = torch.empty(src.shape, dtype=torch.uint8, device=device)
@@ -74,20 +66,15 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
                       tile_out=keep)
         return keep
 
-    def select(exact, warps=None, via_tiles=None):
+    def select(exact, warps=None):
         return select_triton(scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
                              scale=masks.softmax_scale(q), layout=layout, block_size=bs, out_shape=(b, h),
-                             exact=exact, num_warps=warps, via_tiles=via_tiles)
+                             exact=exact, num_warps=warps)
     for exact, name in ((2, "select_fp32_checked"), (1, "select_fp64"), (0, "select_fp32_only")):
         out[name] = t(lambda: select(exact))
     for warps in (2, 8):
         out[f"select_fp32_checked_w{warps}"] = t(lambda: select(2, warps))
-    # The block lists in one launch (rows of a query block held together) or two (tile mask, then
-    # compaction); the default (mask_kernels.LISTS_VIA_TILES) is what select_fp32_checked timed.
-    for via in (False, True):
-        for warps in (4, 8):
-            out[f"select_lists_{'via_tiles' if via else 'one_launch'}_w{warps}"] = t(lambda: select(2, warps, via))
-    out["select_tile_mask_only"] = t(lambda: select_tiles(scores))
+    out["select_tile_mask_only"] = t(lambda: select_tiles(scores))  # the same search, no block lists
     cfg = AttentionConfig(type="nabla", threshold=threshold)
     out["from_kv_blocks"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs)._make_block_mask())
     out["plan_total"] = t(lambda: masks.plan_blocks(cfg, q, k, layout, bs).block_mask())
@@ -104,12 +91,6 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     exact_sets = [select(e)[1] for e in (1, 2, 0)]
     out["fp32_checked_equals_fp64"] = bool(torch.equal(exact_sets[0], exact_sets[1]))
     out["fp32_only_equals_fp64"] = bool(torch.equal(exact_sets[0], exact_sets[2]))
-    # The tile keep mask from 3xTF32 scores against the one from cuBLAS fp32 scores: how many
-    # (query tile, key tile) decisions the rounding of the two products changes.
-    tile = lambda sc_: select_tiles(sc_)  # noqa: E731
-    a, b_ = tile(scores), tile(cublas)
-    out["tile_decisions_differing_tf32x3_vs_cublas"] = int((a != b_).sum())
-    out["tile_decisions"] = int(a.numel())
     sc.log("  mask breakdown: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in out.items()))
     return out
