@@ -74,15 +74,18 @@ def free_device_gib(device: torch.device) -> float:
 
 
 def vae_tiling_on(memory: MemoryConfig, width: int, height: int, frames: int | None = None,
-                  device: torch.device | None = None) -> bool:
+                  device: torch.device | None = None, free_gib: float | None = None) -> bool:
     """Whether a width x height x frames video is decoded tiled under this memory config (module
-    doc): with a CUDA `device` and `frames`, auto asks the device for room; else the pixel rule."""
+    doc): with `frames`, auto checks for room in `free_gib` (given, e.g. a card's memory for an
+    estimate) or else asks a CUDA `device`; without either, the pixel rule."""
     if memory.vae_tiling != "auto":
         return memory.vae_tiling == "on"
     if memory.offload in ("group", "sequential"):
         return True
-    if device is not None and device.type == "cuda" and frames is not None:
-        return untiled_decode_gib(width, height, frames) * VAE_DECODE_MARGIN > free_device_gib(device)
+    if frames is not None and free_gib is None and device is not None and device.type == "cuda":
+        free_gib = free_device_gib(device)
+    if frames is not None and free_gib is not None:
+        return untiled_decode_gib(width, height, frames) * VAE_DECODE_MARGIN > free_gib
     return width * height >= VAE_TILING_AUTO_PIXELS
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import MemoryConfig
-from ..offload import VAE_DECODE_MARGIN, untiled_decode_gib, vae_tiling_on
+from ..offload import vae_tiling_on
 
 CARDS_GIB = (80, 48, 24, 16, 12)
 CONTEXT_GIB = 0.75
@@ -33,13 +33,9 @@ def decode_on_card(row: dict, vae: list[dict], card_gib: int | None) -> tuple[bo
     the whole 80 GB GPU), with the pipeline's own `vae_tiling: auto` rule: untiled when the untiled
     need x VAE_DECODE_MARGIN fits in the usable memory left after the resident components. The
     decode peak is that resident memory + the measured VAE decode peak (None when not measured)."""
-    w, h, f = VIDEOS[row["video"]]
     resident = row["resident_before_decode_gib"]
-    if row["offload"] in ("group", "sequential"):
-        tiling = vae_tiling_on(MemoryConfig(offload=row["offload"]), w, h)
-    else:
-        free = usable_gib(card_gib or CARDS_GIB[0]) - resident
-        tiling = untiled_decode_gib(w, h, f) * VAE_DECODE_MARGIN > free
+    tiling = vae_tiling_on(MemoryConfig(offload=row["offload"]), *VIDEOS[row["video"]],
+                           free_gib=usable_gib(card_gib or CARDS_GIB[0]) - resident)
     extra = {(d["video"], d["tiling"]): d["decode_extra_gib"] for d in vae}.get((row["video"], tiling))
     return tiling, None if extra is None else resident + extra
 
@@ -54,9 +50,10 @@ def add_decode_estimates(rows: list[dict], vae: list[dict]) -> None:
     for row in rows:
         if row.get("status") != "ok" or row.get("peak_gib") is None:
             continue
-        row["vae_tiling"], row["decode_gib_est"] = decode_on_card(row, vae, row.get("card_gib"))
-        row["total_peak_gib"] = _total(row, row["decode_gib_est"])
         by_card = {card: decode_on_card(row, vae, card) for card in CARDS_GIB}
+        # the card it ran on is one of CARDS_GIB, or the whole GPU (None), estimated as the first
+        row["vae_tiling"], row["decode_gib_est"] = by_card[row.get("card_gib") or CARDS_GIB[0]]
+        row["total_peak_gib"] = _total(row, row["decode_gib_est"])
         row["tiled_by_card"] = {card: t for card, (t, _) in by_card.items()}
         row["peak_by_card_gib"] = {card: _total(row, d) for card, (_, d) in by_card.items()}
 
