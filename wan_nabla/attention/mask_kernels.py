@@ -175,10 +175,6 @@ if triton is not None:
         return a0 + b0, a1 + b1
 
     @triton.jit
-    def _sum_count(a_sum, a_cnt, b_sum, b_cnt):
-        return a_sum + b_sum, a_cnt + b_cnt
-
-    @triton.jit
     def _bisect_fast(bits, vals, lo, hi, thr):
         # The same search, stopping as soon as (lo, hi] holds one element (that element is the
         # answer: G is constant between elements); the count of elements in the upper half comes
@@ -189,7 +185,7 @@ if triton is not None:
         while (cnt > 1) & (hi - lo > 1) & (steps < 32):
             mid = lo + (hi - lo) // 2
             above = bits > mid
-            g, upper = tl.reduce((tl.where(above, vals, 0.0), (above & (bits <= hi)).to(tl.int32)), 0, _sum_count)
+            g, upper = tl.reduce((tl.where(above, vals, 0.0), (above & (bits <= hi)).to(tl.int32)), 0, _sum_pair)
             take = g < thr
             cnt = tl.where(take, cnt - upper, upper)
             hi = tl.where(take, mid, hi)
@@ -286,7 +282,7 @@ if triton is not None:
                     above, below = tl.reduce((tl.where(bits > cut, p64, 0.0), tl.where(bits > cut - 1, p64, 0.0)),
                                              0, _sum_pair)
                     if (above >= thr64) | (below < thr64):
-                        cut = _bisect(bits, p.to(tl.float64), top * 0, top, thr64)
+                        cut = _bisect(bits, p64, top * 0, top, thr64)
             if KNOWN_TOTAL:
                 everything = keep_all != 0
             else:
