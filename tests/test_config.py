@@ -107,9 +107,9 @@ def test_overrides_win_and_are_validated():
     assert par.generation == cfg.generation and RunConfig.from_mapping(par.to_dict()).parallel == par.parallel
 
 
-def test_shift_defaults_follow_resolution():
+def test_shift_default_is_wans_at_every_size():
     assert GenerationConfig(size="1280x720").resolved_shift == 5.0
-    assert GenerationConfig(size="832x480").resolved_shift == 3.0
+    assert GenerationConfig(size="832x480").resolved_shift == 5.0
     assert GenerationConfig(size="832x480", shift=7).resolved_shift == 7.0
 
 

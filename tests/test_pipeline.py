@@ -22,12 +22,24 @@ def _gen(attention: dict, **gen) -> VideoGenerator:
 
 def test_full_attention_loop_equals_diffusers_pipeline():
     """Guards: our loop (batched CFG, shift, seeded CPU noise, VAE decode) is Wan2.1's loop:
-    same frames as diffusers' WanPipeline.__call__ for the same seed."""
+    same frames as diffusers' WanPipeline.__call__ for the same seed, given the same negative
+    prompt (Wan's, our default) and the same schedule (Wan's FlowUniPC sigmas at shift 5, which
+    WanPipeline cannot be asked for: its scheduler is given them here; test_parity pins them)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from wan_nabla.config import WAN_NEGATIVE_PROMPT
+    from wan_nabla.sampling import wan_unshifted_sigmas
+
+    class WanSchedule(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            super().set_timesteps(device=device, sigmas=wan_unshifted_sigmas(num_inference_steps))
+
     gen = _gen({"type": "full"})
     ours = gen.generate("a red fox", progress=False, seed=3, **SMALL).frames
     gen.close()
     pipe = build_tiny_pipeline(seed=0)
-    ref = pipe(prompt="a red fox", negative_prompt="", height=128, width=128, num_frames=17,
+    pipe.scheduler = WanSchedule.from_config(pipe.scheduler.config, flow_shift=5.0)
+    ref = pipe(prompt="a red fox", negative_prompt=WAN_NEGATIVE_PROMPT, height=128, width=128, num_frames=17,
                num_inference_steps=4, guidance_scale=5.0, output_type="np",
                generator=torch.Generator("cpu").manual_seed(3)).frames[0]
     assert ours.shape == ref.shape == (17, 128, 128, 3)

@@ -226,26 +226,17 @@ def initial_latents(pipe, width: int, height: int, frames: int, seed: int, devic
 
 
 def make_scheduler(pipe, shift: float, sampler: str = "unipc"):
-    """A fresh flow-matching scheduler with this shift: a copy of the pipeline's own (unipc), or
-    first-order Euler (euler; config.GenerationConfig.sampler)."""
-    if sampler == "euler":
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    """A fresh flow-matching scheduler with this shift (sampling.make_scheduler on the pipeline's own)."""
+    from .sampling import make_scheduler as make
 
-        return FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=shift)
-    return type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
+    return make(pipe.scheduler, shift, sampler)
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
-    """Wan's UniPC timesteps, or for Euler the sigmas linspace(1, 0, steps + 1)[:-1], shifted by the
-    scheduler (4 steps: timesteps 1000, 750, 500, 250 before the shift)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """Wan's FlowUniPC schedule for UniPC, the distilled LoRAs' schedule for Euler (sampling.py)."""
+    from .sampling import set_timesteps as set_steps
 
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sigmas = [1.0 - i / steps for i in range(steps)]
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
-    else:
-        scheduler.set_timesteps(steps, device=device)
+    set_steps(scheduler, steps, device)
 
 
 # The scheduler of every Wan-AI/Wan2.1-*-Diffusers checkpoint (and of the tiny model), for checks
@@ -255,22 +246,10 @@ WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_ty
 
 
 def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:
-    """False iff diffusers' scheduler would fail to run `steps` at `shift`, decided without a model.
+    """False iff diffusers' scheduler would fail to run `steps` at `shift` (sampling.sampler_runs)."""
+    from .sampling import sampler_runs as runs
 
-    UniPCMultistepScheduler finds its start with index_for_timestep(timesteps[0]), which takes the
-    *second* match when the first timestep occurs twice; the run then ends one index past the
-    schedule, and `step` fails (`assert self.this_order > 0`) at the last step. Integer timesteps
-    coincide when sigma_1 rounds to sigma_0's timestep (999): at shift 3.0 from 334 steps, at 5.0
-    from 201. Schedulers without that lookup are assumed to run."""
-    import diffusers
-
-    cls = getattr(diffusers, str(scheduler_config.get("_class_name", "")), None) or diffusers.UniPCMultistepScheduler
-    sched = cls.from_config(dict(scheduler_config), flow_shift=shift)
-    find = getattr(sched, "index_for_timestep", None)
-    if find is None:
-        return True
-    sched.set_timesteps(steps)
-    return int(find(sched.timesteps[0])) == 0
+    return runs(scheduler_config, steps, shift)
 
 
 def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,

@@ -231,7 +231,7 @@ def resolve_run_config(args: Any) -> RunConfig:
     flags = dict(
         model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
-        fps=args.fps, device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
+        fps=args.fps, crf=getattr(args, "crf", None), device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
         offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
         sampler=getattr(args, "sampler", None),
         ulysses_degree=getattr(args, "ulysses_degree", None), cfg_parallel=getattr(args, "cfg_parallel", None),

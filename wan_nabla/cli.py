@@ -56,7 +56,8 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
                    "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
     p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
-    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: empty)")
+    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: Wan2.1's "
+                   "sample_neg_prompt when guidance > 1; --negative-prompt '' for none)")
     p.add_argument("--size", help=f"WIDTHxHEIGHT in pixels, multiples of 16, at most {MAX_SIDE} "
                                   f"(default: {d.width}x{d.height}; with --model tiny {tw}x{th})")
     p.add_argument("--frames", type=int, help=f"number of video frames, 4k+1, at most {MAX_FRAMES} "
@@ -67,10 +68,13 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}]; "
                                                         f"<= 1 turns CFG off (default: {d.guidance_scale:g})")
     p.add_argument("--shift", type=float, help=f"flow-matching shift in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}] "
-                                               "(default: 5.0 for 720p and larger, 3.0 below)")
+                                               "(default: 5.0, Wan2.1's T2V value at every size; 1.3B: "
+                                               "Wan recommends 8-12 with guidance 6, the wan_1.3b preset)")
     p.add_argument("--seed", type=int, help=f"random seed, 0..2**63-1 (default: {d.seed}; batch: a base for "
                                             "per-item seeds)")
     p.add_argument("--fps", type=int, help=f"frames per second of the MP4, 1..240 (default: {d.fps})")
+    p.add_argument("--crf", type=int, help=f"MP4 quality, x264 CRF 0..51, lower is finer (default: {d.crf}, "
+                                           "visually lossless; Wan2.1's imageio quality=8 is CRF 10)")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device}: cuda if available)")
     p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE runs "
                                    f"in float32 (default: {d.dtype})")

@@ -251,9 +251,31 @@ def parse_size(value: Any, key: str = "size") -> tuple[int, int]:
     return int(w), int(h)
 
 
+DEFAULT_CRF = 18
+WAN_CRF = 10
+"""Wan2.1's MP4 quality: wan/utils/utils.py cache_video writes with imageio quality=8, which
+imageio-ffmpeg maps to libx264 -crf int((1 - 8/10) * 51) = 10."""
+
+WAN_T2V_SHIFT = 5.0
+"""Wan2.1's text-to-video flow shift at every size (generate.py `_validate_args`: 5.0 unless i2v
+at 480p or flf2v/vace). The 1.3B model's README advice (shift 8-12, guidance 6) is the `wan_1.3b`
+preset, not a default."""
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+"""Wan2.1's `sample_neg_prompt` (wan/configs/shared_config.py), which Wan's and the NABLA fork's
+T2V use whenever the negative prompt is empty: oversaturation, overexposure, static frames, blur,
+subtitles, worst/low quality, JPEG artefacts, extra or malformed fingers, hands and faces,
+deformed limbs, fused fingers, cluttered backgrounds, three legs, crowded backgrounds, walking
+backwards."""
+
+
 def default_shift(width: int, height: int) -> float:
-    """Wan's recommended flow shift: 5.0 for 720p-class sizes, 3.0 for 480p-class and smaller."""
-    return 5.0 if min(width, height) >= 720 else 3.0
+    """The flow shift used when none is given: Wan's T2V value at every size (WAN_T2V_SHIFT)."""
+    return WAN_T2V_SHIFT
 
 
 @dataclass(frozen=True)
@@ -273,8 +295,8 @@ class GenerationConfig:
     steps: int = 50
     """Denoising steps (UniPC flow matching), 1..1000. The scheduler maps each step's sigma to
     one of its 1000 training timesteps, so more steps than that can only repeat timesteps. Not every
-    count up to 1000 runs: when the first two integer timesteps coincide (shift 3.0: from 334
-    steps; shift 5.0: from 201; shift 100: from 11) diffusers' UniPC starts at the wrong index and
+    count up to 1000 runs: when the first two integer timesteps coincide (shift 3.0: from 501
+    steps; shift 5.0: from 251; shift 100: from 12) diffusers' UniPC starts at the wrong index and
     fails with an assertion at the last step. That set depends on the shift, so it is checked
     exactly, with the scheduler itself, before loading (app.check_sampler)."""
     guidance_scale: float = 5.0
@@ -284,13 +306,19 @@ class GenerationConfig:
     measured on the tiny model at g = 1e8; bf16/fp32 at 1e38). Published Wan settings are 5-6 and
     no useful CFG exceeds ~20; 100 keeps a wide margin to every dtype's range."""
     shift: float | None = None
-    """Flow-matching shift in [0.01, 100]; None picks 5.0 for 720p and 3.0 for 480p. The schedule
+    """Flow-matching shift in [0.01, 100]; None is Wan's T2V value, 5.0, at every size. The schedule
     is sigma' = shift*s / (1 + (shift-1)*s): far outside that range every sigma rounds to 0 or 1
     (NaN from UniPC's log-SNR at shift 1e-30 and 1e30, measured), and large shifts leave room for
     only a few steps (see `steps`). Published flow shifts are 1-17."""
     seed: int = 0
     fps: int = 16
-    negative_prompt: str = ""
+    crf: int = DEFAULT_CRF
+    """MP4 quality, x264's constant rate factor in [0, 51] (lower: finer, larger files). 18 is
+    visually lossless for generated video. Wan2.1 writes with imageio quality=8, which imageio-ffmpeg
+    turns into CRF int((1 - 8/10) * 51) = 10 (about 2-3x the file size): --crf 10 for its setting."""
+    negative_prompt: str | None = None
+    """None (not given): Wan's `sample_neg_prompt` (WAN_NEGATIVE_PROMPT) whenever guidance_scale > 1,
+    as Wan and the NABLA fork do; "" (given empty) really is empty."""
     dtype: str = "bfloat16"
     """Transformer and text-encoder dtype (the VAE always runs in float32)."""
     device: str = "auto"
@@ -298,7 +326,8 @@ class GenerationConfig:
     batch_cfg: bool = True
     """Run the conditional and unconditional passes as one batch of two."""
     sampler: str = "unipc"
-    """unipc: Wan's UniPC flow-matching multistep solver on its default timesteps. euler:
+    """unipc: diffusers' UniPC flow-matching multistep solver on Wan's FlowUniPC schedule
+    (sampling.py: sigmas linspace(0.999, 0, steps + 1)[:-1], shifted; the last sigma 0). euler:
     first-order flow-matching Euler on sigmas linspace(1, 0, steps + 1)[:-1] before the shift (for 4
     steps: timesteps 1000/750/500/250), the schedule step-distilled LoRAs such as LightX2V's are
     trained for."""
@@ -325,9 +354,12 @@ class GenerationConfig:
             raise ConfigError(f"generation.seed: {show(self.seed)} is not allowed; use an integer in [0, 2**63)")
         if not _is_int(self.fps) or not (1 <= self.fps <= 240):
             raise ConfigError(f"generation.fps: {show(self.fps)} is not allowed; use an integer in [1, 240]")
-        if not isinstance(self.negative_prompt, str):
+        if not _is_int(self.crf) or not (0 <= self.crf <= 51):
+            raise ConfigError(f"generation.crf: {show(self.crf)} is not allowed; use an integer in [0, 51] "
+                              f"(x264 CRF; default {DEFAULT_CRF}, Wan2.1's imageio quality=8 is {WAN_CRF})")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"generation.negative_prompt: {show(self.negative_prompt)} is not allowed; use a string")
-        if (why := utf8_problem(self.negative_prompt)) is not None:
+        if self.negative_prompt is not None and (why := utf8_problem(self.negative_prompt)) is not None:
             raise ConfigError(f"generation.negative_prompt: {why}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"generation.dtype: {show(self.dtype)} is not allowed; use one of {', '.join(DTYPES)}")
@@ -351,6 +383,13 @@ class GenerationConfig:
     def resolved_shift(self) -> float:
         return self.shift if self.shift is not None else default_shift(*self.size)
 
+    @property
+    def resolved_negative_prompt(self) -> str:
+        """The negative prompt the run encodes: the given one, else Wan's when guidance is on."""
+        if self.negative_prompt is not None:
+            return self.negative_prompt
+        return WAN_NEGATIVE_PROMPT if self.guidance_scale > 1.0 else ""
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GenerationConfig:
         return _from_section(cls, "generation", data)
@@ -359,6 +398,7 @@ class GenerationConfig:
         d = _fields_dict(self)
         d["size"] = f"{self.size[0]}x{self.size[1]}"
         d["shift"] = self.resolved_shift
+        d["negative_prompt"] = self.resolved_negative_prompt
         return d
 
 
