@@ -265,7 +265,7 @@ def test_speed_and_lora_config_round_trip_and_errors(tmp_path):
     back = RunConfig.from_mapping(cfg2.to_dict())
     assert (back.speed, back.lora) == (cfg2.speed, cfg2.lora)
     for bad, needle in [({"compile": "max"}, "speed.compile"), ({"cache": "first-block"}, "first-block:T"),
-                        ({"cache": "mag:0.1"}, "mag_ratios"), ({"mag_ratios": [0, 1]}, "positive")]:
+                        ({"cache": "mag", "mag_ratios": [1.0]}, "mag:T"), ({"mag_ratios": [0, 1]}, "positive")]:
         with pytest.raises(ConfigError, match=needle):
             SpeedConfig(**bad)
     with pytest.raises(ConfigError, match="only .safetensors"):

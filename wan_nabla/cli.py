@@ -80,7 +80,8 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
                                    f"in float32 (default: {d.dtype})")
     p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
     p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
-    p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
+    p.add_argument("--cache", help="step cache: none, first-block:T, mag (MagCache with the published ratios and "
+                                   "settings of Wan2.1 T2V 1.3B / 14B), mag:T[:K] or mag:calibrate (default none)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a .safetensors LoRA into the transformer (repeatable; replaces the config's lora list)")
     p.add_argument("--ulysses-degree", type=int, metavar="U",

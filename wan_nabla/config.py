@@ -43,7 +43,8 @@ OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
 SAMPLERS = ("unipc", "euler")
 COMPILE_MODES = ("auto", "none", "blocks", "blocks-split")
-CACHE_FORMS = "none, first-block:T (T >= 0), mag:T[:K] (T >= 0, K >= 1 skips in a row) or mag:calibrate"
+CACHE_FORMS = ("none, first-block:T (T >= 0), mag (published settings), mag:T[:K] (T >= 0, K >= 1 skips in a "
+               "row) or mag:calibrate")
 
 # Wan2.1's rotary tables hold 1024 positions per axis (WanTransformer3DModel rope_max_seq_len);
 # one position is one latent frame (4 video frames) or one 2x2 patch of 8x8-pixel latents (16 px).
@@ -485,7 +486,8 @@ _SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "tran
 
 
 def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any]]:
-    """'none' | 'first-block:T' | 'mag:T[:K]' | 'mag:calibrate' -> (kind, parameters)."""
+    """'none' | 'first-block:T' | 'mag' | 'mag:T[:K]' | 'mag:calibrate' -> (kind, parameters); what
+    `mag` leaves out (threshold, K) comes from magcache.resolve for the loaded model."""
     bad = ConfigError(f"{key}: {spec!r} is not allowed; use {CACHE_FORMS}")
     if not isinstance(spec, str):
         raise bad
@@ -498,12 +500,14 @@ def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any
             threshold = float(args[0])
             if math.isfinite(threshold) and threshold >= 0:
                 return "first-block", {"threshold": threshold}
+        if kind == "mag" and not args:
+            return "mag", {}
         if kind == "mag" and args == ["calibrate"]:
             return "mag", {"calibrate": True}
         if kind == "mag" and len(args) in (1, 2):
-            threshold, max_skip = float(args[0]), int(args[1]) if len(args) == 2 else 3
-            if math.isfinite(threshold) and threshold >= 0 and max_skip >= 1:
-                return "mag", {"threshold": threshold, "max_skip_steps": max_skip}
+            threshold, max_skip = float(args[0]), int(args[1]) if len(args) == 2 else None
+            if math.isfinite(threshold) and threshold >= 0 and (max_skip is None or max_skip >= 1):
+                return "mag", {"threshold": threshold, **({"max_skip_steps": max_skip} if max_skip else {})}
     except ValueError:
         pass
     raise bad
@@ -519,12 +523,14 @@ class SpeedConfig:
     auto (blocks on CUDA, none elsewhere)."""
     cache: str = "none"
     """Step cache through diffusers' hooks: none | first-block:T (FirstBlockCache: skip blocks
-    1..N-1 of a step while block 0's residual changed by a relative mean below T) | mag:T[:K]
-    (MagCache: skip whole steps while the error accumulated from `mag_ratios` stays <= T, at most K
-    in a row, never in the first 20% of steps) | mag:calibrate (skip nothing; record the ratios)."""
+    1..N-1 of a step while block 0's residual changed by a relative mean below T) | mag | mag:T[:K]
+    (MagCache: skip whole steps while the error accumulated from the magnitude ratios stays <= T,
+    at most K in a row, never in the first 20% of steps; `mag` alone: the published threshold and
+    K of Wan2.1 T2V 1.3B / 14B, magcache.py) | mag:calibrate (skip nothing; record the ratios)."""
     mag_ratios: tuple[float, ...] | None = None
-    """MagCache's per-step residual magnitude ratios of this model (from mag:calibrate); required
-    by mag:T. Interpolated by diffusers when their count differs from the steps."""
+    """This model's per-step residual magnitude ratios (from mag:calibrate). None: the published
+    ratios of Wan2.1 T2V 1.3B / 14B, chosen by the loaded transformer's shape (other models are
+    refused). Interpolated by diffusers when their count differs from the steps."""
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
@@ -535,9 +541,9 @@ class SpeedConfig:
             if not isinstance(r, (list, tuple)) or not r or not all(_is_number(x) and x > 0 for x in r):
                 raise ConfigError(f"speed.mag_ratios: {r!r} is not allowed; use a list of positive numbers")
             object.__setattr__(self, "mag_ratios", tuple(float(x) for x in r))
-        if kind == "mag" and not params.get("calibrate") and self.mag_ratios is None:
-            raise ConfigError(f"speed.cache: {self.cache!r} needs speed.mag_ratios, this model's ratios; "
-                              "measure them with --cache mag:calibrate (recorded in the sidecar)")
+        if kind == "mag" and self.mag_ratios is not None and "threshold" not in params:
+            raise ConfigError(f"speed.cache: {self.cache!r} takes the published settings, which go with the "
+                              "published ratios; with speed.mag_ratios give the threshold: mag:T[:K]")
 
     @property
     def cache_kind(self) -> str:

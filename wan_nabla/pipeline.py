@@ -143,6 +143,7 @@ class VideoGenerator:
         self._compiled = None
         self._compile()
         self._cache_key = None
+        self._mag = None
         self.use_parallel(parallel)
 
     def _compile(self) -> None:
@@ -203,7 +204,16 @@ class VideoGenerator:
         kind = speed.cache_kind
         key = (kind, steps if kind == "mag" else None)
         if kind != "none" and key != self._cache_key:
-            adapter.enable_cache(tr, kind, speed.cache_params, steps, speed.mag_ratios)
+            from .magcache import resolve
+
+            mag = resolve(speed, tr.config)
+            params, ratios = speed.cache_params, speed.mag_ratios
+            if mag is not None:
+                params = {"threshold": mag.threshold, "max_skip_steps": mag.max_skip_steps,
+                          "retention_ratio": mag.retention_ratio}
+                ratios = mag.mag_ratios
+            adapter.enable_cache(tr, kind, params, steps, ratios)
+            self._mag = mag
             self._cache_key = key
         adapter.reset_cache(tr)
 
@@ -333,6 +343,8 @@ class VideoGenerator:
                   "computed_per_step": computed}
         if printed:
             record["calibrated_mag_ratios"] = _printed_ratios(printed)
+        if self._mag is not None:
+            record["mag"] = self._mag.record()
         return record
 
 
