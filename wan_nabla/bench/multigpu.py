@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import apply_attention
+from ..wan.hooks import apply_attention
 from ..config import ConfigError, ParallelConfig, RunConfig
 from ..distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
 from ..pipeline import VideoGenerator, predict_noise, sync_device

@@ -207,7 +207,7 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
         "flash_attn_4": _dist_version("flash-attn-4"),
         "nvidia_cutlass_dsl": _dist_version("nvidia-cutlass-dsl"),
     }
-    from ..attention.kernels import resolve_backend
+    from ..attention.backends import resolve_backend
 
     env["default_backend"], env["default_backend_reason"] = resolve_backend(
         "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from ..attention import masks
-from ..attention.kernels import sparse_attention
+from ..attention.backends.flex import sparse_attention
 from ..attention.layout import TileLayout
-from ..attention.mask_kernels import pool_tiles_triton, select_triton
+from ..attention.triton.mask_kernels import pool_tiles_triton, select_triton
 from ..attention.rotary import rotate, rotate_torch
 from ..config import AttentionConfig
 from .qk import relayout, tile_rotary
