@@ -10,6 +10,7 @@ original-layout checkpoint keys and forward (test_checkpoint.py, test_models.py)
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import re
@@ -397,3 +398,33 @@ def test_crf_flag_reaches_the_encoder_and_wans_quality_is_crf_10(monkeypatch, tm
     gen = types.SimpleNamespace(config=RunConfig(), model_id="tiny", load_s=0.0, device="cpu")
     sidecar.publish_video(gen, result, "x", tmp_path / "v.mp4")
     assert seen == [10]
+
+
+@pytest.mark.parametrize("name", ["nabla_0.7", "nabla_0.6_sta_11_3_3", "nabla_0.5_sta_11_5_5"])
+def test_published_presets_compute_the_forks_exact_tile_masks(name):
+    """gen-ai-team/Wan2.1-NABLA computes the 64x64 tile mask itself: the fine-tuned presets run
+    64x64 blocks in plain tile order on CUDA too; zero-shot presets keep the fast blocks."""
+    from wan_nabla.attention.backends import geometry
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    g = geometry(load_config(name).attention, "flex", cuda)
+    assert (g.name, g.block_size, g.time_pairs) == ("exact", (64, 64), False)
+    fast = geometry(load_config("nabla_0.4").attention, "flex", cuda)
+    assert fast.name == "fast" and fast.block_size != (64, 64)
+
+
+def test_compare_can_put_the_two_geometries_side_by_side():
+    """`wan-nabla compare --config nabla_0.7 --against-geometry fast`: the reference is the same
+    attention at the other geometry; everything else is the candidate's."""
+    from wan_nabla.cli import build_parser
+    from wan_nabla.compare.run import resolve_pair
+
+    args = build_parser().parse_args(["compare", "--prompt", "x", "--config", "nabla_0.7", "--out", "o",
+                                      "--against-geometry", "fast", "--model", "tiny"])
+    ref, cand = resolve_pair(args)
+    assert cand.attention.geometry == "exact" and ref.attention.geometry == "fast"
+    assert ref.attention == dataclasses.replace(cand.attention, geometry="fast")
+    assert ref.generation == cand.generation
+    args.against = "full"
+    with pytest.raises(Exception, match="leave out --against"):
+        resolve_pair(args)

@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", required=True, help="text prompt")
     c.add_argument("--against", help="the reference config (preset name or YAML path; default full); "
                                      "only its attention is used")
+    c.add_argument("--against-geometry", choices=("exact", "fast"),
+                   help="reference = the candidate's own attention at this kernel geometry (exact 64x64 tile masks "
+                        "or the fast coarsened blocks), instead of --against")
     c.add_argument("--out", required=True, help="output directory (new or empty): report.md, metrics.json, ...")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     c.add_argument("--no-video", action="store_true", help="skip side_by_side.mp4 (no ffmpeg needed)")
