@@ -151,7 +151,8 @@ def test_negative_prompt_that_is_encoded(monkeypatch):
     """The prompt pair handed to the text encoder: Wan's negative prompt by default, "" when given."""
     seen = []
     real = adapter.encode_prompts
-    monkeypatch.setattr(adapter, "encode_prompts", lambda pipe, p, n, cfg, dev: seen.append(n) or real(pipe, p, n, cfg, dev))
+    monkeypatch.setattr(adapter, "encode_prompts",
+                        lambda pipe, p, n, cfg, dev: seen.append(n) or real(pipe, p, n, cfg, dev))
     gen = _gen()
     gen.generate("a fox", progress=False, **SMALL)
     gen.generate("a fox", negative_prompt="", progress=False, **SMALL)
@@ -250,7 +251,8 @@ def test_mag_cache_refuses_other_models_with_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="mag:calibrate"):
         resolve(SpeedConfig(cache="mag"), {"num_layers": 30, "num_attention_heads": 16, "attention_head_dim": 128})
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "x", "--cache", "mag", "--output", str(out), "--quiet"]) == 2
+    args = ["generate", "--model", "tiny", "--prompt", "x", "--cache", "mag", "--output", str(out), "--quiet"]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no published MagCache ratios" in err[0] and "mag:calibrate" in err[0]
     assert not out.exists()
@@ -391,7 +393,8 @@ def test_crf_flag_reaches_the_encoder_and_wans_quality_is_crf_10(monkeypatch, tm
     assert GenerationConfig().crf == 18 and GenerationConfig(crf=10).crf == 10
     seen = []
     real = video.write_mp4
-    monkeypatch.setattr(video, "write_mp4", lambda frames, path, fps=16, crf=18: seen.append(crf) or real(frames, path, fps, crf))
+    monkeypatch.setattr(video, "write_mp4",
+                        lambda frames, path, fps=16, crf=18: seen.append(crf) or real(frames, path, fps, crf))
     frames = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
     result = types.SimpleNamespace(frames=frames, settings={"fps": 16, "crf": 10}, seed=0, timings={}, attention={},
                                    speed={}, parallel=None, schedule={})
