@@ -74,7 +74,7 @@ def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     if quick:
         candidates.append(("nabla 0.5 + sta 3-1-1", AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))))
     for name, cfg in candidates:
-        key = (cfg.type, cfg.threshold, cfg.sta_window)
+        key = (cfg.type, cfg.threshold, cfg.sta_window, cfg.geometry)
         if key not in seen:
             seen.add(key)
             rows.append((name, cfg))
@@ -255,7 +255,7 @@ def sparse_row(sc: _Scenario, name: str, cfg: AttentionConfig, q, k, v, backend:
     cfg = run.config
     layout = run.layout_for(sc.layout.frames, sc.layout.height, sc.layout.width, device, q.dtype)
     q, k, v = sc.app_qkv(layout, q, k, v)
-    run.layout = layout
+    run.state.layout = layout
     pooled, inc, unfused = None, 0.0, None
     if run.pool_layout(0, q) is not None:  # the app pools these tiles inside its rotary kernel
         pooled = (masks.pool_tiles(q, layout), masks.pool_tiles(k, layout))
@@ -301,7 +301,7 @@ def recompiles_on_new_masks(sc: _Scenario, q, v, backends, quick: bool, seed: in
             run = app_run(cfg, backend, sc.device, q.dtype)
             layout = run.layout_for(sc.layout.frames, sc.layout.height, sc.layout.width, sc.device, q.dtype)
             qq, kk, vv = sc.app_qkv(layout, q2, k2, v)
-            run.layout = layout
+            run.state.layout = layout
             run.sparse(qq, kk, vv, run.plan(qq, kk, layout))
         sync(sc.device)
         out[backend] = compiled_graphs() - g0 + fa4_cache_size() - c0
