@@ -163,3 +163,4 @@ def test_wheel_ships_the_presets(tmp_path):
     presets = {Path(n).name for n in names if n.startswith("wan_nabla/presets/") and n.endswith(".yaml")}
     expected = {p.name for p in (PKG / "presets").glob("*.yaml")}
     assert presets == expected and "nabla_0.7.yaml" in presets
+    assert "wan_nabla/magcache_ratios.json" in names  # `--cache mag` needs the published ratios

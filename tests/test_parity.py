@@ -1,4 +1,4 @@
-"""Parity with the reference implementations (issue 21): what wan-nabla computes where Wan2.1
+"""Parity with the reference implementations: what wan-nabla computes where Wan2.1
 (Wan-Video/Wan2.1), the NABLA fork (gen-ai-team/Wan2.1-NABLA), LightX2V (ModelTC/LightX2V) and
 MagCache (Zehong-Ma/MagCache) define the answer. Every expected value is written out here from the
 reference's source (file named in a comment), not read from wan-nabla, so a diffusers upgrade or a
@@ -178,7 +178,7 @@ def test_unipc_schedule_is_wans(tiny_pipe, steps, shift):
 
 
 def test_sidecar_of_a_run_with_no_flags_records_wans_settings(tmp_path, monkeypatch):
-    """Done-when of issue 21: a tiny run with no flags records Wan's negative prompt, shift 5.0 and
+    """A tiny run with no flags records Wan's negative prompt, shift 5.0 and
     Wan's sigmas and timesteps in its sidecar."""
     from wan_nabla.cli import main
 
@@ -431,3 +431,31 @@ def test_compare_can_put_the_two_geometries_side_by_side():
     args.against = "full"
     with pytest.raises(Exception, match="leave out --against"):
         resolve_pair(args)
+
+
+def test_geometry_cost_pairs_each_exact_preset_with_its_fast_twin():
+    """The GPU job's table: every exact preset row meets its '<name> @fast' twin per backend and
+    level; the bench measures both (configs.preset_configs)."""
+    from wan_nabla.bench.configs import preset_configs
+    from wan_nabla.bench.geometry_cost import markdown, pairs
+
+    names = [n for n, _ in preset_configs()]
+    for p in ("nabla_0.7", "nabla_0.6_sta_11_3_3", "nabla_0.5_sta_11_5_5"):
+        assert p in names and f"{p} @fast" in names
+    assert "nabla_0.4 @fast" not in names  # zero-shot presets already run fast
+    op = {"scenario": {"label": "40h 1280x720x81"}, "rows": [
+        {"name": "nabla_0.7 [flex]", "total_ms": 3.0, "density": 0.2},
+        {"name": "nabla_0.7 @fast [flex]", "total_ms": 2.0, "density": 0.25},
+        {"name": "sta_11_3_3 @fast [fa4]", "total_ms": 1.0}]}
+    tr = {"scenario": "Wan2.1-14B 1280x720x81", "rows": [
+        {"name": "nabla_0.7 [fa4]", "total_ms": 900.0, "per_layer_attention_ms": 12.0, "density": 0.2},
+        {"name": "nabla_0.7 @fast [fa4]", "total_ms": 800.0, "per_layer_attention_ms": 10.0, "density": 0.25}]}
+    results = {"env": {"commit": "abc", "device_name": "H200", "torch": "2.11", "command": "wan-nabla bench ..."},
+               "op": [op], "transformer": [tr]}
+    recs = pairs(results)
+    assert [(r["level"], r["preset"], r["backend"]) for r in recs] == [
+        ("op", "nabla_0.7", "flex"), ("op", "sta_11_3_3", "fa4"), ("transformer", "nabla_0.7", "fa4")]
+    assert recs[0]["call_ratio"] == 1.5 and recs[1]["missing"] == "exact row"
+    assert (recs[2]["call_ratio"], recs[2]["forward_ratio"]) == (1.2, 1.125)
+    text = markdown(results, recs)
+    assert "commit abc" in text and "H200" in text and "torch 2.11" in text and "| 1.500 |" in text
