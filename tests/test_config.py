@@ -19,6 +19,7 @@ EXPECTED = {
     "nabla_0.5_sta_11_5_5.yaml": ("nabla_sta", 0.5, (11, 5, 5), 0),
     "sta_11_3_3.yaml": ("sta", None, (11, 3, 3), 12),
     "distill_4step_sta.yaml": ("sta", None, (11, 3, 3), 0),
+    "wan_1.3b.yaml": ("full", None, None, 0),
 }
 
 
