@@ -164,3 +164,14 @@ def test_wheel_ships_the_presets(tmp_path):
     expected = {p.name for p in (PKG / "presets").glob("*.yaml")}
     assert presets == expected and "nabla_0.7.yaml" in presets
     assert "wan_nabla/magcache_ratios.json" in names  # `--cache mag` needs the published ratios
+
+
+def test_attention_library_imports_nothing_from_the_app():
+    """Guards the library boundary: no module under wan_nabla/attention imports a wan_nabla module
+    outside wan_nabla/attention (function-level imports included)."""
+    lib = PKG / "attention"
+    bad = [f"{path.relative_to(ROOT)}: imports {target}" for path in lib.rglob("*.py")
+           for target, _ in _imports(path)
+           if target.startswith("wan_nabla") and not (target == "wan_nabla.attention"
+                                                      or target.startswith("wan_nabla.attention."))]
+    assert not bad, "\n".join(bad)
