@@ -60,7 +60,7 @@ def test_every_preset_runs_end_to_end_and_is_sparse(tmp_path, config):
     assert probe_mp4(out)["frames"] == 29
     dens = side["attention"]["per_step"]
     dense_steps = side["config"]["attention"]["dense_steps"]
-    if config.stem == "full":
+    if side["config"]["attention"]["type"] == "full":  # full, wan_1.3b
         assert dens == [1.0] * steps
     else:
         assert dens[:dense_steps] == [1.0] * dense_steps
