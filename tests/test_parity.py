@@ -459,3 +459,23 @@ def test_geometry_cost_pairs_each_exact_preset_with_its_fast_twin():
     assert (recs[2]["call_ratio"], recs[2]["forward_ratio"]) == (1.2, 1.125)
     text = markdown(results, recs)
     assert "commit abc" in text and "H200" in text and "torch 2.11" in text and "| 1.500 |" in text
+
+
+@pytest.mark.parametrize("pub", [MAG_1_3B, MAG_14B], ids=["1.3B", "14B"])
+def test_mag_cache_alone_enables_on_real_shaped_transformers(pub):
+    """`--cache mag` on a transformer with the real 1.3B / 14B layer count, heads and head size
+    (what selects the ratios; built on the meta device: no weights, no compute) installs diffusers' MagCache with the published values, no calibration:
+    the generator's own cache setup, on a stand-in for the generator."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        tr = WanTransformer3DModel(num_layers=pub["layers"], num_attention_heads=pub["heads"],
+                                   attention_head_dim=pub["head_dim"], ffn_dim=256, text_dim=64, freq_dim=32)
+    cfg = RunConfig.from_mapping({"speed": {"cache": "mag"}})
+    holder = types.SimpleNamespace(config=cfg, pipe=types.SimpleNamespace(transformer=tr), _cache_key=None, _mag=None)
+    VideoGenerator._prepare_cache(holder, 50)
+    hook = tr.blocks[0]._diffusers_hook.get_hook("mag_cache_leader_block_hook")
+    assert (hook.config.threshold, hook.config.max_skip_steps, hook.config.retention_ratio) == (
+        pub["threshold"], pub["K"], pub["retention"])
+    assert hook.config.mag_ratios.tolist()[:3] == pytest.approx([1.0, pub["head"][2], pub["head"][4]])
+    assert len(hook.config.mag_ratios) == 50 and holder._mag.source.startswith("published: Wan2.1-T2V-")
