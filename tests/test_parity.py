@@ -479,3 +479,11 @@ def test_mag_cache_alone_enables_on_real_shaped_transformers(pub):
         pub["threshold"], pub["K"], pub["retention"])
     assert hook.config.mag_ratios.tolist()[:3] == pytest.approx([1.0, pub["head"][2], pub["head"][4]])
     assert len(hook.config.mag_ratios) == 50 and holder._mag.source.startswith("published: Wan2.1-T2V-")
+
+
+def test_presets_show_prints_the_operating_point(capsys):
+    from wan_nabla.cli import main
+
+    assert main(["presets", "--show", "nabla_0.7"]) == 0
+    text = capsys.readouterr().out
+    assert "size: 1280x720" in text and "shift: 5.0" in text and "geometry: exact" in text
