@@ -16,9 +16,9 @@ import torch
 
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
-from wan_nabla.bench import main as bench_main
-from wan_nabla.bench import published, report, targets
-from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
+from benchmarks.harness import main as bench_main
+from benchmarks.harness import published, report, targets
+from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
 from wan_nabla.config import AttentionConfig
 
 from . import reference as R

@@ -1,10 +1,10 @@
-"""`wan-nabla bench`: attention-op, transformer and end-to-end benchmarks; results as files.
+"""`python -m benchmarks.harness`: attention-op, transformer and end-to-end benchmarks; results as files.
 
-    wan-nabla bench --out benchmarks/results                      # all levels, real sizes (one GPU)
-    wan-nabla bench --levels op --op 40@1280x720 --sweep --out r/  # the target scenario + kernel sweep
-    wan-nabla bench --quick --out /tmp/b                           # tiny shapes, runs on the CPU
-    wan-nabla bench --levels op --op 40@1280x720 --backends flex fa4 --geometry --out r/   # FA4 vs flex
-    wan-nabla bench --render benchmarks/results/h100.json       # rewrite .md/.png from a JSON
+    python -m benchmarks.harness --out benchmarks/results                      # all levels, real sizes (one GPU)
+    python -m benchmarks.harness --levels op --op 40@1280x720 --sweep --out r/  # the target scenario + kernel sweep
+    python -m benchmarks.harness --quick --out /tmp/b                           # tiny shapes, runs on the CPU
+    python -m benchmarks.harness --levels op --op 40@1280x720 --backends flex fa4 --geometry --out r/   # FA4 vs flex
+    python -m benchmarks.harness --render benchmarks/results/h100.json       # rewrite .md/.png from a JSON
 
 Modules: op.py (one attention call: dense cuDNN/flex/FA4, NABLA, STA, presets per backend),
 published.py (the peer baseline on its own cropped grid), checks.py (exactness checks of the op
@@ -56,7 +56,7 @@ def _model_scenario(spec: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wan-nabla bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS), help="levels to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for results.json/.md/.png")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str) -> torch.device:
-    from ..pipeline import resolve_device
+    from wan_nabla.pipeline import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda" and dev.index is None:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> dict[str, str]:
         return report.write_all(res.to_dict(), args.out, stem=args.stem)
 
-    log(f"wan-nabla bench on {res.env['device_name']} ({device}); torch {res.env['torch']}, "
+    log(f"python -m benchmarks.harness on {res.env['device_name']} ({device}); torch {res.env['torch']}, "
         f"triton {res.env['triton']}, diffusers {res.env['diffusers']}")
     with torch.inference_mode(False), torch.no_grad():
         for level in args.levels:

@@ -1,4 +1,4 @@
-"""python -m wan_nabla.bench ... (same as `wan-nabla bench ...`)."""
+"""python -m benchmarks.harness ... (same as `python -m benchmarks.harness ...`)."""
 
 import sys
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..attention import masks
-from ..attention.layout import TileLayout
-from ..config import AttentionConfig
+from wan_nabla.attention import masks
+from wan_nabla.attention.layout import TileLayout
+from wan_nabla.config import AttentionConfig
 from .geometry import app_run
 
 CHECK_THRESHOLDS = (0.2, 0.4, 0.7, 0.9)

@@ -1,10 +1,10 @@
 """Every sparse preset against full attention on one loaded model: attention error and kept mass.
 
-    python -m wan_nabla.compare.table --out OUT                      # GPU: 1.3B 832x480x81, 3 steps
-    python -m wan_nabla.compare.table --out OUT --quick --device cpu # tiny model 144x208x9 (CI)
-    scripts/gpu_compare.sh OUT                                       # the GPU run, log kept
+    python -m benchmarks.harness.compare_table --out OUT                      # GPU: 1.3B 832x480x81, 3 steps
+    python -m benchmarks.harness.compare_table --out OUT --quick --device cpu # tiny model 144x208x9 (CI)
+    benchmarks/jobs/gpu_compare.sh OUT                                       # the GPU run, log kept
 
-One random-weight pipeline (bench/random_init.py: Wan2.1-1.3B transformer and UMT5-XXL in bf16,
+One random-weight pipeline (benchmarks/harness/random_init.py: Wan2.1-1.3B transformer and UMT5-XXL in bf16,
 Wan VAE in fp32; `--quick`: the tiny model, bf16 as the CLI runs it) is built once. The full-attention reference
 is generated once (run.capture, guided noise kept per step); then every sparse bundled preset is
 generated from the same prompt, seed and initial noise with the probe (probe.py) on, exact
@@ -34,17 +34,18 @@ from typing import Any, Callable
 
 import torch
 
-from ..bench.configs import preset_configs
-from ..bench.random_init import random_pipeline
-from ..bench.records import environment, sync
-from ..config import AttentionConfig, GenerationConfig, RunConfig
-from ..output.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..pipeline import resolve_device
-from .metrics import frame_metrics, json_number, missing_extras, rel_l2
-from .options import spread
-from .probe import Sampling
-from .report import attention_record, fmt, mean_of
-from .run import capture
+from wan_nabla.compare.metrics import frame_metrics, json_number, missing_extras, rel_l2
+from wan_nabla.compare.options import spread
+from wan_nabla.compare.probe import Sampling
+from wan_nabla.compare.report import attention_record, fmt, mean_of
+from wan_nabla.compare.run import capture
+from wan_nabla.config import AttentionConfig, GenerationConfig, RunConfig
+from wan_nabla.output.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from wan_nabla.pipeline import resolve_device
+
+from .configs import preset_configs
+from .random_init import random_pipeline
+from .records import environment, sync
 
 PROMPT = "a red fox running through fresh snow at dawn"
 FULL = dict(model="1.3B", size=(832, 480), frames=81, steps=3)
@@ -144,12 +145,12 @@ def markdown(result: dict[str, Any]) -> str:
               "kernel computed (min: the worst row of any head). Coarse mass: the same on NABLA's pooled map, "
               ">= threshold by construction for NABLA presets. Step s: median steady denoising step (probe time "
               "excluded; the probe's syncs still slow sampled steps a little, so it is indicative only: "
-              "`wan-nabla bench` measures speed); speed-up against the full reference in the same run.", ""]
+              "`python -m benchmarks.harness` measures speed); speed-up against the full reference in the same run.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_nabla.compare.table", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness.compare_table", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quick", action="store_true", help="tiny model at 144x208x9, 2 steps (CPU test)")
     p.add_argument("--device", default="auto")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(argv, device)
-    env["command"] = "python -m wan_nabla.compare.table " + " ".join(sys.argv[1:] if argv is None else argv)
+    env["command"] = "python -m benchmarks.harness.compare_table " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     pipe = random_pipeline(settings["model"], device, getattr(torch, settings["dtype"]))
     sync(device)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     ok = [r for r in rows if "error" not in r]
     if not missing_extras(("matplotlib",)) and ok:
-        from .pictures import mask_picture, presets_picture
+        from wan_nabla.compare.pictures import mask_picture, presets_picture
 
         title = (f"Wan2.1-{settings['model']} random weights, "
                  f"{settings['size'][0]}x{settings['size'][1]}x{settings['frames']}")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import AttentionConfig, load_config
-from ..presets import PRESET_DIR, preset_names
+from wan_nabla.config import AttentionConfig, load_config
+from wan_nabla.presets import PRESET_DIR, preset_names
 
 
 def preset_attention(name: str) -> AttentionConfig:

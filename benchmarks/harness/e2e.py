@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import AttentionConfig, GenerationConfig, RunConfig
+from wan_nabla.config import AttentionConfig, GenerationConfig, RunConfig
 from .configs import preset_attention
 from .random_init import random_pipeline
 from .records import compiled_graphs, sync
@@ -63,7 +63,7 @@ def attention_configs(names) -> list[tuple[str, AttentionConfig]]:
 @torch.no_grad()
 def run_e2e(s: E2EScenario, device: torch.device, *, configs=DEFAULT_CONFIGS,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-    from ..pipeline import VideoGenerator
+    from wan_nabla.pipeline import VideoGenerator
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..attention import kernels, masks
-from ..attention.processors import AttentionRun
-from ..config import AttentionConfig
+from wan_nabla.attention import kernels, masks
+from wan_nabla.attention.processors import AttentionRun
+from wan_nabla.config import AttentionConfig
 
 GEOMETRIES = (
     ("128x64 time-paired", (128, 64), True),

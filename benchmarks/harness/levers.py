@@ -1,8 +1,8 @@
 """Speed levers that stack with sparse attention, measured end to end on one GPU.
 
-    python -m wan_nabla.bench.levers --out OUT_DIR                       # 14B 1280x720x81 (H100)
-    python -m wan_nabla.bench.levers --quick --device cpu --out /tmp/l   # tiny shapes, for tests
-    scripts/gpu_levers.sh OUT_DIR                                        # the GPU run, in one command
+    python -m benchmarks.harness.levers --out OUT_DIR                       # 14B 1280x720x81 (H100)
+    python -m benchmarks.harness.levers --quick --device cpu --out /tmp/l   # tiny shapes, for tests
+    benchmarks/jobs/gpu_levers.sh OUT_DIR                                        # the GPU run, in one command
 
 One random-weight pipeline (random_init.random_pipeline: UMT5-XXL, the transformer, the Wan VAE)
 is built once and reused by every row. Each row is a VideoGenerator (the app's own loop) with one
@@ -25,9 +25,10 @@ excluded from the timings), then the timed generate: text encoding, every denois
 events around AttentionRun.attend give the attention time per forward; the rest of a step is
 "non-attention" (projections, FFN, cross-attention, norms, rotary, the tile hooks). The VAE decode
 costs the same for every row, so it runs twice: for the LoRA row (the uncached reference) and the
-cache row; their decoded frames give the cache's quality cost (PSNR, SSIM as scikit-image computes
-it with Gaussian weights; `ssim` here is checked against scikit-image in the tests; replace by the
-compare tool's metrics when that lands). End to end = encode + denoise + decode (the measured
+cache row; their decoded frames give the cache's quality cost: PSNR over the video and mean SSIM,
+from the product's one implementation (wan_nabla.compare.metrics.frame_metrics: scikit-image's
+SSIM, 7x7 window; None without scikit-image). Results committed before the harness moved to
+benchmarks/ used a Gaussian-weighted SSIM (sigma 1.5): their SSIM digits are not comparable. End to end = encode + denoise + decode (the measured
 decode for every row). The 50-step CFG run is an ESTIMATE, not run: encode + 50 x 2 x the row's
 measured batch-1 step + decode (CFG as two passes; the batched pair costs about the same at these
 sizes), plus the published STA schedule (12 dense steps, then STA).
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -53,7 +53,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import AttentionConfig, GenerationConfig, LoraSpec, RunConfig, SpeedConfig
+from wan_nabla.compare.metrics import frame_metrics, missing_extras
+from wan_nabla.compare.report import fmt
+from wan_nabla.config import AttentionConfig, GenerationConfig, LoraSpec, RunConfig, SpeedConfig
+
 from .random_init import WAN_SIZES, WanSize, random_pipeline
 from .records import environment, sync
 from .transformer import AttentionTimer
@@ -141,48 +144,11 @@ def write_synthetic_lora(path: Path, size: WanSize, rank: int = LORA_RANK, seed:
             "targets": sorted(shapes), "note": "synthetic: shape of LightX2V's Wan2.1 T2V 14B rank-64 LoRA as assumed"}
 
 
-# ---- quality metrics ------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two videos in [0, 1] (data range 1)."""
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, frames_per_chunk: int = 8) -> float:
-    """Mean SSIM of two videos [T, H, W, C] in [0, 1], as skimage.metrics.structural_similarity(
-    gaussian_weights=True, sigma=1.5, data_range=1, channel_axis=-1) computes it per frame: Gaussian
-    window truncated at 3.5 sigma, sample covariance, borders cropped (so a valid convolution)."""
-    radius = int(3.5 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=a.device)
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    w = (w / w.sum()).to(torch.float32)
-    n = (2 * radius + 1) ** 2
-    cov_norm = n / (n - 1)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    total, count = 0.0, 0
-    for i in range(0, a.shape[0], frames_per_chunk):
-        xa = a[i:i + frames_per_chunk].permute(0, 3, 1, 2).reshape(-1, 1, a.shape[1], a.shape[2]).float()
-        xb = b[i:i + frames_per_chunk].permute(0, 3, 1, 2).reshape(-1, 1, a.shape[1], a.shape[2]).float()
-
-        def filt(t):
-            t = torch.nn.functional.conv2d(t, w.view(1, 1, -1, 1))
-            return torch.nn.functional.conv2d(t, w.view(1, 1, 1, -1))
-
-        ua, ub = filt(xa), filt(xb)
-        va = cov_norm * (filt(xa * xa) - ua * ua)
-        vb = cov_norm * (filt(xb * xb) - ub * ub)
-        vab = cov_norm * (filt(xa * xb) - ua * ub)
-        s = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
-        total += float(s.double().mean(dim=(1, 2, 3)).sum())
-        count += s.shape[0]
-    return total / count
-
-
 # ---- one row --------------------------------------------------------------------------------------
 @torch.no_grad()  # as generate runs: grad mode is part of what a compiled graph is guarded on
 def _warm_forward(gen, s: LeverScenario, device: torch.device) -> None:
     """One transformer forward at the video's shape (batch 1), so compiling stays out of the timings."""
-    from .. import adapter
+    from wan_nabla import adapter
 
     pipe = gen.pipe
     lat = adapter.initial_latents(pipe, s.width, s.height, s.frames, 0, device)
@@ -195,7 +161,7 @@ def _warm_forward(gen, s: LeverScenario, device: torch.device) -> None:
 def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
             dtype: torch.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
     """One row's record, and its decoded frames when the row decodes."""
-    from ..pipeline import VideoGenerator, compile_seconds
+    from wan_nabla.pipeline import VideoGenerator, compile_seconds
 
     gen_cfg = GenerationConfig(size=(s.width, s.height), frames=s.frames, steps=s.steps, guidance_scale=1.0,
                                shift=5.0, sampler="euler", device=str(device),
@@ -304,7 +270,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} | {r.get('error') or r.get('skipped')} |" + " |" * 13)
             continue
         c = r["cache_record"]
-        q = f"{r['psnr_db']:.2f} dB / {r['ssim']:.4f}" if "psnr_db" in r else ""
+        q = f"{fmt(r['psnr_db'], 4)} dB / {fmt(r['ssim'], 4)}" if "psnr_db" in r else ""
         vp = f"{r['speedup_vs_previous_dit']:.2f}x" if "speedup_vs_previous_dit" in r else ""
         dec = f"{r['decode_s']:.1f}" if r.get("decode_s") else f"({s['decode_s']:.1f})" if s["decode_s"] else ""
         if r.get("decode_s") and r.get("vae_tiling") is not None:
@@ -327,7 +293,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from ..pipeline import resolve_device
+    from wan_nabla.pipeline import resolve_device
 
     device = resolve_device(args.device)
     s = QUICK if args.quick else FULL
@@ -337,7 +303,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     start = time.perf_counter()
     result: dict[str, Any] = {"env": environment(None, device), "scenario": s.label, "random_weights": True,
                               "rows": [], "summary": {}}
-    result["env"]["command"] = "python -m wan_nabla.bench.levers " + " ".join(args.argv)
+    result["env"]["command"] = "python -m benchmarks.harness.levers " + " ".join(args.argv)
 
     def save() -> None:
         (args.out / "levers.json").write_text(json.dumps(result, indent=1, default=str))
@@ -367,10 +333,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                 if frames is not None and row.cache == "none":
                     reference = frames
                 elif frames is not None and reference is not None:
-                    a = torch.from_numpy(frames).to(device)
-                    b = torch.from_numpy(reference).to(device)
-                    rec["psnr_db"], rec["ssim"] = psnr(a, b), ssim(a, b)
-                    del a, b
+                    quality = frame_metrics(reference, frames, with_ssim=not missing_extras(("skimage",)))["overall"]
+                    rec["psnr_db"], rec["ssim"] = quality["psnr_db"], quality["ssim_mean"]
                 result["rows"].append(rec)
                 log(f"  {row.name}: DiT {rec['denoise_s']:.2f} s (step {rec['step_median_s']:.3f} s, attention "
                     f"{rec['attention_ms_per_forward']:.0f} ms/fwd), compile {rec['compile_s']:.1f} s, "
@@ -390,7 +354,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wan_nabla.bench.levers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness.levers", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="directory for levers.json and levers.md")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU-sized)")

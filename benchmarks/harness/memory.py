@@ -1,6 +1,6 @@
 """Memory modes at real sizes: peak GPU memory per phase and seconds per step, under memory caps.
 
-    result = run_part("14B-720p", torch.device("cuda"), budget_s=500)    # scripts/gpu_memory.py
+    result = run_part("14B-720p", torch.device("cuda"), budget_s=500)    # benchmarks/jobs/gpu_memory.py
     result["runs"], result["vae"], result["recommendation"]              # rows, decode peaks, per card
     print(memory_report.render_markdown(result))                        # the tables
 
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import AttentionConfig, GenerationConfig, MemoryConfig, RunConfig
+from wan_nabla.config import AttentionConfig, GenerationConfig, MemoryConfig, RunConfig
 from .memory_report import CONTEXT_GIB, VIDEOS, add_decode_estimates, recommendation_table
 
 DEFAULT_SPARSE = "nabla_0.2_sta_11_3_3"
@@ -67,7 +67,7 @@ class MemoryRun:
 
 
 def plan(part: str, sparse: str = DEFAULT_SPARSE) -> list[MemoryRun]:
-    """The runs of one part, most important first (see scripts/gpu_memory.py for the parts)."""
+    """The runs of one part, most important first (see benchmarks/jobs/gpu_memory.py for the parts)."""
 
     def r(size, video, att, mode, card=None, b2=True, fb=()):
         steps = 2 if (size, video) == ("14B", "720p") else 3
@@ -166,7 +166,7 @@ def _attention(name: str) -> AttentionConfig:
 def measure_decode(pipe, video: str, tiling: bool, device: torch.device) -> dict[str, Any]:
     """VAE decode of one video's latents, only the VAE resident: seconds and the peak above the
     memory in use before decoding (GiB)."""
-    from ..adapter import decode_video
+    from wan_nabla.adapter import decode_video
 
     w, h, f = VIDEOS[video]
     pipe.vae.to(device)
@@ -190,7 +190,7 @@ def _first_line(e: BaseException) -> str:
 
 def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
     """One run (see module doc); status ok, oom or error."""
-    from ..pipeline import VideoGenerator
+    from wan_nabla.pipeline import VideoGenerator
 
     w, h, f = VIDEOS[run.video]
     dtype = "bfloat16" if device.type == "cuda" else "float32"

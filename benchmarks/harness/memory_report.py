@@ -1,4 +1,4 @@
-"""Reading memory-mode measurements (bench/memory.py): decode estimates, the "Which mode for my
+"""Reading memory-mode measurements (benchmarks/harness/memory.py): decode estimates, the "Which mode for my
 GPU" choice, markdown tables, merging parts.
 
     add_decode_estimates(runs, vae)        # decode peak = resident after denoising + measured decode peak
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import MemoryConfig
-from ..offload import vae_tiling_on
+from wan_nabla.config import MemoryConfig
+from wan_nabla.offload import vae_tiling_on
 
 CARDS_GIB = (80, 48, 24, 16, 12)
 CONTEXT_GIB = 0.75

@@ -1,13 +1,13 @@
 """Multi-GPU benchmark: per-step time on 1 GPU vs Ulysses vs CFG parallel, and exactness across ranks.
 
-    scripts/gpu_multigpu.sh OUT_DIR                       # every GPU of the machine (torchrun)
-    torchrun --nproc-per-node 2 -m wan_nabla.bench.multigpu --quick --device cpu --out DIR   # CPU, tiny
+    benchmarks/jobs/gpu_multigpu.sh OUT_DIR                       # every GPU of the machine (torchrun)
+    torchrun --nproc-per-node 2 -m benchmarks.harness.multigpu --quick --device cpu --out DIR   # CPU, tiny
 
 1. Exactness on the devices: the tiny model (4 heads, fp32, padded 208x80x9 grid, 2 steps) run by
    the app's own VideoGenerator under each parallel layout that 4 heads allow, against the same
    generation on rank 0 alone: max |diff| and relative L2 of the final latents, densities.
 2. Per-step time of Wan2.1 transformers of the real architectures with RANDOM weights
-   (bench/random_init.py, bf16): 1.3B at 832x480x81 and 14B at 1280x720x81. One step = the CFG
+   (benchmarks/harness/random_init.py, bf16): 1.3B at 832x480x81 and 14B at 1280x720x81. One step = the CFG
    pair's transformer forward(s) + collectives + guidance combination, exactly the app's
    `pipeline.predict_noise` (no text encoder, scheduler or VAE). Layouts for N ranks: `1gpu`
    (every rank alone, batch of 2 as the app does; ranks run it at the same time), `ulysses{N}`
@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import apply_attention
-from ..config import ConfigError, ParallelConfig, RunConfig
-from ..distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
-from ..pipeline import VideoGenerator, predict_noise, sync_device
+from wan_nabla.adapter import apply_attention
+from wan_nabla.config import ConfigError, ParallelConfig, RunConfig
+from wan_nabla.distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
+from wan_nabla.pipeline import VideoGenerator, predict_noise, sync_device
 from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 from .records import environment
 
@@ -141,7 +141,7 @@ class Bench:
         self.save()
 
     def _tiny_generate(self, att: dict, ctx):
-        from ..tiny import build_tiny_pipeline
+        from wan_nabla.tiny import build_tiny_pipeline
 
         cfg = RunConfig.from_mapping({"attention": att, "generation": {"dtype": "float32"}})
         gen = VideoGenerator(build_tiny_pipeline(seed=0, heads=4).to(self.device), cfg, self.device, "tiny",
@@ -276,7 +276,7 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_nabla.bench.multigpu", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness.multigpu", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (multigpu.json, multigpu.md)")
     p.add_argument("--device", default="auto", help="auto/cuda (cuda:LOCAL_RANK) or cpu (gloo)")
     p.add_argument("--quick", action="store_true", help="tiny model and grid (CPU test of this script)")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multigpu: error: {e}", file=sys.stderr)
         return 2
     env = environment(argv, bench.device)
-    env.update(command="python -m wan_nabla.bench.multigpu " + " ".join(sys.argv[1:] if argv is None else argv),
+    env.update(command="python -m benchmarks.harness.multigpu " + " ".join(sys.argv[1:] if argv is None else argv),
                world_size=bench.launch.world_size, weights="random (real architectures)",
                nccl=_nccl_version() if bench.device.type == "cuda" else None)
     bench.results["env"] = env

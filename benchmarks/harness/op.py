@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..attention import fa4, kernels, masks
-from ..attention.kernels import compiled_flex
-from ..attention.layout import TileLayout
-from ..attention.rotary import rotate
-from ..config import AttentionConfig
+from wan_nabla.attention import fa4, kernels, masks
+from wan_nabla.attention.kernels import compiled_flex
+from wan_nabla.attention.layout import TileLayout
+from wan_nabla.attention.rotary import rotate
+from wan_nabla.config import AttentionConfig
 from . import published
 from .checks import run_checks
 from .configs import preset_configs

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention.layout import TileLayout
+from wan_nabla.attention.layout import TileLayout
 
 # Gains span diffuse to local heads; q.k/sqrt(D) for a token with itself is about gain^2*sqrt(D).
 GAIN_RANGE = (0.9, 2.2)
@@ -120,7 +120,7 @@ def tile_rotary(layout: TileLayout, head_dim: int, device: torch.device) -> tupl
 def wan_block_qkv(s, device, dtype, seed: int):
     """q/k/v that the app's processor sees in block 0 of a random-weight Wan transformer of these heads,
     fed smooth random latents (tile order, after q/k norm and rotary)."""
-    from ..adapter import apply_attention
+    from wan_nabla.adapter import apply_attention
     from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 
     size = next((z for z in WAN_SIZES.values() if z.heads == s.heads and z.head_dim == s.head_dim),

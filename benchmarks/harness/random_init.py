@@ -117,7 +117,7 @@ def random_pipeline(size: str, device: torch.device, dtype: torch.dtype = torch.
     the default Wan VAE in float32 (tiny: the test VAE), the tiny pipeline's byte tokenizer."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
-    from ..tiny import build_tiny_tokenizer
+    from wan_nabla.tiny import build_tiny_tokenizer
 
     tiny = size == "tiny"
     tokenizer = build_tiny_tokenizer()

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..output.sidecar import git_commit
-
-from ..pipeline import sync_device
+from wan_nabla.output.sidecar import environment as product_environment
+from wan_nabla.pipeline import sync_device
 
 
 @dataclass(frozen=True)
@@ -174,57 +171,25 @@ def baseline_row_name(device) -> str:
     return "dense cuDNN SDPA" if base == "cuDNN" else base
 
 
-def _version(name: str) -> str | None:
-    try:
-        mod = __import__(name)
-        return getattr(mod, "__version__", "unknown")
-    except ImportError:
-        return None
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
+    """The product's environment record (wan_nabla.output.sidecar.environment: versions, commit,
+    device) with the harness's command line, start time and default attention backend."""
     env: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "wan-nabla bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": git_commit(root) or "unknown",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "diffusers": _version("diffusers"),
-        "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
-        "cuda": torch.version.cuda,
-        "flash_attn_4": _dist_version("flash-attn-4"),
-        "nvidia_cutlass_dsl": _dist_version("nvidia-cutlass-dsl"),
+        "command": "python -m benchmarks.harness " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **product_environment(device),
     }
-    from ..attention.kernels import resolve_backend
+    env["commit"] = env["commit"] or "unknown"
+    from wan_nabla.attention.kernels import resolve_backend
 
     env["default_backend"], env["default_backend_reason"] = resolve_backend(
         "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device_name=props.name, sm_count=props.multi_processor_count,
-                   memory_gb=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability(device)))
-        try:
-            env["cudnn"] = torch.backends.cudnn.version()
-        except Exception:  # noqa: BLE001 - informational only
-            env["cudnn"] = None
     return env
 
 
 @dataclass
 class Results:
-    """Everything one `wan-nabla bench` run measured; serialised by report.py."""
+    """Everything one `python -m benchmarks.harness` run measured; serialised by report.py."""
 
     env: dict[str, Any]
     op: list[dict[str, Any]] = field(default_factory=list)

@@ -57,7 +57,7 @@ def render_markdown(res: dict[str, Any]) -> str:
 
     def ideal(row: dict, key: str):
         return None if cpu else row.get(key)
-    lines = ["# wan-nabla bench results", ""]
+    lines = ["# python -m benchmarks.harness results", ""]
     lines += [f"- device: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
               f"triton {env.get('triton')}, diffusers {env.get('diffusers')}, CUDA {env.get('cuda')}",
               f"- commit: `{env.get('commit')}`; created {env.get('created')}"]

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from ..attention import masks
-from ..attention.kernels import sparse_attention
-from ..attention.layout import TileLayout
-from ..attention.mask_kernels import pool_tiles_triton, select_triton
-from ..attention.rotary import rotate, rotate_torch
-from ..config import AttentionConfig
+from wan_nabla.attention import masks
+from wan_nabla.attention.kernels import sparse_attention
+from wan_nabla.attention.layout import TileLayout
+from wan_nabla.attention.mask_kernels import pool_tiles_triton, select_triton
+from wan_nabla.attention.rotary import rotate, rotate_torch
+from wan_nabla.config import AttentionConfig
 from .qk import relayout, tile_rotary
 from .records import first_call_s, sync, time_call
 

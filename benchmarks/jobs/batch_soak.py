@@ -1,7 +1,7 @@
 """Soak test of `wan-nabla batch`: N tiny items, RSS sampled after every item, manifest checked exactly.
 
-    python scripts/batch_soak.py --items 1000 --out /tmp/soak     # ~4-8 min on 2 CPU cores
-    python scripts/batch_soak.py --items 5 --out /tmp/soak        # smoke run (tests/test_batch.py)
+    python benchmarks/jobs/batch_soak.py --items 1000 --out /tmp/soak     # ~4-8 min on 2 CPU cores
+    python benchmarks/jobs/batch_soak.py --items 5 --out /tmp/soak        # smoke run (tests/test_batch.py)
 
 The batch runs in-process through the real CLI parser and `batch.run_batch`, with the cheapest
 item the pipeline allows (tiny model, 16x16, 1 frame, 1 step, guidance 1: no CFG pass), so the
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

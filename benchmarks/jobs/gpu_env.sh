@@ -1,7 +1,7 @@
-# Source this on a GPU machine, in the checkout: installs the wheels staged by scripts/gpu_wheels.sh
+# Source this on a GPU machine, in the checkout: installs the wheels staged by benchmarks/jobs/gpu_wheels.sh
 # (carried as .whl/, and for FA4 the first half of the CUDA library copied to /tmp/parts/ by an
 # earlier job) into /tmp/site and sets PYTHONPATH so the checkout runs in place.
-#   source scripts/gpu_env.sh
+#   source benchmarks/jobs/gpu_env.sh
 _root=$(pwd)
 if [[ -f .whl/part.ab && -f /tmp/parts/part.aa ]]; then
   cat /tmp/parts/part.aa .whl/part.ab > "/tmp/$(cat .whl/big.name)"

@@ -1,7 +1,7 @@
 """Correctness of the flash-attn-4 backend on a GPU (sm90+), against flex and float64 references.
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_fa4_check.py OUT_DIR      # H100: ~2-3 min
-    PYTHONPATH=. python3 scripts/gpu_fa4_check.py OUT_DIR --device cpu --quick  # the script's own smoke run
+    source benchmarks/jobs/gpu_env.sh && python3 benchmarks/jobs/gpu_fa4_check.py OUT_DIR      # H100: ~2-3 min
+    PYTHONPATH=. python3 benchmarks/jobs/gpu_fa4_check.py OUT_DIR --device cpu --quick  # the script's own smoke run
 
 1. Kernel: `fa4.sparse_attention` on random block plans (batch 2, 3 heads, padded tile layouts
    with odd tile counts, so the last 128-key block reaches past the sequence; per-(batch, head)
@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests import reference as R  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.attention import fa4, kernels, masks, rotary  # noqa: E402
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout  # noqa: E402
-from wan_nabla.bench.op import fa4_cache_size  # noqa: E402
+from benchmarks.harness.op import fa4_cache_size  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
 from wan_nabla.tiny import build_tiny_pipeline  # noqa: E402
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ok_fa4, why = kernels.resolve_backend("fa4", device, dtype)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "commit": git_commit(ROOT) or "unknown", "command": " ".join(["scripts/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
+              "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
               "flash_attn_4": why, "backend": ok_fa4, "sections": {}}
     print(f"device {result['device']}, torch {result['torch']}: {ok_fa4} ({why})", flush=True)
     if ok_fa4 != "fa4":

@@ -1,6 +1,6 @@
 """Probe flash-attn-4's block-sparse forward on a Hopper GPU against wan-nabla's block plans.
 
-    source scripts/gpu_env.sh && python3 scripts/gpu_fa4_probe.py "$OUT"
+    source benchmarks/jobs/gpu_env.sh && python3 benchmarks/jobs/gpu_fa4_probe.py "$OUT"
 
 What it checks, on the block lists `attention.masks.plan_blocks` produces (partial blocks =
 key blocks holding pad tokens, full blocks = the rest):
@@ -33,7 +33,7 @@ from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 from flash_attn.cute.interface import _flash_attn_fwd, flash_attn_func
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from wan_nabla.attention import masks  # noqa: E402
@@ -153,7 +153,7 @@ def bench(fn, reps=10) -> float:
 
 
 def timing() -> list[dict]:
-    from wan_nabla.bench.qk import real_tokens, relayout, synthetic_qkv
+    from benchmarks.harness.qk import real_tokens, relayout, synthetic_qkv
 
     base = TileLayout(21, 45, 80)
     q, k, v = synthetic_qkv(base, 40, 128, 1, device=torch.device("cuda"), dtype=torch.bfloat16, seed=0)

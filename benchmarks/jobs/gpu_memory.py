@@ -1,12 +1,12 @@
 """Memory modes on one GPU: peak memory per phase and s/step per --offload mode, cards simulated
-with torch.cuda.set_per_process_memory_fraction (method: wan_nabla/bench/memory.py, reading: memory_report.py).
+with torch.cuda.set_per_process_memory_fraction (method: benchmarks/harness/memory.py, reading: memory_report.py).
 
-    source scripts/gpu_env.sh
-    python3 scripts/gpu_memory.py --part 14B-720p --out $OUT    # ~7 min on an H100
-    python3 scripts/gpu_memory.py --part 14B-low --out $OUT     # ~6 min
-    python3 scripts/gpu_memory.py --part 1.3B --out $OUT        # ~5 min
-    python3 scripts/gpu_memory.py --report memory_14B-720p.json memory_14B-low.json memory_1.3B.json --out DIR
-    python3 scripts/gpu_memory.py --quick --device cpu --out /tmp/m   # tiny model on the CPU (tests)
+    source benchmarks/jobs/gpu_env.sh
+    python3 benchmarks/jobs/gpu_memory.py --part 14B-720p --out $OUT    # ~7 min on an H100
+    python3 benchmarks/jobs/gpu_memory.py --part 14B-low --out $OUT     # ~6 min
+    python3 benchmarks/jobs/gpu_memory.py --part 1.3B --out $OUT        # ~5 min
+    python3 benchmarks/jobs/gpu_memory.py --report memory_14B-720p.json memory_14B-low.json memory_1.3B.json --out DIR
+    python3 benchmarks/jobs/gpu_memory.py --quick --device cpu --out /tmp/m   # tiny model on the CPU (tests)
 
 Parts (one GPU command each, < 9 min; the time budget skips what would not fit and lists it):
   14B-720p  Wan2.1-14B at 1280x720x81: none (dense, sparse) on the whole GPU, group (dense,
@@ -34,13 +34,13 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from wan_nabla.bench import memory, memory_report  # noqa: E402
-from wan_nabla.bench.records import environment  # noqa: E402
+from benchmarks.harness import memory, memory_report  # noqa: E402
+from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.output.files import atomic_write_json, atomic_write_text  # noqa: E402
 from wan_nabla.pipeline import resolve_device  # noqa: E402
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     stem = f"memory_{part}"
     env = environment(argv, device)
-    env["command"] = "scripts/gpu_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env["command"] = "benchmarks/jobs/gpu_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
     def save(result: dict) -> None:

@@ -1,9 +1,9 @@
-# Sourced by the GPU job scripts (scripts/gpu_fa4.sh, scripts/gpu_fa4_transformer.sh) after `cd` to
+# Sourced by the GPU job scripts (benchmarks/jobs/gpu_fa4.sh, benchmarks/jobs/gpu_fa4_transformer.sh) after `cd` to
 # the checkout: refuse to run without the carried wheels installed, record the commit, run the
 # checkout in place, create the output folder and note the GPU's state in it.
-#   out=$1; source scripts/gpu_prelude.sh
+#   out=$1; source benchmarks/jobs/gpu_prelude.sh
 if ! python3 -c "import diffusers" 2>/dev/null; then
-  echo "diffusers missing: run 'source scripts/gpu_env.sh' (with .whl carried) first" >&2
+  echo "diffusers missing: run 'source benchmarks/jobs/gpu_env.sh' (with .whl carried) first" >&2
   exit 2
 fi
 if [[ -z "${WAN_NABLA_COMMIT:-}" || "${WAN_NABLA_COMMIT}" == unknown ]]; then

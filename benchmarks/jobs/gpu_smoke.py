@@ -1,6 +1,6 @@
 """GPU smoke and cross-device check of the app path (run on a CUDA machine; prints a table last).
 
-    PYTHONPATH=. python3 scripts/gpu_smoke.py OUT_DIR
+    PYTHONPATH=. python3 benchmarks/jobs/gpu_smoke.py OUT_DIR
 
 1. Cross-device exactness: the tiny transformer (fp32) with NABLA 0.5 / STA 3-1-1 / NABLA 0.3 +
    STA, on a padded grid (144x208 px, 9 frames) and batch 2, run on CUDA (Triton pooling and
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.reference import tiny_transformer  # noqa: E402

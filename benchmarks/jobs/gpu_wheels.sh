@@ -2,16 +2,16 @@
 # Stage, in git-ignored folders of this checkout, the Python wheels a bare GPU machine lacks, so a
 # GPU job can install them offline. Runs on a machine with PyPI access (Python 3.12 wheels, x86-64).
 #
-#   scripts/gpu_wheels.sh            -> .whl/  diffusers (pyproject's pin) + ftfy, wcwidth, importlib_metadata,
+#   benchmarks/jobs/gpu_wheels.sh            -> .whl/  diffusers (pyproject's pin) + ftfy, wcwidth, importlib_metadata,
 #                                      peft + accelerate + psutil (LoRA loading, --offload model)
-#   scripts/gpu_wheels.sh --fa4      -> also flash-attn-4 and its CuTe-DSL dependencies (.whl/), with the
+#   benchmarks/jobs/gpu_wheels.sh --fa4      -> also flash-attn-4 and its CuTe-DSL dependencies (.whl/), with the
 #                                      ~90 MB CUDA-13 runtime wheel split in two parts: .whl-big/part.aa and
 #                                      .whl/part.ab (a job carries at most 64 MiB at a time)
-#   scripts/gpu_wheels.sh --ffmpeg   -> .ffmpeg/: imageio-ffmpeg's Python files + its ffmpeg binary, xz-packed
+#   benchmarks/jobs/gpu_wheels.sh --ffmpeg   -> .ffmpeg/: imageio-ffmpeg's Python files + its ffmpeg binary, xz-packed
 #
-# On the GPU machine (see scripts/gpu_env.sh, which does the install):
+# On the GPU machine (see benchmarks/jobs/gpu_env.sh, which does the install):
 #   job 1 carries .whl-big and copies part.aa to /tmp/parts/; job 2 (right after, same machine) carries
-#   .whl and runs `source scripts/gpu_env.sh`, which joins the parts and installs into /tmp/site.
+#   .whl and runs `source benchmarks/jobs/gpu_env.sh`, which joins the parts and installs into /tmp/site.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"

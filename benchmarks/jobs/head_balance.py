@@ -1,7 +1,7 @@
 """Would Ulysses ranks be unequal under NABLA? Per-head kept-block densities -> rank imbalance.
 
-    python3 scripts/head_balance.py OUT_DIR                 # CUDA: 14B heads at 1280x720x81
-    python3 scripts/head_balance.py OUT_DIR --quick         # CPU, tiny shapes (used by the tests)
+    python3 benchmarks/jobs/head_balance.py OUT_DIR                 # CUDA: 14B heads at 1280x720x81
+    python3 benchmarks/jobs/head_balance.py OUT_DIR --quick         # CPU, tiny shapes (used by the tests)
 
 Under Ulysses sequence parallelism each of U ranks computes attention for H/U heads over the whole
 sequence, so its attention time follows the summed kept-block density of its heads (per layer:
@@ -14,7 +14,7 @@ For every layer (or q/k sample) this measures the per-head density of the app's 
   over the head dimension gives), and
 - the same with a balanced assignment of H/U heads per rank (heads sorted by density and dealt in
   snake order: 0..U-1, U-1..0, ...), i.e. what permuting heads before the all-to-all would give.
-Sources: synthetic q/k with per-head locality (bench/qk.py) and, on CUDA, the q/k every layer of a
+Sources: synthetic q/k with per-head locality (benchmarks/harness/qk.py) and, on CUDA, the q/k every layer of a
 random-weight Wan2.1-14B sees (random weights give flat coarse maps: a lower bound on the spread).
 Writes OUT_DIR/head_balance.json and prints a table last.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from wan_nabla.attention import masks  # noqa: E402
@@ -80,7 +80,7 @@ def analyse(dens_LH: torch.Tensor) -> dict:
 
 
 def synthetic(device: torch.device, quick: bool) -> dict:
-    from wan_nabla.bench.qk import synthetic_qkv
+    from benchmarks.harness.qk import synthetic_qkv
 
     heads, dim, grid = (8, 32, (5, 9, 16)) if quick else (40, 128, (21, 45, 80))
     bs = default_block_size(device)
@@ -100,7 +100,7 @@ def synthetic(device: torch.device, quick: bool) -> dict:
 def model_layers(device: torch.device, quick: bool) -> dict:
     """Per-layer per-head densities of a random-weight Wan transformer forward (real architecture)."""
     from wan_nabla.adapter import apply_attention
-    from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
+    from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
 
     size = WAN_SIZES["tiny" if quick else "14B"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -134,7 +134,7 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "commit": git_commit(ROOT) or "unknown", "command": " ".join(["scripts/head_balance.py", *sys.argv[1:]]),
+           "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/head_balance.py", *sys.argv[1:]]),
            "quick": quick, "synthetic_qk": synthetic(device, quick)}
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))
     if "--no-model" not in sys.argv:
