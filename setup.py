@@ -16,6 +16,10 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 class BuildPyWithPresets(build_py):
     def run(self):
+        if not self.editable_mode:
+            # build/lib is reused between builds and setuptools never prunes it: a module deleted or
+            # moved out of the package (the harness once lived in wan_nabla/bench/) would ship again.
+            shutil.rmtree(Path(self.build_lib) / "wan_nabla", ignore_errors=True)
         super().run()
         if self.editable_mode:  # the checkout's configs/ is read in place
             return

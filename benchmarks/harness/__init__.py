@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = _device(args.device)
     except ValueError as e:  # no CUDA, or a cuda:N that does not exist: one line, exit 2
-        print(f"wan-nabla bench: error: --device: {e}", file=sys.stderr)
+        print(f"python -m benchmarks.harness: error: --device: {e}", file=sys.stderr)
         return 2
     if device.type == "cuda":
         torch.cuda.set_device(device)

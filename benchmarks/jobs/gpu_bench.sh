@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one command for a whole GPU benchmark run of wan-nabla:
-#   benchmarks/jobs/gpu_bench.sh OUT_DIR [wan-nabla bench arguments...]
+#   benchmarks/jobs/gpu_bench.sh OUT_DIR [python -m benchmarks.harness arguments...]
 # e.g. on the device machine:  benchmarks/jobs/gpu_bench.sh "$OUT" --sweep
 # Installs the carried wheels (.whl/, staged by benchmarks/jobs/gpu_wheels.sh: diffusers, ftfy) when
 # the image lacks them, runs the checkout in place (PYTHONPATH), records the GPU's state, runs
 # `python -m benchmarks.harness` (all levels unless arguments say otherwise) writing results.json,
 # results.md, results_speedup.png and log.txt under OUT_DIR, and prints a short table last.
 set -euo pipefail
-out=${1:?usage: benchmarks/jobs/gpu_bench.sh OUT_DIR [wan-nabla bench arguments...]}
+out=${1:?usage: benchmarks/jobs/gpu_bench.sh OUT_DIR [python -m benchmarks.harness arguments...]}
 shift
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"

@@ -6,7 +6,7 @@
 # 0.1 (random weights keep more blocks than a trained model: these land near density 0.07-0.15),
 # each on both backends. Files under OUT: gpu.txt, log.txt, fa4_transformer.json/.md, targets.json.
 # Merge with the op job afterwards (on any machine):
-#   wan-nabla bench --render OP/fa4_op.json TR/fa4_transformer.json --stem h100_fa4 --out benchmarks/results
+#   python -m benchmarks.harness --render OP/fa4_op.json TR/fa4_transformer.json --stem h100_fa4 --out benchmarks/results
 set -uo pipefail
 out=${1:?usage: benchmarks/jobs/gpu_fa4_transformer.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/../.." && pwd)
