@@ -210,13 +210,18 @@ def test_the_package_never_imports_the_benchmarks():
 
 @pytest.fixture(scope="module")
 def wheel_files(tmp_path_factory) -> dict[str, bytes]:
-    """{path in the wheel: bytes} of a wheel built from a copy of the build's inputs."""
+    """{path in the wheel: bytes} of a wheel built from a copy of the build's inputs (plus a stale
+    build/lib holding an old harness module)."""
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("configs", "wan_nabla"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    # a stale build folder from before the harness moved out must not leak it back into a wheel
+    stale = src / "build" / "lib" / "wan_nabla" / "bench"
+    stale.mkdir(parents=True)
+    (stale / "targets.py").write_text("TARGETS = {}\n")
     out = tmp_path_factory.mktemp("wheel")
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
