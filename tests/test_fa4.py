@@ -329,6 +329,7 @@ def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
     assert mod.main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
     res = json.loads((tmp_path / "gpu_fa4_check.json").read_text())
     assert res["commit"] not in (None, "unknown") and res["command"].endswith("--device cpu --quick")
+    assert res["env"]["commit"] == res["commit"] and res["env"]["device"] == "cpu" and res["env"]["diffusers"]
     assert set(res["sections"]) == {"kernel", "rotary", "transformer", "presets"}
     assert all(r["ok"] for rows in res["sections"].values() for r in rows)
 

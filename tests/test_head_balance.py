@@ -47,3 +47,4 @@ def test_quick_run_writes_both_sources_with_provenance(tmp_path):
     res = json.loads((tmp_path / "head_balance.json").read_text())
     assert res["synthetic_qk"] and res["random_weight_model"], list(res)
     assert res["commit"] not in (None, "unknown") and res["command"].endswith("--quick")
+    assert res["env"]["commit"] == res["commit"] and res["env"]["device"] == "cpu" and res["env"]["diffusers"]

@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.op import fa4_cache_size  # noqa: E402
+from benchmarks.harness.records import environment  # noqa: E402
 from tests import reference as R  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.attention import fa4, kernels, masks, rotary  # noqa: E402
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout  # noqa: E402
-from benchmarks.harness.op import fa4_cache_size  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
 from wan_nabla.tiny import build_tiny_pipeline  # noqa: E402
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ok_fa4, why = kernels.resolve_backend("fa4", device, dtype)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
-              "flash_attn_4": why, "backend": ok_fa4, "sections": {}}
+              "flash_attn_4": why, "backend": ok_fa4, "env": environment(argv if argv is not None else sys.argv[1:], device),
+              "sections": {}}
     print(f"device {result['device']}, torch {result['torch']}: {ok_fa4} ({why})", flush=True)
     if ok_fa4 != "fa4":
         result["sections"]["fa4 available"] = [{"check": "available", "reason": why, "ok": False}]

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.kernels import default_block_size  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
@@ -135,7 +136,7 @@ def main() -> int:
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/head_balance.py", *sys.argv[1:]]),
-           "quick": quick, "synthetic_qk": synthetic(device, quick)}
+           "quick": quick, "env": environment(sys.argv[1:], device), "synthetic_qk": synthetic(device, quick)}
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))
     if "--no-model" not in sys.argv:
         res["random_weight_model"] = model_layers(device, quick)
