@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CHECKOUT_ROOT = Path(__file__).resolve().parents[1]  # the repository, when the package runs from one
 BENCH_MISSING = ("wan-nabla bench: the benchmark harness is not installed; it lives in a checkout's benchmarks/ "
                  "(git clone the repository, then run `python -m benchmarks.harness --help` in it)")
 
@@ -318,7 +319,7 @@ def run_bench(argv: list[str]) -> int:
     it: it runs as a child process with the checkout on its path."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = CHECKOUT_ROOT
     if not (root / "benchmarks" / "harness" / "__main__.py").is_file():
         print(BENCH_MISSING, file=sys.stderr)
         return 2
