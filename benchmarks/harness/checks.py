@@ -20,6 +20,7 @@ import torch
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.config import AttentionConfig
+
 from .geometry import app_run
 
 CHECK_THRESHOLDS = (0.2, 0.4, 0.7, 0.9)

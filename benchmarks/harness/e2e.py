@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wan_nabla.config import AttentionConfig, GenerationConfig, RunConfig
+
 from .configs import preset_attention
 from .random_init import random_pipeline
 from .records import compiled_graphs, sync

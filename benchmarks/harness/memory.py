@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from wan_nabla.config import AttentionConfig, GenerationConfig, MemoryConfig, RunConfig
+
 from .memory_report import CONTEXT_GIB, VIDEOS, add_decode_estimates, recommendation_table
 
 DEFAULT_SPARSE = "nabla_0.2_sta_11_3_3"

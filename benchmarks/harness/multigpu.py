@@ -44,6 +44,7 @@ from wan_nabla.adapter import apply_attention
 from wan_nabla.config import ConfigError, ParallelConfig, RunConfig
 from wan_nabla.distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
 from wan_nabla.pipeline import VideoGenerator, predict_noise, sync_device
+
 from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 from .records import environment
 

@@ -37,6 +37,7 @@ from wan_nabla.attention.kernels import compiled_flex
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.attention.rotary import rotate
 from wan_nabla.config import AttentionConfig
+
 from . import published
 from .checks import run_checks
 from .configs import preset_configs

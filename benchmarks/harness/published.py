@@ -39,6 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from wan_nabla.attention.kernels import sparse_attention
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
+
 from .qk import processor_storage, synthetic_qkv
 from .records import base_name, baseline_row_name, dense_flops
 

@@ -121,6 +121,7 @@ def wan_block_qkv(s, device, dtype, seed: int):
     """q/k/v that the app's processor sees in block 0 of a random-weight Wan transformer of these heads,
     fed smooth random latents (tile order, after q/k norm and rotary)."""
     from wan_nabla.adapter import apply_attention
+
     from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 
     size = next((z for z in WAN_SIZES.values() if z.heads == s.heads and z.head_dim == s.head_dim),

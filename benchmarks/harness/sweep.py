@@ -19,6 +19,7 @@ from wan_nabla.attention.layout import TileLayout
 from wan_nabla.attention.mask_kernels import pool_tiles_triton, select_triton
 from wan_nabla.attention.rotary import rotate, rotate_torch
 from wan_nabla.config import AttentionConfig
+
 from .qk import relayout, tile_rotary
 from .records import first_call_s, sync, time_call
 

@@ -34,6 +34,7 @@ import torch
 from wan_nabla.adapter import apply_attention
 from wan_nabla.attention import masks
 from wan_nabla.config import AttentionConfig
+
 from .configs import preset_configs
 from .geometry import available_backends
 from .random_init import WAN_SIZES, random_transformer, smooth_latents
