@@ -436,8 +436,8 @@ def test_compare_can_put_the_two_geometries_side_by_side():
 def test_geometry_cost_pairs_each_exact_preset_with_its_fast_twin():
     """The GPU job's table: every exact preset row meets its '<name> @fast' twin per backend and
     level; the bench measures both (configs.preset_configs)."""
-    from wan_nabla.bench.configs import preset_configs
-    from wan_nabla.bench.geometry_cost import markdown, pairs
+    from benchmarks.harness.configs import preset_configs
+    from benchmarks.harness.geometry_cost import markdown, pairs
 
     names = [n for n, _ in preset_configs()]
     for p in ("nabla_0.7", "nabla_0.6_sta_11_3_3", "nabla_0.5_sta_11_5_5"):
