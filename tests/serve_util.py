@@ -37,6 +37,15 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A port that was free a moment ago (torchrun's rendezvous cannot take port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServeProcess:
     """`wan-nabla serve` (or torchrun of it) in a subprocess; see the module doc."""
 
@@ -50,7 +59,7 @@ class ServeProcess:
             args += ["--api-key", api_key]
         if nproc:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", "0", "-m", "wan_nabla", *args]
+                   "--master-port", str(free_port()), "-m", "wan_nabla", *args]
         else:
             cmd = [sys.executable, "-m", "wan_nabla", *args]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -66,7 +75,8 @@ class ServeProcess:
         self.stop()
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def _wait_url(self, timeout: float) -> str:

@@ -14,7 +14,8 @@ main thread and never opens a port. All ranks load their model before the proces
 
 Stopping: SIGINT/SIGTERM end uvicorn (rank 0) or the worker loop (other ranks); a job in progress
 stops at its next step and goes back to the queue. A SIGKILL loses nothing committed: the next
-start requeues what was running. Exit codes: 0 after a clean stop, 1 if the model failed to
+start requeues what was running. Exit codes: 130 / 143 after SIGINT / SIGTERM (uvicorn first
+finishes the requests in flight, then the CLI's convention applies), 1 if the model failed to
 load, 2 for bad flags (one line naming the value).
 
 Binding an address other than loopback needs an API key (--api-key or WAN_NABLA_API_KEY).

@@ -1,0 +1,32 @@
+"""`torchrun --nproc-per-node 2 -m wan_nabla serve` on the CPU (gloo): one process serves HTTP, both
+ranks (two groups of one rank, the layout of `batch`) take jobs from the same queue, every job runs
+once, and SIGTERM stops both ranks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from .serve_util import ServeProcess  # noqa: E402
+
+
+@pytest.mark.slow
+def test_two_rank_server_both_ranks_take_jobs(tmp_path):
+    data = tmp_path / "data"
+    with ServeProcess(data, nproc=2) as srv:
+        jobs = [srv.create(prompt=f"job {i}", size="32x32", frames=5, steps=30, guidance_scale=1.0) for i in range(6)]
+        for j in jobs:
+            srv.wait_for(j["id"], "completed", timeout=240)
+        status, health = srv.json("GET", "/health")
+        assert status == 200
+        _, _, metrics = srv.http("GET", "/metrics")
+        assert 'wan_nabla_jobs{status="completed"} 6' in metrics.decode()
+    workers = [json.loads((data / "videos" / f"{j['id']}.json").read_text())["serve"]["worker"] for j in jobs]
+    assert set(workers) == {"rank0", "rank1"}, workers
+    sides = [json.loads((data / "videos" / f"{j['id']}.json").read_text()) for j in jobs]
+    assert {s["parallel"]["world_size"] for s in sides} == {2}
+    assert srv.proc.returncode is not None
