@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from .serve_util import SMALL, ServeProcess  # noqa: E402
+from .serve_util import SMALL, ServeProcess, server_env  # noqa: E402
 
 KEY = "test-key-0123456789"
 # The SDK marks the video API deprecated (a vendor's service date): irrelevant to this server.
@@ -25,7 +25,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    with ServeProcess(tmp_path_factory.mktemp("serve") / "data", "--max-queue", "3", api_key=KEY) as s:
+    root = tmp_path_factory.mktemp("serve")
+    health = root / "health"
+    with ServeProcess(root / "data", "--max-queue", "3", api_key=KEY,
+                      env=server_env(WAN_NABLA_HEALTH_FILE=str(health))) as s:
+        s.health_file = health
         yield s
 
 
@@ -227,6 +231,20 @@ def test_content_supports_range_requests(srv):
     queued = srv.create(prompt="not yet", size="64x64", frames=9, steps=200)
     assert srv.http("GET", f"/v1/videos/{queued['id']}/content")[0] == 409
     srv.json("DELETE", f"/v1/videos/{queued['id']}")
+
+
+def test_healthcheck_follows_the_server(srv, tmp_path):
+    from wan_nabla.serve.healthcheck import check
+
+    assert srv.health_file.read_text().split() == [srv.url + "/health", str(srv.proc.pid)]
+    assert check(str(srv.health_file))[0]
+    assert check(str(tmp_path / "none"))[0] and check(None)[0]  # no server here: healthy
+    dead = tmp_path / "dead"
+    dead.write_text(f"{srv.url}/health 999999999\n")
+    assert not check(str(dead))[0]
+    other = tmp_path / "other"
+    other.write_text(f"http://example.com/health {srv.proc.pid}\n")
+    assert not check(str(other))[0]
 
 
 def test_metrics_are_prometheus_text(srv):
