@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from .serve_util import SMALL, ServeProcess, server_env  # noqa: E402
+from .serve_util import SMALL, ServeProcess, server_env
 
 KEY = "test-key-0123456789"
 # The SDK marks the video API deprecated (a vendor's service date): irrelevant to this server.

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from .serve_util import ServeProcess  # noqa: E402
+from .serve_util import ServeProcess
 
 KEY = "browser-key-0123456789"
 BROWSERS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from .serve_util import SMALL, ServeProcess  # noqa: E402
+from .serve_util import SMALL, ServeProcess
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
-from .serve_util import SMALL, ServeProcess  # noqa: E402
+from .serve_util import SMALL, ServeProcess
 
 N = 200
 WARM = 40
@@ -41,7 +41,7 @@ def test_200_queued_jobs_complete_in_order_with_flat_memory(tmp_path):
         rss_warm = proc.memory_info().rss
         _wait_completed(srv, N, 600)
         rss_end = proc.memory_info().rss
-        status, listed = srv.json("GET", f"/v1/videos?limit=100&order=asc")
+        status, listed = srv.json("GET", "/v1/videos?limit=100&order=asc")
         first = listed["data"]
         _, more = srv.json("GET", f"/v1/videos?limit=100&order=asc&after={first[-1]['id']}")
         jobs = first + more["data"]

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from .serve_util import ServeProcess  # noqa: E402
+from .serve_util import ServeProcess
 
 
 @pytest.mark.slow

@@ -326,4 +326,4 @@ def render_metrics(state: ServeState) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ServeState", "create_app", "JobSpec"]
+__all__ = ["JobSpec", "ServeState", "create_app"]

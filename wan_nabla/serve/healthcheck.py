@@ -21,14 +21,15 @@ def check(health_file: str | None, timeout: float = 5.0) -> tuple[bool, str]:
     if not health_file or not os.path.exists(health_file):
         return True, "no wan-nabla server configured here"
     try:
-        url, pid = open(health_file, encoding="utf-8").read().split()
+        with open(health_file, encoding="utf-8") as f:
+            url, pid = f.read().split()
         os.kill(int(pid), 0)
     except (OSError, ValueError):
         return False, f"{health_file}: its server is not running"
     if not url.startswith("http://127.0.0.1:") and not url.startswith("http://[::1]:"):
         return False, f"{health_file}: not a loopback URL"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback URL checked above
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200, f"{url}: HTTP {r.status}"
     except Exception as e:  # noqa: BLE001 - any failure to answer is unhealthy
         return False, f"{url}: {e}"

@@ -23,10 +23,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from ..app import UsageError, check_parallel, check_text, model_label, resolve_run_config, validate_run
+from ..app import (
+    UsageError,
+    check_parallel,
+    check_text,
+    model_label,
+    resolve_run_config,
+    validate_run,
+)
 from ..config import ConfigError, RunConfig, load_config, parse_size
 
 MAX_PROMPT_CHARS = 4000
@@ -191,9 +199,9 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
             raise RequestError("seconds", f"seconds: {seconds:g} is not allowed; use a number in (0, 3600]")
         frames = _frames_for(seconds, fps)
     size = _text(fields, "size")
-    overrides: dict[str, Any] = dict(
-        negative_prompt=negative, frames=frames, steps=_number(fields, "steps", int),
-        guidance_scale=_number(fields, "guidance_scale", float), seed=_number(fields, "seed", int))
+    overrides: dict[str, Any] = {
+        "negative_prompt": negative, "frames": frames, "steps": _number(fields, "steps", int),
+        "guidance_scale": _number(fields, "guidance_scale", float), "seed": _number(fields, "seed", int)}
     try:
         if size is not None:
             overrides["size"] = parse_size(size, "size")
