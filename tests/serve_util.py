@@ -68,7 +68,7 @@ class ServeProcess:
         self.url = self._wait_url(ready_timeout)
         self.wait_healthy(ready_timeout)
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

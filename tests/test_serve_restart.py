@@ -32,7 +32,7 @@ def test_sigkill_while_a_job_runs_then_restart_completes_every_job_once(tmp_path
     try:
         done = [srv.wait_for(j["id"], "completed", timeout=180) for j in jobs]
         assert srv.json("POST", "/v1/videos", {"prompt": "", **SMALL})[0] == 400
-        status, listed = srv.json("GET", "/v1/videos?limit=100")
+        _, listed = srv.json("GET", "/v1/videos?limit=100")
         assert {v["id"] for v in listed["data"]} == {j["id"] for j in jobs}
         assert all(d["status"] == "completed" for d in done)
         # submission order survives the restart: the killed job ran first again

@@ -41,7 +41,7 @@ def test_200_queued_jobs_complete_in_order_with_flat_memory(tmp_path):
         rss_warm = proc.memory_info().rss
         _wait_completed(srv, N, 600)
         rss_end = proc.memory_info().rss
-        status, listed = srv.json("GET", "/v1/videos?limit=100&order=asc")
+        _, listed = srv.json("GET", "/v1/videos?limit=100&order=asc")
         first = listed["data"]
         _, more = srv.json("GET", f"/v1/videos?limit=100&order=asc&after={first[-1]['id']}")
         jobs = first + more["data"]

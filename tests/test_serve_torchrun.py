@@ -21,7 +21,7 @@ def test_two_rank_server_both_ranks_take_jobs(tmp_path):
         jobs = [srv.create(prompt=f"job {i}", size="32x32", frames=5, steps=30, guidance_scale=1.0) for i in range(6)]
         for j in jobs:
             srv.wait_for(j["id"], "completed", timeout=240)
-        status, health = srv.json("GET", "/health")
+        status, _ = srv.json("GET", "/health")
         assert status == 200
         _, _, metrics = srv.http("GET", "/metrics")
         assert 'wan_nabla_jobs{status="completed"} 6' in metrics.decode()
