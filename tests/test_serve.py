@@ -323,3 +323,38 @@ def test_page_file_is_packaged():
     from wan_nabla.serve.app import PAGE
 
     assert (Path(PAGE) / "index.html").is_file()
+
+
+def test_health_says_loading_until_the_model_is_ready_and_jobs_wait(plan_and_queue, tmp_path):
+    """The app alone (no worker): /health is 503 "loading", metrics say down, and a POST is queued."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    from wan_nabla.serve.app import ServeState, create_app
+
+    server, _, videos = plan_and_queue
+    state = ServeState(server, tmp_path / "app.sqlite3", videos)
+    http = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="error"))
+    t = threading.Thread(target=http.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(200):
+            if http.started:
+                break
+            time.sleep(0.05)
+        url = "http://127.0.0.1:%d" % http.servers[0].sockets[0].getsockname()[1]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/health", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read()) == {"status": "loading"}
+        assert b"wan_nabla_up 0" in urllib.request.urlopen(url + "/metrics", timeout=10).read()
+        req = urllib.request.Request(url + "/v1/videos", data=json.dumps({"prompt": "early", **SMALL}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        assert json.loads(urllib.request.urlopen(req, timeout=10).read())["status"] == "queued"
+        state.status = "ok"
+        assert json.loads(urllib.request.urlopen(url + "/health", timeout=10).read()) == {"status": "ok"}
+    finally:
+        http.should_exit = True
+        t.join(10)
