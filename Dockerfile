@@ -56,8 +56,9 @@ WORKDIR /outputs
 EXPOSE 8000
 # `serve` writes its /health URL to WAN_NABLA_HEALTH_FILE while it listens: the check probes it
 # (unhealthy while the model loads, past the start period, or if it died). Any other command
-# (`generate`, `batch`) writes no file and the check passes.
+# (`generate`, `batch`) writes no file and the check passes. Run by path: the script needs only
+# the standard library, and importing the package would import torch on every probe.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
-    CMD ["python", "-m", "wan_nabla.serve.healthcheck"]
+    CMD ["python", "/opt/wan-nabla/wan_nabla/serve/healthcheck.py"]
 ENTRYPOINT ["wan-nabla"]
 CMD ["--help"]

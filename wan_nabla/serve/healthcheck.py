@@ -1,12 +1,13 @@
 """The container HEALTHCHECK: healthy when no server runs here, or when the server's /health is ok.
 
-    python -m wan_nabla.serve.healthcheck        # exit 0 healthy, 1 unhealthy
+    python wan_nabla/serve/healthcheck.py       # exit 0 healthy, 1 unhealthy (the image runs it by path)
 
 `wan-nabla serve` writes "<url>/health <pid>" to $WAN_NABLA_HEALTH_FILE (the Docker image sets it)
 once it listens, and removes it when it stops. No file, or no variable: the container runs another
 command (`generate`, `batch`), which has nothing to probe, so the check passes. A file whose
 process is gone, a refused connection, a 503 ("loading", or the model failed) or a timeout is
-unhealthy. Only the standard library is imported, so the check is cheap. Limits: loopback HTTP
+unhealthy. Only the standard library is imported (run it by path: `-m wan_nabla...` would import
+the package, and with it torch), so the check is cheap. Limits: loopback HTTP
 only (the URL is the server's own); /health needs no API key.
 """
 
