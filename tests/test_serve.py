@@ -358,3 +358,15 @@ def test_health_says_loading_until_the_model_is_ready_and_jobs_wait(plan_and_que
     finally:
         http.should_exit = True
         t.join(10)
+
+
+def test_a_data_dir_serves_one_server_at_a_time(tmp_path):
+    from wan_nabla.output.files import OutputError
+    from wan_nabla.serve.main import DataDir
+
+    held = DataDir(tmp_path / "d")
+    assert held.videos.is_dir()
+    with pytest.raises(OutputError, match="in use by another wan-nabla serve"):
+        DataDir(tmp_path / "d")
+    held._lock.close()  # what the end of the process does
+    DataDir(tmp_path / "d")
