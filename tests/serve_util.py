@@ -6,11 +6,13 @@
 
 Servers run with OMP_NUM_THREADS=1: the tiny model's jobs take ~0.2 s single-threaded on a busy
 2-core machine and several seconds with two threads fighting over the cores. Every process is
-started in its own session and killed by its process group id when the test ends, whatever happened.
+started in its own session; when the test ends, whatever happened, it gets SIGTERM, then its
+group and every descendant (torchrun's ranks live in sessions of their own) SIGKILL, by id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -150,7 +152,18 @@ class ServeProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
 
+    def _descendants(self) -> list[Any]:
+        # torchrun starts its ranks in sessions of their own, out of reach of killpg on its group;
+        # psutil.Process objects refuse to signal a reused pid
+        try:
+            import psutil
+
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except Exception:  # noqa: BLE001 - gone already, or no psutil
+            return []
+
     def stop(self, timeout: float = 30) -> int | None:
+        children = self._descendants()
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
@@ -158,9 +171,12 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(10)
-        try:  # children of torchrun that outlived it
+        try:  # anything of ours that outlived the stop, by id
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for child in children:
+            with contextlib.suppress(Exception):  # already gone
+                child.kill()
         self.log.close()
         return self.proc.returncode
