@@ -23,7 +23,8 @@ page also accepts HTTP Basic with the key as password, so a browser can open it)
 compared in constant time. Bodies over max_body bytes are refused (413) before they are read in
 full; prompts over preflight.MAX_PROMPT_CHARS are refused (400). Ids are made by the queue and
 must match `video_<32 hex>` before they reach the database or a file name; files are only ever
-served from the videos directory. Limits: one model per server.
+served from the videos directory. Database calls run in the thread pool (a commit's fsync does
+not stall other requests). Limits: one model per server.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .preflight import JobSpec, RequestError, ServerPlan, plan_job
@@ -171,6 +173,11 @@ def create_app(state: ServeState) -> FastAPI:
     app = FastAPI(title="wan-nabla", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
 
+    async def _db(fn):
+        # SQLite calls (a commit is an fsync) run in the thread pool, not on the event loop;
+        # each pool thread has its own connection (ServeState.queue)
+        return await run_in_threadpool(lambda: fn(state.queue))
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
         key = state.api_key
@@ -208,7 +215,7 @@ def create_app(state: ServeState) -> FastAPI:
         public = {"model": spec.model, "prompt": spec.prompt, "size": spec.size, "seconds": spec.seconds}
         digest = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
         try:
-            job, new = state.queue.submit(spec.to_dict(), public, key, digest, state.max_queue)
+            job, new = await _db(lambda q: q.submit(spec.to_dict(), public, key, digest, state.max_queue))
         except QueueFull as e:
             state.rejected += 1
             raise ApiError(429, f"the queue is full: {e}; retry later", code="queue_full",
@@ -229,7 +236,7 @@ def create_app(state: ServeState) -> FastAPI:
         if after is not None and not ID.match(after):
             raise ApiError(400, f"after: {after[:80]!r} is not a video id", param="after")
         try:
-            jobs, more = state.queue.list(int(limit), after, newest_first=order == "desc")
+            jobs, more = await _db(lambda q: q.list(int(limit), after, newest_first=order == "desc"))
         except KeyError:
             raise ApiError(400, f"after: no video with id {after!r}", param="after") from None
         data = [video_object(j) for j in jobs]
@@ -238,14 +245,16 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/v1/videos/{video_id}")
     async def retrieve(video_id: str):
-        job = state.queue.get(_job_id(video_id))
+        jid = _job_id(video_id)
+        job = await _db(lambda q: q.get(jid))
         if job is None:
             raise ApiError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
         return video_object(job)
 
     @app.delete("/v1/videos/{video_id}")
     async def delete(video_id: str):
-        outcome = state.queue.delete(_job_id(video_id))
+        jid = _job_id(video_id)
+        outcome = await _db(lambda q: q.delete(jid))
         if outcome is None:
             raise ApiError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
         if outcome[0] == "removed":
@@ -254,7 +263,8 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/v1/videos/{video_id}/content")
     async def content(video_id: str, variant: str = "video"):
-        job = state.queue.get(_job_id(video_id))
+        jid = _job_id(video_id)
+        job = await _db(lambda q: q.get(jid))
         if job is None:
             raise ApiError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
         if variant != "video":
@@ -276,7 +286,7 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await run_in_threadpool(render_metrics, state), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page():
