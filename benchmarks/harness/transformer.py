@@ -31,10 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from wan_nabla.attention.run import Observer
-from wan_nabla.wan.hooks import apply_attention
 from wan_nabla.attention import masks
+from wan_nabla.attention.run import Observer
 from wan_nabla.config import AttentionConfig
+from wan_nabla.wan.hooks import apply_attention
 
 from .configs import preset_configs
 from .geometry import available_backends

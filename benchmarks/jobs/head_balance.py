@@ -35,8 +35,8 @@ from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.backends import default_block_size  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
-from wan_nabla.attention.run import Observer  # noqa: E402
 from wan_nabla.attention.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.run import Observer  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 
 CONFIGS = {"nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),

@@ -164,6 +164,10 @@ class AttentionRun:
     def layout(self) -> TileLayout | None:
         return self.state.layout
 
+    @layout.setter
+    def layout(self, layout: TileLayout | None) -> None:
+        self.state.layout = layout
+
     def set_step(self, step: int) -> None:
         self.state.step = int(step)
 

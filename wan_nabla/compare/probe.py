@@ -8,7 +8,8 @@
     probe.close()                  # unsubscribed from the run
 
 The probe subscribes to the run's statistics (`run.stats.subscribe`, attention/run.py's Observer,
-as benchmarks/harness/transformer.py's timer does); nothing of the run is replaced. Every call records its kept-block density. A sampled
+as benchmarks/harness/transformer.py's timer does); nothing of the run is replaced. Every call
+records its kept-block density. A sampled
 call (the first call of a sampled (step, layer); with batched CFG it holds both passes) also gets:
 - its tile keep mask, `masks.tile_keep_mask` (the one rule), for the sampled heads of batch item 0
   (the conditional pass), in frame-major tile order for pictures (layouts with time pairs are
