@@ -12,7 +12,7 @@ from wan_nabla.config import RunConfig
 from wan_nabla.pipeline import VideoGenerator
 from wan_nabla.tiny import build_tiny_pipeline
 
-SMALL = dict(size=(128, 128), frames=17, steps=4)
+SMALL = {"size": (128, 128), "frames": 17, "steps": 4}
 
 
 def _gen(attention: dict, **gen) -> VideoGenerator:
@@ -102,6 +102,35 @@ def test_sparse_generation_differs_from_dense():
     dense = _gen({"type": "full"}).generate("a fox", progress=False, **SMALL).frames
     sparse = _gen({"type": "sta", "sta_window": [1, 1, 1]}).generate("a fox", progress=False, **SMALL).frames
     assert np.abs(dense - sparse).max() > 1e-3
+
+
+def test_use_config_swaps_attention_like_a_fresh_generator():
+    """Guards VideoGenerator.use_config (serve's per-job preset): the swapped-in attention gives the
+    video a generator built with it gives, swapping back gives the first video again, a bad
+    attention section leaves the working one installed, and load-time sections cannot change."""
+    import dataclasses
+
+    from wan_nabla.config import ConfigError
+    from wan_nabla.wan.hooks import handle_of
+
+    small = dict(SMALL, steps=2)
+    sta = {"type": "sta", "sta_window": [1, 1, 1]}
+    gen = _gen({"type": "full"})
+    dense = gen.generate("a fox", progress=False, **small).frames
+    fresh = _gen(sta)
+    want = fresh.generate("a fox", progress=False, **small).frames
+    base = gen.config
+    gen.use_config(dataclasses.replace(base, attention=fresh.config.attention))
+    np.testing.assert_array_equal(gen.generate("a fox", progress=False, **small).frames, want)
+    gen.use_config(base)
+    np.testing.assert_array_equal(gen.generate("a fox", progress=False, **small).frames, dense)
+    bad = dataclasses.replace(fresh.config.attention, dense_layers=(99,))
+    with pytest.raises(ConfigError, match="dense_layers"):
+        gen.use_config(dataclasses.replace(base, attention=bad))
+    assert gen.config is base and gen.handle.run.config == base.attention
+    assert handle_of(gen.pipe.transformer) is gen.handle
+    with pytest.raises(ValueError, match="speed"):
+        gen.use_config(dataclasses.replace(base, speed=dataclasses.replace(base.speed, cache="first-block:0.05")))
 
 
 def test_verbose_logs_density_per_step(caplog):

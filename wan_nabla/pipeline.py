@@ -49,9 +49,9 @@ import numpy as np
 import torch
 
 from . import adapter, offload
-from .wan import hooks
 from .config import GenerationConfig, RunConfig
 from .sampling import guide, schedule_record
+from .wan import hooks
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +159,42 @@ class VideoGenerator:
         averaged over the ranks of a video."""
         if parallel is None:
             return
+        self.parallel = parallel
+        self._install_attention(self.config.attention)
+
+    def use_config(self, config: RunConfig) -> None:
+        """Generate with `config` from here on (e.g. a server job's preset): its generation defaults
+        are taken as they are and attention is reinstalled when its section differs. Model, LoRAs,
+        memory, speed and parallel are fixed at load; a config that changes them raises ValueError
+        (load another VideoGenerator instead)."""
+        fixed = [name for name in ("model", "lora", "memory", "speed", "parallel")
+                 if getattr(config, name) != getattr(self.config, name)]
+        if fixed:
+            raise ValueError(f"use_config: {', '.join(fixed)} differ from the loaded config; only attention and "
+                             "generation can change after load")
+        if config.attention != self.config.attention:
+            self._install_attention(config.attention)
+        self.config = config
+
+    def _install_attention(self, attention) -> None:
+        """Replace the installed attention run (with this generator's sequence parallelism) and
+        compile the blocks again for it: the compiled blocks hold the run they were set up with."""
         compiled = self._compiled is not None
-        if compiled:  # the compiled blocks were set up for the attention run being replaced
+        if compiled:
             self._compiled.undo()
             self._compiled = None
+        sp = self.parallel.sequence_parallel() if self.parallel is not None else None
         self.handle.remove()
-        self.parallel = parallel
-        self.handle = hooks.apply_attention(self.pipe.transformer, self.config.attention,
-                                              sequence_parallel=parallel.sequence_parallel())
-        self.handle.run.stats_mean = parallel.item_mean
-        if compiled:
-            self._compile()
+        try:
+            self.handle = hooks.apply_attention(self.pipe.transformer, attention, sequence_parallel=sp)
+        except BaseException:  # keep a working generator: the attention it had
+            self.handle = hooks.apply_attention(self.pipe.transformer, self.config.attention, sequence_parallel=sp)
+            raise
+        finally:
+            if self.parallel is not None:
+                self.handle.run.stats_mean = self.parallel.item_mean
+            if compiled:
+                self._compile()
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,

@@ -84,24 +84,9 @@ def published(videos: Path, jid: str) -> bool:
 
 
 def use_job_config(gen, cfg) -> None:
-    """Give the loaded generator this job's config; reinstall attention when it differs (a preset).
-    The one place that reaches into VideoGenerator's attention state."""
-    from .. import adapter
-
-    if cfg.attention != gen.config.attention:
-        compiled = gen._compiled is not None
-        if compiled:
-            gen._compiled.undo()
-            gen._compiled = None
-        gen.handle.remove()
-        sp = gen.parallel.sequence_parallel() if gen.parallel is not None else None
-        gen.handle = adapter.apply_attention(gen.pipe.transformer, cfg.attention, sequence_parallel=sp)
-        if gen.parallel is not None:
-            gen.handle.run.stats_mean = gen.parallel.item_mean
-        gen.config = cfg
-        if compiled:
-            gen._compile()
-    gen.config = cfg
+    """Give the loaded generator this job's config (VideoGenerator.use_config: attention is
+    reinstalled when the job's preset differs from the last job's)."""
+    gen.use_config(cfg)
 
 
 class Worker:
