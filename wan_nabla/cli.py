@@ -56,6 +56,7 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
                    "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
     p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
+    p.add_argument("--vae-dtype", help="VAE decode precision: fp32 or bf16 (default: the config's memory.vae_dtype, fp32)")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: empty)")
     p.add_argument("--size", help=f"WIDTHxHEIGHT in pixels, multiples of 16, at most {MAX_SIDE} "
                                   f"(default: {d.width}x{d.height}; with --model tiny {tw}x{th})")
@@ -72,10 +73,12 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
                                             "per-item seeds)")
     p.add_argument("--fps", type=int, help=f"frames per second of the MP4, 1..240 (default: {d.fps})")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device}: cuda if available)")
-    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE runs "
-                                   f"in float32 (default: {d.dtype})")
+    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE's "
+                                   f"is --vae-dtype (default: {d.dtype})")
     p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
     p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
+    p.add_argument("--quantize", help="none or fp8: FP8 e4m3 linear layers in the transformer blocks (torchao; "
+                                      "CUDA compute capability >= 8.9; use with --compile blocks) (default none)")
     p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a .safetensors LoRA into the transformer (repeatable; replaces the config's lora list)")
