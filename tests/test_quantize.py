@@ -121,6 +121,11 @@ def test_torchao_fp8_on_cpu_changes_exactly_the_targets_and_stays_close(monkeypa
     assert 1e-4 < rel < 0.1, rel
     assert rec["mode"] == "fp8" and rec["linear_modules"] == 10 * TINY_LAYERS and rec["blocks"] == TINY_LAYERS
     assert rec["per_block"] == BLOCK_LINEARS and rec["skipped"] == [] and rec["library"].startswith("torchao")
+    assert rec["already_quantized"] == 0
+    again = quantize.quantize_transformer(tr, "fp8", "cpu")  # a second generator on the same pipeline
+    assert again["already_quantized"] == again["linear_modules"] == 10 * TINY_LAYERS
+    with torch.no_grad():
+        assert torch.equal(tr(x, t, ctx, return_dict=False)[0].float(), got)
 
 
 def test_lora_is_fused_before_quantising_and_the_sidecar_says_what_ran(monkeypatch, tmp_path):

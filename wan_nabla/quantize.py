@@ -31,7 +31,8 @@ torchao installed (`pip install "wan-nabla[fp8]"`). A run is never silently bf16
 fp8: the sidecar's speed.quantize records what ran (mode, library version, modules, count).
 
 Limits: inference only; the quantisation is permanent for the loaded pipeline (load again for
-bf16); FP8 changes outputs (relative L2 of a 14B step output ~1e-2 on random weights): judge it on
+bf16; a second generator on the same pipeline finds the layers converted and counts them as
+`already_quantized`); FP8 changes outputs (relative L2 of a 14B step output ~1e-2 on random weights): judge it on
 trained weights with `wan-nabla compare`.
 """
 
@@ -104,12 +105,17 @@ def fp8_skipped(transformer: torch.nn.Module) -> list[str]:
             if isinstance(m, torch.nn.Linear) and not _eligible(m)]
 
 
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether a Linear's weight is already a torchao quantised tensor (it carries `qdata`)."""
+    return getattr(getattr(module, "weight", None), "qdata", None) is not None
+
+
 def _torchao_fp8(block: torch.nn.Module) -> None:
-    """torchao's float8 inference conversion of the eligible Linear layers of one block."""
+    """torchao's float8 inference conversion of the eligible, not yet converted Linears of one block."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, _name: _eligible(m))
+              filter_fn=lambda m, _name: _eligible(m) and not is_quantized(m))
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | str) -> dict[str, Any]:
@@ -125,6 +131,8 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     if why is not None:
         raise RuntimeError(f"--quantize fp8: {why}")
     names, skipped = fp8_targets(transformer), fp8_skipped(transformer)
+    mods = dict(transformer.named_modules())
+    already = sum(is_quantized(mods[n]) for n in names)
     t0 = time.perf_counter()
     blocks = _blocks(transformer)
     for _, block in blocks:
@@ -139,4 +147,4 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
             "scheme": "float8 e4m3 weights (per output channel) x dynamic float8 e4m3 activations (per token)",
             "linear_modules": len(names), "blocks": len(blocks),
             "per_block": [n[len(first):] for n in names if n.startswith(first)],
-            "skipped": skipped, "seconds": time.perf_counter() - t0}
+            "skipped": skipped, "already_quantized": already, "seconds": time.perf_counter() - t0}
