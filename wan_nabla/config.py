@@ -297,7 +297,7 @@ class GenerationConfig:
     fps: int = 16
     negative_prompt: str = ""
     dtype: str = "bfloat16"
-    """Transformer and text-encoder dtype (the VAE always runs in float32)."""
+    """Transformer and text-encoder dtype (the VAE's is memory.vae_dtype)."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     batch_cfg: bool = True
