@@ -10,10 +10,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from wan_nabla.config import RunConfig
 from wan_nabla.distributed.decode import split_tiled_decode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_split_decode import LATENT_SHAPE, small_tiles_vae  # noqa: E402
+
+
+def pipeline(out: str) -> None:
+    """The app's own path: Ulysses 2 over the tiny model, the video decoded split over both ranks."""
+    from wan_nabla.app import check_parallel
+    from wan_nabla.distributed import ParallelContext
+    from wan_nabla.pipeline import VideoGenerator
+    from wan_nabla.tiny import build_tiny_pipeline
+    from test_split_decode import PIPELINE_CONFIG, PIPELINE_GENERATION  # noqa: E402
+
+    cfg = RunConfig.from_mapping({**PIPELINE_CONFIG, "parallel": {"ulysses_degree": 2}})
+    plan = check_parallel(cfg, "generate")
+    ctx = ParallelContext.start(plan)
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), cfg, plan.device, "tiny", parallel=ctx)
+    res = gen.generate("a fox in the snow", progress=False, **PIPELINE_GENERATION)
+    gen.close()
+    if ctx.is_main:
+        np.save(out, res.frames)
+        assert res.timings["vae_split_ranks"] == 2
+    else:
+        assert len(res.frames) == 0
+    ctx.barrier()
+    ctx.close()
 
 
 def main(out: str) -> None:
@@ -32,4 +56,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    (pipeline if sys.argv[2:] == ["pipeline"] else main)(sys.argv[1])

@@ -21,6 +21,10 @@ from wan_nabla.distributed.decode import assemble, decode_tile, split_tiled_deco
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_SHAPE = (2, 16, 3, 7, 13)
+PIPELINE_CONFIG = {"attention": {"type": "full"}, "memory": {"vae_tiling": "on"},
+                   "generation": {"dtype": "float32", "device": "cpu"}}
+PIPELINE_GENERATION = {"size": [464, 64], "frames": 5, "steps": 1}
+"""464 px wide: the tiny VAE's default 256-px tiles at a 192-px stride give 1 x 3 tiles."""
 
 
 def small_tiles_vae():
@@ -63,23 +67,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_split_decode_over_gloo_ranks_equals_tiled_decode(tmp_path, ranks):
-    """Guards: under torchrun (gloo) the ranks decode disjoint tiles (8+7 or 4+4+4+3) and rank 0
-    assembles exactly what one process's tiled decode gives; the other ranks get None."""
-    out = tmp_path / "video.npy"
+def _run(tmp_path, ranks: int, *extra: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(_free_port()), str(ROOT / "tests" / "split_decode_worker.py"), str(out)]
+           str(_free_port()), str(ROOT / "tests" / "split_decode_worker.py"), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        text, _ = proc.communicate(timeout=240)
+        text, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
         text, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish:\n{text[-3000:]}")
     assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun_decodes_split_and_equals_one_process(tmp_path):
+    """Guards the pipeline's use of the split decode: a Ulysses-2 generation decodes its 3 tiles on
+    both ranks and rank 0's frames equal a one-process generation with tiling on."""
+    from wan_nabla.config import RunConfig
+    from wan_nabla.pipeline import VideoGenerator
+    from wan_nabla.tiny import build_tiny_pipeline
+
+    out = tmp_path / "frames.npy"
+    _run(tmp_path, 2, str(out), "pipeline")
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(PIPELINE_CONFIG), torch.device("cpu"), "tiny")
+    ref = gen.generate("a fox in the snow", progress=False, **PIPELINE_GENERATION)
+    gen.close()
+    assert ref.timings["vae_tiling"] and ref.frames.shape == (5, 64, 464, 3)
+    np.testing.assert_allclose(np.load(out, allow_pickle=False), ref.frames, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_split_decode_over_gloo_ranks_equals_tiled_decode(tmp_path, ranks):
+    """Guards: under torchrun (gloo) the ranks decode disjoint tiles (8+7 or 4+4+4+3) and rank 0
+    assembles exactly what one process's tiled decode gives; the other ranks get None."""
+    out = tmp_path / "video.npy"
+    _run(tmp_path, ranks, str(out))
     with torch.no_grad():
         ref = small_tiles_vae().tiled_decode(_latents(), return_dict=False)[0].numpy()
     got = np.load(out, allow_pickle=False)

@@ -154,6 +154,10 @@ class VideoGenerator:
             raise
         self._first_call = True
         self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
+        if self.quantize["mode"] != "none" and self.compile_mode == "none":
+            log.warning("--quantize %s without compiled blocks: the activation quantisation runs as separate kernels "
+                        "and a step is slower than bf16 (the weights still take half the memory); add --compile "
+                        "blocks where the memory mode allows it", self.quantize["mode"])
         self._compiled = None
         self._compile()
         self._cache_key = None
@@ -306,6 +310,9 @@ class VideoGenerator:
         if split:  # every rank of the group decodes some tiles; the leader assembles them
             t0 = time.perf_counter()
             self.memory.before_decode(g.width, g.height, g.frames)
+            if self.config.memory.offload == "model":
+                # the split decode calls the VAE's layers, not vae.decode, whose hook would bring it in
+                pipe.vae.to(dev)
             timings["vae_tiling"], timings["vae_split_ranks"] = True, par.layout.group_size
             from .distributed.decode import split_tiled_decode
 
