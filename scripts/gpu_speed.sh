@@ -17,6 +17,7 @@
 # OUT_DIR/speed.json (every part's JSON, commit, device, torch, command) and OUT_DIR/speed.md (the
 # tables), printed last. Exit status 1 if a part failed (its error is in its JSON and log).
 set -uo pipefail
+command="scripts/gpu_speed.sh $*"
 out=${1:?usage: scripts/gpu_speed.sh OUT_DIR [--quick] [levers] [decode] [memory]}
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,7 +56,7 @@ for part in "${parts[@]}"; do
             fi ;;
   esac > >(tee "$out/$part/log.txt") 2>&1 || { echo "gpu_speed.sh: part $part failed (see $out/$part/log.txt)" >&2; rc=1; }
 done
-python3 - "$out" "$0 $*" <<'PY' || rc=1
+python3 - "$out" "$command" <<'PY' || rc=1
 import json, sys
 from pathlib import Path
 
