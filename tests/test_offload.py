@@ -185,7 +185,7 @@ def test_memory_config_and_flags():
     o = cfg.override(offload="sequential", transformer="/ck", model="x/y", steps=3)
     assert (o.memory.offload, o.memory.vae_tiling, o.model.transformer, o.model.base, o.generation.steps) == (
         "sequential", "off", "/ck", "x/y", 3)
-    assert o.to_dict()["memory"] == {"offload": "sequential", "vae_tiling": "off"}
+    assert o.to_dict()["memory"] == {"offload": "sequential", "vae_tiling": "off", "vae_dtype": "fp32"}
     assert o.to_dict()["model"] == {"base": "x/y", "transformer": "/ck", "recommended_transformer": None}
     for bad, key in [({"memory": {"offload": "cpu"}}, "memory.offload"),
                      ({"memory": {"vae_tiling": True}}, "memory.vae_tiling"),
