@@ -207,7 +207,7 @@ def fit_need(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     e = result["env"]
-    lines = [f"### VAE decode variants (random weights, one device)", "",
+    lines = ["### VAE decode variants (random weights, one device)", "",
              f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.", "",
              "| variant | video | s | warm-up s | peak above resident GiB | PSNR dB vs fp32 untiled | SSIM | split over 2 / 4 ranks, est. s |",
              "|---|---|---|---|---|---|---|---|"]
