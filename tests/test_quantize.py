@@ -171,3 +171,32 @@ def test_load_config_yaml_quantize(tmp_path):
     p.write_text("speed: {quantize: fp8, compile: blocks}\nmemory: {vae_dtype: bf16}\n")
     cfg = load_config(str(p))
     assert cfg.speed.quantize == "fp8" and cfg.memory.vae_dtype == "bf16"
+
+
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_fp8_layers_survive_diffusers_group_offloading(monkeypatch, mode):
+    """Guards the offload composition: diffusers' group offloading moves torchao float8 weights
+    (swap_tensors, not `.data =`, which would leave their qdata/scale behind) and the offloaded FP8
+    transformer computes exactly what it computes resident (CPU onload device: no streams)."""
+    _allow_cpu_fp8(monkeypatch)
+    from wan_nabla.config import MemoryConfig
+    from wan_nabla.offload import apply_memory
+
+    pipe = build_tiny_pipeline(seed=0).to(torch.bfloat16)
+    quantize.quantize_transformer(pipe.transformer, "fp8", "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g).to(torch.bfloat16)
+    ctx = torch.randn(1, 12, 32, generator=g).to(torch.bfloat16)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        ref = pipe.transformer(x, t, ctx, return_dict=False)[0]
+    handle = apply_memory(pipe, MemoryConfig(offload=mode), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            got = pipe.transformer(x, t, ctx, return_dict=False)[0]
+            again = pipe.transformer(x, t, ctx, return_dict=False)[0]  # after a full onload/offload cycle
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    assert type(pipe.transformer.blocks[0].attn1.to_q.weight).__name__ == "Float8Tensor"
