@@ -100,6 +100,7 @@ def test_generate_under_torchrun_decodes_split_and_equals_one_process(tmp_path):
     np.testing.assert_allclose(np.load(out, allow_pickle=False), ref.frames, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow  # 30-60 s: process start-up of 2 / 4 ranks on a small CPU
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_split_decode_over_gloo_ranks_equals_tiled_decode(tmp_path, ranks):
     """Guards: under torchrun (gloo) the ranks decode disjoint tiles (8+7 or 4+4+4+3) and rank 0
