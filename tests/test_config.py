@@ -9,7 +9,7 @@ import pytest
 
 from wan_nabla.config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("wan_nabla", "presets").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 EXPECTED = {
     "full.yaml": ("full", None, None, 0),
     "nabla_0.7.yaml": ("nabla", 0.7, None, 0),

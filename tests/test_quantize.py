@@ -132,8 +132,8 @@ def test_lora_is_fused_before_quantising_and_the_sidecar_says_what_ran(monkeypat
     """Guards: the pipeline fuses LoRAs into the bf16 weights first and quantises the fused
     weights (quantising first would drop or double-round the delta); the generation's speed
     record (the sidecar's) carries the quantize record; the VAE runs in memory.vae_dtype."""
-    from wan_nabla.bench.levers import write_synthetic_lora
-    from wan_nabla.bench.random_init import WAN_SIZES
+    from benchmarks.harness.levers import write_synthetic_lora
+    from benchmarks.harness.random_init import WAN_SIZES
     from wan_nabla.config import GenerationConfig, LoraSpec, MemoryConfig, SpeedConfig
     from wan_nabla.pipeline import VideoGenerator
 

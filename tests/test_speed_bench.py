@@ -1,5 +1,5 @@
-"""The issue-22 GPU job's pieces on the CPU: decode variants, the split-decode estimate, the need fit,
-and the script's argument check (scripts/gpu_speed.sh), so the H200 run does not die on a slip."""
+"""The FP8 / fast-decode GPU job's pieces on the CPU: decode variants, the split-decode estimate, the need fit,
+and the script's argument check (benchmarks/jobs/gpu_speed.sh), so the H200 run does not die on a slip."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_nabla.bench import decode
+from benchmarks.harness import decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_decode_bench_quick_runs_and_compares_against_fp32(tmp_path, capsys):
 
 
 def test_gpu_speed_script_refuses_unknown_parts(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_speed.sh"), str(tmp_path / "o"), "levers", "lever"],
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "jobs" / "gpu_speed.sh"), str(tmp_path / "o"), "levers", "lever"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown argument 'lever'" in proc.stderr
     assert not (tmp_path / "o").exists()

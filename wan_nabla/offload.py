@@ -57,7 +57,7 @@ VAE_TILING_AUTO_PIXELS = 1280 * 720
 VAE_DECODE_GIB_PER_MPIXEL_FRAME = 0.272
 # The same per memory.vae_dtype. bf16: the fp32 figure scaled by the H200 peaks of the two decodes at
 # 1280x720x81 (11.2 vs 21.6 GiB, weights included, so slightly high); benchmarks/jobs' speed job
-# (scripts/gpu_speed.sh) records the linear fit per dtype to replace it.
+# (benchmarks/jobs/gpu_speed.sh) records the linear fit per dtype to replace it.
 VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE = {"fp32": VAE_DECODE_GIB_PER_MPIXEL_FRAME,
                                             "bf16": round(VAE_DECODE_GIB_PER_MPIXEL_FRAME * 11.2 / 21.6, 3)}
 VAE_DECODE_MARGIN = 1.25
