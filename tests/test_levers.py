@@ -33,7 +33,7 @@ RANK, ALPHA = 4, 8.0
 
 def _lora_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     """A LoRA in original Wan naming as LightX2V ships it: lora_down/lora_up, alpha, diff_b bias
-    deltas, and a modulation diff diffusers does not apply. Tiny model: dim 64, ffn 64, 2 blocks."""
+    deltas, and modulation deltas (diff_m). Tiny model: dim 64, ffn 64, 2 blocks."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for b in range(2):
@@ -61,7 +61,10 @@ def _to_diffusers_naming(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, t in sd.items():
         body = key.removeprefix("diffusion_model.")
         parts = body.split(".")
-        if body.endswith((".alpha", ".diff_m")):
+        if body.endswith(".alpha"):
+            continue
+        if body.endswith(".diff_m"):  # a difference key keeps its suffix in diffusers naming
+            out[f"transformer.{body}"] = t
             continue
         b = parts[1]
         if parts[2] in _TARGETS:
@@ -108,7 +111,7 @@ def test_lora_merges_the_delta_an_independent_formula_gives(lora_files):
         db = sd.get(f"diffusion_model.{src}.diff_b", torch.zeros(()))  # ffn layers: none, bias unchanged
         torch.testing.assert_close(got.bias.double(), b0 + 0.7 * db.double(), atol=1e-6, rtol=1e-6)
     assert gen.lora[0]["format"] == "original" and gen.lora[0]["rank"] == RANK and gen.lora[0]["modules"] == 20
-    assert gen.lora[0]["ignored_keys"] == 2  # the diff_m tables
+    assert gen.lora[0]["ignored_keys"] == 0 and gen.lora[0]["diff_keys"] == {"diff": 0, "diff_b": 16, "diff_m": 2}
 
 
 def test_lora_scale_zero_is_the_base_video_and_scale_one_is_not(lora_files):
@@ -265,7 +268,7 @@ def test_speed_and_lora_config_round_trip_and_errors(tmp_path):
     back = RunConfig.from_mapping(cfg2.to_dict())
     assert (back.speed, back.lora) == (cfg2.speed, cfg2.lora)
     for bad, needle in [({"compile": "max"}, "speed.compile"), ({"cache": "first-block"}, "first-block:T"),
-                        ({"cache": "mag:0.1"}, "mag_ratios"), ({"mag_ratios": [0, 1]}, "positive")]:
+                        ({"cache": "mag", "mag_ratios": [1.0]}, "mag:T"), ({"mag_ratios": [0, 1]}, "positive")]:
         with pytest.raises(ConfigError, match=needle):
             SpeedConfig(**bad)
     with pytest.raises(ConfigError, match="only .safetensors"):
@@ -349,7 +352,7 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     assert rows["dense (cuDNN SDPA)"]["attention"]["backend"] == "flex"
     assert [type(r["vae_tiling"]) for r in rows.values()] == [type(None)] * 3 + [bool, bool, type(None)]
     lora = rows["+ LoRA, fused"]["lora"][0]
-    assert lora["rank"] == 4 and lora["format"] == "original" and lora["ignored_keys"] == 2
+    assert lora["rank"] == 4 and lora["format"] == "original" and lora["diff_keys"]["diff_m"] == 2
     cache = rows["+ cache first-block:0.1"]
     assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
     assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
@@ -374,7 +377,7 @@ def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():
     g = plan_item(base, item, "tiny").settings
     attention = {k: v for k, v in base.attention.to_dict().items() if k != "backend"}  # added later, not keyed
     before = {"index": 0, "prompt": "a fox", "name": None, "model": "tiny", "attention": attention,
-              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler")}}
+              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler", "crf")}}
     assert key == hashlib.sha256(json.dumps(before, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     assert plan_item(base.with_levers(compile="blocks"), item, "tiny").key == key
     keys = {plan_item(c, item, "tiny").key for c in (

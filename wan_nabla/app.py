@@ -223,7 +223,23 @@ def validate_run(cfg: RunConfig, texts: Mapping[str, str | None] | None = None) 
     facts = model_facts(model)
     facts.check_attention(cfg.attention)
     facts.check(cfg.generation)
+    if cfg.speed.cache_kind == "mag":  # published MagCache ratios exist for this model's shape?
+        from .magcache import check
+
+        check(cfg.speed, _transformer_config_on_disk(model))
     return facts
+
+
+def _transformer_config_on_disk(model: str) -> dict[str, Any] | None:
+    """The transformer config.json of `model` without loading or downloading anything; None if unknown."""
+    from .models import model_file
+    from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG
+
+    if model == TINY_MODEL_ID:
+        return dict(TINY_TRANSFORMER_CONFIG)
+    tc = _read_json(model_file(model, "transformer/config.json"))
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim")
+    return tc if all(isinstance(tc.get(k), int) for k in keys) else None
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -248,7 +264,7 @@ def resolve_run_config(args: Any) -> RunConfig:
     flags = dict(
         model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
-        fps=args.fps, device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
+        fps=args.fps, crf=getattr(args, "crf", None), device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
         offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
         vae_dtype=getattr(args, "vae_dtype", None),
         sampler=getattr(args, "sampler", None),

@@ -4,7 +4,7 @@
     pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
     dit, source = load_transformer("weights/Wan2.1-T2V-14B-NABLA-0.7", model)   # other DiT weights
     pipe = load_pipeline(model, device="cuda", transformer=dit)  # ... used instead of model's own
-    set_flow_shift(pipe, 5.0)                              # 720p; 3.0 for 480p
+    set_flow_shift(pipe, 5.0)                              # Wan2.1 T2V: 5.0 at every size
     save_tiny_checkpoint("/tmp/tiny-wan")                  # diffusers layout, safetensors only
 
 Limits and policy:

@@ -8,8 +8,9 @@
     gen.generate(prompt, on_step=lambda i, noise, latents: ...)   # per-step noise prediction
     result.speed         # compile mode and time, step-cache skips, merged LoRAs
 
-The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-free guidance
-(noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
+The loop is Wan2.1's: UniPC flow matching on Wan's FlowUniPC schedule with the config's shift
+(sampling.py), classifier-free guidance (noise = uncond + g * (cond - uncond), in float32), the
+negative prompt Wan's `sample_neg_prompt` unless one is given (config.GenerationConfig), the conditional and unconditional passes run as one
 batch of two by default (`batch_cfg`), the step index handed to the attention processors before
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
 so a seed reproduces the same video on any device. Guidance <= 1 (step-distilled LoRAs) runs one
@@ -50,7 +51,9 @@ import numpy as np
 import torch
 
 from . import adapter, offload
+from .wan import hooks
 from .config import GenerationConfig, RunConfig
+from .sampling import guide, schedule_record
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,8 @@ class GenerationResult:
     """compile (mode, seconds, graphs), cache (kind, block calls computed/skipped), lora (records)."""
     latents: torch.Tensor | None = None
     """The final latents [1, 16, F, H/8, W/8] (float32, CPU) that were decoded."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """What the sampler ran: sampler, shift, sigmas (steps + 1, the last 0) and timesteps (steps)."""
     parallel: dict[str, Any] | None = None
     """The parallel layout that produced this video (ParallelContext.describe()), None for one process."""
 
@@ -133,7 +138,7 @@ class VideoGenerator:
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
         self.parallel = None
-        self.handle = adapter.apply_attention(pipe.transformer, config.attention)
+        self.handle = hooks.apply_attention(pipe.transformer, config.attention)
         self.lora: list[dict[str, Any]] = []
         self.quantize: dict[str, Any] = {"mode": "none"}
         try:
@@ -161,6 +166,7 @@ class VideoGenerator:
         self._compiled = None
         self._compile()
         self._cache_key = None
+        self._mag = None
         self.use_parallel(parallel)
 
     def _compile(self) -> None:
@@ -181,7 +187,7 @@ class VideoGenerator:
             self._compiled = None
         self.handle.remove()
         self.parallel = parallel
-        self.handle = adapter.apply_attention(self.pipe.transformer, self.config.attention,
+        self.handle = hooks.apply_attention(self.pipe.transformer, self.config.attention,
                                               sequence_parallel=parallel.sequence_parallel())
         self.handle.run.stats_mean = parallel.item_mean
         if compiled:
@@ -221,7 +227,16 @@ class VideoGenerator:
         kind = speed.cache_kind
         key = (kind, steps if kind == "mag" else None)
         if kind != "none" and key != self._cache_key:
-            adapter.enable_cache(tr, kind, speed.cache_params, steps, speed.mag_ratios)
+            from .magcache import resolve
+
+            mag = resolve(speed, tr.config)
+            params, ratios = speed.cache_params, speed.mag_ratios
+            if mag is not None:
+                params = {"threshold": mag.threshold, "max_skip_steps": mag.max_skip_steps,
+                          "retention_ratio": mag.retention_ratio}
+                ratios = mag.mag_ratios
+            adapter.enable_cache(tr, kind, params, steps, ratios)
+            self._mag = mag
             self._cache_key = key
         adapter.reset_cache(tr)
 
@@ -236,7 +251,7 @@ class VideoGenerator:
         """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
 
         `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
-        prediction (the transformer's dtype) and the latents after the scheduler step (float32),
+        prediction (float32) and the latents after the scheduler step (float32),
         both [1, 16, F, H/8, W/8]; its time counts in the step's time (used by compare/run.py).
         decode=False stops after denoising (memory and speed measurements): frames are then empty."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -256,13 +271,14 @@ class VideoGenerator:
 
         peaks = _PhasePeaks(dev)
         t0 = time.perf_counter()
-        pos, neg = adapter.encode_prompts(pipe, prompt, g.negative_prompt, cfg_on, dev)
+        pos, neg = adapter.encode_prompts(pipe, prompt, g.resolved_negative_prompt, cfg_on, dev)
         sync_device(dev)
         timings["text_encoding_s"] = time.perf_counter() - t0
         peaks.end("encode")
 
         scheduler = adapter.make_scheduler(pipe, g.resolved_shift, g.sampler)
         adapter.set_timesteps(scheduler, g.steps, dev)
+        schedule = schedule_record(scheduler)  # before stepping: what this run's steps use
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
         passes = 1 if not cfg_on or both is not None or split_cfg else 2  # transformer calls per step here
@@ -348,6 +364,7 @@ class VideoGenerator:
             frames=frames,
             seed=g.seed,
             settings=g.to_dict(),
+            schedule={"sampler": g.sampler, "shift": g.resolved_shift, **schedule},
             timings=timings,
             attention=attention,
             speed=speed,
@@ -366,6 +383,8 @@ class VideoGenerator:
                   "computed_per_step": computed}
         if printed:
             record["calibrated_mag_ratios"] = _printed_ratios(printed)
+        if self._mag is not None:
+            record["mag"] = self._mag.record()
         return record
 
 
@@ -419,10 +438,11 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
 
     neg None: no guidance, one conditional pass. CFG parallel: this rank's branch only, exchanged
     with its partner. Else `both` (= cat(pos, neg)) runs the pair as one batch of two, or two passes
-    without it. noise = uncond + g * (cond - uncond). Each pass runs in its step-cache context
+    without it. noise = uncond + g * (cond - uncond), in float32 (sampling.guide), which is also
+    the dtype of an unguided prediction: the scheduler always steps in float32. Each pass runs in its step-cache context
     (cond / uncond / cfg: adapter.denoise)."""
     if neg is None:
-        return adapter.denoise(pipe, latents, t, pos, context="cond")
+        return adapter.denoise(pipe, latents, t, pos, context="cond").float()
     if parallel is not None and parallel.cfg_parallel:
         branch = "uncond" if parallel.branch else "cond"
         mine = adapter.denoise(pipe, latents, t, neg if parallel.branch else pos, context=branch)
@@ -432,7 +452,7 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
     else:
         cond = adapter.denoise(pipe, latents, t, pos, context="cond")
         uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
-    return uncond + guidance_scale * (cond - uncond)
+    return guide(cond, uncond, guidance_scale)
 
 
 def _progress(total: int, enabled: bool):

@@ -24,7 +24,7 @@ installed and supported, else flex), and each row records the backend it ran (an
 whether the VAE decoded tiled). `--rows` picks rows by key (dense sta compiled lora cache variant fp8 fastdecode). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
 distill LoRA's shape as assumed here: rank 64 (alpha 64) on q/k/v/o of self- and cross-attention
 and ffn.0/ffn.2 of every block, original naming (lora_down/lora_up), `diff_b` bias deltas and a
-`diff_m` modulation table per block (which diffusers' loader does not apply). Fused, it costs
+`diff_m` modulation table per block (added to the modulation tables, as LightX2V does). Fused, it costs
 nothing per step; the row shows that and the merge time.
 
 Per row: the generator is built (LoRA merge timed as setup_s), one warm-up transformer forward

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ConfigError, GenerationConfig, RunConfig, parse_size
+from ..config import DEFAULT_CRF, ConfigError, GenerationConfig, RunConfig, parse_size
 from .prompts import PromptItem
 
 
@@ -63,7 +63,8 @@ def plan_item(cfg: RunConfig, item: PromptItem, model_id: str,
     ident = {
         "index": item.index, "prompt": item.prompt, "name": item.name, "model": model_id,
         "attention": {k: v for k, v in cfg.attention.to_dict().items() if k != "backend"},
-        "generation": {k: v for k, v in g.to_dict().items() if k != "device" and (k, v) != ("sampler", "unipc")},
+        "generation": {k: v for k, v in g.to_dict().items()
+                       if k != "device" and (k, v) not in (("sampler", "unipc"), ("crf", DEFAULT_CRF))},
     }  # fmt: skip
     # What changes the video enters the key; settings added later only when not at their default,
     # so keys of earlier runs stay valid (compile changes speed, not the video).
