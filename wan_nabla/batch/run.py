@@ -98,16 +98,19 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None) -> dict[str, Any] | None:
+def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None,
+             rename: bool = True) -> dict[str, Any] | None:
     """Generate and write one item; returns its manifest record (ok or failed), never raises Exception.
     With a ParallelContext all ranks of the group call it; the leader writes and gets the record,
-    the others get None."""
+    the others get None. Every engine runs its items through this function (ray_engine.py too).
+    rename=False: other processes name outputs concurrently (torchrun groups, Ray actors), so a
+    file that appeared at the planned name fails the item instead of taking another name."""
     g, error = p.settings, None
     writer = ctx is None or ctx.is_leader
     t0 = time.perf_counter()
     try:
         if writer and not free_or_own(p.output, p.key):  # someone put a file there since planning: never overwrite it
-            if ctx is not None:  # other groups name concurrently; only rank 0's plan is collision-free
+            if ctx is not None or not rename:  # others name concurrently; only the planner's names are collision-free
                 raise RuntimeError(f"{p.output.name} appeared since planning and is not this item's; run the batch "
                                    f"again to give the item a new name")
             p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
@@ -149,7 +152,13 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
 
 
 def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written."""
+    """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written.
+    `args.engine` "ray" runs the same plan on a pool of Ray actors (ray_engine.py)."""
+    engine = getattr(args, "engine", None) or "local"
+    if engine == "ray":
+        from .ray_engine import RayOptions
+
+        ray_options = RayOptions.from_args(args)  # bad --ray-* values and a missing ray: exit 2 first
     cfg = resolve_run_config(args)
     try:
         items = read_prompt_file(args.prompts)
@@ -160,7 +169,11 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
     ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
-    facts = validate_run(cfg)  # device, model, LoRAs, sampler and rotary limits (exit 2, nothing written)
+    if engine == "ray":
+        ray_options.check(cfg, ranks)
+    # device, model, LoRAs, sampler and rotary limits (exit 2, nothing written); under Ray the
+    # actors check the device, which the driver's machine need not have
+    facts = validate_run(cfg if engine == "local" else cfg.override(device="auto"))
     model_id = model_label(cfg)
     planned = [plan_item(cfg, it, model_id, check=facts.check) for it in items]
     if cfg.parallel.cfg_parallel:
@@ -173,6 +186,13 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
             assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
             print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
+    if engine == "ray":
+        from .ray_engine import run_ray
+
+        counts = run_ray(ray_options, cfg, planned, out_dir, args.quiet, on_record, facts.model)
+        print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
+              f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
+        return 1 if counts["failed"] else 0
     gen = None
     if ranks is not None and _preview_pending(planned, out_dir):
         gen = load_generator(cfg, ranks, facts.model)  # before the process group, like generate (app.py)
@@ -274,6 +294,16 @@ def _claimed(pending: list[PlannedItem], claims):
         yield pending[k]
 
 
+def record_planned(planned: list[PlannedItem], write: Callable[[dict[str, Any]], None]) -> None:
+    """The records every run starts with: planning failures, and items already done (skipped)."""
+    for p in planned:
+        if p.error:
+            log.warning("item %d failed: %s", p.item.index, p.error)
+            write(_record(p, "failed", error=p.error))
+        elif p.done:
+            write(_record(p, "skipped", attention_density=p.done.get("attention_density")))
+
+
 def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, ctx) -> dict[str, int]:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -294,12 +324,7 @@ def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, 
             on_record(rec)
 
     if main:
-        for p in planned:
-            if p.error:
-                log.warning("item %d failed: %s", p.item.index, p.error)
-                write(_record(p, "failed", error=p.error))
-            elif p.done:
-                write(_record(p, "skipped", attention_density=p.done.get("attention_density")))
+        record_planned(planned, write)
     initial = total - len(pending)
     bar = tqdm(total=total, initial=initial, desc="batch", unit="video", position=0,
                disable=quiet or not main, dynamic_ncols=True)
