@@ -101,9 +101,9 @@ class RayOptions:
                    max_retries=2 if retries is None else retries, transfer=bool(getattr(args, "ray_transfer", False)),
                    verbose=bool(getattr(args, "verbose", False)))
 
-    def check(self, cfg, ranks) -> None:
+    def check(self, cfg) -> None:
         """UsageError for settings a Ray batch cannot run (module doc: Limits)."""
-        if ranks is not None:
+        if cfg.parallel.group_size > 1 or os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
             raise UsageError("--engine ray runs one pipeline per actor: it does not combine with torchrun, "
                              "--ulysses-degree or --cfg-parallel; use --engine local for those")
         device = cfg.generation.device
@@ -271,8 +271,7 @@ class _Pool:
         queue = deque(pending)
         while queue or self.inflight:
             while self.idle and queue:
-                slot, p = self.idle.popleft(), queue.popleft()
-                self.inflight[slot.handle.run.remote(p, self.opts.transfer)] = (slot, p, time.perf_counter())
+                self._dispatch(self.idle.popleft(), queue.popleft())
             if not self.alive():
                 raise RuntimeError(f"no Ray actor is left for the {len(queue)} remaining item(s) "
                                    f"(last: {self.last_error}); run the same command again to resume them")
@@ -283,6 +282,9 @@ class _Pool:
                 else:
                     self._on_result(ref, queue)
             tick()
+
+    def _dispatch(self, slot: _Slot, p: PlannedItem) -> None:
+        self.inflight[slot.handle.run.remote(p, self.opts.transfer)] = (slot, p, time.perf_counter())
 
     def _on_result(self, ref, queue: deque[PlannedItem]) -> None:
         slot, p, t0 = self.inflight.pop(ref)

@@ -168,9 +168,9 @@ def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -
     check_text(str(out_dir), "--out-dir")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
-    ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
     if engine == "ray":
-        ray_options.check(cfg, ranks)
+        ray_options.check(cfg)
+    ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
     # device, model, LoRAs, sampler and rotary limits (exit 2, nothing written); under Ray the
     # actors check the device, which the driver's machine need not have
     facts = validate_run(cfg if engine == "local" else cfg.override(device="auto"))
