@@ -33,6 +33,9 @@ names and failure isolation are those of one process; a failure of one rank in t
 step (not of the whole group) cannot be isolated: its partners wait in a collective until
 parallel.timeout_s, and torchrun ends the run (rerun to resume).
 
+Across nodes, `--engine ray` runs the same plan on a pool of Ray actors (ray_engine.py,
+docs/scale_out.md): this process plans, names and writes the manifest, the actors call run_item.
+
 Limits: resuming after editing the file re-keys items whose index moved (a line inserted above
 them), so those are generated again under new names; the old files are left alone. Verifying done
 items decodes each of their MP4s once per run (fast for clips, linear in their number).
