@@ -65,7 +65,8 @@ def one_run(name: str, prompts: Path, out: Path, flags: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output path without extension (.json and .md are written)")
-    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--items", type=int, default=24, help="items of the 16x16x1 runs")
+    ap.add_argument("--big-items", type=int, default=6, help="items of the 128x128x17 runs")
     a = ap.parse_args()
     import ray
 
@@ -76,17 +77,22 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ray-cost-"))
     prompts = tmp / "p.txt"
     prompts.write_text("".join(f"clip number {i}\n" for i in range(a.items)))
+    few = tmp / "few.txt"
+    few.write_text("".join(f"clip number {i}\n" for i in range(a.big_items)))
     small = ["--model", "tiny", "--size", "16x16", "--frames", "1", "--steps", "1"]
-    big = ["--model", "tiny", "--size", "256x256", "--frames", "17", "--steps", "1"]
-    rows = [
-        one_run("local, 16x16x1", prompts, tmp / "a", small),
-        one_run("ray 1 actor, 16x16x1", prompts, tmp / "b", [*small, "--engine", "ray", "--ray-actors", "1"]),
-        one_run("ray 2 actors, 16x16x1", prompts, tmp / "c", [*small, "--engine", "ray", "--ray-actors", "2"]),
-        one_run("local, 256x256x17", prompts, tmp / "d", big),
-        one_run("ray 1 actor, 256x256x17", prompts, tmp / "e", [*big, "--engine", "ray", "--ray-actors", "1"]),
-        one_run("ray 1 actor --ray-transfer, 256x256x17", prompts, tmp / "f",
-                [*big, "--engine", "ray", "--ray-actors", "1", "--ray-transfer"]),
+    big = ["--model", "tiny", "--size", "128x128", "--frames", "17", "--steps", "1"]
+    runs = [
+        ("local, 16x16x1", prompts, small),
+        ("ray 1 actor, 16x16x1", prompts, [*small, "--engine", "ray", "--ray-actors", "1"]),
+        ("ray 2 actors, 16x16x1", prompts, [*small, "--engine", "ray", "--ray-actors", "2"]),
+        ("local, 128x128x17", few, big),
+        ("ray 1 actor, 128x128x17", few, [*big, "--engine", "ray", "--ray-actors", "1"]),
+        ("ray 1 actor --ray-transfer, 128x128x17", few, [*big, "--engine", "ray", "--ray-actors", "1", "--ray-transfer"]),
     ]
+    rows = []
+    for k, (name, file, flags) in enumerate(runs):
+        rows.append(one_run(name, file, tmp / str(k), flags))
+        print(rows[-1], flush=True)
     stop.set()
     ray.shutdown()
     import torch

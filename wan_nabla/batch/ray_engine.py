@@ -248,8 +248,9 @@ class _Pool:
         while not self.idle:
             if not self.starting:
                 raise RuntimeError(f"no Ray actor could load the pipeline: {self.last_error}")
-            done, _ = self.ray.wait(list(self.starting), num_returns=1)
-            self._on_ready(done[0])
+            done, _ = self.ray.wait(list(self.starting), num_returns=1, timeout=1.0)  # timeout: Ctrl-C works
+            for ref in done:
+                self._on_ready(ref)
 
     def _on_ready(self, ref) -> None:
         slot = self.starting.pop(ref)
@@ -315,7 +316,6 @@ class _Pool:
         log.warning("ray actor %d died running item %d (attempt %d): %s", slot.id, p.item.index, attempt, why)
         self.last_error = f"actor {slot.id}: {why}"
         self._drop(slot)
-        self._start()  # its replacement; bounded: every death costs an item one of its attempts
         if not self.opts.transfer and verified_output({"output": p.output.name}, p, self.out_dir) is not None:
             self.finish(p, _record(p, "ok"), None, attempt)  # published just before the death: keep it
         elif attempt > self.opts.max_retries:
@@ -325,6 +325,8 @@ class _Pool:
             self.finish(p, _record(p, "failed", error=error), None, attempt)
         else:
             queue.appendleft(p)  # the next free actor takes it
+        if queue:  # a replacement; bounded: every death costs an item one of its attempts
+            self._start()
 
     def close(self) -> None:
         for slot in [*self.slots, *self.starting.values()]:
