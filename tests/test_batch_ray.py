@@ -102,7 +102,8 @@ def test_actor_on_a_node_without_the_shared_out_dir_refuses_to_start(tmp_path):
     """Guards the shared-storage check: an actor that does not see the driver's probe file (its
     node has another disk at that path) reports one line instead of writing where nobody looks."""
     actor = ray_engine.BatchActor(None, "tiny", str(tmp_path), ray_engine.PROBE_PREFIX + "0123", False)
-    assert actor.gen is None and "must be storage shared by every node" in actor.error and "--ray-transfer" in actor.error
+    assert actor.gen is None and "must be storage shared by every node" in actor.error
+    assert "--ray-transfer" in actor.error
 
 
 # ---- on the cluster --------------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def test_killed_actor_item_is_retried_then_failed_past_max_retries(tmp_path, clu
 
     def dispatch(self, slot, p):
         real(self, slot, p)
-        if p.item.prompt == "slow always" or (p.item.prompt == "slow once" and not any(k[0] == "slow once" for k in kills)):
+        first = not any(k[0] == "slow once" for k in kills)
+        if p.item.prompt == "slow always" or (p.item.prompt == "slow once" and first):
             kills.append((p.item.prompt, slot.id))
             threading.Timer(0.75, ray.kill, [slot.handle]).start()  # mid-item: it takes several seconds
 

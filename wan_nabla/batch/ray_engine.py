@@ -153,18 +153,22 @@ class BatchActor:
         """The item's manifest record, and with `transfer` the files for the driver to publish."""
         from .run import run_item
 
+        assert p.output is not None  # the driver names every item it sends
         if not transfer:
-            return run_item(self.gen, p, set(), self.out_dir, progress=False, rename=False), None
+            rec = run_item(self.gen, p, set(), self.out_dir, progress=False, rename=False)
+            assert rec is not None  # without a ParallelContext every caller is the writer
+            return rec, None
         tmp = Path(tempfile.mkdtemp(prefix="wan-nabla-item-"))
+        local = tmp / p.output.name
         try:
-            rec = run_item(self.gen, dataclasses.replace(p, output=tmp / p.output.name), set(), tmp,
-                           progress=False, rename=False)
+            rec = run_item(self.gen, dataclasses.replace(p, output=local), set(), tmp, progress=False, rename=False)
+            assert rec is not None
             if rec["status"] != "ok":
                 return rec, None
-            side = json.loads(sidecar_path(tmp / p.output.name).read_text(encoding="utf-8"))
+            side = json.loads(sidecar_path(local).read_text(encoding="utf-8"))
             side["output"] = str(p.output)  # where the driver publishes it, not this temp directory
             text = json.dumps(side, indent=2, ensure_ascii=False) + "\n"  # as output.files.atomic_write_json
-            return rec, {"mp4": (tmp / p.output.name).read_bytes(), "json": text.encode("utf-8")}
+            return rec, {"mp4": local.read_bytes(), "json": text.encode("utf-8")}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -316,7 +320,8 @@ class _Pool:
         log.warning("ray actor %d died running item %d (attempt %d): %s", slot.id, p.item.index, attempt, why)
         self.last_error = f"actor {slot.id}: {why}"
         self._drop(slot)
-        if not self.opts.transfer and verified_output({"output": p.output.name}, p, self.out_dir) is not None:
+        name = p.output.name if p.output is not None else None
+        if not self.opts.transfer and verified_output({"output": name}, p, self.out_dir) is not None:
             self.finish(p, _record(p, "ok"), None, attempt)  # published just before the death: keep it
         elif attempt > self.opts.max_retries:
             _remove_own_leftovers(p)
@@ -343,9 +348,11 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
     from .run import _record
 
     t0 = time.perf_counter()
-    out, side = p.output, sidecar_path(p.output)
+    out = p.output
+    assert out is not None  # every item that runs was given a name by assign_outputs
+    side = sidecar_path(out)
     try:
-        if not free_or_own(out, p.key):
+        if not free_or_own(out, p.key or ""):
             raise RuntimeError(f"{out.name} appeared since planning and is not this item's; run the batch again "
                                "to give the item a new name")
         try:
@@ -366,6 +373,8 @@ def _remove_own_leftovers(p: PlannedItem) -> None:
     """A sidecar (and MP4) of this item that a killed actor left incomplete: partial files never stay."""
     from .resume import sidecar_key
 
+    if p.output is None:
+        return
     side = sidecar_path(p.output)
     if sidecar_key(side) == p.key:
         p.output.unlink(missing_ok=True)
@@ -415,7 +424,7 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
                 bar.update(1)
 
             def tick() -> None:
-                rates = " ".join(f"{s.id}:{s.rate()}" for s in pool.slots)
+                rates = " ".join(f"{s.id}:{s.rate()}" for s in pool.slots) if pool is not None else ""
                 bar.set_postfix(failed=counts["failed"], actors=rates or "starting", refresh=False)
                 bar.refresh()
 
