@@ -286,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
                         "across nodes (needs the [ray] extra)")
-    b.add_argument("--ray-address", help="--engine ray: a running cluster, HOST:PORT or auto (default: RAY_ADDRESS, "
+    b.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: a running cluster, HOST:PORT or auto (default: RAY_ADDRESS, "
                                          "else a local cluster started for this run)")
     b.add_argument("--ray-actors", type=int, metavar="N",
                    help="--engine ray: pipelines to run (default: one per GPU of the cluster, 2 without GPUs)")
     b.add_argument("--max-retries", type=int, metavar="N",
-                   help="--engine ray: runs of an item whose actor died, on another actor, before it is recorded "
-                        "failed (default 2)")
+                   help="--engine ray: how often an item whose actor died (killed, node lost, out of memory) runs "
+                        "again on another actor before it is recorded failed (default 2)")
     b.add_argument("--ray-transfer", action="store_true",
                    help="--engine ray: actors return the files and this process writes them (when --out-dir is "
                         "not storage shared by every node)")
