@@ -27,9 +27,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRITON_CACHE_DIR=/hf-cache/triton
 
 WORKDIR /opt/wan-nabla
-COPY pyproject.toml README.md ./
+# configs/ is built into the package as its presets (setup.py); benchmarks/ stays out of the image.
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY configs ./configs
 COPY wan_nabla ./wan_nabla
-COPY scripts ./scripts
 # The fa4 extra (flash-attn-4 + the CUTLASS DSL, CUDA 12 libraries) gives `attention.backend: auto`
 # the FA4 kernels on sm90+ GPUs; elsewhere, or if it cannot load, wan-nabla runs flex (one log line).
 # lora: peft for --lora; compare: SSIM and pictures for `wan-nabla compare`.

@@ -161,7 +161,7 @@ def test_shipped_example_prompt_files_are_valid(example, capsys):
     from wan_nabla.batch.prompts import read_prompt_file
     from wan_nabla.config import RunConfig
 
-    prompts = REPO / "scripts" / example
+    prompts = REPO / "examples" / example
     wan = ModelFacts("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", num_layers=30)
     planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=wan.check) for it in read_prompt_file(prompts)]
     assert planned and [p.error for p in planned] == [None] * len(planned)
@@ -555,11 +555,11 @@ def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch)
 
 # ---- long runs -----------------------------------------------------------------------------------
 def test_soak_script_smoke(tmp_path):
-    """The 1,000-item soak (scripts/batch_soak.py) runs at a tiny size: its exactness checks pass
+    """The 1,000-item soak (benchmarks/jobs/batch_soak.py) runs at a tiny size: its exactness checks pass
     on a correct batch and catch a manifest line that is missing."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "scripts" / "batch_soak.py")
+    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "benchmarks" / "jobs" / "batch_soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     res = soak.soak(3, tmp_path)
