@@ -7,7 +7,7 @@
 The driver (this process) plans exactly as a local batch (plan.py, resume.py: the same names,
 seeds and keys), holds the output directory's lock, is the only writer of manifest.jsonl (no lock
 shared between nodes) and alone decides what is done on resume. Each actor loads one pipeline on
-one GPU (on the CPU when the cluster has none) and runs one item at a time through run.run_item,
+one GPU (on the CPU when the cluster has none) and runs one item at a time through item.run_item,
 the local batch's own per-item function; the driver hands the next pending item to whichever
 actor is free, so fast actors take more items.
 
@@ -151,7 +151,7 @@ class BatchActor:
 
     def run(self, p: PlannedItem, transfer: bool) -> tuple[dict[str, Any], dict[str, bytes] | None]:
         """The item's manifest record, and with `transfer` the files for the driver to publish."""
-        from .run import run_item
+        from .item import run_item
 
         assert p.output is not None  # the driver names every item it sends
         if not transfer:
@@ -298,10 +298,10 @@ class _Pool:
         try:
             rec, files = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as exc:  # raised inside a live actor: the item's own failure
-            from .run import _record
+            from .item import item_record
 
             self.idle.append(slot)
-            self.finish(p, _record(p, "failed", error=f"line {p.item.line}: {_one_line(exc)}"), slot, attempt)
+            self.finish(p, item_record(p, "failed", error=f"line {p.item.line}: {_one_line(exc)}"), slot, attempt)
             return
         except self.ray.exceptions.RayError as exc:  # the actor died (killed, node lost, out of memory)
             self._on_death(slot, p, attempt, _one_line(exc), queue)
@@ -315,19 +315,19 @@ class _Pool:
 
     def _on_death(self, slot: _Slot, p: PlannedItem, attempt: int, why: str, queue: deque[PlannedItem]) -> None:
         from .resume import verified_output
-        from .run import _record
+        from .item import item_record
 
         log.warning("ray actor %d died running item %d (attempt %d): %s", slot.id, p.item.index, attempt, why)
         self.last_error = f"actor {slot.id}: {why}"
         self._drop(slot)
         name = p.output.name if p.output is not None else None
         if not self.opts.transfer and verified_output({"output": name}, p, self.out_dir) is not None:
-            self.finish(p, _record(p, "ok"), None, attempt)  # published just before the death: keep it
+            self.finish(p, item_record(p, "ok"), None, attempt)  # published just before the death: keep it
         elif attempt > self.opts.max_retries:
             _remove_own_leftovers(p)
             error = (f"line {p.item.line}: the Ray actor running it died {attempt} time(s), last: {why} "
                      f"(--max-retries {self.opts.max_retries})")
-            self.finish(p, _record(p, "failed", error=error), None, attempt)
+            self.finish(p, item_record(p, "failed", error=error), None, attempt)
         else:
             queue.appendleft(p)  # the next free actor takes it
         if queue:  # a replacement; bounded: every death costs an item one of its attempts
@@ -345,7 +345,7 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
     the MP4 is still a temp file, then the MP4's rename); a failure fails the item, no file stays."""
     from ..output.files import atomic_output, atomic_write_bytes
     from .resume import free_or_own
-    from .run import _record
+    from .item import item_record
 
     t0 = time.perf_counter()
     out = p.output
@@ -364,7 +364,7 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
                 side.unlink()
             raise
     except Exception as exc:  # noqa: BLE001 - the item fails, the run goes on
-        return _record(p, "failed", error=f"line {p.item.line}: {describe_failure(exc)}")
+        return item_record(p, "failed", error=f"line {p.item.line}: {describe_failure(exc)}")
     rec["timings"] = {**(rec.get("timings") or {}), "transfer_s": time.perf_counter() - t0}
     return rec
 
@@ -388,10 +388,10 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .resume import remove_stale_temps
-    from .run import _OutDir, record_planned
+    from .item import HeldOutDir, record_planned
 
     out_dir = out_dir.absolute()  # actors (other nodes, other working directories) need the full path
-    held = _OutDir(out_dir, planned)
+    held = HeldOutDir(out_dir, planned)
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     started = written = False
     pool = probe = None

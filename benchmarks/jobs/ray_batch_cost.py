@@ -1,7 +1,7 @@
 """What `batch --engine ray` costs on the CPU, against a local batch: per-item time seen by the
 driver, the --ray-transfer copy, and the memory of the Ray processes (tiny model).
 
-    python scripts/ray_batch_cost.py --out benchmarks/results/cpu_ray_batch   # .json + .md
+    python benchmarks/jobs/ray_batch_cost.py --out benchmarks/results/cpu_ray_batch   # .json + .md
 
 Per-item time is the driver's interval between manifest records (first to last, over n-1
 intervals), so actor start-up and model loading are left out and reported apart (the time to

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of `wan-nabla batch --engine ray` on one multi-GPU node: one actor per GPU (Ray's own
 # GPU assignment), the tiny model on cuda, every item exactly once, per-actor throughput.
-#   OUT=/path/to/results bash scripts/gpu_ray_batch.sh [ITEMS]
-# Writes $OUT/ray_gpu.json and $OUT/ray_gpu.md (commit, devices, torch/ray versions, command).
+#   benchmarks/jobs/gpu_ray_batch.sh OUT_DIR [ITEMS]      (DEVICE=cpu SIZE=16x16: a CPU dry run)
+# Writes OUT_DIR/ray_gpu.json and OUT_DIR/ray_gpu.md (commit, devices, torch/ray versions, command).
 # Needs ray (pip install 'wan-nabla[ray]'); no network, no model download (tiny model).
 set -euo pipefail
-OUT="${OUT:?set OUT to the results directory}"
-ITEMS="${1:-64}"
+OUT="${1:?usage: gpu_ray_batch.sh OUT_DIR [ITEMS]}"
+ITEMS="${2:-64}"
 mkdir -p "$OUT"
 python -c "import ray" || { echo "ray is not installed: pip install 'wan-nabla[ray]'" >&2; exit 3; }
 work="$(mktemp -d)"
