@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import wan_nabla.attention.processors as P
+from wan_nabla.attention.backends import flex
 from wan_nabla.config import RunConfig
 from wan_nabla.pipeline import VideoGenerator
 from wan_nabla.tiny import build_tiny_pipeline
@@ -48,9 +48,9 @@ def test_dense_steps_switch_at_the_right_step(monkeypatch):
     kernel_steps = []
     gen = _gen({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2})
     run = gen.handle.run
-    real_s, real_d = P.sparse_attention, P.dense_attention
-    monkeypatch.setattr(P, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k))
-    monkeypatch.setattr(P, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k))
+    real_s, real_d = flex.sparse_attention, flex.dense_attention
+    monkeypatch.setattr(flex, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k))
+    monkeypatch.setattr(flex, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k))
     res = gen.generate("a fox", progress=False, **SMALL)
     per_step = res.attention["per_step"]
     assert per_step[:2] == [1.0, 1.0]
@@ -96,7 +96,7 @@ def test_verbose_logs_density_per_step(caplog):
     import logging
 
     gen = _gen({"type": "nabla", "threshold": 0.5})
-    with caplog.at_level(logging.DEBUG, logger="wan_nabla.attention.processors"):
+    with caplog.at_level(logging.DEBUG, logger="wan_nabla.attention.run"):
         gen.generate("a fox", progress=False, **SMALL)
     lines = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
     assert len(lines) == 4 and lines[0].startswith("step 0: nabla 0.5 mean kept-block density")

@@ -6,7 +6,7 @@
     handle.remove()
 """
 
-from .adapter import AttentionHandle, apply_attention
+from .wan.hooks import AttentionHandle, apply_attention
 from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
 __version__ = "0.1.0"

@@ -235,6 +235,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.main import run_serve
+
+    return run_serve(args)
+
+
 GENERATE_EPILOG = """\
 exit codes:
   0    the video and its sidecar were written
@@ -261,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,serve,bench}")
     raw = argparse.RawDescriptionHelpFormatter
 
     g = sub.add_parser("generate", help="generate one video from a prompt", epilog=GENERATE_EPILOG, formatter_class=raw)
@@ -317,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the bundled attention presets (usable as --config NAME)")
     pr.add_argument("--show", metavar="NAME", help="print one preset's YAML (to copy and edit)")
     pr.set_defaults(func=cmd_presets)
+
+    sv = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-style /v1/videos, a durable queue, a web page)")
+    add_generation_flags(sv, config_help="the server's defaults: a preset name or a YAML path (requests may pick "
+                                         "another bundled preset's attention)")
+    from .serve.main import add_serve_flags
+
+    add_serve_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     sub.add_parser("bench", help="the benchmark harness of a checkout (python -m benchmarks.harness)", add_help=False)
     return parser

@@ -1,10 +1,10 @@
-"""Typed configuration: the attention section, generation defaults, the parallel layout, and their YAML form.
+"""Typed configuration: generation defaults, the parallel layout, and their YAML form.
 
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
     cfg.model.base, cfg.model.transformer, cfg.memory.offload   # the weights, where they live
     cfg = cfg.with_levers(compile="blocks", cache="first-block:0.05", lora=["l.safetensors:0.8"])
-    att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
+    att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})  # attention/config.py
 
 YAML is only a serialization of these dataclasses: unknown keys, wrong types and out-of-range
 values raise ConfigError with one line naming the key, the bad value (shortened: a value shown in
@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
-ATTENTION_BACKENDS = ("auto", "flex", "fa4")
+from .attention.config import AttentionConfig, ConfigError
+
 DTYPES = ("bfloat16", "float16", "float32")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
@@ -82,10 +82,6 @@ def utf8_problem(text: str) -> str | None:
                 "(check the terminal's or file's encoding)")
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming key, value and what is allowed."""
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -121,113 +117,6 @@ def _section(data: Mapping[str, Any], key: str) -> Any:
     by the section's from_mapping), so `attention: []` is an error rather than "defaults"."""
     value = data.get(key)
     return {} if value is None else value
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """How every self-attention (attn1) of the transformer is computed."""
-
-    type: str = "full"
-    """full | nabla | sta | nabla_sta."""
-    threshold: float | None = None
-    """NABLA: keep the most probable key tiles of each query tile until their coarse mass reaches
-    this value, in (0, 1]. Required for nabla and nabla_sta; 1.0 keeps every tile with mass."""
-    sta_window: tuple[int, int, int] | None = None
-    """STA window (wT, wH, wW): positive odd integers, in latent frames and 8x8-patch tiles.
-    Required for sta and nabla_sta."""
-    dense_steps: int = 0
-    """The first N denoising steps use full attention (published STA preset: 12)."""
-    dense_layers: tuple[int, ...] = ()
-    """Transformer block indices that always use full attention."""
-    block_size: tuple[int, int] | None = None
-    """Kernel block (query tokens, key tokens), each 64 (one tile) or 128 (two tiles). A 128 block
-    is kept if any tile pair in it is kept (a superset of the tile mask, never less). None picks
-    the fastest measured geometry on CUDA and (64, 64), the exact tile mask, on the CPU."""
-    time_pairs: bool | None = None
-    """Order tiles so that a 128-token query block is one 8x8 square over two consecutive latent
-    frames instead of two side-by-side squares (fewer blocks kept after coarsening; measured
-    15-18% faster kernels on H100). None: on whenever the query block is 128 tokens."""
-    backend: str = "auto"
-    """Attention kernels: flex (compiled FlexAttention for sparse, SDPA for dense), fa4
-    (flash-attn-4's CuTe kernels for sparse and dense on sm90+ GPUs), or auto (fa4 where it is
-    installed and the GPU supports it, else flex). The CPU always runs flex; a missing or broken
-    flash-attn-4 falls back to flex with one log line (attention/kernels.py)."""
-
-    def __post_init__(self) -> None:
-        t = self.type
-        if t not in ATTENTION_TYPES:
-            raise ConfigError(f"attention.type: {show(t)} is not allowed; use one of {', '.join(ATTENTION_TYPES)}")
-        uses_nabla = t in ("nabla", "nabla_sta")
-        uses_sta = t in ("sta", "nabla_sta")
-        if uses_nabla:
-            th = self.threshold
-            if th is None:
-                raise ConfigError(f"attention.threshold is required for type {show(t)}; give a number in (0, 1]")
-            if not _is_number(th) or not (0.0 < float(th) <= 1.0):
-                raise ConfigError(f"attention.threshold: {show(th)} is not allowed; use a number in (0, 1]")
-            object.__setattr__(self, "threshold", float(th))
-        elif self.threshold is not None:
-            raise ConfigError(f"attention.threshold: set to {show(self.threshold)} but type {show(t)} does not use it")
-        if uses_sta:
-            w = self.sta_window
-            if w is None:
-                raise ConfigError(f"attention.sta_window is required for type {show(t)}; give [wT, wH, wW]")
-            if (
-                not isinstance(w, (list, tuple))
-                or len(w) != 3
-                or not all(_is_int(x) and x > 0 and x % 2 == 1 for x in w)
-            ):
-                raise ConfigError(
-                    f"attention.sta_window: {show(w)} is not allowed; use three positive odd integers [wT, wH, wW]"
-                )
-            object.__setattr__(self, "sta_window", tuple(int(x) for x in w))
-        elif self.sta_window is not None:
-            raise ConfigError(f"attention.sta_window: set to {show(self.sta_window)} but type {show(t)} does not use it")
-        if not _is_int(self.dense_steps) or self.dense_steps < 0:
-            raise ConfigError(f"attention.dense_steps: {show(self.dense_steps)} is not allowed; use an integer >= 0")
-        dl = self.dense_layers
-        if not isinstance(dl, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in dl):
-            raise ConfigError(
-                f"attention.dense_layers: {show(dl)} is not allowed; use a list of block indices (integers >= 0)"
-            )
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(int(x) for x in dl))))
-        bs = self.block_size
-        if bs is not None:
-            if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in (64, 128) for x in bs):
-                raise ConfigError(f"attention.block_size: {show(bs)} is not allowed; use [q, kv] with each 64 or 128")
-            object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
-        if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
-            raise ConfigError(f"attention.time_pairs: {show(self.time_pairs)} is not allowed; use true, false or null")
-        if self.backend not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"attention.backend: {show(self.backend)} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
-
-    @property
-    def sparse(self) -> bool:
-        return self.type != "full"
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | AttentionConfig) -> AttentionConfig:
-        if isinstance(data, AttentionConfig):
-            return data
-        _check_keys("attention", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = _fields_dict(self)
-        d["sta_window"] = list(self.sta_window) if self.sta_window else None
-        d["dense_layers"] = list(self.dense_layers)
-        d["block_size"] = list(self.block_size) if self.block_size else None
-        return d
-
-    def label(self) -> str:
-        """Short human name, e.g. 'nabla 0.6 + sta 11-3-3'."""
-        parts = []
-        if self.type in ("nabla", "nabla_sta"):
-            parts.append(f"nabla {self.threshold:g}")
-        if self.type in ("sta", "nabla_sta"):
-            parts.append("sta " + "-".join(str(x) for x in self.sta_window))
-        return " + ".join(parts) if parts else "full"
 
 
 def parse_size(value: Any, key: str = "size") -> tuple[int, int]:

@@ -137,7 +137,7 @@ class MemoryHandle:
 
 def apply_memory(pipe, memory: MemoryConfig, device: torch.device) -> MemoryHandle:
     """Place the pipeline's components for `memory.offload` on `device` (see module doc).
-    Call after adapter.apply_attention; offload modes expect the components on the CPU."""
+    Call after wan.hooks.apply_attention; offload modes expect the components on the CPU."""
     device = torch.device(device)
     mode = memory.offload
     if mode == "none":

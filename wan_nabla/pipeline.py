@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import adapter, offload
+from .wan import hooks
 from .config import GenerationConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class VideoGenerator:
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
         self.parallel = None
-        self.handle = adapter.apply_attention(pipe.transformer, config.attention)
+        self.handle = hooks.apply_attention(pipe.transformer, config.attention)
         self.lora: list[dict[str, Any]] = []
         try:
             if config.lora:  # before offloading moves the weights
@@ -159,7 +160,7 @@ class VideoGenerator:
             self._compiled = None
         self.handle.remove()
         self.parallel = parallel
-        self.handle = adapter.apply_attention(self.pipe.transformer, self.config.attention,
+        self.handle = hooks.apply_attention(self.pipe.transformer, self.config.attention,
                                               sequence_parallel=parallel.sequence_parallel())
         self.handle.run.stats_mean = parallel.item_mean
         if compiled:

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wan_nabla.attention import fa4, kernels, masks
-from wan_nabla.attention.kernels import compiled_flex
+from wan_nabla.attention import masks
+from wan_nabla.attention.backends import default_block_size, fa4
+from wan_nabla.attention.backends.flex import compiled_flex
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.attention.rotary import rotate
 from wan_nabla.config import AttentionConfig
@@ -201,8 +202,8 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
     # Cheap and essential first; the published rows (its max-autotune compile) last.
     parts = [("recompiles_on_new_masks", True, lambda: recompiles_on_new_masks(sc, q, v, backends, quick, seed)),
              ("mask_breakdown", sweep or breakdown,
-              lambda: mask_breakdown(sc, q, k, 0.2, kernels.default_block_size(device))),
-             ("checks", checks, lambda: run_checks(sc, q, k, v, kernels.default_block_size(device), quick, backends)),
+              lambda: mask_breakdown(sc, q, k, 0.2, default_block_size(device))),
+             ("checks", checks, lambda: run_checks(sc, q, k, v, default_block_size(device), quick, backends)),
              ("sweep", sweep, lambda: run_sweep(sc, q, k, v)),
              ("geometry", geometry, lambda: run_geometry(sc, q, k, v, backends, quick)),
              ("published", published_rows, lambda: published.run_published(sc, quick=quick, seed=seed, model_qk=model_qk))]
