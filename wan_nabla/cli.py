@@ -296,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
+    # --engine ray (batch/ray_engine.py; RayOptions.from_args reads these): docs/scale_out.md
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
+                        "across nodes (needs the [ray] extra)")
+    b.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: a running cluster, HOST:PORT or auto (default: RAY_ADDRESS, "
+                                         "else a local cluster started for this run)")
+    b.add_argument("--ray-actors", type=int, metavar="N",
+                   help="--engine ray: pipelines to run (default: one per GPU of the cluster, 2 without GPUs)")
+    b.add_argument("--max-retries", type=int, metavar="N",
+                   help="--engine ray: how often an item whose actor died (killed, node lost, out of memory) runs "
+                        "again on another actor before it is recorded failed (default 2)")
+    b.add_argument("--ray-transfer", action="store_true",
+                   help="--engine ray: actors return the files and this process writes them (when --out-dir is "
+                        "not storage shared by every node)")
     add_generation_flags(b)
     b.set_defaults(func=cmd_batch)
 
