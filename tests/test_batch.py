@@ -439,7 +439,7 @@ def test_out_of_memory_and_other_errors_fail_only_their_item(tmp_path, monkeypat
     monkeypatch.setattr(VideoGenerator, "generate", flaky)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append("cache"))
-    monkeypatch.setattr(batch.gc, "collect", lambda *a: released.append("gc") or 0)
+    monkeypatch.setattr(gc, "collect", lambda *a: released.append("gc") or 0)
     prompts = tmp_path / "p.txt"
     prompts.write_text("first fine\nboom\ncrash\nlast fine\n")
     out = tmp_path / "out"

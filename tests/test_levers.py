@@ -339,7 +339,8 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     JSON + markdown are written with the table printed last."""
     from benchmarks.harness import levers
 
-    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9"]) == 0
+    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9", "--rows",
+                        "dense", "sta", "compiled", "lora", "cache", "variant"]) == 0  # FP8 rows: the test below
     data = json.loads((tmp_path / "levers.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert len(rows) == 6 and all("error" not in r and "skipped" not in r for r in rows.values()), rows.keys()
@@ -381,8 +382,9 @@ def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():
     assert plan_item(base.with_levers(compile="blocks"), item, "tiny").key == key
     keys = {plan_item(c, item, "tiny").key for c in (
         base.with_levers(lora=["a.safetensors"]), base.with_levers(lora=["a.safetensors:0.5"]),
-        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"))}
-    assert len(keys) == 4 and key not in keys
+        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"),
+        base.with_levers(quantize="fp8"), base.override(vae_dtype="bf16"))}
+    assert len(keys) == 6 and key not in keys
 
 
 def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
@@ -417,3 +419,33 @@ def test_levers_backend_option_reaches_sparse_rows_only():
     assert rows[0].key == "dense" and rows[0].attention.backend == "flex"
     assert {r.attention.backend for r in rows[1:]} == {"fa4"}
     assert levers.build_parser().parse_args(["--out", "o"]).attention_backend == "auto"
+
+
+@pytest.mark.slow
+def test_levers_fp8_and_fast_decode_rows_on_the_cpu(tmp_path):
+    """Guards the GPU job's FP8 rows (benchmarks/jobs/gpu_speed.sh levers) on the CPU through torchao's real
+    float8 layers: FP8 after the fused LoRA (20 tiny block Linears), the fast-decode row reusing
+    them (already quantised, VAE in bf16), every generate free of compiles, the quality records
+    (FP8 changes the latents, the bf16 decode only the frames), the goals and the ESTIMATED
+    published operating point."""
+    from benchmarks.harness import levers
+
+    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--rows", "lora", "fp8",
+                        "fastdecode"]) == 0
+    data = json.loads((tmp_path / "levers.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert data["fp8_emulated_on_cpu"] is True and list(rows) == ["lora", "fp8", "fastdecode"]
+    assert rows["lora"]["quantize"] == {"mode": "none"}
+    assert rows["fp8"]["quantize"]["linear_modules"] == 20 and rows["fp8"]["quantize"]["already_quantized"] == 0
+    assert rows["fastdecode"]["quantize"]["already_quantized"] == 20 and rows["fastdecode"]["vae_dtype"] == "bf16"
+    assert all(r["graphs_compiled_in_generate"] == 0 and r["compile"] == "blocks" and r["compile_error"] is None
+               for r in rows.values())  # FP8 layers inside the compiled blocks, no eager fallback
+    q = data["quality"]
+    assert 1e-4 < q["fp8_vs_bf16"]["final_latents_rel_l2"] < 0.1 and len(q["fp8_vs_bf16"]["noise_rel_l2_per_step"]) == 4
+    assert q["bf16_decode_vs_fp32_decode"]["final_latents_rel_l2"] == 0.0
+    assert 30 < q["bf16_decode_vs_fp32_decode"]["psnr_db"] < 200
+    goal = data["summary"]["speed_goal"]
+    assert goal["row"] == "+ fast decode (bf16 VAE)" and goal["non_attention_ratio_vs_bf16"] > 0
+    assert data["summary"]["cfg50_estimates"][-1]["config"].startswith("published operating point")
+    md = (tmp_path / "levers.md").read_text()
+    assert "| + FP8 linears vs + LoRA, fused |" in md and "Goals (+ fast decode (bf16 VAE))" in md

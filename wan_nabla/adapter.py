@@ -211,13 +211,19 @@ def reset_cache(transformer) -> None:
         transformer._reset_stateful_cache()
 
 
-def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None):
+def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None, decoder=None):
     """Latents -> float frames [T, H, W, 3] in [0, 1] (numpy), through the Wan VAE in its own dtype,
-    on `device` (default: where the VAE's weights are; give it when an offload hook moves the VAE)."""
+    on `device` (default: where the VAE's weights are; give it when an offload hook moves the VAE).
+    `decoder(z) -> video [B, 3, T, H, W] or None` replaces vae.decode (the split decode: None on
+    the ranks that do not assemble, and then this returns None)."""
     vae = pipe.vae
     z = vae.config.z_dim
     latents = latents.to(device=device or next(vae.parameters()).device, dtype=vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-    video = vae.decode(latents * std + mean, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+    scaled = latents * std + mean
+    video = vae.decode(scaled, return_dict=False)[0] if decoder is None else decoder(scaled)
+    if video is None:
+        return None
+    # float32 for the postprocessing's numpy conversion (numpy has no bfloat16)
+    return pipe.video_processor.postprocess_video(video.float(), output_type="np")[0]

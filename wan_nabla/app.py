@@ -98,6 +98,22 @@ def check_device(name: str) -> None:
         raise UsageError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
 
 
+def check_quantize(cfg: RunConfig) -> None:
+    """UsageError if the run asks for FP8 linears on a device that cannot run them (quantize.py):
+    an explicit request is refused, never run in bf16 under the fp8 label."""
+    if cfg.speed.quantize == "none":
+        return
+    import torch
+
+    from .quantize import fp8_unsupported
+
+    name = cfg.generation.device
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    why = fp8_unsupported(device)
+    if why is not None:
+        raise UsageError(f"--quantize {cfg.speed.quantize}: {why}; use --quantize none")
+
+
 def _wan_scheduler() -> dict[str, Any]:
     from .adapter import WAN_SCHEDULER_CONFIG
 
@@ -200,6 +216,7 @@ def validate_run(cfg: RunConfig, texts: Mapping[str, str | None] | None = None) 
     for what, text in (texts or {}).items():
         check_text(text, what)
     check_device(cfg.generation.device)
+    check_quantize(cfg)
     model = resolve_model(cfg.model.base, None)
     check_available(model, cfg.model.base, transformer_weights=cfg.model.transformer is None)
     preflight_loras(cfg.lora)
@@ -249,12 +266,13 @@ def resolve_run_config(args: Any) -> RunConfig:
         steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
         fps=args.fps, crf=getattr(args, "crf", None), device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
         offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
+        vae_dtype=getattr(args, "vae_dtype", None),
         sampler=getattr(args, "sampler", None),
         ulysses_degree=getattr(args, "ulysses_degree", None), cfg_parallel=getattr(args, "cfg_parallel", None),
         attention_backend=getattr(args, "attention_backend", None),
     )
     levers = dict(compile=getattr(args, "compile", None), cache=getattr(args, "cache", None),
-                  lora=getattr(args, "lora", None))
+                  lora=getattr(args, "lora", None), quantize=getattr(args, "quantize", None))
     try:
         return cfg.override(**flags).with_levers(**levers)
     except ConfigError as e:
@@ -262,6 +280,7 @@ def resolve_run_config(args: Any) -> RunConfig:
         named = {f"{s}.{k}": (k, v) for k, v in flags.items() for s in ("generation", "memory", "model", "parallel")}
         named.update({"attention.backend": ("attention_backend", flags["attention_backend"]),
                       "speed.compile": ("compile", levers["compile"]), "speed.cache": ("cache", levers["cache"]),
+                      "speed.quantize": ("quantize", levers["quantize"]),
                       "lora": ("lora", levers["lora"])})
         for key, (name, value) in named.items():  # name the flag the user typed, not only the config key
             if value is not None and msg.startswith(f"{key}:"):

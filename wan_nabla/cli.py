@@ -56,6 +56,7 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
                    "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
     p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
+    p.add_argument("--vae-dtype", help="VAE decode precision: fp32 or bf16 (default: the config's memory.vae_dtype, fp32)")
     p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: Wan2.1's "
                    "sample_neg_prompt when guidance > 1; --negative-prompt '' for none)")
     p.add_argument("--size", help=f"WIDTHxHEIGHT in pixels, multiples of 16, at most {MAX_SIDE} "
@@ -76,10 +77,12 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--crf", type=int, help=f"MP4 quality, x264 CRF 0..51, lower is finer (default: {d.crf}, "
                                            "visually lossless; Wan2.1's imageio quality=8 is CRF 10)")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device}: cuda if available)")
-    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE runs "
-                                   f"in float32 (default: {d.dtype})")
+    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE's "
+                                   f"is --vae-dtype (default: {d.dtype})")
     p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
     p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
+    p.add_argument("--quantize", help="none or fp8: FP8 e4m3 linear layers in the transformer blocks (torchao; "
+                                      "CUDA compute capability >= 8.9; use with --compile blocks) (default none)")
     p.add_argument("--cache", help="step cache: none, first-block:T, mag (MagCache with the published ratios and "
                                    "settings of Wan2.1 T2V 1.3B / 14B), mag:T[:K] or mag:calibrate (default none)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
@@ -293,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
+    # --engine ray (batch/ray_engine.py; RayOptions.from_args reads these): docs/scale_out.md
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
+                        "across nodes (needs the [ray] extra)")
+    b.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: a running cluster, HOST:PORT or auto (default: RAY_ADDRESS, "
+                                         "else a local cluster started for this run)")
+    b.add_argument("--ray-actors", type=int, metavar="N",
+                   help="--engine ray: pipelines to run (default: one per GPU of the cluster, 2 without GPUs)")
+    b.add_argument("--max-retries", type=int, metavar="N",
+                   help="--engine ray: how often an item whose actor died (killed, node lost, out of memory) runs "
+                        "again on another actor before it is recorded failed (default 2)")
+    b.add_argument("--ray-transfer", action="store_true",
+                   help="--engine ray: actors return the files and this process writes them (when --out-dir is "
+                        "not storage shared by every node)")
     add_generation_flags(b)
     b.set_defaults(func=cmd_batch)
 

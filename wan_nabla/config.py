@@ -43,6 +43,11 @@ OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
 SAMPLERS = ("unipc", "euler")
 COMPILE_MODES = ("auto", "none", "blocks", "blocks-split")
+QUANTIZE_MODES = ("none", "fp8")
+VAE_DTYPES = ("fp32", "bf16")
+DEFAULT_VAE_DTYPE = "fp32"
+"""memory.vae_dtype's default: the one line to change once the GPU measurement decides it
+(docs/speed_levers.md, "FP8 and fast decode")."""
 CACHE_FORMS = ("none, first-block:T (T >= 0), mag (published settings), mag:T[:K] (T >= 0, K >= 1 skips in a "
                "row) or mag:calibrate")
 
@@ -210,7 +215,7 @@ class GenerationConfig:
     """None (not given): Wan's `sample_neg_prompt` (WAN_NEGATIVE_PROMPT) whenever guidance_scale > 1,
     as Wan and the NABLA fork do; "" (given empty) really is empty."""
     dtype: str = "bfloat16"
-    """Transformer and text-encoder dtype (the VAE always runs in float32)."""
+    """Transformer and text-encoder dtype (the VAE's is memory.vae_dtype)."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     batch_cfg: bool = True
@@ -352,13 +357,21 @@ class MemoryConfig:
     vae_tiling: str = "auto"
     """Decode the video in overlapping spatial tiles (less memory, seams blended): on, off, or auto
     (auto: always with group / sequential offload; else on CUDA when the untiled decode would not
-    fit in free memory, elsewhere from offload.VAE_TILING_AUTO_PIXELS per frame)."""
+    fit in free memory, elsewhere from offload.VAE_TILING_AUTO_PIXELS per frame). Under torchrun
+    with more than one rank per video, auto and on split the tiled decode over those ranks
+    (distributed/decode.py); off: the group's first rank decodes alone, untiled."""
+    vae_dtype: str = DEFAULT_VAE_DTYPE
+    """The VAE decode's precision: fp32 (Wan's reference) or bf16 (about half the memory and
+    time of an fp32 decode on an H200, 47 dB PSNR against it on random weights; the default is
+    chosen from the measurement in docs/speed_levers.md: DEFAULT_VAE_DTYPE)."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"memory.offload: {self.offload!r} is not allowed; use one of {', '.join(OFFLOAD_MODES)}")
         if self.vae_tiling not in AUTO_ON_OFF:
             raise ConfigError(f"memory.vae_tiling: {self.vae_tiling!r} is not allowed; use one of {', '.join(AUTO_ON_OFF)}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ConfigError(f"memory.vae_dtype: {show(self.vae_dtype)} is not allowed; use one of {', '.join(VAE_DTYPES)}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> MemoryConfig:
@@ -371,6 +384,7 @@ class MemoryConfig:
 # Flag-style overrides that RunConfig.override routes to a section other than `generation`.
 _SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "transformer"),
                       "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling"),
+                      "vae_dtype": ("memory", "vae_dtype"),
                       "attention_backend": ("attention", "backend")}
 
 
@@ -420,10 +434,16 @@ class SpeedConfig:
     """This model's per-step residual magnitude ratios (from mag:calibrate). None: the published
     ratios of Wan2.1 T2V 1.3B / 14B, chosen by the loaded transformer's shape (other models are
     refused). Interpolated by diffusers when their count differs from the steps."""
+    quantize: str = "none"
+    """none | fp8: the Linear layers of the transformer blocks run FP8 e4m3 GEMMs with dynamic
+    per-token x per-channel scales (torchao; quantize.py). Needs a CUDA GPU of compute capability
+    >= 8.9 and is meant for compiled blocks (eager FP8 is slower than compiled bf16)."""
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"speed.compile: {self.compile!r} is not allowed; use one of {', '.join(COMPILE_MODES)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"speed.quantize: {show(self.quantize)} is not allowed; use one of {', '.join(QUANTIZE_MODES)}")
         kind, params = parse_cache(self.cache)
         r = self.mag_ratios
         if r is not None:
@@ -570,6 +590,10 @@ class RunConfig:
             raise ConfigError(f"speed.cache: {self.speed.cache!r} does not combine with parallel.ulysses_degree "
                               f"{self.parallel.ulysses_degree} (each rank would decide to skip blocks from its own "
                               "tokens and the ranks would fall out of step); use cache none, or cfg_parallel alone")
+        if self.speed.quantize == "fp8" and self.generation.dtype == "float32":
+            raise ConfigError("speed.quantize: 'fp8' does not combine with generation.dtype 'float32' (FP8 GEMMs take "
+                              "bf16/fp16 activations; an fp32 run would not be the fp8 path it is labelled as); "
+                              "use dtype bfloat16, or quantize none")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
@@ -587,7 +611,7 @@ class RunConfig:
 
     def override(self, **changes: Any) -> RunConfig:
         """Return a copy with generation fields, `model` (the base), `transformer`, `offload`,
-        `vae_tiling`, `attention_backend` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
+        `vae_tiling`, `vae_dtype`, `attention_backend` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
         None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         sections: dict[str, dict[str, Any]] = {}
@@ -608,13 +632,13 @@ class RunConfig:
         )
 
     def with_levers(self, *, compile: str | None = None, cache: str | None = None,
-                    lora: list | None = None) -> RunConfig:
-        """Copy with speed.compile / speed.cache replaced and, when `lora` is given, the LoRA list
-        replaced by it (entries as for LoraSpec.parse); None keeps the config's value."""
+                    lora: list | None = None, quantize: str | None = None) -> RunConfig:
+        """Copy with speed.compile / speed.cache / speed.quantize replaced and, when `lora` is
+        given, the LoRA list replaced by it (entries as for LoraSpec.parse); None keeps the value."""
         speed = self.speed
-        if compile is not None or cache is not None:
-            speed = dataclasses.replace(speed, **{k: v for k, v in (("compile", compile), ("cache", cache))
-                                                  if v is not None})
+        changes = {k: v for k, v in (("compile", compile), ("cache", cache), ("quantize", quantize)) if v is not None}
+        if changes:
+            speed = dataclasses.replace(speed, **changes)
         return dataclasses.replace(self, speed=speed, lora=self.lora if lora is None else lora)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,8 +16,8 @@ every step so `dense_steps` switches at the right step. Seeds draw the initial n
 so a seed reproduces the same video on any device. Guidance <= 1 (step-distilled LoRAs) runs one
 pass per step and never encodes the negative prompt.
 
-Set up once, in this order: attention processors, LoRAs merged into the weights (lora.py), memory
-placement (`config.memory`, offload.py), compiled blocks, step cache (adapter.py says why the
+Set up once, in this order: attention processors, LoRAs merged into the weights (lora.py), FP8
+linears (quantize.py, after the merge), the VAE's dtype (memory.vae_dtype), memory placement (`config.memory`, offload.py), compiled blocks, step cache (adapter.py says why the
 order matters; compiled blocks are not combined with offloading). Per video the cache state is
 reset; skipped block computations are counted from the attention calls (a skipped block never
 calls its attention), compile time is what TorchDynamo/Inductor spent during the call (0 once
@@ -27,8 +27,10 @@ Several GPUs (`parallel`, a distributed.ParallelContext, under torchrun): with U
 transformer's hooks shard the tokens (adapter.py) and every rank of the video runs this same loop
 on the same latents; with CFG parallel each rank runs only its branch's pass (batch 1) and the
 two predictions are exchanged once per step. Every rank then combines them and steps the
-scheduler identically, so latents stay equal on all ranks (checked at the end); only the group's
-leader decodes (`frames` is None on the others).
+scheduler identically, so latents stay equal on all ranks (checked at the end). The decode is
+split: every rank of the group decodes some of the VAE's spatial tiles and the leader blends them
+into the video (distributed/decode.py; with vae_tiling off the leader decodes alone, untiled);
+`frames` is empty on the other ranks.
 
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
@@ -67,6 +69,14 @@ def resolve_compile(mode: str, device: torch.device, offload: str = "none") -> s
     if mode != "auto":
         return mode
     return "none" if offload != "none" else AUTO_COMPILE.get(device.type, "none")
+
+
+VAE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def set_vae_dtype(pipe, vae_dtype: str) -> None:
+    """Cast the VAE to `memory.vae_dtype` (fp32 | bf16); decode_video feeds it latents of its dtype."""
+    pipe.vae.to(dtype=VAE_TORCH_DTYPES[vae_dtype])
 
 
 def compile_seconds() -> float:
@@ -130,17 +140,29 @@ class VideoGenerator:
         self.parallel = None
         self.handle = hooks.apply_attention(pipe.transformer, config.attention)
         self.lora: list[dict[str, Any]] = []
+        self.quantize: dict[str, Any] = {"mode": "none"}
         try:
             if config.lora:  # before offloading moves the weights
                 from .lora import load_loras
 
                 self.lora = load_loras(pipe, config.lora)
+            if config.speed.quantize != "none":  # after the LoRA merge: deltas fused at full precision
+                from .quantize import quantize_transformer
+
+                self.quantize = quantize_transformer(pipe.transformer, config.speed.quantize, device)
+                log.info("quantize %s: %d linear layers in %d blocks (%.1fs)", self.quantize["mode"],
+                         self.quantize["linear_modules"], self.quantize["blocks"], self.quantize["seconds"])
+            set_vae_dtype(pipe, config.memory.vae_dtype)
             self.memory = offload.apply_memory(pipe, config.memory, device)
         except BaseException:
             self.handle.remove()  # leave the pipeline as it was given
             raise
         self._first_call = True
         self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
+        if self.quantize["mode"] != "none" and self.compile_mode == "none":
+            log.warning("--quantize %s without compiled blocks: the activation quantisation runs as separate kernels "
+                        "and a step is slower than bf16 (the weights still take half the memory); add --compile "
+                        "blocks where the memory mode allows it", self.quantize["mode"])
         self._compiled = None
         self._compile()
         self._cache_key = None
@@ -315,6 +337,7 @@ class VideoGenerator:
                         "error": self._compiled.error if self._compiled is not None else None},
             "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
             "lora": self.lora,
+            "quantize": self.quantize,
             "passes_per_step": passes,
         }
 
@@ -324,7 +347,23 @@ class VideoGenerator:
 
         frames = np.zeros((0, g.height, g.width, 3), np.float32)
         timings["decode_s"] = None
-        if decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
+        split = decode and par is not None and par.layout.group_size > 1 and self.config.memory.vae_tiling != "off"
+        if split:  # every rank of the group decodes some tiles; the leader assembles them
+            t0 = time.perf_counter()
+            self.memory.before_decode(g.width, g.height, g.frames)
+            if self.config.memory.offload == "model":
+                # the split decode calls the VAE's layers, not vae.decode, whose hook would bring it in
+                pipe.vae.to(dev)
+            timings["vae_tiling"], timings["vae_split_ranks"] = True, par.layout.group_size
+            from .distributed.decode import split_tiled_decode
+
+            out = adapter.decode_video(pipe, latents, dev, decoder=lambda z: split_tiled_decode(
+                pipe.vae, z, par.item_group(), par.item_ranks()))
+            frames = out if out is not None else frames
+            sync_device(dev)
+            timings["decode_s"] = time.perf_counter() - t0
+            peaks.end("decode")
+        elif decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
             t0 = time.perf_counter()
             timings["vae_tiling"] = self.memory.before_decode(g.width, g.height, g.frames)
             try:
