@@ -54,6 +54,7 @@ import torch
 from .config import AttentionConfig, ConfigError
 from .attention.layout import TILE_TOKENS
 from .attention.processors import AttentionRun, WanSparseAttnProcessor
+from .model_source import WAN_SCHEDULER_CONFIG  # noqa: F401 - re-exported: Wan2.1's scheduler, known without torch
 
 _HANDLE_ATTR = "_wan_nabla_handle"
 log = logging.getLogger(__name__)
@@ -246,12 +247,6 @@ def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
         scheduler.set_timesteps(sigmas=sigmas, device=device)
     else:
         scheduler.set_timesteps(steps, device=device)
-
-
-# The scheduler of every Wan-AI/Wan2.1-*-Diffusers checkpoint (and of the tiny model), for checks
-# made before a model is loaded.
-WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
-                        "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0}
 
 
 def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:

@@ -43,6 +43,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import CheckpointError  # noqa: F401 - raised here, caught by the CLI without torch
+
 PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt", ".pkl")
 DIFFUSERS_REPOS = "Wan-AI/Wan2.1-T2V-14B-Diffusers or Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 FULL_HASH_BYTES = 64 * 2**20
@@ -50,10 +52,6 @@ PARTIAL_HASH_BYTES = 8 * 2**20
 _INDEX_SUFFIX = ".safetensors.index.json"
 _ORIGINAL = re.compile(r"^(model\.diffusion_model\.)?(head\.modulation$|blocks\.\d+\.(self_attn|cross_attn)\.)")
 _DIFFUSERS = re.compile(r"^(scale_shift_table$|blocks\.\d+\.(attn1|attn2)\.)")
-
-
-class CheckpointError(ValueError):
-    """A DiT checkpoint that cannot be loaded; one line naming the file or key."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -550,6 +551,9 @@ class LoraSpec:
             try:
                 number = float(scale) if sep and path else None
             except ValueError:
+                if path.lower().endswith(".safetensors"):  # PATH:SCALE with a scale that is not a number
+                    raise ConfigError(f"lora: scale {scale!r} in {value!r} is not a number; use PATH[:SCALE] "
+                                      "with SCALE a number such as 0.8") from None
                 number = None  # a ':' that is part of the path
             return cls(value) if number is None else cls(path, number)
         raise ConfigError(f"lora: {value!r} is not allowed; use PATH[:SCALE] or {{path: ..., scale: ...}}")
@@ -772,6 +776,24 @@ def _flow_depth(text: str) -> int:
     return deepest
 
 
+def _tag_of(e: yaml.YAMLError) -> str | None:
+    """The tag a ConstructorError refused, in the short form the user wrote (!!python/...)."""
+    if not isinstance(e, yaml.constructor.ConstructorError):
+        return None
+    found = re.search(r"tag '([^']+)'", str(getattr(e, "problem", "") or ""))
+    if not found:
+        return None
+    return found.group(1).replace("tag:yaml.org,2002:", "!!")
+
+
+def _clip_words(text: str, limit: int = 160) -> str:
+    """One line of at most ~`limit` characters, cut between words (never inside one)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values, with the rules of the module doc (ConfigError, one line)."""
     if _flow_depth(text) > YAML_MAX_FLOW_DEPTH:
@@ -784,10 +806,14 @@ def parse_yaml(text: str) -> Any:
         _check_expansion(node)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"not valid YAML{where}: {show(first)[1:-1]}") from None
+        tag = _tag_of(e)
+        if tag:  # e.g. !!python/object: never constructed; say so whole instead of cutting the tag
+            raise ConfigError(f"not valid YAML{where}: the tag {tag!r} is not allowed; a config holds plain "
+                              "values (numbers, strings, lists, mappings) only") from None
+        first = (getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ConfigError(f"not valid YAML{where}: {_clip_words(str(first))}") from None
     except RecursionError:
         raise ConfigError("not valid YAML: nested too deeply") from None
     finally:

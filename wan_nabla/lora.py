@@ -29,7 +29,6 @@ they are counted in `ignored_keys` and logged as a warning.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -38,41 +37,13 @@ from typing import Any
 import torch
 
 from .config import LoraSpec
+from .errors import LoraError
+from .preflight import preflight_loras, safetensors_keys  # noqa: F401 - the light checks, importable from here too
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 _DROPPED = re.compile(r"(\.diff|\.diff_m|dora_scale)$|norm[^.]*\.diff_b$")
-
-
-class LoraError(ValueError):
-    """A LoRA that cannot be applied; the message is one line naming the file and the first bad key."""
-
-
-def preflight_loras(specs) -> None:
-    """Cheap checks before a model is loaded: peft installed, each file a readable safetensors
-    file with LoRA keys. Raises LoraError."""
-    if not specs:
-        return
-    if importlib.util.find_spec("peft") is None:
-        raise LoraError("--lora needs the peft package; install it with: pip install 'wan-nabla[lora]'")
-    for spec in specs:
-        keys = _header_keys(Path(spec.path))
-        if not any("lora" in k for k in keys):
-            raise LoraError(f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora'; "
-                            f"first key {keys[0]!r})" if keys else f"LoRA {spec.path!r}: the file holds no tensors")
-
-
-def _header_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise LoraError(f"LoRA {str(path)!r} does not exist or is not a file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return list(fh.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraError(f"LoRA {str(path)!r} is not a readable safetensors file ({_one_line(e)})") from None
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +52,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     from safetensors import safe_open
 
     path = Path(path)
-    keys = _header_keys(path)
+    keys = safetensors_keys(path)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         raw = {k: fh.get_tensor(k) for k in keys}
     fmt = ("original" if any(k.startswith("diffusion_model.") for k in raw)

@@ -1,6 +1,6 @@
-"""`wan-nabla batch`: prompt files (prompts.py), planning (plan.py), the manifest (manifest.py),
-resume (resume.py) and the run itself (run.py). Entry point: `run_batch(args)`."""
+"""`wan-nabla batch`: prompt files (prompts.py), per-item planning (plan.py), the manifest (manifest.py),
+resume (resume.py) and the run itself (run.py). Entry point: `batch.run.run_batch(plan, request)`.
 
-from .run import run_batch
-
-__all__ = ["run_batch"]
+The package import is light (no torch): preflight reads prompt files through prompts.py before
+the run is known to be valid; run.py, which loads the pipeline, is imported by the runner.
+"""
