@@ -1,14 +1,21 @@
 # wan-nabla for a CUDA GPU node. Weights are not baked in: mount them.
 #
-#   docker build -t wan-nabla .
+#   docker build --build-arg WAN_NABLA_COMMIT="$(git rev-parse HEAD)" -t wan-nabla .
+#   mkdir -p outputs          # else Docker creates it as root and uid 1000 cannot write (the
+#                             # entrypoint then stops with one line saying so)
 #   docker run --rm --gpus all \
 #     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
 #     wan-nabla generate --model /weights/Wan2.1-T2V-1.3B-Diffusers \
-#       --config nabla_0.7 --prompt "a red fox in the snow" \
-#       --output /outputs/fox.mp4
+#       --config nabla_0.7 --prompt "a red fox in the snow"      # -> outputs/a-red-fox-in-the-snow.mp4
+#
+# The image installs wan-nabla with the fa4, lora and compare extras (below). The commit given as
+# WAN_NABLA_COMMIT is recorded in every sidecar (the image has no .git to read it from).
 #
 # The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+
+# The source commit, for the sidecars' versions.commit (output/sidecar.py git_commit).
+ARG WAN_NABLA_COMMIT=unknown
 
 # torch.compile (FlexAttention) JIT-builds Triton launchers with a host C compiler, which the
 # "runtime" images lack (pytorch/pytorch#116696); g++ serves inductor's CPU fallback.
@@ -24,12 +31,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/hf-cache \
     TORCHINDUCTOR_CACHE_DIR=/hf-cache/torchinductor \
-    TRITON_CACHE_DIR=/hf-cache/triton
+    TRITON_CACHE_DIR=/hf-cache/triton \
+    WAN_NABLA_OUTPUT_DIR=/outputs \
+    WAN_NABLA_COMMIT=${WAN_NABLA_COMMIT}
 
 WORKDIR /opt/wan-nabla
 COPY pyproject.toml README.md ./
 COPY wan_nabla ./wan_nabla
 COPY scripts ./scripts
+COPY --chmod=755 scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 # The fa4 extra (flash-attn-4 + the CUTLASS DSL, CUDA 12 libraries) gives `attention.backend: auto`
 # the FA4 kernels on sm90+ GPUs; elsewhere, or if it cannot load, wan-nabla runs flex (one log line).
 # lora: peft for --lora; compare: SSIM and pictures for `wan-nabla compare`.
@@ -48,5 +58,5 @@ RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
 USER 1000
 VOLUME ["/weights", "/outputs", "/hf-cache"]
 WORKDIR /outputs
-ENTRYPOINT ["wan-nabla"]
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 CMD ["--help"]

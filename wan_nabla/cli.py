@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate one video from a prompt", epilog=GENERATE_EPILOG, formatter_class=raw)
     g.add_argument("--prompt", required=True, help="text prompt (UTF-8)")
-    g.add_argument("--output", help="output .mp4 (default: outputs/<prompt-slug>.mp4, -2, -3, ... if taken); "
+    g.add_argument("--output", help="output .mp4 (default: $WAN_NABLA_OUTPUT_DIR or outputs/, then "
+                                    "<prompt-slug>.mp4, -2, -3, ... if taken); "
                                     "the sidecar <name>.json is written beside it")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output MP4 and its sidecar (default: refuse); a <name>.json that is "

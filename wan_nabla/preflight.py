@@ -276,6 +276,12 @@ def check_parallel(cfg: RunConfig, command: str, facts: ModelFacts,
     return ParallelLayout(launch, layout, par.timeout_s)
 
 
+def default_output_dir() -> Path:
+    """Where `generate` writes without --output: $WAN_NABLA_OUTPUT_DIR (the Docker image sets its
+    /outputs volume), else outputs/ in the working directory."""
+    return Path(os.environ.get("WAN_NABLA_OUTPUT_DIR") or "outputs")
+
+
 def _model(cfg: RunConfig, check: bool) -> tuple[str, ModelFacts]:
     model = resolve_model(cfg.model.base, None)
     if check:
@@ -306,7 +312,7 @@ def plan_generate(req: GenerateRequest, env: Mapping[str, str] | None = None) ->
             raise UsageError(f"--output: {req.output!r} is a directory; give a file name ending in .mp4")
         check_destination(output, req.overwrite)
     else:
-        output = unique_path(Path("outputs"), req.prompt,
+        output = unique_path(default_output_dir(), req.prompt,
                              available=lambda p: not any(map(os.path.lexists, (p, sidecar_path(p)))))
     _check_existing_dir(output.parent if str(output.parent) else Path("."), "--output")
     sampling: dict[str, tuple[int, ...] | None] = {}
