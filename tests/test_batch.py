@@ -156,8 +156,8 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("example", ["example_prompts.txt", "example_prompts.jsonl"])
 def test_shipped_example_prompt_files_are_valid(example, capsys):
     """Guards: every item of the shipped examples plans for the real Wan2.1 models (their rotary
-    table, their sampler); the CLI dry run reads them with the tiny model, whose 64-position
-    rotary table rules out exactly the example's 1280x720 item, before any compute."""
+    table, their sampler); the CLI dry run reads them with the tiny model too (its 64-position
+    rotary table allows 1024 px per side): every item plans, nothing is invalid."""
     from wan_nabla.app import item_check
     from wan_nabla.batch.prompts import read_prompt_file
     from wan_nabla.config import RunConfig
@@ -171,9 +171,7 @@ def test_shipped_example_prompt_files_are_valid(example, capsys):
     rc = run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run")
     lines = capsys.readouterr().out.splitlines()
     invalid = [ln for ln in lines if " invalid " in ln]
-    assert rc == (1 if invalid else 0) and lines[-1].endswith("output directory /nonexistent/out")
-    assert all("1280x720" in ln and "model 'tiny' has 64" in ln for ln in invalid)
-    assert len(invalid) == (1 if example.endswith(".jsonl") else 0)
+    assert rc == 0 and invalid == [] and lines[-1].endswith("output directory /nonexistent/out")
 
 
 def _no_load(monkeypatch, fail):
