@@ -409,3 +409,23 @@ def test_cuda_fast_path_equals_reference():
         for bs in ((64, 64), (128, 64)):
             ref = masks.plan_from_keep(keep, layout, bs).block_mask().to_dense()
             assert torch.equal(masks.plan_blocks(cfg, q, k, layout, bs).block_mask().to_dense(), ref)
+
+
+def test_random_pipeline_does_not_leak_the_float32_warning():
+    """Guards issue 24: diffusers warned "modules ... that should be kept in float32: []" into
+    bench output whenever the float32 VAE was moved with a dtype argument."""
+    import logging
+
+    from wan_nabla.bench.random_init import random_pipeline
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    lib = logging.getLogger("diffusers")
+    lib.addHandler(handler)
+    try:
+        pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
+    finally:
+        lib.removeHandler(handler)
+    assert pipe.vae.dtype == torch.float32
+    assert not [m for m in seen if "kept in float32" in m], seen
