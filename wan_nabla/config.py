@@ -20,7 +20,7 @@ milliseconds, instead of building and printing gigabytes); a section that is not
 
 Ranges are the ones the sampler and the number formats can carry (see each field's docstring);
 what depends on the model or on two values at once (steps with shift, sizes against the model's
-rotary table, dense layers against its depth) is checked before loading by app.validate_run.
+rotary table, dense layers against its depth) is checked before loading by preflight.py.
 """
 
 from __future__ import annotations
@@ -266,11 +266,11 @@ class GenerationConfig:
     Why 16384: one rotary position is one 2x2 patch of the 8x-downsampled latents (16 px), and
     Wan2.1's tables hold 1024 positions per axis; past that diffusers fails inside the first step.
     A model with a smaller table (the tiny model: 64, i.e. 1024 px) is checked against its own
-    value before loading (app.validate_run)."""
+    value before loading (preflight.py)."""
     frames: int = 81
     """Video frames, of the form 4k+1 (the Wan VAE compresses time by 4), at most 4093: 1024
     latent frames, the rotary table's length on the time axis (a smaller table is checked by
-    app.validate_run)."""
+    preflight.py)."""
     steps: int = 50
     """Denoising steps (UniPC flow matching), 1..1000. The scheduler maps each step's sigma to
     one of its 1000 training timesteps, so more steps than that can only repeat timesteps. Not every

@@ -48,7 +48,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 DIT_PATTERNS = ("*.safetensors", "*.json")
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
+def hub_errors() -> tuple[type[BaseException], ...]:
     # Cache misses and network failures come as OSError subclasses, except the HTTP client's own
     # transport errors, which (depending on the huggingface_hub version) derive from Exception only.
     errors: list[type[BaseException]] = [OSError, ValueError, EntryNotFoundError]
@@ -161,7 +161,7 @@ def check_available(model: str, config_model: str | None = None, transformer_wei
         raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory", repo, path)
     elif looks_like_hub_id(model):
         if model_file(model, "model_index.json") is None:
-            _check_hub_reachable(model)
+            check_hub_reachable(model)
     else:
         raise ModelNotFoundError(f"model directory {model!r} does not exist", repo, path)
 
@@ -183,12 +183,12 @@ def model_file(model: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _check_hub_reachable(repo_id: str) -> None:
+def check_hub_reachable(repo_id: str) -> None:
     """One request without retries: is the hub reachable, and does it have `repo_id`?"""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if _offline():
+    if hub_offline():
         raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set", repo_id)
     try:
         HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
@@ -198,17 +198,17 @@ def _check_hub_reachable(repo_id: str) -> None:
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{repo_id!r} is not a model repo on the Hugging Face hub (nor a local "
                                  "directory); check the name", repo_id) from None
-    except _hub_errors() as exc:
+    except hub_errors() as exc:
         raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and the hub at "
-                                 f"{hf_constants.ENDPOINT} cannot be reached ({_first_line(exc)})", repo_id) from None
+                                 f"{hf_constants.ENDPOINT} cannot be reached ({first_line(exc)})", repo_id) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once at import; the environment may have changed since.
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(hf_constants.HF_HUB_OFFLINE)

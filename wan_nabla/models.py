@@ -45,8 +45,8 @@ from diffusers import AutoencoderKLWan, WanPipeline
 # The light half (resolution, availability, facts) lives in model_source.py; its names are
 # re-exported here because loading code and callers think of both halves as "the model".
 from .model_source import (DEFAULT_HUB_ID, DEFAULT_LOCAL_DIR, DIT_PATTERNS, KNOWN_REPOS,  # noqa: F401
-                           REQUIRED_ENTRIES, ModelNotFoundError, _check_hub_reachable, _first_line, _hub_errors,
-                           _offline, check_available, check_model_dir, download_command, looks_like_hub_id,
+                           REQUIRED_ENTRIES, ModelNotFoundError, check_hub_reachable, first_line, hub_errors,
+                           hub_offline, check_available, check_model_dir, download_command, looks_like_hub_id,
                            looks_like_path, model_file, repo_id_for, resolve_model, same_checkpoint,
                            transformer_heads)
 from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
@@ -67,21 +67,21 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, tr
 
 def _from_hub(repo_id: str, fetch, command: str | None = None):
     """fetch(local_files_only): from the HF cache first, then (unless offline) the network."""
-    errors = _hub_errors()
+    errors = hub_errors()
     try:
         return fetch(True)
     except errors as exc:
         cache_miss = exc
-    if _offline():
+    if hub_offline():
         raise ModelNotFoundError(
-            f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({_first_line(cache_miss)})",
+            f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({first_line(cache_miss)})",
             repo_id, command,
         ) from cache_miss
-    _check_hub_reachable(repo_id)  # fail in one request instead of huggingface_hub's 5 retries
+    check_hub_reachable(repo_id)  # fail in one request instead of huggingface_hub's 5 retries
     try:
         return fetch(False)
     except errors as exc:
-        raise ModelNotFoundError(f"could not download {repo_id!r} ({_first_line(exc)})", repo_id, command) from exc
+        raise ModelNotFoundError(f"could not download {repo_id!r} ({first_line(exc)})", repo_id, command) from exc
 
 
 def _kind(model: str) -> tuple[str, Path]:
@@ -126,7 +126,7 @@ def load_pipeline(
         try:
             pipe = _from_pretrained(str(path), dtype, True, transformer)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({_first_line(exc)})",
+            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({first_line(exc)})",
                                      repo_id_for(model), path) from exc
     else:
         pipe = _from_hub(model, lambda local: _from_pretrained(model, dtype, local, transformer))
@@ -150,7 +150,7 @@ def transformer_config(model: str) -> dict:
     try:
         return read(str(path), True)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot read the transformer config of {str(path)!r} ({_first_line(exc)})") from exc
+        raise ModelNotFoundError(f"cannot read the transformer config of {str(path)!r} ({first_line(exc)})") from exc
 
 
 def resolve_transformer(spec: str) -> Path:

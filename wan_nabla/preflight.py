@@ -6,7 +6,7 @@
     plan = plan_compare(CompareRequest("a fox", "cmp/", flags=RunFlags(config="nabla_0.4")))
 
 Everything after this reads the plan; every rule runs once, here, before torch or diffusers is
-imported (the layering is tested: tests/test_light_cli.py), in this order:
+imported (the layering is tested: tests/test_preflight.py), in this order:
 1. the config: file or preset, then the flags (resolve_run_config; the flag is named in errors);
 2. texts that cannot be written as UTF-8; the output target (generate: the MP4 and its sidecar;
    batch / compare: the directory) without creating anything;
