@@ -33,11 +33,18 @@ import transformers.utils.logging as tlog
 from huggingface_hub.utils import disable_progress_bars
 
 from .adapter import sampler_runs
+from .compare.save_masks import MaskSaver
 from .config import NUM_TRAIN_TIMESTEPS, ConfigError, GenerationConfig, RunConfig
 from .distributed.context import ParallelContext, rank_device
 from .distributed.launch import ParallelPlan
 from .errors import USAGE_ERRORS, PeerFailure, UsageError, describe_failure  # noqa: F401 - used by batch/run.py
-from .model_source import TINY_MODEL_ID, ModelFacts, download_command, resolve_model, same_checkpoint
+from .model_source import (
+    TINY_MODEL_ID,
+    ModelFacts,
+    download_command,
+    resolve_model,
+    same_checkpoint,
+)
 from .output.files import ensure_writable_dir, remove_created_dirs
 from .output.sidecar import check_destination, publish_video
 from .pipeline import VideoGenerator, load_weights
@@ -230,8 +237,6 @@ def run_generate(plan: RunPlan, req: GenerateRequest) -> int:
     output = plan.output
     saver = None
     if req.save_masks:
-        from .compare.save_masks import MaskSaver
-
         saver = MaskSaver.prepare(plan.config, output, plan.sampling)
     pplan = parallel_plan(plan)
     created: list[Path] = []

@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors import safe_open
 
 from .errors import CheckpointError  # noqa: F401 - raised here, caught by the CLI without torch
 
@@ -134,8 +137,6 @@ def _from_index(index: Path, given: Path) -> CheckpointFiles:
 
 def read_shapes(files: CheckpointFiles) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """key -> (shard, shape) from the safetensors headers only; checks the index against the shards."""
-    from safetensors import safe_open
-
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for shard in files.shards:
         try:
@@ -177,8 +178,6 @@ def diffusers_names(keys, naming: str) -> dict[str, str]:
     keys = list(keys)
     if naming == "diffusers":
         return {k: k for k in keys}
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
     try:  # the converter renames by substring and pops its input: give it a throwaway {name: name}
         mapping = convert_wan_transformer_to_diffusers({k: k for k in keys})
     except Exception as e:
@@ -196,9 +195,6 @@ def _fp32_kept(key: str, keep: tuple[str, ...]) -> bool:
 def load_transformer(files: CheckpointFiles | str | Path, transformer_config: Mapping[str, Any],
                      dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the transformer of `transformer_config` with the checkpoint's weights (see module doc)."""
-    from diffusers import WanTransformer3DModel
-    from safetensors import safe_open
-
     if not isinstance(files, CheckpointFiles):
         files = locate_checkpoint(files)
     shapes = read_shapes(files)

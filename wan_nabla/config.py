@@ -37,6 +37,9 @@ from typing import Any
 
 import yaml
 
+from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
+from .presets import preset_names, resolve_config_path
+
 ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
 ATTENTION_BACKENDS = ("auto", "flex", "fa4")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -823,9 +826,6 @@ def parse_yaml(text: str) -> Any:
 def load_config(path: str | Path | None) -> RunConfig:
     """Read and validate a YAML config (a path, or a bundled preset's name: presets/__init__.py);
     None gives the defaults (full attention). See the module doc for what is refused."""
-    from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
-    from .presets import preset_names, resolve_config_path
-
     if path is None:
         return RunConfig()
     p = resolve_config_path(path)

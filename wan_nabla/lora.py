@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import WanPipeline
+from safetensors import safe_open
 
 from .config import LoraSpec
 from .errors import LoraError
@@ -48,9 +50,6 @@ _DROPPED = re.compile(r"(\.diff|\.diff_m|dora_scale)$|norm[^.]*\.diff_b$")
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The file's tensors converted to diffusers naming, and facts about it (format, ignored keys)."""
-    from diffusers import WanPipeline
-    from safetensors import safe_open
-
     path = Path(path)
     keys = safetensors_keys(path)
     with safe_open(str(path), framework="pt", device="cpu") as fh:

@@ -40,16 +40,38 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+from huggingface_hub import snapshot_download
+
+from .adapter import make_scheduler
+from .checkpoint import load_transformer as load_checkpoint
 
 # The light half (resolution, availability, facts) lives in model_source.py; its names are
 # re-exported here because loading code and callers think of both halves as "the model".
-from .model_source import (DEFAULT_HUB_ID, DEFAULT_LOCAL_DIR, DIT_PATTERNS, KNOWN_REPOS,  # noqa: F401
-                           REQUIRED_ENTRIES, ModelNotFoundError, check_hub_reachable, first_line, hub_errors,
-                           hub_offline, check_available, check_model_dir, download_command, looks_like_hub_id,
-                           looks_like_path, model_file, repo_id_for, resolve_model, same_checkpoint,
-                           transformer_heads)
+from .model_source import (  # noqa: F401
+    DEFAULT_HUB_ID,
+    DEFAULT_LOCAL_DIR,
+    DIT_PATTERNS,
+    KNOWN_REPOS,
+    REQUIRED_ENTRIES,
+    ModelNotFoundError,
+    check_available,
+    check_hub_reachable,
+    check_model_dir,
+    download_command,
+    first_line,
+    hub_errors,
+    hub_offline,
+    looks_like_hub_id,
+    looks_like_path,
+    model_file,
+    repo_id_for,
+    resolve_model,
+    same_checkpoint,
+    transformer_heads,
+)
 from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG, build_tiny_pipeline
+
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool, transformer=None) -> WanPipeline:
     # A given transformer is used as it is (diffusers then neither reads nor downloads its folder).
@@ -135,8 +157,6 @@ def load_pipeline(
 
 def transformer_config(model: str) -> dict:
     """The transformer config (WanTransformer3DModel keyword arguments) of a --model value."""
-    from diffusers import WanTransformer3DModel
-
     kind, path = _kind(model)
     if kind == "tiny":
         return dict(TINY_TRANSFORMER_CONFIG)
@@ -158,8 +178,6 @@ def resolve_transformer(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists() or not looks_like_hub_id(spec):
         return path  # checkpoint.locate_checkpoint reports what is wrong with it
-    from huggingface_hub import snapshot_download
-
     def fetch(local: bool) -> Path:
         return Path(snapshot_download(spec, allow_patterns=list(DIT_PATTERNS), local_files_only=local))
 
@@ -169,8 +187,6 @@ def resolve_transformer(spec: str) -> Path:
 def load_transformer(spec: str, model: str, dtype: torch.dtype = torch.bfloat16):
     """(transformer, source record): the DiT weights `spec` (path or hub id) in the architecture of
     `model`'s transformer config; checkpoint.CheckpointError for a bad checkpoint."""
-    from .checkpoint import load_transformer as load_checkpoint
-
     config = transformer_config(model)
     transformer, info = load_checkpoint(resolve_transformer(spec), config, dtype)
     return transformer, {"source": spec, **info}
@@ -185,7 +201,5 @@ def save_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
 
 def set_flow_shift(pipe: WanPipeline, shift: float) -> WanPipeline:
     """Replace the scheduler by the same UniPC flow-matching scheduler with a different flow_shift."""
-    from .adapter import make_scheduler
-
     pipe.scheduler = make_scheduler(pipe, float(shift))
     return pipe

@@ -35,6 +35,7 @@ Wan2.1 T2V only.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -47,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._dynamo.utils import compilation_time_metrics, counters
+from tqdm.auto import tqdm
 
 from . import adapter, offload
 from .config import GenerationConfig, RunConfig
@@ -71,8 +74,6 @@ def resolve_compile(mode: str, device: torch.device, offload: str = "none") -> s
 
 def compile_seconds() -> float:
     """Seconds TorchDynamo + Inductor have spent compiling in this process so far."""
-    from torch._dynamo.utils import compilation_time_metrics
-
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
@@ -360,23 +361,17 @@ class VideoGenerator:
 
 
 def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
     return int(counters["stats"]["unique_graphs"])
 
 
 def _cache_counts() -> dict[str, int]:
     """Inductor's on-disk cache hits and misses so far in this process (FX graph, AOTAutograd)."""
-    from torch._dynamo.utils import counters
-
     names = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
     return {n: int(counters["inductor"].get(n, 0)) + int(counters["aot_autograd"].get(n, 0)) for n in names}
 
 
 def _printed_ratios(text: str) -> list[float] | None:
     """The first ratio list diffusers' MagCache printed after a calibration run."""
-    import ast
-
     for line in text.splitlines():
         try:
             values = ast.literal_eval(line.strip())
@@ -436,8 +431,6 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
 def _progress(total: int, enabled: bool):
     """tqdm over denoising steps when enabled; a no-op context otherwise."""
     if enabled:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc="denoising", unit="step", leave=False)
     return _NoBar()
 
