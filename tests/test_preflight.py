@@ -246,3 +246,38 @@ def test_lora_header_is_read_without_torch(tmp_path):
 
 def test_usage_errors_are_usage_errors():
     assert issubclass(UsageError, ValueError) and issubclass(OutputError, ValueError)
+
+
+def test_generator_binds_its_parallel_layout_once(monkeypatch):
+    """Guards issue 20 pt 5: attention was installed and the blocks compiled, then use_parallel
+    removed both and did them again; the layout is bound when the generator is built."""
+    import types
+
+    import torch
+
+    from wan_nabla import adapter
+    from wan_nabla.config import RunConfig
+    from wan_nabla.pipeline import VideoGenerator
+    from wan_nabla.tiny import build_tiny_pipeline
+
+    calls = {"apply": 0, "compile": 0}
+    real_apply, real_compile = adapter.apply_attention, adapter.compile_blocks
+
+    def apply(*a, **k):
+        calls["apply"] += 1
+        return real_apply(*a, **k)
+
+    def compile_blocks(*a, **k):
+        calls["compile"] += 1
+        return real_compile(*a, **k)
+
+    monkeypatch.setattr(adapter, "apply_attention", apply)
+    monkeypatch.setattr(adapter, "compile_blocks", compile_blocks)
+    par = types.SimpleNamespace(sequence_parallel=lambda: None, item_mean=lambda x: x)
+    cfg = RunConfig.from_mapping({"attention": {"type": "nabla", "threshold": 0.7}, "speed": {"compile": "blocks"}})
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), cfg, torch.device("cpu"), "tiny", parallel=par)
+    try:
+        assert calls == {"apply": 1, "compile": 1} and gen.parallel is par
+        assert gen.handle.run.stats_mean is par.item_mean and not hasattr(gen, "use_parallel")
+    finally:
+        gen.close()
