@@ -603,7 +603,7 @@ def test_200_items_keep_memory_flat(tmp_path):
                               sum(issubclass(t, torch.Tensor) for t in types))
 
     t0 = time.perf_counter()
-    req = cli._request(BatchRequest, args)
+    req = cli.request_from_args(BatchRequest, args)
     assert batch.run_batch(preflight.plan_batch(req), req, on_record=on_record) == 0
     elapsed = time.perf_counter() - t0
     assert len(rss) == 200

@@ -147,7 +147,7 @@ def _run(plan: preflight.RunPlan, req) -> int:
     return run_compare(plan, req)
 
 
-def _request(cls, args: argparse.Namespace):
+def request_from_args(cls, args: argparse.Namespace):
     """A typed request (requests.py) of the parsed flags: the runners never see the namespace."""
     values = vars(args)
     extra = {"flags": RunFlags.from_mapping(values)}
@@ -157,17 +157,17 @@ def _request(cls, args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    req = _request(GenerateRequest, args)
+    req = request_from_args(GenerateRequest, args)
     return _run(preflight.plan_generate(req), req)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    req = _request(BatchRequest, args)
+    req = request_from_args(BatchRequest, args)
     return _run(preflight.plan_batch(req), req)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    req = _request(CompareRequest, args)
+    req = request_from_args(CompareRequest, args)
     return _run(preflight.plan_compare(req), req)
 
 
