@@ -32,12 +32,26 @@ import traceback
 
 from . import __version__, preflight
 from .compile_cache import use_compile_cache
-from .config import MAX_FRAMES, MAX_GUIDANCE, MAX_SIDE, NUM_TRAIN_TIMESTEPS, SHIFT_RANGE, GenerationConfig
+from .config import (
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    NUM_TRAIN_TIMESTEPS,
+    SHIFT_RANGE,
+    GenerationConfig,
+)
 from .errors import USAGE_ERRORS, PeerFailure, UsageError, describe_failure
 from .interrupts import Interrupted, handle_signals
 from .model_source import TINY_GENERATION
 from .presets import PRESET_DIR, list_presets, preset_path
-from .requests import BatchRequest, CompareRequest, GenerateRequest, RunFlags, SampleFlags, request_fields
+from .requests import (
+    BatchRequest,
+    CompareRequest,
+    GenerateRequest,
+    RunFlags,
+    SampleFlags,
+    request_fields,
+)
 
 log = logging.getLogger("wan_nabla")
 

@@ -37,15 +37,35 @@ from pathlib import Path
 from typing import Any
 
 from .batch.prompts import PromptFileError, PromptItem, read_prompt_file
-from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config, parse_size, utf8_problem
+from .config import (
+    AttentionConfig,
+    ConfigError,
+    GenerationConfig,
+    RunConfig,
+    load_config,
+    parse_size,
+    utf8_problem,
+)
 from .distributed.launch import Launch, RankLayout, plan_ranks
 from .errors import LoraError, UsageError
-from .model_source import (TINY_GENERATION, TINY_MODEL_ID, ModelFacts, check_available, model_facts,
-                           resolve_model)
+from .model_source import (
+    TINY_GENERATION,
+    TINY_MODEL_ID,
+    ModelFacts,
+    check_available,
+    model_facts,
+    resolve_model,
+)
 from .output.files import probe_writable
 from .output.naming import has_control_chars, unique_path
 from .output.sidecar import check_destination, sidecar_path
-from .requests import BatchRequest, CompareRequest, GenerateRequest, RunFlags, SampleFlags
+from .requests import (
+    BatchRequest,
+    CompareRequest,
+    GenerateRequest,
+    RunFlags,
+    SampleFlags,
+)
 
 log = logging.getLogger("wan_nabla")
 
@@ -99,6 +119,13 @@ class RunPlan:
                 "lora": [spec.to_dict() for spec in self.config.lora]}
 
 
+OVERRIDE_FLAGS = ("model", "negative_prompt", "frames", "steps", "guidance_scale", "shift", "seed", "fps", "device",
+                  "dtype", "transformer", "offload", "vae_tiling", "sampler", "ulysses_degree", "cfg_parallel",
+                  "attention_backend")
+"""RunFlags fields passed to RunConfig.override under their own name (size is parsed first); a
+flag added by another feature joins this tuple (and requests.RunFlags)."""
+
+
 # ---- the config --------------------------------------------------------------------------------
 def resolve_run_config(flags: RunFlags) -> RunConfig:
     """Config file + flag overrides, validated (ConfigError names the flag the user typed)."""
@@ -109,15 +136,10 @@ def resolve_run_config(flags: RunFlags) -> RunConfig:
         if tiny:
             log.info("--model tiny: using %s (give the flags to change)", tiny)
             cfg = cfg.override(**tiny)
-    overrides = dict(
-        model=flags.model, negative_prompt=flags.negative_prompt, size=size, frames=flags.frames,
-        steps=flags.steps, guidance_scale=flags.guidance_scale, shift=flags.shift, seed=flags.seed,
-        fps=flags.fps, device=flags.device, dtype=flags.dtype, transformer=flags.transformer,
-        offload=flags.offload, vae_tiling=flags.vae_tiling, sampler=flags.sampler,
-        ulysses_degree=flags.ulysses_degree, cfg_parallel=flags.cfg_parallel,
-        attention_backend=flags.attention_backend,
-    )
-    levers = dict(compile=flags.compile, cache=flags.cache, lora=list(flags.lora) if flags.lora else None)
+    # Every RunFlags field that overrides a config value, by RunConfig.override's keyword.
+    overrides: dict[str, Any] = {name: getattr(flags, name) for name in OVERRIDE_FLAGS}
+    overrides["size"] = size
+    levers = {"compile": flags.compile, "cache": flags.cache, "lora": list(flags.lora) if flags.lora else None}
     try:
         return cfg.override(**overrides).with_levers(**levers)
     except ConfigError as e:

@@ -45,24 +45,34 @@ import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..app import (agreed, check_environment, describe_failure, item_check, load_generator, load_weights_for,
-                   parallel_plan, parallel_session, warn_long_prompt)
+from ..app import (
+    agreed,
+    check_environment,
+    describe_failure,
+    item_check,
+    load_generator,
+    load_weights_for,
+    parallel_plan,
+    parallel_session,
+    warn_long_prompt,
+)
+from ..distributed.claims import WorkClaims
 from ..output.files import ensure_writable_dir, remove_created_dirs
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
-from ..distributed.claims import WorkClaims
-from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
-from .plan import PlannedItem, plan_item
 from ..preflight import RunPlan, window_covers_grid
 from ..requests import BatchRequest
+from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
+from .plan import PlannedItem, plan_item
 from .resume import assign_outputs, free_or_own, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -130,7 +140,7 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
         timings = {k: v for k, v in side["timings"].items() if k not in ("per_step_s", "load_s")}
         timings["total_s"] = time.perf_counter() - t0
         return _record(p, "ok", timings=timings, attention_density=density)
-    except Exception as exc:  # noqa: BLE001 - isolation is the point; KeyboardInterrupt still stops the run
+    except Exception as exc:
         error = f"line {p.item.line}: {describe_failure(exc)}"
         log.debug("item %d failed", p.item.index, exc_info=True)
     _release_memory()  # after the except block, so the traceback (and its tensors) is already gone
