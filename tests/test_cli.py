@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_nabla import app, cli
+from wan_nabla import app, cli, preflight
 from wan_nabla.cli import main
 from wan_nabla.output.sidecar import git_commit
 from wan_nabla.output.video import probe_mp4
@@ -272,7 +272,7 @@ def test_existing_outputs_are_never_replaced_by_surprise(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "a-fox.json").write_text("{}")
-    assert cli._default_output("a fox") == Path("outputs") / "a-fox-2.mp4"
+    assert preflight.default_output("a fox") == Path("outputs") / "a-fox-2.mp4"
 
 
 def test_overwrite_replaces_the_video_and_its_own_sidecar(tmp_path):

@@ -304,6 +304,13 @@ def default_output_dir() -> Path:
     return Path(os.environ.get("WAN_NABLA_OUTPUT_DIR") or "outputs")
 
 
+def default_output(prompt: str) -> Path:
+    """default_output_dir()/<prompt slug>.mp4, suffixed -2, -3, ... past names whose MP4 or
+    sidecar is taken."""
+    return unique_path(default_output_dir(), prompt,
+                       available=lambda p: not any(map(os.path.lexists, (p, sidecar_path(p)))))
+
+
 def _model(cfg: RunConfig, check: bool) -> tuple[str, ModelFacts]:
     model = resolve_model(cfg.model.base, None)
     if check:
@@ -334,8 +341,7 @@ def plan_generate(req: GenerateRequest, env: Mapping[str, str] | None = None) ->
             raise UsageError(f"--output: {req.output!r} is a directory; give a file name ending in .mp4")
         check_destination(output, req.overwrite)
     else:
-        output = unique_path(default_output_dir(), req.prompt,
-                             available=lambda p: not any(map(os.path.lexists, (p, sidecar_path(p)))))
+        output = default_output(req.prompt)
     _check_existing_dir(output.parent if str(output.parent) else Path("."), "--output")
     sampling: dict[str, tuple[int, ...] | None] = {}
     if req.save_masks:
