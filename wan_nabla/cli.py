@@ -133,8 +133,13 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("wan_nabla").setLevel(level)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # huggingface_hub, diffusers and transformers each add their own stderr handler on top of the
-    # propagation to ours, so every warning of theirs was printed twice: keep only ours.
+    keep_one_handler()
+
+
+def keep_one_handler() -> None:
+    """huggingface_hub, diffusers and transformers each add their own stderr handler on top of the
+    propagation to ours when they are imported, so every warning of theirs was printed twice:
+    keep only ours. Called again once the runner has imported them (they load after preflight)."""
     for name in ("huggingface_hub", "diffusers", "transformers"):
         lib = logging.getLogger(name)
         for handler in list(lib.handlers):
@@ -150,6 +155,7 @@ def _run(plan: preflight.RunPlan, req) -> int:
     from . import app
 
     app.quiet_libraries(req.flags.quiet)
+    keep_one_handler()
     if plan.command == "generate":
         return app.run_generate(plan, req)
     if plan.command == "batch":
