@@ -36,9 +36,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WAN_NABLA_COMMIT=${WAN_NABLA_COMMIT}
 
 WORKDIR /opt/wan-nabla
-COPY pyproject.toml README.md ./
+# configs/ is built into the package as its presets (setup.py); benchmarks/ stays out of the image.
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY configs ./configs
 COPY wan_nabla ./wan_nabla
-COPY scripts ./scripts
 COPY --chmod=755 scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 # The fa4 extra (flash-attn-4 + the CUTLASS DSL, CUDA 12 libraries) gives `attention.backend: auto`
 # the FA4 kernels on sm90+ GPUs; elsewhere, or if it cannot load, wan-nabla runs flex (one log line).

@@ -163,7 +163,7 @@ def test_shipped_example_prompt_files_are_valid(example, capsys):
     from wan_nabla.config import RunConfig
     from wan_nabla.model_source import ModelFacts
 
-    prompts = REPO / "scripts" / example
+    prompts = REPO / "examples" / example
     wan = ModelFacts("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", num_layers=30)
     check = item_check(wan, RunConfig().attention)
     planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=check) for it in read_prompt_file(prompts)]
@@ -561,11 +561,11 @@ def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch)
 
 # ---- long runs -----------------------------------------------------------------------------------
 def test_soak_script_smoke(tmp_path):
-    """The 1,000-item soak (scripts/batch_soak.py) runs at a tiny size: its exactness checks pass
+    """The 1,000-item soak (benchmarks/jobs/batch_soak.py) runs at a tiny size: its exactness checks pass
     on a correct batch and catch a manifest line that is missing."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "scripts" / "batch_soak.py")
+    spec = importlib.util.spec_from_file_location("batch_soak", REPO / "benchmarks" / "jobs" / "batch_soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     res = soak.soak(3, tmp_path)

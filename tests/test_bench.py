@@ -16,9 +16,9 @@ import torch
 
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
-from wan_nabla.bench import main as bench_main
-from wan_nabla.bench import published, report, targets
-from wan_nabla.bench.random_init import WAN_SIZES, random_transformer, smooth_latents
+from benchmarks.harness import main as bench_main
+from benchmarks.harness import published, report, targets
+from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
 from wan_nabla.config import AttentionConfig
 
 from . import reference as R
@@ -416,7 +416,7 @@ def test_random_pipeline_does_not_leak_the_float32_warning():
     bench output whenever the float32 VAE was moved with a dtype argument."""
     import logging
 
-    from wan_nabla.bench.random_init import random_pipeline
+    from benchmarks.harness.random_init import random_pipeline
 
     seen: list[str] = []
     handler = logging.Handler()
@@ -429,3 +429,18 @@ def test_random_pipeline_does_not_leak_the_float32_warning():
         lib.removeHandler(handler)
     assert pipe.vae.dtype == torch.float32
     assert not [m for m in seen if "kept in float32" in m], seen
+
+
+def test_wan_nabla_bench_runs_the_checkout_harness_or_says_where_it_is(tmp_path, monkeypatch, capfd):
+    """Guards the thin entry point: the package never imports the harness; from a checkout
+    `wan-nabla bench` runs `python -m benchmarks.harness` (whatever the working directory), and a
+    package without a checkout answers one line naming where the harness lives, exit 2."""
+    from wan_nabla import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--help"]) == 0
+    assert "usage: python -m benchmarks.harness" in capfd.readouterr().out  # the child process's output
+    monkeypatch.setattr(cli, "CHECKOUT_ROOT", tmp_path)
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "benchmarks/" in err[0] and "python -m benchmarks.harness" in err[0], err

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_nabla import app, cli, preflight
+from wan_nabla import app, preflight
 from wan_nabla.cli import main
 from wan_nabla.output.sidecar import git_commit
 from wan_nabla.output.video import probe_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "wan_nabla" / "presets").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FAST = ["--model", "tiny", "--size", "128x128", "--frames", "17", "--steps", "2", "--quiet"]
 
 
@@ -331,4 +331,4 @@ def test_quick_start_outputs_are_git_ignored_but_benchmark_json_is_not():
         return subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT).returncode == 0
 
     assert ignored("fox.json") and ignored("fox.mp4") and ignored("outputs/fox-2.json")
-    assert not ignored("benchmarks/results/h100_new.json") and not ignored("wan_nabla/presets/new.yaml")
+    assert not ignored("benchmarks/results/h100_new.json") and not ignored("configs/new.yaml")

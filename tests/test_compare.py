@@ -116,6 +116,50 @@ def _read(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+def _ssim_reference(a, b, win: int = 7) -> float:
+    """SSIM from its definition in float64: uniform win x win window over every valid position,
+    sample covariance, C1 = 0.01^2, C2 = 0.03^2 (data range 1), averaged over channels."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n = win * win
+    vals = []
+    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
+        per_channel = []
+        for c in range(fa.shape[-1]):
+            pa = sliding_window_view(fa[..., c], (win, win))
+            pb = sliding_window_view(fb[..., c], (win, win))
+            ua, ub = pa.mean((-1, -2)), pb.mean((-1, -2))
+            va = ((pa - ua[..., None, None]) ** 2).sum((-1, -2)) / (n - 1)
+            vb = ((pb - ub[..., None, None]) ** 2).sum((-1, -2)) / (n - 1)
+            vab = ((pa - ua[..., None, None]) * (pb - ub[..., None, None])).sum((-1, -2)) / (n - 1)
+            c1, c2 = 0.01 ** 2, 0.03 ** 2
+            per_channel.append((((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua ** 2 + ub ** 2 + c1) * (va + vb + c2))).mean())
+        vals.append(np.mean(per_channel))
+    return vals
+
+
+def test_frame_metrics_match_their_definitions():
+    """Guards the one PSNR/SSIM of the product (compare and the levers benchmark both read it):
+    per-frame SSIM equals the windowed definition, PSNR = 10 log10(1 / MSE) per frame and over
+    the video, identical frames give SSIM 1 and PSNR "inf"."""
+    import numpy as np
+
+    from wan_nabla.compare.metrics import frame_metrics
+
+    g = np.random.default_rng(0)
+    a = g.random((3, 23, 31, 3))
+    b = np.clip(a + 0.1 * g.standard_normal(a.shape), 0, 1)
+    m = frame_metrics(a, b)
+    assert m["ssim"] == pytest.approx(_ssim_reference(a, b), abs=1e-9)
+    mse = ((a - b) ** 2).mean(axis=(1, 2, 3))
+    assert m["psnr_db"] == pytest.approx(list(10 * np.log10(1 / mse)), rel=1e-12)
+    assert m["overall"]["psnr_db"] == pytest.approx(10 * np.log10(1 / mse.mean()), rel=1e-12)
+    assert m["overall"]["ssim_mean"] == pytest.approx(np.mean(m["ssim"])) and m["overall"]["ssim_min"] == min(m["ssim"])
+    same = frame_metrics(a, a)
+    assert same["overall"]["psnr_db"] == "inf" and same["ssim"] == pytest.approx([1.0] * 3, abs=1e-12)
+
+
 def test_compare_config_with_itself_is_identical(tmp_path):
     """Guards: both runs share seed, initial noise and settings: a config against itself gives
     identical videos (PSNR inf, SSIM 1, zero latent and per-step output differences), while the
@@ -242,11 +286,11 @@ def test_missing_extras_and_full_masks_exit_2(tmp_path, capsys, monkeypatch):
 
 
 def test_gpu_table_quick_mode(tmp_path, capsys, monkeypatch):
-    """Guards the GPU script's logic (scripts/gpu_compare.sh runs this module at full size): one
+    """Guards the GPU script's logic (benchmarks/jobs/gpu_compare.sh runs this module at full size): one
     reference, a row per preset with attention error, kept mass and NABLA's coarse guarantee,
     JSON + markdown + pictures written, the table printed last; a preset that fails becomes an
     error row (exit 1) and does not cost the others' rows."""
-    import wan_nabla.compare.table as table
+    import benchmarks.harness.compare_table as table
 
     real = table.capture
 

@@ -8,7 +8,7 @@ Grid: 208x80 px, 9 frames -> latents [1, 16, 3, 10, 26] -> patch grid 3 x 5 x 13
 16 = 6 tiles (384 tokens in tile order, 195 in raster order for `full`), so shards are uneven
 (Ulysses 4: 2, 2, 1, 1 tiles; raster: 49, 49, 49, 48 tokens). The tiny model with 4 heads of 16
 channels (same weights as the 2-head one) lets 4 ranks split heads. The 2-rank layouts run through
-the GPU script's CPU mode (bench/multigpu.py), the 4-rank ones through tests/dist_worker.py.
+the GPU script's CPU mode (benchmarks/harness/multigpu.py), the 4-rank ones through tests/dist_worker.py.
 CPU time is mostly process start-up and one flex compile per (shape, mask kind) per process, so
 the cases are grouped to reuse them.
 """
@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from wan_nabla import cli
+from benchmarks.harness.multigpu import EXACT_ATTENTION
 from wan_nabla.app import with_device
 from wan_nabla.model_source import ModelFacts, model_facts
 from wan_nabla.preflight import check_parallel
-from wan_nabla.bench.multigpu import EXACT_ATTENTION
 from wan_nabla.batch.manifest import read_manifest
 from wan_nabla.config import ConfigError, RunConfig
 from wan_nabla.pipeline import VideoGenerator
@@ -83,7 +83,7 @@ def test_ulysses_2_and_cfg_parallel_equal_one_process_in_the_gpu_script(tmp_path
     attention (the GPU script's own exactness check, run by its CPU mode, which must also produce
     timing rows with separately measured communication, so the GPU run does not die on a typo)."""
     out = tmp_path / "res"
-    proc = _torchrun(2, "-m", "wan_nabla.bench.multigpu", "--quick", "--device", "cpu", "--out", str(out),
+    proc = _torchrun(2, "-m", "benchmarks.harness.multigpu", "--quick", "--device", "cpu", "--out", str(out),
                      cwd=tmp_path)
     text = _wait(proc, timeout=600)
     res = json.loads((out / "multigpu.json").read_text())
@@ -263,7 +263,7 @@ def test_shards_are_whole_tiles_and_differ_by_at_most_one():
 
 def test_gpu_script_layouts_for_any_gpu_count():
     """Guards the layouts the GPU script measures on N GPUs (the 4/8-GPU runs reuse it)."""
-    from wan_nabla.bench.multigpu import layouts
+    from benchmarks.harness.multigpu import layouts
 
     def names(n):
         return {k: (v.ulysses_degree, v.cfg_parallel) if v else None for k, v in layouts(n).items()}

@@ -6,7 +6,7 @@ blocks masked, full blocks not, lists walked from the last entry with only the f
 checked). What is tested: the BlockPlan -> BlockSparseTensorsTorch conversion, the pad-key
 validity vector, the backend choice (auto/flex/fa4, CPU, unsupported GPUs, missing or broken
 FA4: one log line and flex), and the processor path (transposes, gathered dense keys, padded
-grids, batch 2) against float64 references. scripts/gpu_fa4_check.py runs the real kernel.
+grids, batch 2) against float64 references. benchmarks/jobs/gpu_fa4_check.py runs the real kernel.
 """
 
 from __future__ import annotations
@@ -315,12 +315,12 @@ def test_fa4_unsupported_head_dim_runs_flex_for_that_call(fa4_on_cpu):
 
 
 def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
-    """Guards scripts/gpu_fa4_check.py against typos before a GPU run: its --quick CPU mode (with
+    """Guards benchmarks/jobs/gpu_fa4_check.py against typos before a GPU run: its --quick CPU mode (with
     the imitation) runs every section and passes its own checks."""
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("gpu_fa4_check", ROOT / "scripts" / "gpu_fa4_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_fa4_check", ROOT / "benchmarks" / "jobs" / "gpu_fa4_check.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     real = kernels.resolve_backend
@@ -329,6 +329,7 @@ def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
     assert mod.main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
     res = json.loads((tmp_path / "gpu_fa4_check.json").read_text())
     assert res["commit"] not in (None, "unknown") and res["command"].endswith("--device cpu --quick")
+    assert res["env"]["commit"] == res["commit"] and res["env"]["device"] == "cpu" and res["env"]["diffusers"]
     assert set(res["sections"]) == {"kernel", "rotary", "transformer", "presets"}
     assert all(r["ok"] for rows in res["sections"].values() for r in rows)
 

@@ -1,4 +1,4 @@
-"""scripts/gpu_memory.py: the CPU quick mode runs every memory mode end to end, the GPU parts are
+"""benchmarks/jobs/gpu_memory.py: the CPU quick mode runs every memory mode end to end, the GPU parts are
 well formed and fit their time budget, and the recommendation picks what the numbers say."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from wan_nabla.bench import memory, memory_report
-from wan_nabla.bench.random_init import WAN_SIZES
+from benchmarks.harness import memory, memory_report
+from benchmarks.harness.random_init import WAN_SIZES
 from wan_nabla.presets import preset_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gpu_memory_script", ROOT / "scripts" / "gpu_memory.py")
+    spec = importlib.util.spec_from_file_location("gpu_memory_script", ROOT / "benchmarks" / "jobs" / "gpu_memory.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -34,7 +34,7 @@ def test_quick_cpu_mode_measures_every_mode_and_writes_reports(tmp_path):
     assert all(r["status"] == "ok" and r["s_per_step"] > 0 for r in res["runs"]), res["runs"]
     assert {r["backend"] for r in res["runs"]} == {"flex"}  # the attention backend each run used
     assert {(d["video"], d["tiling"]) for d in res["vae"]} == {("quick", False), ("quick", True)}
-    assert res["environment"]["command"].startswith("scripts/gpu_memory.py") and "commit" in res["environment"]
+    assert res["environment"]["command"].startswith("benchmarks/jobs/gpu_memory.py") and "commit" in res["environment"]
     md = (tmp_path / "memory_quick.md").read_text()
     assert "Which mode for my GPU" in md and "random weights" in md
     assert f"commit {res['environment']['commit']}." in md

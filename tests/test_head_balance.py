@@ -1,4 +1,4 @@
-"""scripts/head_balance.py: the rank-imbalance arithmetic behind the multi-GPU load-balance analysis."""
+"""benchmarks/jobs/head_balance.py: the rank-imbalance arithmetic behind the multi-GPU load-balance analysis."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location("head_balance", Path(__file__).resolve().parents[1] / "scripts" / "head_balance.py")
+spec = importlib.util.spec_from_file_location("head_balance", Path(__file__).resolve().parents[1] / "benchmarks" / "jobs" / "head_balance.py")
 hb = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(hb)
 
@@ -40,10 +40,11 @@ def test_quick_run_writes_both_sources_with_provenance(tmp_path):
     """Guards the script end to end (synthetic q/k and the tiny random-weight transformer through
     AttentionRun.plan, whose signature it wraps): exit 0, both sources analysed, and the JSON names
     the commit and the command."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "head_balance.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "jobs" / "head_balance.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--quick"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "head_balance.json").read_text())
     assert res["synthetic_qk"] and res["random_weight_model"], list(res)
     assert res["commit"] not in (None, "unknown") and res["command"].endswith("--quick")
+    assert res["env"]["commit"] == res["commit"] and res["env"]["device"] == "cpu" and res["env"]["diffusers"]

@@ -1,11 +1,16 @@
 """The repository's structure: no import cycles, no private names across modules, documents that
-cite only files that exist, a README layout table that matches the tree, presets shipped as
-package data."""
+cite only files that exist and links that resolve, a short README, a layout table (docs/design.md)
+that matches the tree, the product package without the benchmark harness, and the presets shipped
+from configs/ (their single source) unchanged.
+
+The wheel is built once per module from a copy of the files a build reads (pyproject.toml,
+setup.py, MANIFEST.in, README.md, configs/, wan_nabla/), so the checkout gets no build/ folder."""
 
 from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -115,11 +120,15 @@ def test_no_private_names_imported_across_modules():
 
 
 DOCS = [ROOT / "README.md", *ROOT.joinpath("docs").glob("*.md"), ROOT / "benchmarks" / "NOTES.md",
-        ROOT / "weights" / "README.md", ROOT / "scripts" / "README.md", ROOT / "Dockerfile"]
+        ROOT / "benchmarks" / "README.md", ROOT / "weights" / "README.md", ROOT / "scripts" / "README.md",
+        ROOT / "Dockerfile"]
+HARNESS = ROOT / "benchmarks"
 
 
 def _texts():
-    for path in DOCS + list(PKG.rglob("*.py")) + list(ROOT.joinpath("scripts").glob("*")):
+    code = [*PKG.rglob("*.py"), *HARNESS.joinpath("harness").rglob("*.py"), *HARNESS.joinpath("jobs").glob("*"),
+            *ROOT.joinpath("scripts").glob("*"), *ROOT.joinpath("examples").glob("*"), *ROOT.joinpath("configs").glob("*")]
+    for path in DOCS + code:
         if path.is_file():
             yield path, path.read_text(encoding="utf-8")
 
@@ -127,7 +136,7 @@ def _texts():
 def test_documents_cite_only_files_in_the_repository():
     """Guards: the repository stands alone: no pointers to files it does not contain."""
     forbidden = re.compile(r"\.\./shared|NABLA\.md|METHOD\.md|KINDS\.md|HOPPER\.md|\bissue [0-9]+\b")
-    cited = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|scripts|wan_nabla|tests|weights|\.ci)/[\w./-]+\.(?:md|py|sh|jsonl|json|png|yaml|txt))(?![\w])")
+    cited = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|scripts|wan_nabla|tests|weights|configs|examples|\.ci)/[\w./-]+\.(?:md|py|sh|jsonl|json|png|yaml|txt))(?![\w])")
     problems = []
     for path, text in _texts():
         for m in forbidden.finditer(text):
@@ -139,27 +148,112 @@ def test_documents_cite_only_files_in_the_repository():
     assert not problems, "\n".join(problems)
 
 
-def test_readme_layout_table_matches_the_tree():
-    """Guards: the README's layout table names every module of the package, and only existing ones."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Layout", 1)[1]
+def test_layout_table_matches_the_tree():
+    """Guards: the layout table (docs/design.md) names every module of the package, and only existing ones."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    section = design.split("## Layout", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(wan_nabla/[\w/]+\.py|[\w/]+\.py)`", section))
     named = {n if n.startswith("wan_nabla/") else f"wan_nabla/{n}" for n in named}
     actual = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name not in ("__main__.py",)
-              and not (p.name == "__init__.py" and p.parent != PKG and p.parent.name != "bench"
-                       and p.parent.name != "presets")}
-    assert named - actual == set(), f"README names missing modules: {sorted(named - actual)}"
-    assert actual - named == set(), f"README layout table lacks: {sorted(actual - named)}"
+              and not (p.name == "__init__.py" and p.parent != PKG and p.parent.name != "presets")}
+    assert named - actual == set(), f"the layout table names missing modules: {sorted(named - actual)}"
+    assert actual - named == set(), f"the layout table lacks: {sorted(actual - named)}"
 
 
-@pytest.mark.slow
-def test_wheel_ships_the_presets(tmp_path):
-    """Guards: a non-editable install carries the presets (`--config nabla_0.7` works anywhere)."""
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    wheel = next(tmp_path.glob("wan_nabla-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
-    presets = {Path(n).name for n in names if n.startswith("wan_nabla/presets/") and n.endswith(".yaml")}
-    expected = {p.name for p in (PKG / "presets").glob("*.yaml")}
-    assert presets == expected and "nabla_0.7.yaml" in presets
+README_MAX_LINES = 250
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_readme_is_short_and_every_relative_link_resolves():
+    """Guards: the README stays a front page (details live in docs/), and no README or docs link
+    points at a file that is not in the repository (anchors and web addresses are not checked)."""
+    readme = ROOT / "README.md"
+    lines = readme.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it <= {README_MAX_LINES}, move detail to docs/"
+    broken = []
+    pages = [readme, *sorted(ROOT.joinpath("docs").glob("*.md"))]
+    assert len(pages) > 1, "docs/ has no pages"
+    for page in pages:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
+
+
+def test_readme_links_every_docs_page():
+    """Guards: a docs page nobody links to is a page nobody finds."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = {Path(t.split("#", 1)[0]).name for t in LINK.findall(readme) if t.startswith("docs/")}
+    pages = {p.name for p in ROOT.joinpath("docs").glob("*.md")}
+    assert pages - linked == set(), f"README.md does not link: {sorted(pages - linked)}"
+
+
+# ---- the product package holds the product ---------------------------------------------------------
+def test_the_package_never_imports_the_benchmarks():
+    """Guards: the harness may import the product, never the other way round (no `import benchmarks`,
+    no `from benchmarks...`, no importlib string naming it): `pip install .` must work without it."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(ROOT)}: imports {n}" for n in names if n.split(".")[0] == "benchmarks"]
+        if re.search(r"import_module\(\s*[\"']benchmarks", text):
+            bad.append(f"{path.relative_to(ROOT)}: import_module('benchmarks...')")
+    assert not bad, "\n".join(bad)
+    assert not (PKG / "bench").exists() and not (PKG / "compare" / "table.py").exists()
+
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory) -> dict[str, bytes]:
+    """{path in the wheel: bytes} of a wheel built from a copy of the build's inputs (plus a stale
+    build/lib holding an old harness module)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("configs", "wan_nabla"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    # a stale build folder from before the harness moved out must not leak it back into a wheel
+    stale = src / "build" / "lib" / "wan_nabla" / "bench"
+    stale.mkdir(parents=True)
+    (stale / "targets.py").write_text("TARGETS = {}\n")
+    out = tmp_path_factory.mktemp("wheel")
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with zipfile.ZipFile(next(out.glob("wan_nabla-*.whl"))) as z:
+        return {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
+
+
+def test_wheel_holds_the_package_and_no_benchmark_code(wheel_files):
+    """Guards: the wheel is exactly the package's modules plus the presets: every wan_nabla module is
+    in it (a new subpackage is not dropped), nothing of benchmarks/ or tests/, no harness module."""
+    code = {n for n in wheel_files if n.endswith(".py")}
+    expected = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")}
+    assert code == expected, (sorted(code - expected), sorted(expected - code))
+    tops = {n.split("/", 1)[0] for n in wheel_files}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"wan_nabla"}, tops
+    lab = {p.read_bytes() for p in [*HARNESS.rglob("*.py"), *HARNESS.rglob("*.sh")] if p.stat().st_size > 200}
+    leaked = [n for n, b in wheel_files.items() if "/bench/" in n or b in lab]
+    assert not leaked, f"benchmark code in the wheel: {leaked}"
+
+
+def test_configs_are_the_shipped_presets_byte_for_byte(wheel_files):
+    """Guards: configs/ is the presets' single source: the wheel ships exactly its files, byte for
+    byte under the same names; the checkout keeps no second copy in the package; and a checkout
+    (editable install, PYTHONPATH) resolves preset names to configs/."""
+    from wan_nabla import presets
+
+    configs = {p.name: p.read_bytes() for p in sorted((ROOT / "configs").glob("*"))}
+    assert configs and all(n.endswith(".yaml") for n in configs), sorted(configs)
+    shipped = {Path(n).name: b for n, b in wheel_files.items() if n.startswith("wan_nabla/presets/") and not n.endswith(".py")}
+    assert shipped == configs
+    assert not list((PKG / "presets").glob("*.y*ml")), "a YAML inside wan_nabla/presets/ is a second copy: edit configs/"
+    assert presets.PRESET_DIR == ROOT / "configs"
+    assert presets.preset_path("nabla_0.7") == ROOT / "configs" / "nabla_0.7.yaml"
+    assert presets.preset_names() == sorted(Path(n).stem for n in configs)

@@ -329,56 +329,12 @@ def test_compiled_blocks_match_eager_and_never_recompile():
 
 
 # ---- the GPU measurement script, at tiny size ----------------------------------------------------
-def _ssim_reference(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
-    """SSIM from its definition, float64, one explicit Gaussian window per valid pixel."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    r = int(3.5 * sigma + 0.5)
-    x = np.arange(-r, r + 1)
-    g = np.exp(-0.5 * (x / sigma) ** 2)
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    n = w.size
-    vals = []
-    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
-        for c in range(fa.shape[-1]):
-            pa = sliding_window_view(fa[..., c], w.shape)
-            pb = sliding_window_view(fb[..., c], w.shape)
-            ua, ub = (pa * w).sum((-1, -2)), (pb * w).sum((-1, -2))
-            va = ((pa - ua[..., None, None]) ** 2 * w).sum((-1, -2)) * n / (n - 1)
-            vb = ((pb - ub[..., None, None]) ** 2 * w).sum((-1, -2)) * n / (n - 1)
-            vab = ((pa - ua[..., None, None]) * (pb - ub[..., None, None]) * w).sum((-1, -2)) * n / (n - 1)
-            c1, c2 = 0.01 ** 2, 0.03 ** 2
-            vals.append((((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua ** 2 + ub ** 2 + c1) * (va + vb + c2))).mean())
-    return float(np.mean(vals))
-
-
-def test_ssim_and_psnr_of_the_levers_script_match_their_definitions():
-    """Guards: the cache quality numbers: SSIM equals the windowed definition (and scikit-image's
-    structural_similarity with Gaussian weights when it is installed), PSNR = 10 log10(1 / MSE)."""
-    from wan_nabla.bench.levers import psnr, ssim
-
-    g = np.random.default_rng(0)
-    a = g.random((3, 23, 31, 3)).astype(np.float32)
-    b = np.clip(a + 0.1 * g.standard_normal(a.shape), 0, 1).astype(np.float32)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    assert ssim(ta, tb, frames_per_chunk=2) == pytest.approx(_ssim_reference(a, b), abs=2e-6)
-    assert ssim(ta, ta) == pytest.approx(1.0, abs=1e-6)
-    assert psnr(ta, tb) == pytest.approx(10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2)), rel=1e-9)
-    try:
-        from skimage.metrics import structural_similarity
-    except ImportError:
-        return
-    sk = np.mean([structural_similarity(x, y, gaussian_weights=True, sigma=1.5, data_range=1.0, channel_axis=-1)
-                  for x, y in zip(a, b)])
-    assert ssim(ta, tb) == pytest.approx(sk, abs=2e-6)
-
-
 def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     """Guards: the GPU lever script end to end on the CPU at tiny size, so the H100 run does not
     die on a slip: every row runs (dense, STA, compiled blocks, fused LoRA, cache, split variant),
     nothing compiles inside a timed generate, the cache row has its skips and quality numbers, and
     JSON + markdown are written with the table printed last."""
-    from wan_nabla.bench import levers
+    from benchmarks.harness import levers
 
     assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9"]) == 0
     data = json.loads((tmp_path / "levers.json").read_text())
@@ -452,7 +408,7 @@ def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
 def test_levers_backend_option_reaches_sparse_rows_only():
     """Guards: --attention-backend picks the sparse rows' backend while the dense row stays the
     cuDNN SDPA baseline (a dense row on FA4 would make every ratio against the wrong baseline)."""
-    from wan_nabla.bench import levers
+    from benchmarks.harness import levers
 
     rows = levers.plan_rows(levers.FULL, "x.safetensors", "first-block:0.1", "fa4")
     assert rows[0].key == "dense" and rows[0].attention.backend == "flex"

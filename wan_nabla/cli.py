@@ -5,9 +5,9 @@
     wan-nabla compare --prompt "a red fox" --config nabla_0.4 [--against full] --out cmp/
     wan-nabla generate --model weights/Wan2.1-T2V-14B-Diffusers --transformer weights/Wan2.1-T2V-14B-NABLA-0.7 \\
         --config nabla_0.7 --offload group --size 1280x720 --prompt "..."   # fine-tuned DiT, 24 GB card
-    wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/
+    wan-nabla batch examples/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/
     wan-nabla presets                                  # bundled configs, one line each
-    wan-nabla bench --levels op --out benchmarks/results/h100
+    wan-nabla bench --levels op --out benchmarks/results/h100   # a checkout only: python -m benchmarks.harness
 
     torchrun --nproc-per-node 2 -m wan_nabla generate --ulysses-degree 2 ...   # several GPUs
 
@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from . import __version__, preflight
 from .compile_cache import use_compile_cache
@@ -274,16 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--show", metavar="NAME", help="print one preset's YAML (to copy and edit)")
     pr.set_defaults(func=cmd_presets)
 
-    sub.add_parser("bench", help="GPU/CPU benchmark harness (wan-nabla bench --help)", add_help=False)
+    sub.add_parser("bench", help="the benchmark harness of a checkout (python -m benchmarks.harness)", add_help=False)
     return parser
+
+
+CHECKOUT_ROOT = Path(__file__).resolve().parents[1]  # the repository, when the package runs from one
+BENCH_MISSING = ("wan-nabla bench: the benchmark harness is not installed; it lives in a checkout's benchmarks/ "
+                 "(git clone the repository, then run `python -m benchmarks.harness --help` in it)")
+
+
+def run_bench(argv: list[str]) -> int:
+    """`wan-nabla bench ARGS` = `python -m benchmarks.harness ARGS` of the checkout this package runs
+    from. The harness is lab code kept out of the installed package, and the package never imports
+    it: it runs as a child process with the checkout on its path."""
+    import subprocess
+
+    root = CHECKOUT_ROOT
+    if not (root / "benchmarks" / "harness" / "__main__.py").is_file():
+        print(BENCH_MISSING, file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([sys.executable, "-m", "benchmarks.harness", *argv], env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args)

@@ -77,8 +77,8 @@ class Geometry:
 # lost at every threshold (benchmarks/NOTES.md, benchmarks/results/h100_pairs.md). fa4: 128x128
 # is FA4's native SM90 tile and its best-covered block-sparse path (a 128x64 kernel runs on a
 # 64-wide key tile); it ran a random-mask block at 89-103% of dense cuDNN against 81-88% for
-# 128x64 (docs/design.md). PROVISIONAL until `scripts/gpu_fa4.sh` measures both geometries by
-# total time at equal threshold (bench/geometry.py prints the winner). The CPU keeps the exact
+# 128x64 (docs/design.md). PROVISIONAL until `benchmarks/jobs/gpu_fa4.sh` measures both geometries by
+# total time at equal threshold (benchmarks/harness/geometry.py prints the winner). The CPU keeps the exact
 # 64x64 tile mask.
 GEOMETRY = {
     "flex": Geometry((128, 64), True, "benchmarks/results/h100_pairs.md (flex, H100)"),

@@ -8,7 +8,7 @@ The rotation is diffusers' WanAttnProcessor math on interleaved pairs: out[2i] =
 x[2i+1] sin[2i+1], out[2i+1] = x[2i] sin[2i+1] + x[2i+1] cos[2i], in float32 from the model's
 dtype, rounded back to it. The Triton kernel does each product and sum as a separate float32
 operation with fused multiply-add off, as eager torch does, so its output is bit-identical to
-`rotate_torch` (tested under Triton's interpreter and on the GPU by scripts/gpu_fa4_check.py).
+`rotate_torch` (tested under Triton's interpreter and on the GPU by benchmarks/jobs/gpu_fa4_check.py).
 
 Fusion (the mask build's floor, docs/design.md section 5): NABLA needs the mean of q and k over
 the real tokens of each 64-token tile. Pooling them separately re-reads q and k (2 x 0.83 GB per

@@ -1,6 +1,6 @@
 """Prompt files for `wan-nabla batch`: every non-blank line is an item, a bad line a failed item.
 
-    items = read_prompt_file("scripts/example_prompts.jsonl")
+    items = read_prompt_file("examples/example_prompts.jsonl")
     [(it.index, it.line, it.prompt, it.overrides, it.error) for it in items]
 
 `.txt`: one prompt per line (surrounding whitespace stripped).

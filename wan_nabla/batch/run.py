@@ -1,6 +1,6 @@
 """`wan-nabla batch`: many prompts, one loaded pipeline, resumable, one bad item never stops the run.
 
-    wan-nabla batch scripts/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/run1
+    wan-nabla batch examples/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/run1
     run_batch(plan, request)   # after preflight.plan_batch; 0: all ok or done; 1: some item failed
 
 Algorithm

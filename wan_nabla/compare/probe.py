@@ -7,7 +7,7 @@
     probe.density_table(30, 4)     # [layer][step] kept-block density of every call
     probe.close()                  # the run's own attend/plan back
 
-The probe wraps `AttentionRun.attend` and `.plan` from outside (as bench/transformer.py does with
+The probe wraps `AttentionRun.attend` and `.plan` from outside (as benchmarks/harness/transformer.py does with
 its timer); the processors are untouched. Every call records its kept-block density. A sampled
 call (the first call of a sampled (step, layer); with batched CFG it holds both passes) also gets:
 - its tile keep mask, `masks.tile_keep_mask` (the one rule), for the sampled heads of batch item 0

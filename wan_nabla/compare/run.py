@@ -26,7 +26,7 @@ Timings: the speed-up is the ratio of median step times, the first step left out
 FlexAttention for the shape) and the probe's own time (measured between device syncs) taken out
 of the candidate's steps. The reference runs first, so it also absorbs the process's warm-up.
 Limits: one prompt per call; the runs are sequential on one pipeline (memory of one model);
-on runs of a few steps the speed-up is indicative only (`wan-nabla bench` measures speed).
+on runs of a few steps the speed-up is indicative only (the benchmark harness in a checkout's benchmarks/ measures speed).
 """
 
 from __future__ import annotations

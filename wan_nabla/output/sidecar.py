@@ -101,7 +101,23 @@ def git_commit(root: Path | None = None) -> str | None:
     return None
 
 
-def environment() -> dict[str, Any]:
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def environment(device: Any = None) -> dict[str, Any]:
+    """The software and hardware a result was made with: the record every sidecar, compare report
+    and benchmark result carries (benchmarks add their command line and start time to it).
+
+    Versions of the package, Python, torch, diffusers, transformers, Triton, CUDA, cuDNN and the
+    FA4 distributions (None when absent), the git commit (git_commit), and `gpu`: the CUDA device's
+    name, if any. With a `device` (torch.device or str) also `device`, `device_name` (the GPU's
+    name, else the CPU's) and for a CUDA device its SM count, memory and compute capability."""
     import diffusers
     import torch
     import transformers
@@ -124,6 +140,20 @@ def environment() -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    try:
+        env["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # noqa: BLE001 - informational only; a broken cuDNN must not stop a run
+        env["cudnn"] = None
+    env["flash_attn_4"] = _dist_version("flash-attn-4")
+    env["nvidia_cutlass_dsl"] = _dist_version("nvidia-cutlass-dsl")
+    if device is not None:
+        device = torch.device(device)
+        env.update(device=str(device), device_name=platform.processor() or platform.machine())
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            env.update(device_name=props.name, sm_count=props.multi_processor_count,
+                       memory_gb=round(props.total_memory / 2**30, 1),
+                       capability=list(torch.cuda.get_device_capability(device)))
     return env
 
 

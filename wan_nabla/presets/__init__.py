@@ -1,6 +1,6 @@
-"""The bundled attention presets (package data), found by name from anywhere.
+"""The bundled attention presets, found by name from anywhere.
 
-    resolve_config_path("nabla_0.7")          # .../wan_nabla/presets/nabla_0.7.yaml
+    resolve_config_path("nabla_0.7")          # <checkout>/configs/nabla_0.7.yaml (or the installed copy)
     resolve_config_path("nabla_0.7.yaml")     # the same, unless ./nabla_0.7.yaml exists
     resolve_config_path("my/own.yaml")        # a path is returned as it is
     list_presets()                            # [("full", "Dense baseline: ..."), ...]
@@ -9,13 +9,29 @@ Rule: a path that exists always wins. Otherwise a bare name (no directory part),
 ".yaml"/".yml", that names a bundled preset resolves to it. Anything else is returned unchanged,
 so loading it reports the missing file (and the preset names). Each preset's first comment line
 is its one-line description.
+
+Where they live: the repository's top-level `configs/` (one YAML per preset) is the only source.
+A wheel or `pip install .` copies it into this package at build time (setup.py's build_py), so an
+installed package reads its own copy; a checkout (editable install, PYTHONPATH) has no copy here
+and reads `configs/` itself. tests/test_house.py checks the two are the same files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PRESET_DIR = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent
+_CHECKOUT_CONFIGS = _HERE.parents[1] / "configs"
+
+
+def _preset_dir() -> Path:
+    """The installed copy when the build put one here, else the checkout's configs/."""
+    if any(_HERE.glob("*.yaml")) or not _CHECKOUT_CONFIGS.is_dir():
+        return _HERE
+    return _CHECKOUT_CONFIGS
+
+
+PRESET_DIR = _preset_dir()
 _SUFFIXES = (".yaml", ".yml")
 
 
