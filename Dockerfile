@@ -8,8 +8,13 @@
 #     wan-nabla generate --model /weights/Wan2.1-T2V-1.3B-Diffusers \
 #       --config nabla_0.7 --prompt "a red fox in the snow"      # -> outputs/a-red-fox-in-the-snow.mp4
 #
-# The image installs wan-nabla with the fa4, lora and compare extras (below). The commit given as
+# The image installs wan-nabla with the fa4, lora, compare and serve extras (below). The commit given as
 # WAN_NABLA_COMMIT is recorded in every sidecar (the image has no .git to read it from).
+#
+#   docker run --rm --gpus all -p 8000:8000 -e WAN_NABLA_API_KEY=change-me \
+#     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
+#     wan-nabla serve --model /weights/Wan2.1-T2V-1.3B-Diffusers --config nabla_0.7 \
+#       --host 0.0.0.0 --data-dir /outputs/serve        (docs/serve.md)
 #
 # The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
@@ -33,7 +38,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TORCHINDUCTOR_CACHE_DIR=/hf-cache/torchinductor \
     TRITON_CACHE_DIR=/hf-cache/triton \
     WAN_NABLA_OUTPUT_DIR=/outputs \
-    WAN_NABLA_COMMIT=${WAN_NABLA_COMMIT}
+    WAN_NABLA_COMMIT=${WAN_NABLA_COMMIT} \
+    WAN_NABLA_HEALTH_FILE=/tmp/wan-nabla-serve.health
 
 WORKDIR /opt/wan-nabla
 # configs/ is built into the package as its presets (setup.py); benchmarks/ stays out of the image.
@@ -46,7 +52,7 @@ COPY --chmod=755 scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.s
 # lora: peft for --lora; compare: SSIM and pictures for `wan-nabla compare`.
 # DL3013 reads the local source with extras as an unpinned package; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[fa4,lora,compare]"
+RUN pip install --no-cache-dir ".[fa4,lora,compare,serve]"
 
 # uid 1000 (the "app" user) matches the usual host user, so bind-mounted outputs stay editable. Newer Ubuntu bases
 # ship a uid-1000 'ubuntu' user, which is removed first. Ownership must be set before VOLUME.
@@ -59,5 +65,12 @@ RUN if id -u 1000 >/dev/null 2>&1; then userdel "$(id -nu 1000)"; fi \
 USER 1000
 VOLUME ["/weights", "/outputs", "/hf-cache"]
 WORKDIR /outputs
+EXPOSE 8000
+# `serve` writes its /health URL to WAN_NABLA_HEALTH_FILE while it listens: the check probes it
+# (unhealthy while the model loads, past the start period, or if it died). Any other command
+# (`generate`, `batch`) writes no file and the check passes. Run by path: the script needs only
+# the standard library, and importing the package would import torch on every probe.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
+    CMD ["python", "/opt/wan-nabla/wan_nabla/serve/healthcheck.py"]
 ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 CMD ["--help"]

@@ -232,7 +232,7 @@ def install_reference(transformer, attention: dict, time_pairs: bool = False) ->
     return proc, restore
 
 
-# ---- flash-attn-4 imitation (CPU tests of wan_nabla/attention/fa4.py) ------------------------------
+# ---- flash-attn-4 imitation (CPU tests of wan_nabla/attention/backends/fa4.py) ------------------------------
 class BlockSparseTensorsImitation:
     """Stands in for flash_attn.cute.block_sparsity.BlockSparseTensorsTorch (keyword fields)."""
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wan_nabla import ConfigError, apply_attention
-from wan_nabla.attention import kernels
+from wan_nabla.attention.backends import flex
 
 from .reference import TOL, install_reference, tiny_transformer
 
@@ -128,11 +128,10 @@ def test_cross_attention_untouched(transformer):
 def test_dense_layers_use_dense_kernel(transformer, monkeypatch):
     """Guards: blocks listed in dense_layers never call the sparse kernel."""
     calls = []
-    real_sparse, real_dense = kernels.sparse_attention, kernels.dense_attention
-    import wan_nabla.attention.processors as P
+    real_sparse, real_dense = flex.sparse_attention, flex.dense_attention
 
-    monkeypatch.setattr(P, "sparse_attention", lambda *a, **k: calls.append("sparse") or real_sparse(*a, **k))
-    monkeypatch.setattr(P, "dense_attention", lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
+    monkeypatch.setattr(flex, "sparse_attention", lambda *a, **k: calls.append("sparse") or real_sparse(*a, **k))
+    monkeypatch.setattr(flex, "dense_attention", lambda *a, **k: calls.append("dense") or real_dense(*a, **k))
     with apply_attention(transformer, {"type": "sta", "sta_window": [3, 1, 1], "dense_layers": [1]}):
         _run(transformer, _inputs(PADDED))
     assert calls == ["sparse", "dense"]

@@ -110,7 +110,7 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
         {"negative_prompt": "no prompt"},
         {"prompt": "x", "colour": "red"},
         ["not", "an", "object"],
-        {"prompt": "more steps than the sampler runs at shift 3", "steps": 400},
+        {"prompt": "more steps than the sampler runs at shift 5", "steps": 400},
         {"prompt": "wider than the tiny model's rotary table", "size": "2048x16"},
     ])  # fmt: skip
     out = tmp_path / "out"
@@ -128,8 +128,8 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
         8: "line 11: unknown key 'colour'; allowed keys: prompt, negative_prompt, seed, size, frames, steps, "
            "guidance_scale, name",
         9: "line 12: expected a JSON object, got list",
-        10: "line 13: steps: 400 steps at shift 3 cannot run: the UniPC sampler's first two timesteps coincide "
-            "and diffusers fails at the last step; use at most 333 steps at this shift (--steps), or a smaller --shift",
+        10: "line 13: steps: 400 steps at shift 5 cannot run: the UniPC sampler's first two timesteps coincide "
+            "and diffusers fails at the last step; use at most 250 steps at this shift (--steps), or a smaller --shift",
         11: "line 14: size/frames: 2048x16, 1 frames needs 128 rotary positions on the width axis, but model 'tiny' "
             "has 64; use at most 1024 px per side and 253 frames",
     }  # fmt: skip
@@ -445,7 +445,7 @@ def test_out_of_memory_and_other_errors_fail_only_their_item(tmp_path, monkeypat
     monkeypatch.setattr(VideoGenerator, "generate", flaky)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append("cache"))
-    monkeypatch.setattr(batch.gc, "collect", lambda *a: released.append("gc") or 0)
+    monkeypatch.setattr(gc, "collect", lambda *a: released.append("gc") or 0)
     prompts = tmp_path / "p.txt"
     prompts.write_text("first fine\nboom\ncrash\nlast fine\n")
     out = tmp_path / "out"

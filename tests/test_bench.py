@@ -179,12 +179,12 @@ def quick_fa4_results(tmp_path_factory, quick_results):
     """The same CPU smoke run with flash-attn-4 stood in for by tests/reference.py's float64
     imitation, on both backends: every FA4 code path of the bench runs (rows, dense, geometry,
     checks, the transformer level, T1-T6)."""
-    from wan_nabla.attention import fa4, kernels
-    from wan_nabla.attention import processors as P
+    from wan_nabla.attention import backends
+    from wan_nabla.attention.backends import fa4
 
     imitation = fa4.FA4Kernels(R.flash_attn_func_imitation, R.BlockSparseTensorsImitation,
                                R.key_valid_mask_imitation, "imitation")
-    real = kernels.resolve_backend
+    real = backends.resolve_backend
 
     def resolve(requested, device, dtype=None):
         return ("fa4", "imitation on the CPU") if requested != "flex" else real(requested, device, dtype)
@@ -193,8 +193,7 @@ def quick_fa4_results(tmp_path_factory, quick_results):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fa4, "load", lambda: (imitation, "flash-attn-4 imitation"))
         mp.setattr(fa4, "DTYPES", (torch.bfloat16, torch.float16, torch.float32))
-        mp.setattr(kernels, "resolve_backend", resolve)
-        mp.setattr(P, "resolve_backend", resolve)
+        mp.setattr(backends, "resolve_backend", resolve)
         rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
                          "--device", "cpu", "--backends", "flex", "fa4", "--geometry", "--no-published"])
     return rc, out, json.loads((out / "results.json").read_text())

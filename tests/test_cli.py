@@ -60,7 +60,7 @@ def test_every_preset_runs_end_to_end_and_is_sparse(tmp_path, config):
     assert probe_mp4(out)["frames"] == 29
     dens = side["attention"]["per_step"]
     dense_steps = side["config"]["attention"]["dense_steps"]
-    if config.stem == "full":
+    if side["config"]["attention"]["type"] == "full":  # full, wan_1.3b
         assert dens == [1.0] * steps
     else:
         assert dens[:dense_steps] == [1.0] * dense_steps
@@ -209,8 +209,8 @@ def test_default_output_name_is_a_safe_slug(tmp_path, monkeypatch):
         (lambda t: ["--output", str(t / "new" / "dir" / "\udcff.mp4")], "--output: is not valid UTF-8"),
         (lambda t: ["--guidance-scale", "1e9"], "use a number in [0, 100]"),
         (lambda t: ["--shift", "1e-30"], "use a number in [0.01, 100]"),
-        (lambda t: ["--steps", "400"], "400 steps at shift 3 cannot run"),
-        (lambda t: ["--steps", "12", "--shift", "100"], "use at most 10 steps at this shift"),
+        (lambda t: ["--steps", "400"], "400 steps at shift 5 cannot run"),
+        (lambda t: ["--steps", "12", "--shift", "100"], "use at most 11 steps at this shift"),
         (lambda t: ["--size", "2048x128"], "model 'tiny' has 64; use at most 1024 px per side"),
         (lambda t: ["--frames", "257"], "model 'tiny' has 64"),
         (lambda t: ["--frames", "9999"], "at most 4093"),

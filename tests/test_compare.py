@@ -160,6 +160,34 @@ def test_frame_metrics_match_their_definitions():
     assert same["overall"]["psnr_db"] == "inf" and same["ssim"] == pytest.approx([1.0] * 3, abs=1e-12)
 
 
+def test_ssim_torch_matches_scikit_image():
+    """Guards the torch SSIM the GPU benchmarks (levers, decode) use instead of scikit-image's for
+    time: per frame it equals structural_similarity(channel_axis=-1, data_range=1) within 1e-6 on
+    awkward sizes, frames split across chunks, near-identical and unrelated frames, float32 input;
+    frame_metrics(ssim_device=...) carries it; too small a frame is refused."""
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    from wan_nabla.compare.metrics import frame_metrics, ssim_torch
+
+    g = np.random.default_rng(7)
+    for shape, noise in (((5, 23, 31, 3), 0.05), ((3, 7, 40, 3), 0.5), ((2, 17, 9, 1), 0.01)):
+        a = g.random(shape).astype(np.float32)
+        b = np.clip(a + noise * g.standard_normal(shape), 0, 1).astype(np.float32)
+        ref = [structural_similarity(x.astype(np.float64), y.astype(np.float64), channel_axis=-1, data_range=1.0)
+               for x, y in zip(a, b)]
+        got = ssim_torch(a, b, "cpu", frames_per_chunk=2)
+        assert got == pytest.approx(ref, abs=1e-6)
+        assert len(set(np.round(ref, 6))) == len(ref)  # frames differ, so a frame mix-up would fail
+    a = g.random((4, 19, 21, 3))
+    b = np.clip(a + 0.2 * g.standard_normal(a.shape), 0, 1)
+    m_sk, m_t = frame_metrics(a, b), frame_metrics(a, b, ssim_device="cpu")
+    assert m_t["ssim"] == pytest.approx(m_sk["ssim"], abs=1e-6)
+    assert m_t["overall"]["ssim_mean"] == pytest.approx(m_sk["overall"]["ssim_mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="H, W >= 7"):
+        ssim_torch(a[:, :6], b[:, :6])
+
+
 def test_compare_config_with_itself_is_identical(tmp_path):
     """Guards: both runs share seed, initial noise and settings: a config against itself gives
     identical videos (PSNR inf, SSIM 1, zero latent and per-step output differences), while the

@@ -9,7 +9,7 @@ import pytest
 
 from wan_nabla.config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("wan_nabla", "presets").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 EXPECTED = {
     "full.yaml": ("full", None, None, 0),
     "nabla_0.7.yaml": ("nabla", 0.7, None, 0),
@@ -19,6 +19,7 @@ EXPECTED = {
     "nabla_0.5_sta_11_5_5.yaml": ("nabla_sta", 0.5, (11, 5, 5), 0),
     "sta_11_3_3.yaml": ("sta", None, (11, 3, 3), 12),
     "distill_4step_sta.yaml": ("sta", None, (11, 3, 3), 0),
+    "wan_1.3b.yaml": ("full", None, None, 0),
 }
 
 
@@ -107,9 +108,9 @@ def test_overrides_win_and_are_validated():
     assert par.generation == cfg.generation and RunConfig.from_mapping(par.to_dict()).parallel == par.parallel
 
 
-def test_shift_defaults_follow_resolution():
+def test_shift_default_is_wans_at_every_size():
     assert GenerationConfig(size="1280x720").resolved_shift == 5.0
-    assert GenerationConfig(size="832x480").resolved_shift == 3.0
+    assert GenerationConfig(size="832x480").resolved_shift == 5.0
     assert GenerationConfig(size="832x480", shift=7).resolved_shift == 7.0
 
 

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from wan_nabla import apply_attention
-from wan_nabla.attention import fa4, kernels, masks
-from wan_nabla.attention import processors as P
+from wan_nabla.attention import backends, masks
+from wan_nabla.attention import run as P
+from wan_nabla.attention.backends import fa4
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 from wan_nabla.config import AttentionConfig, ConfigError
 
@@ -47,7 +48,7 @@ def fa4_on_cpu(fake_fa4, monkeypatch):
     """AttentionRun resolves to fa4 on the CPU (the real resolver keeps the CPU on flex)."""
     def resolve(requested, device, dtype=None):
         return ("flex", "attention.backend is flex") if requested == "flex" else ("fa4", "imitation on the CPU")
-    monkeypatch.setattr(P, "resolve_backend", resolve)
+    monkeypatch.setattr(backends, "resolve_backend", resolve)
     return fake_fa4
 
 
@@ -170,13 +171,13 @@ def test_auto_takes_fa4_only_where_it_honours_block_tables(fake_fa4, monkeypatch
     block tables) and fp32 inputs stay on flex; the CPU always runs flex; flex is flex."""
     dev = _gpu(monkeypatch, capability)
     monkeypatch.setattr(fa4, "DTYPES", (torch.bfloat16, torch.float16))  # the real rule: no fp32
-    name, why = kernels.resolve_backend("auto", dev, torch.bfloat16)
+    name, why = backends.resolve_backend("auto", dev, torch.bfloat16)
     assert name == expect, why
     if expect == "flex":
         assert f"sm{capability[0]}{capability[1]}" in why
-    assert kernels.resolve_backend("auto", dev, torch.float32)[0] == "flex"
-    assert kernels.resolve_backend("flex", dev, torch.bfloat16)[0] == "flex"
-    assert kernels.resolve_backend("fa4", torch.device("cpu"), torch.bfloat16) == ("flex", "the CPU always runs flex")
+    assert backends.resolve_backend("auto", dev, torch.float32)[0] == "flex"
+    assert backends.resolve_backend("flex", dev, torch.bfloat16)[0] == "flex"
+    assert backends.resolve_backend("fa4", torch.device("cpu"), torch.bfloat16) == ("flex", "the CPU always runs flex")
 
 
 def test_missing_fa4_means_flex_with_a_reason(monkeypatch):
@@ -185,7 +186,7 @@ def test_missing_fa4_means_flex_with_a_reason(monkeypatch):
     monkeypatch.setattr(fa4, "load", lambda: (None, "ModuleNotFoundError: No module named 'flash_attn'"))
     dev = _gpu(monkeypatch, (9, 0))
     for requested in ("auto", "fa4"):
-        name, why = kernels.resolve_backend(requested, dev, torch.bfloat16)
+        name, why = backends.resolve_backend(requested, dev, torch.bfloat16)
         assert name == "flex" and "No module named 'flash_attn'" in why
 
 
@@ -197,11 +198,11 @@ def test_real_load_never_raises():
 
 def test_backend_choice_is_logged_once(monkeypatch, caplog):
     """Guards: one log line per distinct choice; asking for fa4 and getting flex is a warning."""
-    monkeypatch.setattr(kernels, "_logged", set())
-    with caplog.at_level(logging.INFO, logger="wan_nabla.attention.kernels"):
+    monkeypatch.setattr(backends, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="wan_nabla.attention.backends"):
         for _ in range(3):
-            kernels.log_choice("fa4", "flex", "flash-attn-4 not usable: ImportError: x")
-            kernels.log_choice("auto", "flex", "the CPU always runs flex")
+            backends.log_choice("fa4", "flex", "flash-attn-4 not usable: ImportError: x")
+            backends.log_choice("auto", "flex", "the CPU always runs flex")
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
     assert "attention backend: flex (requested fa4; flash-attn-4 not usable" in caplog.records[0].getMessage()
 
@@ -221,10 +222,10 @@ def test_default_geometry_follows_the_backend():
     """Guards the per-backend table: flex 128x64, fa4 128x64 (both time-paired; the H100 probe's
     fastest by total time) on CUDA, the exact 64x64 tile mask on the CPU whatever the backend."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert kernels.default_geometry("flex", cuda).block_size == (128, 64)
-    assert kernels.default_geometry("fa4", cuda).block_size == (128, 64)
-    assert all(kernels.default_geometry(b, cuda).time_pairs for b in ("flex", "fa4"))
-    assert kernels.default_geometry("fa4", cpu).block_size == (64, 64)
+    assert backends.geometry(AttentionConfig(), "flex", cuda).block_size == (128, 64)
+    assert backends.geometry(AttentionConfig(), "fa4", cuda).block_size == (128, 64)
+    assert all(backends.geometry(AttentionConfig(), b, cuda).time_pairs for b in ("flex", "fa4"))
+    assert backends.geometry(AttentionConfig(), "fa4", cpu).block_size == (64, 64)
 
 
 # ---- the processor path with the imitation ------------------------------------------------------------
@@ -294,7 +295,7 @@ def test_broken_fa4_falls_back_to_flex_with_one_warning(fa4_on_cpu, transformer,
                                                              R.key_valid_mask_imitation, "broken"), "x"))
     att = {"type": "nabla", "threshold": 0.4, "block_size": [64, 64]}
     inputs = _inputs()
-    monkeypatch.setattr(kernels, "_logged", set())
+    monkeypatch.setattr(backends, "_logged", set())
     with caplog.at_level(logging.WARNING, logger="wan_nabla"):
         with apply_attention(transformer, {**att, "backend": "fa4"}) as h:
             out = _run(transformer, inputs)
@@ -323,8 +324,8 @@ def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_fa4_check", ROOT / "benchmarks" / "jobs" / "gpu_fa4_check.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    real = kernels.resolve_backend
-    monkeypatch.setattr(kernels, "resolve_backend", lambda requested, device, dtype=None: (
+    real = backends.resolve_backend
+    monkeypatch.setattr(backends, "resolve_backend", lambda requested, device, dtype=None: (
         ("fa4", "imitation") if requested != "flex" else real(requested, device, dtype)))
     assert mod.main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
     res = json.loads((tmp_path / "gpu_fa4_check.json").read_text())
@@ -347,7 +348,8 @@ def test_fa4_compiles_for_sm90_without_a_gpu():
     script = textwrap.dedent("""
         import torch
         from torch._subclasses.fake_tensor import FakeTensorMode
-        from wan_nabla.attention import fa4, masks
+        from wan_nabla.attention import masks
+        from wan_nabla.attention.backends import fa4
         from wan_nabla.attention.layout import TileLayout
         layout = TileLayout(3, 17, 21, time_pairs=True)
         n = layout.n_tiles

@@ -241,6 +241,7 @@ def test_wheel_holds_the_package_and_no_benchmark_code(wheel_files):
     lab = {p.read_bytes() for p in [*HARNESS.rglob("*.py"), *HARNESS.rglob("*.sh")] if p.stat().st_size > 200}
     leaked = [n for n, b in wheel_files.items() if "/bench/" in n or b in lab]
     assert not leaked, f"benchmark code in the wheel: {leaked}"
+    assert "wan_nabla/magcache_ratios.json" in wheel_files  # `--cache mag` needs the published ratios
 
 
 def test_configs_are_the_shipped_presets_byte_for_byte(wheel_files):
@@ -257,3 +258,25 @@ def test_configs_are_the_shipped_presets_byte_for_byte(wheel_files):
     assert presets.PRESET_DIR == ROOT / "configs"
     assert presets.preset_path("nabla_0.7") == ROOT / "configs" / "nabla_0.7.yaml"
     assert presets.preset_names() == sorted(Path(n).stem for n in configs)
+
+
+def test_docker_image_builds_the_presets_in_and_leaves_the_lab_out():
+    """Guards: the image's `pip install .` has what the build needs to ship the presets (configs/,
+    setup.py, MANIFEST.in, allowed by .dockerignore too) and copies no benchmark or lab files."""
+    copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    sources = {s.rstrip("/") for srcs in copies for s in srcs}
+    assert {"configs", "setup.py", "MANIFEST.in", "pyproject.toml", "wan_nabla"} <= sources, sources
+    assert not sources & {"benchmarks", "scripts", "tests", "."}, sources
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert {"configs", "setup.py", "MANIFEST.in"} <= allowed and "benchmarks" not in allowed, allowed
+
+
+def test_attention_library_imports_nothing_from_the_app():
+    """Guards the library boundary: no module under wan_nabla/attention imports a wan_nabla module
+    outside wan_nabla/attention (function-level imports included)."""
+    lib = PKG / "attention"
+    bad = [f"{path.relative_to(ROOT)}: imports {target}" for path in lib.rglob("*.py")
+           for target, _ in _imports(path)
+           if target.startswith("wan_nabla") and not (target == "wan_nabla.attention"
+                                                      or target.startswith("wan_nabla.attention."))]
+    assert not bad, "\n".join(bad)

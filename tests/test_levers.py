@@ -33,7 +33,7 @@ RANK, ALPHA = 4, 8.0
 
 def _lora_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     """A LoRA in original Wan naming as LightX2V ships it: lora_down/lora_up, alpha, diff_b bias
-    deltas, and a modulation diff diffusers does not apply. Tiny model: dim 64, ffn 64, 2 blocks."""
+    deltas, and modulation deltas (diff_m). Tiny model: dim 64, ffn 64, 2 blocks."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for b in range(2):
@@ -61,7 +61,10 @@ def _to_diffusers_naming(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, t in sd.items():
         body = key.removeprefix("diffusion_model.")
         parts = body.split(".")
-        if body.endswith((".alpha", ".diff_m")):
+        if body.endswith(".alpha"):
+            continue
+        if body.endswith(".diff_m"):  # a difference key keeps its suffix in diffusers naming
+            out[f"transformer.{body}"] = t
             continue
         b = parts[1]
         if parts[2] in _TARGETS:
@@ -108,7 +111,7 @@ def test_lora_merges_the_delta_an_independent_formula_gives(lora_files):
         db = sd.get(f"diffusion_model.{src}.diff_b", torch.zeros(()))  # ffn layers: none, bias unchanged
         torch.testing.assert_close(got.bias.double(), b0 + 0.7 * db.double(), atol=1e-6, rtol=1e-6)
     assert gen.lora[0]["format"] == "original" and gen.lora[0]["rank"] == RANK and gen.lora[0]["modules"] == 20
-    assert gen.lora[0]["ignored_keys"] == 2  # the diff_m tables
+    assert gen.lora[0]["ignored_keys"] == 0 and gen.lora[0]["diff_keys"] == {"diff": 0, "diff_b": 16, "diff_m": 2}
 
 
 def test_lora_scale_zero_is_the_base_video_and_scale_one_is_not(lora_files):
@@ -265,7 +268,7 @@ def test_speed_and_lora_config_round_trip_and_errors(tmp_path):
     back = RunConfig.from_mapping(cfg2.to_dict())
     assert (back.speed, back.lora) == (cfg2.speed, cfg2.lora)
     for bad, needle in [({"compile": "max"}, "speed.compile"), ({"cache": "first-block"}, "first-block:T"),
-                        ({"cache": "mag:0.1"}, "mag_ratios"), ({"mag_ratios": [0, 1]}, "positive")]:
+                        ({"cache": "mag", "mag_ratios": [1.0]}, "mag:T"), ({"mag_ratios": [0, 1]}, "positive")]:
         with pytest.raises(ConfigError, match=needle):
             SpeedConfig(**bad)
     with pytest.raises(ConfigError, match="only .safetensors"):
@@ -336,7 +339,8 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     JSON + markdown are written with the table printed last."""
     from benchmarks.harness import levers
 
-    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9"]) == 0
+    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9", "--rows",
+                        "dense", "sta", "compiled", "lora", "cache", "variant"]) == 0  # FP8 rows: the test below
     data = json.loads((tmp_path / "levers.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert len(rows) == 6 and all("error" not in r and "skipped" not in r for r in rows.values()), rows.keys()
@@ -348,7 +352,7 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     assert rows["dense (cuDNN SDPA)"]["attention"]["backend"] == "flex"
     assert [type(r["vae_tiling"]) for r in rows.values()] == [type(None)] * 3 + [bool, bool, type(None)]
     lora = rows["+ LoRA, fused"]["lora"][0]
-    assert lora["rank"] == 4 and lora["format"] == "original" and lora["ignored_keys"] == 2
+    assert lora["rank"] == 4 and lora["format"] == "original" and lora["diff_keys"]["diff_m"] == 2
     cache = rows["+ cache first-block:0.1"]
     assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
     assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
@@ -373,13 +377,14 @@ def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():
     g = plan_item(base, item, "tiny").settings
     attention = {k: v for k, v in base.attention.to_dict().items() if k != "backend"}  # added later, not keyed
     before = {"index": 0, "prompt": "a fox", "name": None, "model": "tiny", "attention": attention,
-              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler")}}
+              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler", "crf")}}
     assert key == hashlib.sha256(json.dumps(before, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     assert plan_item(base.with_levers(compile="blocks"), item, "tiny").key == key
     keys = {plan_item(c, item, "tiny").key for c in (
         base.with_levers(lora=["a.safetensors"]), base.with_levers(lora=["a.safetensors:0.5"]),
-        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"))}
-    assert len(keys) == 4 and key not in keys
+        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"),
+        base.with_levers(quantize="fp8"), base.override(vae_dtype="bf16"))}
+    assert len(keys) == 6 and key not in keys
 
 
 def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
@@ -414,3 +419,33 @@ def test_levers_backend_option_reaches_sparse_rows_only():
     assert rows[0].key == "dense" and rows[0].attention.backend == "flex"
     assert {r.attention.backend for r in rows[1:]} == {"fa4"}
     assert levers.build_parser().parse_args(["--out", "o"]).attention_backend == "auto"
+
+
+@pytest.mark.slow
+def test_levers_fp8_and_fast_decode_rows_on_the_cpu(tmp_path):
+    """Guards the GPU job's FP8 rows (benchmarks/jobs/gpu_speed.sh levers) on the CPU through torchao's real
+    float8 layers: FP8 after the fused LoRA (20 tiny block Linears), the fast-decode row reusing
+    them (already quantised, VAE in bf16), every generate free of compiles, the quality records
+    (FP8 changes the latents, the bf16 decode only the frames), the goals and the ESTIMATED
+    published operating point."""
+    from benchmarks.harness import levers
+
+    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--rows", "lora", "fp8",
+                        "fastdecode"]) == 0
+    data = json.loads((tmp_path / "levers.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert data["fp8_emulated_on_cpu"] is True and list(rows) == ["lora", "fp8", "fastdecode"]
+    assert rows["lora"]["quantize"] == {"mode": "none"}
+    assert rows["fp8"]["quantize"]["linear_modules"] == 20 and rows["fp8"]["quantize"]["already_quantized"] == 0
+    assert rows["fastdecode"]["quantize"]["already_quantized"] == 20 and rows["fastdecode"]["vae_dtype"] == "bf16"
+    assert all(r["graphs_compiled_in_generate"] == 0 and r["compile"] == "blocks" and r["compile_error"] is None
+               for r in rows.values())  # FP8 layers inside the compiled blocks, no eager fallback
+    q = data["quality"]
+    assert 1e-4 < q["fp8_vs_bf16"]["final_latents_rel_l2"] < 0.1 and len(q["fp8_vs_bf16"]["noise_rel_l2_per_step"]) == 4
+    assert q["bf16_decode_vs_fp32_decode"]["final_latents_rel_l2"] == 0.0
+    assert 30 < q["bf16_decode_vs_fp32_decode"]["psnr_db"] < 200
+    goal = data["summary"]["speed_goal"]
+    assert goal["row"] == "+ fast decode (bf16 VAE)" and goal["non_attention_ratio_vs_bf16"] > 0
+    assert data["summary"]["cfg50_estimates"][-1]["config"].startswith("published operating point")
+    md = (tmp_path / "levers.md").read_text()
+    assert "| + FP8 linears vs + LoRA, fused |" in md and "Goals (+ fast decode (bf16 VAE))" in md

@@ -185,7 +185,7 @@ def test_memory_config_and_flags():
     o = cfg.override(offload="sequential", transformer="/ck", model="x/y", steps=3)
     assert (o.memory.offload, o.memory.vae_tiling, o.model.transformer, o.model.base, o.generation.steps) == (
         "sequential", "off", "/ck", "x/y", 3)
-    assert o.to_dict()["memory"] == {"offload": "sequential", "vae_tiling": "off"}
+    assert o.to_dict()["memory"] == {"offload": "sequential", "vae_tiling": "off", "vae_dtype": "fp32"}
     assert o.to_dict()["model"] == {"base": "x/y", "transformer": "/ck", "recommended_transformer": None}
     for bad, key in [({"memory": {"offload": "cpu"}}, "memory.offload"),
                      ({"memory": {"vae_tiling": True}}, "memory.vae_tiling"),
@@ -208,3 +208,16 @@ def test_bad_memory_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"wan-nabla: error: {flag} (memory.") and allowed in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_tiling_auto_uses_the_need_of_the_vae_dtype(monkeypatch):
+    """Guards: the auto rule reads memory.vae_dtype: a bf16 decode needs about half the fp32
+    memory, so a card with room for the bf16 decode but not the fp32 one decodes bf16 untiled."""
+    from wan_nabla import offload
+
+    fp32, bf16 = offload.untiled_decode_gib(1280, 720, 81), offload.untiled_decode_gib(1280, 720, 81, "bf16")
+    assert 0.45 < bf16 / fp32 < 0.56
+    monkeypatch.setattr(offload, "free_device_gib", lambda device: bf16 * 1.25 + 0.5)
+    cuda = torch.device("cuda", 0)
+    assert vae_tiling_on(MemoryConfig(), 1280, 720, 81, cuda)
+    assert not vae_tiling_on(MemoryConfig(vae_dtype="bf16"), 1280, 720, 81, cuda)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import wan_nabla.attention.processors as P
+from wan_nabla.attention.backends import flex
 from wan_nabla.config import RunConfig
 from wan_nabla.pipeline import VideoGenerator
 from wan_nabla.tiny import build_tiny_pipeline
 
-SMALL = dict(size=(128, 128), frames=17, steps=4)
+SMALL = {"size": (128, 128), "frames": 17, "steps": 4}
 
 
 def _gen(attention: dict, **gen) -> VideoGenerator:
@@ -22,12 +22,24 @@ def _gen(attention: dict, **gen) -> VideoGenerator:
 
 def test_full_attention_loop_equals_diffusers_pipeline():
     """Guards: our loop (batched CFG, shift, seeded CPU noise, VAE decode) is Wan2.1's loop:
-    same frames as diffusers' WanPipeline.__call__ for the same seed."""
+    same frames as diffusers' WanPipeline.__call__ for the same seed, given the same negative
+    prompt (Wan's, our default) and the same schedule (Wan's FlowUniPC sigmas at shift 5, which
+    WanPipeline cannot be asked for: its scheduler is given them here; test_parity pins them)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from wan_nabla.config import WAN_NEGATIVE_PROMPT
+    from wan_nabla.sampling import wan_unshifted_sigmas
+
+    class WanSchedule(UniPCMultistepScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+            super().set_timesteps(device=device, sigmas=wan_unshifted_sigmas(num_inference_steps))
+
     gen = _gen({"type": "full"})
     ours = gen.generate("a red fox", progress=False, seed=3, **SMALL).frames
     gen.close()
     pipe = build_tiny_pipeline(seed=0)
-    ref = pipe(prompt="a red fox", negative_prompt="", height=128, width=128, num_frames=17,
+    pipe.scheduler = WanSchedule.from_config(pipe.scheduler.config, flow_shift=5.0)
+    ref = pipe(prompt="a red fox", negative_prompt=WAN_NEGATIVE_PROMPT, height=128, width=128, num_frames=17,
                num_inference_steps=4, guidance_scale=5.0, output_type="np",
                generator=torch.Generator("cpu").manual_seed(3)).frames[0]
     assert ours.shape == ref.shape == (17, 128, 128, 3)
@@ -48,9 +60,9 @@ def test_dense_steps_switch_at_the_right_step(monkeypatch):
     kernel_steps = []
     gen = _gen({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2})
     run = gen.handle.run
-    real_s, real_d = P.sparse_attention, P.dense_attention
-    monkeypatch.setattr(P, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k))
-    monkeypatch.setattr(P, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k))
+    real_s, real_d = flex.sparse_attention, flex.dense_attention
+    monkeypatch.setattr(flex, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k))
+    monkeypatch.setattr(flex, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k))
     res = gen.generate("a fox", progress=False, **SMALL)
     per_step = res.attention["per_step"]
     assert per_step[:2] == [1.0, 1.0]
@@ -92,11 +104,40 @@ def test_sparse_generation_differs_from_dense():
     assert np.abs(dense - sparse).max() > 1e-3
 
 
+def test_use_config_swaps_attention_like_a_fresh_generator():
+    """Guards VideoGenerator.use_config (serve's per-job preset): the swapped-in attention gives the
+    video a generator built with it gives, swapping back gives the first video again, a bad
+    attention section leaves the working one installed, and load-time sections cannot change."""
+    import dataclasses
+
+    from wan_nabla.config import ConfigError
+    from wan_nabla.wan.hooks import handle_of
+
+    small = dict(SMALL, steps=2)
+    sta = {"type": "sta", "sta_window": [1, 1, 1]}
+    gen = _gen({"type": "full"})
+    dense = gen.generate("a fox", progress=False, **small).frames
+    fresh = _gen(sta)
+    want = fresh.generate("a fox", progress=False, **small).frames
+    base = gen.config
+    gen.use_config(dataclasses.replace(base, attention=fresh.config.attention))
+    np.testing.assert_array_equal(gen.generate("a fox", progress=False, **small).frames, want)
+    gen.use_config(base)
+    np.testing.assert_array_equal(gen.generate("a fox", progress=False, **small).frames, dense)
+    bad = dataclasses.replace(fresh.config.attention, dense_layers=(99,))
+    with pytest.raises(ConfigError, match="dense_layers"):
+        gen.use_config(dataclasses.replace(base, attention=bad))
+    assert gen.config is base and gen.handle.run.config == base.attention
+    assert handle_of(gen.pipe.transformer) is gen.handle
+    with pytest.raises(ValueError, match="speed"):
+        gen.use_config(dataclasses.replace(base, speed=dataclasses.replace(base.speed, cache="first-block:0.05")))
+
+
 def test_verbose_logs_density_per_step(caplog):
     import logging
 
     gen = _gen({"type": "nabla", "threshold": 0.5})
-    with caplog.at_level(logging.DEBUG, logger="wan_nabla.attention.processors"):
+    with caplog.at_level(logging.DEBUG, logger="wan_nabla.attention.run"):
         gen.generate("a fox", progress=False, **SMALL)
     lines = [r.getMessage() for r in caplog.records if "density" in r.getMessage()]
     assert len(lines) == 4 and lines[0].startswith("step 0: nabla 0.5 mean kept-block density")

@@ -38,7 +38,7 @@ def _error(argv: list[str], capsys) -> str:
 
 # ---- 1. the light paths import no torch ------------------------------------------------------------
 LIGHT_PATHS = [
-    ["--help"], ["generate", "--help"], ["batch", "--help"], ["compare", "--help"], ["presets"],
+    ["--help"], ["generate", "--help"], ["batch", "--help"], ["compare", "--help"], ["serve", "--help"], ["presets"],
     ["presets", "--show", "nabla_0.7"],
     ["generate", "--prompt", "x", "--size", "100x100"],
     ["generate", "--prompt", "x", "--model", "tiny", "--lora", "x.safetensors:abc"],
@@ -259,9 +259,10 @@ def test_generator_binds_its_parallel_layout_once(monkeypatch):
     from wan_nabla.config import RunConfig
     from wan_nabla.pipeline import VideoGenerator
     from wan_nabla.tiny import build_tiny_pipeline
+    from wan_nabla.wan import hooks
 
     calls = {"apply": 0, "compile": 0}
-    real_apply, real_compile = adapter.apply_attention, adapter.compile_blocks
+    real_apply, real_compile = hooks.apply_attention, adapter.compile_blocks
 
     def apply(*a, **k):
         calls["apply"] += 1
@@ -271,7 +272,7 @@ def test_generator_binds_its_parallel_layout_once(monkeypatch):
         calls["compile"] += 1
         return real_compile(*a, **k)
 
-    monkeypatch.setattr(adapter, "apply_attention", apply)
+    monkeypatch.setattr(hooks, "apply_attention", apply)
     monkeypatch.setattr(adapter, "compile_blocks", compile_blocks)
     par = types.SimpleNamespace(sequence_parallel=lambda: None, item_mean=lambda x: x)
     cfg = RunConfig.from_mapping({"attention": {"type": "nabla", "threshold": 0.7}, "speed": {"compile": "blocks"}})

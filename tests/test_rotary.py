@@ -43,8 +43,9 @@ def test_rotary_kernel_and_fused_pooling_in_interpreter():
         import torch
         from tests import reference as R
         from wan_nabla import apply_attention
-        from wan_nabla.attention import fa4, masks, rotary
-        from wan_nabla.attention import processors as P
+        from wan_nabla.attention import backends, masks, rotary
+        from wan_nabla.attention import run as P
+        from wan_nabla.attention.backends import fa4
         from wan_nabla.attention.layout import TileLayout
         g = torch.Generator().manual_seed(0)
         for grid, d, dtype in (((3, 9, 13), 24, torch.float32), ((2, 8, 16), 32, torch.bfloat16),
@@ -67,7 +68,7 @@ def test_rotary_kernel_and_fused_pooling_in_interpreter():
                                    R.key_valid_mask_imitation, "imitation")
         fa4.load = lambda: (imitation, "imitation")
         fa4.DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-        P.resolve_backend = lambda requested, device, dtype=None: ("fa4", "imitation")
+        backends.resolve_backend = lambda requested, device, dtype=None: ("fa4", "imitation")
         tr = R.tiny_transformer(seed=0)
         inputs = (torch.randn(2, 16, 3, 18, 26, generator=g), torch.tensor([700.0, 300.0]),
                   torch.randn(2, 7, 32, generator=g))

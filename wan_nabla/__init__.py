@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
 if TYPE_CHECKING:
-    from .adapter import AttentionHandle, apply_attention
+    from .wan.hooks import AttentionHandle, apply_attention
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,9 @@ _HEAVY = {"AttentionHandle", "apply_attention"}
 
 def __getattr__(name: str) -> Any:
     if name in _HEAVY:
-        from . import adapter
+        from .wan import hooks
 
-        return getattr(adapter, name)
+        return getattr(hooks, name)
     raise AttributeError(f"module 'wan_nabla' has no attribute {name!r}")
 
 

@@ -1,26 +1,10 @@
-"""All coupling to diffusers' Wan2.1 transformer lives here.
+"""The denoising loop's calls into diffusers' WanPipeline components, and the speed levers.
 
-    handle = apply_attention(pipe.transformer, {"type": "nabla", "threshold": 0.7})
-    handle.run.set_step(i)        # the denoising loop reports the step (dense_steps schedule)
-    handle.run.density_summary()  # kept-block density per step
-    handle.remove()               # original processors and hooks back, bit-for-bit behaviour
+    pos, neg = encode_prompts(pipe, "a fox", "", cfg=True, device=dev)
+    latents = initial_latents(pipe, 832, 480, 81, seed=0, device=dev)
+    noise = denoise(pipe, latents, t, embeds, context="cond")
 
-What is patched, and why here:
-- every `blocks[i].attn1.processor` becomes a WanSparseAttnProcessor (cross-attention `attn2`
-  is untouched);
-- for sparse types, three forward hooks put tokens in tile order once per forward, not per layer:
-  `patch_embedding` (its [B, C, F, H, W] output is returned as [B, C, S_pad, 1, 1], so diffusers'
-  own `flatten(2).transpose(1, 2)` yields tile order), `rope` (cos/sin tables reordered the same
-  way, as float32), and `proj_out` (tile order undone and pads dropped before unpatchify);
-- a forward pre-hook on the transformer derives the TileLayout from the input latent shape.
-With `sequence_parallel` (a distributed.SequenceParallel, Ulysses over U ranks) the same three
-hooks also shard: `patch_embedding` keeps this rank's contiguous chunk of whole tiles (of raster
-tokens for `full`, which has no tile order), `rope` slices its tables to that chunk, and
-`proj_out` all-gathers the chunks before the tile order is undone, so diffusers' unpatchify sees
-the whole sequence. Everything between (norms, modulation, cross-attention, FFN) is per token;
-the self-attention processor does the all-to-alls around the attention (processors.py).
-diffusers' forward itself is not copied. `check_compatible` fails loudly if the processor call
-signature or the module names this relies on change (tested against the pinned diffusers range).
+The attention patch itself (processor and model hooks) is wan/hooks.py and wan/processor.py.
 
 Speed levers (pipeline.VideoGenerator applies them in this order: attention, LoRA, compile, cache):
     compiled = compile_blocks(pipe.transformer, handle.run, "blocks")   # before enable_cache
@@ -38,166 +22,22 @@ Speed levers (pipeline.VideoGenerator applies them in this order: attention, LoR
   one skip decision, "cond"/"uncond" for separate passes) and `reset_cache` clears the state
   between videos (otherwise a video's first step compares against the last one's residual).
 
-Limits: Wan2.1 text-to-video transformers (no per-token timesteps, no image context).
+Limits: Wan2.1 text-to-video pipelines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .config import AttentionConfig, ConfigError
-from .attention.layout import TILE_TOKENS
-from .attention.processors import AttentionRun, WanSparseAttnProcessor
+from .attention.run import AttentionRun
 from .model_source import WAN_SCHEDULER_CONFIG  # noqa: F401 - re-exported: Wan2.1's scheduler, known without torch
 
-_HANDLE_ATTR = "_wan_nabla_handle"
 log = logging.getLogger(__name__)
-
-
-def check_compatible(transformer: torch.nn.Module) -> None:
-    """Raise a clear error if the transformer is not the diffusers Wan2.1 layout we patch."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    if not isinstance(transformer, WanTransformer3DModel):
-        raise TypeError(f"apply_attention expects a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
-    params = list(inspect.signature(WanAttnProcessor.__call__).parameters)
-    expected = ["self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"]
-    if params[: len(expected)] != expected:
-        raise RuntimeError(f"unsupported diffusers version: WanAttnProcessor.__call__ takes {params}, expected {expected}")
-    for name in ("rope", "patch_embedding", "proj_out", "blocks", "enable_cache", "cache_context",
-                 "_reset_stateful_cache"):
-        if not hasattr(transformer, name):
-            raise RuntimeError(f"unsupported diffusers version: WanTransformer3DModel has no '{name}'")
-    if getattr(transformer.config, "image_dim", None) is not None:
-        raise ValueError("image-conditioned Wan transformers (I2V) are not supported; use a T2V checkpoint")
-
-
-class AttentionHandle:
-    """What apply_attention returns: the shared run context and a way to undo the patch."""
-
-    def __init__(self, transformer, run: AttentionRun, originals: list, hooks: list):
-        self.transformer = transformer
-        self.run = run
-        self._originals = originals
-        self._hooks = hooks
-        self.active = True
-
-    def remove(self) -> None:
-        if not self.active:
-            return
-        for block, proc in zip(self.transformer.blocks, self._originals):
-            block.attn1.processor = proc
-        for h in self._hooks:
-            h.remove()
-        setattr(self.transformer, _HANDLE_ATTR, None)
-        self.active = False
-
-    def __enter__(self) -> AttentionHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def apply_attention(
-    transformer, attention: AttentionConfig | Mapping[str, Any], kernel_options: dict | None = None,
-    sequence_parallel=None,
-) -> AttentionHandle:
-    """Install wan-nabla processors on every self-attention of `transformer`; see module doc.
-    `sequence_parallel`: a distributed.SequenceParallel to shard tokens over its ranks (or None)."""
-    check_compatible(transformer)
-    config = AttentionConfig.from_mapping(attention)
-    n_layers = len(transformer.blocks)
-    bad = [i for i in config.dense_layers if i >= n_layers]
-    if bad:
-        raise ConfigError(f"attention.dense_layers: {bad} out of range; this transformer has blocks 0..{n_layers - 1}")
-    sp = sequence_parallel
-    heads = transformer.config.num_attention_heads
-    if sp is not None and heads % sp.size:
-        raise ConfigError(f"parallel.ulysses_degree: {sp.size} does not divide the model's {heads} attention heads; "
-                          f"use a divisor of {heads}")
-    if getattr(transformer, _HANDLE_ATTR, None) is not None:
-        raise RuntimeError("attention is already applied to this transformer; call handle.remove() first")
-
-    run = AttentionRun(config, kernel_options, sequence_parallel=sp)
-    originals = [block.attn1.processor for block in transformer.blocks]
-    for i, block in enumerate(transformer.blocks):
-        block.attn1.processor = WanSparseAttnProcessor(run, i)
-
-    hooks = [transformer.register_forward_pre_hook(_make_layout_hook(transformer, run), with_kwargs=True)]
-    if config.sparse or sp is not None:
-        hooks += [
-            transformer.patch_embedding.register_forward_hook(_make_patch_hook(run)),
-            transformer.rope.register_forward_hook(_make_rope_hook(run)),
-            transformer.proj_out.register_forward_hook(_make_unpatch_hook(run)),
-        ]
-    handle = AttentionHandle(transformer, run, originals, hooks)
-    setattr(transformer, _HANDLE_ATTR, handle)
-    return handle
-
-
-def _make_layout_hook(transformer, run: AttentionRun):
-    p_t, p_h, p_w = transformer.config.patch_size
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if timestep is not None and timestep.ndim == 2:
-            raise ValueError("per-token timesteps (Wan2.2 TI2V) are not supported by wan-nabla's tile layout")
-        _, _, f, h, w = x.shape  # [B, C, F, H, W] latents
-        layout = run.layout_for(f // p_t, h // p_h, w // p_w, x.device, x.dtype) if run.config.sparse else None
-        run.layout = layout
-        sp = run.sequence_parallel
-        if sp is not None:  # shards of whole 64-token tiles in tile order, of single tokens in raster order
-            if layout is not None:
-                sp.set_sequence(layout.padded_len, TILE_TOKENS)
-            else:
-                sp.set_sequence((f // p_t) * (h // p_h) * (w // p_w), 1)
-        return None
-
-    return hook
-
-
-def _make_patch_hook(run: AttentionRun):
-    def hook(module, args, out_BCFHW):
-        if run.layout is not None:
-            x_BSC = run.layout.grid_to_tiles(out_BCFHW.permute(0, 2, 3, 4, 1))
-        else:
-            x_BSC = out_BCFHW.flatten(2).transpose(1, 2)
-        if run.sequence_parallel is not None:
-            x_BSC = run.sequence_parallel.shard(x_BSC, dim=1)
-        return x_BSC.transpose(1, 2)[..., None, None]  # diffusers flattens dims 2.. next
-
-    return hook
-
-
-def _make_rope_hook(run: AttentionRun):
-    def hook(module, args, out):
-        cos, sin = out  # [1, S, 1, D] raster order
-        if run.layout is not None:
-            cos, sin = (run.layout.to_tiles(t[:, :, 0].float(), seq_dim=1)[:, :, None] for t in (cos, sin))
-        if run.sequence_parallel is not None:
-            cos, sin = (run.sequence_parallel.shard(t, dim=1) for t in (cos, sin))
-        return cos, sin
-
-    return hook
-
-
-def _make_unpatch_hook(run: AttentionRun):
-    def hook(module, args, out_BSC):
-        if run.sequence_parallel is not None:
-            out_BSC = run.sequence_parallel.gather(out_BSC, dim=1)
-        return run.layout.from_tiles(out_BSC, seq_dim=1) if run.layout is not None else out_BSC
-
-    return hook
-
 
 # ---- the denoising loop's calls into diffusers' WanPipeline components ------------------------
 TEXT_MAX_TOKENS = 512  # Wan2.1 pads/truncates prompts to 512 UMT5 tokens
@@ -227,45 +67,24 @@ def initial_latents(pipe, width: int, height: int, frames: int, seed: int, devic
 
 
 def make_scheduler(pipe, shift: float, sampler: str = "unipc"):
-    """A fresh flow-matching scheduler with this shift: a copy of the pipeline's own (unipc), or
-    first-order Euler (euler; config.GenerationConfig.sampler)."""
-    if sampler == "euler":
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    """A fresh flow-matching scheduler with this shift (sampling.make_scheduler on the pipeline's own)."""
+    from .sampling import make_scheduler as make
 
-        return FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=shift)
-    return type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
+    return make(pipe.scheduler, shift, sampler)
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
-    """Wan's UniPC timesteps, or for Euler the sigmas linspace(1, 0, steps + 1)[:-1], shifted by the
-    scheduler (4 steps: timesteps 1000, 750, 500, 250 before the shift)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """Wan's FlowUniPC schedule for UniPC, the distilled LoRAs' schedule for Euler (sampling.py)."""
+    from .sampling import set_timesteps as set_steps
 
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        sigmas = [1.0 - i / steps for i in range(steps)]
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
-    else:
-        scheduler.set_timesteps(steps, device=device)
+    set_steps(scheduler, steps, device)
 
 
 def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:
-    """False iff diffusers' scheduler would fail to run `steps` at `shift`, decided without a model.
+    """False iff diffusers' scheduler would fail to run `steps` at `shift` (sampling.sampler_runs)."""
+    from .sampling import sampler_runs as runs
 
-    UniPCMultistepScheduler finds its start with index_for_timestep(timesteps[0]), which takes the
-    *second* match when the first timestep occurs twice; the run then ends one index past the
-    schedule, and `step` fails (`assert self.this_order > 0`) at the last step. Integer timesteps
-    coincide when sigma_1 rounds to sigma_0's timestep (999): at shift 3.0 from 334 steps, at 5.0
-    from 201. Schedulers without that lookup are assumed to run."""
-    import diffusers
-
-    cls = getattr(diffusers, str(scheduler_config.get("_class_name", "")), None) or diffusers.UniPCMultistepScheduler
-    sched = cls.from_config(dict(scheduler_config), flow_shift=shift)
-    find = getattr(sched, "index_for_timestep", None)
-    if find is None:
-        return True
-    sched.set_timesteps(steps)
-    return int(find(sched.timesteps[0])) == 0
+    return runs(scheduler_config, steps, shift)
 
 
 def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
@@ -387,13 +206,19 @@ def reset_cache(transformer) -> None:
         transformer._reset_stateful_cache()
 
 
-def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None):
+def decode_video(pipe, latents: torch.Tensor, device: torch.device | None = None, decoder=None):
     """Latents -> float frames [T, H, W, 3] in [0, 1] (numpy), through the Wan VAE in its own dtype,
-    on `device` (default: where the VAE's weights are; give it when an offload hook moves the VAE)."""
+    on `device` (default: where the VAE's weights are; give it when an offload hook moves the VAE).
+    `decoder(z) -> video [B, 3, T, H, W] or None` replaces vae.decode (the split decode: None on
+    the ranks that do not assemble, and then this returns None)."""
     vae = pipe.vae
     z = vae.config.z_dim
     latents = latents.to(device=device or next(vae.parameters()).device, dtype=vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-    video = vae.decode(latents * std + mean, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+    scaled = latents * std + mean
+    video = vae.decode(scaled, return_dict=False)[0] if decoder is None else decoder(scaled)
+    if video is None:
+        return None
+    # float32 for the postprocessing's numpy conversion (numpy has no bfloat16)
+    return pipe.video_processor.postprocess_video(video.float(), output_type="np")[0]

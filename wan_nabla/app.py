@@ -73,6 +73,20 @@ def check_device(name: str) -> None:
         raise UsageError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
 
 
+def check_quantize(cfg: RunConfig) -> None:
+    """UsageError if the run asks for FP8 linears on a device that cannot run them (quantize.py):
+    an explicit request is refused, never run in bf16 under the fp8 label."""
+    if cfg.speed.quantize == "none":
+        return
+    from .quantize import fp8_unsupported
+
+    name = cfg.generation.device
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    why = fp8_unsupported(device)
+    if why is not None:
+        raise UsageError(f"--quantize {cfg.speed.quantize}: {why}; use --quantize none")
+
+
 @functools.lru_cache(maxsize=256)
 def _max_steps(scheduler_json: str, shift: float) -> int:
     """Most steps the scheduler runs at `shift` (1..1000). The failing counts are all counts from
@@ -111,6 +125,7 @@ def item_check(facts: ModelFacts, attention) -> Callable[[GenerationConfig], Non
 def check_environment(plan: RunPlan) -> None:
     """The checks that need torch (module doc); then the plan's notes, logged once."""
     check_device(plan.config.generation.device)
+    check_quantize(plan.config)
     if plan.command != "batch":  # a batch checks each item's own settings (a failed item, not exit 2)
         check_sampler(plan.facts, plan.config.generation)
     for note in plan.notes:

@@ -43,6 +43,7 @@ from .config import (
 )
 from .errors import USAGE_ERRORS, PeerFailure, UsageError, describe_failure
 from .interrupts import Interrupted, handle_signals
+from .log_setup import THIRD_PARTY_LOGGERS, keep_one_handler, setup_logging  # noqa: F401 - used below and by tests
 from .model_source import TINY_GENERATION
 from .presets import PRESET_DIR, list_presets, preset_path
 from .requests import (
@@ -74,7 +75,9 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--offload", help="memory mode: none (all on the GPU), model (each component on the GPU "
                    "only while it runs), group (transformer blocks streamed in), sequential (lowest memory)")
     p.add_argument("--vae-tiling", help="decode in tiles: auto (from 1280x720, or with group/sequential), on, off")
-    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: empty)")
+    p.add_argument("--vae-dtype", help="VAE decode precision: fp32 or bf16 (default: the config's memory.vae_dtype, fp32)")
+    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance (default: Wan2.1's "
+                   "sample_neg_prompt when guidance > 1; --negative-prompt '' for none)")
     p.add_argument("--size", help=f"WIDTHxHEIGHT in pixels, multiples of 16, at most {MAX_SIDE} "
                                   f"(default: {d.width}x{d.height}; with --model tiny {tw}x{th})")
     p.add_argument("--frames", type=int, help=f"number of video frames, 4k+1, at most {MAX_FRAMES} "
@@ -85,16 +88,22 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
     p.add_argument("--guidance-scale", type=float, help=f"classifier-free guidance scale in [0, {MAX_GUIDANCE:g}]; "
                                                         f"<= 1 turns CFG off (default: {d.guidance_scale:g})")
     p.add_argument("--shift", type=float, help=f"flow-matching shift in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}] "
-                                               "(default: 5.0 for 720p and larger, 3.0 below)")
+                                               "(default: 5.0, Wan2.1's T2V value at every size; 1.3B: "
+                                               "Wan recommends 8-12 with guidance 6, the wan_1.3b preset)")
     p.add_argument("--seed", type=int, help=f"random seed, 0..2**63-1 (default: {d.seed}; batch: a base for "
                                             "per-item seeds)")
     p.add_argument("--fps", type=int, help=f"frames per second of the MP4, 1..240 (default: {d.fps})")
+    p.add_argument("--crf", type=int, help=f"MP4 quality, x264 CRF 0..51, lower is finer (default: {d.crf}, "
+                                           "visually lossless; Wan2.1's imageio quality=8 is CRF 10)")
     p.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {d.device}: cuda if available)")
-    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE runs "
-                                   f"in float32 (default: {d.dtype})")
+    p.add_argument("--dtype", help=f"bfloat16, float16 or float32 for transformer and text encoder; the VAE's "
+                                   f"is --vae-dtype (default: {d.dtype})")
     p.add_argument("--sampler", help="unipc (Wan's default) or euler (the schedule of step-distilled LoRAs)")
     p.add_argument("--compile", help="none, blocks, blocks-split or auto (default: blocks on CUDA, none on CPU)")
-    p.add_argument("--cache", help="step cache: none, first-block:T, mag:T[:K] or mag:calibrate (default none)")
+    p.add_argument("--quantize", help="none or fp8: FP8 e4m3 linear layers in the transformer blocks (torchao; "
+                                      "CUDA compute capability >= 8.9; use with --compile blocks) (default none)")
+    p.add_argument("--cache", help="step cache: none, first-block:T, mag (MagCache with the published ratios and "
+                                   "settings of Wan2.1 T2V 1.3B / 14B), mag:T[:K] or mag:calibrate (default none)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a .safetensors LoRA into the transformer (repeatable; replaces the config's lora list)")
     p.add_argument("--ulysses-degree", type=int, metavar="U",
@@ -111,41 +120,12 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
 
 # Libraries whose INFO/DEBUG lines (file locks, HTTP requests, compile internals) are noise next to
 # ours: they stay at WARNING even with --verbose.
-THIRD_PARTY_LOGGERS = ("filelock", "urllib3", "httpx", "httpx2", "httpcore", "huggingface_hub", "fsspec", "torch",
-                       "diffusers", "transformers", "PIL", "matplotlib", "asyncio", "imageio", "imageio_ffmpeg")
-
-
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Which attention calls compare / --save-masks look at closely (comma-separated indices,
     negative from the end; default: first sparse, middle and last step; first, middle, last)."""
     p.add_argument("--sample-steps", metavar="I,J,..", help="denoising steps to sample (e.g. 0,-1)")
     p.add_argument("--sample-layers", metavar="I,J,..", help="transformer blocks to sample (e.g. 0,15,-1)")
     p.add_argument("--sample-heads", metavar="I,J,..", help="heads drawn in the mask pictures")
-
-
-def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else (
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
-        level = max(level, logging.WARNING)
-    # The root logger (every other library) stays at WARNING; only wan_nabla follows the flags.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("wan_nabla").setLevel(level)
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    keep_one_handler()
-
-
-def keep_one_handler() -> None:
-    """huggingface_hub, diffusers and transformers each add their own stderr handler on top of the
-    propagation to ours when they are imported, so every warning of theirs was printed twice:
-    keep only ours. Called again once the runner has imported them (they load after preflight)."""
-    for name in ("huggingface_hub", "diffusers", "transformers"):
-        lib = logging.getLogger(name)
-        for handler in list(lib.handlers):
-            if type(handler) is logging.StreamHandler:
-                lib.removeHandler(handler)
 
 
 # ---- the commands: a typed request, preflight (no torch), then the runner ----------------------
@@ -207,6 +187,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.main import run_serve
+
+    return run_serve(args)
+
+
 GENERATE_EPILOG = """\
 exit codes:
   0    the video and its sidecar were written
@@ -231,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wan-nabla", description="Wan2.1 text-to-video with NABLA/STA sparse attention",
                                      epilog="Exit codes: see `wan-nabla generate --help` and `wan-nabla batch --help`.")
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,serve,bench}")
     raw = argparse.RawDescriptionHelpFormatter
 
     g = sub.add_parser("generate", help="generate one video from a prompt", epilog=GENERATE_EPILOG, formatter_class=raw)
@@ -253,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
+    # --engine ray (batch/ray_engine.py; RayOptions.from_args reads these): docs/scale_out.md
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
+                        "across nodes (needs the [ray] extra)")
+    b.add_argument("--ray-address", metavar="HOST:PORT", help="--engine ray: a running cluster, HOST:PORT or auto (default: RAY_ADDRESS, "
+                                         "else a local cluster started for this run)")
+    b.add_argument("--ray-actors", type=int, metavar="N",
+                   help="--engine ray: pipelines to run (default: one per GPU of the cluster, 2 without GPUs)")
+    b.add_argument("--max-retries", type=int, metavar="N",
+                   help="--engine ray: how often an item whose actor died (killed, node lost, out of memory) runs "
+                        "again on another actor before it is recorded failed (default 2)")
+    b.add_argument("--ray-transfer", action="store_true",
+                   help="--engine ray: actors return the files and this process writes them (when --out-dir is "
+                        "not storage shared by every node)")
     add_generation_flags(b)
     b.set_defaults(func=cmd_batch)
 
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", required=True, help="text prompt")
     c.add_argument("--against", help="the reference config (preset name or YAML path; default full); "
                                      "only its attention is used")
+    c.add_argument("--against-geometry", choices=("exact", "fast"),
+                   help="reference = the candidate's own attention at this kernel geometry (exact 64x64 tile masks "
+                        "or the fast coarsened blocks), instead of --against")
     c.add_argument("--out", required=True, help="output directory (new or empty): report.md, metrics.json, ...")
     c.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     c.add_argument("--no-video", action="store_true", help="skip side_by_side.mp4 (no ffmpeg needed)")
@@ -274,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the bundled attention presets (usable as --config NAME)")
     pr.add_argument("--show", metavar="NAME", help="print one preset's YAML (to copy and edit)")
     pr.set_defaults(func=cmd_presets)
+
+    sv = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-style /v1/videos, a durable queue, a web page)")
+    add_generation_flags(sv, config_help="the server's defaults: a preset name or a YAML path (requests may pick "
+                                         "another bundled preset's attention)")
+    from .serve.main import add_serve_flags
+
+    add_serve_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     sub.add_parser("bench", help="the benchmark harness of a checkout (python -m benchmarks.harness)", add_help=False)
     return parser

@@ -1,10 +1,10 @@
-"""Typed configuration: the attention section, generation defaults, the parallel layout, and their YAML form.
+"""Typed configuration: generation defaults, the parallel layout, and their YAML form.
 
     cfg = load_config("nabla_0.7")                        # a bundled preset by name, or a YAML path
     cfg = cfg.override(steps=4, size=(128, 128))          # CLI flags win over the file
     cfg.model.base, cfg.model.transformer, cfg.memory.offload   # the weights, where they live
     cfg = cfg.with_levers(compile="blocks", cache="first-block:0.05", lora=["l.safetensors:0.8"])
-    att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})
+    att = AttentionConfig.from_mapping({"type": "sta", "sta_window": [3, 1, 1]})  # attention/config.py
 
 YAML is only a serialization of these dataclasses: unknown keys, wrong types and out-of-range
 values raise ConfigError with one line naming the key, the bad value (shortened: a value shown in
@@ -37,17 +37,22 @@ from typing import Any
 
 import yaml
 
+from .attention.config import ATTENTION_BACKENDS, ATTENTION_TYPES, AttentionConfig, ConfigError  # noqa: F401 - re-exported
 from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
 from .presets import preset_names, resolve_config_path
 
-ATTENTION_TYPES = ("full", "nabla", "sta", "nabla_sta")
-ATTENTION_BACKENDS = ("auto", "flex", "fa4")
 DTYPES = ("bfloat16", "float16", "float32")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 AUTO_ON_OFF = ("auto", "on", "off")
 SAMPLERS = ("unipc", "euler")
 COMPILE_MODES = ("auto", "none", "blocks", "blocks-split")
-CACHE_FORMS = "none, first-block:T (T >= 0), mag:T[:K] (T >= 0, K >= 1 skips in a row) or mag:calibrate"
+QUANTIZE_MODES = ("none", "fp8")
+VAE_DTYPES = ("fp32", "bf16")
+DEFAULT_VAE_DTYPE = "fp32"
+"""memory.vae_dtype's default: the one line to change once the GPU measurement decides it
+(docs/speed_levers.md, "FP8 and fast decode")."""
+CACHE_FORMS = ("none, first-block:T (T >= 0), mag (published settings), mag:T[:K] (T >= 0, K >= 1 skips in a "
+               "row) or mag:calibrate")
 
 # Wan2.1's rotary tables hold 1024 positions per axis (WanTransformer3DModel rope_max_seq_len);
 # one position is one latent frame (4 video frames) or one 2x2 patch of 8x8-pixel latents (16 px).
@@ -84,10 +89,6 @@ def utf8_problem(text: str) -> str | None:
         raw = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
         return (f"is not valid UTF-8 ({raw} at character {e.start + 1}); use UTF-8 text "
                 "(check the terminal's or file's encoding)")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming key, value and what is allowed."""
 
 
 def _is_int(v: Any) -> bool:
@@ -127,113 +128,6 @@ def _section(data: Mapping[str, Any], key: str) -> Any:
     return {} if value is None else value
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    """How every self-attention (attn1) of the transformer is computed."""
-
-    type: str = "full"
-    """full | nabla | sta | nabla_sta."""
-    threshold: float | None = None
-    """NABLA: keep the most probable key tiles of each query tile until their coarse mass reaches
-    this value, in (0, 1]. Required for nabla and nabla_sta; 1.0 keeps every tile with mass."""
-    sta_window: tuple[int, int, int] | None = None
-    """STA window (wT, wH, wW): positive odd integers, in latent frames and 8x8-patch tiles.
-    Required for sta and nabla_sta."""
-    dense_steps: int = 0
-    """The first N denoising steps use full attention (published STA preset: 12)."""
-    dense_layers: tuple[int, ...] = ()
-    """Transformer block indices that always use full attention."""
-    block_size: tuple[int, int] | None = None
-    """Kernel block (query tokens, key tokens), each 64 (one tile) or 128 (two tiles). A 128 block
-    is kept if any tile pair in it is kept (a superset of the tile mask, never less). None picks
-    the fastest measured geometry on CUDA and (64, 64), the exact tile mask, on the CPU."""
-    time_pairs: bool | None = None
-    """Order tiles so that a 128-token query block is one 8x8 square over two consecutive latent
-    frames instead of two side-by-side squares (fewer blocks kept after coarsening; measured
-    15-18% faster kernels on H100). None: on whenever the query block is 128 tokens."""
-    backend: str = "auto"
-    """Attention kernels: flex (compiled FlexAttention for sparse, SDPA for dense), fa4
-    (flash-attn-4's CuTe kernels for sparse and dense on sm90+ GPUs), or auto (fa4 where it is
-    installed and the GPU supports it, else flex). The CPU always runs flex; a missing or broken
-    flash-attn-4 falls back to flex with one log line (attention/kernels.py)."""
-
-    def __post_init__(self) -> None:
-        t = self.type
-        if t not in ATTENTION_TYPES:
-            raise ConfigError(f"attention.type: {show(t)} is not allowed; use one of {', '.join(ATTENTION_TYPES)}")
-        uses_nabla = t in ("nabla", "nabla_sta")
-        uses_sta = t in ("sta", "nabla_sta")
-        if uses_nabla:
-            th = self.threshold
-            if th is None:
-                raise ConfigError(f"attention.threshold is required for type {show(t)}; give a number in (0, 1]")
-            if not _is_number(th) or not (0.0 < float(th) <= 1.0):
-                raise ConfigError(f"attention.threshold: {show(th)} is not allowed; use a number in (0, 1]")
-            object.__setattr__(self, "threshold", float(th))
-        elif self.threshold is not None:
-            raise ConfigError(f"attention.threshold: set to {show(self.threshold)} but type {show(t)} does not use it")
-        if uses_sta:
-            w = self.sta_window
-            if w is None:
-                raise ConfigError(f"attention.sta_window is required for type {show(t)}; give [wT, wH, wW]")
-            if (
-                not isinstance(w, (list, tuple))
-                or len(w) != 3
-                or not all(_is_int(x) and x > 0 and x % 2 == 1 for x in w)
-            ):
-                raise ConfigError(
-                    f"attention.sta_window: {show(w)} is not allowed; use three positive odd integers [wT, wH, wW]"
-                )
-            object.__setattr__(self, "sta_window", tuple(int(x) for x in w))
-        elif self.sta_window is not None:
-            raise ConfigError(f"attention.sta_window: set to {show(self.sta_window)} but type {show(t)} does not use it")
-        if not _is_int(self.dense_steps) or self.dense_steps < 0:
-            raise ConfigError(f"attention.dense_steps: {show(self.dense_steps)} is not allowed; use an integer >= 0")
-        dl = self.dense_layers
-        if not isinstance(dl, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in dl):
-            raise ConfigError(
-                f"attention.dense_layers: {show(dl)} is not allowed; use a list of block indices (integers >= 0)"
-            )
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(int(x) for x in dl))))
-        bs = self.block_size
-        if bs is not None:
-            if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in (64, 128) for x in bs):
-                raise ConfigError(f"attention.block_size: {show(bs)} is not allowed; use [q, kv] with each 64 or 128")
-            object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
-        if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
-            raise ConfigError(f"attention.time_pairs: {show(self.time_pairs)} is not allowed; use true, false or null")
-        if self.backend not in ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"attention.backend: {show(self.backend)} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
-
-    @property
-    def sparse(self) -> bool:
-        return self.type != "full"
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | AttentionConfig) -> AttentionConfig:
-        if isinstance(data, AttentionConfig):
-            return data
-        _check_keys("attention", data, tuple(f.name for f in fields(cls)))
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = _fields_dict(self)
-        d["sta_window"] = list(self.sta_window) if self.sta_window else None
-        d["dense_layers"] = list(self.dense_layers)
-        d["block_size"] = list(self.block_size) if self.block_size else None
-        return d
-
-    def label(self) -> str:
-        """Short human name, e.g. 'nabla 0.6 + sta 11-3-3'."""
-        parts = []
-        if self.type in ("nabla", "nabla_sta"):
-            parts.append(f"nabla {self.threshold:g}")
-        if self.type in ("sta", "nabla_sta"):
-            parts.append("sta " + "-".join(str(x) for x in self.sta_window))
-        return " + ".join(parts) if parts else "full"
-
-
 def parse_size(value: Any, key: str = "size") -> tuple[int, int]:
     """'832x480' or [832, 480] -> (width, height); both positive multiples of 16, at most MAX_SIDE."""
     if isinstance(value, str):
@@ -255,9 +149,31 @@ def parse_size(value: Any, key: str = "size") -> tuple[int, int]:
     return int(w), int(h)
 
 
+DEFAULT_CRF = 18
+WAN_CRF = 10
+"""Wan2.1's MP4 quality: wan/utils/utils.py cache_video writes with imageio quality=8, which
+imageio-ffmpeg maps to libx264 -crf int((1 - 8/10) * 51) = 10."""
+
+WAN_T2V_SHIFT = 5.0
+"""Wan2.1's text-to-video flow shift at every size (generate.py `_validate_args`: 5.0 unless i2v
+at 480p or flf2v/vace). The 1.3B model's README advice (shift 8-12, guidance 6) is the `wan_1.3b`
+preset, not a default."""
+
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+"""Wan2.1's `sample_neg_prompt` (wan/configs/shared_config.py), which Wan's and the NABLA fork's
+T2V use whenever the negative prompt is empty: oversaturation, overexposure, static frames, blur,
+subtitles, worst/low quality, JPEG artefacts, extra or malformed fingers, hands and faces,
+deformed limbs, fused fingers, cluttered backgrounds, three legs, crowded backgrounds, walking
+backwards."""
+
+
 def default_shift(width: int, height: int) -> float:
-    """Wan's recommended flow shift: 5.0 for 720p-class sizes, 3.0 for 480p-class and smaller."""
-    return 5.0 if min(width, height) >= 720 else 3.0
+    """The flow shift used when none is given: Wan's T2V value at every size (WAN_T2V_SHIFT)."""
+    return WAN_T2V_SHIFT
 
 
 @dataclass(frozen=True)
@@ -277,8 +193,8 @@ class GenerationConfig:
     steps: int = 50
     """Denoising steps (UniPC flow matching), 1..1000. The scheduler maps each step's sigma to
     one of its 1000 training timesteps, so more steps than that can only repeat timesteps. Not every
-    count up to 1000 runs: when the first two integer timesteps coincide (shift 3.0: from 334
-    steps; shift 5.0: from 201; shift 100: from 11) diffusers' UniPC starts at the wrong index and
+    count up to 1000 runs: when the first two integer timesteps coincide (shift 3.0: from 501
+    steps; shift 5.0: from 251; shift 100: from 12) diffusers' UniPC starts at the wrong index and
     fails with an assertion at the last step. That set depends on the shift, so it is checked
     exactly, with the scheduler itself, before loading (app.check_sampler)."""
     guidance_scale: float = 5.0
@@ -288,21 +204,28 @@ class GenerationConfig:
     measured on the tiny model at g = 1e8; bf16/fp32 at 1e38). Published Wan settings are 5-6 and
     no useful CFG exceeds ~20; 100 keeps a wide margin to every dtype's range."""
     shift: float | None = None
-    """Flow-matching shift in [0.01, 100]; None picks 5.0 for 720p and 3.0 for 480p. The schedule
+    """Flow-matching shift in [0.01, 100]; None is Wan's T2V value, 5.0, at every size. The schedule
     is sigma' = shift*s / (1 + (shift-1)*s): far outside that range every sigma rounds to 0 or 1
     (NaN from UniPC's log-SNR at shift 1e-30 and 1e30, measured), and large shifts leave room for
     only a few steps (see `steps`). Published flow shifts are 1-17."""
     seed: int = 0
     fps: int = 16
-    negative_prompt: str = ""
+    crf: int = DEFAULT_CRF
+    """MP4 quality, x264's constant rate factor in [0, 51] (lower: finer, larger files). 18 is
+    visually lossless for generated video. Wan2.1 writes with imageio quality=8, which imageio-ffmpeg
+    turns into CRF int((1 - 8/10) * 51) = 10 (about 2-3x the file size): --crf 10 for its setting."""
+    negative_prompt: str | None = None
+    """None (not given): Wan's `sample_neg_prompt` (WAN_NEGATIVE_PROMPT) whenever guidance_scale > 1,
+    as Wan and the NABLA fork do; "" (given empty) really is empty."""
     dtype: str = "bfloat16"
-    """Transformer and text-encoder dtype (the VAE always runs in float32)."""
+    """Transformer and text-encoder dtype (the VAE's is memory.vae_dtype)."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     batch_cfg: bool = True
     """Run the conditional and unconditional passes as one batch of two."""
     sampler: str = "unipc"
-    """unipc: Wan's UniPC flow-matching multistep solver on its default timesteps. euler:
+    """unipc: diffusers' UniPC flow-matching multistep solver on Wan's FlowUniPC schedule
+    (sampling.py: sigmas linspace(0.999, 0, steps + 1)[:-1], shifted; the last sigma 0). euler:
     first-order flow-matching Euler on sigmas linspace(1, 0, steps + 1)[:-1] before the shift (for 4
     steps: timesteps 1000/750/500/250), the schedule step-distilled LoRAs such as LightX2V's are
     trained for."""
@@ -329,9 +252,12 @@ class GenerationConfig:
             raise ConfigError(f"generation.seed: {show(self.seed)} is not allowed; use an integer in [0, 2**63)")
         if not _is_int(self.fps) or not (1 <= self.fps <= 240):
             raise ConfigError(f"generation.fps: {show(self.fps)} is not allowed; use an integer in [1, 240]")
-        if not isinstance(self.negative_prompt, str):
+        if not _is_int(self.crf) or not (0 <= self.crf <= 51):
+            raise ConfigError(f"generation.crf: {show(self.crf)} is not allowed; use an integer in [0, 51] "
+                              f"(x264 CRF; default {DEFAULT_CRF}, Wan2.1's imageio quality=8 is {WAN_CRF})")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"generation.negative_prompt: {show(self.negative_prompt)} is not allowed; use a string")
-        if (why := utf8_problem(self.negative_prompt)) is not None:
+        if self.negative_prompt is not None and (why := utf8_problem(self.negative_prompt)) is not None:
             raise ConfigError(f"generation.negative_prompt: {why}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"generation.dtype: {show(self.dtype)} is not allowed; use one of {', '.join(DTYPES)}")
@@ -355,6 +281,13 @@ class GenerationConfig:
     def resolved_shift(self) -> float:
         return self.shift if self.shift is not None else default_shift(*self.size)
 
+    @property
+    def resolved_negative_prompt(self) -> str:
+        """The negative prompt the run encodes: the given one, else Wan's when guidance is on."""
+        if self.negative_prompt is not None:
+            return self.negative_prompt
+        return WAN_NEGATIVE_PROMPT if self.guidance_scale > 1.0 else ""
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> GenerationConfig:
         return _from_section(cls, "generation", data)
@@ -363,6 +296,7 @@ class GenerationConfig:
         d = _fields_dict(self)
         d["size"] = f"{self.size[0]}x{self.size[1]}"
         d["shift"] = self.resolved_shift
+        d["negative_prompt"] = self.resolved_negative_prompt
         return d
 
 
@@ -426,13 +360,21 @@ class MemoryConfig:
     vae_tiling: str = "auto"
     """Decode the video in overlapping spatial tiles (less memory, seams blended): on, off, or auto
     (auto: always with group / sequential offload; else on CUDA when the untiled decode would not
-    fit in free memory, elsewhere from offload.VAE_TILING_AUTO_PIXELS per frame)."""
+    fit in free memory, elsewhere from offload.VAE_TILING_AUTO_PIXELS per frame). Under torchrun
+    with more than one rank per video, auto and on split the tiled decode over those ranks
+    (distributed/decode.py); off: the group's first rank decodes alone, untiled."""
+    vae_dtype: str = DEFAULT_VAE_DTYPE
+    """The VAE decode's precision: fp32 (Wan's reference) or bf16 (about half the memory and
+    time of an fp32 decode on an H200, 47 dB PSNR against it on random weights; the default is
+    chosen from the measurement in docs/speed_levers.md: DEFAULT_VAE_DTYPE)."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"memory.offload: {self.offload!r} is not allowed; use one of {', '.join(OFFLOAD_MODES)}")
         if self.vae_tiling not in AUTO_ON_OFF:
             raise ConfigError(f"memory.vae_tiling: {self.vae_tiling!r} is not allowed; use one of {', '.join(AUTO_ON_OFF)}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ConfigError(f"memory.vae_dtype: {show(self.vae_dtype)} is not allowed; use one of {', '.join(VAE_DTYPES)}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> MemoryConfig:
@@ -445,11 +387,13 @@ class MemoryConfig:
 # Flag-style overrides that RunConfig.override routes to a section other than `generation`.
 _SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "transformer"),
                       "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling"),
+                      "vae_dtype": ("memory", "vae_dtype"),
                       "attention_backend": ("attention", "backend")}
 
 
 def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any]]:
-    """'none' | 'first-block:T' | 'mag:T[:K]' | 'mag:calibrate' -> (kind, parameters)."""
+    """'none' | 'first-block:T' | 'mag' | 'mag:T[:K]' | 'mag:calibrate' -> (kind, parameters); what
+    `mag` leaves out (threshold, K) comes from magcache.resolve for the loaded model."""
     bad = ConfigError(f"{key}: {spec!r} is not allowed; use {CACHE_FORMS}")
     if not isinstance(spec, str):
         raise bad
@@ -462,12 +406,14 @@ def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any
             threshold = float(args[0])
             if math.isfinite(threshold) and threshold >= 0:
                 return "first-block", {"threshold": threshold}
+        if kind == "mag" and not args:
+            return "mag", {}
         if kind == "mag" and args == ["calibrate"]:
             return "mag", {"calibrate": True}
         if kind == "mag" and len(args) in (1, 2):
-            threshold, max_skip = float(args[0]), int(args[1]) if len(args) == 2 else 3
-            if math.isfinite(threshold) and threshold >= 0 and max_skip >= 1:
-                return "mag", {"threshold": threshold, "max_skip_steps": max_skip}
+            threshold, max_skip = float(args[0]), int(args[1]) if len(args) == 2 else None
+            if math.isfinite(threshold) and threshold >= 0 and (max_skip is None or max_skip >= 1):
+                return "mag", {"threshold": threshold, **({"max_skip_steps": max_skip} if max_skip else {})}
     except ValueError:
         pass
     raise bad
@@ -483,25 +429,33 @@ class SpeedConfig:
     auto (blocks on CUDA, none elsewhere)."""
     cache: str = "none"
     """Step cache through diffusers' hooks: none | first-block:T (FirstBlockCache: skip blocks
-    1..N-1 of a step while block 0's residual changed by a relative mean below T) | mag:T[:K]
-    (MagCache: skip whole steps while the error accumulated from `mag_ratios` stays <= T, at most K
-    in a row, never in the first 20% of steps) | mag:calibrate (skip nothing; record the ratios)."""
+    1..N-1 of a step while block 0's residual changed by a relative mean below T) | mag | mag:T[:K]
+    (MagCache: skip whole steps while the error accumulated from the magnitude ratios stays <= T,
+    at most K in a row, never in the first 20% of steps; `mag` alone: the published threshold and
+    K of Wan2.1 T2V 1.3B / 14B, magcache.py) | mag:calibrate (skip nothing; record the ratios)."""
     mag_ratios: tuple[float, ...] | None = None
-    """MagCache's per-step residual magnitude ratios of this model (from mag:calibrate); required
-    by mag:T. Interpolated by diffusers when their count differs from the steps."""
+    """This model's per-step residual magnitude ratios (from mag:calibrate). None: the published
+    ratios of Wan2.1 T2V 1.3B / 14B, chosen by the loaded transformer's shape (other models are
+    refused). Interpolated by diffusers when their count differs from the steps."""
+    quantize: str = "none"
+    """none | fp8: the Linear layers of the transformer blocks run FP8 e4m3 GEMMs with dynamic
+    per-token x per-channel scales (torchao; quantize.py). Needs a CUDA GPU of compute capability
+    >= 8.9 and is meant for compiled blocks (eager FP8 is slower than compiled bf16)."""
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"speed.compile: {self.compile!r} is not allowed; use one of {', '.join(COMPILE_MODES)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"speed.quantize: {show(self.quantize)} is not allowed; use one of {', '.join(QUANTIZE_MODES)}")
         kind, params = parse_cache(self.cache)
         r = self.mag_ratios
         if r is not None:
             if not isinstance(r, (list, tuple)) or not r or not all(_is_number(x) and x > 0 for x in r):
                 raise ConfigError(f"speed.mag_ratios: {r!r} is not allowed; use a list of positive numbers")
             object.__setattr__(self, "mag_ratios", tuple(float(x) for x in r))
-        if kind == "mag" and not params.get("calibrate") and self.mag_ratios is None:
-            raise ConfigError(f"speed.cache: {self.cache!r} needs speed.mag_ratios, this model's ratios; "
-                              "measure them with --cache mag:calibrate (recorded in the sidecar)")
+        if kind == "mag" and self.mag_ratios is not None and "threshold" not in params:
+            raise ConfigError(f"speed.cache: {self.cache!r} takes the published settings, which go with the "
+                              "published ratios; with speed.mag_ratios give the threshold: mag:T[:K]")
 
     @property
     def cache_kind(self) -> str:
@@ -642,6 +596,10 @@ class RunConfig:
             raise ConfigError(f"speed.cache: {self.speed.cache!r} does not combine with parallel.ulysses_degree "
                               f"{self.parallel.ulysses_degree} (each rank would decide to skip blocks from its own "
                               "tokens and the ranks would fall out of step); use cache none, or cfg_parallel alone")
+        if self.speed.quantize == "fp8" and self.generation.dtype == "float32":
+            raise ConfigError("speed.quantize: 'fp8' does not combine with generation.dtype 'float32' (FP8 GEMMs take "
+                              "bf16/fp16 activations; an fp32 run would not be the fp8 path it is labelled as); "
+                              "use dtype bfloat16, or quantize none")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
@@ -659,7 +617,7 @@ class RunConfig:
 
     def override(self, **changes: Any) -> RunConfig:
         """Return a copy with generation fields, `model` (the base), `transformer`, `offload`,
-        `vae_tiling`, `attention_backend` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
+        `vae_tiling`, `vae_dtype`, `attention_backend` and the parallel fields (ulysses_degree, cfg_parallel, timeout_s) replaced;
         None values are ignored."""
         changes = {k: v for k, v in changes.items() if v is not None}
         sections: dict[str, dict[str, Any]] = {}
@@ -680,13 +638,13 @@ class RunConfig:
         )
 
     def with_levers(self, *, compile: str | None = None, cache: str | None = None,
-                    lora: list | None = None) -> RunConfig:
-        """Copy with speed.compile / speed.cache replaced and, when `lora` is given, the LoRA list
-        replaced by it (entries as for LoraSpec.parse); None keeps the config's value."""
+                    lora: list | None = None, quantize: str | None = None) -> RunConfig:
+        """Copy with speed.compile / speed.cache / speed.quantize replaced and, when `lora` is
+        given, the LoRA list replaced by it (entries as for LoraSpec.parse); None keeps the value."""
         speed = self.speed
-        if compile is not None or cache is not None:
-            speed = dataclasses.replace(speed, **{k: v for k, v in (("compile", compile), ("cache", cache))
-                                                  if v is not None})
+        changes = {k: v for k, v in (("compile", compile), ("cache", cache), ("quantize", quantize)) if v is not None}
+        if changes:
+            speed = dataclasses.replace(speed, **changes)
         return dataclasses.replace(self, speed=speed, lora=self.lora if lora is None else lora)
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,14 +4,22 @@ when a file does not fit the model.
     specs = [LoraSpec("loras/lightx2v_t2v_14b_rank64.safetensors", 1.0)]
     preflight_loras(specs)           # before loading a model: peft present, files readable, LoRA keys
     records = load_loras(pipe, specs)   # validate against pipe.transformer, load, fuse, drop the adapter
-    records[0]  # {"path", "scale", "sha256", "format", "modules", "rank", "ignored_keys"}
+    records[0]  # {"path", "scale", "sha256", "format", "modules", "rank", "diff_keys", "ignored_keys"}
 
 Algorithm, per file in order:
 1. Read it with safetensors (`safe_open`; pickles are never loaded, whatever the suffix says).
-2. Convert with diffusers' `WanPipeline.lora_state_dict`: original Wan naming (keys under
+   Difference keys are split off: `X.diff` (a weight delta, e.g. a norm's), `X.diff_b` (a bias
+   delta) and `X.diff_m` (a modulation-table delta), applied as LightX2V applies them
+   (lightx2v/utils/lora_loader.py `apply_lora`): parameter += delta.to(parameter dtype) * scale,
+   in the module's own dtype (the modulation tables and norms stay float32 in a bf16 model).
+   Original names map to diffusers' through diffusers' checkpoint key converter, which also
+   swaps Wan's norm3 (cross-attention norm, affine) and norm2 (FFN norm) into diffusers' norm2 /
+   norm3; `X.diff_m` targets `X.modulation` (`blocks.N.scale_shift_table`, `scale_shift_table`
+   for the head). Every delta must hit a parameter of exactly its shape, or the file is refused.
+2. Convert the rest with diffusers' `WanPipeline.lora_state_dict`: original Wan naming (keys under
    `diffusion_model.`, `lora_down`/`lora_up` or `lora_A`/`lora_B`, `.alpha` folded in as
-   alpha/rank, `.diff_b` bias deltas as `lora_B.bias`, as LightX2V ships them), musubi naming, and
-   diffusers/PEFT naming (`transformer.blocks.0.attn1.to_q.lora_A.weight`) all end in the latter.
+   alpha/rank), musubi naming, and diffusers/PEFT naming
+   (`transformer.blocks.0.attn1.to_q.lora_A.weight`) all end in the latter.
 3. Check every converted key before anything is loaded, because diffusers only logs a warning when
    some targets are missing and silently ignores keys under another prefix: each key must be
    `transformer.<module>.lora_A.weight | lora_B.weight | lora_B.bias`, `<module>` an nn.Linear of
@@ -21,9 +29,10 @@ Algorithm, per file in order:
    the weights' dtype), `unload_lora_weights()`: the delta stays merged and the projections are
    plain nn.Linear again, so a forward costs exactly what the base model's does (and compiled
    blocks see ordinary weights). Scale 0 leaves every weight bit-for-bit unchanged.
-Limits: the merge is permanent for the loaded pipeline (load it again to change a scale). Keys
-diffusers' converter drops (norm `.diff`, modulation `.diff_m`, `dora_scale`) are not applied;
-they are counted in `ignored_keys` and logged as a warning.
+5. The difference keys of step 1 are added, counted per kind in the record's `diff_keys`.
+Limits: the merge is permanent for the loaded pipeline (load it again to change a scale).
+`dora_scale` keys are not applied; they are counted in `ignored_keys` and logged as a warning.
+Difference keys in musubi naming are refused (none are known to exist).
 """
 
 from __future__ import annotations
@@ -45,11 +54,15 @@ from .preflight import preflight_loras, safetensors_keys  # noqa: F401 - the lig
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
-_DROPPED = re.compile(r"(\.diff|\.diff_m|dora_scale)$|norm[^.]*\.diff_b$")
+_DROPPED = re.compile(r"dora_scale$")
+DIFF_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
+"""LightX2V's difference keys: suffix -> the parameter of the module they are added to."""
+_DIFF = re.compile(r"\.(diff|diff_b|diff_m)$")
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The file's tensors converted to diffusers naming, and facts about it (format, ignored keys)."""
+    """The file's LoRA pairs converted to diffusers naming, and facts about it (format, ignored
+    keys, and `diffs`: {file key: tensor} of its difference keys, applied by apply_diffs)."""
     path = Path(path)
     keys = safetensors_keys(path)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
@@ -57,11 +70,69 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     fmt = ("original" if any(k.startswith("diffusion_model.") for k in raw)
            else "musubi" if any(k.startswith("lora_unet_") for k in raw) else "diffusers")
     ignored = sorted(k for k in raw if _DROPPED.search(k))
-    try:
-        converted = WanPipeline.lora_state_dict(dict(raw))
-    except Exception as e:  # diffusers' converters raise ValueError/KeyError/IndexError with long texts
-        raise LoraError(f"LoRA {str(path)!r}: {_converter_message(e)}") from None
-    return converted, {"format": fmt, "ignored_keys": ignored, "tensors": len(raw)}
+    diffs = {k: v for k, v in raw.items() if _DIFF.search(k)}
+    rest = {k: v for k, v in raw.items() if k not in diffs}
+    converted: dict[str, torch.Tensor] = {}
+    if any("lora" in k for k in rest):  # a file of difference keys alone has nothing for diffusers
+        try:
+            converted = WanPipeline.lora_state_dict(rest)
+        except Exception as e:  # diffusers' converters raise ValueError/KeyError/IndexError with long texts
+            raise LoraError(f"LoRA {str(path)!r}: {_converter_message(e)}") from None
+    elif rest and not all(_DROPPED.search(k) or k.endswith(".alpha") for k in rest):
+        first = sorted(k for k in rest if not _DROPPED.search(k))[0]
+        raise LoraError(f"LoRA {str(path)!r}: key {first!r} is neither a LoRA weight nor a difference key "
+                        "(.diff/.diff_b/.diff_m)")
+    return converted, {"format": fmt, "ignored_keys": ignored, "tensors": len(raw), "diffs": diffs}
+
+
+def diff_targets(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], fmt: str,
+                 path: str) -> dict[str, str]:
+    """{file key: transformer parameter name} of each difference key; LoraError naming the first
+    key that matches no parameter, or one of another shape."""
+    from .checkpoint import CheckpointError, diffusers_names
+
+    if diffs and fmt == "musubi":
+        raise LoraError(f"LoRA {path!r}: difference key {sorted(diffs)[0]!r} in musubi naming is not supported")
+    wanted: dict[str, str] = {}  # file key -> parameter name in the file's own naming
+    for key in diffs:
+        suffix = "." + key.rsplit(".", 1)[1]
+        body = key[: -len(suffix)]
+        body = body.removeprefix("diffusion_model.") if fmt == "original" else body.removeprefix("transformer.")
+        target = DIFF_SUFFIXES[suffix]
+        if fmt != "original" and target == "modulation":
+            target = "scale_shift_table"  # diffusers' name of Wan's modulation tables
+        wanted[key] = f"{body}.{target}" if body else target
+    names = dict(wanted)
+    if fmt == "original" and wanted:
+        try:  # diffusers key -> original key, for the original parameter names
+            back = {orig: new for new, orig in diffusers_names(sorted(set(wanted.values())), "original").items()}
+        except CheckpointError as e:
+            raise LoraError(f"LoRA {path!r}: {e}") from None
+        names = {k: back.get(v, v) for k, v in wanted.items()}
+    params = dict(transformer.named_parameters())
+    for key in sorted(diffs):
+        p = params.get(names[key])
+        if p is None:
+            raise LoraError(f"LoRA {path!r}: difference key {key!r} targets {names[key]!r}: no such parameter in this "
+                            "transformer")
+        if tuple(p.shape) != tuple(diffs[key].shape):
+            raise LoraError(f"LoRA {path!r}: difference key {key!r} is {list(diffs[key].shape)} but {names[key]!r} is "
+                            f"{list(p.shape)}: made for another model size?")
+    return names
+
+
+@torch.no_grad()
+def apply_diffs(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], names: dict[str, str],
+                scale: float) -> dict[str, int]:
+    """parameter += diff.to(parameter dtype) * scale for each difference key (module doc, step 1);
+    returns the count per kind (diff, diff_b, diff_m)."""
+    params = dict(transformer.named_parameters())
+    counts = {s[1:]: 0 for s in DIFF_SUFFIXES}
+    for key, delta in diffs.items():
+        p = params[names[key]]
+        p.data += delta.to(device=p.device, dtype=p.dtype) * scale
+        counts[key.rsplit(".", 1)[1]] += 1
+    return counts
 
 
 def _converter_message(exc: BaseException) -> str:
@@ -136,10 +207,12 @@ def load_loras(pipe, specs) -> list[dict[str, Any]]:
     records = []
     for i, spec in enumerate(specs):
         sd, facts = read_lora(spec.path)
-        shape = check_state_dict(pipe.transformer, sd, spec.path)
+        diffs = facts["diffs"]
+        shape = check_state_dict(pipe.transformer, sd, spec.path) if sd or not diffs else {"modules": 0, "rank": None}
+        names = diff_targets(pipe.transformer, diffs, facts["format"], spec.path)
         if facts["ignored_keys"]:
-            log.warning("LoRA %s: %d keys are not applied by diffusers' Wan LoRA loader (e.g. %r: "
-                        "norm/modulation differences)", spec.path, len(facts["ignored_keys"]), facts["ignored_keys"][0])
+            log.warning("LoRA %s: %d keys are not applied (e.g. %r: DoRA scales)", spec.path,
+                        len(facts["ignored_keys"]), facts["ignored_keys"][0])
         # In the dtype of the layers they patch: peft multiplies B @ A as stored, and a float32 file
         # on a bfloat16 model would otherwise mix dtypes in one matmul.
         linears = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -150,12 +223,15 @@ def load_loras(pipe, specs) -> list[dict[str, Any]]:
             for k in [k for k in sd if k.endswith(".lora_B.weight")]:
                 layer = linears[_layer_name(k)]
                 sd.setdefault(k[: -len("weight")] + "bias", layer.weight.new_zeros(layer.out_features))
-        name = f"wan_nabla_{i}"
-        pipe.load_lora_weights(sd, adapter_name=name)
-        pipe.fuse_lora(components=["transformer"], lora_scale=spec.scale, adapter_names=[name])
-        pipe.unload_lora_weights()
+        if sd:
+            name = f"wan_nabla_{i}"
+            pipe.load_lora_weights(sd, adapter_name=name)
+            pipe.fuse_lora(components=["transformer"], lora_scale=spec.scale, adapter_names=[name])
+            pipe.unload_lora_weights()
+        counts = apply_diffs(pipe.transformer, diffs, names, spec.scale)
         records.append({"path": spec.path, "scale": spec.scale, "sha256": sha256_file(Path(spec.path)),
-                        "format": facts["format"], **shape, "ignored_keys": len(facts["ignored_keys"])})
+                        "format": facts["format"], **shape, "diff_keys": counts,
+                        "ignored_keys": len(facts["ignored_keys"])})
         log.info("LoRA %s (scale %g, %s naming, rank %s) merged into %d layers",
                  spec.path, spec.scale, facts["format"], shape["rank"], shape["modules"])
     return records

@@ -4,15 +4,15 @@
     pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
     dit, source = load_transformer("weights/Wan2.1-T2V-14B-NABLA-0.7", model)   # other DiT weights
     pipe = load_pipeline(model, device="cuda", transformer=dit)  # ... used instead of model's own
-    set_flow_shift(pipe, 5.0)                              # 720p; 3.0 for 480p
+    set_flow_shift(pipe, 5.0)                              # Wan2.1 T2V: 5.0 at every size
     save_tiny_checkpoint("/tmp/tiny-wan")                  # diffusers layout, safetensors only
 
 Limits and policy:
 - Only safetensors weights are ever loaded (use_safetensors=True), never pickles, and never
   trust_remote_code. A directory holding only .bin/.pt/.pkl weights is refused.
 - `dtype=` is passed to from_pretrained (diffusers 0.42 deprecates `torch_dtype`).
-- The VAE is always loaded and run in float32 (Wan's VAE is unstable in bf16/fp16); `dtype` applies
-  to the transformer and the text encoder.
+- The VAE is always loaded in float32; `dtype` applies to the transformer and the text encoder.
+  The pipeline then casts the VAE to `memory.vae_dtype` (fp32 by default; bf16 on request).
 - Path or hub id: `--model` is a local path if it looks like one (looks_like_path: it starts with
   '.', '/' or '~', contains a backslash or a second '/', ends in '/', exists, its first component
   is an existing directory, or it ends in a known Wan2.1 directory name under an owner other than

@@ -29,7 +29,8 @@ VAE tiling (`memory.vae_tiling`): AutoencoderKLWan.enable_tiling (256-px tiles, 
 blended seams; frames still decode one latent frame at a time). `auto`: always in group /
 sequential modes; otherwise, on CUDA, untiled when the untiled decode's measured need
 (VAE_DECODE_GIB_PER_MPIXEL_FRAME x width x height x frames, x VAE_DECODE_MARGIN) fits in the
-device's free memory plus what PyTorch's allocator holds unused, tiled when it does not; without
+device's free memory plus what PyTorch's allocator holds unused (the need per memory.vae_dtype:
+VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE), tiled when it does not; without
 a CUDA device to ask, from VAE_TILING_AUTO_PIXELS per frame. Should an untiled decode still run
 out of memory, the pipeline decodes again with tiling (the video is not lost). Tiling changes
 decoded pixels slightly (blending); the latents never depend on the memory mode. VAE slicing is
@@ -54,6 +55,11 @@ VAE_TILING_AUTO_PIXELS = 1280 * 720
 # GiB at 832x480x81 on an H100 (benchmarks/results/memory.md): 0.271 and 0.272, linear in the
 # video's pixels. The margin covers allocator rounding and fragmentation.
 VAE_DECODE_GIB_PER_MPIXEL_FRAME = 0.272
+# The same per memory.vae_dtype. bf16: the fp32 figure scaled by the H200 peaks of the two decodes at
+# 1280x720x81 (11.2 vs 21.6 GiB, weights included, so slightly high); benchmarks/jobs' speed job
+# (benchmarks/jobs/gpu_speed.sh) records the linear fit per dtype to replace it.
+VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE = {"fp32": VAE_DECODE_GIB_PER_MPIXEL_FRAME,
+                                            "bf16": round(VAE_DECODE_GIB_PER_MPIXEL_FRAME * 11.2 / 21.6, 3)}
 VAE_DECODE_MARGIN = 1.25
 # The hook names diffusers' group offloading registers (hooks/group_offloading.py); its own
 # re-apply path removes exactly these three.
@@ -61,9 +67,9 @@ _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_gr
 _CPU = torch.device("cpu")
 
 
-def untiled_decode_gib(width: int, height: int, frames: int) -> float:
+def untiled_decode_gib(width: int, height: int, frames: int, vae_dtype: str = "fp32") -> float:
     """The measured extra memory of an untiled VAE decode of this video (module doc), in GiB."""
-    return VAE_DECODE_GIB_PER_MPIXEL_FRAME * width * height * frames / 1e6
+    return VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE[vae_dtype] * width * height * frames / 1e6
 
 
 def free_device_gib(device: torch.device) -> float:
@@ -85,7 +91,7 @@ def vae_tiling_on(memory: MemoryConfig, width: int, height: int, frames: int | N
     if frames is not None and free_gib is None and device is not None and device.type == "cuda":
         free_gib = free_device_gib(device)
     if frames is not None and free_gib is not None:
-        return untiled_decode_gib(width, height, frames) * VAE_DECODE_MARGIN > free_gib
+        return untiled_decode_gib(width, height, frames, memory.vae_dtype) * VAE_DECODE_MARGIN > free_gib
     return width * height >= VAE_TILING_AUTO_PIXELS
 
 
@@ -137,7 +143,7 @@ class MemoryHandle:
 
 def apply_memory(pipe, memory: MemoryConfig, device: torch.device) -> MemoryHandle:
     """Place the pipeline's components for `memory.offload` on `device` (see module doc).
-    Call after adapter.apply_attention; offload modes expect the components on the CPU."""
+    Call after wan.hooks.apply_attention; offload modes expect the components on the CPU."""
     device = torch.device(device)
     mode = memory.offload
     if mode == "none":

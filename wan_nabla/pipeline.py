@@ -8,15 +8,16 @@
     gen.generate(prompt, on_step=lambda i, noise, latents: ...)   # per-step noise prediction
     result.speed         # compile mode and time, step-cache skips, merged LoRAs
 
-The loop is Wan2.1's: UniPC flow matching with the config's shift, classifier-free guidance
-(noise = uncond + g * (cond - uncond)), the conditional and unconditional passes run as one
+The loop is Wan2.1's: UniPC flow matching on Wan's FlowUniPC schedule with the config's shift
+(sampling.py), classifier-free guidance (noise = uncond + g * (cond - uncond), in float32), the
+negative prompt Wan's `sample_neg_prompt` unless one is given (config.GenerationConfig), the conditional and unconditional passes run as one
 batch of two by default (`batch_cfg`), the step index handed to the attention processors before
 every step so `dense_steps` switches at the right step. Seeds draw the initial noise on the CPU,
 so a seed reproduces the same video on any device. Guidance <= 1 (step-distilled LoRAs) runs one
 pass per step and never encodes the negative prompt.
 
-Set up once, in this order: attention processors, LoRAs merged into the weights (lora.py), memory
-placement (`config.memory`, offload.py), compiled blocks, step cache (adapter.py says why the
+Set up once, in this order: attention processors, LoRAs merged into the weights (lora.py), FP8
+linears (quantize.py, after the merge), the VAE's dtype (memory.vae_dtype), memory placement (`config.memory`, offload.py), compiled blocks, step cache (adapter.py says why the
 order matters; compiled blocks are not combined with offloading). Per video the cache state is
 reset; skipped block computations are counted from the attention calls (a skipped block never
 calls its attention), compile time is what TorchDynamo/Inductor spent during the call (0 once
@@ -26,8 +27,10 @@ Several GPUs (`parallel`, a distributed.ParallelContext, under torchrun): with U
 transformer's hooks shard the tokens (adapter.py) and every rank of the video runs this same loop
 on the same latents; with CFG parallel each rank runs only its branch's pass (batch 1) and the
 two predictions are exchanged once per step. Every rank then combines them and steps the
-scheduler identically, so latents stay equal on all ranks (checked at the end); only the group's
-leader decodes (`frames` is None on the others).
+scheduler identically, so latents stay equal on all ranks (checked at the end). The decode is
+split: every rank of the group decodes some of the VAE's spatial tiles and the leader blends them
+into the video (distributed/decode.py; with vae_tiling off the leader decodes alone, untiled);
+`frames` is empty on the other ranks.
 
 Limits: one prompt per call (batch runs loop over prompts with the pipeline loaded once);
 Wan2.1 T2V only.
@@ -55,6 +58,8 @@ from . import adapter, offload
 from .config import GenerationConfig, RunConfig
 from .lora import load_loras
 from .models import load_pipeline, load_transformer
+from .sampling import guide, schedule_record
+from .wan import hooks
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,14 @@ def resolve_compile(mode: str, device: torch.device, offload: str = "none") -> s
     if mode != "auto":
         return mode
     return "none" if offload != "none" else AUTO_COMPILE.get(device.type, "none")
+
+
+VAE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def set_vae_dtype(pipe, vae_dtype: str) -> None:
+    """Cast the VAE to `memory.vae_dtype` (fp32 | bf16); decode_video feeds it latents of its dtype."""
+    pipe.vae.to(dtype=VAE_TORCH_DTYPES[vae_dtype])
 
 
 def compile_seconds() -> float:
@@ -126,6 +139,8 @@ class GenerationResult:
     """compile (mode, seconds, graphs), cache (kind, block calls computed/skipped), lora (records)."""
     latents: torch.Tensor | None = None
     """The final latents [1, 16, F, H/8, W/8] (float32, CPU) that were decoded."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """What the sampler ran: sampler, shift, sigmas (steps + 1, the last 0) and timesteps (steps)."""
     parallel: dict[str, Any] | None = None
     """The parallel layout that produced this video (ParallelContext.describe()), None for one process."""
 
@@ -185,27 +200,77 @@ class VideoGenerator:
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
         self.parallel = parallel
-        self.handle = adapter.apply_attention(
+        self.handle = hooks.apply_attention(
             pipe.transformer, config.attention,
             sequence_parallel=parallel.sequence_parallel() if parallel is not None else None)
         if parallel is not None:  # densities are averaged over the ranks of a video
             self.handle.run.stats_mean = parallel.item_mean
         self.lora: list[dict[str, Any]] = []
+        self.quantize: dict[str, Any] = {"mode": "none"}
         try:
             if config.lora:  # before offloading moves the weights
                 self.lora = load_loras(pipe, config.lora)
+            if config.speed.quantize != "none":  # after the LoRA merge: deltas fused at full precision
+                from .quantize import quantize_transformer
+
+                self.quantize = quantize_transformer(pipe.transformer, config.speed.quantize, device)
+                log.info("quantize %s: %d linear layers in %d blocks (%.1fs)", self.quantize["mode"],
+                         self.quantize["linear_modules"], self.quantize["blocks"], self.quantize["seconds"])
+            set_vae_dtype(pipe, config.memory.vae_dtype)
             self.memory = offload.apply_memory(pipe, config.memory, device)
         except BaseException:
             self.handle.remove()  # leave the pipeline as it was given
             raise
         self._first_call = True
         self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
+        if self.quantize["mode"] != "none" and self.compile_mode == "none":
+            log.warning("--quantize %s without compiled blocks: the activation quantisation runs as separate kernels "
+                        "and a step is slower than bf16 (the weights still take half the memory); add --compile "
+                        "blocks where the memory mode allows it", self.quantize["mode"])
         self._compiled = None
+        self._compile()
+        self._cache_key = None
+        self._mag = None
+
+    def _compile(self) -> None:
         # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
         if self.compile_mode != "none":
             self._compiled = adapter.compile_blocks(self.pipe.transformer, self.handle.run, self.compile_mode,
                                                     fallback=self.config.speed.compile == "auto")
-        self._cache_key = None
+
+    def use_config(self, config: RunConfig) -> None:
+        """Generate with `config` from here on (e.g. a server job's preset): its generation defaults
+        are taken as they are and attention is reinstalled when its section differs. Model, LoRAs,
+        memory, speed and parallel are fixed at load; a config that changes them raises ValueError
+        (load another VideoGenerator instead)."""
+        fixed = [name for name in ("model", "lora", "memory", "speed", "parallel")
+                 if getattr(config, name) != getattr(self.config, name)]
+        if fixed:
+            raise ValueError(f"use_config: {', '.join(fixed)} differ from the loaded config; only attention and "
+                             "generation can change after load")
+        if config.attention != self.config.attention:
+            self._install_attention(config.attention)
+        self.config = config
+
+    def _install_attention(self, attention) -> None:
+        """Replace the installed attention run (with this generator's sequence parallelism) and
+        compile the blocks again for it: the compiled blocks hold the run they were set up with."""
+        compiled = self._compiled is not None
+        if compiled:
+            self._compiled.undo()
+            self._compiled = None
+        sp = self.parallel.sequence_parallel() if self.parallel is not None else None
+        self.handle.remove()
+        try:
+            self.handle = hooks.apply_attention(self.pipe.transformer, attention, sequence_parallel=sp)
+        except BaseException:  # keep a working generator: the attention it had
+            self.handle = hooks.apply_attention(self.pipe.transformer, self.config.attention, sequence_parallel=sp)
+            raise
+        finally:
+            if self.parallel is not None:
+                self.handle.run.stats_mean = self.parallel.item_mean
+            if compiled:
+                self._compile()
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
@@ -228,7 +293,16 @@ class VideoGenerator:
         kind = speed.cache_kind
         key = (kind, steps if kind == "mag" else None)
         if kind != "none" and key != self._cache_key:
-            adapter.enable_cache(tr, kind, speed.cache_params, steps, speed.mag_ratios)
+            from .magcache import resolve
+
+            mag = resolve(speed, tr.config)
+            params, ratios = speed.cache_params, speed.mag_ratios
+            if mag is not None:
+                params = {"threshold": mag.threshold, "max_skip_steps": mag.max_skip_steps,
+                          "retention_ratio": mag.retention_ratio}
+                ratios = mag.mag_ratios
+            adapter.enable_cache(tr, kind, params, steps, ratios)
+            self._mag = mag
             self._cache_key = key
         adapter.reset_cache(tr)
 
@@ -243,7 +317,7 @@ class VideoGenerator:
         """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
 
         `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
-        prediction (the transformer's dtype) and the latents after the scheduler step (float32),
+        prediction (float32) and the latents after the scheduler step (float32),
         both [1, 16, F, H/8, W/8]; its time counts in the step's time (used by compare/run.py).
         decode=False stops after denoising (memory and speed measurements): frames are then empty."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -263,13 +337,14 @@ class VideoGenerator:
 
         peaks = _PhasePeaks(dev)
         t0 = time.perf_counter()
-        pos, neg = adapter.encode_prompts(pipe, prompt, g.negative_prompt, cfg_on, dev)
+        pos, neg = adapter.encode_prompts(pipe, prompt, g.resolved_negative_prompt, cfg_on, dev)
         sync_device(dev)
         timings["text_encoding_s"] = time.perf_counter() - t0
         peaks.end("encode")
 
         scheduler = adapter.make_scheduler(pipe, g.resolved_shift, g.sampler)
         adapter.set_timesteps(scheduler, g.steps, dev)
+        schedule = schedule_record(scheduler)  # before stepping: what this run's steps use
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
         passes = 1 if not cfg_on or both is not None or split_cfg else 2  # transformer calls per step here
@@ -304,6 +379,7 @@ class VideoGenerator:
                                       {k: v - cache0.get(k, 0) for k, v in _cache_counts().items()}),
             "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
             "lora": self.lora,
+            "quantize": self.quantize,
             "passes_per_step": passes,
         }
 
@@ -313,7 +389,23 @@ class VideoGenerator:
 
         frames = np.zeros((0, g.height, g.width, 3), np.float32)
         timings["decode_s"] = None
-        if decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
+        split = decode and par is not None and par.layout.group_size > 1 and self.config.memory.vae_tiling != "off"
+        if split:  # every rank of the group decodes some tiles; the leader assembles them
+            t0 = time.perf_counter()
+            self.memory.before_decode(g.width, g.height, g.frames)
+            if self.config.memory.offload == "model":
+                # the split decode calls the VAE's layers, not vae.decode, whose hook would bring it in
+                pipe.vae.to(dev)
+            timings["vae_tiling"], timings["vae_split_ranks"] = True, par.layout.group_size
+            from .distributed.decode import split_tiled_decode
+
+            out = adapter.decode_video(pipe, latents, dev, decoder=lambda z: split_tiled_decode(
+                pipe.vae, z, par.item_group(), par.item_ranks()))
+            frames = out if out is not None else frames
+            sync_device(dev)
+            timings["decode_s"] = time.perf_counter() - t0
+            peaks.end("decode")
+        elif decode and (par is None or par.is_leader):  # one rank of a parallel group decodes
             t0 = time.perf_counter()
             timings["vae_tiling"] = self.memory.before_decode(g.width, g.height, g.frames)
             try:
@@ -339,6 +431,7 @@ class VideoGenerator:
             frames=frames,
             seed=g.seed,
             settings=g.to_dict(),
+            schedule={"sampler": g.sampler, "shift": g.resolved_shift, **schedule},
             timings=timings,
             attention=attention,
             speed=speed,
@@ -357,6 +450,8 @@ class VideoGenerator:
                   "computed_per_step": computed}
         if printed:
             record["calibrated_mag_ratios"] = _printed_ratios(printed)
+        if self._mag is not None:
+            record["mag"] = self._mag.record()
         return record
 
 
@@ -412,10 +507,11 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
 
     neg None: no guidance, one conditional pass. CFG parallel: this rank's branch only, exchanged
     with its partner. Else `both` (= cat(pos, neg)) runs the pair as one batch of two, or two passes
-    without it. noise = uncond + g * (cond - uncond). Each pass runs in its step-cache context
+    without it. noise = uncond + g * (cond - uncond), in float32 (sampling.guide), which is also
+    the dtype of an unguided prediction: the scheduler always steps in float32. Each pass runs in its step-cache context
     (cond / uncond / cfg: adapter.denoise)."""
     if neg is None:
-        return adapter.denoise(pipe, latents, t, pos, context="cond")
+        return adapter.denoise(pipe, latents, t, pos, context="cond").float()
     if parallel is not None and parallel.cfg_parallel:
         branch = "uncond" if parallel.branch else "cond"
         mine = adapter.denoise(pipe, latents, t, neg if parallel.branch else pos, context=branch)
@@ -425,7 +521,7 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
     else:
         cond = adapter.denoise(pipe, latents, t, pos, context="cond")
         uncond = adapter.denoise(pipe, latents, t, neg, context="uncond")
-    return uncond + guidance_scale * (cond - uncond)
+    return guide(cond, uncond, guidance_scale)
 
 
 def _progress(total: int, enabled: bool):

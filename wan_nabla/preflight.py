@@ -50,10 +50,13 @@ from .distributed.launch import Launch, RankLayout, plan_ranks
 from .errors import LoraError, UsageError
 from .model_source import (
     TINY_GENERATION,
+    TINY_HEADS,
+    TINY_LAYERS,
     TINY_MODEL_ID,
     ModelFacts,
     check_available,
     model_facts,
+    model_file,
     resolve_model,
 )
 from .output.files import probe_writable
@@ -121,7 +124,7 @@ class RunPlan:
 
 OVERRIDE_FLAGS = ("model", "negative_prompt", "frames", "steps", "guidance_scale", "shift", "seed", "fps", "device",
                   "dtype", "transformer", "offload", "vae_tiling", "sampler", "ulysses_degree", "cfg_parallel",
-                  "attention_backend")
+                  "attention_backend", "crf", "vae_dtype")
 """RunFlags fields passed to RunConfig.override under their own name (size is parsed first); a
 flag added by another feature joins this tuple (and requests.RunFlags)."""
 
@@ -139,7 +142,8 @@ def resolve_run_config(flags: RunFlags) -> RunConfig:
     # Every RunFlags field that overrides a config value, by RunConfig.override's keyword.
     overrides: dict[str, Any] = {name: getattr(flags, name) for name in OVERRIDE_FLAGS}
     overrides["size"] = size
-    levers = {"compile": flags.compile, "cache": flags.cache, "lora": list(flags.lora) if flags.lora else None}
+    levers = {"compile": flags.compile, "cache": flags.cache, "lora": list(flags.lora) if flags.lora else None,
+              "quantize": flags.quantize}
     try:
         return cfg.override(**overrides).with_levers(**levers)
     except ConfigError as e:
@@ -150,6 +154,7 @@ def _name_flag(msg: str, overrides: Mapping[str, Any], levers: Mapping[str, Any]
     named = {f"{s}.{k}": (k, v) for k, v in overrides.items() for s in ("generation", "memory", "model", "parallel")}
     named.update({"attention.backend": ("attention_backend", overrides["attention_backend"]),
                   "speed.compile": ("compile", levers["compile"]), "speed.cache": ("cache", levers["cache"]),
+                  "speed.quantize": ("quantize", levers["quantize"]),
                   "lora": ("lora", levers["lora"])})
     for key, (name, value) in named.items():  # name the flag the user typed, not only the config key
         if value is not None and msg.startswith(f"{key}:"):
@@ -186,8 +191,9 @@ def preflight_loras(specs) -> None:
         raise LoraError("--lora needs the peft package; install it with: pip install 'wan-nabla[lora]'")
     for spec in specs:
         keys = safetensors_keys(Path(spec.path))
-        if not any("lora" in k for k in keys):
-            raise LoraError(f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora'; "
+        if not any("lora" in k or k.endswith((".diff", ".diff_b", ".diff_m")) for k in keys):
+            raise LoraError(f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora' or ends in "
+                            f".diff/.diff_b/.diff_m; "
                             f"first key {keys[0]!r})" if keys else f"LoRA {spec.path!r}: the file holds no tensors")
 
 
@@ -315,7 +321,26 @@ def _model(cfg: RunConfig, check: bool) -> tuple[str, ModelFacts]:
     model = resolve_model(cfg.model.base, None)
     if check:
         check_available(model, cfg.model.base, transformer_weights=cfg.model.transformer is None)
+    if cfg.speed.cache_kind == "mag":  # published MagCache ratios exist for this model's shape?
+        from .magcache import check as check_mag
+
+        check_mag(cfg.speed, transformer_config_on_disk(model))
     return model, model_facts(model)
+
+
+def transformer_config_on_disk(model: str) -> dict[str, Any] | None:
+    """The transformer config.json of `model` without loading or downloading anything; None if unknown."""
+    if model == TINY_MODEL_ID:  # tiny.TINY_TRANSFORMER_CONFIG's shape, without importing torch
+        return {"num_layers": TINY_LAYERS, "num_attention_heads": TINY_HEADS, "attention_head_dim": 32}
+    path = model_file(model, "transformer/config.json")
+    try:
+        tc = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        tc = {}
+    if not isinstance(tc, dict):
+        return None
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim")
+    return tc if all(isinstance(tc.get(k), int) for k in keys) else None
 
 
 def _check_existing_dir(path: Path, what: str) -> None:
@@ -361,7 +386,14 @@ def plan_generate(req: GenerateRequest, env: Mapping[str, str] | None = None) ->
 def plan_batch(req: BatchRequest, env: Mapping[str, str] | None = None) -> RunPlan:
     """A dry run resolves the model but never looks it up: it loads nothing, so it needs no
     weights (the facts are Wan2.1's where the model's config files are not on disk)."""
+    ray = None
+    if req.engine == "ray":
+        from .batch.ray_options import ray_options
+
+        ray = ray_options(req)  # bad --ray-* values and a missing ray: exit 2 first
     cfg = resolve_run_config(req.flags)
+    if ray is not None:
+        ray.check(cfg)
     try:
         items = tuple(read_prompt_file(req.prompts))
     except PromptFileError as e:
@@ -382,6 +414,17 @@ def plan_batch(req: BatchRequest, env: Mapping[str, str] | None = None) -> RunPl
                    notes=notes)
 
 
+def plan_serve(flags: RunFlags, env: Mapping[str, str] | None = None) -> RunPlan:
+    """`wan-nabla serve`'s defaults, checked like generate's (each job's own values are checked by
+    serve/preflight.plan_job); its ranks are grouped the way batch groups them."""
+    cfg = resolve_run_config(flags)
+    model, facts = _model(cfg, check=True)
+    preflight_loras(cfg.lora)
+    check_model_fits(facts, cfg.generation, cfg.attention)
+    parallel = check_parallel(cfg, "batch", facts, env)
+    return RunPlan("serve", cfg, model, facts, parallel)
+
+
 def plan_compare(req: CompareRequest) -> RunPlan:
     """(candidate, reference): the candidate from --config and the flags, as generate resolves it;
     the reference's attention from --against (default full), named as --against in its errors."""
@@ -390,14 +433,23 @@ def plan_compare(req: CompareRequest) -> RunPlan:
     if not flags.config:
         raise UsageError("--config: required; give the candidate's preset name or YAML path")
     cand = resolve_run_config(flags)
-    try:
-        against = resolve_run_config(dataclasses.replace(flags, config=req.against or "full"))
-    except ConfigError as e:
-        raise UsageError(f"--against: {e}") from None
-    if flags.model is None and against.model.base not in (None, cand.model.base):
-        raise UsageError(f"--against: its model {against.model.base!r} differs from the candidate's "
-                         f"{cand.model.base!r}; compare runs one model (give --model)")
-    ref = dataclasses.replace(cand, attention=against.attention)
+    if req.against_geometry is not None:  # the same attention, only the kernel geometry differs
+        if req.against:
+            raise UsageError("--against-geometry: compares the candidate with itself at another geometry; "
+                             "leave out --against")
+        if req.against_geometry not in ("exact", "fast"):
+            raise UsageError(f"--against-geometry: {req.against_geometry!r} is not allowed; use exact or fast")
+        ref = dataclasses.replace(cand, attention=dataclasses.replace(
+            cand.attention, geometry=req.against_geometry, block_size=None, time_pairs=None))
+    else:
+        try:
+            against = resolve_run_config(dataclasses.replace(flags, config=req.against or "full"))
+        except ConfigError as e:
+            raise UsageError(f"--against: {e}") from None
+        if flags.model is None and against.model.base not in (None, cand.model.base):
+            raise UsageError(f"--against: its model {against.model.base!r} differs from the candidate's "
+                             f"{cand.model.base!r}; compare runs one model (give --model)")
+        ref = dataclasses.replace(cand, attention=against.attention)
     check_path_text(str(req.out), "--out")
     if req.max_query_rows is not None and req.max_query_rows < 1:
         raise UsageError(f"--max-query-rows: {req.max_query_rows} is not allowed; use an integer >= 1")

@@ -45,6 +45,9 @@ class RunFlags:
     ulysses_degree: int | None = None
     cfg_parallel: bool | None = None
     attention_backend: str | None = None
+    crf: int | None = None
+    quantize: str | None = None
+    vae_dtype: str | None = None
     quiet: bool = False
     verbose: bool = False
 
@@ -81,6 +84,12 @@ class BatchRequest:
     prompts: str
     out_dir: str
     dry_run: bool = False
+    engine: str = "local"
+    """local: this process (or torchrun ranks); ray: a pool of Ray actors (batch/ray_engine.py)."""
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    max_retries: int | None = None
+    ray_transfer: bool = False
     flags: RunFlags = field(default_factory=RunFlags)
 
 
@@ -89,6 +98,7 @@ class CompareRequest:
     prompt: str
     out: str
     against: str | None = None
+    against_geometry: str | None = None
     overwrite: bool = False
     no_video: bool = False
     max_query_rows: int | None = None

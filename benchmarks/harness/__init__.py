@@ -14,8 +14,9 @@ transformer.py (one WanTransformer3DModel forward at 1.3B/14B size per backend, 
 e2e.py (VideoGenerator.generate at 1.3B size), report.py (JSON, markdown, PNG, targets.json),
 targets.py (targets T1-T6 from the figures), records.py (records, timer, environment), qk.py
 (q/k with locality), random_init.py (random-weight models built on the GPU); with their own
-entry points: levers.py (the speed levers end to end), memory.py + memory_report.py (memory
-modes), multigpu.py (several GPUs). Results are written after every level, so a run stopped
+entry points: levers.py (the speed levers end to end), decode.py (VAE decode variants: dtype,
+tiling, kernel options, the split-decode estimate), memory.py + memory_report.py (memory modes),
+multigpu.py (several GPUs). Results are written after every level, so a run stopped
 half-way keeps what it measured.
 Limits: one device; the full run needs a GPU with >= 80 GB for the 14B transformer level.
 """

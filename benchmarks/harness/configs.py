@@ -2,6 +2,10 @@
 
     preset_configs()          # [("nabla_0.7", AttentionConfig(...)), ...] sparse presets only
     preset_attention("full")  # the attention section of one bundled preset
+
+A preset that runs the exact 64x64 geometry (the fine-tuned NABLA presets) also gets a twin row
+"<name> @fast", the same attention at the fast geometry, so every level measures what exact costs
+(geometry_cost.py pairs them).
 """
 
 from __future__ import annotations
@@ -23,4 +27,10 @@ def preset_configs() -> list[tuple[str, AttentionConfig]]:
         att = preset_attention(name)
         if att.sparse:
             out.append((name, replace(att, dense_steps=0)))
+            if att.geometry == "exact":
+                out.append((name + FAST_TWIN, replace(att, dense_steps=0, geometry="fast")))
     return out
+
+
+FAST_TWIN = " @fast"
+"""Suffix of the fast-geometry twin row of an exact preset."""

@@ -7,7 +7,7 @@ At equal NABLA threshold (0.2, 0.4, 0.7) and STA window (11-3-3), each geometry 
 call (`AttentionRun.plan` + `AttentionRun.sparse`, mask build included) and is timed by total
 time; the winner of a backend is the geometry with the smallest sum of totals over the masks
 (the count of per-mask wins is reported too). Bigger blocks run faster per block but OR-coarsening
-keeps more of them, so only the total decides. kernels.GEOMETRY is set from this table.
+keeps more of them, so only the total decides. backends.FAST is set from this table.
 Limits: one scenario (the target one), synthetic q/k; NABLA rows reuse the unfused mask build
 (pooling inside the rotary kernel costs the same for every geometry).
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from wan_nabla.attention import kernels, masks
-from wan_nabla.attention.processors import AttentionRun
+from wan_nabla.attention import backends, masks
+from wan_nabla.attention.run import AttentionRun
 from wan_nabla.config import AttentionConfig
 
 GEOMETRIES = (
@@ -50,7 +50,7 @@ def available_backends(requested, device: torch.device, dtype: torch.dtype, log)
     out = []
     for name in requested or ("flex", "fa4"):
         if name == "fa4":
-            got, why = kernels.resolve_backend("fa4", device, dtype)
+            got, why = backends.resolve_backend("fa4", device, dtype)
             if got != "fa4":
                 log(f"  [fa4 rows skipped: {why}]")
                 continue

@@ -10,13 +10,21 @@ lever more than the row before, generating one video of `steps` steps without CF
 Euler, shift 5: the distilled-LoRA preset's sampling):
     dense -> + STA 11-3-3 -> + compiled blocks -> + LoRA, fused -> + first-block cache
 then a variant row: compiled blocks with the graph split around attention instead of the custom
-op, skipped when the run would pass --deadline-s (its cost is estimated from the compiled row).
+op, skipped when the run would pass --deadline-s (its cost is estimated from the compiled row);
+then + FP8 linears (quantize.py; last, because quantising the shared pipeline is permanent) and +
+fast decode (the same with the VAE in bf16). The LoRA, FP8 and fast-decode rows keep their
+per-step transformer outputs and final latents: result["quality"] compares FP8 against bf16, the
+bf16 decode against the fp32 one, and both together (relative L2 per step and of the final
+latents, PSNR / SSIM of the decoded videos), and summary["speed_goal"] checks the FP8 + fast
+decode row against the goals (<= 12 s end to end, <= 9 s DiT, <= 3 s decode, non-attention
+<= 0.6x of bf16 per forward); the published operating point (50 steps with CFG at 720p) is
+ESTIMATED from that row's measured step.
 The dense row is cuDNN SDPA; the sparse rows use --attention-backend (default auto: FA4 where
 installed and supported, else flex), and each row records the backend it ran (and decoded rows
-whether the VAE decoded tiled). `--rows` picks rows by key (dense sta compiled lora cache variant). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
+whether the VAE decoded tiled). `--rows` picks rows by key (dense sta compiled lora cache variant fp8 fastdecode). The LoRA is synthetic, of LightX2V's Wan2.1 T2V 14B
 distill LoRA's shape as assumed here: rank 64 (alpha 64) on q/k/v/o of self- and cross-attention
 and ffn.0/ffn.2 of every block, original naming (lora_down/lora_up), `diff_b` bias deltas and a
-`diff_m` modulation table per block (which diffusers' loader does not apply). Fused, it costs
+`diff_m` modulation table per block (added to the modulation tables, as LightX2V does). Fused, it costs
 nothing per step; the row shows that and the merge time.
 
 Per row: the generator is built (LoRA merge timed as setup_s), one warm-up transformer forward
@@ -27,7 +35,8 @@ events around AttentionRun.attend give the attention time per forward; the rest 
 costs the same for every row, so it runs twice: for the LoRA row (the uncached reference) and the
 cache row; their decoded frames give the cache's quality cost: PSNR over the video and mean SSIM,
 from the product's one implementation (wan_nabla.compare.metrics.frame_metrics: scikit-image's
-SSIM, 7x7 window; None without scikit-image). Results committed before the harness moved to
+SSIM definition, 7x7 window, computed by its torch twin ssim_torch on the run's device, since
+scikit-image takes ~30 s of CPU per 81-frame 720p video). Results committed before the harness moved to
 benchmarks/ used a Gaussian-weighted SSIM (sigma 1.5): their SSIM digits are not comparable. End to end = encode + denoise + decode (the measured
 decode for every row). The 50-step CFG run is an ESTIMATE, not run: encode + 50 x 2 x the row's
 measured batch-1 step + decode (CFG as two passes; the batched pair costs about the same at these
@@ -40,6 +49,7 @@ LoRA, one video per row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -53,9 +63,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from wan_nabla.compare.metrics import frame_metrics, missing_extras
+from wan_nabla.compare.metrics import frame_metrics, rel_l2
 from wan_nabla.compare.report import fmt
-from wan_nabla.config import AttentionConfig, GenerationConfig, LoraSpec, RunConfig, SpeedConfig
+from wan_nabla.config import AttentionConfig, GenerationConfig, LoraSpec, MemoryConfig, RunConfig, SpeedConfig
 
 from .random_init import WAN_SIZES, WanSize, random_pipeline
 from .records import environment, sync
@@ -96,6 +106,10 @@ class Row:
     warm: bool = True
     """A warm-up forward first (rows that compile something; dense SDPA compiles nothing)."""
     note: str = ""
+    quantize: str = "none"
+    vae_dtype: str = "fp32"
+    capture: bool = False
+    """Keep the per-step noise predictions and final latents (the FP8 quality comparison)."""
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -109,15 +123,25 @@ def plan_rows(s: LeverScenario, lora_path: str, cache: str, backend: str = "auto
         Row("dense", "dense (cuDNN SDPA)", AttentionConfig(backend="flex"), warm=False),
         Row("sta", f"+ {sta_label}", sta),
         Row("compiled", "+ compiled blocks", sta, compile="blocks", note="attention as one custom op inside each block graph"),
-        Row("lora", "+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}"),
+        Row("lora", "+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}",
+            capture=True),
         Row("cache", f"+ cache {cache}", sta, compile="blocks", cache=cache, decode=True,
             note="LoRA merged since the row above"),
         Row("variant", "variant: compiled blocks, graph split", sta, compile="blocks-split", optional=True,
             note="graph split around attention (torch.compiler.disable); LoRA merged if its row ran"),
+        # FP8 last: quantising is permanent for the shared pipeline (the rows above stay bf16).
+        Row("fp8", "+ FP8 linears", sta, compile="blocks", quantize="fp8", decode=True, capture=True,
+            note="torchao float8 e4m3, rowwise scales; LoRA merged if its row ran"),
+        Row("fastdecode", "+ fast decode (bf16 VAE)", sta, compile="blocks", quantize="fp8", vae_dtype="bf16",
+            decode=True, capture=True, note="FP8 linears as above"),
     ]
 
 
-ROW_KEYS = ("dense", "sta", "compiled", "lora", "cache", "variant")
+ROW_KEYS = ("dense", "sta", "compiled", "lora", "cache", "variant", "fp8", "fastdecode")
+QUALITY_PAIRS = (("lora", "fp8", "fp8_vs_bf16"), ("fp8", "fastdecode", "bf16_decode_vs_fp32_decode"),
+                 ("lora", "fastdecode", "fp8_and_bf16_decode_vs_bf16"))
+"""(reference row, candidate row, name) of result["quality"]: the FP8 transformer against bf16 (same
+seed, same LoRA-merged weights), the bf16 decode against the fp32 one (same FP8 latents), both."""
 
 
 # ---- synthetic LoRA -------------------------------------------------------------------------------
@@ -158,6 +182,26 @@ def _warm_forward(gen, s: LeverScenario, device: torch.device) -> None:
     sync(device)
 
 
+def quality(ref: dict[str, Any], cand: dict[str, Any], ref_frames, cand_frames, device) -> dict[str, Any]:
+    """How far `cand`'s row is from `ref`'s: relative L2 of the transformer output per step (step 0
+    has the same input in both runs: the one-forward error; later steps follow each run's own
+    latents), of the final latents, and PSNR / SSIM of the decoded frames (`frame_quality`)."""
+    a, b = cand["_capture"], ref["_capture"]
+    out = {"reference": ref["name"], "candidate": cand["name"],
+           "noise_rel_l2_per_step": [rel_l2(x, y) for x, y in zip(a["noise"], b["noise"])],
+           "final_latents_rel_l2": rel_l2(a["latents"], b["latents"])}
+    if ref_frames is not None and cand_frames is not None:
+        out["psnr_db"], out["ssim"] = frame_quality(ref_frames, cand_frames, device)
+    return out
+
+
+def frame_quality(ref_frames, cand_frames, device: torch.device) -> tuple[Any, float]:
+    """PSNR over the video and mean SSIM (compare.metrics.frame_metrics, SSIM by its torch twin on
+    `device`: the same definition as scikit-image's, without its ~30 s of CPU per 720p video)."""
+    overall = frame_metrics(ref_frames, cand_frames, ssim_device=device)["overall"]
+    return overall["psnr_db"], overall["ssim_mean"]
+
+
 def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
             dtype: torch.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
     """One row's record, and its decoded frames when the row decodes."""
@@ -166,8 +210,9 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
     gen_cfg = GenerationConfig(size=(s.width, s.height), frames=s.frames, steps=s.steps, guidance_scale=1.0,
                                shift=5.0, sampler="euler", device=str(device),
                                dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-    cfg = RunConfig(attention=row.attention, generation=gen_cfg, speed=SpeedConfig(compile=row.compile, cache=row.cache),
-                    lora=row.lora)
+    cfg = RunConfig(attention=row.attention, generation=gen_cfg, lora=row.lora,
+                    speed=SpeedConfig(compile=row.compile, cache=row.cache, quantize=row.quantize),
+                    memory=MemoryConfig(vae_dtype=row.vae_dtype))
     t0 = time.perf_counter()
     gen = VideoGenerator(pipe, cfg, device, model_id=f"random-{s.size}")
     sync(device)
@@ -183,7 +228,9 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
         timer.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        res = gen.generate(PROMPT, progress=False, decode=row.decode)
+        noise: list[torch.Tensor] = []
+        on_step = (lambda i, n, lat: noise.append(n.detach().float().cpu())) if row.capture else None
+        res = gen.generate(PROMPT, progress=False, decode=row.decode, on_step=on_step)
         forwards = s.steps * res.speed["passes_per_step"]
         attn_ms = timer.total_ms(timer.attn) / forwards
         mask_ms = timer.total_ms(timer.mask) / forwards
@@ -205,7 +252,10 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
         "vae_tiling": t.get("vae_tiling") if row.decode else None, "cache_record": res.speed["cache"],
         "peak_gpu_memory_gb": t.get("peak_gpu_memory_gb"),
         "finite": bool(np.isfinite(res.frames).all()) if row.decode else None,
+        "quantize": res.speed["quantize"], "vae_dtype": row.vae_dtype,
     }
+    if row.capture:
+        out["_capture"] = {"noise": noise, "latents": res.latents}
     return out, (res.frames if row.decode else None)
 
 
@@ -227,13 +277,19 @@ def estimate_50_step_cfg(rows: list[dict[str, Any]], encode_s: float, decode_s: 
     return out
 
 
+SPEED_GOALS = {"e2e_s": 12.0, "dit_s": 9.0, "decode_s": 3.0, "non_attention_ratio": 0.6}
+"""Goals of the FP8 + fast decode row (STA 11-3-3 + compiled blocks + FP8 + bf16 decode, 14B 720p, 4
+CFG-free steps): end to end, DiT, decode, and non-attention time per forward against the bf16 row."""
+
+
 def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rows if "denoise_s" in r]
-    decodes = [r["decode_s"] for r in ok if r.get("decode_s")]
+    decodes = [r["decode_s"] for r in ok if r.get("decode_s") and r.get("vae_dtype", "fp32") == "fp32"]
     decode_s = statistics.median(decodes) if decodes else None
     prev = None
     for r in ok:
-        r["e2e_s"] = r["encode_s"] + r["denoise_s"] + (decode_s or 0.0)
+        # a row that decoded counts its own decode (the bf16 VAE row differs); others the fp32 median
+        r["e2e_s"] = r["encode_s"] + r["denoise_s"] + (r.get("decode_s") or decode_s or 0.0)
         r["speedup_vs_dense_dit"] = ok[0]["denoise_s"] / r["denoise_s"]
         if prev is not None and not r["name"].startswith("variant"):
             r["speedup_vs_previous_dit"] = prev["denoise_s"] / r["denoise_s"]
@@ -246,8 +302,28 @@ def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
         goal = {"row": g["name"], "e2e_s": g["e2e_s"], "dit_s": g["denoise_s"], "e2e_goal_s": 30.0, "dit_goal_s": 16.0,
                 "e2e_met": g["e2e_s"] <= 30.0, "dit_met": g["denoise_s"] <= 16.0}
     encode = statistics.median(r["encode_s"] for r in ok) if ok else 0.0
-    return {"scenario": s.label, "decode_s": decode_s, "goal": goal,
-            "cfg50_estimates": estimate_50_step_cfg(ok, encode, decode_s or 0.0) if ok else []}
+    fast = next((r for r in ok if r["key"] == "fastdecode"), None)
+    bf16 = next((r for r in ok if r["key"] == "lora"), None) or next((r for r in ok if r["key"] == "compiled"), None)
+    speed_goal = None
+    if fast is not None:
+        g = SPEED_GOALS
+        ratio = fast["non_attention_ms_per_forward"] / bf16["non_attention_ms_per_forward"] if bf16 else None
+        speed_goal = {"row": fast["name"], "e2e_s": fast["e2e_s"], "dit_s": fast["denoise_s"],
+                      "decode_s": fast["decode_s"], "non_attention_ratio_vs_bf16": ratio, "goals": g,
+                      "e2e_met": fast["e2e_s"] <= g["e2e_s"], "dit_met": fast["denoise_s"] <= g["dit_s"],
+                      "decode_met": fast["decode_s"] <= g["decode_s"],
+                      "non_attention_met": ratio is not None and ratio <= g["non_attention_ratio"]}
+    estimates = estimate_50_step_cfg(ok, encode, decode_s or 0.0) if ok else []
+    if fast is not None:
+        # The published NABLA operating point (50 steps, CFG 5, 1280x720) on this stack, ESTIMATED
+        # from the measured FP8 step and the measured bf16 decode: never run here.
+        estimates.append({"config": f"published operating point (50 steps, CFG as 2 passes, {s.width}x{s.height}): "
+                                    "STA + compiled + "
+                                    "FP8 + bf16 decode, ESTIMATED",
+                          "estimate_s": encode + 50 * 2 * fast["step_median_s"] + fast["decode_s"],
+                          "dit_s": 50 * 2 * fast["step_median_s"]})
+    return {"scenario": s.label, "decode_s": decode_s, "goal": goal, "speed_goal": speed_goal,
+            "cfg50_estimates": estimates}
 
 
 def _backend_text(r: dict[str, Any]) -> str:
@@ -263,7 +339,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
              f"commit {e.get('commit', '?')}.", "",
              "| row | backend | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
-             "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached |",
+             "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "denoise_s" not in r:
@@ -281,6 +357,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['non_attention_ms_per_forward']:.0f} | {r['encode_s']:.2f} | {dec} | {r['e2e_s']:.1f} | {vp} | "
             f"{r['speedup_vs_dense_dit']:.2f}x | {r['compile_s']:.1f} | {dens} | "
             f"{c['skipped']}/{c['block_calls']} | {q} |")
+    q = result.get("quality") or {}
+    if q:
+        lines += ["", "Quality (random weights; relative L2 against the reference row, PSNR/SSIM of the decoded "
+                      "videos; step 0 has the same input in both runs):", "",
+                  "| candidate vs reference | transformer output rel. L2 per step | final latents rel. L2 | PSNR dB | SSIM |",
+                  "|---|---|---|---|---|"]
+        for v in q.values():
+            steps = ", ".join(f"{x:.2e}" for x in v["noise_rel_l2_per_step"])
+            lines.append(f"| {v['candidate']} vs {v['reference']} | {steps} | {v['final_latents_rel_l2']:.2e} | "
+                         f"{fmt(v.get('psnr_db'), 4)} | {fmt(v.get('ssim'), 4)} |")
+    sg = s.get("speed_goal")
+    if sg:
+        ratio = sg["non_attention_ratio_vs_bf16"]
+        lines += ["", f"Goals ({sg['row']}): end to end {sg['e2e_s']:.1f} s (<= 12 s: {'met' if sg['e2e_met'] else 'NOT met'}), "
+                      f"DiT {sg['dit_s']:.1f} s (<= 9 s: {'met' if sg['dit_met'] else 'NOT met'}), decode "
+                      f"{sg['decode_s']:.1f} s (<= 3 s: {'met' if sg['decode_met'] else 'NOT met'}), non-attention per "
+                      f"forward {'n/a' if ratio is None else f'{ratio:.2f}x'} of bf16 (<= 0.6x: "
+                      f"{'met' if sg['non_attention_met'] else 'NOT met'})."]
     g = s.get("goal")
     if g:
         lines += ["", f"Goal ({g['row']}): end to end {g['e2e_s']:.1f} s (goal <= 30 s: {'met' if g['e2e_met'] else 'NOT met'}), "
@@ -298,7 +392,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     device = resolve_device(args.device)
     s = QUICK if args.quick else FULL
     s = LeverScenario(s.size, s.width, s.height, s.frames, args.steps or s.steps, s.sta_window)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    emulate = device.type == "cpu" and any(k in args.rows for k in ("fp8", "fastdecode"))
+    # bf16 on the GPU; fp32 on the CPU, except a dry run with FP8 rows (FP8 GEMMs take bf16)
+    dtype = torch.bfloat16 if device.type == "cuda" or emulate else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict[str, Any] = {"env": environment(None, device), "scenario": s.label, "random_weights": True,
@@ -307,6 +403,31 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
     def save() -> None:
         (args.out / "levers.json").write_text(json.dumps(result, indent=1, default=str))
+
+    if emulate:  # a CPU dry run of the GPU job: the real torchao path, its numbers meaningless
+        result["fp8_emulated_on_cpu"] = True
+    with allow_fp8_on_cpu() if emulate else contextlib.nullcontext():
+        _run_rows(args, s, device, dtype, result, start, save, log)
+    (args.out / "levers.md").write_text(markdown(result))
+    return result
+
+
+@contextlib.contextmanager
+def allow_fp8_on_cpu():
+    """Let torchao's float8 layers run on the CPU (dry runs and tests only): torchao asserts an
+    sm89+ GPU before converting, though its float8 tensors compute on the CPU too."""
+    from unittest import mock
+
+    import torchao.quantization.quant_api as qa
+
+    from wan_nabla import quantize
+
+    with mock.patch.object(qa, "_check_hardware_support", lambda *a, **k: None), \
+            mock.patch.object(quantize, "fp8_unsupported", lambda *a, **k: None):
+        yield
+
+
+def _run_rows(args, s, device, dtype, result, start, save, log) -> None:
 
     t0 = time.perf_counter()
     pipe = random_pipeline(s.size, device, dtype)
@@ -317,6 +438,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         lora_path = Path(tmp) / "synthetic_lightx2v_like.safetensors"
         result["lora_file"] = write_synthetic_lora(lora_path, WAN_SIZES[s.size], rank=4 if args.quick else LORA_RANK)
         reference = None
+        kept: dict[str, tuple[dict[str, Any], Any]] = {}  # captured rows and their frames, by key
         for row in plan_rows(s, str(lora_path), args.cache, args.attention_backend):
             if row.key not in args.rows:
                 continue
@@ -330,11 +452,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     continue
             try:
                 rec, frames = run_row(pipe, s, row, device, dtype)
-                if frames is not None and row.cache == "none":
+                if "_capture" in rec:
+                    kept[row.key] = (rec, frames)
+                    for ref_key, cand_key, name in QUALITY_PAIRS:
+                        if cand_key == row.key and ref_key in kept:
+                            ref_rec, ref_frames = kept[ref_key]
+                            result.setdefault("quality", {})[name] = quality(ref_rec, rec, ref_frames, frames, device)
+                    rec = {k: v for k, v in rec.items() if k != "_capture"}
+                if frames is not None and row.cache == "none" and row.quantize == "none":
                     reference = frames
                 elif frames is not None and reference is not None:
-                    quality = frame_metrics(reference, frames, with_ssim=not missing_extras(("skimage",)))["overall"]
-                    rec["psnr_db"], rec["ssim"] = quality["psnr_db"], quality["ssim_mean"]
+                    rec["psnr_db"], rec["ssim"] = frame_quality(reference, frames, device)
                 result["rows"].append(rec)
                 log(f"  {row.name}: DiT {rec['denoise_s']:.2f} s (step {rec['step_median_s']:.3f} s, attention "
                     f"{rec['attention_ms_per_forward']:.0f} ms/fwd), compile {rec['compile_s']:.1f} s, "
@@ -349,8 +477,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             result["summary"] = summarize(s, result["rows"])
             result["elapsed_s"] = time.perf_counter() - start
             save()
-    (args.out / "levers.md").write_text(markdown(result))
-    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

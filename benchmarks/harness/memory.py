@@ -25,6 +25,7 @@ group / sequential modes.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -33,12 +34,13 @@ from typing import Any, Callable
 
 import torch
 
-from wan_nabla.config import AttentionConfig, GenerationConfig, MemoryConfig, RunConfig
+from wan_nabla.config import AttentionConfig, GenerationConfig, MemoryConfig, RunConfig, SpeedConfig
 
 from .memory_report import CONTEXT_GIB, VIDEOS, add_decode_estimates, recommendation_table
 
 DEFAULT_SPARSE = "nabla_0.2_sta_11_3_3"
-PARTS = ("14B-720p", "14B-low", "1.3B", "quick")
+PARTS = ("14B-720p", "14B-low", "1.3B", "fp8-24g", "fp8-quick", "quick")
+"""The last is the CPU smoke test (benchmarks/jobs/gpu_memory.py --quick); the others are --part values."""
 PROMPT = ("a red fox running through fresh snow at dawn", "blurry, low quality")
 # Rough H100 seconds per dense CFG step (batch of two), for the time budget before a size is measured.
 _STEP_GUESS = {("14B", "720p"): 26.0, ("14B", "480p"): 7.5, ("1.3B", "720p"): 5.5, ("1.3B", "480p"): 1.4}
@@ -60,11 +62,14 @@ class MemoryRun:
     warmup: int = 1
     fallback: tuple[MemoryRun, ...] = ()
     """Runs to try when this one runs out of memory (each with its own fallbacks)."""
+    quantize: str = "none"
+    """speed.quantize of the run (fp8: FP8 block linears, quantize.py)."""
 
     def label(self) -> str:
         card = f"{self.card_gib} GiB" if self.card_gib else "whole GPU"
         cfg = "CFG batch 2" if self.batch_cfg else "CFG 2x batch 1"
-        return f"{self.size} {self.video} {self.attention} offload={self.offload} {cfg} on {card}"
+        q = f" {self.quantize}" if self.quantize != "none" else ""
+        return f"{self.size}{q} {self.video} {self.attention} offload={self.offload} {cfg} on {card}"
 
 
 def plan(part: str, sparse: str = DEFAULT_SPARSE) -> list[MemoryRun]:
@@ -87,6 +92,18 @@ def plan(part: str, sparse: str = DEFAULT_SPARSE) -> list[MemoryRun]:
         return [r("tiny", "quick", a, m, c) for a, m, c in [
             ("full", "none", None), ("full", "model", 12), ("full", "group", 12), ("full", "sequential", 12),
             ("sparse", "group", 12)]]
+    if part in ("fp8-24g", "fp8-quick"):
+        # 14B 720p with FP8 DiT weights (14.3 GB instead of 28.6) on a 24 GB card: `model` offload
+        # (the text encoder leaves before the DiT arrives), else `group` (torchao tensors streamed).
+        s, v, card = ("14B", "720p", 24) if part == "fp8-24g" else ("tiny", "quick", 12)
+        q = "fp8"
+
+        def rq(mode, b2):
+            steps = 2 if s == "14B" else 3
+            return MemoryRun(s, v, sparse, mode, card, b2, steps, 1, (), q)
+
+        return [MemoryRun(s, v, sparse, "model", card, True, 2 if s == "14B" else 3, 1, (rq("model", False),), q),
+                MemoryRun(s, v, sparse, "group", card, True, 2 if s == "14B" else 3, 1, (rq("group", False),), q)]
     if part == "14B-720p":
         s, v = "14B", "720p"
         return [r(s, v, "full", "none"), ladder(s, v, "group", [24]), r(s, v, "sparse", "none"),
@@ -194,16 +211,22 @@ def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
     from wan_nabla.pipeline import VideoGenerator
 
     w, h, f = VIDEOS[run.video]
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = "bfloat16" if device.type == "cuda" or run.quantize != "none" else "float32"
     gen_cfg = GenerationConfig(size=(w, h), frames=f, steps=run.steps, guidance_scale=5.0, batch_cfg=run.batch_cfg,
                                device=str(device), dtype=dtype)
-    cfg = RunConfig(attention=_attention(run.attention), generation=gen_cfg, memory=MemoryConfig(offload=run.offload))
+    cfg = RunConfig(attention=_attention(run.attention), generation=gen_cfg, memory=MemoryConfig(offload=run.offload),
+                    speed=SpeedConfig(quantize=run.quantize))
     row: dict[str, Any] = {k: v for k, v in asdict(run).items() if k != "fallback"}
     row["label"] = run.label()
     _empty(device)  # cached blocks of earlier runs must not count against this run's cap
     row["cap_gib"] = _cap(device, run.card_gib)
     gen = None
     t0 = time.perf_counter()
+    stack = contextlib.ExitStack()
+    if device.type == "cpu" and run.quantize != "none":  # a CPU dry run: torchao's float8 layers on the CPU
+        from .levers import allow_fp8_on_cpu
+
+        stack.enter_context(allow_fp8_on_cpu())
     try:
         gen = VideoGenerator(pipe, cfg, device, model_id=f"random-{run.size}")
         _sync(device)
@@ -228,6 +251,7 @@ def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a failed mode is a result; the others still run
         row.update(status="error", error=_first_line(e))
     finally:
+        stack.close()
         if gen is not None:
             try:
                 gen.close()
@@ -253,7 +277,7 @@ def run_part(part: str, device: torch.device, *, sparse: str = DEFAULT_SPARSE, b
              log: Callable[[str], None] = print, on_update: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Measure every run of plan(part) within budget_s; `on_update(result)` after each one."""
     start = time.perf_counter()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or part.startswith("fp8") else torch.float32
     pipes = _Pipes(device, dtype, log)
     result: dict[str, Any] = {"part": part, "sparse": sparse, "runs": [], "vae": [], "skipped": []}
     planned = plan(part, sparse)

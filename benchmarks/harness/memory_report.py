@@ -112,7 +112,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         ratio = f"{r['s_per_step'] / ref:.2f}" if r.get("s_per_step") and ref else ""
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:60]}"
         lines.append(
-            f"| {r['size']} | {r['video']} | {r['attention']} | {r['offload']} | {'batch 2' if r['batch_cfg'] else '2 x 1'} "
+            f"| {r['size']}{' ' + r['quantize'] if r.get('quantize', 'none') != 'none' else ''} | {r['video']} | {r['attention']} | {r['offload']} | {'batch 2' if r['batch_cfg'] else '2 x 1'} "
             f"| {r['card_gib'] or 'whole'} | {status} | {_num(peaks.get('encode'))} | {_num(peaks.get('denoise'))} "
             f"| {_decode_text(r)} | {_num(r.get('total_peak_gib'))} "
             f"| {_num(max((r.get('reserved_peak_gib') or {}).values(), default=None))} | {_num(r.get('s_per_step'))} "

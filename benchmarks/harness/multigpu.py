@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wan_nabla.adapter import apply_attention
+from wan_nabla.wan.hooks import apply_attention
 from wan_nabla.config import ConfigError, ParallelConfig, RunConfig
 from wan_nabla.distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
 from wan_nabla.pipeline import VideoGenerator, predict_noise, sync_device

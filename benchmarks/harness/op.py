@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wan_nabla.attention import fa4, kernels, masks
-from wan_nabla.attention.kernels import compiled_flex
+from wan_nabla.attention import masks
+from wan_nabla.attention.backends import default_block_size, fa4
+from wan_nabla.attention.backends.flex import compiled_flex
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.attention.rotary import rotate
 from wan_nabla.config import AttentionConfig
@@ -74,7 +75,7 @@ def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     if quick:
         candidates.append(("nabla 0.5 + sta 3-1-1", AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))))
     for name, cfg in candidates:
-        key = (cfg.type, cfg.threshold, cfg.sta_window)
+        key = (cfg.type, cfg.threshold, cfg.sta_window, cfg.geometry)
         if key not in seen:
             seen.add(key)
             rows.append((name, cfg))
@@ -201,8 +202,8 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
     # Cheap and essential first; the published rows (its max-autotune compile) last.
     parts = [("recompiles_on_new_masks", True, lambda: recompiles_on_new_masks(sc, q, v, backends, quick, seed)),
              ("mask_breakdown", sweep or breakdown,
-              lambda: mask_breakdown(sc, q, k, 0.2, kernels.default_block_size(device))),
-             ("checks", checks, lambda: run_checks(sc, q, k, v, kernels.default_block_size(device), quick, backends)),
+              lambda: mask_breakdown(sc, q, k, 0.2, default_block_size(device))),
+             ("checks", checks, lambda: run_checks(sc, q, k, v, default_block_size(device), quick, backends)),
              ("sweep", sweep, lambda: run_sweep(sc, q, k, v)),
              ("geometry", geometry, lambda: run_geometry(sc, q, k, v, backends, quick)),
              ("published", published_rows, lambda: published.run_published(sc, quick=quick, seed=seed, model_qk=model_qk))]
@@ -255,7 +256,7 @@ def sparse_row(sc: _Scenario, name: str, cfg: AttentionConfig, q, k, v, backend:
     cfg = run.config
     layout = run.layout_for(sc.layout.frames, sc.layout.height, sc.layout.width, device, q.dtype)
     q, k, v = sc.app_qkv(layout, q, k, v)
-    run.layout = layout
+    run.state.layout = layout
     pooled, inc, unfused = None, 0.0, None
     if run.pool_layout(0, q) is not None:  # the app pools these tiles inside its rotary kernel
         pooled = (masks.pool_tiles(q, layout), masks.pool_tiles(k, layout))
@@ -301,7 +302,7 @@ def recompiles_on_new_masks(sc: _Scenario, q, v, backends, quick: bool, seed: in
             run = app_run(cfg, backend, sc.device, q.dtype)
             layout = run.layout_for(sc.layout.frames, sc.layout.height, sc.layout.width, sc.device, q.dtype)
             qq, kk, vv = sc.app_qkv(layout, q2, k2, v)
-            run.layout = layout
+            run.state.layout = layout
             run.sparse(qq, kk, vv, run.plan(qq, kk, layout))
         sync(sc.device)
         out[backend] = compiled_graphs() - g0 + fa4_cache_size() - c0

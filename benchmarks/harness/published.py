@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from wan_nabla.attention.kernels import sparse_attention
+from wan_nabla.attention.backends.flex import sparse_attention
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 
 from .qk import processor_storage, synthetic_qkv

@@ -120,7 +120,8 @@ def tile_rotary(layout: TileLayout, head_dim: int, device: torch.device) -> tupl
 def wan_block_qkv(s, device, dtype, seed: int):
     """q/k/v that the app's processor sees in block 0 of a random-weight Wan transformer of these heads,
     fed smooth random latents (tile order, after q/k norm and rotary)."""
-    from wan_nabla.adapter import apply_attention
+    from wan_nabla.attention.run import Observer
+    from wan_nabla.wan.hooks import apply_attention
 
     from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 
@@ -131,11 +132,11 @@ def wan_block_qkv(s, device, dtype, seed: int):
     # plain (unpaired) tile order: the order the op level's scenario layout assumes
     handle = apply_attention(model, {"type": "nabla", "threshold": 0.5, "time_pairs": False, "backend": "flex"})
 
-    def capture(q, k, v, layer, pooled=None):
-        captured.update(q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
-        return torch.zeros_like(q)
+    class Capture(Observer):
+        def attend_started(self, call):
+            captured.update(q=call.q.contiguous(), k=call.k.contiguous(), v=call.v.contiguous())
 
-    handle.run.attend = capture
+    handle.run.stats.subscribe(Capture())
     f, h, w = s.grid
     latents = smooth_latents((s.batch, 16, f, 2 * h, 2 * w), device, seed).to(dtype)
     text = torch.randn((s.batch, 512, size.text_dim), device=device, dtype=dtype)

@@ -180,7 +180,7 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
         **product_environment(device),
     }
     env["commit"] = env["commit"] or "unknown"
-    from wan_nabla.attention.kernels import resolve_backend
+    from wan_nabla.attention.backends import resolve_backend
 
     env["default_backend"], env["default_backend_reason"] = resolve_backend(
         "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)

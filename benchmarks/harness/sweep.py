@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from wan_nabla.attention import masks
-from wan_nabla.attention.kernels import sparse_attention
+from wan_nabla.attention.backends.flex import sparse_attention
 from wan_nabla.attention.layout import TileLayout
-from wan_nabla.attention.mask_kernels import pool_tiles_triton, select_triton
+from wan_nabla.attention.triton.mask_kernels import pool_tiles_triton, select_triton
 from wan_nabla.attention.rotary import rotate, rotate_torch
 from wan_nabla.config import AttentionConfig
 

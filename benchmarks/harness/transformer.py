@@ -31,9 +31,10 @@ from typing import Any, Callable
 
 import torch
 
-from wan_nabla.adapter import apply_attention
 from wan_nabla.attention import masks
+from wan_nabla.attention.run import Observer
 from wan_nabla.config import AttentionConfig
+from wan_nabla.wan.hooks import apply_attention
 
 from .configs import preset_configs
 from .geometry import available_backends
@@ -75,33 +76,35 @@ def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     return rows
 
 
-class AttentionTimer:
-    """Event pairs around run.attend / run.plan (host clock on the CPU)."""
+class AttentionTimer(Observer):
+    """Event pairs around each attention call and its mask build (host clock on the CPU), as an
+    observer of the run's statistics."""
 
     def __init__(self, run, device: torch.device):
         self.device = device
         self.attn: list = []
         self.mask: list = []
-        run.attend = self._wrap(run.attend, self.attn)
-        run.plan = self._wrap(run.plan, self.mask)
+        self._starts: dict[str, Any] = {}
+        run.stats.subscribe(self)
 
-    def _wrap(self, fn, sink):
-        cuda = self.device.type == "cuda"
+    def _mark(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
 
-        def wrapped(*args, **kw):
-            if cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = fn(*args, **kw)
-                e.record()
-                sink.append((s, e))
-            else:
-                t0 = time.perf_counter()
-                out = fn(*args, **kw)
-                sink.append((t0, time.perf_counter()))
-            return out
+    def attend_started(self, call) -> None:
+        self._starts["attn"] = self._mark()
 
-        return wrapped
+    def attend_finished(self, call) -> None:
+        self.attn.append((self._starts.pop("attn"), self._mark()))
+
+    def plan_started(self, call) -> None:
+        self._starts["mask"] = self._mark()
+
+    def plan_finished(self, call) -> None:
+        self.mask.append((self._starts.pop("mask"), self._mark()))
 
     def reset(self) -> None:
         self.attn.clear()
@@ -177,11 +180,11 @@ def _measure(model, forward, cfg: AttentionConfig, name: str, s, size, device: t
     tiles: list[torch.Tensor] = []
     try:
         g0 = compiled_graphs()
-        timed_plan = run.plan
+        tile_density = TileDensity(cfg, tiles)
         if cfg.sparse:  # tile density (before coarsening) is collected in the untimed first forward
-            run.plan = _with_tile_density(timed_plan, cfg, tiles)
+            run.stats.subscribe(tile_density)
         first = first_call_s(forward, device)
-        run.plan = timed_plan
+        run.stats.unsubscribe(tile_density)
         g1 = compiled_graphs()
         totals, attn, mask = [], [], []
         out = None
@@ -211,14 +214,14 @@ def _measure(model, forward, cfg: AttentionConfig, name: str, s, size, device: t
     }
 
 
-def _with_tile_density(plan, cfg: AttentionConfig, sink: list):
-    """Wrap run.plan to also record the tile-level keep share of each call."""
+class TileDensity(Observer):
+    """Records the tile-level keep share of each sparse call (before coarsening to blocks)."""
 
-    def wrapped(q, k, layout, pooled=None):
-        sink.append(masks.tile_keep_mask(cfg, q, k, layout).float().mean())
-        return plan(q, k, layout, pooled)
+    def __init__(self, cfg: AttentionConfig, sink: list):
+        self.cfg, self.sink = cfg, sink
 
-    return wrapped
+    def plan_started(self, call) -> None:
+        self.sink.append(masks.tile_keep_mask(self.cfg, call.q, call.k, call.layout).float().mean())
 
 
 def run_transformer_level(scenarios, device: torch.device, *, quick: bool = False,

@@ -18,7 +18,7 @@ out=${1:?usage: benchmarks/jobs/gpu_fa4.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 source benchmarks/jobs/gpu_prelude.sh
-python3 -c "from wan_nabla.attention import fa4; import torch; print('flash-attn-4:', fa4.available(torch.device('cuda')))" \
+python3 -c "from wan_nabla.attention.backends import fa4; import torch; print('flash-attn-4:', fa4.available(torch.device('cuda')))" \
   > "$out/log.txt" 2>&1; cat "$out/log.txt"
 quick_check=(); bench_args=(--op 40@1280x720 --budget-ms 200)
 if [[ ${WAN_NABLA_QUICK:-0} == 1 ]]; then

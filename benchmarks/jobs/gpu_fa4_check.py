@@ -37,7 +37,8 @@ from benchmarks.harness.op import fa4_cache_size  # noqa: E402
 from benchmarks.harness.records import environment  # noqa: E402
 from tests import reference as R  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
-from wan_nabla.attention import fa4, kernels, masks, rotary  # noqa: E402
+from wan_nabla.attention import backends, masks, rotary  # noqa: E402
+from wan_nabla.attention.backends import fa4, flex  # noqa: E402
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
@@ -92,7 +93,7 @@ def kernel_checks(device, dtype, quick: bool) -> list[dict]:
                     ref = R.masked_attention_f64(q.cpu(), k.cpu(), v.cpu(), token_keep(kp.expand(2, 3, -1, -1), layout, bs))
                     flex_err = None
                     if with_flex and d == 128:
-                        flex_err = rel_l2(kernels.sparse_attention(q, k, v, plan.block_mask()), ref)
+                        flex_err = rel_l2(flex.sparse_attention(q, k, v, plan.block_mask()), ref)
                     bound = 1e-2 if device.type == "cuda" else 1e-5
                     if flex_err is not None:
                         bound = max(bound, 1.5 * flex_err + 2e-3)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
-    ok_fa4, why = kernels.resolve_backend("fa4", device, dtype)
+    ok_fa4, why = backends.resolve_backend("fa4", device, dtype)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
               "flash_attn_4": why, "backend": ok_fa4, "env": environment(argv if argv is not None else sys.argv[1:], device),

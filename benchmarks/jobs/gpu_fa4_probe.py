@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from wan_nabla.attention import masks  # noqa: E402
-from wan_nabla.attention.kernels import sparse_attention  # noqa: E402
+from wan_nabla.attention.backends.flex import sparse_attention  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
-from wan_nabla.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.config import AttentionConfig  # noqa: E402
 
 
 @cute.jit

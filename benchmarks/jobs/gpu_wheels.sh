@@ -3,7 +3,8 @@
 # GPU job can install them offline. Runs on a machine with PyPI access (Python 3.12 wheels, x86-64).
 #
 #   benchmarks/jobs/gpu_wheels.sh            -> .whl/  diffusers (pyproject's pin) + ftfy, wcwidth, importlib_metadata,
-#                                      peft + accelerate + psutil (LoRA loading, --offload model)
+#                                      peft + accelerate + psutil (LoRA loading, --offload model),
+#                                      torchao (the fp8 extra's pin: --quantize fp8, ~3.4 MB)
 #   benchmarks/jobs/gpu_wheels.sh --fa4      -> also flash-attn-4 and its CuTe-DSL dependencies (.whl/), with the
 #                                      ~90 MB CUDA-13 runtime wheel split in two parts: .whl-big/part.aa and
 #                                      .whl/part.ab (a job carries at most 64 MiB at a time)
@@ -31,7 +32,8 @@ get() {  # get DIR SPEC...
 }
 diffusers=$(python3 -c 'import re,pathlib; print(re.search(r"\"(diffusers[^\"]*)\"", pathlib.Path("pyproject.toml").read_text())[1].replace(" ", ""))')
 peft=$(python3 -c 'import re,pathlib; print(re.search(r"\"(peft[^\"]*)\"", pathlib.Path("pyproject.toml").read_text())[1].replace(" ", ""))')
-get .whl "$diffusers" ftfy wcwidth importlib_metadata "$peft" accelerate psutil
+torchao=$(python3 -c 'import re,pathlib; print(re.search(r"fp8 = \[\"(torchao[^\"]*)\"", pathlib.Path("pyproject.toml").read_text())[1].replace(" ", ""))')
+get .whl "$diffusers" ftfy wcwidth importlib_metadata "$peft" accelerate psutil "$torchao"
 if [[ $fa4 == 1 ]]; then
   get .whl flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
     nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5 quack-kernels==0.6.5

@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.attention import masks  # noqa: E402
-from wan_nabla.attention.kernels import default_block_size  # noqa: E402
+from wan_nabla.attention.backends import default_block_size  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
-from wan_nabla.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.run import Observer  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 
 CONFIGS = {"nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),
@@ -100,7 +101,7 @@ def synthetic(device: torch.device, quick: bool) -> dict:
 @torch.no_grad()
 def model_layers(device: torch.device, quick: bool) -> dict:
     """Per-layer per-head densities of a random-weight Wan transformer forward (real architecture)."""
-    from wan_nabla.adapter import apply_attention
+    from wan_nabla.wan.hooks import apply_attention
     from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
 
     size = WAN_SIZES["tiny" if quick else "14B"]
@@ -112,14 +113,13 @@ def model_layers(device: torch.device, quick: bool) -> dict:
     rows = {}
     for name, cfg in CONFIGS.items():
         handle = apply_attention(model, cfg)
-        run, sink, plan = handle.run, [], handle.run.plan
+        sink = []
 
-        def recording(q, k, layout, pooled=None, _plan=plan, _sink=sink):  # AttentionRun.plan's signature
-            p = _plan(q, k, layout, pooled)
-            _sink.append(head_densities(p))
-            return p
+        class Recording(Observer):
+            def plan_finished(self, call, _sink=sink):
+                _sink.append(head_densities(call.plan))
 
-        run.plan = recording
+        handle.run.stats.subscribe(Recording())
         model(hidden_states=x, timestep=torch.full((1,), 500.0, device=device), encoder_hidden_states=text,
               return_dict=False)
         handle.remove()

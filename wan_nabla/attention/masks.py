@@ -17,7 +17,7 @@ keeps every tile.
 
 Two implementations of that rule, chosen by `impl` ("auto": Triton for CUDA tensors, else torch):
 - torch (reference, any device): one fp32 sort per row, cumulative sum, scatter back.
-- Triton (CUDA, mask_kernels.py): no sort. The kept set of a row is {p >= c}: the mass before an
+- Triton (CUDA, triton/mask_kernels.py): no sort. The kept set of a row is {p >= c}: the mass before an
   entry x is G(x) = sum of the entries > x, which only falls as x grows, so a search over the bit
   patterns of non-negative fp32 values (their integer order is their value order) finds the
   smallest c with G(c) < threshold. The search halves a bracket that starts at
@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..config import AttentionConfig
+from .config import AttentionConfig
 from .layout import MAX_BLOCK, TILE_TOKENS, TileLayout
-from .mask_kernels import TRITON, pool_tiles_triton, select_triton
+from .triton.mask_kernels import TRITON, pool_tiles_triton, select_triton
 
 IMPLS = ("auto", "torch", "triton")
 MAX_TRITON_TILES = 16384

@@ -27,7 +27,7 @@ import functools
 import torch
 
 from .layout import TILE_TOKENS, TileLayout
-from .mask_kernels import TRITON, triton
+from .triton.mask_kernels import TRITON, triton
 
 if TRITON is not None:
     import triton.language as tl

@@ -6,8 +6,8 @@
 Settings: config < command-line flags < the item's own fields. Seed: the item's `seed`, else
 `derive_seed(base, index)` = first 8 bytes of sha256(f"{base}:{index}") mod 2**31, with base =
 --seed (or the config's seed, default 0). Key: sha256 of (index, prompt, negative prompt, name,
-model, attention config except its kernel backend, generation settings except device, LoRAs and
-step cache when set: where and with which kernels an item runs is not what it is), stored in the
+model, attention config except its kernel backend, generation settings except device, LoRAs,
+step cache, FP8 linears and a non-fp32 VAE when set: where and with which kernels an item runs is not what it is), stored in the
 manifest and in the sidecar, so a changed prompt or setting is a new item, never mistaken for one
 already done. A bad value makes the item a failed item with a one-line reason, not an error of
 the run; so does a value the model or sampler cannot run (`check`, app.ModelFacts.check: steps at
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ConfigError, GenerationConfig, RunConfig, parse_size
+from ..config import DEFAULT_CRF, ConfigError, GenerationConfig, RunConfig, parse_size
 from .prompts import PromptItem
 
 
@@ -63,7 +63,8 @@ def plan_item(cfg: RunConfig, item: PromptItem, model_id: str,
     ident = {
         "index": item.index, "prompt": item.prompt, "name": item.name, "model": model_id,
         "attention": {k: v for k, v in cfg.attention.to_dict().items() if k != "backend"},
-        "generation": {k: v for k, v in g.to_dict().items() if k != "device" and (k, v) != ("sampler", "unipc")},
+        "generation": {k: v for k, v in g.to_dict().items()
+                       if k != "device" and (k, v) not in (("sampler", "unipc"), ("crf", DEFAULT_CRF))},
     }  # fmt: skip
     # What changes the video enters the key; settings added later only when not at their default,
     # so keys of earlier runs stay valid (compile changes speed, not the video).
@@ -71,5 +72,9 @@ def plan_item(cfg: RunConfig, item: PromptItem, model_id: str,
         ident["lora"] = [x.to_dict() for x in cfg.lora]
     if cfg.speed.cache != "none":
         ident["cache"] = {"cache": cfg.speed.cache, "mag_ratios": cfg.speed.to_dict()["mag_ratios"]}
+    if cfg.speed.quantize != "none":
+        ident["quantize"] = cfg.speed.quantize
+    if cfg.memory.vae_dtype != "fp32":
+        ident["vae_dtype"] = cfg.memory.vae_dtype
     key = hashlib.sha256(json.dumps(ident, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     return PlannedItem(item, settings=g, key=key)

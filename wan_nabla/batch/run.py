@@ -33,6 +33,10 @@ names and failure isolation are those of one process; a failure of one rank in t
 step (not of the whole group) cannot be isolated: its partners wait in a collective until
 parallel.timeout_s, and torchrun ends the run (rerun to resume).
 
+Across nodes, `--engine ray` runs the same plan on a pool of Ray actors (ray_engine.py,
+docs/scale_out.md): this process plans, names and writes the manifest, the actors call
+item.run_item.
+
 Limits: resuming after editing the file re-keys items whose index moved (a line inserted above
 them), so those are generated again under new names; the old files are left alone. Verifying done
 items decodes each of their MP4s once per run (fast for clips, linear in their number).
@@ -42,109 +46,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
-import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..app import (
     agreed,
     check_environment,
-    describe_failure,
     item_check,
     load_generator,
     load_weights_for,
     parallel_plan,
     parallel_session,
-    warn_long_prompt,
 )
 from ..distributed.claims import WorkClaims
-from ..output.files import ensure_writable_dir, remove_created_dirs
-from ..output.naming import unique_path
-from ..output.sidecar import publish_video, sidecar_path
 from ..preflight import RunPlan, window_covers_grid
 from ..requests import BatchRequest
+from .item import HeldOutDir, record_planned, run_item
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from .plan import PlannedItem, plan_item
-from .resume import assign_outputs, free_or_own, remove_stale_temps
+from .resume import assign_outputs, remove_stale_temps
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _record(p: PlannedItem, status: str, **fields: Any) -> dict[str, Any]:
-    out = p.output
-    rec = {
-        "index": p.item.index, "line": p.item.line, "key": p.key, "prompt": p.item.prompt,
-        "name": out.stem if out else None, "status": status,
-        "output": out.name if out and status != "failed" else None,
-        "sidecar": sidecar_path(out).name if out and status != "failed" else None,
-        "seed": p.settings.seed if p.settings else None,
-        "settings": p.settings.to_dict() if p.settings else None,
-        "timings": None, "attention_density": None, "error": None, "time": _now(),
-    }  # fmt: skip
-    rec.update(fields)
-    return rec
-
-
-def _write_video(gen, result, p: PlannedItem) -> dict[str, Any]:
-    """The batch entry (the item's key) goes into the sidecar in the same atomic step as the
-    video: a resumed run must recognise its own files even after a kill right after the write."""
-    batch = {"key": p.key, "index": p.item.index, "line": p.item.line, "manifest": MANIFEST_NAME}
-    return publish_video(gen, result, p.item.prompt, p.output, extra={"batch": batch})
-
-
-def _release_memory() -> None:
-    """After a failed item: free what its frames held, and hand cached CUDA blocks back to the
-    driver so the next item (often a smaller one after an out-of-memory) starts from a clean pool."""
-    gc.collect()
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None) -> dict[str, Any] | None:
-    """Generate and write one item; returns its manifest record (ok or failed), never raises Exception.
-    With a ParallelContext all ranks of the group call it; the leader writes and gets the record,
-    the others get None."""
-    g, error = p.settings, None
-    writer = ctx is None or ctx.is_leader
-    t0 = time.perf_counter()
-    try:
-        if writer and not free_or_own(p.output, p.key):  # someone put a file there since planning: never overwrite it
-            if ctx is not None:  # other groups name concurrently; only rank 0's plan is collision-free
-                raise RuntimeError(f"{p.output.name} appeared since planning and is not this item's; run the batch "
-                                   f"again to give the item a new name")
-            p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
-                                   available=lambda c: free_or_own(c, p.key))
-            names.add(p.output.name)
-        if writer:
-            warn_long_prompt(gen, p.item.prompt, f"item {p.item.index}'s prompt (line {p.item.line})")
-        result = agreed(ctx, lambda: gen.generate(
-            p.item.prompt, negative_prompt=g.negative_prompt, progress=progress, size=g.size, frames=g.frames,
-            steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift, seed=g.seed, fps=g.fps), scope="item")
-        density = result.attention.get("overall")
-        side = agreed(ctx, lambda: _write_video(gen, result, p), here=writer, scope="item")
-        result = None  # the frames go before the record is made
-        if not writer:
-            return None
-        timings = {k: v for k, v in side["timings"].items() if k not in ("per_step_s", "load_s")}
-        timings["total_s"] = time.perf_counter() - t0
-        return _record(p, "ok", timings=timings, attention_density=density)
-    except Exception as exc:
-        error = f"line {p.item.line}: {describe_failure(exc)}"
-        log.debug("item %d failed", p.item.index, exc_info=True)
-    _release_memory()  # after the except block, so the traceback (and its tensors) is already gone
-    return _record(p, "failed", error=error) if writer else None
 
 
 def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
@@ -166,8 +93,15 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
 
 def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
     """The `batch` subcommand after preflight (see module doc); `on_record` sees every manifest
-    record as it is written."""
-    check_environment(plan)
+    record as it is written. `req.engine` "ray" runs the same plan on a pool of Ray actors
+    (ray_engine.py; preflight checked its options)."""
+    engine = req.engine or "local"
+    if engine == "ray":
+        from .ray_options import ray_options
+
+        ray = ray_options(req)
+    else:
+        check_environment(plan)  # under Ray the actors check the device, which this machine need not have
     cfg, out_dir = plan.config, plan.output
     check = item_check(plan.facts, cfg.attention)
     planned = [plan_item(cfg, it, plan.model_label, check=check) for it in plan.items]
@@ -182,6 +116,13 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
             assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
             print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
+    if engine == "ray":
+        from .ray_engine import run_ray
+
+        counts = run_ray(ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
+        print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
+              f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
+        return 1 if counts["failed"] else 0
     pplan = parallel_plan(plan)
     loaded = None
     if pplan is not None and _preview_pending(planned, out_dir):
@@ -203,34 +144,6 @@ def _warn_covered(plan: RunPlan, planned: list[PlannedItem]) -> None:
         log.warning("%d of %d items: %s", len(covered), len(planned), first)
 
 
-class _OutDir:
-    """Rank 0's hold on the output directory: its lock (the manifest writer), the output names."""
-
-    def __init__(self, out_dir: Path, planned: list[PlannedItem]):
-        self.created: list[Path] = []
-        ensure_writable_dir(out_dir, self.created)
-        self.manifest_path = out_dir / MANIFEST_NAME
-        self.had_manifest = self.manifest_path.exists()
-        try:
-            self.manifest = ManifestWriter(self.manifest_path)
-        except BaseException:  # e.g. locked by another batch: its manifest is not ours to remove
-            remove_created_dirs(self.created)
-            raise
-        try:
-            self.names = assign_outputs(planned, out_dir, read_manifest(self.manifest_path))
-            remove_stale_temps(out_dir, self.names)
-        except BaseException:
-            self.manifest.close()
-            raise
-
-    def discard(self, out_dir: Path) -> None:
-        """A run stopped before its first record (a model that cannot be loaded, an interrupt)
-        leaves nothing behind: no manifest it created, no directory it created."""
-        if not self.had_manifest:
-            self.manifest_path.unlink(missing_ok=True)
-            remove_created_dirs(self.created)
-
-
 def _preview_pending(planned: list[PlannedItem], out_dir: Path) -> bool:
     """Whether anything is left to do, from a read-only look at the directory (every rank, before
     the process group; rank 0's plan under the lock is the one that counts)."""
@@ -250,7 +163,7 @@ def _share_outputs(ctx, planned: list[PlannedItem], out_dir: Path) -> set[str]:
 def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, loaded=None,
              model: str | None = None) -> dict[str, int]:
     main = ctx is None or ctx.is_main
-    held = agreed(ctx, lambda: _OutDir(out_dir, planned), here=main)
+    held = agreed(ctx, lambda: HeldOutDir(out_dir, planned), here=main)
     names = held.names if held is not None else set()
     if ctx is not None:
         names = _share_outputs(ctx, planned, out_dir)
@@ -305,12 +218,7 @@ def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, 
             on_record(rec)
 
     if main:
-        for p in planned:
-            if p.error:
-                log.warning("item %d failed: %s", p.item.index, p.error)
-                write(_record(p, "failed", error=p.error))
-            elif p.done:
-                write(_record(p, "skipped", attention_density=p.done.get("attention_density")))
+        record_planned(planned, write)
     initial = total - len(pending)
     bar = tqdm(total=total, initial=initial, desc="batch", unit="video", position=0,
                disable=quiet or not main, dynamic_ncols=True)

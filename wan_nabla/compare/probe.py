@@ -5,10 +5,11 @@
     gen.generate("a fox")          # the probe watches every self-attention call of the run
     probe.records                  # one CallRecord per sampled (step, layer)
     probe.density_table(30, 4)     # [layer][step] kept-block density of every call
-    probe.close()                  # the run's own attend/plan back
+    probe.close()                  # unsubscribed from the run
 
-The probe wraps `AttentionRun.attend` and `.plan` from outside (as benchmarks/harness/transformer.py does with
-its timer); the processors are untouched. Every call records its kept-block density. A sampled
+The probe subscribes to the run's statistics (`run.stats.subscribe`, attention/run.py's Observer,
+as benchmarks/harness/transformer.py's timer does); nothing of the run is replaced. Every call
+records its kept-block density. A sampled
 call (the first call of a sampled (step, layer); with batched CFG it holds both passes) also gets:
 - its tile keep mask, `masks.tile_keep_mask` (the one rule), for the sampled heads of batch item 0
   (the conditional pass), in frame-major tile order for pictures (layouts with time pairs are
@@ -49,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import masks
-from ..attention.kernels import dense_attention
+from ..attention.backends.flex import dense_attention
 from ..attention.layout import TileLayout
+from ..attention.run import AttentionCall, Observer
 from ..pipeline import sync_device
 
 DEFAULT_MAX_QUERY_ROWS = 4096
@@ -189,8 +191,8 @@ class CallRecord:
         return d
 
 
-class AttentionProbe:
-    """Wraps a run's attend/plan; see module doc. Use as a context manager or call close()."""
+class AttentionProbe(Observer):
+    """Watches a run's attention calls; see module doc. Use as a context manager or call close()."""
 
     def __init__(self, run, sampling: Sampling, *, exact: bool = False,
                  max_query_rows: int = DEFAULT_MAX_QUERY_ROWS, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -202,18 +204,11 @@ class AttentionProbe:
         self.records: list[CallRecord] = []
         self.probe_s: dict[int, float] = defaultdict(float)
         self._densities: dict[tuple[int, int], list] = defaultdict(list)
-        self._saved = {name: run.__dict__.get(name) for name in ("attend", "plan")}
-        self._attend_inner, self._plan_inner = run.attend, run.plan
-        self._last_plan = None
         self._seen: set[tuple[int, int]] = set()
-        run.attend, run.plan = self._attend, self._plan
+        run.stats.subscribe(self)
 
     def close(self) -> None:
-        for name, saved in self._saved.items():
-            if saved is None:
-                self.run.__dict__.pop(name, None)
-            else:
-                setattr(self.run, name, saved)
+        self.run.stats.unsubscribe(self)
 
     def __enter__(self) -> AttentionProbe:
         return self
@@ -221,16 +216,10 @@ class AttentionProbe:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- wrappers ----------------------------------------------------------------------------
-    def _plan(self, q_BHSD, k_BHSD, layout, pooled=None):
-        plan = self._plan_inner(q_BHSD, k_BHSD, layout, pooled)
-        self._last_plan = plan
-        return plan
-
-    def _attend(self, q_BHSD, k_BHSD, v_BHSD, layer, pooled=None):
-        self._last_plan = None
-        out = self._attend_inner(q_BHSD, k_BHSD, v_BHSD, layer, pooled=pooled)
-        step, plan = self.run.step, self._last_plan
+    # ---- the observer ------------------------------------------------------------------------
+    def attend_finished(self, call: AttentionCall) -> None:
+        q_BHSD, k_BHSD, v_BHSD, out = call.q, call.k, call.v, call.out
+        step, layer, plan = call.step, call.layer, call.plan
         self._densities[(step, layer)].append(plan.density if plan is not None else 1.0)
         if step in self.sampling.steps and layer in self.sampling.layers and (step, layer) not in self._seen:
             self._seen.add((step, layer))
@@ -240,7 +229,6 @@ class AttentionProbe:
             self.records.append(self._measure(q_BHSD, k_BHSD, v_BHSD, out, layer, step, plan))
             sync_device(dev)
             self.probe_s[step] += time.perf_counter() - t0
-        return out
 
     @torch.no_grad()
     def _measure(self, q, k, v, out, layer: int, step: int, plan) -> CallRecord:

@@ -2,13 +2,15 @@
 
     wan-nabla compare --prompt "a red fox in the snow" --config nabla_0.4 --out cmp/
     wan-nabla compare --prompt "..." --config mine.yaml --against nabla_0.7 --model weights/... --out cmp2/
+    wan-nabla compare --prompt "..." --config nabla_0.7 --against-geometry fast --out cmp3/   # exact vs fast blocks
     ref = capture(pipe, ref_cfg, device, "tiny", prompt, keep_noise=True)       # library use
     cand = capture(pipe, cand_cfg, device, "tiny", prompt, reference=ref, probe=(sampling, True))
 
 One pipeline is loaded (with the reference's attention), the reference video is generated, its
 attention is removed and the candidate's installed on the same pipeline, and the candidate video
 is generated with the same generation settings (the candidate config's `generation:` section and
-the flags; the `--against` config contributes only its attention). Same seed, so the same
+the flags; the `--against` config contributes only its attention; `--against-geometry G` makes
+the reference the candidate's own attention at kernel geometry G, exact or fast). Same seed, so the same
 initial noise (drawn on the CPU). During the reference run the guided noise prediction of every
 step is kept on the device; during the candidate run each step's prediction is compared with it
 (relative L2), the probe (probe.py) watches the candidate's attention calls, and at the end the

@@ -100,6 +100,14 @@ class ParallelContext:
         return {**self.layout.describe(), "backend": self.backend, "group": self.roles.group,
                 "ranks": self.layout.group_ranks(self.roles.group)}
 
+    def item_group(self):
+        """The process group of this video's ranks (None when the video has one rank)."""
+        return self._groups.get("item")
+
+    def item_ranks(self) -> list[int]:
+        """Global ranks of this video's group, leader first."""
+        return self.layout.group_ranks(self.roles.group)
+
     # ---- data-plane collectives ----------------------------------------------------------
     def sequence_parallel(self) -> SequenceParallel | None:
         if self.layout.ulysses == 1:

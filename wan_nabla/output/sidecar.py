@@ -4,7 +4,8 @@
     record = publish_video(gen, result, prompt, Path("outputs/fox.mp4"))   # fox.mp4 + fox.json
 
 `sidecar_path("fox.mp4")` is "fox.json". The record holds everything needed to reproduce and
-judge the video: prompt, negative prompt, seed, model id, the device it ran on, where the DiT
+judge the video: prompt, the negative prompt actually encoded (Wan's default when none was
+given), the schedule actually run (sampler, shift, sigmas, timesteps), seed, model id, the device it ran on, where the DiT
 weights came from (path, key naming, size / mtime / sha256 of each file: checkpoint.py), the fully
 resolved config (file values with CLI overrides applied), the video's measured properties,
 timings (load, text encoding, denoising with per-step times, decode, write, peak GPU memory per
@@ -181,6 +182,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
     return {
         **prompt_record(prompt),
         "negative_prompt": result.settings.get("negative_prompt", ""),
+        "schedule": getattr(result, "schedule", None) or None,
         "seed": result.seed,
         "model": model_id,
         "transformer": transformer,
@@ -210,7 +212,7 @@ def publish_video(gen, result, prompt: str, output: Path, extra: dict[str, Any] 
     t0 = time.perf_counter()
     try:
         with wio.atomic_output(output) as tmp:
-            video.write_mp4(result.frames, tmp, fps=result.settings["fps"])
+            video.write_mp4(result.frames, tmp, fps=result.settings["fps"], crf=result.settings.get("crf", 18))
             info = video.probe_mp4(tmp)
             if info["frames"] != len(result.frames):
                 raise RuntimeError(f"encoded {info['frames']} frames, expected {len(result.frames)}")

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .layout import TILE_TOKENS, TileLayout
+from ..layout import TILE_TOKENS, TileLayout
 
 try:  # the CPU torch wheel does not bring Triton
     import triton

@@ -1,4 +1,8 @@
-"""flash-attn-4 (CuTe DSL kernels) as wan-nabla's second attention backend, sm90+ GPUs only.
+"""The fa4 backend: flash-attn-4's CuTe DSL kernels for sparse and dense calls, sm90-sm110 GPUs only.
+
+Limits: CUDA sm90-sm110 (on sm80/sm120 FA4 ignores block tables); bf16/fp16; head_dim a multiple
+of 8 in [8, 256]; no backward (inference only); the first call of each compile configuration
+JITs for seconds. Anything outside these limits runs flex instead (backends/__init__.py).
 
     ok, why = available(torch.device("cuda"))   # (True, "flash-attn-4 4.0.0b36 on NVIDIA H100 ... (sm90)")
     out_BHSD = sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan)    # plan: masks.BlockPlan
@@ -14,16 +18,14 @@ of the sequence (odd tile counts with 128-token key blocks) is always a partial 
 safe twice over: FA4 walks a list from its last entry down and bounds-checks only the first block
 it processes, which ascending rows make that block; and the validity vector is 0 up to the next
 multiple of 128, so the mask_mod hides those keys even unchecked (docs/design.md).
-Dense attention is FA4 without block tables; the caller gathers real keys first (processors.py).
+Dense attention is FA4 without block tables; the caller gathers real keys first (attention/run.py).
 
 Robustness: `load()` imports FA4 lazily (the CUTLASS DSL import takes seconds) and turns any
 failure into a reason string; `available()` also refuses GPUs other than sm90-sm110 (on sm80 and
 sm120, FA4 ignores block tables and silently computes dense attention). The first call of each
 compile configuration (kind, dtype, head_dim, blocks, broadcast pattern) raises `FA4Error` on any
-failure so the caller can fall back to flex; later calls are not wrapped.
-Limits: bf16/fp16, head_dim a multiple of 8 in [8, 256] (`unsupported`); inference only; each new
-compile configuration costs a few seconds of JIT on its first call (cached per process; FA4's
-disk cache is on with FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1).
+failure so the caller can fall back to flex; later calls are not wrapped. JIT results are cached
+per process (FA4's disk cache is on with FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from .layout import TileLayout
+from ..layout import TileLayout
 
 SUPPORTED_MAJORS = (9, 10, 11)
 """Compute capability majors whose FA4 forward honours block-sparse tables."""

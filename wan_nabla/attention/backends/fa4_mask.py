@@ -1,6 +1,6 @@
 """The pad-key mask_mod of the flash-attn-4 path: a CuTe DSL function (imported only by fa4.py).
 
-    from wan_nabla.attention.fa4_mask import key_valid_mask      # needs nvidia-cutlass-dsl
+    from wan_nabla.attention.backends.fa4_mask import key_valid_mask      # needs nvidia-cutlass-dsl
     flash_attn_func(q, k, v, mask_mod=key_valid_mask, aux_tensors=[valid_i32], block_sparse_tensors=...)
 
 FA4 evaluates a mask_mod element by element on the *partial* blocks of its block lists only (full

@@ -1,0 +1,59 @@
+"""torchrun worker of tests/test_split_decode.py: every rank runs split_tiled_decode on the same
+latents (gloo, CPU); rank 0 saves the assembled video as .npy (no pickles)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wan_nabla.config import RunConfig
+from wan_nabla.distributed.decode import split_tiled_decode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_split_decode import LATENT_SHAPE, small_tiles_vae  # noqa: E402
+
+
+def pipeline(out: str) -> None:
+    """The app's own path: Ulysses 2 over the tiny model, the video decoded split over both ranks."""
+    from wan_nabla.app import check_parallel
+    from wan_nabla.distributed import ParallelContext
+    from wan_nabla.pipeline import VideoGenerator
+    from wan_nabla.tiny import build_tiny_pipeline
+    from test_split_decode import PIPELINE_CONFIG, PIPELINE_GENERATION  # noqa: E402
+
+    cfg = RunConfig.from_mapping({**PIPELINE_CONFIG, "parallel": {"ulysses_degree": 2}})
+    plan = check_parallel(cfg, "generate")
+    ctx = ParallelContext.start(plan)
+    gen = VideoGenerator(build_tiny_pipeline(seed=0), cfg, plan.device, "tiny", parallel=ctx)
+    res = gen.generate("a fox in the snow", progress=False, **PIPELINE_GENERATION)
+    gen.close()
+    if ctx.is_main:
+        np.save(out, res.frames)
+        assert res.timings["vae_split_ranks"] == 2
+    else:
+        assert len(res.frames) == 0
+    ctx.barrier()
+    ctx.close()
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    vae = small_tiles_vae()
+    z = torch.randn(*LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    ranks = list(range(dist.get_world_size()))
+    with torch.no_grad():
+        video = split_tiled_decode(vae, z, dist.group.WORLD, ranks)
+    if dist.get_rank() == 0:
+        np.save(out, video.numpy())
+    else:
+        assert video is None
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    (pipeline if sys.argv[2:] == ["pipeline"] else main)(sys.argv[1])
