@@ -126,8 +126,9 @@ def check_environment(plan: RunPlan) -> None:
     """The checks that need torch (module doc); then the plan's notes, logged once."""
     check_device(plan.config.generation.device)
     check_quantize(plan.config)
-    if plan.command != "batch":  # a batch checks each item's own settings (a failed item, not exit 2)
-        check_sampler(plan.facts, plan.config.generation)
+    # the run's own settings (config + flags) for every command: a batch whose defaults cannot run
+    # is exit 2; an item's own values are checked per item (a failed item)
+    check_sampler(plan.facts, plan.config.generation)
     for note in plan.notes:
         log.warning("%s", note)
 
