@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
-    # --engine ray (batch/ray_engine.py; RayOptions.from_args reads these): docs/scale_out.md
+    # --engine ray (fields of requests.BatchRequest, checked by batch/ray_options.py): docs/scale_out.md
     b.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
                         "across nodes (needs the [ray] extra)")

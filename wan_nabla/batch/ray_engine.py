@@ -2,7 +2,7 @@
 
     wan-nabla batch prompts.jsonl --out-dir /shared/run1 --engine ray [--ray-address HOST:6379]
         [--ray-actors N] [--max-retries 2] [--ray-transfer]
-    run_ray(RayOptions.from_args(args), cfg, planned, out_dir, quiet, on_record, model)  # run.py calls it
+    run_ray(ray_options(request), cfg, planned, out_dir, quiet, on_record, model)  # run.py calls it
 
 The driver (this process) plans exactly as a local batch (plan.py, resume.py: the same names,
 seeds and keys), holds the output directory's lock, is the only writer of manifest.jsonl (no lock
