@@ -97,7 +97,6 @@ class DataDir:
 
 def run_serve(args) -> int:
     from ..distributed import Launch
-
     from .preflight import server_plan
 
     key = check_flags(args)
@@ -126,10 +125,9 @@ def run_serve(args) -> int:
 
 def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) -> None:
     """Load the model, join the process group, loop over jobs until `stop` (every rank)."""
+    from ..app import load_weights_for, parallel_session
     from .queue import JobQueue
     from .worker import Worker
-
-    from ..app import load_weights_for, parallel_session
 
     pplan = server.parallel
     # weights read before the process group (like generate); the generator is built once, bound to it
