@@ -1,11 +1,16 @@
 # wan-nabla for a CUDA GPU node. Weights are not baked in: mount them.
 #
-#   docker build -t wan-nabla .
+#   docker build --build-arg WAN_NABLA_COMMIT="$(git rev-parse HEAD)" -t wan-nabla .
+#   mkdir -p outputs          # else Docker creates it as root and uid 1000 cannot write (the
+#                             # entrypoint then stops with one line saying so)
 #   docker run --rm --gpus all \
 #     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
 #     wan-nabla generate --model /weights/Wan2.1-T2V-1.3B-Diffusers \
-#       --config nabla_0.7 --prompt "a red fox in the snow" \
-#       --output /outputs/fox.mp4
+#       --config nabla_0.7 --prompt "a red fox in the snow"      # -> outputs/a-red-fox-in-the-snow.mp4
+#
+# The image installs wan-nabla with the fa4, lora, compare and serve extras (below). The commit given as
+# WAN_NABLA_COMMIT is recorded in every sidecar (the image has no .git to read it from).
+#
 #   docker run --rm --gpus all -p 8000:8000 -e WAN_NABLA_API_KEY=change-me \
 #     -v "$PWD/weights:/weights:ro" -v "$PWD/outputs:/outputs" -v wan-cache:/hf-cache \
 #     wan-nabla serve --model /weights/Wan2.1-T2V-1.3B-Diffusers --config nabla_0.7 \
@@ -13,6 +18,9 @@
 #
 # The base image's torch (2.11, CUDA 12.8) satisfies pyproject's torch pin, so pip keeps it.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+
+# The source commit, for the sidecars' versions.commit (output/sidecar.py git_commit).
+ARG WAN_NABLA_COMMIT=unknown
 
 # torch.compile (FlexAttention) JIT-builds Triton launchers with a host C compiler, which the
 # "runtime" images lack (pytorch/pytorch#116696); g++ serves inductor's CPU fallback.
@@ -29,6 +37,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/hf-cache \
     TORCHINDUCTOR_CACHE_DIR=/hf-cache/torchinductor \
     TRITON_CACHE_DIR=/hf-cache/triton \
+    WAN_NABLA_OUTPUT_DIR=/outputs \
+    WAN_NABLA_COMMIT=${WAN_NABLA_COMMIT} \
     WAN_NABLA_HEALTH_FILE=/tmp/wan-nabla-serve.health
 
 WORKDIR /opt/wan-nabla
@@ -36,6 +46,7 @@ WORKDIR /opt/wan-nabla
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY configs ./configs
 COPY wan_nabla ./wan_nabla
+COPY --chmod=755 scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 # The fa4 extra (flash-attn-4 + the CUTLASS DSL, CUDA 12 libraries) gives `attention.backend: auto`
 # the FA4 kernels on sm90+ GPUs; elsewhere, or if it cannot load, wan-nabla runs flex (one log line).
 # lora: peft for --lora; compare: SSIM and pictures for `wan-nabla compare`.
@@ -61,5 +72,5 @@ EXPOSE 8000
 # the standard library, and importing the package would import torch on every probe.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 \
     CMD ["python", "/opt/wan-nabla/wan_nabla/serve/healthcheck.py"]
-ENTRYPOINT ["wan-nabla"]
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 CMD ["--help"]

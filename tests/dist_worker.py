@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wan_nabla.app import check_parallel
+from wan_nabla.app import with_device
 from wan_nabla.config import RunConfig
-from wan_nabla.distributed import ParallelContext
+from wan_nabla.distributed.context import ParallelContext
+from wan_nabla.model_source import ModelFacts
+from wan_nabla.preflight import check_parallel
 from wan_nabla.pipeline import VideoGenerator
 from wan_nabla.tiny import build_tiny_pipeline
 
@@ -33,7 +35,8 @@ def main(out_dir: str, spec_json: str) -> None:
         cfg = RunConfig.from_mapping({"attention": case["attention"], "parallel": case["parallel"],
                                       "speed": case.get("speed", {}),
                                       "generation": {"dtype": "float32", "device": "cpu"}})
-        plan = check_parallel(cfg, "generate")
+        facts = ModelFacts("tiny", heads=spec["heads"])
+        plan = with_device(check_parallel(cfg, "generate", facts), cfg.generation.device)
         ctx = ParallelContext.start(plan)  # new groups per case in one process group
         rank = ctx.rank
         gen = VideoGenerator(build_tiny_pipeline(seed=0, heads=spec["heads"]), cfg, plan.device, "tiny", parallel=ctx)

@@ -22,11 +22,12 @@ import psutil
 import pytest
 import torch
 
-from wan_nabla import cli
+from wan_nabla import cli, preflight
 from wan_nabla.batch import plan as batch_plan
 from wan_nabla.batch import run as batch
 from wan_nabla.batch.manifest import ManifestWriter, read_manifest
 from wan_nabla.pipeline import GenerationResult, VideoGenerator
+from wan_nabla.requests import BatchRequest
 from wan_nabla.batch.resume import remove_stale_temps
 from wan_nabla.output.video import probe_mp4
 
@@ -141,7 +142,7 @@ def test_jsonl_batch_records_each_bad_record_with_its_reason(tmp_path, capsys):
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypatch):
     """--dry-run validates every line and prints the plan, without loading a model or writing."""
-    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("dry run loaded a model"))
+    _no_load(monkeypatch, lambda *a, **k: pytest.fail("dry run loaded a model"))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a fox", "seed": 9}, {"prompt": "x", "frames": 2}])
     out = tmp_path / "out"
     assert run("batch", prompts, "--out-dir", out, *SMALL, "--dry-run") == 1
@@ -155,22 +156,27 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("example", ["example_prompts.txt", "example_prompts.jsonl"])
 def test_shipped_example_prompt_files_are_valid(example, capsys):
     """Guards: every item of the shipped examples plans for the real Wan2.1 models (their rotary
-    table, their sampler); the CLI dry run reads them with the tiny model, whose 64-position
-    rotary table rules out exactly the example's 1280x720 item, before any compute."""
-    from wan_nabla.app import ModelFacts
+    table, their sampler); the CLI dry run reads them with the tiny model too (its 64-position
+    rotary table allows 1024 px per side): every item plans, nothing is invalid."""
+    from wan_nabla.app import item_check
     from wan_nabla.batch.prompts import read_prompt_file
     from wan_nabla.config import RunConfig
+    from wan_nabla.model_source import ModelFacts
 
     prompts = REPO / "examples" / example
     wan = ModelFacts("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", num_layers=30)
-    planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=wan.check) for it in read_prompt_file(prompts)]
+    check = item_check(wan, RunConfig().attention)
+    planned = [batch_plan.plan_item(RunConfig(), it, wan.model, check=check) for it in read_prompt_file(prompts)]
     assert planned and [p.error for p in planned] == [None] * len(planned)
     rc = run("batch", prompts, "--out-dir", "/nonexistent/out", "--model", "tiny", "--dry-run")
     lines = capsys.readouterr().out.splitlines()
     invalid = [ln for ln in lines if " invalid " in ln]
-    assert rc == (1 if invalid else 0) and lines[-1].endswith("output directory /nonexistent/out")
-    assert all("1280x720" in ln and "model 'tiny' has 64" in ln for ln in invalid)
-    assert len(invalid) == (1 if example.endswith(".jsonl") else 0)
+    assert rc == 0 and invalid == [] and lines[-1].endswith("output directory /nonexistent/out")
+
+
+def _no_load(monkeypatch, fail):
+    for name in ("load_generator", "load_weights_for"):
+        monkeypatch.setattr(batch, name, fail)
 
 
 # ---- resume --------------------------------------------------------------------------------------
@@ -491,7 +497,7 @@ def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsy
     """Whole-run problems (command line, config, prompt file, device, sampler limits of the
     defaults) are exit 2 with one line, before a model is loaded or anything is written."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
+    _no_load(monkeypatch, lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "out"
     if out_exists:
         out.mkdir()
@@ -543,7 +549,7 @@ def test_out_dir_that_is_a_file_exits_2(tmp_path, capsys):
 
 def test_second_batch_on_a_locked_out_dir_exits_2(tmp_path, capsys, monkeypatch):
     """Two batches in one directory would race for names and redo each other's items."""
-    monkeypatch.setattr(batch, "load_generator", lambda *a, **k: pytest.fail("loaded a model while locked out"))
+    _no_load(monkeypatch, lambda *a, **k: pytest.fail("loaded a model while locked out"))
     (tmp_path / "p.txt").write_text("a fox\n")
     out = tmp_path / "out"
     out.mkdir()
@@ -597,7 +603,8 @@ def test_200_items_keep_memory_flat(tmp_path):
                               sum(issubclass(t, torch.Tensor) for t in types))
 
     t0 = time.perf_counter()
-    assert batch.run_batch(args, on_record=on_record) == 0
+    req = cli.request_from_args(BatchRequest, args)
+    assert batch.run_batch(preflight.plan_batch(req), req, on_record=on_record) == 0
     elapsed = time.perf_counter() - t0
     assert len(rss) == 200
     growth_mb = (rss[-1] - rss[19]) / 2**20

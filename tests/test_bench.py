@@ -410,6 +410,26 @@ def test_cuda_fast_path_equals_reference():
             assert torch.equal(masks.plan_blocks(cfg, q, k, layout, bs).block_mask().to_dense(), ref)
 
 
+def test_random_pipeline_does_not_leak_the_float32_warning():
+    """Guards issue 24: diffusers warned "modules ... that should be kept in float32: []" into
+    bench output whenever the float32 VAE was moved with a dtype argument."""
+    import logging
+
+    from benchmarks.harness.random_init import random_pipeline
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    lib = logging.getLogger("diffusers")
+    lib.addHandler(handler)
+    try:
+        pipe = random_pipeline("tiny", torch.device("cpu"), torch.float32)
+    finally:
+        lib.removeHandler(handler)
+    assert pipe.vae.dtype == torch.float32
+    assert not [m for m in seen if "kept in float32" in m], seen
+
+
 def test_wan_nabla_bench_runs_the_checkout_harness_or_says_where_it_is(tmp_path, monkeypatch, capfd):
     """Guards the thin entry point: the package never imports the harness; from a checkout
     `wan-nabla bench` runs `python -m benchmarks.harness` (whatever the working directory), and a

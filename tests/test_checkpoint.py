@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan_nabla import checkpoint
-from wan_nabla.app import load_generator, resolve_run_config, warn_if_zero_shot
+from wan_nabla.app import load_generator, warn_if_zero_shot
+from wan_nabla.preflight import resolve_run_config
+from wan_nabla.requests import RunFlags
 from wan_nabla.cli import main
 from wan_nabla.config import RunConfig
 from wan_nabla.models import load_transformer, same_checkpoint
@@ -32,7 +33,7 @@ def _args(**kw):
     base = dict(config=None, model="tiny", size="128x128", frames=5, steps=1, negative_prompt=None,
                 guidance_scale=None, shift=None, seed=3, fps=None, device="cpu", dtype=None,
                 transformer=None, offload=None, vae_tiling=None)
-    return types.SimpleNamespace(**{**base, **kw})
+    return RunFlags(**{**base, **kw})
 
 
 def _video(**kw) -> np.ndarray:
@@ -301,9 +302,13 @@ def test_zero_shot_line_names_the_tuned_checkpoint(caplog):
 def test_batch_item_key_covers_the_dit_weights():
     """Guards resume: a batch item made with other DiT weights (--transformer) is a different
     item, never skipped as done; without --transformer the key is what it was (the base model)."""
-    from wan_nabla.app import model_label
     from wan_nabla.batch.plan import plan_item
     from wan_nabla.batch.prompts import PromptItem
+    from wan_nabla.model_source import model_facts
+    from wan_nabla.preflight import RunPlan
+
+    def model_label(cfg):
+        return RunPlan("batch", cfg, "tiny", model_facts("tiny")).model_label
 
     item = PromptItem(index=0, line=1, prompt="a fox")
     base = RunConfig().override(model="tiny")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_nabla import cli
+from wan_nabla import app, preflight
 from wan_nabla.cli import main
 from wan_nabla.output.sidecar import git_commit
 from wan_nabla.output.video import probe_mp4
@@ -224,7 +224,7 @@ def test_preflight_exit_2_before_loading_and_creates_nothing(tmp_path, capsys, m
     NaN frames or a scheduler assertion after all the steps, a shape error in the first step);
     now each is one line and exit 2 before any model is loaded, and the output directories the
     run would have created do not exist."""
-    monkeypatch.setattr(cli, "load_generator", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    monkeypatch.setattr(app, "load_weights_for", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
     args = extra(tmp_path)
     if "--with-one-gpu" in args:
         args.remove("--with-one-gpu")
@@ -256,7 +256,7 @@ def test_existing_outputs_are_never_replaced_by_surprise(tmp_path, capsys, monke
     Now an existing MP4 or sidecar needs --overwrite, and a <name>.json that is not that MP4's
     sidecar is refused even then; both before loading anything, both leaving the files as they
     were. The default name skips a stem whose .json alone is taken."""
-    monkeypatch.setattr(cli, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(app, "load_weights_for", lambda *a, **k: pytest.fail("loaded a model"))
     (tmp_path / "v.mp4").write_bytes(b"precious video")
     (tmp_path / "notes.json").write_text('{"mine": true}')
     cases = [(["--output", str(tmp_path / "v.mp4")], "already exists; give another --output, or --overwrite"),
@@ -272,7 +272,7 @@ def test_existing_outputs_are_never_replaced_by_surprise(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "a-fox.json").write_text("{}")
-    assert cli._default_output("a fox") == Path("outputs") / "a-fox-2.mp4"
+    assert preflight.default_output("a fox") == Path("outputs") / "a-fox-2.mp4"
 
 
 def test_overwrite_replaces_the_video_and_its_own_sidecar(tmp_path):

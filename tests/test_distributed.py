@@ -27,8 +27,10 @@ import pytest
 import torch
 
 from wan_nabla import cli
-from wan_nabla.app import check_parallel
 from benchmarks.harness.multigpu import EXACT_ATTENTION
+from wan_nabla.app import with_device
+from wan_nabla.model_source import ModelFacts, model_facts
+from wan_nabla.preflight import check_parallel
 from wan_nabla.batch.manifest import read_manifest
 from wan_nabla.config import ConfigError, RunConfig
 from wan_nabla.pipeline import VideoGenerator
@@ -230,14 +232,15 @@ def test_bad_combinations_are_usage_errors_before_init(argv, world, message, mon
 def test_batch_layout_must_divide_the_world(tmp_path):
     cfg = RunConfig().override(ulysses_degree=2, cfg_parallel=True)
     with pytest.raises(ConfigError, match=r"6 ranks \(WORLD_SIZE\) cannot form groups of 4"):
-        check_parallel(cfg.override(model="tiny"), "batch", env={"RANK": "0", "WORLD_SIZE": "6"})
-    plan = check_parallel(cfg.override(model="tiny", device="cpu"), "batch", env={"RANK": "5", "WORLD_SIZE": "8"})
+        check_parallel(cfg.override(model="tiny"), "batch", model_facts("tiny"), env={"RANK": "0", "WORLD_SIZE": "6"})
+    plan = with_device(check_parallel(cfg.override(model="tiny", device="cpu"), "batch", model_facts("tiny"),
+                                      env={"RANK": "5", "WORLD_SIZE": "8"}), "cpu")
     launch, layout = plan.launch, plan.layout
     assert (launch.rank, launch.local_rank, plan.device.type, layout.groups) == (5, 5, "cpu", 2)
     roles = layout.roles(5)  # group 1 = ranks 4..7: cond 4, 5 and uncond 6, 7
     assert (roles.group, roles.group_rank, roles.branch, roles.ulysses_rank) == (1, 1, 0, 1)
     assert layout.cfg_ranks(1, 1) == [5, 7] and layout.ulysses_ranks(1, 1) == [6, 7]
-    assert check_parallel(RunConfig(), "generate", env={}) is None  # one process: today's path
+    assert check_parallel(RunConfig(), "generate", ModelFacts("x"), env={}) is None  # one process: today's path
 
 
 def test_shards_are_whole_tiles_and_differ_by_at_most_one():

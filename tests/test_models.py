@@ -327,16 +327,18 @@ def test_uncached_hub_id_without_network_fails_fast_with_the_command(tmp_path, m
 
 def test_sampler_limit_is_exactly_where_diffusers_fails():
     """Guards the steps/shift preflight against the real scheduler: for several shifts, the
-    limit app.ModelFacts.check enforces is the largest step count that diffusers' UniPC runs to
+    limit app.check_sampler enforces is the largest step count that diffusers' UniPC runs to
     the end (a dummy model output, the real `step` loop), and one step more fails there with the
     assertion a user met 8.6 minutes into a run."""
     from diffusers import UniPCMultistepScheduler
 
-    from wan_nabla.app import ModelFacts
-    from wan_nabla.config import ConfigError, GenerationConfig
+    from wan_nabla.app import item_check
+    from wan_nabla.config import AttentionConfig, ConfigError, GenerationConfig
+    from wan_nabla.model_source import ModelFacts
     from wan_nabla.sampling import set_timesteps
 
     facts = ModelFacts("tiny")
+    check = item_check(facts, AttentionConfig())
 
     def runs(steps, shift):
         sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -355,7 +357,7 @@ def test_sampler_limit_is_exactly_where_diffusers_fails():
         top = None
         for steps in range(1, 1001):
             try:
-                facts.check(GenerationConfig(steps=steps, shift=shift, size=(128, 128), frames=17))
+                check(GenerationConfig(steps=steps, shift=shift, size=(128, 128), frames=17))
             except ConfigError as e:
                 assert f"use at most {steps - 1} steps" in str(e)
                 top = steps - 1
@@ -363,5 +365,5 @@ def test_sampler_limit_is_exactly_where_diffusers_fails():
         assert top is not None and runs(top, shift) and not runs(top + 1, shift), (shift, top)
         limits[shift] = top
     assert limits[3.0] == 500 and limits[5.0] == 250 and limits[100.0] == 11
-    facts.check(GenerationConfig(steps=1000, shift=0.5, size=(128, 128), frames=17))  # small shifts run 1000
+    check(GenerationConfig(steps=1000, shift=0.5, size=(128, 128), frames=17))  # small shifts run 1000
     assert runs(1000, 0.5)

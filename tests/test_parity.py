@@ -419,18 +419,20 @@ def test_published_presets_compute_the_forks_exact_tile_masks(name):
 def test_compare_can_put_the_two_geometries_side_by_side():
     """`wan-nabla compare --config nabla_0.7 --against-geometry fast`: the reference is the same
     attention at the other geometry; everything else is the candidate's."""
-    from wan_nabla.cli import build_parser
-    from wan_nabla.compare.run import resolve_pair
+    from wan_nabla.cli import build_parser, request_from_args
+    from wan_nabla.preflight import plan_compare
+    from wan_nabla.requests import CompareRequest
 
     args = build_parser().parse_args(["compare", "--prompt", "x", "--config", "nabla_0.7", "--out", "o",
                                       "--against-geometry", "fast", "--model", "tiny"])
-    ref, cand = resolve_pair(args)
+    plan = plan_compare(request_from_args(CompareRequest, args))
+    cand, ref = plan.config, plan.reference
     assert cand.attention.geometry == "exact" and ref.attention.geometry == "fast"
     assert ref.attention == dataclasses.replace(cand.attention, geometry="fast")
     assert ref.generation == cand.generation
     args.against = "full"
     with pytest.raises(Exception, match="leave out --against"):
-        resolve_pair(args)
+        plan_compare(request_from_args(CompareRequest, args))
 
 
 def test_geometry_cost_pairs_each_exact_preset_with_its_fast_twin():

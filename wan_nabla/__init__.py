@@ -4,12 +4,33 @@
     handle = apply_attention(pipe.transformer, {"type": "nabla", "threshold": 0.7})
     ...
     handle.remove()
+
+Importing the package is light (config only): the command line answers --help and bad input
+without torch. The attention entry points (apply_attention, AttentionHandle) import torch on
+first access (PEP 562 module __getattr__), so `import wan_nabla` stays cheap for the CLI.
 """
 
-from .wan.hooks import AttentionHandle, apply_attention
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
+if TYPE_CHECKING:
+    from .wan.hooks import AttentionHandle, apply_attention
+
 __version__ = "0.1.0"
+
+_HEAVY = {"AttentionHandle", "apply_attention"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAVY:
+        from .wan import hooks
+
+        return getattr(hooks, name)
+    raise AttributeError(f"module 'wan_nabla' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionConfig",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .attention.run import AttentionRun
+from .model_source import WAN_SCHEDULER_CONFIG  # noqa: F401 - re-exported: Wan2.1's scheduler, known without torch
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,6 @@ def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
     from .sampling import set_timesteps as set_steps
 
     set_steps(scheduler, steps, device)
-
-
-# The scheduler of every Wan-AI/Wan2.1-*-Diffusers checkpoint (and of the tiny model), for checks
-# made before a model is loaded.
-WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
-                        "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0}
 
 
 def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:

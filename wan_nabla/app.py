@@ -1,34 +1,20 @@
-"""The application layer: turn command-line / YAML input into a run, for every subcommand.
+"""The command runner: what happens once preflight has accepted a run (imports torch and diffusers).
 
-    cfg = resolve_run_config(args)        # config file (path or preset name) + flag overrides
-    plan = check_parallel(cfg, "generate")   # torchrun layout checked before anything is loaded
-    facts = validate_run(cfg, {"--prompt": prompt})   # everything else checkable before loading
-    gen = load_generator(cfg, plan, facts.model)   # model resolved (flag, config, weights/, hub), DiT
-                                          # weights (--transformer), LoRAs and memory mode (--offload) applied
-    with parallel_session(plan) as ctx:   # None for one process; else process groups, destroyed after
-        gen.use_parallel(ctx)             # sequence / CFG parallel attention on these ranks
-        on_main(ctx, lambda: write(...))  # only rank 0 writes; every rank learns whether it worked
-    except usage_errors() as e: ...       # the errors that mean "bad input": exit code 2
+    plan = preflight.plan_generate(request)        # light: config, model, layout, output (no torch)
+    from wan_nabla import app                      # heavy modules load here, once the run is valid
+    app.run_generate(plan, request)                # check_environment, load, generate, write
 
-`args` is any object with the generation flags of `cli.add_generation_flags` as attributes
-(argparse.Namespace in the CLI). The CLI (cli.py) and the batch runner (batch/run.py) both
-build on this module, so neither imports the other.
-
-validate_run is THE preflight of every subcommand that generates (generate, batch, compare):
-it runs before anything is loaded or written, in about a millisecond (plus one request to the
-hub for a hub id that is not cached), and raises a one-line usage error for
-- text that cannot be written as UTF-8 (prompts with lone surrogates: bytes that were not UTF-8
-  in the shell's argv or a file name, kept by Python's surrogateescape);
-- a device that is not there (`cuda` without CUDA, `cuda:N` past the device count);
-- a model that is missing (models.check_available: path, cache, hub; with the download command),
-  and LoRA files that are missing or not LoRAs (lora.preflight_loras);
-- settings the model or the sampler cannot run (ModelFacts.check): steps the UniPC sampler
-  fails on at this shift (config.GenerationConfig.steps), sizes or frame counts past the model's
-  rotary table, dense_layers past its depth.
-Per-field ranges (guidance, shift, steps, frames, size, seed, fps) are the config's own checks.
-A batch calls validate_run for its whole-run values (exit 2) and ModelFacts.check per item (that
-item fails). ModelFacts comes from the model's config files when they are on disk (a local
-directory, the hub cache, the tiny model's constants), else Wan2.1's values.
+cli.py imports this module only after preflight succeeded, so --help, `presets` and bad input
+never import torch. Here:
+- check_environment(plan): what needs torch but no model: the device exists, the UniPC sampler
+  runs the step count at the shift (diffusers' scheduler, no weights);
+- parallel_session(plan): the process groups of a torchrun job for the block, destroyed after;
+- load_generator(...): weights read before the process group exists, the generator built once
+  with its parallel layout bound (never installed and undone);
+- agreed / on_main: every rank learns whether a step failed anywhere, so none waits forever;
+- run_generate: the `generate` command. batch/run.py and compare/run.py run the other two.
+Limits: exit codes are cli.py's; everything raised here that is in errors.USAGE_ERRORS is bad
+input (exit 2), anything else a failed run (exit 1).
 """
 
 from __future__ import annotations
@@ -37,56 +23,45 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
-from .config import ConfigError, GenerationConfig, RunConfig, load_config, parse_size, utf8_problem
+import diffusers.utils.logging as dlog
+import torch
+import transformers.utils.logging as tlog
+from huggingface_hub.utils import disable_progress_bars
+
+from .adapter import sampler_runs
+from .compare.save_masks import MaskSaver
+from .config import NUM_TRAIN_TIMESTEPS, ConfigError, GenerationConfig, RunConfig
+from .distributed.context import ParallelContext, rank_device
+from .distributed.launch import ParallelPlan
+from .errors import USAGE_ERRORS, PeerFailure, UsageError, describe_failure  # noqa: F401 - used by batch/run.py
+from .model_source import (
+    TINY_MODEL_ID,
+    ModelFacts,
+    download_command,
+    resolve_model,
+    same_checkpoint,
+)
+from .output.files import ensure_writable_dir, remove_created_dirs
+from .output.sidecar import check_destination, publish_video
+from .pipeline import VideoGenerator, load_weights
+from .preflight import ParallelLayout, RunPlan, check_model_fits
+from .requests import GenerateRequest
 
 log = logging.getLogger("wan_nabla")
 
-
-class UsageError(ValueError):
-    """A bad command-line value (exit code 2); the message is one line naming it."""
-
-
-class PeerFailure(RuntimeError):
-    """Another rank of this torchrun job failed at a step all ranks agree on: exit code 2 if that
-    was bad input (the same line is printed on every rank), 1 otherwise."""
-
-    def __init__(self, message: str, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
-
-
 T = TypeVar("T")
 
-
-def usage_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (exit code 2, one line, nothing written)."""
-    from .checkpoint import CheckpointError
-    from .lora import LoraError
-    from .models import ModelNotFoundError
-    from .output.files import OutputError
-
-    return (UsageError, ConfigError, OutputError, ModelNotFoundError, CheckpointError, LoraError)
+TEXT_ENCODER_TOKENS = 512
+"""UMT5 reads this many tokens of a prompt (WanPipeline max_sequence_length); the rest is cut."""
 
 
-def check_text(text: str | None, what: str, required: bool = False) -> None:
-    """UsageError if `text` cannot be written as UTF-8 (or is empty when required)."""
-    if text is None or not text.strip():
-        if required:
-            raise UsageError(f"{what}: must be a non-empty string")
-        return
-    why = utf8_problem(text)
-    if why is not None:
-        raise UsageError(f"{what}: {why}")
-
-
+# ---- checks that need torch, still before any weight is read -----------------------------------
 def check_device(name: str) -> None:
     """UsageError if device `name` (auto, cpu, cuda, cuda:N) is not on this machine."""
-    import torch
-
     if name in ("auto", "cpu"):
         return
     if not torch.cuda.is_available():
@@ -103,8 +78,6 @@ def check_quantize(cfg: RunConfig) -> None:
     an explicit request is refused, never run in bf16 under the fp8 label."""
     if cfg.speed.quantize == "none":
         return
-    import torch
-
     from .quantize import fp8_unsupported
 
     name = cfg.generation.device
@@ -114,64 +87,10 @@ def check_quantize(cfg: RunConfig) -> None:
         raise UsageError(f"--quantize {cfg.speed.quantize}: {why}; use --quantize none")
 
 
-def _wan_scheduler() -> dict[str, Any]:
-    from .adapter import WAN_SCHEDULER_CONFIG
-
-    return dict(WAN_SCHEDULER_CONFIG)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a model can run, known before it is loaded (module doc)."""
-
-    model: str
-    rope_positions: int = 1024
-    """Rotary table length per axis (WanTransformer3DModel rope_max_seq_len)."""
-    num_layers: int | None = None
-    """Transformer blocks, if known."""
-    patch: tuple[int, int, int] = (1, 2, 2)
-    scheduler: Mapping[str, Any] = field(default_factory=_wan_scheduler)
-    """The scheduler config (adapter.WAN_SCHEDULER_CONFIG when not on disk)."""
-
-    def check_attention(self, attention) -> None:
-        bad = [i for i in attention.dense_layers if self.num_layers is not None and i >= self.num_layers]
-        if bad:
-            raise ConfigError(f"attention.dense_layers: {bad} out of range; model {self.model!r} has blocks "
-                              f"0..{self.num_layers - 1}")
-
-    @functools.cached_property
-    def _scheduler_json(self) -> str:
-        return json.dumps(dict(self.scheduler), sort_keys=True, default=str)
-
-    def check(self, g: GenerationConfig) -> None:
-        """ConfigError if this model and its sampler cannot run settings `g` (module doc)."""
-        shift = g.resolved_shift
-        top = _max_steps(self._scheduler_json, shift) if g.sampler == "unipc" else None
-        if top is not None and g.steps > top:
-            raise ConfigError(
-                f"generation.steps: {g.steps} steps at shift {shift:g} cannot run: the UniPC sampler's first two "
-                f"timesteps coincide and diffusers fails at the last step; use at most {top} steps at this "
-                "shift (--steps), or a smaller --shift")
-        pt, ph, pw = self.patch
-        latent_frames = (g.frames - 1) // 4 + 1
-        need = {"frames": latent_frames // pt, "height": g.height // (8 * ph), "width": g.width // (8 * pw)}
-        over = {k: v for k, v in need.items() if v > self.rope_positions}
-        if over:
-            side = self.rope_positions * 8 * min(ph, pw)
-            frames = 4 * (self.rope_positions * pt - 1) + 1
-            raise ConfigError(
-                f"generation.size/frames: {g.width}x{g.height}, {g.frames} frames needs {max(over.values())} "
-                f"rotary positions on the {'/'.join(over)} axis, but model {self.model!r} has "
-                f"{self.rope_positions}; use at most {side} px per side and {frames} frames")
-
-
 @functools.lru_cache(maxsize=256)
 def _max_steps(scheduler_json: str, shift: float) -> int:
     """Most steps the scheduler runs at `shift` (1..1000). The failing counts are all counts from
     a threshold on (sigma_1 grows with the step count), so a bisection finds it exactly."""
-    from .adapter import sampler_runs
-    from .config import NUM_TRAIN_TIMESTEPS
-
     conf = json.loads(scheduler_json)
     if sampler_runs(conf, NUM_TRAIN_TIMESTEPS, shift):
         return NUM_TRAIN_TIMESTEPS
@@ -182,149 +101,68 @@ def _max_steps(scheduler_json: str, shift: float) -> int:
     return ok
 
 
-def _read_json(path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def check_sampler(facts: ModelFacts, g: GenerationConfig) -> None:
+    """ConfigError if the model's UniPC sampler cannot run g.steps at g's shift."""
+    if g.sampler != "unipc":
+        return
+    shift = g.resolved_shift
+    top = _max_steps(json.dumps(dict(facts.scheduler), sort_keys=True, default=str), shift)
+    if g.steps > top:
+        raise ConfigError(
+            f"generation.steps: {g.steps} steps at shift {shift:g} cannot run: the UniPC sampler's first two "
+            f"timesteps coincide and diffusers fails at the last step; use at most {top} steps at this "
+            "shift (--steps), or a smaller --shift")
 
 
-def model_facts(model: str) -> ModelFacts:
-    """ModelFacts of `model` from its config files on disk (no download, no weights read)."""
-    from .adapter import WAN_SCHEDULER_CONFIG
-    from .models import model_file
-    from .tiny import TINY_LAYERS, TINY_MODEL_ID, TINY_ROPE_POSITIONS
-
-    if model == TINY_MODEL_ID:
-        return ModelFacts(model, TINY_ROPE_POSITIONS, TINY_LAYERS, scheduler=WAN_SCHEDULER_CONFIG)
-    tc = _read_json(model_file(model, "transformer/config.json"))
-    sc = _read_json(model_file(model, "scheduler/scheduler_config.json")) or WAN_SCHEDULER_CONFIG
-    patch = tc.get("patch_size", (1, 2, 2))
-    ok = isinstance(patch, (list, tuple)) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)
-    layers = tc.get("num_layers")
-    return ModelFacts(model, int(tc.get("rope_max_seq_len") or 1024),
-                      layers if isinstance(layers, int) else None, tuple(patch) if ok else (1, 2, 2), sc)
+def item_check(facts: ModelFacts, attention) -> Callable[[GenerationConfig], None]:
+    """A batch item's settings against the model (rotary table) and its sampler (ConfigError)."""
+    def check(g: GenerationConfig) -> None:
+        check_model_fits(facts, g, attention)
+        check_sampler(facts, g)
+    return check
 
 
-def validate_run(cfg: RunConfig, texts: Mapping[str, str | None] | None = None) -> ModelFacts:
-    """The preflight (module doc): raises a usage error (exit 2) or returns the model's facts.
-    `texts` maps what to call a text in a message (e.g. "--prompt") to the text."""
-    from .lora import preflight_loras
-    from .models import check_available, resolve_model
-
-    for what, text in (texts or {}).items():
-        check_text(text, what)
-    check_device(cfg.generation.device)
-    check_quantize(cfg)
-    model = resolve_model(cfg.model.base, None)
-    check_available(model, cfg.model.base, transformer_weights=cfg.model.transformer is None)
-    preflight_loras(cfg.lora)
-    facts = model_facts(model)
-    facts.check_attention(cfg.attention)
-    facts.check(cfg.generation)
-    if cfg.speed.cache_kind == "mag":  # published MagCache ratios exist for this model's shape?
-        from .magcache import check
-
-        check(cfg.speed, _transformer_config_on_disk(model))
-    return facts
+def check_environment(plan: RunPlan) -> None:
+    """The checks that need torch (module doc); then the plan's notes, logged once."""
+    check_device(plan.config.generation.device)
+    check_quantize(plan.config)
+    # the run's own settings (config + flags) for every command: a batch whose defaults cannot run
+    # is exit 2; an item's own values are checked per item (a failed item)
+    check_sampler(plan.facts, plan.config.generation)
+    for note in plan.notes:
+        log.warning("%s", note)
 
 
-def _transformer_config_on_disk(model: str) -> dict[str, Any] | None:
-    """The transformer config.json of `model` without loading or downloading anything; None if unknown."""
-    from .models import model_file
-    from .tiny import TINY_MODEL_ID, TINY_TRANSFORMER_CONFIG
-
-    if model == TINY_MODEL_ID:
-        return dict(TINY_TRANSFORMER_CONFIG)
-    tc = _read_json(model_file(model, "transformer/config.json"))
-    keys = ("num_layers", "num_attention_heads", "attention_head_dim")
-    return tc if all(isinstance(tc.get(k), int) for k in keys) else None
+def quiet_libraries(quiet: bool = False) -> None:
+    """Loading bars of diffusers/transformers (shards, components) are noise next to our own bars;
+    with --quiet huggingface_hub's download bars go too."""
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    if quiet:
+        disable_progress_bars()
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line for an error that stopped a generation (out of memory gets advice)."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
-        return f"out of memory: {text[:300]}; lower size or frames, or use a sparser attention config"
-    return f"{type(exc).__name__}: {text[:500]}"
+# ---- ranks -------------------------------------------------------------------------------------
+def parallel_plan(plan: RunPlan) -> ParallelPlan | None:
+    """The plan's rank layout with this rank's device, what ParallelContext.start takes."""
+    return with_device(plan.parallel, plan.config.generation.device)
 
 
-def resolve_run_config(args: Any) -> RunConfig:
-    """Config file + flag overrides, validated (ConfigError names the bad value or flag)."""
-    from .tiny import TINY_GENERATION, TINY_MODEL_ID
-
-    cfg = load_config(args.config)
-    size = parse_size(args.size, "--size") if args.size is not None else None
-    if (args.model or cfg.model.base) == TINY_MODEL_ID:
-        tiny = {k: v for k, v in TINY_GENERATION.items() if getattr(args, k) is None}
-        if tiny:
-            log.info("--model tiny: using %s (give the flags to change)", tiny)
-            cfg = cfg.override(**tiny)
-    flags = dict(
-        model=args.model, negative_prompt=args.negative_prompt, size=size, frames=args.frames,
-        steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift, seed=args.seed,
-        fps=args.fps, crf=getattr(args, "crf", None), device=args.device, dtype=args.dtype, transformer=getattr(args, "transformer", None),
-        offload=getattr(args, "offload", None), vae_tiling=getattr(args, "vae_tiling", None),
-        vae_dtype=getattr(args, "vae_dtype", None),
-        sampler=getattr(args, "sampler", None),
-        ulysses_degree=getattr(args, "ulysses_degree", None), cfg_parallel=getattr(args, "cfg_parallel", None),
-        attention_backend=getattr(args, "attention_backend", None),
-    )
-    levers = dict(compile=getattr(args, "compile", None), cache=getattr(args, "cache", None),
-                  lora=getattr(args, "lora", None), quantize=getattr(args, "quantize", None))
-    try:
-        return cfg.override(**flags).with_levers(**levers)
-    except ConfigError as e:
-        msg = str(e)
-        named = {f"{s}.{k}": (k, v) for k, v in flags.items() for s in ("generation", "memory", "model", "parallel")}
-        named.update({"attention.backend": ("attention_backend", flags["attention_backend"]),
-                      "speed.compile": ("compile", levers["compile"]), "speed.cache": ("cache", levers["cache"]),
-                      "speed.quantize": ("quantize", levers["quantize"]),
-                      "lora": ("lora", levers["lora"])})
-        for key, (name, value) in named.items():  # name the flag the user typed, not only the config key
-            if value is not None and msg.startswith(f"{key}:"):
-                msg = f"--{name.replace('_', '-')} ({msg}"
-                msg = msg.replace(":", "):", 1)
-        raise ConfigError(msg) from None
-
-
-def model_label(cfg: RunConfig) -> str:
-    """The resolved base model, plus the DiT weights when --transformer replaces its own."""
-    from .models import resolve_model
-
-    base = resolve_model(cfg.model.base, None)
-    return f"{base} + transformer {cfg.model.transformer}" if cfg.model.transformer else base
-
-
-def check_parallel(cfg: RunConfig, command: str, env: dict[str, str] | None = None):
-    """The checked distributed.ParallelPlan (launch, rank layout, device) of this process, or None
-    when it runs alone without parallel settings. Pure and identical on every rank
-    (distributed/launch.py), so a bad combination is the same ConfigError everywhere before any
-    process group or model exists."""
-    from .distributed import Launch, ParallelPlan, plan_ranks, rank_device
-    from .models import resolve_model, transformer_heads
-
-    launch = Launch.from_env(env)
-    par = cfg.parallel
-    if not launch.distributed and par.group_size == 1:
+def with_device(par: ParallelLayout | None, device: str) -> ParallelPlan | None:
+    """A checked layout (preflight.check_parallel) with this rank's torch device."""
+    if par is None:
         return None
-    heads = transformer_heads(resolve_model(cfg.model.base, None))
-    layout = plan_ranks(par, launch.world_size, command=command, heads=heads,
-                        guidance_scale=cfg.generation.guidance_scale)
-    return ParallelPlan(launch, layout, rank_device(cfg.generation.device, launch), par.timeout_s)
+    return ParallelPlan(par.launch, par.layout, rank_device(device, par.launch), par.timeout_s)
 
 
 @contextlib.contextmanager
-def parallel_session(plan) -> Iterator[Any]:
-    """The ParallelContext of a check_parallel plan for the block (None without one); the
-    process group is destroyed on the way out, whatever happened."""
-    if plan is None:
+def parallel_session(pplan: ParallelPlan | None) -> Iterator[ParallelContext | None]:
+    """The ParallelContext of `pplan` for the block (None without one); the process group is
+    destroyed on the way out, whatever happened."""
+    if pplan is None:
         yield None
         return
-    from .distributed import ParallelContext
-
-    ctx = ParallelContext.start(plan)
+    ctx = ParallelContext.start(pplan)
     try:
         yield ctx
     finally:
@@ -334,7 +172,7 @@ def parallel_session(plan) -> Iterator[Any]:
 def _shared(exc: BaseException) -> tuple[bool, str]:
     """(is bad input, one line) of an exception, as told to the other ranks."""
     text = " ".join(str(exc).split())
-    usage = isinstance(exc, usage_errors()) or (isinstance(exc, PeerFailure) and exc.usage)
+    usage = isinstance(exc, USAGE_ERRORS) or (isinstance(exc, PeerFailure) and exc.usage)
     return (True, text) if usage else (False, f"{type(exc).__name__}: {text}")
 
 
@@ -364,35 +202,29 @@ def on_main(ctx, fn: Callable[[], T]) -> T | None:
     return agreed(ctx, fn, here=ctx is None or ctx.is_main)
 
 
-def load_generator(cfg: RunConfig, plan=None, model: str | None = None):
-    # plan: a ParallelPlan or ParallelContext (its .device); model: the resolved base (validate_run)
-    """Resolve the model (flag, config, weights/, hub) and load it with attention installed (and
-    the config's LoRAs, memory mode, compiled blocks and step cache); LoRA files are checked before
-    the model is loaded. Under a ParallelPlan every rank loads its own copy on its device, before
-    the process group exists (a load that fails alike everywhere is then a plain error on every
-    rank; transformers also saves checkpoints on rank 0 only once a group exists, which the tiny
-    model's load relies on). Join the ranks with `gen.use_parallel(ctx)` afterwards."""
-    from .lora import preflight_loras
-    from .models import resolve_model
-    from .pipeline import VideoGenerator
-
-    preflight_loras(cfg.lora)
+# ---- loading -----------------------------------------------------------------------------------
+def load_weights_for(cfg: RunConfig, device=None, model: str | None = None):
+    """Read the weights of `cfg`'s model (pipeline.load_weights) on `device` (a ParallelPlan's
+    device under torchrun); the generator is built afterwards, bound to its parallel context."""
     model = model or resolve_model(cfg.model.base, None)
     dit = cfg.model.transformer
     log.info("loading model %s%s (%s attention, offload %s)", model, f" with DiT weights {dit}" if dit else "",
              cfg.attention.label(), cfg.memory.offload)
     warn_if_zero_shot(cfg)
-    gen = VideoGenerator.load(model, cfg, device=str(plan.device) if plan is not None else None)
+    return load_weights(model, cfg, device=str(device) if device is not None else None)
+
+
+def load_generator(cfg: RunConfig, parallel: ParallelContext | None = None, model: str | None = None,
+                   device=None) -> VideoGenerator:
+    """Weights read and the generator built in one go (one process, or a context that exists)."""
+    loaded = load_weights_for(cfg, device if device is not None else getattr(parallel, "device", None), model)
+    gen = loaded.generator(parallel)
     log.info("loaded in %.1fs on %s", gen.load_s, gen.device)
     return gen
 
 
 def warn_if_zero_shot(cfg: RunConfig) -> bool:
     """One log line when the config names the DiT it was tuned for and the run uses other weights."""
-    from .models import download_command, same_checkpoint
-
-    from .tiny import TINY_MODEL_ID
-
     tuned = cfg.model.recommended_transformer
     if not tuned or same_checkpoint(cfg.model.transformer, tuned) or cfg.model.base == TINY_MODEL_ID:
         return False  # (the tiny test model has no tuned DiT: nothing to suggest)
@@ -400,3 +232,59 @@ def warn_if_zero_shot(cfg: RunConfig) -> bool:
                 "%s, then add --transformer weights/%s", tuned, cfg.model.transformer or "the model's own transformer",
                 download_command(tuned, dit_only=True), tuned.split("/")[-1])
     return True
+
+
+def warn_long_prompt(gen: VideoGenerator, prompt: str, what: str = "the prompt") -> int:
+    """One warning when the text encoder will not read all of `prompt`; returns its token count."""
+    tokenizer = getattr(gen.pipe, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    n = len(tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"])
+    if n > TEXT_ENCODER_TOKENS:
+        log.warning("%s is %d tokens (%d characters); the text encoder reads the first %d, the rest does not "
+                    "change the video", what, n, len(prompt), TEXT_ENCODER_TOKENS)
+    return n
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def run_generate(plan: RunPlan, req: GenerateRequest) -> int:
+    """The `generate` command after preflight (module doc); prints the MP4's path."""
+    check_environment(plan)
+    output = plan.output
+    saver = None
+    if req.save_masks:
+        saver = MaskSaver.prepare(plan.config, output, plan.sampling)
+    pplan = parallel_plan(plan)
+    created: list[Path] = []
+
+    def write():
+        check_destination(output, req.overwrite)  # again: something may have appeared while it ran
+        return publish_video(gen, result, req.prompt, output)
+
+    cfg = plan.config
+    try:
+        ensure_writable_dir(output.parent if str(output.parent) else Path("."), created)
+        log.info("resolved config: %s", cfg.to_dict())
+        # Weights on every rank before the process group exists; the generator after, bound to it.
+        loaded = load_weights_for(cfg, pplan.device if pplan is not None else None, plan.model)
+        with parallel_session(pplan) as ctx:
+            gen = loaded.generator(ctx)
+            log.info("loaded in %.1fs on %s", gen.load_s, gen.device)
+            if saver is not None:
+                saver.attach(gen)
+            warn_long_prompt(gen, req.prompt)
+            result = gen.generate(req.prompt, progress=not req.flags.quiet and (ctx is None or ctx.is_main))
+            record = on_main(ctx, write)  # rank 0 writes; every rank learns whether it worked
+    except BaseException:
+        remove_created_dirs(created)  # a failed run leaves no empty directories behind
+        raise
+    if record is None:  # another rank of a torchrun job; rank 0 wrote the files
+        return 0
+    if saver is not None:
+        log.info("mask pictures: %s", saver.write(result)[0].parent)
+    t = record["timings"]
+    density = record["attention"]["overall"]
+    log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
+             t["denoising_s"], t["decode_s"], f"{density:.3f}" if density is not None else "n/a")
+    print(output)
+    return 0

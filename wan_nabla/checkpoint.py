@@ -42,6 +42,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors import safe_open
+
+from .errors import CheckpointError  # noqa: F401 - raised here, caught by the CLI without torch
 
 PICKLE_SUFFIXES = (".pth", ".bin", ".pt", ".ckpt", ".pkl")
 DIFFUSERS_REPOS = "Wan-AI/Wan2.1-T2V-14B-Diffusers or Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -50,10 +55,6 @@ PARTIAL_HASH_BYTES = 8 * 2**20
 _INDEX_SUFFIX = ".safetensors.index.json"
 _ORIGINAL = re.compile(r"^(model\.diffusion_model\.)?(head\.modulation$|blocks\.\d+\.(self_attn|cross_attn)\.)")
 _DIFFUSERS = re.compile(r"^(scale_shift_table$|blocks\.\d+\.(attn1|attn2)\.)")
-
-
-class CheckpointError(ValueError):
-    """A DiT checkpoint that cannot be loaded; one line naming the file or key."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,6 @@ def _from_index(index: Path, given: Path) -> CheckpointFiles:
 
 def read_shapes(files: CheckpointFiles) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """key -> (shard, shape) from the safetensors headers only; checks the index against the shards."""
-    from safetensors import safe_open
-
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for shard in files.shards:
         try:
@@ -179,8 +178,6 @@ def diffusers_names(keys, naming: str) -> dict[str, str]:
     keys = list(keys)
     if naming == "diffusers":
         return {k: k for k in keys}
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
     try:  # the converter renames by substring and pops its input: give it a throwaway {name: name}
         mapping = convert_wan_transformer_to_diffusers({k: k for k in keys})
     except Exception as e:
@@ -198,9 +195,6 @@ def _fp32_kept(key: str, keep: tuple[str, ...]) -> bool:
 def load_transformer(files: CheckpointFiles | str | Path, transformer_config: Mapping[str, Any],
                      dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the transformer of `transformer_config` with the checkpoint's weights (see module doc)."""
-    from diffusers import WanTransformer3DModel
-    from safetensors import safe_open
-
     if not isinstance(files, CheckpointFiles):
         files = locate_checkpoint(files)
     shapes = read_shapes(files)

@@ -24,25 +24,44 @@ in the sidecar JSON next to each video. `--help` of each subcommand shows the de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from .app import (PeerFailure, UsageError, check_parallel, check_text, describe_failure, load_generator, on_main,
-                  parallel_session, resolve_run_config, usage_errors, validate_run)
-from .config import MAX_FRAMES, MAX_GUIDANCE, MAX_SIDE, NUM_TRAIN_TIMESTEPS, SHIFT_RANGE, GenerationConfig
+from . import __version__, preflight
+from .compile_cache import use_compile_cache
+from .config import (
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    NUM_TRAIN_TIMESTEPS,
+    SHIFT_RANGE,
+    GenerationConfig,
+)
+from .errors import USAGE_ERRORS, PeerFailure, UsageError, describe_failure
 from .interrupts import Interrupted, handle_signals
+from .log_setup import THIRD_PARTY_LOGGERS, keep_one_handler, setup_logging  # noqa: F401 - used below and by tests
+from .model_source import TINY_GENERATION
+from .presets import PRESET_DIR, list_presets, preset_path
+from .requests import (
+    BatchRequest,
+    CompareRequest,
+    GenerateRequest,
+    RunFlags,
+    SampleFlags,
+    request_fields,
+)
 
 log = logging.getLogger("wan_nabla")
 
 
 # ---- shared flags ------------------------------------------------------------------------------
 def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = None) -> None:
-    """Flags shared by generate, batch and compare (for batch they are defaults for every item)."""
-    from .tiny import TINY_GENERATION
-
+    """Flags shared by generate, batch and compare (for batch they are defaults for every item);
+    each is a field of requests.RunFlags of the same name."""
     d = GenerationConfig()
     tw, th = TINY_GENERATION["size"]
     p.add_argument("--config", help=config_help or "a preset name (see `wan-nabla presets`, e.g. nabla_0.7) or a "
@@ -101,10 +120,6 @@ def add_generation_flags(p: argparse.ArgumentParser, config_help: str | None = N
 
 # Libraries whose INFO/DEBUG lines (file locks, HTTP requests, compile internals) are noise next to
 # ours: they stay at WARNING even with --verbose.
-THIRD_PARTY_LOGGERS = ("filelock", "urllib3", "httpx", "httpx2", "httpcore", "huggingface_hub", "fsspec", "torch",
-                       "diffusers", "transformers", "PIL", "matplotlib", "asyncio", "imageio", "imageio_ffmpeg")
-
-
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Which attention calls compare / --save-masks look at closely (comma-separated indices,
     negative from the end; default: first sparse, middle and last step; first, middle, last)."""
@@ -113,122 +128,51 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-heads", metavar="I,J,..", help="heads drawn in the mask pictures")
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else (
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
-        level = max(level, logging.WARNING)
-    # The root logger (every other library) stays at WARNING; only wan_nabla follows the flags.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("wan_nabla").setLevel(level)
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # huggingface_hub, diffusers and transformers each add their own stderr handler on top of the
-    # propagation to ours, so every warning of theirs was printed twice: keep only ours.
-    for name in ("huggingface_hub", "diffusers", "transformers"):
-        lib = logging.getLogger(name)
-        for handler in list(lib.handlers):
-            if type(handler) is logging.StreamHandler:
-                lib.removeHandler(handler)
-    # Loading bars of diffusers/transformers (shards, components) are noise next to our own bars.
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
+# ---- the commands: a typed request, preflight (no torch), then the runner ----------------------
+def _run(plan: preflight.RunPlan, req) -> int:
+    """Run an accepted plan. The one place the CLI imports the heavy layers (torch, diffusers):
+    the runner of the plan's command, once preflight has accepted the input."""
+    use_compile_cache()  # before torch is imported: torch fixes its own default on import
+    from . import app
 
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    if getattr(args, "quiet", False):
-        from huggingface_hub.utils import disable_progress_bars
+    app.quiet_libraries(req.flags.quiet)
+    keep_one_handler()
+    if plan.command == "generate":
+        return app.run_generate(plan, req)
+    if plan.command == "batch":
+        from .batch.run import run_batch
 
-        disable_progress_bars()
+        return run_batch(plan, req)
+    from .compare.run import run_compare
+
+    return run_compare(plan, req)
 
 
-# ---- generate ----------------------------------------------------------------------------------
-def _default_output(prompt: str) -> Path:
-    from .output.naming import unique_path
-    from .output.sidecar import sidecar_path
-
-    def free(p: Path) -> bool:  # neither the MP4 nor its sidecar may be taken
-        return not any(map(os.path.lexists, (p, sidecar_path(p))))
-
-    return unique_path(Path("outputs"), prompt, available=free)
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    from .output.sidecar import check_destination
-
-    check_text(str(output), "--output")
-    if output.suffix.lower() != ".mp4":
-        raise UsageError(f"--output: {str(output)!r} must end in .mp4")
-    if output.is_dir():
-        raise UsageError(f"--output: {str(output)!r} is a directory; give a file name ending in .mp4")
-    check_destination(output, overwrite)
+def request_from_args(cls, args: argparse.Namespace):
+    """A typed request (requests.py) of the parsed flags: the runners never see the namespace."""
+    values = vars(args)
+    extra = {"flags": RunFlags.from_mapping(values)}
+    if "sample" in {f.name for f in dataclasses.fields(cls)}:
+        extra["sample"] = SampleFlags(**{k: values.get(k) for k in ("sample_steps", "sample_layers", "sample_heads")})
+    return cls(**request_fields(cls, values), **extra)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .output.files import ensure_writable_dir, remove_created_dirs
-    from .output.sidecar import check_destination, publish_video
-
-    check_text(args.prompt, "--prompt", required=True)
-    cfg = resolve_run_config(args)
-    plan = check_parallel(cfg, "generate")  # every rank, before anything is loaded or written
-    output = Path(args.output) if args.output else _default_output(args.prompt)
-    _check_output(output, args.overwrite)
-    facts = validate_run(cfg)
-    saver = None
-    if args.save_masks:
-        from .compare.save_masks import MaskSaver
-
-        if plan is not None:
-            raise UsageError("--save-masks: works in single-process runs only (not under torchrun / parallel flags)")
-        saver = MaskSaver.prepare(args, cfg, output)
-    created: list[Path] = []
-
-    def write():
-        check_destination(output, args.overwrite)  # again: something may have appeared while it ran
-        return publish_video(gen, result, args.prompt, output)
-
-    try:
-        ensure_writable_dir(output.parent if str(output.parent) else Path("."), created)
-        log.info("resolved config: %s", cfg.to_dict())
-        gen = load_generator(cfg, plan, facts.model)  # on every rank, before the process group exists
-        if saver is not None:
-            saver.attach(gen)
-        with parallel_session(plan) as ctx:
-            gen.use_parallel(ctx)
-            result = gen.generate(args.prompt, progress=not args.quiet and (ctx is None or ctx.is_main))
-            record = on_main(ctx, write)  # rank 0 writes; every rank learns whether it worked
-    except BaseException:
-        remove_created_dirs(created)  # a failed run leaves no empty directories behind
-        raise
-    if record is None:  # another rank of a torchrun job; rank 0 wrote the files
-        return 0
-    if saver is not None:
-        log.info("mask pictures: %s", saver.write(result)[0].parent)
-    t = record["timings"]
-    density = record["attention"]["overall"]
-    log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
-             t["denoising_s"], t["decode_s"], f"{density:.3f}" if density is not None else "n/a")
-    print(output)
-    return 0
+    req = request_from_args(GenerateRequest, args)
+    return _run(preflight.plan_generate(req), req)
 
 
-# ---- batch / compare / presets / bench (implemented in their own modules) ----------------------
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import run_batch
-
-    return run_batch(args)
+    req = request_from_args(BatchRequest, args)
+    return _run(preflight.plan_batch(req), req)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare.run import run_compare_command
-
-    return run_compare_command(args)
+    req = request_from_args(CompareRequest, args)
+    return _run(preflight.plan_compare(req), req)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import PRESET_DIR, list_presets, preset_path
-
     if args.show:
         path = preset_path(args.show)
         if path is None:
@@ -272,15 +216,14 @@ exit codes:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wan-nabla", description="Wan2.1 text-to-video with NABLA/STA sparse attention",
                                      epilog="Exit codes: see `wan-nabla generate --help` and `wan-nabla batch --help`.")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"wan-nabla {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,batch,compare,presets,serve,bench}")
     raw = argparse.RawDescriptionHelpFormatter
 
     g = sub.add_parser("generate", help="generate one video from a prompt", epilog=GENERATE_EPILOG, formatter_class=raw)
     g.add_argument("--prompt", required=True, help="text prompt (UTF-8)")
-    g.add_argument("--output", help="output .mp4 (default: outputs/<prompt-slug>.mp4, -2, -3, ... if taken); "
+    g.add_argument("--output", help="output .mp4 (default: $WAN_NABLA_OUTPUT_DIR or outputs/, then "
+                                    "<prompt-slug>.mp4, -2, -3, ... if taken); "
                                     "the sidecar <name>.json is written beside it")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output MP4 and its sidecar (default: refuse); a <name>.json that is "
@@ -296,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help=".txt (one prompt per line, # comments) or .jsonl (prompt, seed, size, ...), UTF-8")
     b.add_argument("--out-dir", required=True, help="output directory (MP4s, sidecars, manifest.jsonl)")
     b.add_argument("--dry-run", action="store_true", help="validate the prompt file and print the plan; load nothing")
-    # --engine ray (batch/ray_engine.py; RayOptions.from_args reads these): docs/scale_out.md
+    # --engine ray (fields of requests.BatchRequest, checked by batch/ray_options.py): docs/scale_out.md
     b.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (or torchrun ranks); ray: a pool of Ray actors, one pipeline per GPU, "
                         "across nodes (needs the [ray] extra)")
@@ -376,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     with handle_signals():
         try:
             return args.func(args)
-        except usage_errors() as e:
+        except USAGE_ERRORS as e:
             print(f"wan-nabla: error: {e}", file=sys.stderr)
             return 2
         except PeerFailure as e:

@@ -20,7 +20,7 @@ milliseconds, instead of building and printing gigabytes); a section that is not
 
 Ranges are the ones the sampler and the number formats can carry (see each field's docstring);
 what depends on the model or on two values at once (steps with shift, sizes against the model's
-rotary table, dense layers against its depth) is checked before loading by app.validate_run.
+rotary table, dense layers against its depth) is checked before loading by preflight.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -36,7 +37,9 @@ from typing import Any
 
 import yaml
 
-from .attention.config import AttentionConfig, ConfigError
+from .attention.config import ATTENTION_BACKENDS, ATTENTION_TYPES, AttentionConfig, ConfigError  # noqa: F401 - re-exported
+from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
+from .presets import preset_names, resolve_config_path
 
 DTYPES = ("bfloat16", "float16", "float32")
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
@@ -182,11 +185,11 @@ class GenerationConfig:
     Why 16384: one rotary position is one 2x2 patch of the 8x-downsampled latents (16 px), and
     Wan2.1's tables hold 1024 positions per axis; past that diffusers fails inside the first step.
     A model with a smaller table (the tiny model: 64, i.e. 1024 px) is checked against its own
-    value before loading (app.validate_run)."""
+    value before loading (preflight.py)."""
     frames: int = 81
     """Video frames, of the form 4k+1 (the Wan VAE compresses time by 4), at most 4093: 1024
     latent frames, the rotary table's length on the time axis (a smaller table is checked by
-    app.validate_run)."""
+    preflight.py)."""
     steps: int = 50
     """Denoising steps (UniPC flow matching), 1..1000. The scheduler maps each step's sigma to
     one of its 1000 training timesteps, so more steps than that can only repeat timesteps. Not every
@@ -505,6 +508,9 @@ class LoraSpec:
             try:
                 number = float(scale) if sep and path else None
             except ValueError:
+                if path.lower().endswith(".safetensors"):  # PATH:SCALE with a scale that is not a number
+                    raise ConfigError(f"lora: scale {scale!r} in {value!r} is not a number; use PATH[:SCALE] "
+                                      "with SCALE a number such as 0.8") from None
                 number = None  # a ':' that is part of the path
             return cls(value) if number is None else cls(path, number)
         raise ConfigError(f"lora: {value!r} is not allowed; use PATH[:SCALE] or {{path: ..., scale: ...}}")
@@ -731,6 +737,24 @@ def _flow_depth(text: str) -> int:
     return deepest
 
 
+def _tag_of(e: yaml.YAMLError) -> str | None:
+    """The tag a ConstructorError refused, in the short form the user wrote (!!python/...)."""
+    if not isinstance(e, yaml.constructor.ConstructorError):
+        return None
+    found = re.search(r"tag '([^']+)'", str(getattr(e, "problem", "") or ""))
+    if not found:
+        return None
+    return found.group(1).replace("tag:yaml.org,2002:", "!!")
+
+
+def _clip_words(text: str, limit: int = 160) -> str:
+    """One line of at most ~`limit` characters, cut between words (never inside one)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values, with the rules of the module doc (ConfigError, one line)."""
     if _flow_depth(text) > YAML_MAX_FLOW_DEPTH:
@@ -743,10 +767,14 @@ def parse_yaml(text: str) -> Any:
         _check_expansion(node)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"not valid YAML{where}: {show(first)[1:-1]}") from None
+        tag = _tag_of(e)
+        if tag:  # e.g. !!python/object: never constructed; say so whole instead of cutting the tag
+            raise ConfigError(f"not valid YAML{where}: the tag {tag!r} is not allowed; a config holds plain "
+                              "values (numbers, strings, lists, mappings) only") from None
+        first = (getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ConfigError(f"not valid YAML{where}: {_clip_words(str(first))}") from None
     except RecursionError:
         raise ConfigError("not valid YAML: nested too deeply") from None
     finally:
@@ -756,9 +784,6 @@ def parse_yaml(text: str) -> Any:
 def load_config(path: str | Path | None) -> RunConfig:
     """Read and validate a YAML config (a path, or a bundled preset's name: presets/__init__.py);
     None gives the defaults (full attention). See the module doc for what is refused."""
-    from .input_files import CONFIG_MAX_BYTES, InputFileError, read_input_file
-    from .presets import preset_names, resolve_config_path
-
     if path is None:
         return RunConfig()
     p = resolve_config_path(path)

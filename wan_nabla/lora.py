@@ -38,15 +38,18 @@ Difference keys in musubi naming are refused (none are known to exist).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import WanPipeline
+from safetensors import safe_open
 
 from .config import LoraSpec
+from .errors import LoraError
+from .preflight import preflight_loras, safetensors_keys  # noqa: F401 - the light checks, importable from here too
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +60,11 @@ DIFF_SUFFIXES = {".diff": "weight", ".diff_b": "bias", ".diff_m": "modulation"}
 _DIFF = re.compile(r"\.(diff|diff_b|diff_m)$")
 
 
-class LoraError(ValueError):
-    """A LoRA that cannot be applied; the message is one line naming the file and the first bad key."""
-
-
-def preflight_loras(specs) -> None:
-    """Cheap checks before a model is loaded: peft installed, each file a readable safetensors
-    file with LoRA keys. Raises LoraError."""
-    if not specs:
-        return
-    if importlib.util.find_spec("peft") is None:
-        raise LoraError("--lora needs the peft package; install it with: pip install 'wan-nabla[lora]'")
-    for spec in specs:
-        keys = _header_keys(Path(spec.path))
-        if not any("lora" in k or _DIFF.search(k) for k in keys):
-            raise LoraError(f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora' or ends in "
-                            f".diff/.diff_b/.diff_m; "
-                            f"first key {keys[0]!r})" if keys else f"LoRA {spec.path!r}: the file holds no tensors")
-
-
-def _header_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise LoraError(f"LoRA {str(path)!r} does not exist or is not a file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return list(fh.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoraError(f"LoRA {str(path)!r} is not a readable safetensors file ({_one_line(e)})") from None
-
-
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The file's LoRA pairs converted to diffusers naming, and facts about it (format, ignored
     keys, and `diffs`: {file key: tensor} of its difference keys, applied by apply_diffs)."""
-    from diffusers import WanPipeline
-    from safetensors import safe_open
-
     path = Path(path)
-    keys = _header_keys(path)
+    keys = safetensors_keys(path)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         raw = {k: fh.get_tensor(k) for k in keys}
     fmt = ("original" if any(k.startswith("diffusion_model.") for k in raw)

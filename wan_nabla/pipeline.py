@@ -38,9 +38,11 @@ Wan2.1 T2V only.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -49,9 +51,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch._dynamo.utils import compilation_time_metrics, counters
+from tqdm.auto import tqdm
 
 from . import adapter, offload
 from .config import GenerationConfig, RunConfig
+from .lora import load_loras
+from .models import load_pipeline, load_transformer
 from .sampling import guide, schedule_record
 from .wan import hooks
 
@@ -81,9 +87,23 @@ def set_vae_dtype(pipe, vae_dtype: str) -> None:
 
 def compile_seconds() -> float:
     """Seconds TorchDynamo + Inductor have spent compiling in this process so far."""
-    from torch._dynamo.utils import compilation_time_metrics
-
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
+def compile_record(blocks: str, seconds: float, graphs: int, error: str | None,
+                   cache: dict[str, int] | None = None) -> dict[str, Any]:
+    """The sidecar's speed.compile: what the speed.compile lever did to the transformer blocks
+    (`mode`), and what was compiled during this video and why, so `mode: none` next to seconds
+    of compiling is explained: sparse attention compiles the FlexAttention kernel per shape
+    whatever the lever says; `cache_dir` is where Inductor keeps compiled code across runs."""
+    if graphs == 0 and seconds < 0.05:
+        what = "nothing (everything this video needed was compiled earlier in this process)"
+    elif blocks == "none":
+        what = "the FlexAttention kernel for this shape (the transformer blocks run eagerly: speed.compile none)"
+    else:
+        what = f"the transformer blocks ({blocks}) and the attention kernel they call"
+    return {"mode": blocks, "compiled": what, "compile_s": seconds, "graphs_compiled": graphs,
+            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "cache": cache or {}, "error": error}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,11 +145,53 @@ class GenerationResult:
     """The parallel layout that produced this video (ParallelContext.describe()), None for one process."""
 
 
+@dataclass
+class LoadedWeights:
+    """A pipeline read from disk, not yet set up (load_weights); `generator()` sets it up once."""
+
+    pipe: Any
+    config: RunConfig
+    device: torch.device
+    model_id: str
+    transformer_source: dict[str, Any] | None
+    load_s: float
+
+    def generator(self, parallel=None) -> VideoGenerator:
+        """The VideoGenerator of these weights, bound to `parallel` (a ParallelContext, or None)."""
+        t0 = time.perf_counter()
+        gen = VideoGenerator(self.pipe, self.config, self.device, model_id=self.model_id,
+                             transformer_source=self.transformer_source, parallel=parallel)
+        gen.load_s = self.load_s + time.perf_counter() - t0
+        return gen
+
+
+def load_weights(model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
+                 tiny_seed: int = 0) -> LoadedWeights:
+    """Read `model` (and --transformer's DiT weights) onto `device`. Under torchrun every rank
+    calls this before the process group exists (a load that fails alike everywhere is then a
+    plain error on every rank; transformers saves checkpoints on rank 0 only once a group exists,
+    which the tiny model's load relies on); the generator is built after, bound to the group."""
+    gen_cfg = config.generation
+    dev = resolve_device(device or gen_cfg.device)
+    dt = _DTYPES[dtype or gen_cfg.dtype]
+    t0 = time.perf_counter()
+    transformer, source = None, None
+    if config.model.transformer:
+        transformer, source = load_transformer(config.model.transformer, model, dt)
+    # Offload modes start from the CPU: a 14B model may not fit on the device at all.
+    place = dev if config.memory.offload == "none" else torch.device("cpu")
+    pipe = load_pipeline(model, device=place, dtype=dt, tiny_seed=tiny_seed, transformer=transformer)
+    sync_device(dev)
+    return LoadedWeights(pipe, config, dev, model, source, time.perf_counter() - t0)
+
+
 class VideoGenerator:
     """A loaded Wan2.1 pipeline with wan-nabla attention installed; reusable across prompts."""
 
     def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom",
                  transformer_source: dict[str, Any] | None = None, parallel=None):
+        # `parallel` (a distributed.ParallelContext) is bound here, once: attention is installed
+        # with its sequence parallelism and the blocks are compiled for that attention run.
         self.pipe = pipe
         self.config = config
         self.device = device
@@ -137,14 +199,16 @@ class VideoGenerator:
         # Where the DiT weights came from (models.load_transformer's record), for the sidecar.
         self.transformer_source = transformer_source or {"source": "the model's own transformer"}
         self.load_s = 0.0
-        self.parallel = None
-        self.handle = hooks.apply_attention(pipe.transformer, config.attention)
+        self.parallel = parallel
+        self.handle = hooks.apply_attention(
+            pipe.transformer, config.attention,
+            sequence_parallel=parallel.sequence_parallel() if parallel is not None else None)
+        if parallel is not None:  # densities are averaged over the ranks of a video
+            self.handle.run.stats_mean = parallel.item_mean
         self.lora: list[dict[str, Any]] = []
         self.quantize: dict[str, Any] = {"mode": "none"}
         try:
             if config.lora:  # before offloading moves the weights
-                from .lora import load_loras
-
                 self.lora = load_loras(pipe, config.lora)
             if config.speed.quantize != "none":  # after the LoRA merge: deltas fused at full precision
                 from .quantize import quantize_transformer
@@ -167,22 +231,12 @@ class VideoGenerator:
         self._compile()
         self._cache_key = None
         self._mag = None
-        self.use_parallel(parallel)
 
     def _compile(self) -> None:
         # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
         if self.compile_mode != "none":
             self._compiled = adapter.compile_blocks(self.pipe.transformer, self.handle.run, self.compile_mode,
                                                     fallback=self.config.speed.compile == "auto")
-
-    def use_parallel(self, parallel) -> None:
-        """Generate together with the other ranks of `parallel` (a distributed.ParallelContext;
-        None: alone): attention is reinstalled with its sequence parallelism, and densities are
-        averaged over the ranks of a video."""
-        if parallel is None:
-            return
-        self.parallel = parallel
-        self._install_attention(self.config.attention)
 
     def use_config(self, config: RunConfig) -> None:
         """Generate with `config` from here on (e.g. a server job's preset): its generation defaults
@@ -220,23 +274,10 @@ class VideoGenerator:
 
     @classmethod
     def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
-             tiny_seed: int = 0) -> VideoGenerator:
-        from .models import load_pipeline, load_transformer
-
-        gen_cfg = config.generation
-        dev = resolve_device(device or gen_cfg.device)
-        dt = _DTYPES[dtype or gen_cfg.dtype]
-        t0 = time.perf_counter()
-        transformer, source = None, None
-        if config.model.transformer:
-            transformer, source = load_transformer(config.model.transformer, model, dt)
-        # Offload modes start from the CPU: a 14B model may not fit on the device at all.
-        place = dev if config.memory.offload == "none" else torch.device("cpu")
-        pipe = load_pipeline(model, device=place, dtype=dt, tiny_seed=tiny_seed, transformer=transformer)
-        gen = cls(pipe, config, dev, model_id=model, transformer_source=source)
-        sync_device(dev)
-        gen.load_s = time.perf_counter() - t0
-        return gen
+             tiny_seed: int = 0, parallel=None) -> VideoGenerator:
+        """load_weights + the constructor; `parallel` must already exist (see load_weights)."""
+        loaded = load_weights(model, config, device, dtype, tiny_seed)
+        return loaded.generator(parallel)
 
     def close(self) -> None:
         """Undo attention, compiled blocks and cache (merged LoRAs stay in the weights)."""
@@ -290,7 +331,7 @@ class VideoGenerator:
                              f"splits the CFG passes over ranks (--cfg-parallel); use guidance_scale > 1")
         run.reset_stats()
         timings: dict[str, Any] = {}
-        compile_s0, graphs0 = compile_seconds(), _graphs()
+        compile_s0, graphs0, cache0 = compile_seconds(), _graphs(), _cache_counts()
         self._prepare_cache(g.steps)
         calibrate = bool(self.config.speed.cache_params.get("calibrate"))
 
@@ -333,8 +374,9 @@ class VideoGenerator:
         peaks.end("denoise")
         timings["compile_s"] = compile_seconds() - compile_s0
         speed = {
-            "compile": {"mode": self.compile_mode, "compile_s": timings["compile_s"], "graphs_compiled": _graphs() - graphs0,
-                        "error": self._compiled.error if self._compiled is not None else None},
+            "compile": compile_record(self.compile_mode, timings["compile_s"], _graphs() - graphs0,
+                                      self._compiled.error if self._compiled is not None else None,
+                                      {k: v - cache0.get(k, 0) for k, v in _cache_counts().items()}),
             "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
             "lora": self.lora,
             "quantize": self.quantize,
@@ -414,15 +456,17 @@ class VideoGenerator:
 
 
 def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
     return int(counters["stats"]["unique_graphs"])
+
+
+def _cache_counts() -> dict[str, int]:
+    """Inductor's on-disk cache hits and misses so far in this process (FX graph, AOTAutograd)."""
+    names = ("fxgraph_cache_hit", "fxgraph_cache_miss", "autograd_cache_hit", "autograd_cache_miss")
+    return {n: int(counters["inductor"].get(n, 0)) + int(counters["aot_autograd"].get(n, 0)) for n in names}
 
 
 def _printed_ratios(text: str) -> list[float] | None:
     """The first ratio list diffusers' MagCache printed after a calibration run."""
-    import ast
-
     for line in text.splitlines():
         try:
             values = ast.literal_eval(line.strip())
@@ -483,8 +527,6 @@ def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tenso
 def _progress(total: int, enabled: bool):
     """tqdm over denoising steps when enabled; a no-op context otherwise."""
     if enabled:
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc="denoising", unit="step", leave=False)
     return _NoBar()
 

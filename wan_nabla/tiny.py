@@ -19,12 +19,8 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-TINY_MODEL_ID = "tiny"
-# Generation settings the CLI uses with `--model tiny` for every value not given as a flag: the
-# presets' 832x480x81 x 50 steps would take a long time on a CPU for a video that is noise anyway.
-TINY_GENERATION = {"size": (128, 128), "frames": 17, "steps": 4}
-TINY_LAYERS = 2
-TINY_ROPE_POSITIONS = 64  # rotary table length per axis: at most 64 latent frames / 1024 px per side
+# The tiny model's facts that preflight needs without torch live in model_source.py.
+from .model_source import TINY_GENERATION, TINY_HEADS, TINY_LAYERS, TINY_MODEL_ID, TINY_ROPE_POSITIONS  # noqa: F401
 
 # T5's id convention (pad=0, eos=1, unk=2) so UMT5Config defaults stay correct.
 _SPECIAL = ("<pad>", "</s>", "<unk>")
@@ -32,7 +28,6 @@ _TEXT_DIM = 32  # UMT5 d_model == transformer text_dim
 # 32 is a power of two (friendly to attention kernels) and splits for Wan's 3-axis rope
 # into t/h/w = 12/10/10, all even and positive.
 _HEAD_DIM = 32
-TINY_HEADS = 2
 
 # The tiny transformer's config (WanTransformer3DModel keyword arguments).
 TINY_TRANSFORMER_CONFIG = dict(

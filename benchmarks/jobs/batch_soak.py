@@ -76,8 +76,9 @@ def check_manifest(out: Path, n: int) -> dict:
 def soak(n: int, out_dir: Path) -> dict:
     import psutil
 
-    from wan_nabla import cli
-    from wan_nabla.batch import run_batch
+    from wan_nabla import cli, preflight
+    from wan_nabla.batch.run import run_batch
+    from wan_nabla.requests import BatchRequest
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = out_dir / "prompts.txt"
@@ -89,7 +90,8 @@ def soak(n: int, out_dir: Path) -> dict:
     proc = psutil.Process()
     rss: list[int] = []
     t0 = time.perf_counter()
-    rc = run_batch(args, on_record=lambda rec: rss.append(proc.memory_info().rss))
+    req = cli.request_from_args(BatchRequest, args)
+    rc = run_batch(preflight.plan_batch(req), req, on_record=lambda rec: rss.append(proc.memory_info().rss))
     wall = time.perf_counter() - t0
     warm = max(1, min(20, n // 10))
     tail = rss[warm - 1:]

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..app import agreed, describe_failure
+from ..app import agreed, describe_failure, warn_long_prompt
 from ..output.files import ensure_writable_dir, remove_created_dirs
 from ..output.naming import unique_path
 from ..output.sidecar import publish_video, sidecar_path
@@ -88,6 +88,8 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
             p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
                                    available=lambda c: free_or_own(c, p.key))
             names.add(p.output.name)
+        if writer:
+            warn_long_prompt(gen, p.item.prompt, f"item {p.item.index}'s prompt (line {p.item.line})")
         result = agreed(ctx, lambda: gen.generate(
             p.item.prompt, negative_prompt=g.negative_prompt, progress=progress, size=g.size, frames=g.frames,
             steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift, seed=g.seed, fps=g.fps), scope="item")

@@ -10,7 +10,7 @@ model, attention config except its kernel backend, generation settings except de
 step cache, FP8 linears and a non-fp32 VAE when set: where and with which kernels an item runs is not what it is), stored in the
 manifest and in the sidecar, so a changed prompt or setting is a new item, never mistaken for one
 already done. A bad value makes the item a failed item with a one-line reason, not an error of
-the run; so does a value the model or sampler cannot run (`check`, app.ModelFacts.check: steps at
+the run; so does a value the model or sampler cannot run (`check`, app.item_check: steps at
 the shift, size against the rotary table), found here rather than after the item's compute.
 """
 

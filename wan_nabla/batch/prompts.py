@@ -155,6 +155,8 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
     """All items of a .txt or .jsonl prompt file, bad lines included (see module doc)."""
     p = Path(path)
     suffix = p.suffix.lower()
+    if p.is_dir():  # its name says nothing about a format: say what it is
+        raise PromptFileError(f"prompt file {str(p)!r} is a directory; give a .txt or .jsonl file")
     if suffix not in FORMATS:
         what = f"unknown extension {p.suffix!r}" if p.suffix else "no extension"
         raise PromptFileError(

@@ -2,7 +2,7 @@
 
     wan-nabla batch prompts.jsonl --out-dir /shared/run1 --engine ray [--ray-address HOST:6379]
         [--ray-actors N] [--max-retries 2] [--ray-transfer]
-    run_ray(RayOptions.from_args(args), cfg, planned, out_dir, quiet, on_record, model)  # run.py calls it
+    run_ray(ray_options(request), cfg, planned, out_dir, quiet, on_record, model)  # run.py calls it
 
 The driver (this process) plans exactly as a local batch (plan.py, resume.py: the same names,
 seeds and keys), holds the output directory's lock, is the only writer of manifest.jsonl (no lock
@@ -35,9 +35,9 @@ unrecorded (a rerun does them). Ray is imported here only, when the engine is us
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -51,65 +51,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..app import UsageError, describe_failure
+from ..errors import UsageError, describe_failure
 from ..output.sidecar import sidecar_path
 from .plan import PlannedItem
+from .ray_options import RAY_REQUIREMENT, RayOptions, ray_options  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-RAY_REQUIREMENT = "ray>=2.60,<2.61"
-"""The tested range; keep it equal to the `ray` extra in pyproject.toml."""
 LOCAL_OBJECT_STORE_MB = 256
 """Object store of a local cluster started here: it carries item plans and, with --ray-transfer,
 one MP4 per item in flight (a few MB), not tensors; Ray's default (30% of RAM) is far too much."""
 PROBE_PREFIX = ".wan-nabla-ray-probe-"
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """The --engine ray options (read from the command line in one place: from_args)."""
-
-    address: str | None = None
-    """A running cluster (host:port or "auto"); None: RAY_ADDRESS, else a new local cluster."""
-    actors: int | None = None
-    """Pipelines to run; None: one per GPU of the cluster, 2 when it has no GPU."""
-    max_retries: int = 2
-    """How often an item whose actor died is run again on another actor."""
-    transfer: bool = False
-    """Actors return the files and the driver writes them (--out-dir not shared between nodes)."""
-    verbose: bool = False
-    """Show the actors' own output (Ray's log_to_driver); off by default, their failures come back
-    in the manifest records."""
-
-    @classmethod
-    def from_args(cls, args: Any) -> RayOptions:
-        """UsageError for a bad value or when ray is not installed (before anything is planned)."""
-        actors = getattr(args, "ray_actors", None)
-        retries = getattr(args, "max_retries", None)
-        if actors is not None and actors < 1:
-            raise UsageError(f"--ray-actors: {actors} is not allowed; use at least 1")
-        if retries is not None and retries < 0:
-            raise UsageError(f"--max-retries: {retries} is not allowed; use 0 or more")
-        try:
-            version = importlib.metadata.version("ray")
-        except importlib.metadata.PackageNotFoundError:
-            raise UsageError("--engine ray: ray is not installed; pip install 'wan-nabla[ray]' "
-                             f"({RAY_REQUIREMENT}) on the driver and on every node") from None
-        if not version.startswith("2."):
-            log.warning("ray %s is outside the tested range %s", version, RAY_REQUIREMENT)
-        return cls(address=getattr(args, "ray_address", None) or None, actors=actors,
-                   max_retries=2 if retries is None else retries, transfer=bool(getattr(args, "ray_transfer", False)),
-                   verbose=bool(getattr(args, "verbose", False)))
-
-    def check(self, cfg) -> None:
-        """UsageError for settings a Ray batch cannot run (module doc: Limits)."""
-        if cfg.parallel.group_size > 1 or os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
-            raise UsageError("--engine ray runs one pipeline per actor: it does not combine with torchrun, "
-                             "--ulysses-degree or --cfg-parallel; use --engine local for those")
-        device = cfg.generation.device
-        if device.startswith("cuda:"):
-            raise UsageError(f"--device {device}: under --engine ray each actor is given its own GPU; "
-                             "use --device cuda or auto")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,10 +75,8 @@ class BatchActor:
     Construction never raises: a load failure is reported by info(), as one line."""
 
     def __init__(self, cfg, model: str, out_dir: str, probe: str | None, verbose: bool):
-        import argparse
-
         from ..app import load_generator
-        from ..cli import setup_logging
+        from ..log_setup import setup_logging
 
         setup_logging(argparse.Namespace(quiet=not verbose, verbose=verbose))  # the CLI's levels, no loading bars
 
@@ -314,8 +264,8 @@ class _Pool:
         self.finish(p, rec, slot, attempt)
 
     def _on_death(self, slot: _Slot, p: PlannedItem, attempt: int, why: str, queue: deque[PlannedItem]) -> None:
-        from .resume import verified_output
         from .item import item_record
+        from .resume import verified_output
 
         log.warning("ray actor %d died running item %d (attempt %d): %s", slot.id, p.item.index, attempt, why)
         self.last_error = f"actor {slot.id}: {why}"
@@ -344,8 +294,8 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
     """--ray-transfer: write what an actor returned, in publish_video's order (the sidecar while
     the MP4 is still a temp file, then the MP4's rename); a failure fails the item, no file stays."""
     from ..output.files import atomic_output, atomic_write_bytes
-    from .resume import free_or_own
     from .item import item_record
+    from .resume import free_or_own
 
     t0 = time.perf_counter()
     out = p.output
@@ -387,8 +337,8 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .resume import remove_stale_temps
     from .item import HeldOutDir, record_planned
+    from .resume import remove_stale_temps
 
     out_dir = out_dir.absolute()  # actors (other nodes, other working directories) need the full path
     held = HeldOutDir(out_dir, planned)

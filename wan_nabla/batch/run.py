@@ -1,7 +1,7 @@
 """`wan-nabla batch`: many prompts, one loaded pipeline, resumable, one bad item never stops the run.
 
     wan-nabla batch examples/example_prompts.jsonl --config nabla_0.7 --out-dir outputs/run1
-    run_batch(args)   # 0: every item ok or already done; 1: some item failed; bad input: UsageError (2)
+    run_batch(plan, request)   # after preflight.plan_batch; 0: all ok or done; 1: some item failed
 
 Algorithm
 1. Plan (nothing loaded, nothing written; plan.py): config < command-line flags < the item's own
@@ -47,15 +47,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..app import (UsageError, agreed, check_parallel, check_text, load_generator, model_label, parallel_session,
-                   resolve_run_config, validate_run)
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..app import (
+    agreed,
+    check_environment,
+    item_check,
+    load_generator,
+    load_weights_for,
+    parallel_plan,
+    parallel_session,
+)
+from ..distributed.claims import WorkClaims
+from ..preflight import RunPlan, window_covers_grid
+from ..requests import BatchRequest
 from .item import HeldOutDir, record_planned, run_item
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from .plan import PlannedItem, plan_item
-from .prompts import PromptFileError, read_prompt_file
 from .resume import assign_outputs, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -78,57 +91,57 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
           f"{invalid} invalid; output directory {out_dir}")
 
 
-def run_batch(args, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
-    """The `batch` subcommand (see module doc); `on_record` sees every manifest record as it is written.
-    `args.engine` "ray" runs the same plan on a pool of Ray actors (ray_engine.py)."""
-    engine = getattr(args, "engine", None) or "local"
+def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The `batch` subcommand after preflight (see module doc); `on_record` sees every manifest
+    record as it is written. `req.engine` "ray" runs the same plan on a pool of Ray actors
+    (ray_engine.py; preflight checked its options)."""
+    engine = req.engine or "local"
     if engine == "ray":
-        from .ray_engine import RayOptions
+        from .ray_options import ray_options
 
-        ray_options = RayOptions.from_args(args)  # bad --ray-* values and a missing ray: exit 2 first
-    cfg = resolve_run_config(args)
-    try:
-        items = read_prompt_file(args.prompts)
-    except PromptFileError as e:
-        raise UsageError(str(e)) from None
-    out_dir = Path(args.out_dir).expanduser()
-    check_text(str(out_dir), "--out-dir")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out-dir: {str(out_dir)!r} exists and is not a directory")
-    if engine == "ray":
-        ray_options.check(cfg)
-    ranks = check_parallel(cfg, "batch")  # every rank, before anything is written or loaded
-    # device, model, LoRAs, sampler and rotary limits (exit 2, nothing written); under Ray the
-    # actors check the device, which the driver's machine need not have
-    facts = validate_run(cfg if engine == "local" else cfg.override(device="auto"))
-    model_id = model_label(cfg)
-    planned = [plan_item(cfg, it, model_id, check=facts.check) for it in items]
+        ray = ray_options(req)
+    else:
+        check_environment(plan)  # under Ray the actors check the device, which this machine need not have
+    cfg, out_dir = plan.config, plan.output
+    check = item_check(plan.facts, cfg.attention)
+    planned = [plan_item(cfg, it, plan.model_label, check=check) for it in plan.items]
     if cfg.parallel.cfg_parallel:
         for p in planned:
             if p.settings is not None and p.settings.guidance_scale <= 1.0:
                 p.error = (f"line {p.item.line}: guidance_scale: {p.settings.guidance_scale:g} turns classifier-free "
                            f"guidance off, which --cfg-parallel needs; use a value > 1")
-    if args.dry_run:
-        if ranks is None or ranks[0].rank == 0:
+    _warn_covered(plan, planned)
+    if req.dry_run:
+        if plan.parallel is None or plan.parallel.launch.rank == 0:
             assign_outputs(planned, out_dir, read_manifest(out_dir / MANIFEST_NAME))
             print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
     if engine == "ray":
         from .ray_engine import run_ray
 
-        counts = run_ray(ray_options, cfg, planned, out_dir, args.quiet, on_record, facts.model)
+        counts = run_ray(ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
         print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
               f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
         return 1 if counts["failed"] else 0
-    gen = None
-    if ranks is not None and _preview_pending(planned, out_dir):
-        gen = load_generator(cfg, ranks, facts.model)  # before the process group, like generate (app.py)
-    with parallel_session(ranks) as ctx:
-        counts = _execute(cfg, planned, out_dir, args.quiet, ctx, on_record, gen, facts.model)
+    pplan = parallel_plan(plan)
+    loaded = None
+    if pplan is not None and _preview_pending(planned, out_dir):
+        loaded = load_weights_for(cfg, pplan.device, plan.model)  # before the process group, like generate
+    with parallel_session(pplan) as ctx:
+        counts = _execute(cfg, planned, out_dir, req.flags.quiet, ctx, on_record, loaded, plan.model)
     if ctx is None or ctx.is_main:
         print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
               f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
     return 1 if counts["failed"] else 0
+
+
+def _warn_covered(plan: RunPlan, planned: list[PlannedItem]) -> None:
+    """One warning for items whose size makes the STA window cover the whole grid (full attention)."""
+    covered = [p for p in planned if p.settings is not None
+               and window_covers_grid(plan.config.attention, plan.facts, p.settings)]
+    if covered and not plan.notes:
+        first = window_covers_grid(plan.config.attention, plan.facts, covered[0].settings)
+        log.warning("%d of %d items: %s", len(covered), len(planned), first)
 
 
 def _preview_pending(planned: list[PlannedItem], out_dir: Path) -> bool:
@@ -147,31 +160,28 @@ def _share_outputs(ctx, planned: list[PlannedItem], out_dir: Path) -> set[str]:
     return {name for name, _ in shared if name}
 
 
-def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, gen=None,
+def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, loaded=None,
              model: str | None = None) -> dict[str, int]:
     main = ctx is None or ctx.is_main
-    try:
-        held = agreed(ctx, lambda: HeldOutDir(out_dir, planned), here=main)
-    except BaseException:
-        if gen is not None:
-            gen.close()
-        raise
+    held = agreed(ctx, lambda: HeldOutDir(out_dir, planned), here=main)
     names = held.names if held is not None else set()
     if ctx is not None:
         names = _share_outputs(ctx, planned, out_dir)
     manifest = held.manifest if held is not None else None
+    gen = None
     try:
         pending = [p for p in planned if p.error is None and p.done is None]
-        if pending and gen is None:  # one process; or the directory changed since the ranks' preview
-            log.info("resolved config: %s", cfg.to_dict())
+        if pending:
+            if loaded is None:  # one process; or the directory changed since the ranks' preview
+                log.info("resolved config: %s", cfg.to_dict())
             try:
-                gen = agreed(ctx, lambda: load_generator(cfg, ctx, model))
+                # Built once, bound to this run's parallel context (weights read earlier under torchrun).
+                gen = agreed(ctx, lambda: loaded.generator(ctx) if loaded is not None
+                             else load_generator(cfg, ctx, model))
             except BaseException:
                 if held is not None:
                     held.discard(out_dir)
                 raise
-        if gen is not None:
-            gen.use_parallel(ctx)
         if manifest is None and ctx is not None and ctx.is_leader:
             manifest = ManifestWriter(out_dir / MANIFEST_NAME, owner=False)
         return _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, ctx)
@@ -194,16 +204,11 @@ def _claimed(pending: list[PlannedItem], claims):
 
 
 def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, ctx) -> dict[str, int]:
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     main = ctx is None or ctx.is_main
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     total = len(planned)
     claims = None
     if ctx is not None:
-        from ..distributed.claims import WorkClaims
-
         claims = WorkClaims(ctx)
 
     def write(rec: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Command-line input of `compare` and `generate --save-masks`: checked before any work is done.
 
     require_extras("compare")                          # UsageError naming the missing packages
-    wanted = parse_sampling(args)                      # syntax of --sample-steps/-layers/-heads
+    wanted = plan.sampling                             # syntax checked by preflight.parse_sampling
     sampling = resolve_sampling(wanted, pipe.transformer, steps=50)   # ranges, once loaded
     spread(30)                                         # (0, 14, 29): the default sample
     created = claim_out_dir(Path("cmp"), overwrite=False)   # the directory, made by this run
@@ -15,28 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
-from ..app import UsageError
+from ..errors import UsageError
+from ..preflight import parse_indices, parse_sampling  # noqa: F401 - the light half, checked in preflight
 from ..output.files import OutputError, ensure_writable_dir
 from .metrics import missing_extras
 from .probe import Sampling
 
 SAMPLE_FLAGS = ("steps", "layers", "heads")
-
-
-def parse_indices(text: str | None) -> tuple[int, ...] | None:
-    """'0,2,-1' -> (0, 2, -1); None or '' -> None (the default sampling). ValueError otherwise."""
-    if text is None or not str(text).strip():
-        return None
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise ValueError(f"{text!r} is not allowed; use comma-separated integers such as 0,2,-1") from None
-    return tuple(out)
 
 
 def spread(n: int, start: int = 0) -> tuple[int, ...]:
@@ -59,17 +45,6 @@ def require_extras(what: str) -> None:
     missing = missing_extras()
     if missing:
         raise UsageError(f"{what} needs {' and '.join(missing)}: pip install 'wan-nabla[compare]'")
-
-
-def parse_sampling(args: Any) -> dict[str, tuple[int, ...] | None]:
-    """The --sample-* flags as index tuples (None = default), syntax only."""
-    out = {}
-    for what in SAMPLE_FLAGS:
-        try:
-            out[what] = parse_indices(getattr(args, f"sample_{what}", None))
-        except ValueError as e:
-            raise UsageError(f"--sample-{what}: {e}") from None
-    return out
 
 
 def resolve_sampling(wanted: dict[str, tuple[int, ...] | None], transformer, steps: int,

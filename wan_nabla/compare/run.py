@@ -33,9 +33,6 @@ on runs of a few steps the speed-up is indicative only (the benchmark harness in
 
 from __future__ import annotations
 
-import argparse
-import copy
-import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -45,11 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..app import UsageError, check_text, load_generator, resolve_run_config, validate_run
+from ..app import check_environment, load_generator, warn_long_prompt
 from ..config import RunConfig
+from ..errors import UsageError
 from ..output.files import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..pipeline import GenerationResult, VideoGenerator
-from .options import claim_out_dir, parse_sampling, remove_if_empty, require_extras, resolve_sampling
+from ..preflight import RunPlan
+from ..requests import CompareRequest
+from .options import claim_out_dir, remove_if_empty, require_extras, resolve_sampling
 from .probe import AttentionProbe, Sampling
 
 log = logging.getLogger(__name__)
@@ -120,30 +120,6 @@ def capture(pipe, config: RunConfig, device: torch.device, model_id: str, prompt
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def resolve_pair(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
-    """(reference, candidate) run configs: the candidate from --config and the flags, exactly as
-    `generate` resolves it; the reference's attention from --against (default: full)."""
-    if not args.config:
-        raise UsageError("--config: required; give the candidate's preset name or YAML path")
-    cand = resolve_run_config(args)
-    geometry = getattr(args, "against_geometry", None)
-    if geometry is not None:  # the same attention, only the kernel geometry differs
-        if args.against:
-            raise UsageError("--against-geometry: compares the candidate with itself at another geometry; "
-                             "leave out --against")
-        if geometry not in ("exact", "fast"):
-            raise UsageError(f"--against-geometry: {geometry!r} is not allowed; use exact or fast")
-        ref = dataclasses.replace(cand.attention, geometry=geometry, block_size=None, time_pairs=None)
-        return dataclasses.replace(cand, attention=ref), cand
-    ref_args = copy.copy(args)
-    ref_args.config = args.against or "full"
-    against = resolve_run_config(ref_args)
-    if args.model is None and against.model.base not in (None, cand.model.base):
-        raise UsageError(f"--against: its model {against.model.base!r} differs from the candidate's "
-                         f"{cand.model.base!r}; compare runs one model (give --model)")
-    return dataclasses.replace(cand, attention=against.attention), cand
-
-
 def _check_video_writer() -> None:
     try:
         import imageio_ffmpeg
@@ -153,39 +129,34 @@ def _check_video_writer() -> None:
         raise UsageError(f"side_by_side.mp4 needs ffmpeg (imageio-ffmpeg): {e}; or give --no-video") from None
 
 
-def run_compare_command(args: argparse.Namespace) -> int:
-    """The `compare` subcommand (see module doc). Bad input raises a usage error (exit 2)."""
-    check_text(args.prompt, "--prompt", required=True)
-    ref_cfg, cand_cfg = resolve_pair(args)
-    check_text(str(args.out), "--out")
-    facts = validate_run(cand_cfg)  # device, model, LoRAs, sampler and rotary limits, before any work
-    facts.check_attention(ref_cfg.attention)
+def run_compare(plan: RunPlan, req: CompareRequest) -> int:
+    """The `compare` subcommand after preflight (see module doc). Bad input raises a usage error (exit 2)."""
+    check_environment(plan)
     require_extras("compare")
-    wanted = parse_sampling(args)
-    if args.max_query_rows is not None and args.max_query_rows < 1:
-        raise UsageError(f"--max-query-rows: {args.max_query_rows} is not allowed; use an integer >= 1")
-    if not args.no_video:
+    if not req.no_video:
         _check_video_writer()
-    out = Path(args.out)
-    created = claim_out_dir(out, args.overwrite)
+    ref_cfg, cand_cfg, wanted = plan.reference, plan.config, plan.sampling
+    out = plan.output
+    created = claim_out_dir(out, req.overwrite)
     try:
-        base = load_generator(ref_cfg, None, facts.model)
+        base = load_generator(ref_cfg, None, plan.model)
         transformer = base.pipe.transformer
         g = cand_cfg.generation
         sampling = resolve_sampling(wanted, transformer, g.steps, cand_cfg.attention.dense_steps)
         base.close()  # the pipeline stays loaded; each capture installs its own attention
-        progress = not args.quiet
+        progress = not req.flags.quiet
         log.info("reference run: %s", ref_cfg.attention.label())
-        ref = capture(base.pipe, ref_cfg, base.device, base.model_id, args.prompt, keep_noise=True,
+        warn_long_prompt(base, req.prompt)
+        ref = capture(base.pipe, ref_cfg, base.device, base.model_id, req.prompt, keep_noise=True,
                       progress=progress)
         log.info("candidate run: %s", cand_cfg.attention.label())
-        cand = capture(base.pipe, cand_cfg, base.device, base.model_id, args.prompt, reference=ref,
-                       probe=(sampling, True), max_query_rows=args.max_query_rows, progress=progress)
+        cand = capture(base.pipe, cand_cfg, base.device, base.model_id, req.prompt, reference=ref,
+                       probe=(sampling, True), max_query_rows=req.max_query_rows, progress=progress)
         ref.noise.clear()
     except BaseException:  # bad model or sampling flag (exit 2), or a failed run: nothing written
         remove_if_empty(out, created)
         raise
-    write_outputs(out, args.prompt, base, ref, cand, video=not args.no_video)
+    write_outputs(out, req.prompt, base, ref, cand, video=not req.no_video)
     print(out / "report.md")
     return 0
 

@@ -1,6 +1,6 @@
 """`wan-nabla generate --save-masks`: pictures of that run's kept tile masks, next to the MP4.
 
-    saver = MaskSaver.prepare(args, cfg, Path("out/fox.mp4"))   # input checks only (UsageError)
+    saver = MaskSaver.prepare(cfg, Path("out/fox.mp4"), plan.sampling)   # preflight checked the input
     saver.attach(gen)                                           # the probe on the loaded generator
     result = gen.generate(prompt)                               # masks are recorded on the way
     saver.write(result)                                         # out/fox_masks/*.png
@@ -19,10 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..app import UsageError
 from ..config import RunConfig
 from ..output.files import atomic_write_bytes, ensure_writable_dir
-from .options import parse_sampling, require_extras, resolve_sampling
+from .options import require_extras, resolve_sampling
 from .probe import AttentionProbe
 
 
@@ -41,15 +40,10 @@ class MaskSaver:
         self.model_id = ""
 
     @classmethod
-    def prepare(cls, args: Any, cfg: RunConfig, output: Path) -> MaskSaver:
-        if not cfg.attention.sparse:
-            raise UsageError("--save-masks: the config runs full attention, which has no mask to draw; "
-                             "give a sparse --config")
+    def prepare(cls, cfg: RunConfig, output: Path, wanted: dict[str, Any]) -> MaskSaver:
+        """After preflight (sparse config, directory, --sample-* syntax): the packages it needs."""
         require_extras("--save-masks")
-        directory = masks_dir(output)
-        if directory.exists() and not directory.is_dir():
-            raise UsageError(f"--save-masks: {str(directory)!r} exists and is not a directory")
-        return cls(cfg, directory, parse_sampling(args))
+        return cls(cfg, masks_dir(output), wanted)
 
     def attach(self, gen) -> None:
         transformer = gen.pipe.transformer

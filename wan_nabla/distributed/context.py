@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+from ..pipeline import resolve_device
 from .launch import Launch, ParallelPlan, RankLayout
 from .ulysses import CommTimer, SequenceParallel, all_gather_equal
 
@@ -208,3 +210,26 @@ def _make_groups(layout: RankLayout, rank: int, backend: str, timeout: datetime.
                 if g == roles.group and u == roles.ulysses_rank:
                     mine["cfg"] = group
     return mine
+
+
+def rank_device(name: str, launch: Launch) -> torch.device:
+    """The device of this rank: under torchrun 'auto' and 'cuda' mean cuda:LOCAL_RANK (a fixed
+    'cuda:N' would put every rank on one GPU, so it is refused); 'cpu' is the CPU (gloo)."""
+    if not launch.distributed:
+        try:
+            return resolve_device(name)
+        except ValueError as e:
+            raise ConfigError(f"--device: {e}") from None
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda:"):
+        raise ConfigError(f"--device: {name!r} under torchrun would put every rank on one GPU; use cuda or auto "
+                          f"(rank i uses cuda:LOCAL_RANK)")
+    if not torch.cuda.is_available():
+        if name == "cuda":
+            raise ConfigError("--device: 'cuda' requested but CUDA is not available; use --device cpu or auto")
+        return torch.device("cpu")
+    if launch.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
+                          f"use --nproc-per-node <= {torch.cuda.device_count()}")
+    return torch.device("cuda", launch.local_rank)

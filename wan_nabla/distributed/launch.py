@@ -5,7 +5,7 @@ process group or model exists, so a bad combination is one line and exit 2 on ev
     layout = plan_ranks(cfg.parallel, launch.world_size, command="generate", heads=40,
                         guidance_scale=5.0)               # ConfigError: one line naming the problem
     layout.roles(launch.rank)            # Roles(group=0, branch=1, ulysses_rank=0, ...)
-    device = rank_device("auto", launch) # cuda:LOCAL_RANK under torchrun, else pipeline's rule
+    device = rank_device("auto", launch) # context.py: cuda:LOCAL_RANK under torchrun (needs torch)
     plan = ParallelPlan(launch, layout, device, timeout_s=3600)   # what ParallelContext.start takes
 
 Rank layout. A *group* of `ulysses_degree x (2 if cfg_parallel else 1)` consecutive ranks makes
@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from ..config import ConfigError, ParallelConfig
 
@@ -121,7 +120,8 @@ class ParallelPlan:
 
     launch: Launch
     layout: RankLayout
-    device: torch.device
+    device: Any
+    """A torch.device (context.rank_device); this module stays free of torch for preflight."""
     timeout_s: float
 
     @property
@@ -152,28 +152,3 @@ def plan_ranks(parallel: ParallelConfig, world_size: int, *, command: str, heads
         raise ConfigError(f"parallel.cfg_parallel: needs classifier-free guidance, but guidance_scale is "
                           f"{guidance_scale:g} (<= 1 turns it off); drop --cfg-parallel or raise --guidance-scale")
     return RankLayout(world_size, parallel.ulysses_degree, 2 if parallel.cfg_parallel else 1)
-
-
-def rank_device(name: str, launch: Launch) -> torch.device:
-    """The device of this rank: under torchrun 'auto' and 'cuda' mean cuda:LOCAL_RANK (a fixed
-    'cuda:N' would put every rank on one GPU, so it is refused); 'cpu' is the CPU (gloo)."""
-    if not launch.distributed:
-        from ..pipeline import resolve_device
-
-        try:
-            return resolve_device(name)
-        except ValueError as e:
-            raise ConfigError(f"--device: {e}") from None
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda:"):
-        raise ConfigError(f"--device: {name!r} under torchrun would put every rank on one GPU; use cuda or auto "
-                          f"(rank i uses cuda:LOCAL_RANK)")
-    if not torch.cuda.is_available():
-        if name == "cuda":
-            raise ConfigError("--device: 'cuda' requested but CUDA is not available; use --device cpu or auto")
-        return torch.device("cpu")
-    if launch.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
-                          f"use --nproc-per-node <= {torch.cuda.device_count()}")
-    return torch.device("cuda", launch.local_rank)

@@ -16,6 +16,7 @@ destination is left as it was. Limits: the directory entry itself is fsynced onl
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -115,6 +116,22 @@ def _missing_ancestors(path: Path) -> list[Path]:
     return missing[::-1]
 
 
+def probe_writable(path: Path, flag: str | None = None) -> None:
+    """OutputError unless a file can be created (and removed) in the existing directory `path`."""
+    try:
+        # A real write is the only reliable check: os.access ignores ACLs, read-only mounts, root.
+        fd, probe = _mkstemp_beside(path / "write-probe")
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        # /proc, /sys and some FUSE mounts answer "No such file or directory" for a file that
+        # could not be created in a directory that exists: say what that means.
+        why = ("it does not accept new files (a virtual file system such as /proc or /sys)"
+               if exc.errno == errno.ENOENT else f"creating a file there failed: {exc.strerror or exc}")
+        where = f"{flag}: " if flag else ""
+        raise OutputError(f"{where}output directory {str(path)!r} is not writable: {why}") from None
+
+
 def ensure_writable_dir(path: str | Path, created: list[Path] | None = None) -> Path:
     """Create `path` (with parents) if needed and prove it is writable; OutputError otherwise.
     The directories this call created are appended to `created` (outermost first), so a run that
@@ -128,13 +145,7 @@ def ensure_writable_dir(path: str | Path, created: list[Path] | None = None) -> 
             raise OutputError(f"output directory {str(path)!r} cannot be used: it exists and is not a directory") from None
         except OSError as exc:
             raise OutputError(f"output directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
-        try:
-            # A real write is the only reliable check: os.access ignores ACLs, read-only mounts, root.
-            fd, probe = _mkstemp_beside(path / "write-probe")
-            os.close(fd)
-            probe.unlink()
-        except OSError as exc:
-            raise OutputError(f"output directory {str(path)!r} is not writable: {exc.strerror or exc}") from None
+        probe_writable(path)
     finally:
         if created is not None:
             created.extend(p for p in new if p.is_dir())

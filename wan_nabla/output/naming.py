@@ -32,6 +32,11 @@ _SEP = re.compile(r"[^\w]+|_+", flags=re.UNICODE)
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
+def has_control_chars(text: str) -> bool:
+    """Whether `text` holds a control character (Unicode category Cc: newline, tab, NUL, ESC, ...)."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
 def safe_slug(text: str, max_len: int = 60, fallback: str = "video", max_bytes: int = 120) -> str:
     """A file-name-safe slug of `text` (see module doc)."""
     norm = unicodedata.normalize("NFKC", str(text)).lower()

@@ -24,6 +24,7 @@ replaced.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -157,6 +158,20 @@ def environment(device: Any = None) -> dict[str, Any]:
     return env
 
 
+SIDECAR_PROMPT_CHARS = 4096
+"""Prompts are stored whole up to this length (UMT5 reads 512 tokens, about 2,000 characters of
+English); a longer one is cut here and identified by `prompt_sha256` of the full text."""
+
+
+def prompt_record(prompt: str) -> dict[str, Any]:
+    """The sidecar's prompt fields: the text (bounded), its length and the sha256 of the full text."""
+    record: dict[str, Any] = {"prompt": prompt[:SIDECAR_PROMPT_CHARS], "prompt_chars": len(prompt),
+                              "prompt_sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()}
+    if len(prompt) > SIDECAR_PROMPT_CHARS:
+        record["prompt_truncated"] = True
+    return record
+
+
 def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, video: dict,
                    load_s: float, write_s: float, transformer: dict[str, Any] | None = None,
                    device: str | None = None) -> dict[str, Any]:
@@ -165,7 +180,7 @@ def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, 
     resolved["generation"] = result.settings
     timings = {"load_s": load_s, **result.timings, "write_s": write_s}
     return {
-        "prompt": prompt,
+        **prompt_record(prompt),
         "negative_prompt": result.settings.get("negative_prompt", ""),
         "schedule": getattr(result, "schedule", None) or None,
         "seed": result.seed,

@@ -33,8 +33,7 @@ import signal
 import threading
 from pathlib import Path
 
-from ..app import UsageError, load_generator, parallel_session
-from .preflight import server_plan
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,7 @@ class DataDir:
 
 def run_serve(args) -> int:
     from ..distributed import Launch
+    from .preflight import server_plan
 
     key = check_flags(args)
     server = server_plan(args)
@@ -125,13 +125,17 @@ def run_serve(args) -> int:
 
 def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) -> None:
     """Load the model, join the process group, loop over jobs until `stop` (every rank)."""
+    from ..app import load_weights_for, parallel_session
     from .queue import JobQueue
     from .worker import Worker
 
-    gen = load_generator(server.config, server.parallel, server.facts.model)
+    pplan = server.parallel
+    # weights read before the process group (like generate); the generator is built once, bound to it
+    loaded = load_weights_for(server.config, pplan.device if pplan is not None else None, server.model)
+    gen = None
     try:
-        with parallel_session(server.parallel) as ctx:
-            gen.use_parallel(ctx)
+        with parallel_session(pplan) as ctx:
+            gen = loaded.generator(ctx)
             if ctx is not None:
                 ctx.barrier()  # rank 0 recovered the queue before its worker started
             queue = JobQueue(queue_path)
@@ -143,7 +147,8 @@ def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) 
             finally:
                 queue.close()
     finally:
-        gen.close()
+        if gen is not None:
+            gen.close()
 
 
 def _serve_http(args, key, server, held: DataDir) -> int:

@@ -4,12 +4,12 @@
     job = plan_job(server, {"prompt": "a fox", "size": "64x64", "seconds": "1"})   # JobSpec or RequestError
     job.run_config(server)                      # the RunConfig the worker runs this job with
 
-One rule, one place: the server's own values go through app.resolve_run_config, check_parallel
-and validate_run exactly as `generate` does (exit 2 before anything is loaded), and each request
-through plan_job, the ONE adapter between an HTTP body and the product's validation: the
-request's values are applied with RunConfig.override (the config's per-field ranges), then
-ModelFacts.check (what the model and the sampler can run) and app.check_text (UTF-8), the same
-calls `generate` and `batch` make. Whoever re-points the validation (a RunPlan) changes this file.
+One rule, one place: the server's own values become a RunPlan through preflight.plan_serve and
+app.check_environment, the checks `generate` makes (exit 2 before anything is loaded), and each
+request goes through plan_job, the ONE adapter between an HTTP body and the product's
+validation: the request's values are applied with RunConfig.override (the config's per-field
+ranges), then app.item_check (what the model and the sampler can run, as for a batch item) and
+preflight.check_text (UTF-8), the same calls `generate` and `batch` make.
 
 Request fields: prompt (required), negative_prompt, size ("WxH"), seconds (frames = seconds x fps
 rounded to the nearest 4k+1) or frames, steps, guidance_scale, seed, preset, model (accepted and
@@ -27,15 +27,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..app import (
-    UsageError,
-    check_parallel,
-    check_text,
-    model_label,
-    resolve_run_config,
-    validate_run,
-)
 from ..config import ConfigError, RunConfig, load_config, parse_size
+from ..errors import UsageError
+from ..preflight import RunPlan, check_dense_layers, check_text, plan_serve
+from ..requests import RunFlags
 
 MAX_PROMPT_CHARS = 4000
 """Longest prompt (and negative prompt) in characters; UMT5 reads 512 tokens, so more is waste."""
@@ -60,10 +55,16 @@ class ServerPlan:
 
     config: RunConfig
     parallel: Any
-    """app.check_parallel's plan (None for one process)."""
+    """app.parallel_plan's ParallelPlan (None for one process)."""
     facts: Any
-    """app.ModelFacts of the model."""
+    """model_source.ModelFacts of the model."""
     model_id: str
+    plan: RunPlan | None = None
+    """The preflight plan of the server's defaults."""
+
+    @property
+    def model(self) -> str:
+        return self.plan.model if self.plan is not None else self.facts.model
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,11 @@ class JobSpec:
 
 def server_plan(args: Any) -> ServerPlan:
     """The server's defaults from its flags, checked like `generate`'s (UsageError / ConfigError)."""
-    cfg = resolve_run_config(args)
-    plan = check_parallel(cfg, "batch")  # serve groups its ranks the way batch does
-    facts = validate_run(cfg)
-    return ServerPlan(cfg, plan, facts, model_label(cfg))
+    from ..app import check_environment, parallel_plan
+
+    plan = plan_serve(RunFlags.from_mapping(vars(args)))
+    check_environment(plan)  # device, FP8 support, the sampler at the defaults (needs torch)
+    return ServerPlan(plan.config, parallel_plan(plan), plan.facts, plan.model_label, plan)
 
 
 def _preset_attention(name: str, cfg: RunConfig):
@@ -207,9 +209,11 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
             overrides["size"] = parse_size(size, "size")
         if preset is not None:
             cfg = dataclasses.replace(cfg, attention=_preset_attention(preset, cfg))
+        from ..app import item_check
+
         g = cfg.override(**overrides).generation
-        server.facts.check(g)
-        server.facts.check_attention(cfg.attention)
+        item_check(server.facts, cfg.attention)(g)
+        check_dense_layers(server.facts, cfg.attention)
         if cfg.parallel.cfg_parallel and g.guidance_scale <= 1.0:
             raise ConfigError(f"guidance_scale: {g.guidance_scale:g} turns classifier-free guidance off, which this "
                               "server's --cfg-parallel needs; use a value > 1")

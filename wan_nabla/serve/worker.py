@@ -1,7 +1,8 @@
 """The generation loop of `wan-nabla serve`: take the oldest queued job, generate, publish, repeat.
 
-    gen = load_generator(server.config, server.parallel, server.facts.model)   # once per process
+    loaded = load_weights_for(server.config, device, server.model)   # once per process (main._work)
     with parallel_session(server.parallel) as ctx:
+        gen = loaded.generator(ctx)
         Worker(server, JobQueue(db), videos_dir, gen, ctx, stop=threading.Event()).run()
 
 One process: one Worker. Under torchrun every rank runs one, and the ranks form the groups of
