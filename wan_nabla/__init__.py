@@ -9,7 +9,7 @@
 from .wan.hooks import AttentionHandle, apply_attention
 from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionConfig",
