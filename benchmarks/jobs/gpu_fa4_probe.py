@@ -184,10 +184,14 @@ def timing() -> list[dict]:
                 if backend == "flex":
                     bm = plan.block_mask()
                     kern = lambda: sparse_attention(qq, kk, vv, bm)  # noqa: E731
-                    total = lambda: sparse_attention(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs).block_mask())  # noqa: E731
+
+                    def total():
+                        return sparse_attention(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs).block_mask())
                 else:
                     kern = lambda: fa4_sparse(qq, kk, vv, plan, valid)  # noqa: E731
-                    total = lambda: fa4_sparse(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs), valid)  # noqa: E731
+
+                    def total():
+                        return fa4_sparse(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs), valid)
                 t0 = time.perf_counter()
                 kern()
                 torch.cuda.synchronize()
