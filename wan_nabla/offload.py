@@ -55,11 +55,10 @@ VAE_TILING_AUTO_PIXELS = 1280 * 720
 # GiB at 832x480x81 on an H100 (benchmarks/results/memory.md): 0.271 and 0.272, linear in the
 # video's pixels. The margin covers allocator rounding and fragmentation.
 VAE_DECODE_GIB_PER_MPIXEL_FRAME = 0.272
-# The same per memory.vae_dtype. bf16: the fp32 figure scaled by the H200 peaks of the two decodes at
-# 1280x720x81 (11.2 vs 21.6 GiB, weights included, so slightly high); benchmarks/jobs' speed job
-# (benchmarks/jobs/gpu_speed.sh) records the linear fit per dtype to replace it.
-VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE = {"fp32": VAE_DECODE_GIB_PER_MPIXEL_FRAME,
-                                            "bf16": round(VAE_DECODE_GIB_PER_MPIXEL_FRAME * 11.2 / 21.6, 3)}
+# The same per memory.vae_dtype, from the linear fit of the H200 decode runs at 1280x720x81 and
+# 832x480x81 (benchmarks/results/h200_decode.json, `need`): fp32 0.271 (the H100 figure above is
+# kept), bf16 0.135.
+VAE_DECODE_GIB_PER_MPIXEL_FRAME_BY_DTYPE = {"fp32": VAE_DECODE_GIB_PER_MPIXEL_FRAME, "bf16": 0.135}
 VAE_DECODE_MARGIN = 1.25
 # The hook names diffusers' group offloading registers (hooks/group_offloading.py); its own
 # re-apply path removes exactly these three.
