@@ -276,6 +276,7 @@ def test_quick_transformer_level(quick_results):
             assert 0 < r["density"] < 1 and r["ideal_speedup"] > 0 and r["fraction_of_ideal"] > 0
 
 
+@pytest.mark.slow  # its fixture's bench run: 89 s on a busy 2-core box (the fast loop skips it; CI runs it)
 def test_quick_fa4_rows_geometry_and_targets(quick_fa4_results):
     """Guards the bench's FA4 paths (with the imitation): FA4 rows next to flex rows, dense FA4,
     the geometry comparison for both backends, FA4 output fidelity, transformer rows per backend,
@@ -353,6 +354,7 @@ def test_report_targets_from_figures():
     assert t["T5"]["met"] and t["T5"]["checked"] == 6
 
 
+@pytest.mark.slow  # 54 s on a busy 2-core box under Triton's interpreter (CI runs it)
 def test_triton_kernels_match_torch_in_interpreter():
     """The Triton pooling, selection (exact, incl. thresholds at a mass boundary) and block-plan
     kernels equal the torch references, run by Triton's CPU interpreter (the dev extra installs

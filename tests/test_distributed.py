@@ -180,6 +180,7 @@ def _rank_env(rank: int, world: int) -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow  # 42 s on a busy 2-core box (torchrun start-up per rank); CI runs it
 def test_bad_combination_exits_2_on_every_rank(tmp_path):
     """Guards: a layout that does not fit the job is one identical line and exit 2 on every rank,
     before any process group exists (MASTER_PORT 1 would make init hang or fail otherwise)."""

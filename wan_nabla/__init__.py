@@ -19,7 +19,7 @@ from .config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, l
 if TYPE_CHECKING:
     from .wan.hooks import AttentionHandle, apply_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _HEAVY = {"AttentionHandle", "apply_attention"}
 

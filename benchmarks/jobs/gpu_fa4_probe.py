@@ -168,7 +168,7 @@ def timing() -> list[dict]:
     rows.append({"row": "dense cuDNN SDPA", "ms": t_cudnn, "share": 1.0})
     t = bench(lambda: fa4_dense(qr, kr, vr))
     rows.append({"row": "dense FA4", "ms": t, "share": t_cudnn / t})
-    del qr, kr, vr
+    qr = kr = vr = None  # frees the tensors; rebinding rather than del keeps the closures above well-defined
     for name, cfg in (("nabla 0.2", AttentionConfig(type="nabla", threshold=0.2)),
                       ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4)),
                       ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3)))):
@@ -184,10 +184,14 @@ def timing() -> list[dict]:
                 if backend == "flex":
                     bm = plan.block_mask()
                     kern = lambda: sparse_attention(qq, kk, vv, bm)  # noqa: E731
-                    total = lambda: sparse_attention(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs).block_mask())  # noqa: E731
+
+                    def total():
+                        return sparse_attention(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs).block_mask())
                 else:
                     kern = lambda: fa4_sparse(qq, kk, vv, plan, valid)  # noqa: E731
-                    total = lambda: fa4_sparse(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs), valid)  # noqa: E731
+
+                    def total():
+                        return fa4_sparse(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs), valid)
                 t0 = time.perf_counter()
                 kern()
                 torch.cuda.synchronize()
@@ -200,7 +204,7 @@ def timing() -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             rows.append(row)
             print("timing", row, flush=True)
-            del qq, kk, vv
+            qq = kk = vv = None  # as above: free before the next layout, closures stay well-defined
             torch.cuda.empty_cache()
     return rows
 

@@ -171,6 +171,6 @@ class AttentionConfig:
         parts = []
         if self.type in ("nabla", "nabla_sta"):
             parts.append(f"nabla {self.threshold:g}")
-        if self.type in ("sta", "nabla_sta"):
+        if self.type in ("sta", "nabla_sta") and self.sta_window is not None:
             parts.append("sta " + "-".join(str(x) for x in self.sta_window))
         return " + ".join(parts) if parts else "full"

@@ -190,11 +190,33 @@ def tile_keep_mask(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD:
         raise ValueError("attention type 'full' has no tile mask; it runs dense attention")
     keep = None
     if config.type in ("nabla", "nabla_sta"):
-        keep = nabla_tile_mask(q_BHSD, k_BHSD, layout, config.threshold, impl)
+        q, k, threshold = _nabla_inputs(config, q_BHSD, k_BHSD)
+        keep = nabla_tile_mask(q, k, layout, threshold, impl)
     if config.type in ("sta", "nabla_sta"):
-        sta = sta_tile_mask(layout, config.sta_window, layout_device(q_BHSD))
+        sta = sta_tile_mask(layout, _sta_window(config), layout_device(q_BHSD))
         keep = sta if keep is None else keep | sta
+    if keep is None:
+        raise ValueError(f"attention type {config.type!r} has no tile mask")
     return keep
+
+
+def _nabla_inputs(config: AttentionConfig, q_BHSD: torch.Tensor | None,
+                  k_BHSD: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """q, k and the threshold a NABLA mask reads (a validated NABLA config always has the threshold)."""
+    if q_BHSD is None or k_BHSD is None or config.threshold is None:
+        raise ValueError(f"attention type {config.type!r} needs q, k and a threshold")
+    return q_BHSD, k_BHSD, config.threshold
+
+
+def _sta_window(config: AttentionConfig) -> tuple[int, int, int]:
+    if config.sta_window is None:
+        raise ValueError(f"attention type {config.type!r} needs sta_window")
+    return (int(config.sta_window[0]), int(config.sta_window[1]), int(config.sta_window[2]))
+
+
+def _pair(block_size) -> tuple[int, int]:
+    """(q, kv) block size as a hashable int pair (callers may pass a list)."""
+    return (int(block_size[0]), int(block_size[1]))
 
 
 def layout_device(x: torch.Tensor | None) -> torch.device:
@@ -234,7 +256,7 @@ class BlockPlan:
             self.kv_idx,
             self.full_num,
             self.full_idx,
-            BLOCK_SIZE=tuple(self.block_size),
+            BLOCK_SIZE=_pair(self.block_size),
             mask_mod=key_padding_mask_mod(self.layout, self.kv_idx.device),
             seq_lengths=(self.layout.padded_len, self.layout.padded_len),
             compute_q_blocks=False,
@@ -254,18 +276,19 @@ def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: to
         raise ValueError("attention type 'full' has no block plan; it runs dense attention")
     device = layout_device(q_BHSD)
     if config.type == "sta":
-        return _sta_plan(layout, tuple(config.sta_window), tuple(block_size), device)
+        return _sta_plan(layout, _sta_window(config), _pair(block_size), device)
     n = layout.n_tiles
-    window = config.sta_window if config.type == "nabla_sta" else None
-    if use_triton(q_BHSD, impl, n) and config.threshold < 1.0:
+    window = _sta_window(config) if config.type == "nabla_sta" else None
+    q, k, threshold = _nabla_inputs(config, q_BHSD, k_BHSD)
+    if use_triton(q, impl, n) and threshold < 1.0:
         if pooled is not None:
             scores = torch.matmul(pooled[0], pooled[1].transpose(-1, -2))
         else:
-            scores = coarse_scores(q_BHSD, k_BHSD, layout, impl)
+            scores = coarse_scores(q, k, layout, impl)
         b, h = scores.shape[:2]
         lists = select_triton(
-            scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=config.threshold,
-            scale=softmax_scale(q_BHSD), sta_window=window, layout=layout, block_size=block_size, out_shape=(b, h),
+            scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
+            scale=softmax_scale(q), sta_window=window, layout=layout, block_size=block_size, out_shape=(b, h),
         )
         return _plan_from_lists(lists, layout, block_size)
     keep = tile_keep_mask(config, q_BHSD, k_BHSD, layout, "torch" if impl == "auto" else impl)
@@ -335,7 +358,7 @@ def _plan_from_lists(lists, layout: TileLayout, block_size: tuple[int, int]) -> 
     kv_num, kv_idx, full_num, full_idx = lists
     total = kv_num.numel() * kv_idx.shape[-1]
     density = (kv_num.sum(dtype=torch.int64) + full_num.sum(dtype=torch.int64)).float() / total
-    return BlockPlan(kv_num, kv_idx, full_num, full_idx, tuple(block_size), layout, density)
+    return BlockPlan(kv_num, kv_idx, full_num, full_idx, _pair(block_size), layout, density)
 
 
 def block_density(keep_BHnn: torch.Tensor, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)) -> torch.Tensor:

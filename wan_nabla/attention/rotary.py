@@ -76,7 +76,7 @@ def rotate_triton(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     b, s, h, d = x_BSHD.shape
     out = torch.empty((b, s, h, d), dtype=x_BSHD.dtype, device=x_BSHD.device)
     pool = layout is not None
-    if pool:
+    if layout is not None:
         if s != layout.padded_len:
             raise ValueError(f"pooling needs {layout.padded_len} tokens in tile order, got {s}")
         valid, counts = _pool_tables(layout, x_BSHD.device)

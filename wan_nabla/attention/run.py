@@ -209,7 +209,8 @@ class AttentionRun:
         """The layout whose tile means this call's NABLA plan will read from the rotary kernel
         (None: no NABLA plan this call, or not on the Triton path)."""
         c, layout = self.config, self.state.layout
-        if layout is None or self.uses_dense(layer) or c.type not in ("nabla", "nabla_sta") or c.threshold >= 1.0:
+        if (layout is None or self.uses_dense(layer) or c.type not in ("nabla", "nabla_sta")
+                or c.threshold is None or c.threshold >= 1.0):
             return None
         return layout if use_triton(q, n=layout.n_tiles) else None
 
@@ -354,7 +355,8 @@ def attend_sequence_parallel(run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: i
     """Ulysses attention on local tokens [B, S_loc, H, D] -> [B, H, S_loc, D] (contiguous): heads
     scattered over the ranks (all tokens each), `run.attend`, gathered back."""
     sp = run.sequence_parallel
-    out = run.attend(*sp.scatter_heads(q_BSHD, k_BSHD, v_BSHD), layer, layout=layout)
+    q, k, v = sp.scatter_heads(q_BSHD, k_BSHD, v_BSHD)
+    out = run.attend(q, k, v, layer, layout=layout)
     return sp.gather_heads(out).contiguous()
 
 

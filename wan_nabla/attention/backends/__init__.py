@@ -77,7 +77,7 @@ def geometry(config: AttentionConfig, backend: str, device: torch.device) -> Geo
         pairs = config.time_pairs
     else:
         pairs = base.time_pairs if config.block_size is None else block[0] == 2 * TILE_TOKENS
-    return Geometry(tuple(block), pairs, "fast", "attention.block_size / time_pairs")
+    return Geometry((int(block[0]), int(block[1])), pairs, "fast", "attention.block_size / time_pairs")
 
 
 def default_block_size(device: torch.device, backend: str = "flex") -> tuple[int, int]:

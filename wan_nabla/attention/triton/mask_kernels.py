@@ -109,6 +109,7 @@ def select_triton(
     block = triton.next_power_of_2(n_cols)
     dummy = torch.empty(1, dtype=torch.int32, device=device)
     if block_size is not None:
+        assert layout is not None and out_shape is not None  # checked above; narrows for the type checker
         lists = (
             torch.empty((*out_shape, nqb), dtype=torch.int32, device=device),
             torch.empty((*out_shape, nqb, nkb), dtype=torch.int32, device=device),
