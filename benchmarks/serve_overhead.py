@@ -69,10 +69,17 @@ def main() -> int:
         local.mkdir()
         t_local = in_process(a.jobs, local)
         t_server = served(a.jobs, Path(tmp) / "data")
-    res = {"jobs": a.jobs, "settings": SETTINGS, "device": "cpu (tiny model)", "cpu": platform.processor() or
-           platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-           "in_process_s_per_job": t_local / a.jobs, "server_s_per_job": t_server / a.jobs,
-           "overhead_s_per_job": (t_server - t_local) / a.jobs}
+    res = {
+        "jobs": a.jobs,
+        "settings": SETTINGS,
+        "device": "cpu (tiny model)",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "in_process_s_per_job": t_local / a.jobs,
+        "server_s_per_job": t_server / a.jobs,
+        "overhead_s_per_job": (t_server - t_local) / a.jobs,
+    }
     print(f"{a.jobs} jobs on the CPU (tiny model, {SETTINGS}):")
     print(f"  in one process: {res['in_process_s_per_job'] * 1000:.0f} ms/job")
     print(f"  through serve:  {res['server_s_per_job'] * 1000:.0f} ms/job")

@@ -22,8 +22,8 @@ from wan_nabla.app import with_device
 from wan_nabla.config import RunConfig
 from wan_nabla.distributed.context import ParallelContext
 from wan_nabla.model_source import ModelFacts
-from wan_nabla.preflight import check_parallel
 from wan_nabla.pipeline import VideoGenerator
+from wan_nabla.preflight import check_parallel
 from wan_nabla.tiny import build_tiny_pipeline
 
 
@@ -32,9 +32,14 @@ def main(out_dir: str, spec_json: str) -> None:
     latents, results = {}, {}
     rank = 0
     for case in spec["cases"]:
-        cfg = RunConfig.from_mapping({"attention": case["attention"], "parallel": case["parallel"],
-                                      "speed": case.get("speed", {}),
-                                      "generation": {"dtype": "float32", "device": "cpu"}})
+        cfg = RunConfig.from_mapping(
+            {
+                "attention": case["attention"],
+                "parallel": case["parallel"],
+                "speed": case.get("speed", {}),
+                "generation": {"dtype": "float32", "device": "cpu"},
+            }
+        )
         facts = ModelFacts("tiny", heads=spec["heads"])
         plan = with_device(check_parallel(cfg, "generate", facts), cfg.generation.device)
         ctx = ParallelContext.start(plan)  # new groups per case in one process group
@@ -43,8 +48,12 @@ def main(out_dir: str, spec_json: str) -> None:
         res = gen.generate("a fox in the snow", progress=False, **spec["generation"])
         gen.close()
         latents[case["name"]] = res.latents.numpy()
-        results[case["name"]] = {"attention": res.attention, "parallel": res.parallel, "speed": res.speed,
-                                 "frames": None if res.frames is None else list(res.frames.shape)}
+        results[case["name"]] = {
+            "attention": res.attention,
+            "parallel": res.parallel,
+            "speed": res.speed,
+            "frames": None if res.frames is None else list(res.frames.shape),
+        }
     if rank == 0:
         np.savez(Path(out_dir) / "latents.npz", **latents)
         (Path(out_dir) / "results.json").write_text(json.dumps(results))

@@ -24,8 +24,16 @@ def tiny_transformer(seed: int = 0, heads: int = 2, head_dim: int = 24, layers: 
 
     torch.manual_seed(seed)
     tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
-        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, rope_max_seq_len=64,
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=layers,
+        rope_max_seq_len=64,
     ).eval()
     # Random (not zero-init) norms/tables so every path carries signal.
     with torch.no_grad():
@@ -70,7 +78,7 @@ def valid_tile_order(layout) -> torch.Tensor:
     """[S_pad] bool: which positions of the padded tile-order sequence hold real tokens (from the
     layout's grid and tile order only; tokens inside a tile are row-major 8x8)."""
     out = []
-    for t, i, j in tile_order(layout.frames, layout.height, layout.width, layout.time_pairs):
+    for _t, i, j in tile_order(layout.frames, layout.height, layout.width, layout.time_pairs):
         for r in range(8):
             for c in range(8):
                 out.append(i * 8 + r < layout.height and j * 8 + c < layout.width)
@@ -97,7 +105,9 @@ def sta_keep(frames: int, height: int, width: int, window) -> torch.Tensor:
     keep = torch.zeros(n, n, dtype=torch.bool)
     for a, (t, i, j) in enumerate(coords):
         for b, (t2, i2, j2) in enumerate(coords):
-            keep[a, b] = abs(t - t2) <= window[0] // 2 and abs(i - i2) <= window[1] // 2 and abs(j - j2) <= window[2] // 2
+            keep[a, b] = (
+                abs(t - t2) <= window[0] // 2 and abs(i - i2) <= window[1] // 2 and abs(j - j2) <= window[2] // 2
+            )
     return keep
 
 
@@ -226,7 +236,7 @@ def install_reference(transformer, attention: dict, time_pairs: bool = False) ->
 
     def restore():
         hook.remove()
-        for blk, p in zip(transformer.blocks, originals):
+        for blk, p in zip(transformer.blocks, originals, strict=False):
             blk.attn1.processor = p
 
     return proc, restore
@@ -247,8 +257,9 @@ def key_valid_mask_imitation(batch, head, q_idx, kv_idx, seqlen_info, aux_tensor
     return aux_tensors[0][kv_idx] == 1
 
 
-def flash_attn_func_imitation(q, k, v, *, softmax_scale=None, mask_mod=None, aux_tensors=None,
-                              block_sparse_tensors=None, **unused):
+def flash_attn_func_imitation(
+    q, k, v, *, softmax_scale=None, mask_mod=None, aux_tensors=None, block_sparse_tensors=None, **unused
+):
     """flash-attn-4's forward in float64, as the b36 code reads (q/k/v [B, S, H, D]; returns (out, None)):
     - without block tables every key is visited (mask_mod, if any, on every element);
     - with them, per (batch, head, query block) the "mask" list and then the "full" list are walked
@@ -285,7 +296,8 @@ def flash_attn_func_imitation(q, k, v, *, softmax_scale=None, mask_mod=None, aux
             for bi in range(b):
                 for hi in range(h):
                     allowed[bi, hi] = allowed[bi, hi] & torch.nn.functional.pad(
-                        mod(bi, hi, torch.arange(sq), kv[:sk]), (0, nk - sk))
+                        mod(bi, hi, torch.arange(sq), kv[:sk]), (0, nk - sk)
+                    )
     else:
         bq = bst.block_size[0]
         lists = [(bst.mask_block_cnt, bst.mask_block_idx, True)]
@@ -299,9 +311,12 @@ def flash_attn_func_imitation(q, k, v, *, softmax_scale=None, mask_mod=None, aux
                         c = int(cnt[min(bi, cnt.shape[0] - 1), min(hi, cnt.shape[1] - 1), m])
                         order = idx[min(bi, idx.shape[0] - 1), min(hi, idx.shape[1] - 1), m, :c].tolist()
                         for pos, n in enumerate(reversed(order)):
-                            cols = kv[n * bkv:(n + 1) * bkv]
-                            ok = (mod(bi, hi, rows, cols, wrap=pos == 0) if masked
-                                  else torch.ones(len(rows), len(cols), dtype=torch.bool))
+                            cols = kv[n * bkv : (n + 1) * bkv]
+                            ok = (
+                                mod(bi, hi, rows, cols, wrap=pos == 0)
+                                if masked
+                                else torch.ones(len(rows), len(cols), dtype=torch.bool)
+                            )
                             if pos == 0:  # the bounds-checked block
                                 ok = ok & (cols < sk)[None, :]
                             allowed[bi, hi, rows[:, None], cols[None, :]] |= ok

@@ -32,8 +32,13 @@ SMALL = {"size": "32x32", "frames": 1, "steps": 1, "guidance_scale": 1.0}
 
 def server_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.pop("WAN_NABLA_API_KEY", None)
     env.update(extra)
     return env
@@ -51,8 +56,15 @@ def free_port() -> int:
 class ServeProcess:
     """`wan-nabla serve` (or torchrun of it) in a subprocess; see the module doc."""
 
-    def __init__(self, data_dir: Path, *extra: str, api_key: str | None = None, nproc: int | None = None,
-                 env: dict[str, str] | None = None, ready_timeout: float = 180):
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra: str,
+        api_key: str | None = None,
+        nproc: int | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 180,
+    ):
         self.data_dir = Path(data_dir)
         self.api_key = api_key
         self.log_path = self.data_dir.parent / f"serve-{self.data_dir.name}-{time.time_ns()}.log"
@@ -60,13 +72,29 @@ class ServeProcess:
         if api_key:
             args += ["--api-key", api_key]
         if nproc:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(free_port()), "-m", "wan_nabla", *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(nproc),
+                "--master-port",
+                str(free_port()),
+                "-m",
+                "wan_nabla",
+                *args,
+            ]
         else:
             cmd = [sys.executable, "-m", "wan_nabla", *args]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.data_dir.parent,
-                                     env=env or server_env(), start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir.parent,
+            env=env or server_env(),
+            start_new_session=True,
+        )
         self.url = self._wait_url(ready_timeout)
         self.wait_healthy(ready_timeout)
 
@@ -109,8 +137,16 @@ class ServeProcess:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def http(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-             auth: bool = True, raw: bytes | None = None, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+        raw: bytes | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, dict[str, str], bytes]:
         h = dict(self.auth() if auth else {})
         data = raw
         if body is not None:

@@ -19,11 +19,12 @@ from test_split_decode import LATENT_SHAPE, small_tiles_vae  # noqa: E402
 
 def pipeline(out: str) -> None:
     """The app's own path: Ulysses 2 over the tiny model, the video decoded split over both ranks."""
+    from test_split_decode import PIPELINE_CONFIG, PIPELINE_GENERATION  # noqa: E402
+
     from wan_nabla.app import check_parallel
     from wan_nabla.distributed import ParallelContext
     from wan_nabla.pipeline import VideoGenerator
     from wan_nabla.tiny import build_tiny_pipeline
-    from test_split_decode import PIPELINE_CONFIG, PIPELINE_GENERATION  # noqa: E402
 
     cfg = RunConfig.from_mapping({**PIPELINE_CONFIG, "parallel": {"ulysses_degree": 2}})
     plan = check_parallel(cfg, "generate")

@@ -35,8 +35,11 @@ PADDED = (2, 18, 26)  # latents -> patch grid 2 x 9 x 13: pad tokens in every fr
 
 def _inputs(seed=0, batch=1, latent=PADDED):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, *latent, generator=g), torch.tensor([700.0] * batch),
-            torch.randn(batch, 7, 32, generator=g))
+    return (
+        torch.randn(batch, 16, *latent, generator=g),
+        torch.tensor([700.0] * batch),
+        torch.randn(batch, 7, 32, generator=g),
+    )
 
 
 def _call(tr, inputs):
@@ -81,8 +84,11 @@ def test_processor_swap_under_an_active_patch_raises_one_clear_error(transformer
     h = apply_attention(transformer, CONFIGS["sparse"])
     try:
         transformer.set_attn_processor(WanAttnProcessor())
-        with pytest.raises(RuntimeError, match=r"blocks\[0\]\.attn1\.processor was replaced by WanAttnProcessor.*"
-                                               r"handle\.remove\(\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"blocks\[0\]\.attn1\.processor was replaced by WanAttnProcessor.*"
+            r"handle\.remove\(\)",
+        ):
             _call(transformer, inputs)
     finally:
         h.remove()
@@ -97,8 +103,9 @@ def test_attn_processors_listing_and_remove_are_exact(transformer):
     before = dict(transformer.attn_processors)
     with apply_attention(transformer, CONFIGS["nabla1"]):
         now = transformer.attn_processors
-        assert {k for k, v in now.items() if isinstance(v, WanSparseAttnProcessor)} == \
-            {k for k in before if ".attn1." in k}
+        assert {k for k, v in now.items() if isinstance(v, WanSparseAttnProcessor)} == {
+            k for k in before if ".attn1." in k
+        }
         assert all(now[k] is v for k, v in before.items() if ".attn2." in k)
     assert all(transformer.attn_processors[k] is v for k, v in before.items())
 
@@ -119,10 +126,14 @@ def test_backward_through_a_sparse_call_is_refused_and_full_trains(transformer):
 
 
 # ---- geometry: exact vs fast -----------------------------------------------------------------------
-@pytest.mark.parametrize("attention", [
-    {"type": "nabla", "threshold": 0.5},
-    {"type": "sta", "sta_window": [1, 3, 3]},
-], ids=["nabla", "sta"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"type": "nabla", "threshold": 0.5},
+        {"type": "sta", "sta_window": [1, 3, 3]},
+    ],
+    ids=["nabla", "sta"],
+)
 def test_exact_geometry_is_the_tile_mask_and_fast_pairs_query_tiles(attention):
     """Guards attention.geometry: exact = 64x64 blocks in plain tile order, equal to the brute-force
     tile mask; fast (the CUDA geometry of flex: 128x64 time-paired) ORs two query tiles, so on a
@@ -167,7 +178,7 @@ def _plan_blocks_dense(plan, layout):
             for hi in range(h):
                 for qb in range(mq):
                     for kb in idx[bi, hi, qb, : int(num[bi, hi, qb])].tolist():
-                        out[bi, hi, qb * bq:(qb + 1) * bq, kb * bkv:(kb + 1) * bkv] = True
+                        out[bi, hi, qb * bq : (qb + 1) * bq, kb * bkv : (kb + 1) * bkv] = True
     return out
 
 
@@ -179,8 +190,7 @@ def test_geometry_is_validated_and_recorded(transformer):
         AttentionConfig(type="sta", sta_window=[1, 1, 1], block_size=[128, 64], geometry="exact")
     with apply_attention(transformer, {**CONFIGS["sparse"], "geometry": "exact"}) as h:
         _call(transformer, _inputs())
-        assert h.run.density_summary()["geometry"] == {"geometry": "exact", "block_size": [64, 64],
-                                                        "time_pairs": False}
+        assert h.run.density_summary()["geometry"] == {"geometry": "exact", "block_size": [64, 64], "time_pairs": False}
 
 
 # ---- issue: compile -----------------------------------------------------------------------------
@@ -216,7 +226,7 @@ def test_compile_fullgraph_without_recompiles_equals_eager(route):
         outs += [_call(model, _inputs(seed=s, latent=latent)) for s in seeds[2:]]
         assert _graphs() == after_second
         assert h.run.calls_per_step()[0] == len(seeds) * len(tr.blocks)
-    for a, b in zip(eager, outs):
+    for a, b in zip(eager, outs, strict=False):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
@@ -230,8 +240,15 @@ def patched_pipe(request, tiny_pipe):
 
 
 def _pipe_kwargs(**kw):
-    base = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "guidance_scale": 2.0,
-            "output_type": "pt", "max_sequence_length": 16}
+    base = {
+        "height": 32,
+        "width": 48,
+        "num_frames": 5,
+        "num_inference_steps": 2,
+        "guidance_scale": 2.0,
+        "output_type": "pt",
+        "max_sequence_length": 16,
+    }
     return {**base, **kw}
 
 
@@ -268,8 +285,11 @@ def test_fused_qkv_dtype_moves_and_save_load_round_trip(patched_pipe, tmp_path):
     pipe, h = patched_pipe
     tr = pipe.transformer
     g = torch.Generator().manual_seed(2)
-    inputs = (torch.randn(1, 16, 2, 4, 6, generator=g), torch.tensor([500.0]),
-              torch.randn(1, 7, tr.config.text_dim, generator=g))
+    inputs = (
+        torch.randn(1, 16, 2, 4, 6, generator=g),
+        torch.tensor([500.0]),
+        torch.randn(1, 7, tr.config.text_dim, generator=g),
+    )
     ref = _call(tr, inputs)
     tr.fuse_qkv_projections()
     try:

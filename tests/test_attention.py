@@ -16,7 +16,7 @@ from wan_nabla.attention.backends import flex
 
 from .reference import TOL, install_reference, tiny_transformer
 
-PADDED = (3, 18, 26)   # latent F, H, W -> patch grid 3 x 9 x 13 (144 x 208 px video)
+PADDED = (3, 18, 26)  # latent F, H, W -> patch grid 3 x 9 x 13 (144 x 208 px video)
 ALIGNED = (4, 16, 32)  # patch grid 4 x 8 x 16
 
 
@@ -137,11 +137,18 @@ def test_dense_layers_use_dense_kernel(transformer, monkeypatch):
     assert calls == ["sparse", "dense"]
 
 
-@pytest.mark.parametrize("attention, step", [
-    ({"type": "nabla", "threshold": 0.3, "dense_layers": [0, 1]}, 0),
-    ({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2}, 1),
-    ({"type": "nabla_sta", "threshold": 0.2, "sta_window": [1, 1, 1], "dense_steps": 1, "block_size": [128, 64]}, 0),
-], ids=["dense-layers", "dense-steps", "dense-step-128-pairs"])
+@pytest.mark.parametrize(
+    "attention, step",
+    [
+        ({"type": "nabla", "threshold": 0.3, "dense_layers": [0, 1]}, 0),
+        ({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2}, 1),
+        (
+            {"type": "nabla_sta", "threshold": 0.2, "sta_window": [1, 1, 1], "dense_steps": 1, "block_size": [128, 64]},
+            0,
+        ),
+    ],
+    ids=["dense-layers", "dense-steps", "dense-step-128-pairs"],
+)
 def test_dense_path_on_a_padded_grid_equals_unpatched(transformer, attention, step):
     """Guards: with a sparse type, dense layers and dense steps still run in tile order with pad
     tokens in the sequence; pad keys must get no weight there either (a mutant that let dense

@@ -26,10 +26,10 @@ from wan_nabla import cli, preflight
 from wan_nabla.batch import plan as batch_plan
 from wan_nabla.batch import run as batch
 from wan_nabla.batch.manifest import ManifestWriter, read_manifest
-from wan_nabla.pipeline import GenerationResult, VideoGenerator
-from wan_nabla.requests import BatchRequest
 from wan_nabla.batch.resume import remove_stale_temps
 from wan_nabla.output.video import probe_mp4
+from wan_nabla.pipeline import GenerationResult, VideoGenerator
+from wan_nabla.requests import BatchRequest
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny", "--size", "16x16", "--frames", "1", "--steps", "1"]
@@ -70,8 +70,10 @@ def test_txt_batch_generates_good_lines_and_records_the_malformed_one(tmp_path, 
     """Blank and comment lines are not items; an undecodable line fails alone; the progress bar
     reports the failure; identical prompts get distinct files; exit 1."""
     prompts = tmp_path / "p.txt"
-    prompts.write_bytes(b"# my prompts\n\na red fox in snow\n\xff\xfe not utf-8\n   # indented comment\n"
-                        b"a red fox in snow\na paper boat\n")
+    prompts.write_bytes(
+        b"# my prompts\n\na red fox in snow\n\xff\xfe not utf-8\n   # indented comment\n"
+        b"a red fox in snow\na paper boat\n"
+    )
     out = tmp_path / "out"
     rc = run("batch", prompts, "--out-dir", out, "--model", "tiny", "--size", "32x32", "--frames", "5", "--steps", "1")
     assert rc == 1
@@ -87,8 +89,21 @@ def test_txt_batch_generates_good_lines_and_records_the_malformed_one(tmp_path, 
         video = probe_mp4(out / last[i]["output"])
         assert (video["frames"], video["width"], video["height"]) == (5, 32, 32)
         rec = last[i]
-        assert set(rec) >= {"index", "key", "prompt", "name", "status", "output", "sidecar", "seed", "settings",
-                            "timings", "attention_density", "error", "time"}
+        assert set(rec) >= {
+            "index",
+            "key",
+            "prompt",
+            "name",
+            "status",
+            "output",
+            "sidecar",
+            "seed",
+            "settings",
+            "timings",
+            "attention_density",
+            "error",
+            "time",
+        }
         assert rec["attention_density"] == 1.0 and rec["timings"]["denoising_s"] > 0
         assert sidecar(out, rec)["batch"]["key"] == rec["key"]
 
@@ -192,8 +207,9 @@ def test_sigkill_mid_batch_then_resume(tmp_path):
     prompts.write_text("".join(f"clip number {i}\n" for i in range(10)) + "clip number 3\n")
     out = tmp_path / "out"
     argv = ["batch", str(prompts), "--out-dir", str(out), *SMALL, "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "wan_nabla", *argv], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wan_nabla", *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 180
         while _ok_count(out / "manifest.jsonl") < 2:
@@ -261,8 +277,12 @@ def test_resume_redoes_missing_partial_and_changed_items_only(tmp_path, capsys):
 
     assert run(*argv[:-1], "--dry-run") == 0
     plan = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:5]]
-    assert [(row[2], row[-1]) for row in plan] == [("would-skip", "clip-a.mp4"), ("would-run", "clip-b.mp4"),
-                                                    ("would-run", "clip-c.mp4"), ("would-run", "clip-d-2.mp4")]
+    assert [(row[2], row[-1]) for row in plan] == [
+        ("would-skip", "clip-a.mp4"),
+        ("would-run", "clip-b.mp4"),
+        ("would-run", "clip-c.mp4"),
+        ("would-run", "clip-d-2.mp4"),
+    ]
     assert run(*argv) == 0
     second = last_by_index(out)
     assert [second[i]["status"] for i in range(4)] == ["skipped", "ok", "ok", "ok"]
@@ -306,8 +326,10 @@ def test_manifest_reader_skips_truncated_line_and_writer_ends_it(tmp_path):
     assert read_manifest(path) == [{"index": 0, "status": "ok"}]
     with ManifestWriter(path) as m:
         m.append({"index": 2, "status": "ok", "prompt": "nul\x00 and\nnewline"})
-    assert read_manifest(path) == [{"index": 0, "status": "ok"},
-                                   {"index": 2, "status": "ok", "prompt": "nul\x00 and\nnewline"}]
+    assert read_manifest(path) == [
+        {"index": 0, "status": "ok"},
+        {"index": 2, "status": "ok", "prompt": "nul\x00 and\nnewline"},
+    ]
     assert path.read_bytes().count(b"\n") == 3  # one line per record, the fragment on its own line
 
 
@@ -320,13 +342,22 @@ def test_stale_temp_files_of_own_outputs_are_removed(tmp_path):
         with atomic_output(tmp_path / "a.mp4") as tmp:
             real_temp = tmp.name
             raise RuntimeError("killed")
-    names = ["a.mp4", real_temp, ".a.mp4.ab_d1234.tmp.mp4", ".a.json.x1y2z3w4.tmp.json",
-             ".other.mp4.abcd1234.tmp.mp4", ".a.mp4.tmp.mp4", ".hidden", "a.json"]
+    names = [
+        "a.mp4",
+        real_temp,
+        ".a.mp4.ab_d1234.tmp.mp4",
+        ".a.json.x1y2z3w4.tmp.json",
+        ".other.mp4.abcd1234.tmp.mp4",
+        ".a.mp4.tmp.mp4",
+        ".hidden",
+        "a.json",
+    ]
     for n in names:
         (tmp_path / n).write_bytes(b"x")
     assert remove_stale_temps(tmp_path, {"a.mp4"}) == 3
-    assert sorted(os.listdir(tmp_path)) == sorted([".hidden", ".a.mp4.tmp.mp4", ".other.mp4.abcd1234.tmp.mp4",
-                                                   "a.json", "a.mp4"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [".hidden", ".a.mp4.tmp.mp4", ".other.mp4.abcd1234.tmp.mp4", "a.json", "a.mp4"]
+    )
 
 
 def test_batch_records_and_outputs_are_fsynced_when_written(tmp_path, monkeypatch):
@@ -385,8 +416,16 @@ def test_adversarial_prompts_and_names_stay_inside_out_dir(tmp_path):
     last = last_by_index(out)
     names = [last[i]["output"] for i in range(len(rows))]
     assert names[:2] == ["etc-passwd-2.mp4", "a-b-c.mp4"]
-    assert names[3:11] == ["fox.mp4", "video.mp4", "nul-byte-newline.mp4", "con-video.mp4", "tmp-evil.mp4",
-                           "abs-olute.mp4", "same-prompt-2.mp4", "same-prompt-3.mp4"]
+    assert names[3:11] == [
+        "fox.mp4",
+        "video.mp4",
+        "nul-byte-newline.mp4",
+        "con-video.mp4",
+        "tmp-evil.mp4",
+        "abs-olute.mp4",
+        "same-prompt-2.mp4",
+        "same-prompt-3.mp4",
+    ]
     assert len(set(names)) == len(names)
     for name in names:
         path = out / name
@@ -489,9 +528,22 @@ def _bad_invocations(tmp_path: Path) -> dict[str, list]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing prompt file", "csv extension", "only comments", "missing config",
-                                  "invalid config", "bad size", "bad frames", "no gpu", "steps the sampler cannot run",
-                                  "duplicate yaml key", "utf-16 prompt file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing prompt file",
+        "csv extension",
+        "only comments",
+        "missing config",
+        "invalid config",
+        "bad size",
+        "bad frames",
+        "no gpu",
+        "steps the sampler cannot run",
+        "duplicate yaml key",
+        "utf-16 prompt file",
+    ],
+)
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_bad_invocation_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, case, out_exists):
     """Whole-run problems (command line, config, prompt file, device, sampler limits of the
@@ -599,8 +651,10 @@ def test_200_items_keep_memory_flat(tmp_path):
             gc.collect()
             objs = gc.get_objects()
             types = [type(o) for o in objs]  # type(), not isinstance: no attribute lookups on lazy modules
-            live[len(rss)] = (sum(t is GenerationResult for t in types),
-                              sum(issubclass(t, torch.Tensor) for t in types))
+            live[len(rss)] = (
+                sum(t is GenerationResult for t in types),
+                sum(issubclass(t, torch.Tensor) for t in types),
+            )
 
     t0 = time.perf_counter()
     req = cli.request_from_args(BatchRequest, args)
@@ -608,8 +662,10 @@ def test_200_items_keep_memory_flat(tmp_path):
     elapsed = time.perf_counter() - t0
     assert len(rss) == 200
     growth_mb = (rss[-1] - rss[19]) / 2**20
-    print(f"200 items in {elapsed:.0f}s; RSS after item 20 {rss[19] / 2**20:.0f} MB, growth to item 200 "
-          f"{growth_mb:.1f} MB, peak {max(rss[19:]) / 2**20:.0f} MB; live (results, tensors) {live}")
+    print(
+        f"200 items in {elapsed:.0f}s; RSS after item 20 {rss[19] / 2**20:.0f} MB, growth to item 200 "
+        f"{growth_mb:.1f} MB, peak {max(rss[19:]) / 2**20:.0f} MB; live (results, tensors) {live}"
+    )
     assert growth_mb < 48, f"RSS grew {growth_mb:.1f} MB over 180 items"
     assert live[20][0] == 0 and live[200][0] == 0
     assert live[200][1] <= live[20][1], live

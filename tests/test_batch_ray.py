@@ -43,8 +43,13 @@ def cluster():
     """The GCS address of a 2-CPU local cluster, shut down after the module."""
     import logging
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -84,8 +89,7 @@ def test_bad_ray_options_exit_2_and_write_nothing(tmp_path, capsys, flags, messa
 
 def test_base_install_does_not_import_ray():
     """Ray is imported only inside ray_engine's functions: the CLI and a local batch never need it."""
-    code = ("import sys, wan_nabla.cli, wan_nabla.batch.run, wan_nabla.batch.ray_engine; "
-            "sys.exit('ray' in sys.modules)")
+    code = "import sys, wan_nabla.cli, wan_nabla.batch.run, wan_nabla.batch.ray_engine; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -94,7 +98,8 @@ def test_ray_extra_is_the_tested_range_and_ci_installs_it():
     import tomllib
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+        "optional-dependencies"
+    ]
     assert extras["ray"] == [ray_engine.RAY_REQUIREMENT] and ray_engine.RAY_REQUIREMENT in extras["dev"]
 
 
@@ -168,8 +173,10 @@ def test_ray_and_local_give_the_same_batch_and_resume_each_other(tmp_path, clust
     transferred = last_by_index(local_out)[1]
     assert transferred["timings"]["transfer_s"] > 0
     side = json.loads((local_out / transferred["sidecar"]).read_text())
-    assert side["output"] == str((local_out / transferred["output"]).absolute()) and side["batch"]["key"] == \
-        transferred["key"]
+    assert (
+        side["output"] == str((local_out / transferred["output"]).absolute())
+        and side["batch"]["key"] == transferred["key"]
+    )
 
 
 @pytest.mark.slow
@@ -200,8 +207,11 @@ def test_killed_actor_item_is_retried_then_failed_past_max_retries(tmp_path, clu
     assert [last[i]["status"] for i in range(6)] == ["ok", "ok", "failed", "ok", "ok", "ok"]
     assert last[1]["worker"]["attempt"] == 2 and last[1]["worker"]["actor"] != kills[0][1]
     assert probe_mp4(out / last[1]["output"])["frames"] == 9
-    assert last[2]["worker"]["attempt"] == 2 and "died 2 time(s)" in last[2]["error"] and "--max-retries 1" in \
-        last[2]["error"]
+    assert (
+        last[2]["worker"]["attempt"] == 2
+        and "died 2 time(s)" in last[2]["error"]
+        and "--max-retries 1" in last[2]["error"]
+    )
     assert [k[0] for k in kills].count("slow always") == 2
     assert_clean(out)
 
@@ -215,8 +225,13 @@ def test_killed_driver_then_the_same_command_resumes(tmp_path, cluster):
     out = tmp_path / "out"
     argv = ["batch", str(prompts), "--out-dir", str(out), *SMALL, "--quiet", "--engine", "ray"]
     env = {**os.environ, "RAY_ADDRESS": cluster}
-    proc = subprocess.Popen([sys.executable, "-m", "wan_nabla", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wan_nabla", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 180
         while len(oks(out)) < 2:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_nabla.attention import masks
-from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 from benchmarks.harness import main as bench_main
 from benchmarks.harness import published, report, targets
 from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
+from wan_nabla.attention import masks
+from wan_nabla.attention.layout import TILE_TOKENS, TileLayout
 from wan_nabla.config import AttentionConfig
 
 from . import reference as R
@@ -121,17 +121,24 @@ def test_plan_blocks_equals_the_tile_mask_per_type(block_size):
     k = torch.randn((2, 2, layout.padded_len, 16), generator=g)
     nabla = masks.nabla_tile_mask(q, k, layout, 0.5)
     sta = masks.sta_tile_mask(layout, (3, 1, 1), "cpu")
-    for cfg, expect in ((AttentionConfig(type="nabla", threshold=0.5), nabla),
-                        (AttentionConfig(type="sta", sta_window=(3, 1, 1)), sta),
-                        (AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1)), nabla | sta)):
+    for cfg, expect in (
+        (AttentionConfig(type="nabla", threshold=0.5), nabla),
+        (AttentionConfig(type="sta", sta_window=(3, 1, 1)), sta),
+        (AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1)), nabla | sta),
+    ):
         keep = masks.tile_keep_mask(cfg, q, k, layout)
         assert torch.equal(keep, expect)
         plan = masks.plan_blocks(cfg, q, k, layout, block_size)
-        assert torch.equal(plan.block_mask().to_dense().bool(), _dense_blocks(keep.expand(2, 2, -1, -1), layout, block_size)
-                           [: plan.kv_num.shape[0], : plan.kv_num.shape[1]])
+        assert torch.equal(
+            plan.block_mask().to_dense().bool(),
+            _dense_blocks(keep.expand(2, 2, -1, -1), layout, block_size)[
+                : plan.kv_num.shape[0], : plan.kv_num.shape[1]
+            ],
+        )
         assert abs(float(plan.density) - float(masks.block_density(keep, block_size))) < 1e-7
-    assert masks.plan_blocks(AttentionConfig(type="sta", sta_window=(3, 1, 1)), q, k, layout, block_size) is \
-        masks.plan_blocks(AttentionConfig(type="sta", sta_window=(3, 1, 1)), None, None, layout, block_size)
+    assert masks.plan_blocks(
+        AttentionConfig(type="sta", sta_window=(3, 1, 1)), q, k, layout, block_size
+    ) is masks.plan_blocks(AttentionConfig(type="sta", sta_window=(3, 1, 1)), None, None, layout, block_size)
 
 
 def test_published_mask_follows_its_definition():
@@ -153,24 +160,43 @@ def test_published_mask_follows_its_definition():
         assert (with_sta >= pub).all() and (with_sta >= masks.sta_tile_mask(layout, (3, 1, 1), "cpu")).all()
         bm = published.published_block_mask(q, k, layout, thr, (3, 1, 1))
         assert torch.equal(bm.to_dense().bool(), with_sta)
-    assert torch.equal(published.published_sta(*layout.tile_grid, 3, 1, 1, "cpu"),
-                       masks.sta_tile_mask(layout, (3, 1, 1), "cpu"))
+    assert torch.equal(
+        published.published_sta(*layout.tile_grid, 3, 1, 1, "cpu"), masks.sta_tile_mask(layout, (3, 1, 1), "cpu")
+    )
 
 
 def test_random_transformer_is_finite_and_keeps_fp32_modules():
     model = random_transformer(WAN_SIZES["tiny"], torch.device("cpu"), torch.bfloat16)
     assert model.scale_shift_table.dtype == torch.float32 and model.blocks[0].ffn.net[2].weight.dtype == torch.bfloat16
     x = smooth_latents((1, 16, 3, 16, 16), torch.device("cpu")).to(torch.bfloat16)
-    out = model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 32,
-                dtype=torch.bfloat16), return_dict=False)[0]
+    out = model(
+        hidden_states=x,
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, dtype=torch.bfloat16),
+        return_dict=False,
+    )[0]
     assert torch.isfinite(out).all()
 
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
-                     "--device", "cpu", "--sweep", "--geometry"])
+    rc = bench_main(
+        [
+            "--quick",
+            "--levels",
+            "op",
+            "transformer",
+            "--out",
+            str(out),
+            "--budget-ms",
+            "5",
+            "--device",
+            "cpu",
+            "--sweep",
+            "--geometry",
+        ]
+    )
     return rc, out, json.loads((out / "results.json").read_text())
 
 
@@ -182,8 +208,9 @@ def quick_fa4_results(tmp_path_factory, quick_results):
     from wan_nabla.attention import backends
     from wan_nabla.attention.backends import fa4
 
-    imitation = fa4.FA4Kernels(R.flash_attn_func_imitation, R.BlockSparseTensorsImitation,
-                               R.key_valid_mask_imitation, "imitation")
+    imitation = fa4.FA4Kernels(
+        R.flash_attn_func_imitation, R.BlockSparseTensorsImitation, R.key_valid_mask_imitation, "imitation"
+    )
     real = backends.resolve_backend
 
     def resolve(requested, device, dtype=None):
@@ -194,8 +221,25 @@ def quick_fa4_results(tmp_path_factory, quick_results):
         mp.setattr(fa4, "load", lambda: (imitation, "flash-attn-4 imitation"))
         mp.setattr(fa4, "DTYPES", (torch.bfloat16, torch.float16, torch.float32))
         mp.setattr(backends, "resolve_backend", resolve)
-        rc = bench_main(["--quick", "--levels", "op", "transformer", "--out", str(out), "--budget-ms", "5",
-                         "--device", "cpu", "--backends", "flex", "fa4", "--geometry", "--no-published"])
+        rc = bench_main(
+            [
+                "--quick",
+                "--levels",
+                "op",
+                "transformer",
+                "--out",
+                str(out),
+                "--budget-ms",
+                "5",
+                "--device",
+                "cpu",
+                "--backends",
+                "flex",
+                "fa4",
+                "--geometry",
+                "--no-published",
+            ]
+        )
     return rc, out, json.loads((out / "results.json").read_text())
 
 
@@ -241,8 +285,16 @@ def test_quick_op_level_rows_and_checks(quick_results):
     _, _, res = quick_results
     sc = res["op"][0]
     kinds = {r["kind"] for r in sc["rows"]}
-    assert {"dense_cudnn", "dense_flex", "nabla", "sta", "nabla_sta", "published", "dense_cudnn_cropped",
-            "published_kernel"} <= kinds
+    assert {
+        "dense_cudnn",
+        "dense_flex",
+        "nabla",
+        "sta",
+        "nabla_sta",
+        "published",
+        "dense_cudnn_cropped",
+        "published_kernel",
+    } <= kinds
     for r in sc["rows"]:
         for key in ("total_ms", "density", "tflops", "share_of_cudnn", "speedup"):
             assert r[key] is not None and r[key] > 0
@@ -308,11 +360,24 @@ def test_quick_fa4_rows_geometry_and_targets(quick_fa4_results):
 def _op_row(name, kind, ms, dens, tile=None, thr=None, win=None, mask=1.0, backend="fa4", base=100.0):
     flops = 1.0e15
     tflops = flops * dens / (ms * 1e-3) / 1e12
-    return {"name": name, "kind": kind, "total_ms": ms, "density": dens, "tile_density": tile or dens,
-            "tflops": tflops, "share_of_cudnn": dens * base / ms, "speedup": base / ms, "mask_ms": mask,
-            "kernel_ms": ms - mask, "backend": backend,
-            "config": {"type": kind if kind != "published" else ("nabla_sta" if win else "nabla"),
-                       "threshold": thr, "sta_window": win}}
+    return {
+        "name": name,
+        "kind": kind,
+        "total_ms": ms,
+        "density": dens,
+        "tile_density": tile or dens,
+        "tflops": tflops,
+        "share_of_cudnn": dens * base / ms,
+        "speedup": base / ms,
+        "mask_ms": mask,
+        "kernel_ms": ms - mask,
+        "backend": backend,
+        "config": {
+            "type": kind if kind != "published" else ("nabla_sta" if win else "nabla"),
+            "threshold": thr,
+            "sta_window": win,
+        },
+    }
 
 
 def test_report_targets_from_figures():
@@ -337,17 +402,34 @@ def test_report_targets_from_figures():
     assert t["T4"]["value"] == pytest.approx(4.0) and t["T4"]["met"]
     rows[1]["mask_ms"] = 0.5  # mask now 6.25% of the sparse call
     assert not report.compute_targets(res)["T2"]["met"]
+
     # transformer: fastest dense decides the ideal; worst of NABLA/STA near 0.07; T6
     def tr_row(name, typ, backend, ms, frac=None, dens=1.0):
-        r = {"name": name, "config": {"type": typ}, "backend": backend, "total_ms": ms, "density": dens,
-             "recompiles_after_first": 0}
+        r = {
+            "name": name,
+            "config": {"type": typ},
+            "backend": backend,
+            "total_ms": ms,
+            "density": dens,
+            "recompiles_after_first": 0,
+        }
         if frac is not None:
             r.update(fraction_of_ideal=frac, speedup=2.0, ideal_speedup=2.0 / frac)
         return r
-    res["transformer"] = [{"scenario": targets.TARGET_TRANSFORMER, "rows": [
-        tr_row("full [flex]", "full", "flex", 1000), tr_row("full [fa4]", "full", "fa4", 900),
-        tr_row("sta [fa4]", "sta", "fa4", 400, 0.95, 0.06), tr_row("nabla 0.1 [fa4]", "nabla", "fa4", 420, 0.90, 0.08),
-        tr_row("nabla 0.5 [fa4]", "nabla", "fa4", 800, 0.50, 0.4), tr_row("sta [flex]", "sta", "flex", 500, 0.99, 0.06)]}]
+
+    res["transformer"] = [
+        {
+            "scenario": targets.TARGET_TRANSFORMER,
+            "rows": [
+                tr_row("full [flex]", "full", "flex", 1000),
+                tr_row("full [fa4]", "full", "fa4", 900),
+                tr_row("sta [fa4]", "sta", "fa4", 400, 0.95, 0.06),
+                tr_row("nabla 0.1 [fa4]", "nabla", "fa4", 420, 0.90, 0.08),
+                tr_row("nabla 0.5 [fa4]", "nabla", "fa4", 800, 0.50, 0.4),
+                tr_row("sta [flex]", "sta", "flex", 500, 0.99, 0.06),
+            ],
+        }
+    ]
     t = report.compute_targets(res)
     assert t["T3"]["value"] == 0.90 and not t["T3"]["met"] and set(t["T3"]["rows"]) == {"sta [fa4]", "nabla 0.1 [fa4]"}
     assert t["T6"]["value"] == pytest.approx(1000 / 900) and t["T6"]["met"]
@@ -391,7 +473,9 @@ def test_triton_kernels_match_torch_in_interpreter():
                     assert abs(float(got.density) - float(ref.density)) < 1e-7
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from wan_nabla import checkpoint
 from wan_nabla.app import load_generator, warn_if_zero_shot
-from wan_nabla.preflight import resolve_run_config
-from wan_nabla.requests import RunFlags
 from wan_nabla.cli import main
 from wan_nabla.config import RunConfig
 from wan_nabla.models import load_transformer, same_checkpoint
+from wan_nabla.preflight import resolve_run_config
+from wan_nabla.requests import RunFlags
 
 from .wan_original import save_original_checkpoint, to_original
 
@@ -30,9 +30,23 @@ INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 def _args(**kw):
     """The flags of `wan-nabla generate` as resolve_run_config reads them."""
-    base = dict(config=None, model="tiny", size="128x128", frames=5, steps=1, negative_prompt=None,
-                guidance_scale=None, shift=None, seed=3, fps=None, device="cpu", dtype=None,
-                transformer=None, offload=None, vae_tiling=None)
+    base = dict(
+        config=None,
+        model="tiny",
+        size="128x128",
+        frames=5,
+        steps=1,
+        negative_prompt=None,
+        guidance_scale=None,
+        shift=None,
+        seed=3,
+        fps=None,
+        device="cpu",
+        dtype=None,
+        transformer=None,
+        offload=None,
+        vae_tiling=None,
+    )
     return RunFlags(**{**base, **kw})
 
 
@@ -60,8 +74,15 @@ def test_inverse_key_map_round_trips_through_diffusers_converter(tiny_pipe):
 
     sd = tiny_pipe.transformer.state_dict()
     orig = {to_original(k): v for k, v in sd.items()}
-    assert {"blocks.0.self_attn.q.weight", "blocks.1.ffn.0.weight", "blocks.0.modulation", "head.modulation",
-            "head.head.weight", "blocks.0.norm3.weight", "time_projection.1.weight"} <= set(orig)
+    assert {
+        "blocks.0.self_attn.q.weight",
+        "blocks.1.ffn.0.weight",
+        "blocks.0.modulation",
+        "head.modulation",
+        "head.head.weight",
+        "blocks.0.norm3.weight",
+        "time_projection.1.weight",
+    } <= set(orig)
     assert not any("attn1" in k or "scale_shift_table" in k or "norm2" in k for k in orig)
     back = convert_wan_transformer_to_diffusers(dict(orig))
     assert set(back) == set(sd) and all(back[k] is sd[k] for k in sd)
@@ -92,8 +113,9 @@ def test_original_layout_gives_the_same_transformer_and_video(tiny_original_chec
 
 
 @pytest.mark.parametrize("where", ["index", "single_file", "diffusers_dir", "diffusers_model_root", "diffusers_file"])
-def test_every_accepted_form_loads_the_same_weights(tiny_original_checkpoint, tiny_checkpoint, tiny_pipe,
-                                                    tmp_path, where):
+def test_every_accepted_form_loads_the_same_weights(
+    tiny_original_checkpoint, tiny_checkpoint, tiny_pipe, tmp_path, where
+):
     """Guards the accepted --transformer forms: an index path, one original .safetensors file, a
     diffusers transformer/ folder, a diffusers model root (descends into transformer/), a diffusers
     weights file: all give the tiny weights, with the naming detected from the keys."""
@@ -133,8 +155,10 @@ def test_cli_sidecar_records_the_dit_source_and_file_hashes(tiny_original_checkp
     decoy .pth) with size, mtime and sha256; shards above FULL_HASH_BYTES get a labelled partial
     hash over their first and last PARTIAL_HASH_BYTES."""
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--prompt", "x", "--transformer", str(tiny_original_checkpoint), "--output", str(out),
-                 *FAST]) == 0
+    assert (
+        main(["generate", "--prompt", "x", "--transformer", str(tiny_original_checkpoint), "--output", str(out), *FAST])
+        == 0
+    )
     rec = json.loads(out.with_suffix(".json").read_text())["transformer"]
     assert rec["source"] == str(tiny_original_checkpoint) and rec["naming"] == "original"
     files = {f["name"]: f for f in rec["files"]}
@@ -152,8 +176,9 @@ def test_cli_sidecar_records_the_dit_source_and_file_hashes(tiny_original_checkp
     assert big["partial_sha256_covers"].startswith("first and last")
 
 
-def test_base_model_needs_no_transformer_weights_with_transformer_flag(tiny_checkpoint, tiny_original_checkpoint,
-                                                                       tmp_path, capsys):
+def test_base_model_needs_no_transformer_weights_with_transformer_flag(
+    tiny_checkpoint, tiny_original_checkpoint, tmp_path, capsys
+):
     """Guards: with --transformer, a diffusers --model directory without transformer weights (only
     transformer/config.json, e.g. a 14B repo downloaded without its 28 GB DiT) is enough; without
     --transformer the same directory is refused."""
@@ -162,8 +187,22 @@ def test_base_model_needs_no_transformer_weights_with_transformer_flag(tiny_chec
         f.unlink()
     out = tmp_path / "o" / "v.mp4"
     out.parent.mkdir()
-    args = ["generate", "--prompt", "x", "--model", str(base), "--size", "128x128", "--frames", "5", "--steps", "1",
-            "--quiet", "--output", str(out)]
+    args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        str(base),
+        "--size",
+        "128x128",
+        "--frames",
+        "5",
+        "--steps",
+        "1",
+        "--quiet",
+        "--output",
+        str(out),
+    ]
     assert main([*args, "--transformer", str(tiny_original_checkpoint)]) == 0
     out.unlink()
     out.with_suffix(".json").unlink()
@@ -227,13 +266,24 @@ def _bad(kind, ck, tmp_path):
     if kind in ("index_parent_dir", "index_absolute", "index_subdir"):
         outside = tmp_path / "evil.safetensors"  # exists, so only the name check can stop it
         shutil.copy(ck / SHARD1, outside)
-        name = {"index_parent_dir": "../evil.safetensors", "index_absolute": str(outside),
-                "index_subdir": "sub/evil.safetensors"}[kind]
+        name = {
+            "index_parent_dir": "../evil.safetensors",
+            "index_absolute": str(outside),
+            "index_subdir": "sub/evil.safetensors",
+        }[kind]
         _edit_index(ck, lambda wm: wm.update({k: name for k, v in wm.items() if v == SHARD1}))
         return ck, name
     if kind == "index_key_in_wrong_shard":
-        _edit_index(ck, lambda wm: wm.update({"head.head.bias": "diffusion_pytorch_model-00002-of-00002.safetensors"
-                                              if wm["head.head.bias"] == SHARD1 else SHARD1}))
+        _edit_index(
+            ck,
+            lambda wm: wm.update(
+                {
+                    "head.head.bias": "diffusion_pytorch_model-00002-of-00002.safetensors"
+                    if wm["head.head.bias"] == SHARD1
+                    else SHARD1
+                }
+            ),
+        )
         return ck, "'head.head.bias'"
     if kind == "unknown_naming":
         for f in list(ck.iterdir()):
@@ -245,9 +295,20 @@ def _bad(kind, ck, tmp_path):
     raise AssertionError(kind)
 
 
-BAD = ["pickle_only_dir", "pickle_file", "missing_key", "unexpected_key", "shape_mismatch",
-       "index_names_missing_shard", "index_parent_dir", "index_absolute", "index_subdir",
-       "index_key_in_wrong_shard", "unknown_naming", "does_not_exist"]
+BAD = [
+    "pickle_only_dir",
+    "pickle_file",
+    "missing_key",
+    "unexpected_key",
+    "shape_mismatch",
+    "index_names_missing_shard",
+    "index_parent_dir",
+    "index_absolute",
+    "index_subdir",
+    "index_key_in_wrong_shard",
+    "unknown_naming",
+    "does_not_exist",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -276,11 +337,25 @@ def test_hub_id_from_cache_and_offline_download_command(tiny_original_checkpoint
     offline_hub("someone/Wan-tiny-NABLA", tiny_original_checkpoint)
     _, info = load_transformer("someone/Wan-tiny-NABLA", "tiny", torch.float32)
     assert info["naming"] == "original" and info["source"] == "someone/Wan-tiny-NABLA"
-    assert main(["generate", "--prompt", "x", "--transformer", "someone/missing-dit", "--output",
-                 str(tmp_path / "v.mp4"), *FAST]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "x",
+                "--transformer",
+                "someone/missing-dit",
+                "--output",
+                str(tmp_path / "v.mp4"),
+                *FAST,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert ('hf download someone/missing-dit --include "*.safetensors" --include "*.json" '
-            "--local-dir weights/missing-dit") in err
+    assert (
+        'hf download someone/missing-dit --include "*.safetensors" --include "*.json" --local-dir weights/missing-dit'
+    ) in err
 
 
 def test_zero_shot_line_names_the_tuned_checkpoint(caplog):
@@ -292,7 +367,11 @@ def test_zero_shot_line_names_the_tuned_checkpoint(caplog):
         assert warn_if_zero_shot(cfg)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "zero-shot" in lines[0] and f"hf download {tuned}" in lines[0]
-    for same in (tuned, "weights/Wan2.1-T2V-14B-NABLA-0.7", "/hf/models--ai-forever--Wan2.1-T2V-14B-NABLA-0.7/snapshots/a"):
+    for same in (
+        tuned,
+        "weights/Wan2.1-T2V-14B-NABLA-0.7",
+        "/hf/models--ai-forever--Wan2.1-T2V-14B-NABLA-0.7/snapshots/a",
+    ):
         assert not warn_if_zero_shot(cfg.override(transformer=same)), same
     assert not same_checkpoint("weights/Wan2.1-T2V-14B-NABLA-0.6-STA-11-3-3", tuned)
     assert not warn_if_zero_shot(RunConfig())
@@ -313,6 +392,8 @@ def test_batch_item_key_covers_the_dit_weights():
     item = PromptItem(index=0, line=1, prompt="a fox")
     base = RunConfig().override(model="tiny")
     assert model_label(base) == "tiny"
-    keys = {plan_item(c, item, model_label(c)).key
-            for c in (base, base.override(transformer="/w/a"), base.override(transformer="/w/b"))}
+    keys = {
+        plan_item(c, item, model_label(c)).key
+        for c in (base, base.override(transformer="/w/a"), base.override(transformer="/w/b"))
+    }
     assert len(keys) == 3

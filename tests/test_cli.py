@@ -25,9 +25,30 @@ FAST = ["--model", "tiny", "--size", "128x128", "--frames", "17", "--steps", "2"
 
 def test_generate_writes_mp4_and_sidecar(tmp_path):
     out = tmp_path / "fox.mp4"
-    rc = main(["generate", "--prompt", "a red fox running through snow", "--config", "nabla_0.7",
-               "--output", str(out), "--seed", "5", "--size", "144x208", "--frames", "9", "--steps", "3",
-               "--model", "tiny", "--quiet", "--fps", "12"])
+    rc = main(
+        [
+            "generate",
+            "--prompt",
+            "a red fox running through snow",
+            "--config",
+            "nabla_0.7",
+            "--output",
+            str(out),
+            "--seed",
+            "5",
+            "--size",
+            "144x208",
+            "--frames",
+            "9",
+            "--steps",
+            "3",
+            "--model",
+            "tiny",
+            "--quiet",
+            "--fps",
+            "12",
+        ]
+    )
     assert rc == 0
     info = probe_mp4(out)
     assert (info["frames"], info["width"], info["height"], info["codec"]) == (9, 144, 208, "h264")
@@ -100,16 +121,34 @@ def test_presets_command_lists_every_preset(capsys):
 
 def test_tiny_model_defaults_when_flags_absent(tmp_path):
     out = tmp_path / "t.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "x", "--config", "full.yaml",
-                 "--output", str(out), "--quiet"]) == 0
+    assert (
+        main(["generate", "--model", "tiny", "--prompt", "x", "--config", "full.yaml", "--output", str(out), "--quiet"])
+        == 0
+    )
     info = probe_mp4(out)
     assert (info["frames"], info["width"], info["height"]) == (17, 128, 128)
 
 
 def test_generate_from_saved_diffusers_directory(tmp_path, tiny_checkpoint):
     out = tmp_path / "d.mp4"
-    args = ["generate", "--prompt", "x", "--model", str(tiny_checkpoint), "--size", "128x128", "--frames", "5",
-            "--steps", "2", "--output", str(out), "--quiet", "--dtype", "float32"]
+    args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        str(tiny_checkpoint),
+        "--size",
+        "128x128",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+        "--output",
+        str(out),
+        "--quiet",
+        "--dtype",
+        "float32",
+    ]
     assert main(args) == 0
     assert json.loads(out.with_suffix(".json").read_text())["model"] == str(tiny_checkpoint)
 
@@ -123,7 +162,10 @@ def _bad_yaml(tmp_path, text):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (lambda t: ["--config", _bad_yaml(t, "attention: {type: nabla, threshold: 0.5, windo: 3}\n")], "attention.windo"),
+        (
+            lambda t: ["--config", _bad_yaml(t, "attention: {type: nabla, threshold: 0.5, windo: 3}\n")],
+            "attention.windo",
+        ),
         (lambda t: ["--config", _bad_yaml(t, "attention: {type: nabla, threshold: '0.5'}\n")], "attention.threshold"),
         (lambda t: ["--config", _bad_yaml(t, "attention: {type: nabla, threshold: 0}\n")], "(0, 1]"),
         (lambda t: ["--config", _bad_yaml(t, "attention: {type: sta, sta_window: [4, 3, 3]}\n")], "odd"),
@@ -259,9 +301,11 @@ def test_existing_outputs_are_never_replaced_by_surprise(tmp_path, capsys, monke
     monkeypatch.setattr(app, "load_weights_for", lambda *a, **k: pytest.fail("loaded a model"))
     (tmp_path / "v.mp4").write_bytes(b"precious video")
     (tmp_path / "notes.json").write_text('{"mine": true}')
-    cases = [(["--output", str(tmp_path / "v.mp4")], "already exists; give another --output, or --overwrite"),
-             (["--output", str(tmp_path / "notes.mp4")], "already exists"),
-             (["--output", str(tmp_path / "notes.mp4"), "--overwrite"], "is not the sidecar of")]
+    cases = [
+        (["--output", str(tmp_path / "v.mp4")], "already exists; give another --output, or --overwrite"),
+        (["--output", str(tmp_path / "notes.mp4")], "already exists"),
+        (["--output", str(tmp_path / "notes.mp4"), "--overwrite"], "is not the sidecar of"),
+    ]
     for args, needle in cases:
         assert main(["generate", "--prompt", "x", *args, *FAST]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -287,9 +331,20 @@ def test_overwrite_replaces_the_video_and_its_own_sidecar(tmp_path):
 
 def test_help_shows_defaults_and_exit_codes(capsys):
     """Guards: --help gave no defaults (not the tiny model's either) and no exit codes."""
-    for command, needles in (("generate", ["(default: 50; tiny 4)", "(default: 832x480; with --model tiny 128x128)",
-                                           "(default: 5)", "--overwrite", "exit codes:", "143 terminated (SIGTERM)"]),
-                             ("batch", ["(default: 81; tiny 17)", "exit codes:", "1    at least one item failed"])):
+    for command, needles in (
+        (
+            "generate",
+            [
+                "(default: 50; tiny 4)",
+                "(default: 832x480; with --model tiny 128x128)",
+                "(default: 5)",
+                "--overwrite",
+                "exit codes:",
+                "143 terminated (SIGTERM)",
+            ],
+        ),
+        ("batch", ["(default: 81; tiny 17)", "exit codes:", "1    at least one item failed"]),
+    ):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
@@ -301,19 +356,27 @@ def test_each_warning_once_and_verbose_shows_only_wan_nabla_debug(tmp_path):
     """Guards the log: huggingface_hub/diffusers warnings were printed twice (their own handler
     and ours), and --verbose flooded stderr with filelock's lock debugging. Run in a fresh
     process, as a user would, with --verbose."""
-    code = ("import logging, sys\n"
-            "from wan_nabla.cli import build_parser, setup_logging\n"
-            "logging.getLogger('httpx').setLevel(logging.DEBUG)  # as a library or env config may do\n"
-            "setup_logging(build_parser().parse_args(sys.argv[1:]))\n"
-            "logging.getLogger('huggingface_hub.utils._http').warning('hub-warning')\n"
-            "logging.getLogger('diffusers.models.modeling_utils').warning('diffusers-warning')\n"
-            "logging.getLogger('filelock').debug('lock-debug')\n"
-            "logging.getLogger('urllib3.connectionpool').debug('http-debug')\n"
-            "logging.getLogger('httpx').debug('httpx-debug')\n"
-            "logging.getLogger('some.other.library').info('other-info')\n"
-            "logging.getLogger('wan_nabla.pipeline').debug('our-debug')\n")
-    proc = subprocess.run([sys.executable, "-c", code, "generate", "--prompt", "x", "--verbose"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import logging, sys\n"
+        "from wan_nabla.cli import build_parser, setup_logging\n"
+        "logging.getLogger('httpx').setLevel(logging.DEBUG)  # as a library or env config may do\n"
+        "setup_logging(build_parser().parse_args(sys.argv[1:]))\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('hub-warning')\n"
+        "logging.getLogger('diffusers.models.modeling_utils').warning('diffusers-warning')\n"
+        "logging.getLogger('filelock').debug('lock-debug')\n"
+        "logging.getLogger('urllib3.connectionpool').debug('http-debug')\n"
+        "logging.getLogger('httpx').debug('httpx-debug')\n"
+        "logging.getLogger('some.other.library').info('other-info')\n"
+        "logging.getLogger('wan_nabla.pipeline').debug('our-debug')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "generate", "--prompt", "x", "--verbose"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
     assert err.count("hub-warning") == 1 and err.count("diffusers-warning") == 1, err

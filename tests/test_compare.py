@@ -20,8 +20,7 @@ from tests.reference import masked_attention_f64, nabla_keep, sta_keep, tile_ids
 from wan_nabla.attention import masks
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.cli import main
-from wan_nabla.compare.probe import (coarse_kept_mass, exact_attention_stats, frame_major, plan_block_keep,
-                                     sample_rows)
+from wan_nabla.compare.probe import coarse_kept_mass, exact_attention_stats, frame_major, plan_block_keep, sample_rows
 from wan_nabla.config import AttentionConfig
 
 TINY = ["--model", "tiny", "--size", "144x208", "--frames", "9", "--steps", "2", "--quiet"]
@@ -49,8 +48,10 @@ def test_exact_stats_match_float64_brute_force():
     assert torch.equal(keep, masks.coarsen(tile_keep, 2, 1))  # the plan's lists read back
     slots = torch.arange(plan.kv_idx.shape[-1])
     junk = dataclasses.replace(  # what follows the kept entries of a row must not matter
-        plan, kv_idx=torch.where(slots < plan.kv_num[..., None], plan.kv_idx, 0),
-        full_idx=torch.where(slots < plan.full_num[..., None], plan.full_idx, 0))
+        plan,
+        kv_idx=torch.where(slots < plan.kv_num[..., None], plan.kv_idx, 0),
+        full_idx=torch.where(slots < plan.full_num[..., None], plan.full_idx, 0),
+    )
     assert torch.equal(plan_block_keep(junk), keep)
     assert 0 < keep.float().mean() < 1
 
@@ -61,8 +62,9 @@ def test_exact_stats_match_float64_brute_force():
     p = torch.softmax(logits.masked_fill(~valid, -math.inf), -1)
     out = exact.float() + 0.01 * torch.randn(b, h, s, d, generator=g)
     rows = layout.real_token_index()[::3]
-    stats = exact_attention_stats(q, k, v, {"o": out}, key_valid=valid, block_keep=keep, block_size=(128, 64),
-                                  rows=rows, chunk_bytes=50_000)  # several chunks
+    stats = exact_attention_stats(
+        q, k, v, {"o": out}, key_valid=valid, block_keep=keep, block_size=(128, 64), rows=rows, chunk_bytes=50_000
+    )  # several chunks
     diff, ref = (out.double() - exact)[:, :, rows], exact[:, :, rows]
     assert stats["rel_l2"]["o"] == pytest.approx(float(diff.norm() / ref.norm()), rel=1e-9)
     per_head = (diff.square().sum((0, 2, 3)) / ref.square().sum((0, 2, 3))).sqrt()
@@ -88,7 +90,8 @@ def test_coarse_kept_mass_matches_brute_force_and_meets_threshold():
     assert margin > 1e-6 and torch.equal(keep, ref_keep)
     ids = tile_ids(*grid)
     pool = torch.zeros(len(ids), int(ids.max()) + 1, dtype=torch.float64).index_put_(
-        (torch.arange(len(ids)), ids), torch.ones(len(ids), dtype=torch.float64))
+        (torch.arange(len(ids)), ids), torch.ones(len(ids), dtype=torch.float64)
+    )
     pool /= pool.sum(0)
     qp, kp = (torch.einsum("bhsd,sn->bhnd", x.double(), pool) for x in (q_r, k_r))
     p = torch.softmax(qp @ kp.transpose(-1, -2) / 4.0, -1)
@@ -124,7 +127,7 @@ def _ssim_reference(a, b, win: int = 7) -> float:
 
     n = win * win
     vals = []
-    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
+    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64), strict=False):
         per_channel = []
         for c in range(fa.shape[-1]):
             pa = sliding_window_view(fa[..., c], (win, win))
@@ -133,8 +136,8 @@ def _ssim_reference(a, b, win: int = 7) -> float:
             va = ((pa - ua[..., None, None]) ** 2).sum((-1, -2)) / (n - 1)
             vb = ((pb - ub[..., None, None]) ** 2).sum((-1, -2)) / (n - 1)
             vab = ((pa - ua[..., None, None]) * (pb - ub[..., None, None])).sum((-1, -2)) / (n - 1)
-            c1, c2 = 0.01 ** 2, 0.03 ** 2
-            per_channel.append((((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua ** 2 + ub ** 2 + c1) * (va + vb + c2))).mean())
+            c1, c2 = 0.01**2, 0.03**2
+            per_channel.append((((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua**2 + ub**2 + c1) * (va + vb + c2))).mean())
         vals.append(np.mean(per_channel))
     return vals
 
@@ -174,8 +177,10 @@ def test_ssim_torch_matches_scikit_image():
     for shape, noise in (((5, 23, 31, 3), 0.05), ((3, 7, 40, 3), 0.5), ((2, 17, 9, 1), 0.01)):
         a = g.random(shape).astype(np.float32)
         b = np.clip(a + noise * g.standard_normal(shape), 0, 1).astype(np.float32)
-        ref = [structural_similarity(x.astype(np.float64), y.astype(np.float64), channel_axis=-1, data_range=1.0)
-               for x, y in zip(a, b)]
+        ref = [
+            structural_similarity(x.astype(np.float64), y.astype(np.float64), channel_axis=-1, data_range=1.0)
+            for x, y in zip(a, b, strict=False)
+        ]
         got = ssim_torch(a, b, "cpu", frames_per_chunk=2)
         assert got == pytest.approx(ref, abs=1e-6)
         assert len(set(np.round(ref, 6))) == len(ref)  # frames differ, so a frame mix-up would fail
@@ -194,8 +199,23 @@ def test_compare_config_with_itself_is_identical(tmp_path):
     candidate's attention error against exact attention is still measured (sparse, so > 0). Also
     every output file and the pictures' pixel sizes."""
     out = tmp_path / "cmp"
-    assert main(["compare", "--prompt", "a fox", "--config", "nabla_0.4", "--against", "nabla_0.4",
-                 "--out", str(out), *TINY]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--prompt",
+                "a fox",
+                "--config",
+                "nabla_0.4",
+                "--against",
+                "nabla_0.4",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     m = _read(out, "metrics.json")
     assert m["frames"]["overall"]["psnr_db"] == "inf" and m["frames"]["psnr_db"] == ["inf"] * 9
     assert m["frames"]["ssim"] == [pytest.approx(1.0, abs=1e-12)] * 9
@@ -205,7 +225,7 @@ def test_compare_config_with_itself_is_identical(tmp_path):
     a = _read(out, "attention_error.json")
     assert len(a["calls"]) == 4 and a["summary"]["rel_l2_mean"] > 1e-2  # steps 0,1 x layers 0,1
     names = {p.name for p in (out / "masks").iterdir()}
-    assert names == {"density.png"} | {f"step{s:03d}_layer{l:02d}.png" for s in (0, 1) for l in (0, 1)}
+    assert names == {"density.png"} | {f"step{s:03d}_layer{layer:02d}.png" for s in (0, 1) for layer in (0, 1)}
     assert png_size(out / "masks" / "step000_layer00.png") == (840, 420)  # 2 heads: (3.6 * 2 + 1.2) x 4.2 in
     assert png_size(out / "masks" / "density.png") == (640, 480)
     assert png_size(out / "metrics.png") == (1350, 440)
@@ -215,8 +235,13 @@ def test_compare_config_with_itself_is_identical(tmp_path):
     info = probe_mp4(out / "side_by_side.mp4")
     assert (info["frames"], info["width"], info["height"]) == (9, 3 * 144, 208 + STRIP)
     report = (out / "report.md").read_text()
-    for link in ("metrics.png", "side_by_side.png", "side_by_side.mp4", "masks/density.png",
-                 "masks/step001_layer01.png"):
+    for link in (
+        "metrics.png",
+        "side_by_side.png",
+        "side_by_side.mp4",
+        "masks/density.png",
+        "masks/step001_layer01.png",
+    ):
         assert f"({link})" in report and (out / link).exists()
     assert "random weights" in report
     assert not [p for p in out.rglob(".*")]  # no temp files left
@@ -227,8 +252,26 @@ def test_compare_sparse_against_full(tmp_path):
     attention error well above the dense kernel's rounding floor, token-level kept mass below 1,
     and NABLA's guarantee on its coarse map: every query tile keeps >= threshold of the mass."""
     out = tmp_path / "cmp"
-    assert main(["compare", "--prompt", "a fox", "--config", "nabla_0.4", "--out", str(out), "--no-video",
-                 "--sample-steps", "-1", "--sample-layers", "0,1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--prompt",
+                "a fox",
+                "--config",
+                "nabla_0.4",
+                "--out",
+                str(out),
+                "--no-video",
+                "--sample-steps",
+                "-1",
+                "--sample-layers",
+                "0,1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert not (out / "side_by_side.mp4").exists() and (out / "side_by_side.png").exists()
     m = _read(out, "metrics.json")
     psnr = m["frames"]["overall"]["psnr_db"]
@@ -251,8 +294,28 @@ def test_generate_save_masks(tmp_path):
     """Guards: `generate --save-masks` draws the sampled masks of that very run next to the MP4
     (sampling flags honoured, negative indices from the end) and still writes MP4 + sidecar."""
     video = tmp_path / "fox.mp4"
-    assert main(["generate", "--prompt", "a fox", "--config", "nabla_0.4", "--output", str(video), "--save-masks",
-                 "--sample-steps", "-1", "--sample-layers", "1", "--sample-heads", "1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a fox",
+                "--config",
+                "nabla_0.4",
+                "--output",
+                str(video),
+                "--save-masks",
+                "--sample-steps",
+                "-1",
+                "--sample-layers",
+                "1",
+                "--sample-heads",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert video.exists() and video.with_suffix(".json").exists()
     pictures = tmp_path / "fox_masks"
     assert sorted(p.name for p in pictures.iterdir()) == ["density.png", "step001_layer01.png"]
@@ -307,8 +370,9 @@ def test_missing_extras_and_full_masks_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--prompt", "x", "--config", "full", "--output", str(video), "--save-masks", *TINY]) == 2
     assert "full attention" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert main(["generate", "--prompt", "x", "--config", "nabla_0.4", "--output", str(video), "--save-masks",
-                 *TINY]) == 2
+    assert (
+        main(["generate", "--prompt", "x", "--config", "nabla_0.4", "--output", str(video), "--save-masks", *TINY]) == 2
+    )
     assert "matplotlib" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -328,8 +392,9 @@ def test_gpu_table_quick_mode(tmp_path, capsys, monkeypatch):
         return real(pipe, config, *a, **kw)
 
     monkeypatch.setattr(table, "capture", capture)
-    assert table.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--presets", "nabla_0.7",
-                       "nabla_0.4"]) == 1
+    assert (
+        table.main(["--out", str(tmp_path), "--quick", "--device", "cpu", "--presets", "nabla_0.7", "nabla_0.4"]) == 1
+    )
     result = json.loads((tmp_path / "compare_table.json").read_text())
     assert result["settings"]["model"] == "tiny" and "Random weights" in result["note"]
     row, failed = result["rows"]  # presets run in the bundled (sorted) order
@@ -337,8 +402,12 @@ def test_gpu_table_quick_mode(tmp_path, capsys, monkeypatch):
     assert row["preset"] == "nabla_0.4" and 0 < row["density"] < 1
     assert row["rel_l2_mean"] > 10 * row["dense_kernel_rel_l2_mean"] and row["kept_mass_mean"] < 1
     assert row["coarse_mass_min"] >= 0.4 - 1e-6 and row["attention_error"]["calls"]
-    assert {p.name for p in tmp_path.iterdir()} == {"compare_table.json", "compare_table.md", "compare_table.png",
-                                                     "compare_mask_nabla_0.4.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "compare_table.json",
+        "compare_table.md",
+        "compare_table.png",
+        "compare_mask_nabla_0.4.png",
+    }
     printed = capsys.readouterr().out.rstrip().splitlines()
     assert any(line.startswith("| nabla_0.4 |") for line in printed[-8:])
     assert any(line.startswith("| nabla_0.7 | RuntimeError") for line in printed[-8:])

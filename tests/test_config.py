@@ -33,8 +33,9 @@ def test_every_preset_exists_and_says_what_its_name_says():
 def test_round_trip_through_dict():
     for p in CONFIGS:
         cfg = load_config(p)
-        again = RunConfig.from_mapping({**cfg.to_dict(), "generation": {
-            k: v for k, v in cfg.to_dict()["generation"].items() if k != "shift"}})
+        again = RunConfig.from_mapping(
+            {**cfg.to_dict(), "generation": {k: v for k, v in cfg.to_dict()["generation"].items() if k != "shift"}}
+        )
         assert again.attention == cfg.attention
 
 
@@ -115,8 +116,9 @@ def test_shift_default_is_wans_at_every_size():
 
 
 def test_attention_config_from_plain_mapping():
-    a = AttentionConfig.from_mapping({"type": "nabla_sta", "threshold": 0.6, "sta_window": [11, 3, 3],
-                                      "dense_layers": [3, 1, 3]})
+    a = AttentionConfig.from_mapping(
+        {"type": "nabla_sta", "threshold": 0.6, "sta_window": [11, 3, 3], "dense_layers": [3, 1, 3]}
+    )
     assert a.sta_window == (11, 3, 3) and a.dense_layers == (1, 3) and a.label() == "nabla 0.6 + sta 11-3-3"
 
 
@@ -163,7 +165,7 @@ def _alias_bomb(levels: int = 9) -> str:
         ("- " * 6000 + "x\n", "nested too deeply"),
         ("attention: []\n", "attention: expected a mapping, got list []"),
         ("generation: [1, 2]\n", "generation: expected a mapping, got list"),
-        ("generation: {negative_prompt: \"\\udcff bad\"}\n", "not valid UTF-8 (byte 0xff at character 1)"),
+        ('generation: {negative_prompt: "\\udcff bad"}\n', "not valid UTF-8 (byte 0xff at character 1)"),
         ("attention: {type: nabla, threshold: [" + "1, " * 3000 + "1]}\n", "[1, 1, 1, 1, 1, 1, ...]"),
     ],
 )
@@ -183,7 +185,7 @@ def test_hostile_yaml_is_refused_fast_with_one_short_line(tmp_path, text, needle
 def test_yaml_merge_keys_and_plain_anchors_still_work(tmp_path):
     """The stricter reader keeps what YAML configs legitimately use: a merge key overridden by
     an explicit key is not a duplicate, and a small anchor is fine."""
-    text = ("model: tiny\nbase: &b {type: nabla, threshold: 0.5}\n") 
+    text = "model: tiny\nbase: &b {type: nabla, threshold: 0.5}\n"
     assert "unknown key 'base'" in str(_timed_load(_write(tmp_path, text))["error"])
     text = "attention:\n  <<: {type: nabla, threshold: 0.5}\n  threshold: 0.7\ngeneration: &g {steps: 3}\n"
     cfg = _timed_load(_write(tmp_path, text))["value"]

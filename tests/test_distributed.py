@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import torch
 
-from wan_nabla import cli
 from benchmarks.harness.multigpu import EXACT_ATTENTION
+from wan_nabla import cli
 from wan_nabla.app import with_device
-from wan_nabla.model_source import ModelFacts, model_facts
-from wan_nabla.preflight import check_parallel
 from wan_nabla.batch.manifest import read_manifest
 from wan_nabla.config import ConfigError, RunConfig
+from wan_nabla.model_source import ModelFacts, model_facts
 from wan_nabla.pipeline import VideoGenerator
+from wan_nabla.preflight import check_parallel
 from wan_nabla.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,21 @@ def _free_port() -> int:
 
 
 def _torchrun(n: int, *args: str, cwd: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-           str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-port",
+        str(_free_port()),
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -83,8 +94,9 @@ def test_ulysses_2_and_cfg_parallel_equal_one_process_in_the_gpu_script(tmp_path
     attention (the GPU script's own exactness check, run by its CPU mode, which must also produce
     timing rows with separately measured communication, so the GPU run does not die on a typo)."""
     out = tmp_path / "res"
-    proc = _torchrun(2, "-m", "benchmarks.harness.multigpu", "--quick", "--device", "cpu", "--out", str(out),
-                     cwd=tmp_path)
+    proc = _torchrun(
+        2, "-m", "benchmarks.harness.multigpu", "--quick", "--device", "cpu", "--out", str(out), cwd=tmp_path
+    )
     text = _wait(proc, timeout=600)
     res = json.loads((out / "multigpu.json").read_text())
     rows = {(r["layout"], r["attention"]): r for r in res["exactness"]}
@@ -109,13 +121,26 @@ def test_ulysses_4_and_cfg_parallel_with_ulysses_2_equal_one_process(tmp_path):
     each) for every attention type, CFG parallel whose branches are each split by Ulysses 2
     (CFG pairs across Ulysses groups: ranks 0+2 and 1+3), and Ulysses 4 with compiled blocks
     (attention and its all-to-alls as one opaque op) reproduce the one-process latents."""
-    cases = [{"name": f"ulysses4/{att}", "attention": a, "parallel": {"ulysses_degree": 4}}
-             for att, a in EXACT_ATTENTION.items()]
-    cases.append({"name": "cfg2xulysses2/full", "attention": {"type": "full"},
-                  "parallel": {"ulysses_degree": 2, "cfg_parallel": True}})
+    cases = [
+        {"name": f"ulysses4/{att}", "attention": a, "parallel": {"ulysses_degree": 4}}
+        for att, a in EXACT_ATTENTION.items()
+    ]
+    cases.append(
+        {
+            "name": "cfg2xulysses2/full",
+            "attention": {"type": "full"},
+            "parallel": {"ulysses_degree": 2, "cfg_parallel": True},
+        }
+    )
     # compiled blocks: the all-to-alls and attention run as one opaque op, the rest compiled
-    cases.append({"name": "ulysses4+compile/full", "attention": {"type": "full"},
-                  "parallel": {"ulysses_degree": 4}, "speed": {"compile": "blocks"}})
+    cases.append(
+        {
+            "name": "ulysses4+compile/full",
+            "attention": {"type": "full"},
+            "parallel": {"ulysses_degree": 4},
+            "speed": {"compile": "blocks"},
+        }
+    )
     spec = json.dumps({"heads": HEADS, "generation": GEN, "cases": cases})
     proc = _torchrun(4, str(ROOT / "tests" / "dist_worker.py"), str(tmp_path), spec, cwd=tmp_path)
     refs = {att: _reference(a) for att, a in EXACT_ATTENTION.items()}  # computed while the ranks start
@@ -132,8 +157,9 @@ def test_ulysses_4_and_cfg_parallel_with_ulysses_2_equal_one_process(tmp_path):
         assert (got["parallel"]["world_size"], got["parallel"]["ranks"]) == (4, [0, 1, 2, 3])
         assert got["frames"] == [9, 80, 208, 3]
         np.testing.assert_allclose(latents[case["name"]], ref_latents, rtol=1e-5, atol=2e-5, err_msg=case["name"])
-        np.testing.assert_allclose(got["attention"]["per_step"], ref_attention["per_step"], atol=1e-6,
-                                   err_msg=case["name"])
+        np.testing.assert_allclose(
+            got["attention"]["per_step"], ref_attention["per_step"], atol=1e-6, err_msg=case["name"]
+        )
 
 
 @pytest.mark.slow
@@ -143,11 +169,27 @@ def test_data_parallel_batch_through_torchrun_runs_each_item_once(tmp_path):
     rank), distinct output names, sidecars naming the 2-group layout, exit 1 for the bad line;
     a later one-process run of the same command resumes: everything is skipped."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"clip number {i}\n" for i in range(5)) + "clip number 1\n\xff bad\n",
-                       encoding="latin-1")
+    prompts.write_text(
+        "".join(f"clip number {i}\n" for i in range(5)) + "clip number 1\n\xff bad\n", encoding="latin-1"
+    )
     out = tmp_path / "out"
-    argv = ["batch", str(prompts), "--out-dir", str(out), "--model", "tiny", "--size", "16x16", "--frames", "1",
-            "--steps", "1", "--device", "cpu", "--quiet"]
+    argv = [
+        "batch",
+        str(prompts),
+        "--out-dir",
+        str(out),
+        "--model",
+        "tiny",
+        "--size",
+        "16x16",
+        "--frames",
+        "1",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     proc = _torchrun(2, "-m", "wan_nabla", *argv, cwd=tmp_path)
     try:
         out_text, _ = proc.communicate(timeout=300)
@@ -176,18 +218,39 @@ def test_data_parallel_batch_through_torchrun_runs_each_item_once(tmp_path):
 
 
 def _rank_env(rank: int, world: int) -> dict[str, str]:
-    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 @pytest.mark.slow  # 42 s on a busy 2-core box (torchrun start-up per rank); CI runs it
 def test_bad_combination_exits_2_on_every_rank(tmp_path):
     """Guards: a layout that does not fit the job is one identical line and exit 2 on every rank,
     before any process group exists (MASTER_PORT 1 would make init hang or fail otherwise)."""
-    argv = [sys.executable, "-m", "wan_nabla", "generate", "--prompt", "a fox", "--model", "tiny",
-            "--ulysses-degree", "4", "--output", str(tmp_path / "x.mp4"), "--quiet"]
-    procs = [subprocess.Popen(argv, env=_rank_env(r, 2), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "wan_nabla",
+        "generate",
+        "--prompt",
+        "a fox",
+        "--model",
+        "tiny",
+        "--ulysses-degree",
+        "4",
+        "--output",
+        str(tmp_path / "x.mp4"),
+        "--quiet",
+    ]
+    procs = [
+        subprocess.Popen(argv, env=_rank_env(r, 2), cwd=tmp_path, stderr=subprocess.PIPE, text=True) for r in range(2)
+    ]
     errs = []
     for p in procs:
         try:
@@ -197,23 +260,40 @@ def test_bad_combination_exits_2_on_every_rank(tmp_path):
             pytest.fail("a rank did not exit")
     assert [p.returncode for p in procs] == [2, 2]
     assert errs[0] == errs[1] and len(errs[0]) == 1, errs
-    assert errs[0][0] == ("wan-nabla: error: parallel: --ulysses-degree 4 runs one video on 4 rank(s), but this run "
-                          "has 2 (WORLD_SIZE); launch with torchrun --nproc-per-node 4")
+    assert errs[0][0] == (
+        "wan-nabla: error: parallel: --ulysses-degree 4 runs one video on 4 rank(s), but this run "
+        "has 2 (WORLD_SIZE); launch with torchrun --nproc-per-node 4"
+    )
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv, world, message", [
-    (["--cfg-parallel", "--guidance-scale", "1"], 2, "parallel.cfg_parallel: needs classifier-free guidance"),
-    (["--ulysses-degree", "3"], 3, "parallel.ulysses_degree: 3 does not divide the model's 2 attention heads"),
-    (["--ulysses-degree", "2"], 4, "use `batch` for 2 videos at once"),
-    ([], 2, "runs one video on 1 rank(s), but this run has 2"),
-    (["--ulysses-degree", "0"], 1, "--ulysses-degree (parallel.ulysses_degree): 0 is not allowed"),
-    (["--ulysses-degree", "2", "--device", "cuda:1"], 2, "--device: 'cuda:1' under torchrun"),
-    (["--ulysses-degree", "2", "--cache", "first-block:0.05"], 2,
-     "--cache (speed.cache): 'first-block:0.05' does not combine with parallel.ulysses_degree 2"),
-    (["--ulysses-degree", "2", "--save-masks"], 2, "--save-masks: works in single-process runs only"),
-], ids=["cfg-without-guidance", "heads", "world-too-big", "no-flags", "zero", "fixed-gpu", "cache-ulysses",
-        "save-masks"])
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (["--cfg-parallel", "--guidance-scale", "1"], 2, "parallel.cfg_parallel: needs classifier-free guidance"),
+        (["--ulysses-degree", "3"], 3, "parallel.ulysses_degree: 3 does not divide the model's 2 attention heads"),
+        (["--ulysses-degree", "2"], 4, "use `batch` for 2 videos at once"),
+        ([], 2, "runs one video on 1 rank(s), but this run has 2"),
+        (["--ulysses-degree", "0"], 1, "--ulysses-degree (parallel.ulysses_degree): 0 is not allowed"),
+        (["--ulysses-degree", "2", "--device", "cuda:1"], 2, "--device: 'cuda:1' under torchrun"),
+        (
+            ["--ulysses-degree", "2", "--cache", "first-block:0.05"],
+            2,
+            "--cache (speed.cache): 'first-block:0.05' does not combine with parallel.ulysses_degree 2",
+        ),
+        (["--ulysses-degree", "2", "--save-masks"], 2, "--save-masks: works in single-process runs only"),
+    ],
+    ids=[
+        "cfg-without-guidance",
+        "heads",
+        "world-too-big",
+        "no-flags",
+        "zero",
+        "fixed-gpu",
+        "cache-ulysses",
+        "save-masks",
+    ],
+)
 def test_bad_combinations_are_usage_errors_before_init(argv, world, message, monkeypatch, capsys, tmp_path):
     """Guards: each bad combination is a one-line usage error (exit 2) found before any process
     group or model exists, on any rank."""
@@ -223,8 +303,9 @@ def test_bad_combinations_are_usage_errors_before_init(argv, world, message, mon
     for rank in range(world):
         for k, v in _rank_env(rank, world).items():
             monkeypatch.setenv(k, v)
-        rc = cli.main(["generate", "--prompt", "a fox", "--model", "tiny", "--output", str(tmp_path / "x.mp4"),
-                       "--quiet", *argv])
+        rc = cli.main(
+            ["generate", "--prompt", "a fox", "--model", "tiny", "--output", str(tmp_path / "x.mp4"), "--quiet", *argv]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and message in err[0], err
     assert os.listdir(tmp_path) == []
@@ -234,8 +315,12 @@ def test_batch_layout_must_divide_the_world(tmp_path):
     cfg = RunConfig().override(ulysses_degree=2, cfg_parallel=True)
     with pytest.raises(ConfigError, match=r"6 ranks \(WORLD_SIZE\) cannot form groups of 4"):
         check_parallel(cfg.override(model="tiny"), "batch", model_facts("tiny"), env={"RANK": "0", "WORLD_SIZE": "6"})
-    plan = with_device(check_parallel(cfg.override(model="tiny", device="cpu"), "batch", model_facts("tiny"),
-                                      env={"RANK": "5", "WORLD_SIZE": "8"}), "cpu")
+    plan = with_device(
+        check_parallel(
+            cfg.override(model="tiny", device="cpu"), "batch", model_facts("tiny"), env={"RANK": "5", "WORLD_SIZE": "8"}
+        ),
+        "cpu",
+    )
     launch, layout = plan.launch, plan.layout
     assert (launch.rank, launch.local_rank, plan.device.type, layout.groups) == (5, 5, "cpu", 2)
     roles = layout.roles(5)  # group 1 = ranks 4..7: cond 4, 5 and uncond 6, 7
@@ -249,8 +334,12 @@ def test_shards_are_whole_tiles_and_differ_by_at_most_one():
     single tokens), sizes differing by at most one unit, covering the sequence exactly."""
     from wan_nabla.distributed import SequenceParallel
 
-    for total, unit, size, expect in [(384, 64, 4, [128, 128, 64, 64]), (384, 64, 2, [192, 192]),
-                                      (195, 1, 4, [49, 49, 49, 48]), (80640, 64, 8, [10112] * 4 + [10048] * 4)]:
+    for total, unit, size, expect in [
+        (384, 64, 4, [128, 128, 64, 64]),
+        (384, 64, 2, [192, 192]),
+        (195, 1, 4, [49, 49, 49, 48]),
+        (80640, 64, 8, [10112] * 4 + [10048] * 4),
+    ]:
         starts = []
         for r in range(size):
             sp = SequenceParallel(None, size, r)

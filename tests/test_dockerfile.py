@@ -71,9 +71,12 @@ def test_package_is_installed_from_the_copied_sources(instructions):
     copies = " ".join(_all(instructions, "COPY"))
     for needed in ("pyproject.toml", "wan_nabla"):
         assert needed in copies, needed
-    installs = [a for a in _all(instructions, "RUN")
-                if re.search(r"pip install .*--no-cache-dir.* \"?\.(\[[\w,-]+\])?\"?(\s|$)", a + " ")]
-    assert installs, "expected `pip install --no-cache-dir .` (or with extras: \".[fa4]\")"
+    installs = [
+        a
+        for a in _all(instructions, "RUN")
+        if re.search(r"pip install .*--no-cache-dir.* \"?\.(\[[\w,-]+\])?\"?(\s|$)", a + " ")
+    ]
+    assert installs, 'expected `pip install --no-cache-dir .` (or with extras: ".[fa4]")'
     order = [kw + " " + a for kw, a in instructions]
     first_install = next(i for i, line in enumerate(order) if line.startswith("RUN") and line[4:] in installs)
     last_source_copy = max(i for i, line in enumerate(order) if line.startswith("COPY") and "wan_nabla" in line)
@@ -84,8 +87,12 @@ def test_image_installs_the_fa4_lora_and_compare_extras_and_they_exist(instructi
     """Guards the flash-attn-4 backend, --lora and `compare` in the image: the install names the
     fa4, lora and compare extras, they exist, and fa4 pins flash-attn-4 and the CUTLASS DSL to the
     versions measured."""
-    named = [set(m[1].split(",")) for a in _all(instructions, "RUN")
-             for m in [re.search(r'pip install .*"\.\[([\w,-]+)\]"', a)] if m]
+    named = [
+        set(m[1].split(","))
+        for a in _all(instructions, "RUN")
+        for m in [re.search(r'pip install .*"\.\[([\w,-]+)\]"', a)]
+        if m
+    ]
     assert any({"fa4", "lora", "compare"} <= n for n in named), named
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"fa4", "lora", "compare"} <= set(extras)
@@ -120,8 +127,10 @@ def test_copied_sources_exist_and_pass_dockerignore(instructions):
 def test_entrypoint_checks_the_output_volume_then_runs_the_console_script(instructions):
     entry = _all(instructions, "ENTRYPOINT")
     assert len(entry) == 1 and json.loads(entry[0]) == ["/usr/local/bin/docker-entrypoint.sh"]
-    assert any(a.split()[-2:] == ["scripts/docker-entrypoint.sh", "/usr/local/bin/docker-entrypoint.sh"]
-               and "--chmod=755" in a for a in _all(instructions, "COPY"))
+    assert any(
+        a.split()[-2:] == ["scripts/docker-entrypoint.sh", "/usr/local/bin/docker-entrypoint.sh"] and "--chmod=755" in a
+        for a in _all(instructions, "COPY")
+    )
     assert (ROOT / "scripts" / "docker-entrypoint.sh").read_text().rstrip().endswith('exec wan-nabla "$@"')
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "wan-nabla" in scripts
@@ -136,8 +145,14 @@ def _entrypoint(tmp_path, out_dir: str, *argv: str) -> subprocess.CompletedProce
     (fake / "wan-nabla").write_text('#!/bin/sh\necho "ran: $*"\n')
     (fake / "wan-nabla").chmod(0o755)
     env = {"PATH": f"{fake}:/usr/bin:/bin", "WAN_NABLA_OUTPUT_DIR": out_dir}
-    return subprocess.run(["sh", str(ROOT / "scripts" / "docker-entrypoint.sh"), *argv], env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        ["sh", str(ROOT / "scripts" / "docker-entrypoint.sh"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_entrypoint_runs_wan_nabla_when_the_output_volume_is_writable(tmp_path):

@@ -44,12 +44,13 @@ def marked_blocks(path: Path) -> list[tuple[str, list[str]]]:
         start = i + 1
         while start < len(lines) and not lines[start].strip():
             start += 1
-        assert start < len(lines) and lines[start].lstrip().startswith("```"), \
+        assert start < len(lines) and lines[start].lstrip().startswith("```"), (
             f"{path.name}:{i + 1}: {MARK} is not followed by a fenced block"
+        )
         end = start + 1
         while end < len(lines) and not lines[end].lstrip().startswith("```"):
             end += 1
-        blocks.append((f"{path.name}:{start + 1}", commands(lines[start + 1:end])))
+        blocks.append((f"{path.name}:{start + 1}", commands(lines[start + 1 : end])))
         i = end + 1
     return blocks
 
@@ -79,8 +80,9 @@ def all_blocks() -> list[tuple[str, list[str]]]:
 
 
 def _generates(cmds: list[str]) -> bool:
-    return any(re.search(r"\b(generate|compare)\b", c) or (" batch " in f" {c} " and "--dry-run" not in c)
-               for c in cmds)
+    return any(
+        re.search(r"\b(generate|compare)\b", c) or (" batch " in f" {c} " and "--dry-run" not in c) for c in cmds
+    )
 
 
 BLOCKS = all_blocks()
@@ -88,24 +90,34 @@ BLOCKS = all_blocks()
 
 def test_block_extraction_follows_the_rules(tmp_path):
     doc = tmp_path / "x.md"
-    doc.write_text("text\n<!-- test: run -->\n\n```bash\n# a comment\nwan-nabla presets\n"
-                   "pip install -e \".[dev]\" && wan-nabla generate --model tiny \\\n    --prompt x\n"
-                   "python -m pytest -q\n```\n```bash\nnot marked\n```\n", encoding="utf-8")
+    doc.write_text(
+        "text\n<!-- test: run -->\n\n```bash\n# a comment\nwan-nabla presets\n"
+        'pip install -e ".[dev]" && wan-nabla generate --model tiny \\\n    --prompt x\n'
+        "python -m pytest -q\n```\n```bash\nnot marked\n```\n",
+        encoding="utf-8",
+    )
     assert marked_blocks(doc) == [("x.md:4", ["wan-nabla presets", "wan-nabla generate --model tiny --prompt x"])]
 
 
-@pytest.mark.parametrize("where,cmds", [pytest.param(w, c, id=w, marks=[pytest.mark.slow] if _generates(c) else [])
-                                        for w, c in BLOCKS] or [pytest.param("none", [], marks=pytest.mark.skip(
-                                            reason="no block is marked with <!-- test: run -->"))])
+@pytest.mark.parametrize(
+    "where,cmds",
+    [pytest.param(w, c, id=w, marks=[pytest.mark.slow] if _generates(c) else []) for w, c in BLOCKS]
+    or [pytest.param("none", [], marks=pytest.mark.skip(reason="no block is marked with <!-- test: run -->"))],
+)
 def test_marked_command_runs_as_printed(where, cmds, tmp_path):
     for name in LINKED:
         if (ROOT / name).is_dir():
             (tmp_path / name).symlink_to(ROOT / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "XDG_CACHE_HOME": str(tmp_path / ".cache")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "XDG_CACHE_HOME": str(tmp_path / ".cache"),
+    }
     env.pop("WAN_NABLA_OUTPUT_DIR", None)
     for cmd in cmds:
-        proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=1200, check=False)
+        proc = subprocess.run(
+            ["bash", "-c", cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, check=False
+        )
         assert proc.returncode == 0, f"{where}: `{cmd}` exited {proc.returncode}: {proc.stderr[-1500:]}"

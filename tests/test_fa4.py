@@ -35,8 +35,9 @@ PADDED = (3, 18, 26)  # latents -> patch grid 3 x 9 x 13: pads, odd tile count p
 @pytest.fixture
 def fake_fa4(monkeypatch):
     """flash-attn-4 replaced by the float64 imitation; float32 allowed so CPU tests stay exact."""
-    imitation = fa4.FA4Kernels(R.flash_attn_func_imitation, R.BlockSparseTensorsImitation,
-                               R.key_valid_mask_imitation, "imitation")
+    imitation = fa4.FA4Kernels(
+        R.flash_attn_func_imitation, R.BlockSparseTensorsImitation, R.key_valid_mask_imitation, "imitation"
+    )
     monkeypatch.setattr(fa4, "load", lambda: (imitation, "flash-attn-4 imitation"))
     monkeypatch.setattr(fa4, "DTYPES", (torch.bfloat16, torch.float16, torch.float32))
     monkeypatch.setattr(fa4, "_verified", set())
@@ -46,8 +47,10 @@ def fake_fa4(monkeypatch):
 @pytest.fixture
 def fa4_on_cpu(fake_fa4, monkeypatch):
     """AttentionRun resolves to fa4 on the CPU (the real resolver keeps the CPU on flex)."""
+
     def resolve(requested, device, dtype=None):
         return ("flex", "attention.backend is flex") if requested == "flex" else ("fa4", "imitation on the CPU")
+
     monkeypatch.setattr(backends, "resolve_backend", resolve)
     return fake_fa4
 
@@ -82,14 +85,19 @@ def test_block_sparse_args_are_the_plan_lists_one_to_one():
     layout = TileLayout(3, 9, 13, time_pairs=True)
     plan = masks.plan_from_keep(_keep(layout), layout, (128, 128))
     args = fa4.block_sparse_args(plan)
-    pairs = {"mask_block_cnt": plan.kv_num, "mask_block_idx": plan.kv_idx,
-             "full_block_cnt": plan.full_num, "full_block_idx": plan.full_idx}
+    pairs = {
+        "mask_block_cnt": plan.kv_num,
+        "mask_block_idx": plan.kv_idx,
+        "full_block_cnt": plan.full_num,
+        "full_block_idx": plan.full_idx,
+    }
     for name, t in pairs.items():
         assert torch.equal(args[name], t) and args[name].dtype == torch.int32 and args[name].is_contiguous()
     assert args["block_size"] == (128, 128) and all(type(x) is int for x in args["block_size"])
     assert int(plan.kv_num.sum()) > 0 and int(plan.full_num.sum()) > 0  # both lists in use
-    bad = masks.BlockPlan(plan.kv_num.long(), plan.kv_idx, plan.full_num, plan.full_idx, (128, 128), layout,
-                          plan.density)
+    bad = masks.BlockPlan(
+        plan.kv_num.long(), plan.kv_idx, plan.full_num, plan.full_idx, (128, 128), layout, plan.density
+    )
     with pytest.raises(ValueError, match="mask_block_cnt must be int32"):
         fa4.block_sparse_args(bad)
 
@@ -102,7 +110,7 @@ def test_validity_vector_marks_real_tokens(grid):
     valid = fa4.validity(layout, "cpu")
     ref = R.valid_tile_order(layout)
     assert valid.dtype == torch.int32 and len(valid) % 128 == 0 and len(valid) >= layout.padded_len
-    assert torch.equal(valid[: layout.padded_len].bool(), ref) and not valid[layout.padded_len:].any()
+    assert torch.equal(valid[: layout.padded_len].bool(), ref) and not valid[layout.padded_len :].any()
 
 
 @pytest.mark.parametrize("grid", [(3, 9, 13), (1, 7, 40), (2, 8, 16)], ids=["pads", "pads-5tiles", "aligned"])
@@ -135,14 +143,22 @@ def test_past_the_end_block_in_the_full_list_would_be_wrong(fake_fa4):
     plan = masks.plan_from_keep(keep, layout, (128, 128))
     assert int(plan.kv_num.max()) == 1 and int(plan.full_num.max()) == 1
     good = fa4.sparse_attention(q, k, v, plan)
-    token_keep = R.token_keep_from_blocks(_blocks_brute_force(keep, (128, 128)), (128, 128), layout.padded_len,
-                                          R.valid_tile_order(layout))
+    token_keep = R.token_keep_from_blocks(
+        _blocks_brute_force(keep, (128, 128)), (128, 128), layout.padded_len, R.valid_tile_order(layout)
+    )
     torch.testing.assert_close(good.double(), R.masked_attention_f64(q, k, v, token_keep), **R.TOL[torch.float64])
     # the same kept blocks as one full list in descending order: the past-the-end block is no
     # longer the one FA4 bounds-checks
     both = torch.tensor([1, 0], dtype=torch.int32).expand(2, 2, 2, 2).contiguous()
-    wrong = masks.BlockPlan(torch.zeros_like(plan.kv_num), plan.kv_idx, torch.full_like(plan.full_num, 2), both,
-                            (128, 128), layout, plan.density)
+    wrong = masks.BlockPlan(
+        torch.zeros_like(plan.kv_num),
+        plan.kv_idx,
+        torch.full_like(plan.full_num, 2),
+        both,
+        (128, 128),
+        layout,
+        plan.density,
+    )
     assert (fa4.sparse_attention(q, k, v, wrong) - good).abs().max() > 1e-3
 
 
@@ -231,8 +247,11 @@ def test_default_geometry_follows_the_backend():
 # ---- the processor path with the imitation ------------------------------------------------------------
 def _inputs(latent_shape=PADDED, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 16, *latent_shape, generator=g), torch.tensor([700.0, 300.0][:batch]),
-            torch.randn(batch, 7, 32, generator=g))
+    return (
+        torch.randn(batch, 16, *latent_shape, generator=g),
+        torch.tensor([700.0, 300.0][:batch]),
+        torch.randn(batch, 7, 32, generator=g),
+    )
 
 
 def _run(tr, inputs):
@@ -245,11 +264,15 @@ def transformer():
     return R.tiny_transformer(seed=0)
 
 
-@pytest.mark.parametrize("attention", [
-    {"type": "nabla", "threshold": 0.4, "block_size": [128, 64]},
-    {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1], "block_size": [64, 64]},
-    {"type": "sta", "sta_window": [1, 1, 1], "block_size": [128, 64]},
-], ids=["nabla0.4-128x64", "nabla+sta-64x64", "sta-128x64"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"type": "nabla", "threshold": 0.4, "block_size": [128, 64]},
+        {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1], "block_size": [64, 64]},
+        {"type": "sta", "sta_window": [1, 1, 1], "block_size": [128, 64]},
+    ],
+    ids=["nabla0.4-128x64", "nabla+sta-64x64", "sta-128x64"],
+)
 def test_fa4_backend_matches_float64_reference_and_flex(fa4_on_cpu, transformer, attention):
     """Guards the processor's FA4 dispatch: padded grid, batch 2, masks per batch item; output ==
     the float64 brute force and the flex backend, and the FA4 path really ran (not a fallback)."""
@@ -270,11 +293,15 @@ def test_fa4_backend_matches_float64_reference_and_flex(fa4_on_cpu, transformer,
     torch.testing.assert_close(out, flex, **R.TOL[torch.float32])
 
 
-@pytest.mark.parametrize("attention", [
-    {"type": "full"},
-    {"type": "nabla", "threshold": 1.0, "block_size": [128, 128]},
-    {"type": "sta", "sta_window": [3, 1, 1], "dense_steps": 1},
-], ids=["full", "nabla1-128x128", "dense-step"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"type": "full"},
+        {"type": "nabla", "threshold": 1.0, "block_size": [128, 128]},
+        {"type": "sta", "sta_window": [3, 1, 1], "dense_steps": 1},
+    ],
+    ids=["full", "nabla1-128x128", "dense-step"],
+)
 def test_fa4_dense_and_full_coverage_equal_unpatched(fa4_on_cpu, transformer, attention):
     """Guards FA4 dense attention (raster `full`, and dense steps in tile order where pad keys are
     gathered out) and 128x128 blocks at full coverage on a padded grid: output == unpatched."""
@@ -289,10 +316,15 @@ def test_fa4_dense_and_full_coverage_equal_unpatched(fa4_on_cpu, transformer, at
 def test_broken_fa4_falls_back_to_flex_with_one_warning(fa4_on_cpu, transformer, monkeypatch, caplog):
     """Guards "never a hard requirement": FA4 raising on its first call gives one warning naming the
     error, this and every later call run flex, and the output equals the flex backend's."""
+
     def broken(*a, **kw):
         raise RuntimeError("cute DSL compile failed: unsupported arch")
-    monkeypatch.setattr(fa4, "load", lambda: (fa4.FA4Kernels(broken, R.BlockSparseTensorsImitation,
-                                                             R.key_valid_mask_imitation, "broken"), "x"))
+
+    monkeypatch.setattr(
+        fa4,
+        "load",
+        lambda: (fa4.FA4Kernels(broken, R.BlockSparseTensorsImitation, R.key_valid_mask_imitation, "broken"), "x"),
+    )
     att = {"type": "nabla", "threshold": 0.4, "block_size": [64, 64]}
     inputs = _inputs()
     monkeypatch.setattr(backends, "_logged", set())
@@ -311,8 +343,11 @@ def test_fa4_unsupported_head_dim_runs_flex_for_that_call(fa4_on_cpu):
     q = torch.randn(1, 2, 64, 12)
     assert fa4.unsupported(q) and run.kernel_for(q) == "flex"
     assert run.kernel_for(torch.randn(1, 2, 64, 16)) == "fa4"
-    assert math.isclose(float((run.dense(q, q, q) - torch.nn.functional.scaled_dot_product_attention(q, q, q))
-                              .abs().max()), 0.0, abs_tol=1e-6)
+    assert math.isclose(
+        float((run.dense(q, q, q) - torch.nn.functional.scaled_dot_product_attention(q, q, q)).abs().max()),
+        0.0,
+        abs_tol=1e-6,
+    )
 
 
 def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
@@ -325,8 +360,13 @@ def test_gpu_check_script_runs_on_the_cpu(fa4_on_cpu, monkeypatch, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     real = backends.resolve_backend
-    monkeypatch.setattr(backends, "resolve_backend", lambda requested, device, dtype=None: (
-        ("fa4", "imitation") if requested != "flex" else real(requested, device, dtype)))
+    monkeypatch.setattr(
+        backends,
+        "resolve_backend",
+        lambda requested, device, dtype=None: (
+            ("fa4", "imitation") if requested != "flex" else real(requested, device, dtype)
+        ),
+    )
     assert mod.main([str(tmp_path), "--device", "cpu", "--quick"]) == 0
     res = json.loads((tmp_path / "gpu_fa4_check.json").read_text())
     assert res["commit"] not in (None, "unknown") and res["command"].endswith("--device cpu --quick")
@@ -370,6 +410,7 @@ def test_fa4_compiles_for_sm90_without_a_gpu():
         print("ok")
     """)
     env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_90", CUTE_DSL_ARCH="sm_90a", FLASH_ATTENTION_NUM_SMS="132")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

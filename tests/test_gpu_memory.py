@@ -79,8 +79,17 @@ def test_budget_skips_runs_without_building_anything():
 
 def _row(size, offload, s, peaks, b2=True, card=None, status="ok", video="720p"):
     """A measured run as memory.measure records it; peaks = (encode, denoise, resident before decode)."""
-    row = {"size": size, "video": video, "attention": "full", "offload": offload, "batch_cfg": b2, "card_gib": card,
-           "status": status, "s_per_step": s, "peak_gib": None}
+    row = {
+        "size": size,
+        "video": video,
+        "attention": "full",
+        "offload": offload,
+        "batch_cfg": b2,
+        "card_gib": card,
+        "status": status,
+        "s_per_step": s,
+        "peak_gib": None,
+    }
     if peaks:
         row.update(peak_gib={"encode": peaks[0], "denoise": peaks[1]}, resident_before_decode_gib=peaks[2])
     return row
@@ -90,14 +99,21 @@ def test_recommendation_is_the_fastest_mode_that_fits_each_card():
     """Guards the README table's logic: per card, the fastest ok run whose overall peak (encode,
     denoise, estimated decode = resident + measured VAE decode peak) fits card - CONTEXT_GIB;
     OOM runs never qualify; nothing fitting gives None."""
-    rows = [_row("14B", "none", 25.0, (38.0, 55.0, 38.0)),
-            _row("14B", "model", 25.5, (10.6, 45.0, 0.5), card=48),
-            _row("14B", "group", 27.0, (10.6, 20.0, 0.5), card=24),
-            _row("14B", "group", 28.0, (10.6, 14.0, 0.5), b2=False, card=16),
-            _row("14B", "sequential", 60.0, (1.0, 9.0, 0.5), b2=False, card=16),
-            _row("14B", "sequential", 9.0, None, status="oom", card=12)]
-    memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
-                                       {"video": "720p", "tiling": False, "decode_extra_gib": 30.0}])
+    rows = [
+        _row("14B", "none", 25.0, (38.0, 55.0, 38.0)),
+        _row("14B", "model", 25.5, (10.6, 45.0, 0.5), card=48),
+        _row("14B", "group", 27.0, (10.6, 20.0, 0.5), card=24),
+        _row("14B", "group", 28.0, (10.6, 14.0, 0.5), b2=False, card=16),
+        _row("14B", "sequential", 60.0, (1.0, 9.0, 0.5), b2=False, card=16),
+        _row("14B", "sequential", 9.0, None, status="oom", card=12),
+    ]
+    memory_report.add_decode_estimates(
+        rows,
+        [
+            {"video": "720p", "tiling": True, "decode_extra_gib": 4.0},
+            {"video": "720p", "tiling": False, "decode_extra_gib": 30.0},
+        ],
+    )
     # none at 1280x720 on the whole GPU: 79.25 - 38 GiB free leaves room for the untiled decode
     # (20.3 GiB x 1.25), so auto decodes untiled there; on a 48 GB card it would decode tiled
     assert rows[0]["decode_gib_est"] == 38.0 + 30.0 and rows[0]["vae_tiling"] is False
@@ -106,8 +122,13 @@ def test_recommendation_is_the_fastest_mode_that_fits_each_card():
     assert rows[2]["vae_tiling"] is True and rows[2]["decode_gib_est"] == 0.5 + 4.0  # group: always tiled
     rec = memory_report.recommend(rows)[("14B", "720p")]
     pick = {card: (r["offload"], r["batch_cfg"]) if r else None for card, r in rec.items()}
-    assert pick == {80: ("none", True), 48: ("model", True), 24: ("group", True), 16: ("group", False),
-                    12: ("sequential", False)}
+    assert pick == {
+        80: ("none", True),
+        48: ("model", True),
+        24: ("group", True),
+        16: ("group", False),
+        12: ("sequential", False),
+    }
     rows[4]["peak_gib"]["denoise"] = 12.0
     memory_report.add_decode_estimates(rows, [{"video": "720p", "tiling": True, "decode_extra_gib": 4.0}])
     assert memory_report.recommend(rows)[("14B", "720p")][12] is None
@@ -119,16 +140,25 @@ def test_recommendation_counts_the_tiled_decode_a_smaller_card_gets():
     """Guards: a run whose whole-GPU peak comes from an untiled decode still fits a smaller card,
     because vae_tiling auto decodes tiled there (the 1.3B 480p case: none peaks at 24.5 GiB untiled,
     17.5 GiB on a 24 GB card); the card's peak is what decides, and the cell says it is tiled."""
-    rows = [_row("1.3B", "none", 0.97, (16.0, 17.5, 15.5), video="480p"),
-            _row("1.3B", "sequential", 1.08, (2.0, 3.1, 0.4), b2=True, card=12, video="480p")]
-    vae = [{"video": "480p", "tiling": False, "decode_extra_gib": 9.0, "seconds": 3.8},
-           {"video": "480p", "tiling": True, "decode_extra_gib": 1.9, "seconds": 6.7}]
+    rows = [
+        _row("1.3B", "none", 0.97, (16.0, 17.5, 15.5), video="480p"),
+        _row("1.3B", "sequential", 1.08, (2.0, 3.1, 0.4), b2=True, card=12, video="480p"),
+    ]
+    vae = [
+        {"video": "480p", "tiling": False, "decode_extra_gib": 9.0, "seconds": 3.8},
+        {"video": "480p", "tiling": True, "decode_extra_gib": 1.9, "seconds": 6.7},
+    ]
     memory_report.add_decode_estimates(rows, vae)
     assert rows[0]["total_peak_gib"] == pytest.approx(24.5) and rows[0]["vae_tiling"] is False
     assert rows[0]["peak_by_card_gib"][24] == 17.5 and rows[0]["tiled_by_card"][24] is True
     rec = memory_report.recommend(rows)[("1.3B", "480p")]
-    assert {c: r["offload"] for c, r in rec.items()} == {80: "none", 48: "none", 24: "none", 16: "sequential",
-                                                        12: "sequential"}
+    assert {c: r["offload"] for c, r in rec.items()} == {
+        80: "none",
+        48: "none",
+        24: "none",
+        16: "sequential",
+        12: "sequential",
+    }
     md = memory_report.render_markdown({"runs": rows, "vae": vae, "skipped": []})
     assert "none (0.97 s/step, 17.5 GiB, t)" in md and "none (0.97 s/step, 24.5 GiB)" in md
     assert "24.50 untiled" in md

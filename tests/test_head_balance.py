@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location("head_balance", Path(__file__).resolve().parents[1] / "benchmarks" / "jobs" / "head_balance.py")
+spec = importlib.util.spec_from_file_location(
+    "head_balance", Path(__file__).resolve().parents[1] / "benchmarks" / "jobs" / "head_balance.py"
+)
 hb = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(hb)
 
@@ -32,8 +34,10 @@ def test_contiguous_groups_of_a_density_ramp_are_unequal_and_snake_fixes_it():
         assert r[f"U{u}"]["contiguous_mean"] > 0.2
         assert r[f"U{u}"]["balanced_mean"] < 0.05  # 5 heads per rank at U8: snake is not perfect
     work = torch.tensor([0.4 + 0.39, 0.05 + 0.06])
-    assert abs(hb.imbalance(torch.tensor([0.4, 0.39, 0.05, 0.06]), [[0, 1], [2, 3]])
-               - float(work.max() / work.mean() - 1)) < 1e-6
+    assert (
+        abs(hb.imbalance(torch.tensor([0.4, 0.39, 0.05, 0.06]), [[0, 1], [2, 3]]) - float(work.max() / work.mean() - 1))
+        < 1e-6
+    )
 
 
 def test_quick_run_writes_both_sources_with_provenance(tmp_path):
@@ -41,8 +45,9 @@ def test_quick_run_writes_both_sources_with_provenance(tmp_path):
     AttentionRun.plan, whose signature it wraps): exit 0, both sources analysed, and the JSON names
     the commit and the command."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "jobs" / "head_balance.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "--quick"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--quick"], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "head_balance.json").read_text())
     assert res["synthetic_qk"] and res["random_weight_model"], list(res)

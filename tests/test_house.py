@@ -47,8 +47,12 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
                 continue
             names = [a.name for a in node.names]
             # `from . import x` imports the submodule x
-            subs = [f"{target}.{n}" for n in names if (PKG.parent / f"{target}.{n}".replace(".", "/")).with_suffix(".py").exists()
-                    or (PKG.parent / f"{target}.{n}".replace(".", "/")).is_dir()]
+            subs = [
+                f"{target}.{n}"
+                for n in names
+                if (PKG.parent / f"{target}.{n}".replace(".", "/")).with_suffix(".py").exists()
+                or (PKG.parent / f"{target}.{n}".replace(".", "/")).is_dir()
+            ]
             if subs:
                 out += [(s, []) for s in subs]
             else:
@@ -92,7 +96,7 @@ def test_no_import_cycles_between_modules():
             if dep not in graph:
                 continue
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep)
@@ -111,23 +115,41 @@ def test_no_private_names_imported_across_modules():
     for path in PKG.rglob("*.py"):
         text = path.read_text()
         for target, names in _imports(path):
-            bad += [f"{path.relative_to(ROOT)}: from {target} import {n}" for n in names
-                    if n.startswith("_") and not n.startswith("__")]
-        for m in re.finditer(r"\b(masks|layout|kernels|processors|mask_kernels|adapter|pipeline|models|files|video|"
-                             r"naming|sidecar|manifest|resume|prompts|plan|published|report|records|op)\._[a-z]\w*", text):
+            bad += [
+                f"{path.relative_to(ROOT)}: from {target} import {n}"
+                for n in names
+                if n.startswith("_") and not n.startswith("__")
+            ]
+        for m in re.finditer(
+            r"\b(masks|layout|kernels|processors|mask_kernels|adapter|pipeline|models|files|video|"
+            r"naming|sidecar|manifest|resume|prompts|plan|published|report|records|op)\._[a-z]\w*",
+            text,
+        ):
             bad.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
     assert not bad, "\n".join(bad)
 
 
-DOCS = [ROOT / "README.md", *ROOT.joinpath("docs").glob("*.md"), ROOT / "benchmarks" / "NOTES.md",
-        ROOT / "benchmarks" / "README.md", ROOT / "weights" / "README.md", ROOT / "scripts" / "README.md",
-        ROOT / "Dockerfile"]
+DOCS = [
+    ROOT / "README.md",
+    *ROOT.joinpath("docs").glob("*.md"),
+    ROOT / "benchmarks" / "NOTES.md",
+    ROOT / "benchmarks" / "README.md",
+    ROOT / "weights" / "README.md",
+    ROOT / "scripts" / "README.md",
+    ROOT / "Dockerfile",
+]
 HARNESS = ROOT / "benchmarks"
 
 
 def _texts():
-    code = [*PKG.rglob("*.py"), *HARNESS.joinpath("harness").rglob("*.py"), *HARNESS.joinpath("jobs").glob("*"),
-            *ROOT.joinpath("scripts").glob("*"), *ROOT.joinpath("examples").glob("*"), *ROOT.joinpath("configs").glob("*")]
+    code = [
+        *PKG.rglob("*.py"),
+        *HARNESS.joinpath("harness").rglob("*.py"),
+        *HARNESS.joinpath("jobs").glob("*"),
+        *ROOT.joinpath("scripts").glob("*"),
+        *ROOT.joinpath("examples").glob("*"),
+        *ROOT.joinpath("configs").glob("*"),
+    ]
     for path in DOCS + code:
         if path.is_file():
             yield path, path.read_text(encoding="utf-8")
@@ -136,7 +158,9 @@ def _texts():
 def test_documents_cite_only_files_in_the_repository():
     """Guards: the repository stands alone: no pointers to files it does not contain."""
     forbidden = re.compile(r"\.\./shared|NABLA\.md|METHOD\.md|KINDS\.md|HOPPER\.md|\bissue [0-9]+\b")
-    cited = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|scripts|wan_nabla|tests|weights|configs|examples|\.ci)/[\w./-]+\.(?:md|py|sh|jsonl|json|png|yaml|txt))(?![\w])")
+    cited = re.compile(
+        r"(?<![\w/.-])((?:docs|benchmarks|scripts|wan_nabla|tests|weights|configs|examples|\.ci)/[\w./-]+\.(?:md|py|sh|jsonl|json|png|yaml|txt))(?![\w])"
+    )
     problems = []
     for path, text in _texts():
         for m in forbidden.finditer(text):
@@ -154,8 +178,12 @@ def test_layout_table_matches_the_tree():
     section = design.split("## Layout", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(wan_nabla/[\w/]+\.py|[\w/]+\.py)`", section))
     named = {n if n.startswith("wan_nabla/") else f"wan_nabla/{n}" for n in named}
-    actual = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name not in ("__main__.py",)
-              and not (p.name == "__init__.py" and p.parent != PKG and p.parent.name != "presets")}
+    actual = {
+        str(p.relative_to(ROOT))
+        for p in PKG.rglob("*.py")
+        if p.name not in ("__main__.py",)
+        and not (p.name == "__init__.py" and p.parent != PKG and p.parent.name != "presets")
+    }
     assert named - actual == set(), f"the layout table names missing modules: {sorted(named - actual)}"
     assert actual - named == set(), f"the layout table lacks: {sorted(actual - named)}"
 
@@ -169,7 +197,9 @@ def test_readme_is_short_and_every_relative_link_resolves():
     points at a file that is not in the repository (anchors and web addresses are not checked)."""
     readme = ROOT / "README.md"
     lines = readme.read_text(encoding="utf-8").count("\n")
-    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it <= {README_MAX_LINES}, move detail to docs/"
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines; keep it <= {README_MAX_LINES}, move detail to docs/"
+    )
     broken = []
     pages = [readme, *sorted(ROOT.joinpath("docs").glob("*.md"))]
     assert len(pages) > 1, "docs/ has no pages"
@@ -199,8 +229,13 @@ def test_the_package_never_imports_the_benchmarks():
     for path in PKG.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for node in ast.walk(ast.parse(text)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             bad += [f"{path.relative_to(ROOT)}: imports {n}" for n in names if n.split(".")[0] == "benchmarks"]
         if re.search(r"import_module\(\s*[\"']benchmarks", text):
             bad.append(f"{path.relative_to(ROOT)}: import_module('benchmarks...')")
@@ -223,8 +258,12 @@ def wheel_files(tmp_path_factory) -> dict[str, bytes]:
     stale.mkdir(parents=True)
     (stale / "targets.py").write_text("TARGETS = {}\n")
     out = tmp_path_factory.mktemp("wheel")
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     with zipfile.ZipFile(next(out.glob("wan_nabla-*.whl"))) as z:
         return {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
@@ -252,9 +291,13 @@ def test_configs_are_the_shipped_presets_byte_for_byte(wheel_files):
 
     configs = {p.name: p.read_bytes() for p in sorted((ROOT / "configs").glob("*"))}
     assert configs and all(n.endswith(".yaml") for n in configs), sorted(configs)
-    shipped = {Path(n).name: b for n, b in wheel_files.items() if n.startswith("wan_nabla/presets/") and not n.endswith(".py")}
+    shipped = {
+        Path(n).name: b for n, b in wheel_files.items() if n.startswith("wan_nabla/presets/") and not n.endswith(".py")
+    }
     assert shipped == configs
-    assert not list((PKG / "presets").glob("*.y*ml")), "a YAML inside wan_nabla/presets/ is a second copy: edit configs/"
+    assert not list((PKG / "presets").glob("*.y*ml")), (
+        "a YAML inside wan_nabla/presets/ is a second copy: edit configs/"
+    )
     assert presets.PRESET_DIR == ROOT / "configs"
     assert presets.preset_path("nabla_0.7") == ROOT / "configs" / "nabla_0.7.yaml"
     assert presets.preset_names() == sorted(Path(n).stem for n in configs)
@@ -267,7 +310,9 @@ def test_docker_image_builds_the_presets_in_and_leaves_the_lab_out():
     sources = {s.rstrip("/") for srcs in copies for s in srcs}
     assert {"configs", "setup.py", "MANIFEST.in", "pyproject.toml", "wan_nabla"} <= sources, sources
     assert not sources & {"benchmarks", "scripts", "tests", "."}, sources
-    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    allowed = {
+        line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    }
     assert {"configs", "setup.py", "MANIFEST.in"} <= allowed and "benchmarks" not in allowed, allowed
 
 
@@ -275,8 +320,11 @@ def test_attention_library_imports_nothing_from_the_app():
     """Guards the library boundary: no module under wan_nabla/attention imports a wan_nabla module
     outside wan_nabla/attention (function-level imports included)."""
     lib = PKG / "attention"
-    bad = [f"{path.relative_to(ROOT)}: imports {target}" for path in lib.rglob("*.py")
-           for target, _ in _imports(path)
-           if target.startswith("wan_nabla") and not (target == "wan_nabla.attention"
-                                                      or target.startswith("wan_nabla.attention."))]
+    bad = [
+        f"{path.relative_to(ROOT)}: imports {target}"
+        for path in lib.rglob("*.py")
+        for target, _ in _imports(path)
+        if target.startswith("wan_nabla")
+        and not (target == "wan_nabla.attention" or target.startswith("wan_nabla.attention."))
+    ]
     assert not bad, "\n".join(bad)

@@ -22,8 +22,14 @@ STA = {"type": "sta", "sta_window": [1, 1, 1]}
 
 
 def _gen(attention=None, speed=None, lora=(), **gen) -> VideoGenerator:
-    cfg = RunConfig.from_mapping({"attention": attention or STA, "speed": {"compile": "none", **(speed or {})},
-                                  "lora": list(lora), "generation": {"dtype": "float32", "device": "cpu", **gen}})
+    cfg = RunConfig.from_mapping(
+        {
+            "attention": attention or STA,
+            "speed": {"compile": "none", **(speed or {})},
+            "lora": list(lora),
+            "generation": {"dtype": "float32", "device": "cpu", **gen},
+        }
+    )
     return VideoGenerator(build_tiny_pipeline(seed=0), cfg, torch.device("cpu"), model_id="tiny")
 
 
@@ -98,8 +104,12 @@ def test_lora_merges_the_delta_an_independent_formula_gives(lora_files):
     gen = _gen(lora=[f"{lora_files / 'original.safetensors'}:0.7"])
     tr = gen.pipe.transformer
     sd = _lora_tensors()
-    for src, dst in [("blocks.0.self_attn.q", "blocks.0.attn1.to_q"), ("blocks.1.cross_attn.o", "blocks.1.attn2.to_out.0"),
-                     ("blocks.1.ffn.0", "blocks.1.ffn.net.0.proj"), ("blocks.0.ffn.2", "blocks.0.ffn.net.2")]:
+    for src, dst in [
+        ("blocks.0.self_attn.q", "blocks.0.attn1.to_q"),
+        ("blocks.1.cross_attn.o", "blocks.1.attn2.to_out.0"),
+        ("blocks.1.ffn.0", "blocks.1.ffn.net.0.proj"),
+        ("blocks.0.ffn.2", "blocks.0.ffn.net.2"),
+    ]:
         down = sd[f"diffusion_model.{src}.lora_down.weight"].double()
         up = sd[f"diffusion_model.{src}.lora_up.weight"].double()
         w0 = base.get_submodule(dst).weight.double()
@@ -131,7 +141,7 @@ def test_lora_original_and_diffusers_naming_give_the_same_video(lora_files):
     a = _gen(lora=[lora_files / "original.safetensors"])
     b = _gen(lora=[LoraSpec(str(lora_files / "diffusers.safetensors"))])
     assert b.lora[0]["format"] == "diffusers"
-    for (name, pa), pb in zip(a.pipe.transformer.named_parameters(), b.pipe.transformer.parameters()):
+    for (name, pa), pb in zip(a.pipe.transformer.named_parameters(), b.pipe.transformer.parameters(), strict=False):
         torch.testing.assert_close(pa, pb, atol=2e-6, rtol=1e-5, msg=name)
     fa = a.generate("a fox", progress=False, **SMALL).frames
     fb = b.generate("a fox", progress=False, **SMALL).frames
@@ -156,15 +166,21 @@ def _bad_lora(tmp, kind: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind, needle", [
-    ("unknown_layer", "'diffusion_model.blocks.0.self_attn.zz.lora_down.weight'"),
-    ("missing_block", "'transformer.blocks.7.attn1.to_q.lora_A.weight' targets 'blocks.7.attn1.to_q': no such layer"),
-    ("foreign_prefix", "'model.blocks.0.cross_attn.k.alpha' is not a transformer LoRA weight"),
-    ("wrong_size", "'blocks.0.attn1.to_q' is 64x64"),
-    ("not_safetensors", "not a readable safetensors file"),
-    ("missing_file", "does not exist"),
-    ("bin", "only .safetensors"),
-])
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("unknown_layer", "'diffusion_model.blocks.0.self_attn.zz.lora_down.weight'"),
+        (
+            "missing_block",
+            "'transformer.blocks.7.attn1.to_q.lora_A.weight' targets 'blocks.7.attn1.to_q': no such layer",
+        ),
+        ("foreign_prefix", "'model.blocks.0.cross_attn.k.alpha' is not a transformer LoRA weight"),
+        ("wrong_size", "'blocks.0.attn1.to_q' is 64x64"),
+        ("not_safetensors", "not a readable safetensors file"),
+        ("missing_file", "does not exist"),
+        ("bin", "only .safetensors"),
+    ],
+)
 def test_bad_lora_exit_2_one_line_nothing_written(tmp_path, capsys, kind, needle):
     """Guards: a LoRA diffusers would load partially or ignore silently (a layer the model lacks, a
     foreign prefix), a wrong-size one, a pickle or a missing file: one line naming the first bad
@@ -172,8 +188,22 @@ def test_bad_lora_exit_2_one_line_nothing_written(tmp_path, capsys, kind, needle
     lora = {"missing_file": str(tmp_path / "nope.safetensors"), "bin": str(tmp_path / "x.bin")}.get(kind)
     out = tmp_path / "out" / "v.mp4"
     out.parent.mkdir()
-    args = ["generate", "--prompt", "x", "--output", str(out), "--model", "tiny", "--quiet", "--steps", "1",
-            "--frames", "5", "--lora", lora or _bad_lora(tmp_path, kind)]
+    args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--output",
+        str(out),
+        "--model",
+        "tiny",
+        "--quiet",
+        "--steps",
+        "1",
+        "--frames",
+        "5",
+        "--lora",
+        lora or _bad_lora(tmp_path, kind),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("wan-nabla: error:") and needle in err[0], err
@@ -193,8 +223,9 @@ def test_guidance_one_runs_one_pass_per_step_and_skips_the_negative_prompt():
     h1.remove(), h2.remove()
     assert batches == [1, 1, 1] and texts == [1]
     assert res.speed["passes_per_step"] == 1
-    other = _gen(guidance_scale=1.0).generate("a fox", negative_prompt="something else", progress=False,
-                                              **{**SMALL, "steps": 3})
+    other = _gen(guidance_scale=1.0).generate(
+        "a fox", negative_prompt="something else", progress=False, **{**SMALL, "steps": 3}
+    )
     assert np.array_equal(res.frames, other.frames)
 
 
@@ -230,8 +261,9 @@ def test_mag_cache_skips_whole_steps_and_calibrates():
     """Guards: MagCache through diffusers' hooks skips whole steps after the retention steps (no
     attention at all there: per-step density None), never more than K in a row; calibrate mode
     skips nothing and records one ratio per step."""
-    res = _gen(speed={"cache": "mag:100:1", "mag_ratios": [1.0] * 4}).generate("a fox", progress=False,
-                                                                                 **{**SMALL, "steps": 4})
+    res = _gen(speed={"cache": "mag:100:1", "mag_ratios": [1.0] * 4}).generate(
+        "a fox", progress=False, **{**SMALL, "steps": 4}
+    )
     assert res.speed["cache"]["computed_per_step"] == [2, 0, 2, 0]
     assert res.attention["per_step"][1] is None and res.attention["per_step"][0] == pytest.approx(0.5)
     cal = _gen(speed={"cache": "mag:calibrate"}).generate("a fox", progress=False, **{**SMALL, "steps": 4})
@@ -257,18 +289,28 @@ def test_speed_and_lora_config_round_trip_and_errors(tmp_path):
     """Guards: YAML speed/lora sections parse (strings and mappings), flags replace them, and bad
     values name the key and what is allowed."""
     p = tmp_path / "c.yaml"
-    p.write_text("speed: {compile: blocks-split, cache: 'mag:0.1:2', mag_ratios: [1.0, 0.98]}\n"
-                 "lora: ['a.safetensors:0.5', {path: b.safetensors}]\n")
+    p.write_text(
+        "speed: {compile: blocks-split, cache: 'mag:0.1:2', mag_ratios: [1.0, 0.98]}\n"
+        "lora: ['a.safetensors:0.5', {path: b.safetensors}]\n"
+    )
     cfg = load_config(p)
     assert cfg.speed.cache_params == {"threshold": 0.1, "max_skip_steps": 2}
     assert [(x.path, x.scale) for x in cfg.lora] == [("a.safetensors", 0.5), ("b.safetensors", 1.0)]
     assert cfg.override(steps=3).lora == cfg.lora
     cfg2 = cfg.with_levers(compile="none", lora=["c.safetensors"])
-    assert cfg2.speed.compile == "none" and cfg2.speed.cache == "mag:0.1:2" and [x.path for x in cfg2.lora] == ["c.safetensors"]
+    assert (
+        cfg2.speed.compile == "none"
+        and cfg2.speed.cache == "mag:0.1:2"
+        and [x.path for x in cfg2.lora] == ["c.safetensors"]
+    )
     back = RunConfig.from_mapping(cfg2.to_dict())
     assert (back.speed, back.lora) == (cfg2.speed, cfg2.lora)
-    for bad, needle in [({"compile": "max"}, "speed.compile"), ({"cache": "first-block"}, "first-block:T"),
-                        ({"cache": "mag", "mag_ratios": [1.0]}, "mag:T"), ({"mag_ratios": [0, 1]}, "positive")]:
+    for bad, needle in [
+        ({"compile": "max"}, "speed.compile"),
+        ({"cache": "first-block"}, "first-block:T"),
+        ({"cache": "mag", "mag_ratios": [1.0]}, "mag:T"),
+        ({"mag_ratios": [0, 1]}, "positive"),
+    ]:
         with pytest.raises(ConfigError, match=needle):
             SpeedConfig(**bad)
     with pytest.raises(ConfigError, match="only .safetensors"):
@@ -278,8 +320,11 @@ def test_speed_and_lora_config_round_trip_and_errors(tmp_path):
 
 
 def test_bad_lever_flags_exit_2(tmp_path, capsys):
-    for flags, needle in [(["--cache", "fbc"], "--cache"), (["--compile", "all"], "--compile"),
-                          (["--sampler", "ddim"], "--sampler")]:
+    for flags, needle in [
+        (["--cache", "fbc"], "--cache"),
+        (["--compile", "all"], "--compile"),
+        (["--sampler", "ddim"], "--sampler"),
+    ]:
         assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "v.mp4"), "--model", "tiny", *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
@@ -289,9 +334,33 @@ def test_distill_preset_generates_with_a_lora_and_records_the_levers(tmp_path, l
     """Guards: the distilled-LoRA preset (4 Euler steps, guidance 1, STA) runs with --lora and a
     cache; the sidecar records the LoRA (with its sha256), the cache skips and the compile mode."""
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--prompt", "a fox", "--config", "distill_4step_sta", "--model", "tiny", "--quiet",
-                 "--size", "64x64", "--frames", "5", "--dtype", "float32", "--output", str(out), "--cache", "first-block:0",
-                 "--lora", f"{lora_files / 'original.safetensors'}:0.5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a fox",
+                "--config",
+                "distill_4step_sta",
+                "--model",
+                "tiny",
+                "--quiet",
+                "--size",
+                "64x64",
+                "--frames",
+                "5",
+                "--dtype",
+                "float32",
+                "--output",
+                str(out),
+                "--cache",
+                "first-block:0",
+                "--lora",
+                f"{lora_files / 'original.safetensors'}:0.5",
+            ]
+        )
+        == 0
+    )
     side = json.loads(out.with_suffix(".json").read_text())
     gen = side["config"]["generation"]
     assert (gen["steps"], gen["guidance_scale"], gen["sampler"], gen["shift"]) == (4, 1.0, "euler", 5.0)
@@ -339,8 +408,27 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     JSON + markdown are written with the table printed last."""
     from benchmarks.harness import levers
 
-    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1e9", "--rows",
-                        "dense", "sta", "compiled", "lora", "cache", "variant"]) == 0  # FP8 rows: the test below
+    assert (
+        levers.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--deadline-s",
+                "1e9",
+                "--rows",
+                "dense",
+                "sta",
+                "compiled",
+                "lora",
+                "cache",
+                "variant",
+            ]
+        )
+        == 0
+    )  # FP8 rows: the test below
     data = json.loads((tmp_path / "levers.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert len(rows) == 6 and all("error" not in r and "skipped" not in r for r in rows.values()), rows.keys()
@@ -357,7 +445,9 @@ def test_levers_script_quick_mode_runs_every_row(tmp_path, capsys):
     assert 0 <= cache["ssim"] <= 1 and cache["psnr_db"] > 0 and cache["cache_record"]["block_calls"] == 8
     assert data["summary"]["goal"]["row"] == "+ LoRA, fused" and data["summary"]["cfg50_estimates"]
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("|") and "| + compiled blocks | flex |" in out and "| dense (cuDNN SDPA) | SDPA |" in out
+    assert (
+        out.rstrip().endswith("|") and "| + compiled blocks | flex |" in out and "| dense (cuDNN SDPA) | SDPA |" in out
+    )
     assert " untiled |" in out or " tiled |" in out
     assert (tmp_path / "levers.md").read_text() in out
     assert f"commit {data['env']['commit']}." in (tmp_path / "levers.md").read_text()
@@ -376,14 +466,27 @@ def test_batch_key_covers_lora_and_cache_and_keeps_earlier_keys():
     key = plan_item(base, item, "tiny").key
     g = plan_item(base, item, "tiny").settings
     attention = {k: v for k, v in base.attention.to_dict().items() if k != "backend"}  # added later, not keyed
-    before = {"index": 0, "prompt": "a fox", "name": None, "model": "tiny", "attention": attention,
-              "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler", "crf")}}
+    before = {
+        "index": 0,
+        "prompt": "a fox",
+        "name": None,
+        "model": "tiny",
+        "attention": attention,
+        "generation": {k: v for k, v in g.to_dict().items() if k not in ("device", "sampler", "crf")},
+    }
     assert key == hashlib.sha256(json.dumps(before, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
     assert plan_item(base.with_levers(compile="blocks"), item, "tiny").key == key
-    keys = {plan_item(c, item, "tiny").key for c in (
-        base.with_levers(lora=["a.safetensors"]), base.with_levers(lora=["a.safetensors:0.5"]),
-        base.with_levers(cache="first-block:0.05"), base.override(sampler="euler"),
-        base.with_levers(quantize="fp8"), base.override(vae_dtype="bf16"))}
+    keys = {
+        plan_item(c, item, "tiny").key
+        for c in (
+            base.with_levers(lora=["a.safetensors"]),
+            base.with_levers(lora=["a.safetensors:0.5"]),
+            base.with_levers(cache="first-block:0.05"),
+            base.override(sampler="euler"),
+            base.with_levers(quantize="fp8"),
+            base.override(vae_dtype="bf16"),
+        )
+    }
     assert len(keys) == 6 and key not in keys
 
 
@@ -398,6 +501,7 @@ def test_auto_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
     def broken_compile(fn, **kw):
         def run(*a, **k):
             raise TorchDynamoException("inductor exploded")
+
         return run
 
     monkeypatch.setattr(adapter.torch, "compile", broken_compile)
@@ -430,16 +534,19 @@ def test_levers_fp8_and_fast_decode_rows_on_the_cpu(tmp_path):
     published operating point."""
     from benchmarks.harness import levers
 
-    assert levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--rows", "lora", "fp8",
-                        "fastdecode"]) == 0
+    assert (
+        levers.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--rows", "lora", "fp8", "fastdecode"]) == 0
+    )
     data = json.loads((tmp_path / "levers.json").read_text())
     rows = {r["key"]: r for r in data["rows"]}
     assert data["fp8_emulated_on_cpu"] is True and list(rows) == ["lora", "fp8", "fastdecode"]
     assert rows["lora"]["quantize"] == {"mode": "none"}
     assert rows["fp8"]["quantize"]["linear_modules"] == 20 and rows["fp8"]["quantize"]["already_quantized"] == 0
     assert rows["fastdecode"]["quantize"]["already_quantized"] == 20 and rows["fastdecode"]["vae_dtype"] == "bf16"
-    assert all(r["graphs_compiled_in_generate"] == 0 and r["compile"] == "blocks" and r["compile_error"] is None
-               for r in rows.values())  # FP8 layers inside the compiled blocks, no eager fallback
+    assert all(
+        r["graphs_compiled_in_generate"] == 0 and r["compile"] == "blocks" and r["compile_error"] is None
+        for r in rows.values()
+    )  # FP8 layers inside the compiled blocks, no eager fallback
     q = data["quality"]
     assert 1e-4 < q["fp8_vs_bf16"]["final_latents_rel_l2"] < 0.1 and len(q["fp8_vs_bf16"]["noise_rel_l2_per_step"]) == 4
     assert q["bf16_decode_vs_fp32_decode"]["final_latents_rel_l2"] == 0.0

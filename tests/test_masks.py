@@ -42,8 +42,12 @@ def test_nabla_equals_bruteforce_cdf(threshold, grid):
     b, h, d = 2, 3, 16
     ids = R.tile_ids(*grid)
     # per-tile offsets give the pooled map real structure (pure noise pools to ~uniform)
-    raster_q = torch.randn(b, h, L.seq_len, d, generator=g) + 2 * torch.randn(b, h, L.n_tiles, d, generator=g)[:, :, ids]
-    raster_k = torch.randn(b, h, L.seq_len, d, generator=g) + 2 * torch.randn(b, h, L.n_tiles, d, generator=g)[:, :, ids]
+    raster_q = (
+        torch.randn(b, h, L.seq_len, d, generator=g) + 2 * torch.randn(b, h, L.n_tiles, d, generator=g)[:, :, ids]
+    )
+    raster_k = (
+        torch.randn(b, h, L.seq_len, d, generator=g) + 2 * torch.randn(b, h, L.n_tiles, d, generator=g)[:, :, ids]
+    )
     to_t = lambda x: L.to_tiles(x.flatten(0, 1).transpose(0, 1).flatten(1), seq_dim=0)  # noqa: E731
     q = to_t(raster_q).view(L.padded_len, b, h, d).permute(1, 2, 0, 3)
     k = to_t(raster_k).view(L.padded_len, b, h, d).permute(1, 2, 0, 3)
@@ -59,10 +63,10 @@ def test_cdf_select_keeps_the_crossing_entry_and_threshold_one_keeps_all():
     """Guards the CDF rule at exact boundaries: dyadic probabilities make every partial sum exact in
     float32, so "mass before < threshold" is decided without rounding."""
     p = torch.tensor([[0.5, 0.25, 0.1875, 0.0625]])
-    assert cdf_select(p, 0.5).tolist() == [[True, False, False, False]]      # mass before 2nd = 0.5, not < 0.5
+    assert cdf_select(p, 0.5).tolist() == [[True, False, False, False]]  # mass before 2nd = 0.5, not < 0.5
     assert cdf_select(p, 0.5001).tolist() == [[True, True, False, False]]
-    assert cdf_select(p, 0.75).tolist() == [[True, True, False, False]]      # mass before 3rd = 0.75
-    assert cdf_select(p, 0.9375).tolist() == [[True, True, True, False]]     # mass before 4th = 0.9375
+    assert cdf_select(p, 0.75).tolist() == [[True, True, False, False]]  # mass before 3rd = 0.75
+    assert cdf_select(p, 0.9375).tolist() == [[True, True, True, False]]  # mass before 4th = 0.9375
     assert cdf_select(p, 0.9376).tolist() == [[True, True, True, True]]
     assert cdf_select(p[:, [2, 0, 3, 1]], 0.6).tolist() == [[False, True, False, True]]  # order does not matter
     assert cdf_select(torch.full((1, 4), 0.25), 1.0).all()
@@ -84,11 +88,12 @@ def test_block_mask_tables_match_keep_mask(grid, block_size):
     gq, gk = block_size[0] // 64, block_size[1] // 64
     for qb in range(coarse.shape[2]):
         for kb in range(coarse.shape[3]):
-            sub = keep[:, :, qb * gq:(qb + 1) * gq, kb * gk:(kb + 1) * gk]
+            sub = keep[:, :, qb * gq : (qb + 1) * gq, kb * gk : (kb + 1) * gk]
             assert torch.equal(coarse[:, :, qb, kb], sub.flatten(2).any(-1))
     full_counts = bm.full_kv_num_blocks
     has_pad = ~torch.cat([L.valid(), torch.zeros(-L.padded_len % 128, dtype=torch.bool)])[
-        : coarse.shape[3] * block_size[1]].view(-1, block_size[1]).all(-1)
+        : coarse.shape[3] * block_size[1]
+    ].view(-1, block_size[1]).all(-1)
     assert torch.equal(full_counts, (coarse & ~has_pad).sum(-1).int())
     assert float(block_density(keep, block_size)) == pytest.approx(coarse.float().mean().item())
 

@@ -283,8 +283,9 @@ def test_a_path_is_never_taken_for_a_hub_id(model, repo, local_dir, tmp_path, mo
     with pytest.raises(ModelNotFoundError) as err:
         check_available(model)
     assert time.perf_counter() - t0 < 1.0
-    assert str(err.value) == (f"model directory {model!r} does not exist; get the weights with: "
-                              f"hf download {repo} --local-dir {local_dir}")
+    assert str(err.value) == (
+        f"model directory {model!r} does not exist; get the weights with: hf download {repo} --local-dir {local_dir}"
+    )
     assert repo_id_for(model) == repo
 
 
@@ -341,8 +342,9 @@ def test_sampler_limit_is_exactly_where_diffusers_fails():
     check = item_check(facts, AttentionConfig())
 
     def runs(steps, shift):
-        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=shift)
+        sched = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+        )
         set_timesteps(sched, steps)  # Wan's schedule, as the pipeline runs it
         x = torch.randn(1, 2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
         try:

@@ -46,8 +46,11 @@ def test_offload_modes_give_the_same_video_as_none(reference, mode):
     pipe = gen.pipe
     assert not any(hasattr(m, "_hf_hook") for m in (pipe.text_encoder, pipe.transformer, pipe.vae))
     for module in (pipe.transformer, pipe.text_encoder):
-        hooked = [n for n, m in module.named_modules() if getattr(m, "_diffusers_hook", None) is not None
-                  and m._diffusers_hook.hooks]
+        hooked = [
+            n
+            for n, m in module.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.hooks
+        ]
         assert hooked == [], hooked
 
 
@@ -75,7 +78,9 @@ def test_each_mode_installs_its_own_hooks(mode):
         assert all("group_offloading" in _hooks(b) for b in tr.blocks) and not _hooks(leaf)
         assert "group_offloading" in _hooks(te) and not _hooks(te.encoder.block[0])
     else:
-        assert "group_offloading" in _hooks(leaf) and "group_offloading" in _hooks(te.encoder.block[0].layer[0].SelfAttention.q)
+        assert "group_offloading" in _hooks(leaf) and "group_offloading" in _hooks(
+            te.encoder.block[0].layer[0].SelfAttention.q
+        )
     assert not _hooks(pipe.vae)
     handle.remove()
     assert not _hooks(leaf) and not _hooks(block) and not hasattr(tr, "_hf_hook")
@@ -144,14 +149,20 @@ def test_untiled_decode_out_of_memory_decodes_again_tiled(monkeypatch):
         return real(pipe, latents, device)
 
     monkeypatch.setattr(adapter, "decode_video", decode)
-    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(
-        {"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "off"}}), torch.device("cpu"))
+    gen = VideoGenerator(
+        build_tiny_pipeline(seed=0),
+        RunConfig.from_mapping({"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "off"}}),
+        torch.device("cpu"),
+    )
     res = gen.generate("a fox", progress=False, size=(128, 128), frames=9, steps=1)
     assert calls == [False, True] and res.frames.shape == (9, 128, 128, 3)
     assert res.timings["vae_tiling"] is True and res.timings["vae_tiling_retry"] is True
     gen.close()
-    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(
-        {"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "on"}}), torch.device("cpu"))
+    gen = VideoGenerator(
+        build_tiny_pipeline(seed=0),
+        RunConfig.from_mapping({"generation": {"dtype": "float32", "device": "cpu"}, "memory": {"vae_tiling": "on"}}),
+        torch.device("cpu"),
+    )
     monkeypatch.setattr(adapter, "decode_video", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(torch.OutOfMemoryError):
         gen.generate("a fox", progress=False, size=(128, 128), frames=9, steps=1)
@@ -170,9 +181,11 @@ def test_peak_memory_is_recorded_per_phase(monkeypatch):
     for phase in ("encode", "denoise", "decode"):
         p.end(phase)
     assert len(resets) == 4
-    assert p.record() == {"peak_gpu_memory_gb": 20.0,
-                          "peak_gpu_memory_gb_by_phase": {"encode": 5.0, "denoise": 20.0, "decode": 9.0},
-                          "peak_gpu_reserved_gb_by_phase": {"encode": 30.0, "denoise": 30.0, "decode": 30.0}}
+    assert p.record() == {
+        "peak_gpu_memory_gb": 20.0,
+        "peak_gpu_memory_gb_by_phase": {"encode": 5.0, "denoise": 20.0, "decode": 9.0},
+        "peak_gpu_reserved_gb_by_phase": {"encode": 30.0, "denoise": 30.0, "decode": 30.0},
+    }
     assert pipeline_mod._PhasePeaks(torch.device("cpu")).record() == {}
 
 
@@ -184,21 +197,30 @@ def test_memory_config_and_flags():
     assert (cfg.model.base, cfg.memory.offload, cfg.memory.vae_tiling) == ("tiny", "group", "off")
     o = cfg.override(offload="sequential", transformer="/ck", model="x/y", steps=3)
     assert (o.memory.offload, o.memory.vae_tiling, o.model.transformer, o.model.base, o.generation.steps) == (
-        "sequential", "off", "/ck", "x/y", 3)
+        "sequential",
+        "off",
+        "/ck",
+        "x/y",
+        3,
+    )
     assert o.to_dict()["memory"] == {"offload": "sequential", "vae_tiling": "off", "vae_dtype": "fp32"}
     assert o.to_dict()["model"] == {"base": "x/y", "transformer": "/ck", "recommended_transformer": None}
-    for bad, key in [({"memory": {"offload": "cpu"}}, "memory.offload"),
-                     ({"memory": {"vae_tiling": True}}, "memory.vae_tiling"),
-                     ({"memory": {"offlaod": "group"}}, "memory.offlaod"),
-                     ({"model": {"base": "tiny", "transformr": "x"}}, "model.transformr"),
-                     ({"model": {"transformer": 3}}, "model.transformer"),
-                     ({"model": ["tiny"]}, "model")]:
+    for bad, key in [
+        ({"memory": {"offload": "cpu"}}, "memory.offload"),
+        ({"memory": {"vae_tiling": True}}, "memory.vae_tiling"),
+        ({"memory": {"offlaod": "group"}}, "memory.offlaod"),
+        ({"model": {"base": "tiny", "transformr": "x"}}, "model.transformr"),
+        ({"model": {"transformer": 3}}, "model.transformer"),
+        ({"model": ["tiny"]}, "model"),
+    ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             RunConfig.from_mapping(bad)
 
 
-@pytest.mark.parametrize("flag, value, allowed", [("--offload", "cpu", "none, model, group, sequential"),
-                                                  ("--vae-tiling", "maybe", "auto, on, off")])
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [("--offload", "cpu", "none, model, group, sequential"), ("--vae-tiling", "maybe", "auto, on, off")],
+)
 def test_bad_memory_flags_exit_2_naming_the_flag(tmp_path, capsys, flag, value, allowed):
     """Guards: a bad --offload / --vae-tiling is one line naming the flag and the allowed values,
     exit 2, before any model is loaded or file written."""

@@ -37,8 +37,13 @@ SMALL = dict(size=(64, 64), frames=5, steps=2)
 
 
 def _gen(speed=None, lora=(), **gen) -> VideoGenerator:
-    cfg = RunConfig.from_mapping({"speed": {"compile": "none", **(speed or {})}, "lora": list(lora),
-                                  "generation": {"dtype": "float32", "device": "cpu", **gen}})
+    cfg = RunConfig.from_mapping(
+        {
+            "speed": {"compile": "none", **(speed or {})},
+            "lora": list(lora),
+            "generation": {"dtype": "float32", "device": "cpu", **gen},
+        }
+    )
     return VideoGenerator(build_tiny_pipeline(seed=0), cfg, torch.device("cpu"), model_id="tiny")
 
 
@@ -72,8 +77,15 @@ def test_text_encoding_is_wans(tiny_pipe):
     text_len): the embeddings the transformer gets."""
     prompt = "  a &amp;amp; fox\n\t in   snow &lt;3  schÃ¶n "
     clean = re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(prompt))).strip()).strip()
-    tok = tiny_pipe.tokenizer(clean, padding="max_length", max_length=512, truncation=True,
-                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    tok = tiny_pipe.tokenizer(
+        clean,
+        padding="max_length",
+        max_length=512,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     n = int(tok.attention_mask.sum())
     with torch.no_grad():
         ctx = tiny_pipe.text_encoder(tok.input_ids, tok.attention_mask).last_hidden_state[0, :n]
@@ -87,10 +99,42 @@ def test_text_encoding_is_wans(tiny_pipe):
 def test_latent_shape_and_vae_scaling_are_wans(tiny_pipe):
     """Wan2.1 wan/text2video.py: noise (z_dim 16, (F-1)//4+1, H//8, W//8) in float32;
     wan/modules/vae.py: mean/std below, decode(z) = model.decode(z / (1/std) + mean) in float32."""
-    wan_mean = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-    wan_std = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+    wan_mean = [
+        -0.7571,
+        -0.7089,
+        -0.9113,
+        0.1075,
+        -0.1745,
+        0.9653,
+        -0.1517,
+        1.5508,
+        0.4134,
+        -0.0715,
+        0.5517,
+        -0.3632,
+        -0.1922,
+        -0.9497,
+        0.2503,
+        -0.2921,
+    ]
+    wan_std = [
+        2.8184,
+        1.4541,
+        2.3275,
+        2.6558,
+        1.2196,
+        1.7708,
+        2.6052,
+        2.0743,
+        3.2687,
+        2.1526,
+        2.8652,
+        1.5579,
+        1.6382,
+        1.1253,
+        2.8251,
+        1.9160,
+    ]
     from diffusers import AutoencoderKLWan
 
     for cfg in (AutoencoderKLWan().config, tiny_pipe.vae.config):  # diffusers' defaults, kept by the tiny VAE
@@ -99,8 +143,10 @@ def test_latent_shape_and_vae_scaling_are_wans(tiny_pipe):
     assert lat.shape == (1, 16, 5, 8, 12) and lat.dtype == torch.float32
     z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x = tiny_pipe.vae.decode(z / (1.0 / torch.tensor(wan_std).view(1, 16, 1, 1, 1))
-                                 + torch.tensor(wan_mean).view(1, 16, 1, 1, 1), return_dict=False)[0]
+        x = tiny_pipe.vae.decode(
+            z / (1.0 / torch.tensor(wan_std).view(1, 16, 1, 1, 1)) + torch.tensor(wan_mean).view(1, 16, 1, 1, 1),
+            return_dict=False,
+        )[0]
         got = adapter.decode_video(tiny_pipe, z)
     want = ((x[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) / 2).numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -112,9 +158,18 @@ def test_unipc_solver_settings_are_wans(tiny_pipe):
     no thresholding, no dynamic shifting."""
     s = adapter.make_scheduler(tiny_pipe, 5.0).config
     assert (s.solver_order, s.prediction_type, s.predict_x0, s.solver_type, s.lower_order_final) == (
-        2, "flow_prediction", True, "bh2", True)
+        2,
+        "flow_prediction",
+        True,
+        "bh2",
+        True,
+    )
     assert (list(s.disable_corrector), s.final_sigmas_type, s.thresholding, s.use_dynamic_shifting) == (
-        [], "zero", False, False)
+        [],
+        "zero",
+        False,
+        False,
+    )
     assert s.use_flow_sigmas and s.flow_shift == 5.0 and s.num_train_timesteps == 1000
 
 
@@ -151,8 +206,9 @@ def test_negative_prompt_that_is_encoded(monkeypatch):
     """The prompt pair handed to the text encoder: Wan's negative prompt by default, "" when given."""
     seen = []
     real = adapter.encode_prompts
-    monkeypatch.setattr(adapter, "encode_prompts",
-                        lambda pipe, p, n, cfg, dev: seen.append(n) or real(pipe, p, n, cfg, dev))
+    monkeypatch.setattr(
+        adapter, "encode_prompts", lambda pipe, p, n, cfg, dev: seen.append(n) or real(pipe, p, n, cfg, dev)
+    )
     gen = _gen()
     gen.generate("a fox", progress=False, **SMALL)
     gen.generate("a fox", negative_prompt="", progress=False, **SMALL)
@@ -184,8 +240,27 @@ def test_sidecar_of_a_run_with_no_flags_records_wans_settings(tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "a fox", "--output", str(out), "--quiet",
-                 "--size", "64x64", "--frames", "5", "--steps", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt",
+                "a fox",
+                "--output",
+                str(out),
+                "--quiet",
+                "--size",
+                "64x64",
+                "--frames",
+                "5",
+                "--steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     side = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     sigmas, timesteps = wan_flow_unipc_schedule(3, 5.0)
     assert side["negative_prompt"] == WAN_SAMPLE_NEG_PROMPT and side["config"]["generation"]["shift"] == 5.0
@@ -219,12 +294,28 @@ def test_guidance_is_combined_in_float32(monkeypatch):
 # ---- MagCache ----------------------------------------------------------------------------------
 # Zehong-Ma/MagCache MagCache4Wan2.1/magcache_generate.py (mag_ratios: 100 values, cond/uncond
 # interleaved) and MagCache4Wan2.1/README.md T2V commands (threshold, K, retention).
-MAG_1_3B = dict(layers=30, heads=12, head_dim=128, threshold=0.12, K=4, retention=0.2,
-                head=[1.0, 1.0, 1.0124, 1.02213, 1.00166, 1.0041], tail=[0.86821, 0.86868, 0.81838, 0.81939],
-                total=97.99135)
-MAG_14B = dict(layers=40, heads=40, head_dim=128, threshold=0.24, K=6, retention=0.2,
-               head=[1.0, 1.0, 1.02504, 1.03017, 1.00025, 1.00251], tail=[0.8796, 0.87945, 0.86111, 0.86189],
-               total=98.0394)
+MAG_1_3B = dict(
+    layers=30,
+    heads=12,
+    head_dim=128,
+    threshold=0.12,
+    K=4,
+    retention=0.2,
+    head=[1.0, 1.0, 1.0124, 1.02213, 1.00166, 1.0041],
+    tail=[0.86821, 0.86868, 0.81838, 0.81939],
+    total=97.99135,
+)
+MAG_14B = dict(
+    layers=40,
+    heads=40,
+    head_dim=128,
+    threshold=0.24,
+    K=6,
+    retention=0.2,
+    head=[1.0, 1.0, 1.02504, 1.03017, 1.00025, 1.00251],
+    tail=[0.8796, 0.87945, 0.86111, 0.86189],
+    total=98.0394,
+)
 
 
 @pytest.mark.parametrize("pub", [MAG_1_3B, MAG_14B], ids=["1.3B", "14B"])
@@ -292,12 +383,14 @@ def _diff_lora(path, g):
     """Difference keys only, original naming as LightX2V's LoRAs ship them: the cross-attention
     norm (Wan's norm3 = diffusers' norm2) weight and bias, a q-norm weight, the blocks' and the
     head's modulation tables."""
-    sd = {"diffusion_model.blocks.0.norm3.diff": torch.randn(64, generator=g) * 0.5,
-          "diffusion_model.blocks.0.norm3.diff_b": torch.randn(64, generator=g) * 0.5,
-          "diffusion_model.blocks.1.self_attn.norm_q.diff": torch.randn(64, generator=g) * 0.5,
-          "diffusion_model.blocks.0.diff_m": torch.randn(1, 6, 64, generator=g) * 0.5,
-          "diffusion_model.blocks.1.diff_m": torch.randn(1, 6, 64, generator=g) * 0.5,
-          "diffusion_model.head.diff_m": torch.randn(1, 2, 64, generator=g) * 0.5}
+    sd = {
+        "diffusion_model.blocks.0.norm3.diff": torch.randn(64, generator=g) * 0.5,
+        "diffusion_model.blocks.0.norm3.diff_b": torch.randn(64, generator=g) * 0.5,
+        "diffusion_model.blocks.1.self_attn.norm_q.diff": torch.randn(64, generator=g) * 0.5,
+        "diffusion_model.blocks.0.diff_m": torch.randn(1, 6, 64, generator=g) * 0.5,
+        "diffusion_model.blocks.1.diff_m": torch.randn(1, 6, 64, generator=g) * 0.5,
+        "diffusion_model.head.diff_m": torch.randn(1, 2, 64, generator=g) * 0.5,
+    }
     save_file(sd, str(path))
     return sd
 
@@ -305,12 +398,14 @@ def _diff_lora(path, g):
 # LightX2V lightx2v/utils/lora_loader.py extract_lora_diffs: .diff -> .weight, .diff_b -> .bias,
 # .diff_m -> .modulation; Wan -> diffusers names (norm3 is diffusers' norm2, modulation its
 # scale_shift_table).
-DIFF_TARGETS = {"diffusion_model.blocks.0.norm3.diff": "blocks.0.norm2.weight",
-                "diffusion_model.blocks.0.norm3.diff_b": "blocks.0.norm2.bias",
-                "diffusion_model.blocks.1.self_attn.norm_q.diff": "blocks.1.attn1.norm_q.weight",
-                "diffusion_model.blocks.0.diff_m": "blocks.0.scale_shift_table",
-                "diffusion_model.blocks.1.diff_m": "blocks.1.scale_shift_table",
-                "diffusion_model.head.diff_m": "scale_shift_table"}
+DIFF_TARGETS = {
+    "diffusion_model.blocks.0.norm3.diff": "blocks.0.norm2.weight",
+    "diffusion_model.blocks.0.norm3.diff_b": "blocks.0.norm2.bias",
+    "diffusion_model.blocks.1.self_attn.norm_q.diff": "blocks.1.attn1.norm_q.weight",
+    "diffusion_model.blocks.0.diff_m": "blocks.0.scale_shift_table",
+    "diffusion_model.blocks.1.diff_m": "blocks.1.scale_shift_table",
+    "diffusion_model.head.diff_m": "scale_shift_table",
+}
 
 
 def test_lora_of_difference_keys_only_changes_exactly_those_parameters(tmp_path):
@@ -361,8 +456,27 @@ def test_lora_difference_key_matching_nothing_is_one_clear_error(tmp_path, capsy
     path = tmp_path / "bad.safetensors"
     save_file({"diffusion_model.blocks.0.norm9.diff": torch.zeros(64)}, str(path))
     out = tmp_path / "v.mp4"
-    assert main(["generate", "--model", "tiny", "--prompt", "x", "--lora", str(path), "--output", str(out),
-                 "--quiet", "--steps", "1", "--frames", "5"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt",
+                "x",
+                "--lora",
+                str(path),
+                "--output",
+                str(out),
+                "--quiet",
+                "--steps",
+                "1",
+                "--frames",
+                "5",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'diffusion_model.blocks.0.norm9.diff'" in err[0] and "no such parameter" in err[0]
     assert not out.exists()
@@ -393,11 +507,20 @@ def test_crf_flag_reaches_the_encoder_and_wans_quality_is_crf_10(monkeypatch, tm
     assert GenerationConfig().crf == 18 and GenerationConfig(crf=10).crf == 10
     seen = []
     real = video.write_mp4
-    monkeypatch.setattr(video, "write_mp4",
-                        lambda frames, path, fps=16, crf=18: seen.append(crf) or real(frames, path, fps, crf))
+    monkeypatch.setattr(
+        video, "write_mp4", lambda frames, path, fps=16, crf=18: seen.append(crf) or real(frames, path, fps, crf)
+    )
     frames = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
-    result = types.SimpleNamespace(frames=frames, settings={"fps": 16, "crf": 10}, seed=0, timings={}, attention={},
-                                   speed={}, parallel=None, schedule={})
+    result = types.SimpleNamespace(
+        frames=frames,
+        settings={"fps": 16, "crf": 10},
+        seed=0,
+        timings={},
+        attention={},
+        speed={},
+        parallel=None,
+        schedule={},
+    )
     gen = types.SimpleNamespace(config=RunConfig(), model_id="tiny", load_s=0.0, device="cpu")
     sidecar.publish_video(gen, result, "x", tmp_path / "v.mp4")
     assert seen == [10]
@@ -423,8 +546,21 @@ def test_compare_can_put_the_two_geometries_side_by_side():
     from wan_nabla.preflight import plan_compare
     from wan_nabla.requests import CompareRequest
 
-    args = build_parser().parse_args(["compare", "--prompt", "x", "--config", "nabla_0.7", "--out", "o",
-                                      "--against-geometry", "fast", "--model", "tiny"])
+    args = build_parser().parse_args(
+        [
+            "compare",
+            "--prompt",
+            "x",
+            "--config",
+            "nabla_0.7",
+            "--out",
+            "o",
+            "--against-geometry",
+            "fast",
+            "--model",
+            "tiny",
+        ]
+    )
     plan = plan_compare(request_from_args(CompareRequest, args))
     cand, ref = plan.config, plan.reference
     assert cand.attention.geometry == "exact" and ref.attention.geometry == "fast"
@@ -445,18 +581,32 @@ def test_geometry_cost_pairs_each_exact_preset_with_its_fast_twin():
     for p in ("nabla_0.7", "nabla_0.6_sta_11_3_3", "nabla_0.5_sta_11_5_5"):
         assert p in names and f"{p} @fast" in names
     assert "nabla_0.4 @fast" not in names  # zero-shot presets already run fast
-    op = {"scenario": {"label": "40h 1280x720x81"}, "rows": [
-        {"name": "nabla_0.7 [flex]", "total_ms": 3.0, "density": 0.2},
-        {"name": "nabla_0.7 @fast [flex]", "total_ms": 2.0, "density": 0.25},
-        {"name": "sta_11_3_3 @fast [fa4]", "total_ms": 1.0}]}
-    tr = {"scenario": "Wan2.1-14B 1280x720x81", "rows": [
-        {"name": "nabla_0.7 [fa4]", "total_ms": 900.0, "per_layer_attention_ms": 12.0, "density": 0.2},
-        {"name": "nabla_0.7 @fast [fa4]", "total_ms": 800.0, "per_layer_attention_ms": 10.0, "density": 0.25}]}
-    results = {"env": {"commit": "abc", "device_name": "H200", "torch": "2.11", "command": "wan-nabla bench ..."},
-               "op": [op], "transformer": [tr]}
+    op = {
+        "scenario": {"label": "40h 1280x720x81"},
+        "rows": [
+            {"name": "nabla_0.7 [flex]", "total_ms": 3.0, "density": 0.2},
+            {"name": "nabla_0.7 @fast [flex]", "total_ms": 2.0, "density": 0.25},
+            {"name": "sta_11_3_3 @fast [fa4]", "total_ms": 1.0},
+        ],
+    }
+    tr = {
+        "scenario": "Wan2.1-14B 1280x720x81",
+        "rows": [
+            {"name": "nabla_0.7 [fa4]", "total_ms": 900.0, "per_layer_attention_ms": 12.0, "density": 0.2},
+            {"name": "nabla_0.7 @fast [fa4]", "total_ms": 800.0, "per_layer_attention_ms": 10.0, "density": 0.25},
+        ],
+    }
+    results = {
+        "env": {"commit": "abc", "device_name": "H200", "torch": "2.11", "command": "wan-nabla bench ..."},
+        "op": [op],
+        "transformer": [tr],
+    }
     recs = pairs(results)
     assert [(r["level"], r["preset"], r["backend"]) for r in recs] == [
-        ("op", "nabla_0.7", "flex"), ("op", "sta_11_3_3", "fa4"), ("transformer", "nabla_0.7", "fa4")]
+        ("op", "nabla_0.7", "flex"),
+        ("op", "sta_11_3_3", "fa4"),
+        ("transformer", "nabla_0.7", "fa4"),
+    ]
     assert recs[0]["call_ratio"] == 1.5 and recs[1]["missing"] == "exact row"
     assert (recs[2]["call_ratio"], recs[2]["forward_ratio"]) == (1.2, 1.125)
     text = markdown(results, recs)
@@ -471,14 +621,23 @@ def test_mag_cache_alone_enables_on_real_shaped_transformers(pub):
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        tr = WanTransformer3DModel(num_layers=pub["layers"], num_attention_heads=pub["heads"],
-                                   attention_head_dim=pub["head_dim"], ffn_dim=256, text_dim=64, freq_dim=32)
+        tr = WanTransformer3DModel(
+            num_layers=pub["layers"],
+            num_attention_heads=pub["heads"],
+            attention_head_dim=pub["head_dim"],
+            ffn_dim=256,
+            text_dim=64,
+            freq_dim=32,
+        )
     cfg = RunConfig.from_mapping({"speed": {"cache": "mag"}})
     holder = types.SimpleNamespace(config=cfg, pipe=types.SimpleNamespace(transformer=tr), _cache_key=None, _mag=None)
     VideoGenerator._prepare_cache(holder, 50)
     hook = tr.blocks[0]._diffusers_hook.get_hook("mag_cache_leader_block_hook")
     assert (hook.config.threshold, hook.config.max_skip_steps, hook.config.retention_ratio) == (
-        pub["threshold"], pub["K"], pub["retention"])
+        pub["threshold"],
+        pub["K"],
+        pub["retention"],
+    )
     assert hook.config.mag_ratios.tolist()[:3] == pytest.approx([1.0, pub["head"][2], pub["head"][4]])
     assert len(hook.config.mag_ratios) == 50 and holder._mag.source.startswith("published: Wan2.1-T2V-")
 

@@ -39,9 +39,17 @@ def test_full_attention_loop_equals_diffusers_pipeline():
     gen.close()
     pipe = build_tiny_pipeline(seed=0)
     pipe.scheduler = WanSchedule.from_config(pipe.scheduler.config, flow_shift=5.0)
-    ref = pipe(prompt="a red fox", negative_prompt=WAN_NEGATIVE_PROMPT, height=128, width=128, num_frames=17,
-               num_inference_steps=4, guidance_scale=5.0, output_type="np",
-               generator=torch.Generator("cpu").manual_seed(3)).frames[0]
+    ref = pipe(
+        prompt="a red fox",
+        negative_prompt=WAN_NEGATIVE_PROMPT,
+        height=128,
+        width=128,
+        num_frames=17,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).frames[0]
     assert ours.shape == ref.shape == (17, 128, 128, 3)
     np.testing.assert_allclose(ours, ref, atol=2e-4)
 
@@ -61,16 +69,25 @@ def test_dense_steps_switch_at_the_right_step(monkeypatch):
     gen = _gen({"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 2})
     run = gen.handle.run
     real_s, real_d = flex.sparse_attention, flex.dense_attention
-    monkeypatch.setattr(flex, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k))
-    monkeypatch.setattr(flex, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k))
+    monkeypatch.setattr(
+        flex, "sparse_attention", lambda *a, **k: kernel_steps.append(("sparse", run.step)) or real_s(*a, **k)
+    )
+    monkeypatch.setattr(
+        flex, "dense_attention", lambda *a, **k: kernel_steps.append(("dense", run.step)) or real_d(*a, **k)
+    )
     res = gen.generate("a fox", progress=False, **SMALL)
     per_step = res.attention["per_step"]
     assert per_step[:2] == [1.0, 1.0]
     assert all(d == pytest.approx(0.2) for d in per_step[2:])  # 5 frames, 1 tile each, window 1
     n_layers = len(gen.pipe.transformer.blocks)
     assert res.attention["per_layer"] == [pytest.approx(0.6)] * n_layers  # (1 + 1 + 0.2 + 0.2) / 4
-    assert kernel_steps == [("dense", 0)] * n_layers + [("dense", 1)] * n_layers + \
-        [("sparse", 2)] * n_layers + [("sparse", 3)] * n_layers
+    assert (
+        kernel_steps
+        == [("dense", 0)] * n_layers
+        + [("dense", 1)] * n_layers
+        + [("sparse", 2)] * n_layers
+        + [("sparse", 3)] * n_layers
+    )
 
 
 def test_no_recompilation_across_steps_prompts_and_seeds():
@@ -151,8 +168,7 @@ def test_on_step_sees_each_step_and_the_final_latents():
 
     gen = _gen({"type": "full"})
     seen = []
-    res = gen.generate("a fox", progress=False, on_step=lambda i, n, x: seen.append((i, n.clone(), x.clone())),
-                       **SMALL)
+    res = gen.generate("a fox", progress=False, on_step=lambda i, n, x: seen.append((i, n.clone(), x.clone())), **SMALL)
     assert [i for i, _, _ in seen] == [0, 1, 2, 3]
     assert all(n.shape == x.shape == (1, 16, 5, 16, 16) for _, n, x in seen)
     assert not torch.equal(seen[0][2], seen[-1][2])

@@ -38,7 +38,12 @@ def _error(argv: list[str], capsys) -> str:
 
 # ---- 1. the light paths import no torch ------------------------------------------------------------
 LIGHT_PATHS = [
-    ["--help"], ["generate", "--help"], ["batch", "--help"], ["compare", "--help"], ["serve", "--help"], ["presets"],
+    ["--help"],
+    ["generate", "--help"],
+    ["batch", "--help"],
+    ["compare", "--help"],
+    ["serve", "--help"],
+    ["presets"],
     ["presets", "--show", "nabla_0.7"],
     ["generate", "--prompt", "x", "--size", "100x100"],
     ["generate", "--prompt", "x", "--model", "tiny", "--lora", "x.safetensors:abc"],
@@ -69,8 +74,15 @@ def test_help_presets_and_input_errors_import_no_torch(tmp_path):
         print(json.dumps(out))
     """).replace("HEAVY", repr(HEAVY))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(LIGHT_PATHS)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(LIGHT_PATHS)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for argv, rc, heavy, err in json.loads(proc.stdout.splitlines()[-1]):
         assert heavy == [], (argv, heavy)
@@ -81,11 +93,15 @@ def test_help_presets_and_input_errors_import_no_torch(tmp_path):
 def test_package_import_is_light_and_heavy_names_still_resolve():
     """Guards the layering: `import wan_nabla` (and its config, preflight, requests) pulls in no
     torch, while wan_nabla.apply_attention still works for library users."""
-    script = ("import sys, wan_nabla, wan_nabla.preflight, wan_nabla.distributed; "
-              f"assert not [m for m in {HEAVY!r} if m in sys.modules], sys.modules.keys(); "
-              "wan_nabla.apply_attention; wan_nabla.distributed.ParallelContext; print('ok')")
+    script = (
+        "import sys, wan_nabla, wan_nabla.preflight, wan_nabla.distributed; "
+        f"assert not [m for m in {HEAVY!r} if m in sys.modules], sys.modules.keys(); "
+        "wan_nabla.apply_attention; wan_nabla.distributed.ParallelContext; print('ok')"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
@@ -98,8 +114,7 @@ def test_lora_with_a_bad_scale_names_the_scale(capsys):
 
 def test_output_with_a_newline_is_refused(tmp_path, capsys):
     """Was: a file name with a newline written as asked (batch names strip control characters)."""
-    line = _error(["generate", "--prompt", "x", "--model", "tiny", "--output", str(tmp_path / "new\nline.mp4")],
-                  capsys)
+    line = _error(["generate", "--prompt", "x", "--model", "tiny", "--output", str(tmp_path / "new\nline.mp4")], capsys)
     assert line.startswith("wan-nabla: error: --output:") and "control characters" in line
     assert os.listdir(tmp_path) == []
 
@@ -115,8 +130,22 @@ def test_output_in_proc_says_what_is_wrong(capsys):
 
 def test_compare_against_a_missing_preset_names_against(tmp_path, capsys):
     """Was: "config file 'nope_preset' does not exist" without saying which flag named it."""
-    line = _error(["compare", "--prompt", "x", "--config", "nabla_0.4", "--model", "tiny", "--against",
-                   "nope_preset", "--out", str(tmp_path / "c")], capsys)
+    line = _error(
+        [
+            "compare",
+            "--prompt",
+            "x",
+            "--config",
+            "nabla_0.4",
+            "--model",
+            "tiny",
+            "--against",
+            "nope_preset",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        capsys,
+    )
     assert line.startswith("wan-nabla: error: --against: config file 'nope_preset' does not exist")
 
 
@@ -150,8 +179,9 @@ def test_window_covering_the_grid_gives_one_note(tmp_path):
     flags = RunFlags(model="tiny", device="cpu")
     notes = {}
     for window in ([999, 999, 999], [9, 1, 1], [7, 1, 1], [1, 1, 1]):
-        req = GenerateRequest("x", str(tmp_path / "x.mp4"), flags=RunFlags(**{**flags.__dict__,
-                                                                             "config": _sta_config(tmp_path, window)}))
+        req = GenerateRequest(
+            "x", str(tmp_path / "x.mp4"), flags=RunFlags(**{**flags.__dict__, "config": _sta_config(tmp_path, window)})
+        )
         notes[window[0]] = preflight.plan_generate(req).notes
     assert len(notes[999]) == 1 and len(notes[9]) == 1 and notes[7] == () and notes[1] == ()
     assert "full attention (density 1.0)" in notes[999][0] and "5x1x1 tile grid" in notes[999][0]
@@ -161,8 +191,11 @@ def test_runner_logs_the_note_once(tmp_path, caplog):
     """The note reaches the user as exactly one warning (app.check_environment)."""
     from wan_nabla import app
 
-    req = GenerateRequest("x", str(tmp_path / "x.mp4"),
-                          flags=RunFlags(model="tiny", device="cpu", config=_sta_config(tmp_path, [999, 999, 999])))
+    req = GenerateRequest(
+        "x",
+        str(tmp_path / "x.mp4"),
+        flags=RunFlags(model="tiny", device="cpu", config=_sta_config(tmp_path, [999, 999, 999])),
+    )
     plan = preflight.plan_generate(req)
     with caplog.at_level(logging.WARNING, logger="wan_nabla"):
         app.check_environment(plan)
@@ -188,8 +221,11 @@ def test_long_prompt_warns_once_and_sidecar_bounds_it(caplog):
     rec = prompt_record(long)
     assert len(rec["prompt"]) == SIDECAR_PROMPT_CHARS and rec["prompt_chars"] == len(long)
     assert rec["prompt_sha256"] == hashlib.sha256(long.encode()).hexdigest() and rec["prompt_truncated"]
-    assert prompt_record("a fox") == {"prompt": "a fox", "prompt_chars": 5,
-                                      "prompt_sha256": hashlib.sha256(b"a fox").hexdigest()}
+    assert prompt_record("a fox") == {
+        "prompt": "a fox",
+        "prompt_chars": 5,
+        "prompt_sha256": hashlib.sha256(b"a fox").hexdigest(),
+    }
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
@@ -223,8 +259,14 @@ def test_batch_dry_run_never_looks_up_the_model(tmp_path, monkeypatch):
 
 
 def test_compare_reference_takes_only_the_against_attention(tmp_path):
-    plan = preflight.plan_compare(CompareRequest("a fox", str(tmp_path / "c"), against="sta_11_3_3",
-                                                 flags=RunFlags(config="nabla_0.4", model="tiny", device="cpu")))
+    plan = preflight.plan_compare(
+        CompareRequest(
+            "a fox",
+            str(tmp_path / "c"),
+            against="sta_11_3_3",
+            flags=RunFlags(config="nabla_0.4", model="tiny", device="cpu"),
+        )
+    )
     assert plan.config.attention.type == "nabla" and plan.reference.attention.type == "sta"
     assert plan.reference.generation == plan.config.generation
 
@@ -236,8 +278,11 @@ def test_lora_header_is_read_without_torch(tmp_path):
     from safetensors.numpy import save_file
 
     path = tmp_path / "l.safetensors"
-    save_file({"a.lora_A.weight": np.zeros((2, 2), np.float32), "b": np.ones(3, np.float32)}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {"a.lora_A.weight": np.zeros((2, 2), np.float32), "b": np.ones(3, np.float32)},
+        str(path),
+        metadata={"format": "pt"},
+    )
     assert sorted(preflight.safetensors_keys(path)) == ["a.lora_A.weight", "b"]
     path.write_bytes(b"\x01\x02")
     with pytest.raises(LoraError, match="shorter than its 8-byte header"):

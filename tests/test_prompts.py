@@ -38,8 +38,16 @@ def test_txt_utf8_bom_and_invalid_utf8_line(tmp_path):
 
 
 def test_jsonl_fields_and_null_means_unset(tmp_path):
-    rec = {"prompt": "fox", "negative_prompt": "blur", "seed": 3, "size": [32, 16], "frames": 5, "steps": 2,
-           "guidance_scale": 1.5, "name": "Fox 1"}
+    rec = {
+        "prompt": "fox",
+        "negative_prompt": "blur",
+        "seed": 3,
+        "size": [32, 16],
+        "frames": 5,
+        "steps": 2,
+        "guidance_scale": 1.5,
+        "name": "Fox 1",
+    }
     p = _write(tmp_path, "p.jsonl", json.dumps(rec) + "\n" + json.dumps({"prompt": "b", "seed": None, "name": None}))
     a, b = read_prompt_file(p)
     assert (a.prompt, a.negative_prompt, a.name) == ("fox", "blur", "Fox 1")

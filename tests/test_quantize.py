@@ -12,8 +12,18 @@ from wan_nabla.cli import main
 from wan_nabla.config import ConfigError, RunConfig, load_config
 from wan_nabla.tiny import TINY_LAYERS, build_tiny_pipeline
 
-BLOCK_LINEARS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+BLOCK_LINEARS = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+]
 
 
 def test_config_parses_quantize_and_vae_dtype_and_names_bad_values():
@@ -35,17 +45,23 @@ def test_fp8_refuses_float32_transformer():
     """Guards: an fp32 run cannot be labelled fp8 (the FP8 GEMMs take bf16/fp16 activations)."""
     with pytest.raises(ConfigError, match="does not combine with generation.dtype 'float32'"):
         RunConfig.from_mapping({"speed": {"quantize": "fp8"}, "generation": {"dtype": "float32"}})
-    RunConfig.from_mapping({"speed": {"quantize": "fp8"}, "generation": {"dtype": "bfloat16"},
-                            "memory": {"offload": "group"}})  # offload composes (diffusers moves torchao tensors)
+    RunConfig.from_mapping(
+        {"speed": {"quantize": "fp8"}, "generation": {"dtype": "bfloat16"}, "memory": {"offload": "group"}}
+    )  # offload composes (diffusers moves torchao tensors)
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--quantize", "fp8", "--device", "cpu"], "--quantize fp8: FP8 linear layers need an NVIDIA GPU with compute "
-                                               "capability >= 8.9"),
-    (["--quantize", "fp8"], "this run is on the CPU"),  # device auto on a machine without CUDA
-    (["--quantize", "fp4"], "--quantize (speed.quantize): 'fp4' is not allowed"),
-    (["--vae-dtype", "half"], "--vae-dtype (memory.vae_dtype): 'half' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (
+            ["--quantize", "fp8", "--device", "cpu"],
+            "--quantize fp8: FP8 linear layers need an NVIDIA GPU with compute capability >= 8.9",
+        ),
+        (["--quantize", "fp8"], "this run is on the CPU"),  # device auto on a machine without CUDA
+        (["--quantize", "fp4"], "--quantize (speed.quantize): 'fp4' is not allowed"),
+        (["--vae-dtype", "half"], "--vae-dtype (memory.vae_dtype): 'half' is not allowed"),
+    ],
+)
 def test_cli_refuses_fp8_where_it_cannot_run_exit_2_one_line(tmp_path, capsys, extra, needle):
     """Guards: an explicit fp8 request on the CPU is refused before loading (never a silent bf16
     run labelled fp8), and bad values name the flag; nothing is written."""
@@ -151,13 +167,18 @@ def test_lora_is_fused_before_quantising_and_the_sidecar_says_what_ran(monkeypat
     gen_cfg = GenerationConfig(device="cpu", dtype="bfloat16", size=(64, 64), frames=5, steps=1)
     plain = build_tiny_pipeline(seed=0).to(torch.bfloat16)
     base_q = plain.transformer.blocks[0].attn1.to_q.weight.detach().clone()
-    fused = VideoGenerator(plain, RunConfig(generation=gen_cfg, lora=(LoraSpec(str(lora)),)),
-                           torch.device("cpu"), "tiny")
+    fused = VideoGenerator(
+        plain, RunConfig(generation=gen_cfg, lora=(LoraSpec(str(lora)),)), torch.device("cpu"), "tiny"
+    )
     want = fused.pipe.transformer.blocks[0].attn1.to_q.weight.detach().clone()
     fused.close()
     assert not torch.equal(want, base_q)  # the LoRA changes this weight
-    cfg = RunConfig(generation=gen_cfg, lora=(LoraSpec(str(lora)),), speed=SpeedConfig(quantize="fp8", compile="none"),
-                    memory=MemoryConfig(vae_dtype="bf16"))
+    cfg = RunConfig(
+        generation=gen_cfg,
+        lora=(LoraSpec(str(lora)),),
+        speed=SpeedConfig(quantize="fp8", compile="none"),
+        memory=MemoryConfig(vae_dtype="bf16"),
+    )
     gen = VideoGenerator(build_tiny_pipeline(seed=0).to(torch.bfloat16), cfg, torch.device("cpu"), "tiny")
     assert torch.equal(seen["q"], want)
     assert gen.pipe.vae.dtype == torch.bfloat16

@@ -95,6 +95,8 @@ def test_rotary_kernel_and_fused_pooling_in_interpreter():
             assert da == db and 0 < da < 1 and (a - b).abs().max() < 1e-5, (att, da, db, (a - b).abs().max())
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

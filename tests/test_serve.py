@@ -27,8 +27,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"
 def srv(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     health = root / "health"
-    with ServeProcess(root / "data", "--max-queue", "3", api_key=KEY,
-                      env=server_env(WAN_NABLA_HEALTH_FILE=str(health))) as s:
+    with ServeProcess(
+        root / "data", "--max-queue", "3", api_key=KEY, env=server_env(WAN_NABLA_HEALTH_FILE=str(health))
+    ) as s:
         s.health_file = health
         yield s
 
@@ -57,8 +58,9 @@ def _idle(srv) -> None:
 def test_sdk_create_retrieve_download_gives_the_requested_video(srv, client, tmp_path):
     from wan_nabla.output.video import probe_mp4
 
-    v = client.videos.create(prompt="a red fox running through snow", size="32x48",
-                             extra_body={"frames": 5, "steps": 2, "seed": 7})
+    v = client.videos.create(
+        prompt="a red fox running through snow", size="32x48", extra_body={"frames": 5, "steps": 2, "seed": 7}
+    )
     assert (v.object, v.status, v.progress, v.size, v.model) == ("video", "queued", 0, "32x48", "tiny")
     assert v.id.startswith("video_") and v.seconds == "0.3125"
     done = client.videos.poll(v.id, poll_interval_ms=100)
@@ -73,8 +75,12 @@ def test_sdk_create_retrieve_download_gives_the_requested_video(srv, client, tmp
 
 
 def test_seconds_become_4k_plus_1_frames_and_presets_apply(srv, client):
-    v = client.videos.create(prompt="a cat", size="32x32", seconds="0.5",  # 0.5 s x 16 fps = 8 -> 9 frames
-                             extra_body={"steps": 1, "preset": "sta_11_3_3"})
+    v = client.videos.create(
+        prompt="a cat",
+        size="32x32",
+        seconds="0.5",  # 0.5 s x 16 fps = 8 -> 9 frames
+        extra_body={"steps": 1, "preset": "sta_11_3_3"},
+    )
     assert v.seconds == "0.5625"
     client.videos.poll(v.id, poll_interval_ms=100)
     side = json.loads((srv.data_dir / "videos" / f"{v.id}.json").read_text())
@@ -160,12 +166,15 @@ def test_bad_input_is_a_4xx_naming_the_field_and_queues_nothing(srv, body, param
     assert sum(_counts(srv).values()) == before
 
 
-@pytest.mark.parametrize("raw,ctype,status", [
-    (b"{not json", "application/json", 400),
-    (b"[1, 2]", "application/json", 400),
-    (b"prompt=a", "text/plain", 415),
-    (json.dumps({"prompt": "a" * 70_000}).encode(), "application/json", 413),
-])
+@pytest.mark.parametrize(
+    "raw,ctype,status",
+    [
+        (b"{not json", "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (b"prompt=a", "text/plain", 415),
+        (json.dumps({"prompt": "a" * 70_000}).encode(), "application/json", 413),
+    ],
+)
 def test_bad_bodies_are_refused(srv, raw, ctype, status):
     before = sum(_counts(srv).values())
     code, _, body = srv.http("POST", "/v1/videos", raw=raw, headers={"Content-Type": ctype})
@@ -182,8 +191,14 @@ def test_sdk_file_upload_and_bad_ids(srv, client):
 
 
 def test_auth_on_every_route_but_health(srv):
-    for method, path in [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/metrics"), ("GET", "/"),
-                         ("GET", "/v1/videos/video_" + "0" * 32), ("DELETE", "/v1/videos/video_" + "0" * 32)]:
+    for method, path in [
+        ("GET", "/v1/videos"),
+        ("POST", "/v1/videos"),
+        ("GET", "/metrics"),
+        ("GET", "/"),
+        ("GET", "/v1/videos/video_" + "0" * 32),
+        ("DELETE", "/v1/videos/video_" + "0" * 32),
+    ]:
         assert srv.http(method, path, auth=False)[0] == 401, path
         assert srv.http(method, path, auth=False, headers={"Authorization": "Bearer wrong-key-123"})[0] == 401
     assert srv.http("GET", "/health", auth=False)[0] == 200
@@ -251,8 +266,13 @@ def test_metrics_are_prometheus_text(srv):
     status, headers, body = srv.http("GET", "/metrics")
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    for name in ("wan_nabla_queue_depth", 'wan_nabla_jobs{status="completed"}', "wan_nabla_step_seconds_total",
-                 "wan_nabla_video_seconds_total", "wan_nabla_up 1"):
+    for name in (
+        "wan_nabla_queue_depth",
+        'wan_nabla_jobs{status="completed"}',
+        "wan_nabla_step_seconds_total",
+        "wan_nabla_video_seconds_total",
+        "wan_nabla_up 1",
+    ):
         assert name in text
     values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
     assert values["wan_nabla_video_seconds_total"] > 0 and values["wan_nabla_step_seconds_total"] > 0
@@ -280,8 +300,20 @@ def plan_and_queue(tmp_path):
     from wan_nabla.serve.preflight import server_plan
     from wan_nabla.serve.queue import JobQueue
 
-    args = SimpleNamespace(config=None, model="tiny", negative_prompt=None, size=None, frames=None, steps=None,
-                           guidance_scale=None, shift=None, seed=None, fps=None, device="cpu", dtype="float32")
+    args = SimpleNamespace(
+        config=None,
+        model="tiny",
+        negative_prompt=None,
+        size=None,
+        frames=None,
+        steps=None,
+        guidance_scale=None,
+        shift=None,
+        seed=None,
+        fps=None,
+        device="cpu",
+        dtype="float32",
+    )
     server = server_plan(args)
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -348,13 +380,17 @@ def test_health_says_loading_until_the_model_is_ready_and_jobs_wait(plan_and_que
             if http.started:
                 break
             time.sleep(0.05)
-        url = "http://127.0.0.1:%d" % http.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/health", timeout=10)
         assert e.value.code == 503 and json.loads(e.value.read()) == {"status": "loading"}
         assert b"wan_nabla_up 0" in urllib.request.urlopen(url + "/metrics", timeout=10).read()
-        req = urllib.request.Request(url + "/v1/videos", data=json.dumps({"prompt": "early", **SMALL}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            url + "/v1/videos",
+            data=json.dumps({"prompt": "early", **SMALL}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         assert json.loads(urllib.request.urlopen(req, timeout=10).read())["status"] == "queued"
         state.status = "ok"
         assert json.loads(urllib.request.urlopen(url + "/health", timeout=10).read()) == {"status": "ok"}

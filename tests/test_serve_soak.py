@@ -23,8 +23,14 @@ def _wait_completed(srv, n: int, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         _, _, body = srv.http("GET", "/metrics")
-        done = next((int(line.split()[-1]) for line in body.decode().splitlines()
-                     if line.startswith('wan_nabla_jobs{status="completed"}')), 0)
+        done = next(
+            (
+                int(line.split()[-1])
+                for line in body.decode().splitlines()
+                if line.startswith('wan_nabla_jobs{status="completed"}')
+            ),
+            0,
+        )
         if done >= n:
             return
         assert srv.proc.poll() is None, srv.log_text()[-3000:]
@@ -49,7 +55,9 @@ def test_200_queued_jobs_complete_in_order_with_flat_memory(tmp_path):
         finished = [j["completed_at"] for j in jobs]
         assert finished == sorted(finished)  # one worker: they ran in submission order
     growth_mb = (rss_end - rss_warm) / 2**20
-    print(f"server RSS after {WARM} jobs {rss_warm / 2**20:.0f} MB, after {N} {rss_end / 2**20:.0f} MB "
-          f"(+{growth_mb:.1f} MB)")
+    print(
+        f"server RSS after {WARM} jobs {rss_warm / 2**20:.0f} MB, after {N} {rss_end / 2**20:.0f} MB "
+        f"(+{growth_mb:.1f} MB)"
+    )
     assert growth_mb < MAX_GROWTH_MB
     assert len(list((tmp_path / "data" / "videos").glob("*.mp4"))) == N

@@ -46,8 +46,14 @@ def _run_and_terminate(tmp_path: Path, argv: list[str], hang_at: int) -> subproc
     driver.write_text(DRIVER)
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "READY": str(ready), "HANG_AT": str(hang_at)}
-    proc = subprocess.Popen([sys.executable, str(driver), *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), *argv],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ready.exists():
@@ -94,8 +100,14 @@ def test_sigterm_during_batch_keeps_manifest_consistent_and_resumes(tmp_path):
     assert sorted(os.listdir(out)) == ["first-clip.json", "first-clip.mp4", "manifest.jsonl"]
     stamp = (out / "first-clip.mp4").stat().st_mtime_ns
 
-    proc = subprocess.run([sys.executable, "-m", "wan_nabla", *argv], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "wan_nabla", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = {r["index"]: r["status"] for r in read_manifest(out / "manifest.jsonl")}
     assert last == {0: "skipped", 1: "ok", 2: "ok"}

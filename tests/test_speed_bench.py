@@ -23,10 +23,12 @@ def test_split_estimate_is_the_slowest_rank_plus_assembly():
 
 
 def test_need_fit_per_dtype_takes_the_largest_per_pixel_figure():
-    rows = [{"variant": "fp32", "size": [1000, 1000, 10], "extra_peak_gib": 2.72},
-            {"variant": "fp32", "size": [500, 1000, 10], "extra_peak_gib": 1.5},
-            {"variant": "bf16", "size": [1000, 1000, 10], "extra_peak_gib": 1.4},
-            {"variant": "bf16-tiled", "size": [1000, 1000, 10], "extra_peak_gib": 0.2}]
+    rows = [
+        {"variant": "fp32", "size": [1000, 1000, 10], "extra_peak_gib": 2.72},
+        {"variant": "fp32", "size": [500, 1000, 10], "extra_peak_gib": 1.5},
+        {"variant": "bf16", "size": [1000, 1000, 10], "extra_peak_gib": 1.4},
+        {"variant": "bf16-tiled", "size": [1000, 1000, 10], "extra_peak_gib": 0.2},
+    ]
     need = decode.fit_need(rows)
     assert need["fp32"]["rule"] == pytest.approx(0.3) and need["bf16"]["rule"] == pytest.approx(0.14)
     assert set(need["fp32"]["gib_per_mpixel_frame"]) == {"1000x1000x10", "500x1000x10"}
@@ -36,8 +38,23 @@ def test_need_fit_per_dtype_takes_the_largest_per_pixel_figure():
 def test_decode_bench_quick_runs_and_compares_against_fp32(tmp_path, capsys):
     """Guards: the decode bench end to end on the tiny VAE: the fp32 reference, a tiled bf16 decode
     (per-tile times -> split estimates), channels-last weights; JSON + markdown, table printed."""
-    assert decode.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-fit",
-                        "--variants", "fp32", "bf16-tiled", "bf16-channels-last"]) == 0
+    assert (
+        decode.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--no-fit",
+                "--variants",
+                "fp32",
+                "bf16-tiled",
+                "bf16-channels-last",
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "decode.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
     assert set(rows) == {"fp32", "bf16-tiled", "bf16-channels-last"}
@@ -47,7 +64,11 @@ def test_decode_bench_quick_runs_and_compares_against_fp32(tmp_path, capsys):
 
 
 def test_gpu_speed_script_refuses_unknown_parts(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "jobs" / "gpu_speed.sh"), str(tmp_path / "o"), "levers", "lever"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "jobs" / "gpu_speed.sh"), str(tmp_path / "o"), "levers", "lever"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "unknown argument 'lever'" in proc.stderr
     assert not (tmp_path / "o").exists()

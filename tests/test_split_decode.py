@@ -21,8 +21,11 @@ from wan_nabla.distributed.decode import assemble, decode_tile, split_tiled_deco
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_SHAPE = (2, 16, 3, 7, 13)
-PIPELINE_CONFIG = {"attention": {"type": "full"}, "memory": {"vae_tiling": "on"},
-                   "generation": {"dtype": "float32", "device": "cpu"}}
+PIPELINE_CONFIG = {
+    "attention": {"type": "full"},
+    "memory": {"vae_tiling": "on"},
+    "generation": {"dtype": "float32", "device": "cpu"},
+}
 PIPELINE_GENERATION = {"size": [464, 64], "frames": 5, "steps": 1}
 """464 px wide: the tiny VAE's default 256-px tiles at a 192-px stride give 1 x 3 tiles."""
 
@@ -32,8 +35,9 @@ def small_tiles_vae():
     from wan_nabla.tiny import build_tiny_pipeline
 
     vae = build_tiny_pipeline(seed=0).vae.eval()
-    vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
-                      tile_sample_stride_width=24)
+    vae.enable_tiling(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    )
     return vae
 
 
@@ -68,10 +72,22 @@ def _free_port() -> int:
 
 
 def _run(tmp_path, ranks: int, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(_free_port()), str(ROOT / "tests" / "split_decode_worker.py"), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-port",
+        str(_free_port()),
+        str(ROOT / "tests" / "split_decode_worker.py"),
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         text, _ = proc.communicate(timeout=300)
@@ -93,7 +109,9 @@ def test_generate_under_torchrun_decodes_split_and_equals_one_process(tmp_path):
 
     out = tmp_path / "frames.npy"
     _run(tmp_path, 2, str(out), "pipeline")
-    gen = VideoGenerator(build_tiny_pipeline(seed=0), RunConfig.from_mapping(PIPELINE_CONFIG), torch.device("cpu"), "tiny")
+    gen = VideoGenerator(
+        build_tiny_pipeline(seed=0), RunConfig.from_mapping(PIPELINE_CONFIG), torch.device("cpu"), "tiny"
+    )
     ref = gen.generate("a fox in the snow", progress=False, **PIPELINE_GENERATION)
     gen.close()
     assert ref.timings["vae_tiling"] and ref.frames.shape == (5, 64, 464, 3)

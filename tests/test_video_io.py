@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from wan_nabla.output import files as wio
-from wan_nabla.output.files import OutputError, atomic_output, atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from wan_nabla.output.files import (
+    OutputError,
+    atomic_output,
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_writable_dir,
+)
 from wan_nabla.output.video import is_complete_mp4, probe_mp4, write_mp4
 
 
@@ -221,8 +227,9 @@ def fsync_recorder(monkeypatch):
         path = os.readlink(f"/proc/self/fd/{fd}")
         is_dir = os.path.isdir(path)
         content = None if is_dir else open(path, "rb").read()
-        events.append({"path": path, "dir": is_dir, "content": content,
-                       "listing": sorted(os.listdir(path)) if is_dir else None})
+        events.append(
+            {"path": path, "dir": is_dir, "content": content, "listing": sorted(os.listdir(path)) if is_dir else None}
+        )
         real(fd)
 
     monkeypatch.setattr(os, "fsync", record)

@@ -46,8 +46,9 @@ def to_original(key: str) -> str:
     return key.replace(".norm2.", ".__n3__.").replace(".norm3.", ".norm2.").replace(".__n3__.", ".norm3.")
 
 
-def save_original_checkpoint(state: dict[str, torch.Tensor], path: Path, shards: int = 2,
-                             decoy_pickle: bool = True) -> Path:
+def save_original_checkpoint(
+    state: dict[str, torch.Tensor], path: Path, shards: int = 2, decoy_pickle: bool = True
+) -> Path:
     """Original key names, `shards` safetensors files named like Wan's, and their index json."""
     path.mkdir(parents=True, exist_ok=True)
     items = sorted((to_original(k), v.detach().contiguous().clone()) for k, v in state.items())

@@ -87,8 +87,9 @@ def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) 
     return runs(scheduler_config, steps, shift)
 
 
-def denoise(pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-            context: str | None = None) -> torch.Tensor:
+def denoise(
+    pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, context: str | None = None
+) -> torch.Tensor:
     """One transformer call on a batch: latents [B, 16, F, H, W], embeds [B, 512, text_dim]. With a
     step cache enabled the call runs in the cache context `context` (module doc)."""
     x = latents.to(pipe.transformer.dtype)
@@ -176,8 +177,9 @@ def _compiled_forward(state: CompiledBlocks, eager, compiled, fallback: bool):
     return forward
 
 
-def enable_cache(transformer, kind: str, params: Mapping[str, Any], steps: int,
-                 mag_ratios: tuple[float, ...] | None = None) -> None:
+def enable_cache(
+    transformer, kind: str, params: Mapping[str, Any], steps: int, mag_ratios: tuple[float, ...] | None = None
+) -> None:
     """Enable diffusers' FirstBlockCache ("first-block", params: threshold) or MagCache ("mag",
     params: threshold and max_skip_steps, or calibrate) on `transformer` (replacing an enabled one)."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig
@@ -186,8 +188,9 @@ def enable_cache(transformer, kind: str, params: Mapping[str, Any], steps: int,
     if kind == "first-block":
         config = FirstBlockCacheConfig(threshold=params["threshold"])
     elif kind == "mag":
-        config = MagCacheConfig(num_inference_steps=steps, mag_ratios=list(mag_ratios) if mag_ratios else None,
-                                **params)
+        config = MagCacheConfig(
+            num_inference_steps=steps, mag_ratios=list(mag_ratios) if mag_ratios else None, **params
+        )
     else:
         raise ValueError(f"cache kind {kind!r} is not allowed; use first-block or mag")
     transformer.enable_cache(config)

@@ -65,8 +65,10 @@ def check_device(name: str) -> None:
     if name in ("auto", "cpu"):
         return
     if not torch.cuda.is_available():
-        raise UsageError(f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+        raise UsageError(
+            f"device {name!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto"
+        )
     index = int(name.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
@@ -111,14 +113,17 @@ def check_sampler(facts: ModelFacts, g: GenerationConfig) -> None:
         raise ConfigError(
             f"generation.steps: {g.steps} steps at shift {shift:g} cannot run: the UniPC sampler's first two "
             f"timesteps coincide and diffusers fails at the last step; use at most {top} steps at this "
-            "shift (--steps), or a smaller --shift")
+            "shift (--steps), or a smaller --shift"
+        )
 
 
 def item_check(facts: ModelFacts, attention) -> Callable[[GenerationConfig], None]:
     """A batch item's settings against the model (rotary table) and its sampler (ConfigError)."""
+
     def check(g: GenerationConfig) -> None:
         check_model_fits(facts, g, attention)
         check_sampler(facts, g)
+
     return check
 
 
@@ -208,14 +213,20 @@ def load_weights_for(cfg: RunConfig, device=None, model: str | None = None):
     device under torchrun); the generator is built afterwards, bound to its parallel context."""
     model = model or resolve_model(cfg.model.base, None)
     dit = cfg.model.transformer
-    log.info("loading model %s%s (%s attention, offload %s)", model, f" with DiT weights {dit}" if dit else "",
-             cfg.attention.label(), cfg.memory.offload)
+    log.info(
+        "loading model %s%s (%s attention, offload %s)",
+        model,
+        f" with DiT weights {dit}" if dit else "",
+        cfg.attention.label(),
+        cfg.memory.offload,
+    )
     warn_if_zero_shot(cfg)
     return load_weights(model, cfg, device=str(device) if device is not None else None)
 
 
-def load_generator(cfg: RunConfig, parallel: ParallelContext | None = None, model: str | None = None,
-                   device=None) -> VideoGenerator:
+def load_generator(
+    cfg: RunConfig, parallel: ParallelContext | None = None, model: str | None = None, device=None
+) -> VideoGenerator:
     """Weights read and the generator built in one go (one process, or a context that exists)."""
     loaded = load_weights_for(cfg, device if device is not None else getattr(parallel, "device", None), model)
     gen = loaded.generator(parallel)
@@ -228,9 +239,14 @@ def warn_if_zero_shot(cfg: RunConfig) -> bool:
     tuned = cfg.model.recommended_transformer
     if not tuned or same_checkpoint(cfg.model.transformer, tuned) or cfg.model.base == TINY_MODEL_ID:
         return False  # (the tiny test model has no tuned DiT: nothing to suggest)
-    log.warning("zero-shot run: this config was tuned for the DiT %s, but the run uses %s; for the tuned weights: "
-                "%s, then add --transformer weights/%s", tuned, cfg.model.transformer or "the model's own transformer",
-                download_command(tuned, dit_only=True), tuned.split("/")[-1])
+    log.warning(
+        "zero-shot run: this config was tuned for the DiT %s, but the run uses %s; for the tuned weights: "
+        "%s, then add --transformer weights/%s",
+        tuned,
+        cfg.model.transformer or "the model's own transformer",
+        download_command(tuned, dit_only=True),
+        tuned.split("/")[-1],
+    )
     return True
 
 
@@ -241,8 +257,13 @@ def warn_long_prompt(gen: VideoGenerator, prompt: str, what: str = "the prompt")
         return 0
     n = len(tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"])
     if n > TEXT_ENCODER_TOKENS:
-        log.warning("%s is %d tokens (%d characters); the text encoder reads the first %d, the rest does not "
-                    "change the video", what, n, len(prompt), TEXT_ENCODER_TOKENS)
+        log.warning(
+            "%s is %d tokens (%d characters); the text encoder reads the first %d, the rest does not change the video",
+            what,
+            n,
+            len(prompt),
+            TEXT_ENCODER_TOKENS,
+        )
     return n
 
 
@@ -284,7 +305,11 @@ def run_generate(plan: RunPlan, req: GenerateRequest) -> int:
         log.info("mask pictures: %s", saver.write(result)[0].parent)
     t = record["timings"]
     density = record["attention"]["overall"]
-    log.info("denoising %.1fs, decode %.1fs, mean attention density %s",
-             t["denoising_s"], t["decode_s"], f"{density:.3f}" if density is not None else "n/a")
+    log.info(
+        "denoising %.1fs, decode %.1fs, mean attention density %s",
+        t["denoising_s"],
+        t["decode_s"],
+        f"{density:.3f}" if density is not None else "n/a",
+    )
     print(output)
     return 0

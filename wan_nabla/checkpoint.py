@@ -37,9 +37,10 @@ import datetime as _dt
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -83,16 +84,18 @@ def locate_checkpoint(path: str | Path) -> CheckpointFiles:
     if given.is_dir():
         indexes = sorted(p for p in given.iterdir() if p.name.endswith(_INDEX_SUFFIX) and p.is_file())
         if len(indexes) > 1:
-            raise CheckpointError(f"{str(given)!r} holds several indexes ({', '.join(p.name for p in indexes)}); "
-                                  "give the one to load")
+            raise CheckpointError(
+                f"{str(given)!r} holds several indexes ({', '.join(p.name for p in indexes)}); give the one to load"
+            )
         if indexes:
             return _from_index(indexes[0], given)
         singles = sorted(p for p in given.iterdir() if p.suffix == ".safetensors" and p.is_file())
         if len(singles) == 1:
             return CheckpointFiles(given, (singles[0],))
         if len(singles) > 1:
-            raise CheckpointError(f"{str(given)!r} holds {len(singles)} .safetensors files and no "
-                                  f"*{_INDEX_SUFFIX}; give the file to load")
+            raise CheckpointError(
+                f"{str(given)!r} holds {len(singles)} .safetensors files and no *{_INDEX_SUFFIX}; give the file to load"
+            )
         if (given / "transformer").is_dir():
             return locate_checkpoint(given / "transformer")
         pickles = sorted(p.name for p in given.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -117,16 +120,26 @@ def _from_index(index: Path, given: Path) -> CheckpointFiles:
         if not isinstance(weight_map, dict) or not weight_map:
             raise TypeError("weight_map must be a non-empty mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"index {str(index)!r} is not a valid safetensors index: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise CheckpointError(
+            f"index {str(index)!r} is not a valid safetensors index: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     root = index.parent
     shards = []
     for name in sorted(set(weight_map.values())):
         # A plain name in the index's own directory; symlinks there are fine (the HF cache uses them).
-        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-                or Path(name).is_absolute()):
-            raise CheckpointError(f"index {str(index)!r} names {name!r}, which is not a file name in its "
-                                  "directory; shards must sit next to the index")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or "/" in name
+            or "\\" in name
+            or Path(name).is_absolute()
+        ):
+            raise CheckpointError(
+                f"index {str(index)!r} names {name!r}, which is not a file name in its "
+                "directory; shards must sit next to the index"
+            )
         if not name.endswith(".safetensors"):
             raise CheckpointError(f"index {str(index)!r} names shard {name!r}; only .safetensors shards are loaded")
         if not (root / name).is_file():
@@ -148,15 +161,19 @@ def read_shapes(files: CheckpointFiles) -> dict[str, tuple[Path, tuple[int, ...]
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {str(shard)!r} as safetensors ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise CheckpointError(
+                f"cannot read {str(shard)!r} as safetensors ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
     if files.weight_map is not None:
         for key, name in sorted(files.weight_map.items()):
             if key not in found or found[key][0].name != name:
                 raise CheckpointError(f"index lists {key!r} in {name!r}, but that shard does not hold it")
         extra = sorted(set(found) - set(files.weight_map))
         if extra:
-            raise CheckpointError(f"shard {found[extra[0]][0].name!r} holds {extra[0]!r}, which the index does not list")
+            raise CheckpointError(
+                f"shard {found[extra[0]][0].name!r} holds {extra[0]!r}, which the index does not list"
+            )
     return found
 
 
@@ -168,9 +185,11 @@ def detect_naming(keys) -> str:
         return "original" if original else "diffusers"
     sample = sorted(keys)[0] if keys else "(no keys)"
     why = "both" if original else "neither"
-    raise CheckpointError(f"cannot tell the key naming: {why} Wan's original names (blocks.0.self_attn.q.weight) "
-                          f"and diffusers' (blocks.0.attn1.to_q.weight) are present, e.g. {sample!r}; "
-                          "is this a Wan2.1 text-to-video transformer?")
+    raise CheckpointError(
+        f"cannot tell the key naming: {why} Wan's original names (blocks.0.self_attn.q.weight) "
+        f"and diffusers' (blocks.0.attn1.to_q.weight) are present, e.g. {sample!r}; "
+        "is this a Wan2.1 text-to-video transformer?"
+    )
 
 
 def diffusers_names(keys, naming: str) -> dict[str, str]:
@@ -183,8 +202,9 @@ def diffusers_names(keys, naming: str) -> dict[str, str]:
     except Exception as e:
         raise CheckpointError(f"diffusers could not convert the original key names ({type(e).__name__}: {e})") from None
     if len(mapping) != len(keys):
-        raise CheckpointError(f"{len(keys) - len(mapping)} original keys map onto the same diffusers key; "
-                              "the checkpoint mixes namings")
+        raise CheckpointError(
+            f"{len(keys) - len(mapping)} original keys map onto the same diffusers key; the checkpoint mixes namings"
+        )
     return mapping
 
 
@@ -192,8 +212,9 @@ def _fp32_kept(key: str, keep: tuple[str, ...]) -> bool:
     return any(m in key.split(".") for m in keep)  # diffusers' from_pretrained rule
 
 
-def load_transformer(files: CheckpointFiles | str | Path, transformer_config: Mapping[str, Any],
-                     dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_transformer(
+    files: CheckpointFiles | str | Path, transformer_config: Mapping[str, Any], dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the transformer of `transformer_config` with the checkpoint's weights (see module doc)."""
     if not isinstance(files, CheckpointFiles):
         files = locate_checkpoint(files)
@@ -223,8 +244,13 @@ def load_transformer(files: CheckpointFiles | str | Path, transformer_config: Ma
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if meta:
         raise RuntimeError(f"transformer tensors left on the meta device: {meta[:3]}")
-    info = {"path": str(files.given), "naming": naming, "tensors": len(state),
-            "parameters": sum(t.numel() for t in state.values()), "files": fingerprint(files)}
+    info = {
+        "path": str(files.given),
+        "naming": naming,
+        "tensors": len(state),
+        "parameters": sum(t.numel() for t in state.values()),
+        "files": fingerprint(files),
+    }
     return model.eval(), info
 
 
@@ -238,18 +264,24 @@ def _check_keys(names: Mapping[str, str], expected: Mapping[str, tuple], shapes,
     for new in sorted(set(expected) & set(names)):
         got = shapes[names[new]][1]
         if got != expected[new]:
-            raise CheckpointError(f"shape mismatch for {shown(new)}: checkpoint {list(got)}, --model transformer "
-                                  f"{list(expected[new])} ({arch}); do --model and the checkpoint have the same size?")
+            raise CheckpointError(
+                f"shape mismatch for {shown(new)}: checkpoint {list(got)}, --model transformer "
+                f"{list(expected[new])} ({arch}); do --model and the checkpoint have the same size?"
+            )
     missing = sorted(set(expected) - set(names))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint lacks {missing[0]!r}{more} of the --model transformer ({arch}); "
-                              "is it a Wan2.1 T2V transformer of this size?")
+        raise CheckpointError(
+            f"checkpoint lacks {missing[0]!r}{more} of the --model transformer ({arch}); "
+            "is it a Wan2.1 T2V transformer of this size?"
+        )
     unexpected = sorted(set(names) - set(expected))
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-        raise CheckpointError(f"checkpoint has unexpected key {shown(unexpected[0])}{more} for the --model "
-                              f"transformer ({arch}; {naming} key names)")
+        raise CheckpointError(
+            f"checkpoint has unexpected key {shown(unexpected[0])}{more} for the --model "
+            f"transformer ({arch}; {naming} key names)"
+        )
 
 
 def fingerprint(files: CheckpointFiles) -> list[dict[str, Any]]:
@@ -258,7 +290,8 @@ def fingerprint(files: CheckpointFiles) -> list[dict[str, Any]]:
     for path in ([files.index] if files.index else []) + list(files.shards):
         st = path.stat()
         rec: dict[str, Any] = {
-            "name": path.name, "bytes": st.st_size,
+            "name": path.name,
+            "bytes": st.st_size,
             "mtime": _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).isoformat(timespec="seconds"),
         }
         h = hashlib.sha256()

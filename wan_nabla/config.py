@@ -51,8 +51,9 @@ VAE_DTYPES = ("fp32", "bf16")
 DEFAULT_VAE_DTYPE = "fp32"
 """memory.vae_dtype's default: the one line to change once the GPU measurement decides it
 (docs/speed_levers.md, "FP8 and fast decode")."""
-CACHE_FORMS = ("none, first-block:T (T >= 0), mag (published settings), mag:T[:K] (T >= 0, K >= 1 skips in a "
-               "row) or mag:calibrate")
+CACHE_FORMS = (
+    "none, first-block:T (T >= 0), mag (published settings), mag:T[:K] (T >= 0, K >= 1 skips in a row) or mag:calibrate"
+)
 
 # Wan2.1's rotary tables hold 1024 positions per axis (WanTransformer3DModel rope_max_seq_len);
 # one position is one latent frame (4 video frames) or one 2x2 patch of 8x8-pixel latents (16 px).
@@ -87,8 +88,10 @@ def utf8_problem(text: str) -> str | None:
     except UnicodeEncodeError as e:
         ch = text[e.start]
         raw = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"U+{ord(ch):04X}"
-        return (f"is not valid UTF-8 ({raw} at character {e.start + 1}); use UTF-8 text "
-                "(check the terminal's or file's encoding)")
+        return (
+            f"is not valid UTF-8 ({raw} at character {e.start + 1}); use UTF-8 text "
+            "(check the terminal's or file's encoding)"
+        )
 
 
 def _is_int(v: Any) -> bool:
@@ -144,8 +147,10 @@ def parse_size(value: Any, key: str = "size") -> tuple[int, int]:
     if w <= 0 or h <= 0 or w % 16 or h % 16:
         raise ConfigError(f"{key}: width and height must be positive multiples of 16, got {w}x{h}")
     if w > MAX_SIDE or h > MAX_SIDE:
-        raise ConfigError(f"{key}: {w}x{h} is too large; width and height must be at most {MAX_SIDE} "
-                          f"(Wan's rotary table has {ROPE_POSITIONS} positions of 16 px per axis)")
+        raise ConfigError(
+            f"{key}: {w}x{h} is too large; width and height must be at most {MAX_SIDE} "
+            f"(Wan's rotary table has {ROPE_POSITIONS} positions of 16 px per axis)"
+        )
     return int(w), int(h)
 
 
@@ -234,27 +239,36 @@ class GenerationConfig:
         object.__setattr__(self, "size", parse_size(self.size, "generation.size"))
         f = self.frames
         if not _is_int(f) or f < 1 or (f - 1) % 4 or f > MAX_FRAMES:
-            raise ConfigError(f"generation.frames: {show(f)} is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)"
-                              + (f", at most {MAX_FRAMES}" if _is_int(f) and f > MAX_FRAMES else ""))
+            raise ConfigError(
+                f"generation.frames: {show(f)} is not allowed; use 4k+1 frames (1, 5, ..., 17, ..., 81)"
+                + (f", at most {MAX_FRAMES}" if _is_int(f) and f > MAX_FRAMES else "")
+            )
         if not _is_int(self.steps) or not (1 <= self.steps <= NUM_TRAIN_TIMESTEPS):
-            raise ConfigError(f"generation.steps: {show(self.steps)} is not allowed; use an integer in "
-                              f"[1, {NUM_TRAIN_TIMESTEPS}]")
+            raise ConfigError(
+                f"generation.steps: {show(self.steps)} is not allowed; use an integer in [1, {NUM_TRAIN_TIMESTEPS}]"
+            )
         g = self.guidance_scale
         if not _is_number(g) or not (0 <= g <= MAX_GUIDANCE):
-            raise ConfigError(f"generation.guidance_scale: {show(g)} is not allowed; use a number in [0, {MAX_GUIDANCE:g}]")
+            raise ConfigError(
+                f"generation.guidance_scale: {show(g)} is not allowed; use a number in [0, {MAX_GUIDANCE:g}]"
+            )
         object.__setattr__(self, "guidance_scale", float(g))
         if self.shift is not None:
             lo, hi = SHIFT_RANGE
             if not _is_number(self.shift) or not (lo <= self.shift <= hi):
-                raise ConfigError(f"generation.shift: {show(self.shift)} is not allowed; use a number in [{lo:g}, {hi:g}]")
+                raise ConfigError(
+                    f"generation.shift: {show(self.shift)} is not allowed; use a number in [{lo:g}, {hi:g}]"
+                )
             object.__setattr__(self, "shift", float(self.shift))
         if not _is_int(self.seed) or self.seed < 0 or self.seed >= 2**63:
             raise ConfigError(f"generation.seed: {show(self.seed)} is not allowed; use an integer in [0, 2**63)")
         if not _is_int(self.fps) or not (1 <= self.fps <= 240):
             raise ConfigError(f"generation.fps: {show(self.fps)} is not allowed; use an integer in [1, 240]")
         if not _is_int(self.crf) or not (0 <= self.crf <= 51):
-            raise ConfigError(f"generation.crf: {show(self.crf)} is not allowed; use an integer in [0, 51] "
-                              f"(x264 CRF; default {DEFAULT_CRF}, Wan2.1's imageio quality=8 is {WAN_CRF})")
+            raise ConfigError(
+                f"generation.crf: {show(self.crf)} is not allowed; use an integer in [0, 51] "
+                f"(x264 CRF; default {DEFAULT_CRF}, Wan2.1's imageio quality=8 is {WAN_CRF})"
+            )
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigError(f"generation.negative_prompt: {show(self.negative_prompt)} is not allowed; use a string")
         if self.negative_prompt is not None and (why := utf8_problem(self.negative_prompt)) is not None:
@@ -267,7 +281,9 @@ class GenerationConfig:
         if not isinstance(self.batch_cfg, bool):
             raise ConfigError(f"generation.batch_cfg: {show(self.batch_cfg)} is not allowed; use true or false")
         if self.sampler not in SAMPLERS:
-            raise ConfigError(f"generation.sampler: {show(self.sampler)} is not allowed; use one of {', '.join(SAMPLERS)}")
+            raise ConfigError(
+                f"generation.sampler: {show(self.sampler)} is not allowed; use one of {', '.join(SAMPLERS)}"
+            )
 
     @property
     def width(self) -> int:
@@ -327,7 +343,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         what = "tiny, a directory or a hub repo id"
         _optional_text("model.base", self.base, what)
-        _optional_text("model.transformer", self.transformer, "a .safetensors file, an index .json, a directory or a hub repo id")
+        _optional_text(
+            "model.transformer", self.transformer, "a .safetensors file, an index .json, a directory or a hub repo id"
+        )
         _optional_text("model.recommended_transformer", self.recommended_transformer, "a hub repo id (owner/name)")
 
     @classmethod
@@ -337,8 +355,10 @@ class ModelConfig:
             return data or cls()
         if not isinstance(data, Mapping):
             if not isinstance(data, str) or not data.strip():
-                raise ConfigError(f"model: {data!r} is not allowed; use tiny, a directory, a hub repo id "
-                                  "or a mapping with base, transformer, recommended_transformer")
+                raise ConfigError(
+                    f"model: {data!r} is not allowed; use tiny, a directory, a hub repo id "
+                    "or a mapping with base, transformer, recommended_transformer"
+                )
             return cls(base=data)
         _check_keys("model", data, tuple(f.name for f in fields(cls)))
         return cls(**dict(data))
@@ -372,9 +392,13 @@ class MemoryConfig:
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"memory.offload: {self.offload!r} is not allowed; use one of {', '.join(OFFLOAD_MODES)}")
         if self.vae_tiling not in AUTO_ON_OFF:
-            raise ConfigError(f"memory.vae_tiling: {self.vae_tiling!r} is not allowed; use one of {', '.join(AUTO_ON_OFF)}")
+            raise ConfigError(
+                f"memory.vae_tiling: {self.vae_tiling!r} is not allowed; use one of {', '.join(AUTO_ON_OFF)}"
+            )
         if self.vae_dtype not in VAE_DTYPES:
-            raise ConfigError(f"memory.vae_dtype: {show(self.vae_dtype)} is not allowed; use one of {', '.join(VAE_DTYPES)}")
+            raise ConfigError(
+                f"memory.vae_dtype: {show(self.vae_dtype)} is not allowed; use one of {', '.join(VAE_DTYPES)}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> MemoryConfig:
@@ -385,10 +409,14 @@ class MemoryConfig:
 
 
 # Flag-style overrides that RunConfig.override routes to a section other than `generation`.
-_SECTION_OVERRIDES = {"model": ("model", "base"), "transformer": ("model", "transformer"),
-                      "offload": ("memory", "offload"), "vae_tiling": ("memory", "vae_tiling"),
-                      "vae_dtype": ("memory", "vae_dtype"),
-                      "attention_backend": ("attention", "backend")}
+_SECTION_OVERRIDES = {
+    "model": ("model", "base"),
+    "transformer": ("model", "transformer"),
+    "offload": ("memory", "offload"),
+    "vae_tiling": ("memory", "vae_tiling"),
+    "vae_dtype": ("memory", "vae_dtype"),
+    "attention_backend": ("attention", "backend"),
+}
 
 
 def parse_cache(spec: str, key: str = "speed.cache") -> tuple[str, dict[str, Any]]:
@@ -446,7 +474,9 @@ class SpeedConfig:
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"speed.compile: {self.compile!r} is not allowed; use one of {', '.join(COMPILE_MODES)}")
         if self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"speed.quantize: {show(self.quantize)} is not allowed; use one of {', '.join(QUANTIZE_MODES)}")
+            raise ConfigError(
+                f"speed.quantize: {show(self.quantize)} is not allowed; use one of {', '.join(QUANTIZE_MODES)}"
+            )
         kind, params = parse_cache(self.cache)
         r = self.mag_ratios
         if r is not None:
@@ -454,8 +484,10 @@ class SpeedConfig:
                 raise ConfigError(f"speed.mag_ratios: {r!r} is not allowed; use a list of positive numbers")
             object.__setattr__(self, "mag_ratios", tuple(float(x) for x in r))
         if kind == "mag" and self.mag_ratios is not None and "threshold" not in params:
-            raise ConfigError(f"speed.cache: {self.cache!r} takes the published settings, which go with the "
-                              "published ratios; with speed.mag_ratios give the threshold: mag:T[:K]")
+            raise ConfigError(
+                f"speed.cache: {self.cache!r} takes the published settings, which go with the "
+                "published ratios; with speed.mag_ratios give the threshold: mag:T[:K]"
+            )
 
     @property
     def cache_kind(self) -> str:
@@ -509,8 +541,10 @@ class LoraSpec:
                 number = float(scale) if sep and path else None
             except ValueError:
                 if path.lower().endswith(".safetensors"):  # PATH:SCALE with a scale that is not a number
-                    raise ConfigError(f"lora: scale {scale!r} in {value!r} is not a number; use PATH[:SCALE] "
-                                      "with SCALE a number such as 0.8") from None
+                    raise ConfigError(
+                        f"lora: scale {scale!r} in {value!r} is not a number; use PATH[:SCALE] "
+                        "with SCALE a number such as 0.8"
+                    ) from None
                 number = None  # a ':' that is part of the path
             return cls(value) if number is None else cls(path, number)
         raise ConfigError(f"lora: {value!r} is not allowed; use PATH[:SCALE] or {{path: ..., scale: ...}}")
@@ -589,17 +623,23 @@ class RunConfig:
         object.__setattr__(self, "model", ModelConfig.from_value(self.model))
         object.__setattr__(self, "lora", _lora_list(self.lora))
         if self.speed.compile not in ("auto", "none") and self.memory.offload != "none":
-            raise ConfigError(f"speed.compile: {self.speed.compile!r} does not combine with memory.offload "
-                              f"{self.memory.offload!r} (compiled blocks are not traced through offload hooks); "
-                              "use compile none or auto, or offload none")
+            raise ConfigError(
+                f"speed.compile: {self.speed.compile!r} does not combine with memory.offload "
+                f"{self.memory.offload!r} (compiled blocks are not traced through offload hooks); "
+                "use compile none or auto, or offload none"
+            )
         if self.speed.cache_kind != "none" and self.parallel.ulysses_degree > 1:
-            raise ConfigError(f"speed.cache: {self.speed.cache!r} does not combine with parallel.ulysses_degree "
-                              f"{self.parallel.ulysses_degree} (each rank would decide to skip blocks from its own "
-                              "tokens and the ranks would fall out of step); use cache none, or cfg_parallel alone")
+            raise ConfigError(
+                f"speed.cache: {self.speed.cache!r} does not combine with parallel.ulysses_degree "
+                f"{self.parallel.ulysses_degree} (each rank would decide to skip blocks from its own "
+                "tokens and the ranks would fall out of step); use cache none, or cfg_parallel alone"
+            )
         if self.speed.quantize == "fp8" and self.generation.dtype == "float32":
-            raise ConfigError("speed.quantize: 'fp8' does not combine with generation.dtype 'float32' (FP8 GEMMs take "
-                              "bf16/fp16 activations; an fp32 run would not be the fp8 path it is labelled as); "
-                              "use dtype bfloat16, or quantize none")
+            raise ConfigError(
+                "speed.quantize: 'fp8' does not combine with generation.dtype 'float32' (FP8 GEMMs take "
+                "bf16/fp16 activations; an fp32 run would not be the fp8 path it is labelled as); "
+                "use dtype bfloat16, or quantize none"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> RunConfig:
@@ -611,7 +651,7 @@ class RunConfig:
             model=ModelConfig.from_value(data.get("model")),
             memory=MemoryConfig.from_mapping(_section(data, "memory")),
             speed=SpeedConfig.from_mapping(_section(data, "speed")),
-            lora=data.get("lora"),
+            lora=_lora_list(data.get("lora")),
             parallel=ParallelConfig.from_mapping(_section(data, "parallel")),
         )
 
@@ -637,21 +677,34 @@ class RunConfig:
             self, **{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()}
         )
 
-    def with_levers(self, *, compile: str | None = None, cache: str | None = None,
-                    lora: list | None = None, quantize: str | None = None) -> RunConfig:
+    def with_levers(
+        self,
+        *,
+        compile: str | None = None,
+        cache: str | None = None,
+        lora: list | None = None,
+        quantize: str | None = None,
+    ) -> RunConfig:
         """Copy with speed.compile / speed.cache / speed.quantize replaced and, when `lora` is
         given, the LoRA list replaced by it (entries as for LoraSpec.parse); None keeps the value."""
         speed = self.speed
-        changes = {k: v for k, v in (("compile", compile), ("cache", cache), ("quantize", quantize)) if v is not None}
+        changes: dict[str, Any] = {
+            k: v for k, v in (("compile", compile), ("cache", cache), ("quantize", quantize)) if v is not None
+        }
         if changes:
             speed = dataclasses.replace(speed, **changes)
-        return dataclasses.replace(self, speed=speed, lora=self.lora if lora is None else lora)
+        return dataclasses.replace(self, speed=speed, lora=self.lora if lora is None else _lora_list(lora))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "attention": self.attention.to_dict(),
-                "generation": self.generation.to_dict(), "memory": self.memory.to_dict(),
-                "speed": self.speed.to_dict(), "lora": [x.to_dict() for x in self.lora],
-                "parallel": self.parallel.to_dict()}
+        return {
+            "model": self.model.to_dict(),
+            "attention": self.attention.to_dict(),
+            "generation": self.generation.to_dict(),
+            "memory": self.memory.to_dict(),
+            "speed": self.speed.to_dict(),
+            "lora": [x.to_dict() for x in self.lora],
+            "parallel": self.parallel.to_dict(),
+        }
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -669,8 +722,9 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeLoader reports it itself
                     continue
                 if duplicate:
-                    raise ConfigError(f"duplicate key {show(key)} (line {key_node.start_mark.line + 1}); "
-                                      "each key may appear once")
+                    raise ConfigError(
+                        f"duplicate key {show(key)} (line {key_node.start_mark.line + 1}); each key may appear once"
+                    )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -697,8 +751,10 @@ def _check_expansion(root: yaml.Node, limit: int = YAML_MAX_NODES) -> None:
             active.discard(nid)
             size[nid] = 1 + sum(size[id(k)] for k in kids)
             if size[nid] > limit:
-                raise ConfigError(f"YAML aliases expand to more than {limit} values (line {node.start_mark.line + 1}); "
-                                  "a config needs a few dozen: write the values out")
+                raise ConfigError(
+                    f"YAML aliases expand to more than {limit} values (line {node.start_mark.line + 1}); "
+                    "a config needs a few dozen: write the values out"
+                )
             continue
         if nid in size:
             continue
@@ -706,7 +762,9 @@ def _check_expansion(root: yaml.Node, limit: int = YAML_MAX_NODES) -> None:
         stack.append((node, True))
         for k in kids:
             if id(k) in active:
-                raise ConfigError(f"YAML alias refers to itself (line {k.start_mark.line + 1}); configs cannot be recursive")
+                raise ConfigError(
+                    f"YAML alias refers to itself (line {k.start_mark.line + 1}); configs cannot be recursive"
+                )
             if id(k) not in size:
                 stack.append((k, False))
 
@@ -771,9 +829,11 @@ def parse_yaml(text: str) -> Any:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         tag = _tag_of(e)
         if tag:  # e.g. !!python/object: never constructed; say so whole instead of cutting the tag
-            raise ConfigError(f"not valid YAML{where}: the tag {tag!r} is not allowed; a config holds plain "
-                              "values (numbers, strings, lists, mappings) only") from None
-        first = (getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise ConfigError(
+                f"not valid YAML{where}: the tag {tag!r} is not allowed; a config holds plain "
+                "values (numbers, strings, lists, mappings) only"
+            ) from None
+        first = getattr(e, "problem", None) or str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"not valid YAML{where}: {_clip_words(str(first))}") from None
     except RecursionError:
         raise ConfigError("not valid YAML: nested too deeply") from None

@@ -37,8 +37,14 @@ class CheckpointError(ValueError):
     """A DiT checkpoint that cannot be loaded; one line naming the file or key."""
 
 
-USAGE_ERRORS: tuple[type[BaseException], ...] = (UsageError, ConfigError, OutputError, ModelNotFoundError,
-                                                 CheckpointError, LoraError)
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError,
+    ConfigError,
+    OutputError,
+    ModelNotFoundError,
+    CheckpointError,
+    LoraError,
+)
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -13,19 +13,37 @@ import logging
 import os
 import sys
 
-THIRD_PARTY_LOGGERS = ("filelock", "urllib3", "httpx", "httpx2", "httpcore", "huggingface_hub", "fsspec", "torch",
-                       "diffusers", "transformers", "PIL", "matplotlib", "asyncio", "imageio", "imageio_ffmpeg")
-
+THIRD_PARTY_LOGGERS = (
+    "filelock",
+    "urllib3",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "huggingface_hub",
+    "fsspec",
+    "torch",
+    "diffusers",
+    "transformers",
+    "PIL",
+    "matplotlib",
+    "asyncio",
+    "imageio",
+    "imageio_ffmpeg",
+)
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if getattr(args, "verbose", False) else (
-        logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    level = (
+        logging.DEBUG
+        if getattr(args, "verbose", False)
+        else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    )
     if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
         level = max(level, logging.WARNING)
     # The root logger (every other library) stays at WARNING; only wan_nabla follows the flags.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("wan_nabla").setLevel(level)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -67,8 +67,13 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     keys = safetensors_keys(path)
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         raw = {k: fh.get_tensor(k) for k in keys}
-    fmt = ("original" if any(k.startswith("diffusion_model.") for k in raw)
-           else "musubi" if any(k.startswith("lora_unet_") for k in raw) else "diffusers")
+    fmt = (
+        "original"
+        if any(k.startswith("diffusion_model.") for k in raw)
+        else "musubi"
+        if any(k.startswith("lora_unet_") for k in raw)
+        else "diffusers"
+    )
     ignored = sorted(k for k in raw if _DROPPED.search(k))
     diffs = {k: v for k, v in raw.items() if _DIFF.search(k)}
     rest = {k: v for k, v in raw.items() if k not in diffs}
@@ -80,13 +85,13 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             raise LoraError(f"LoRA {str(path)!r}: {_converter_message(e)}") from None
     elif rest and not all(_DROPPED.search(k) or k.endswith(".alpha") for k in rest):
         first = sorted(k for k in rest if not _DROPPED.search(k))[0]
-        raise LoraError(f"LoRA {str(path)!r}: key {first!r} is neither a LoRA weight nor a difference key "
-                        "(.diff/.diff_b/.diff_m)")
+        raise LoraError(
+            f"LoRA {str(path)!r}: key {first!r} is neither a LoRA weight nor a difference key (.diff/.diff_b/.diff_m)"
+        )
     return converted, {"format": fmt, "ignored_keys": ignored, "tensors": len(raw), "diffs": diffs}
 
 
-def diff_targets(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], fmt: str,
-                 path: str) -> dict[str, str]:
+def diff_targets(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], fmt: str, path: str) -> dict[str, str]:
     """{file key: transformer parameter name} of each difference key; LoraError naming the first
     key that matches no parameter, or one of another shape."""
     from .checkpoint import CheckpointError, diffusers_names
@@ -113,17 +118,21 @@ def diff_targets(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], f
     for key in sorted(diffs):
         p = params.get(names[key])
         if p is None:
-            raise LoraError(f"LoRA {path!r}: difference key {key!r} targets {names[key]!r}: no such parameter in this "
-                            "transformer")
+            raise LoraError(
+                f"LoRA {path!r}: difference key {key!r} targets {names[key]!r}: no such parameter in this transformer"
+            )
         if tuple(p.shape) != tuple(diffs[key].shape):
-            raise LoraError(f"LoRA {path!r}: difference key {key!r} is {list(diffs[key].shape)} but {names[key]!r} is "
-                            f"{list(p.shape)}: made for another model size?")
+            raise LoraError(
+                f"LoRA {path!r}: difference key {key!r} is {list(diffs[key].shape)} but {names[key]!r} is "
+                f"{list(p.shape)}: made for another model size?"
+            )
     return names
 
 
 @torch.no_grad()
-def apply_diffs(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], names: dict[str, str],
-                scale: float) -> dict[str, int]:
+def apply_diffs(
+    transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], names: dict[str, str], scale: float
+) -> dict[str, int]:
     """parameter += diff.to(parameter dtype) * scale for each difference key (module doc, step 1);
     returns the count per kind (diff, diff_b, diff_m)."""
     params = dict(transformer.named_parameters())
@@ -141,8 +150,10 @@ def _converter_message(exc: BaseException) -> str:
     # those it drops on purpose (norm/modulation differences) among them: name a real culprit.
     left = [k for k in re.findall(r"'([^']+)'", listed.group(1)) if not _DROPPED.search(k)] if listed else []
     if left:
-        return (f"key 'diffusion_model.{left[0]}' matches no layer diffusers' Wan LoRA converter knows "
-                "(expected blocks.N.self_attn|cross_attn.q|k|v|o, blocks.N.ffn.0|2, head.head, ...)")
+        return (
+            f"key 'diffusion_model.{left[0]}' matches no layer diffusers' Wan LoRA converter knows "
+            "(expected blocks.N.self_attn|cross_attn.q|k|v|o, blocks.N.ffn.0|2, head.head, ...)"
+        )
     return f"diffusers cannot convert it ({_one_line(exc)})"
 
 
@@ -154,7 +165,7 @@ def _one_line(exc: BaseException) -> str:
 def _layer_name(key: str) -> str:
     """'transformer.blocks.0.attn1.to_q.lora_A.weight' -> 'blocks.0.attn1.to_q'."""
     suffix = next(s for s in _SUFFIXES if key.endswith(s))
-    return key[len("transformer."): -len(suffix)]
+    return key[len("transformer.") : -len(suffix)]
 
 
 def check_state_dict(transformer: torch.nn.Module, sd: dict[str, torch.Tensor], path: str) -> dict[str, Any]:
@@ -165,8 +176,10 @@ def check_state_dict(transformer: torch.nn.Module, sd: dict[str, torch.Tensor], 
     for key, t in sd.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if not key.startswith("transformer.") or suffix is None:
-            raise LoraError(f"LoRA {path!r}: key {key!r} is not a transformer LoRA weight "
-                            "(expected transformer.<module>.lora_A.weight / lora_B.weight / lora_B.bias)")
+            raise LoraError(
+                f"LoRA {path!r}: key {key!r} is not a transformer LoRA weight "
+                "(expected transformer.<module>.lora_A.weight / lora_B.weight / lora_B.bias)"
+            )
         name = _layer_name(key)
         layer = modules.get(name)
         if not isinstance(layer, torch.nn.Linear):
@@ -181,10 +194,18 @@ def check_state_dict(transformer: torch.nn.Module, sd: dict[str, torch.Tensor], 
             missing = "lora_A" if a is None else "lora_B"
             raise LoraError(f"LoRA {path!r}: layer {name!r} has no {missing} weight (a LoRA needs both)")
         bias = parts.get(".lora_B.bias")
-        if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features
-                or a.shape[0] != b.shape[1] or (bias is not None and tuple(bias.shape) != (layer.out_features,))):
-            raise LoraError(f"LoRA {path!r}: layer {name!r} is {layer.out_features}x{layer.in_features} but the "
-                            f"LoRA has A {list(a.shape)}, B {list(b.shape)}: made for another model size?")
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[1] != layer.in_features
+            or b.shape[0] != layer.out_features
+            or a.shape[0] != b.shape[1]
+            or (bias is not None and tuple(bias.shape) != (layer.out_features,))
+        ):
+            raise LoraError(
+                f"LoRA {path!r}: layer {name!r} is {layer.out_features}x{layer.in_features} but the "
+                f"LoRA has A {list(a.shape)}, B {list(b.shape)}: made for another model size?"
+            )
         ranks.add(int(a.shape[0]))
     if not pairs:
         raise LoraError(f"LoRA {path!r}: no transformer weights after conversion")
@@ -211,8 +232,12 @@ def load_loras(pipe, specs) -> list[dict[str, Any]]:
         shape = check_state_dict(pipe.transformer, sd, spec.path) if sd or not diffs else {"modules": 0, "rank": None}
         names = diff_targets(pipe.transformer, diffs, facts["format"], spec.path)
         if facts["ignored_keys"]:
-            log.warning("LoRA %s: %d keys are not applied (e.g. %r: DoRA scales)", spec.path,
-                        len(facts["ignored_keys"]), facts["ignored_keys"][0])
+            log.warning(
+                "LoRA %s: %d keys are not applied (e.g. %r: DoRA scales)",
+                spec.path,
+                len(facts["ignored_keys"]),
+                facts["ignored_keys"][0],
+            )
         # In the dtype of the layers they patch: peft multiplies B @ A as stored, and a float32 file
         # on a bfloat16 model would otherwise mix dtypes in one matmul.
         linears = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -229,9 +254,23 @@ def load_loras(pipe, specs) -> list[dict[str, Any]]:
             pipe.fuse_lora(components=["transformer"], lora_scale=spec.scale, adapter_names=[name])
             pipe.unload_lora_weights()
         counts = apply_diffs(pipe.transformer, diffs, names, spec.scale)
-        records.append({"path": spec.path, "scale": spec.scale, "sha256": sha256_file(Path(spec.path)),
-                        "format": facts["format"], **shape, "diff_keys": counts,
-                        "ignored_keys": len(facts["ignored_keys"])})
-        log.info("LoRA %s (scale %g, %s naming, rank %s) merged into %d layers",
-                 spec.path, spec.scale, facts["format"], shape["rank"], shape["modules"])
+        records.append(
+            {
+                "path": spec.path,
+                "scale": spec.scale,
+                "sha256": sha256_file(Path(spec.path)),
+                "format": facts["format"],
+                **shape,
+                "diff_keys": counts,
+                "ignored_keys": len(facts["ignored_keys"]),
+            }
+        )
+        log.info(
+            "LoRA %s (scale %g, %s naming, rank %s) merged into %d layers",
+            spec.path,
+            spec.scale,
+            facts["format"],
+            shape["rank"],
+            shape["modules"],
+        )
     return records

@@ -66,9 +66,18 @@ class Published:
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[dict[str, Any], tuple[Published, ...]]:
     data = json.loads(DATA.read_text(encoding="utf-8"))
-    models = tuple(Published(name, m["num_layers"], m["inner_dim"], float(m["threshold"]), int(m["max_skip_steps"]),
-                             float(m["retention_ratio"]), tuple(float(x) for x in m["mag_ratios"]))
-                   for name, m in data["models"].items())
+    models = tuple(
+        Published(
+            name,
+            m["num_layers"],
+            m["inner_dim"],
+            float(m["threshold"]),
+            int(m["max_skip_steps"]),
+            float(m["retention_ratio"]),
+            tuple(float(x) for x in m["mag_ratios"]),
+        )
+        for name, m in data["models"].items()
+    )
     return data["source"], models
 
 
@@ -104,8 +113,12 @@ class MagSettings:
     """'published: <model> (<repository file @ commit>)' or 'speed.mag_ratios'."""
 
     def record(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "max_skip_steps": self.max_skip_steps,
-                "retention_ratio": self.retention_ratio, "ratios_source": self.source}
+        return {
+            "threshold": self.threshold,
+            "max_skip_steps": self.max_skip_steps,
+            "retention_ratio": self.retention_ratio,
+            "ratios_source": self.source,
+        }
 
 
 def resolve(speed, transformer_config: Any) -> MagSettings | None:
@@ -116,19 +129,33 @@ def resolve(speed, transformer_config: Any) -> MagSettings | None:
         return None
     if speed.mag_ratios is not None:
         if "threshold" not in params:
-            raise ConfigError(f"speed.cache: {speed.cache!r} uses the published settings, but speed.mag_ratios gives "
-                              "this model's own ratios; give the threshold with them: mag:T[:K]")
-        return MagSettings(params["threshold"], params.get("max_skip_steps", USER_DEFAULT_K), DEFAULT_RETENTION,
-                           tuple(speed.mag_ratios), "speed.mag_ratios")
+            raise ConfigError(
+                f"speed.cache: {speed.cache!r} uses the published settings, but speed.mag_ratios gives "
+                "this model's own ratios; give the threshold with them: mag:T[:K]"
+            )
+        return MagSettings(
+            params["threshold"],
+            params.get("max_skip_steps", USER_DEFAULT_K),
+            DEFAULT_RETENTION,
+            tuple(speed.mag_ratios),
+            "speed.mag_ratios",
+        )
     pub = published_for(transformer_config)
     if pub is None:
         layers, dim = model_shape(transformer_config)
         known = ", ".join(f"{p.name} ({p.num_layers} layers, dim {p.inner_dim})" for p in PUBLISHED)
-        raise ConfigError(f"speed.cache: {speed.cache!r}: no published MagCache ratios for this transformer ({layers} "
-                          f"layers, dim {dim}; published: {known}); measure them with --cache mag:calibrate and give "
-                          "them as speed.mag_ratios")
-    return MagSettings(params.get("threshold", pub.threshold), params.get("max_skip_steps", pub.max_skip_steps),
-                       pub.retention_ratio, pub.conditional, f"published: {pub.name} ({source()})")
+        raise ConfigError(
+            f"speed.cache: {speed.cache!r}: no published MagCache ratios for this transformer ({layers} "
+            f"layers, dim {dim}; published: {known}); measure them with --cache mag:calibrate and give "
+            "them as speed.mag_ratios"
+        )
+    return MagSettings(
+        params.get("threshold", pub.threshold),
+        params.get("max_skip_steps", pub.max_skip_steps),
+        pub.retention_ratio,
+        pub.conditional,
+        f"published: {pub.name} ({source()})",
+    )
 
 
 def check(speed, transformer_config: Any | None) -> None:

@@ -33,8 +33,13 @@ TINY_LAYERS = 2
 TINY_HEADS = 2
 TINY_ROPE_POSITIONS = 64  # rotary table length per axis: at most 64 latent frames / 1024 px per side
 
-WAN_SCHEDULER_CONFIG = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
-                        "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0}
+WAN_SCHEDULER_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler",
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "num_train_timesteps": 1000,
+    "flow_shift": 3.0,
+}
 """Wan2.1's scheduler config (used where the model's own scheduler_config.json is not on disk)."""
 
 DEFAULT_HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -78,8 +83,7 @@ def repo_id_for(model: str | None, fallback: str | None = None) -> str:
     return DEFAULT_HUB_ID
 
 
-def download_command(repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
-                     dit_only: bool = False) -> str:
+def download_command(repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None, dit_only: bool = False) -> str:
     """The shell command that puts `repo_id` at `local_dir` (default weights/<name>, where
     resolve_model() looks for the 1.3B model); `dit_only`: only the safetensors weights and json
     files of a transformer checkpoint, for --transformer."""
@@ -91,8 +95,13 @@ def download_command(repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None
 class ModelNotFoundError(RuntimeError):
     """The requested weights are not available; the message is one line ending in the download command."""
 
-    def __init__(self, reason: str, repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
-                 command: str | None = None):
+    def __init__(
+        self,
+        reason: str,
+        repo_id: str = DEFAULT_HUB_ID,
+        local_dir: str | Path | None = None,
+        command: str | None = None,
+    ):
         reason = " ".join(str(reason).split())  # one line, whatever the wrapped error looked like
         super().__init__(f"{reason}; get the weights with: {command or download_command(repo_id, local_dir)}")
         self.repo_id = repo_id
@@ -126,17 +135,23 @@ def looks_like_hub_id(model: str) -> bool:
     return bool(_HUB_ID.match(model)) and not looks_like_path(model)
 
 
-def check_model_dir(path: Path, repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None,
-                    transformer_weights: bool = True) -> None:
+def check_model_dir(
+    path: Path, repo_id: str = DEFAULT_HUB_ID, local_dir: str | Path | None = None, transformer_weights: bool = True
+) -> None:
     """Raise ModelNotFoundError unless `path` is a complete diffusers Wan layout with safetensors weights
     (without `transformer_weights`, only the transformer's config.json is needed)."""
     local_dir = path if local_dir is None else local_dir
     missing = [e for e in REQUIRED_ENTRIES if not (path / e).exists()]
-    if not transformer_weights and (path / "transformer").is_dir() and not (path / "transformer" / "config.json").exists():
+    if (
+        not transformer_weights
+        and (path / "transformer").is_dir()
+        and not (path / "transformer" / "config.json").exists()
+    ):
         missing.append("transformer/config.json")
     if missing:
-        raise ModelNotFoundError(f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}",
-                                 repo_id, local_dir)
+        raise ModelNotFoundError(
+            f"model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}", repo_id, local_dir
+        )
     for sub in _WEIGHT_SUBFOLDERS if transformer_weights else ("vae", "text_encoder"):
         files = [f for f in (path / sub).iterdir() if f.is_file()]
         if any(f.suffix == ".safetensors" for f in files):
@@ -193,14 +208,19 @@ def check_hub_reachable(repo_id: str) -> None:
     try:
         HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
     except GatedRepoError:
-        raise ModelNotFoundError(f"{repo_id!r} is gated: accept its license on huggingface.co and log in "
-                                 "(hf auth login)", repo_id) from None
+        raise ModelNotFoundError(
+            f"{repo_id!r} is gated: accept its license on huggingface.co and log in (hf auth login)", repo_id
+        ) from None
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"{repo_id!r} is not a model repo on the Hugging Face hub (nor a local "
-                                 "directory); check the name", repo_id) from None
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not a model repo on the Hugging Face hub (nor a local directory); check the name", repo_id
+        ) from None
     except hub_errors() as exc:
-        raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and the hub at "
-                                 f"{hf_constants.ENDPOINT} cannot be reached ({first_line(exc)})", repo_id) from None
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not in the Hugging Face cache and the hub at "
+            f"{hf_constants.ENDPOINT} cannot be reached ({first_line(exc)})",
+            repo_id,
+        ) from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -243,8 +263,6 @@ def transformer_heads(model: str) -> int | None:
     return heads if isinstance(heads, int) and heads > 0 else None
 
 
-
-
 # ---- facts known before loading ------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelFacts:
@@ -284,5 +302,11 @@ def model_facts(model: str) -> ModelFacts:
     patch = tc.get("patch_size", (1, 2, 2))
     ok = isinstance(patch, (list, tuple)) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)
     layers, heads = tc.get("num_layers"), tc.get("num_attention_heads")
-    return ModelFacts(model, int(tc.get("rope_max_seq_len") or 1024), layers if isinstance(layers, int) else None,
-                      tuple(patch) if ok else (1, 2, 2), heads if isinstance(heads, int) and heads > 0 else None, sc)
+    return ModelFacts(
+        model,
+        int(tc.get("rope_max_seq_len") or 1024),
+        layers if isinstance(layers, int) else None,
+        tuple(patch) if ok else (1, 2, 2),
+        heads if isinstance(heads, int) and heads > 0 else None,
+        sc,
+    )

@@ -97,7 +97,8 @@ def _from_hub(repo_id: str, fetch, command: str | None = None):
     if hub_offline():
         raise ModelNotFoundError(
             f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set ({first_line(cache_miss)})",
-            repo_id, command,
+            repo_id,
+            command,
         ) from cache_miss
     check_hub_reachable(repo_id)  # fail in one request instead of huggingface_hub's 5 retries
     try:
@@ -114,8 +115,9 @@ def _kind(model: str) -> tuple[str, Path]:
     if path.is_dir():
         return "dir", path
     if path.exists():
-        raise ModelNotFoundError(f"model path {model!r} is a file; give a diffusers model directory",
-                                 repo_id_for(model), path)
+        raise ModelNotFoundError(
+            f"model path {model!r} is a file; give a diffusers model directory", repo_id_for(model), path
+        )
     if looks_like_hub_id(model):
         return "hub", path
     raise ModelNotFoundError(f"model directory {model!r} does not exist", repo_id_for(model), path)
@@ -148,8 +150,9 @@ def load_pipeline(
         try:
             pipe = _from_pretrained(str(path), dtype, True, transformer)
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"cannot load model directory {str(path)!r} ({first_line(exc)})",
-                                     repo_id_for(model), path) from exc
+            raise ModelNotFoundError(
+                f"cannot load model directory {str(path)!r} ({first_line(exc)})", repo_id_for(model), path
+            ) from exc
     else:
         pipe = _from_hub(model, lambda local: _from_pretrained(model, dtype, local, transformer))
     return pipe.to(device)
@@ -178,6 +181,7 @@ def resolve_transformer(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists() or not looks_like_hub_id(spec):
         return path  # checkpoint.locate_checkpoint reports what is wrong with it
+
     def fetch(local: bool) -> Path:
         return Path(snapshot_download(spec, allow_patterns=list(DIT_PATTERNS), local_files_only=local))
 

@@ -78,8 +78,14 @@ def free_device_gib(device: torch.device) -> float:
     return (free + cached) / 2**30
 
 
-def vae_tiling_on(memory: MemoryConfig, width: int, height: int, frames: int | None = None,
-                  device: torch.device | None = None, free_gib: float | None = None) -> bool:
+def vae_tiling_on(
+    memory: MemoryConfig,
+    width: int,
+    height: int,
+    frames: int | None = None,
+    device: torch.device | None = None,
+    free_gib: float | None = None,
+) -> bool:
     """Whether a width x height x frames video is decoded tiled under this memory config (module
     doc): with `frames`, auto checks for room in `free_gib` (given, e.g. a card's memory for an
     estimate) or else asks a CUDA `device`; without either, the pixel rule."""

@@ -90,8 +90,9 @@ def compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
-def compile_record(blocks: str, seconds: float, graphs: int, error: str | None,
-                   cache: dict[str, int] | None = None) -> dict[str, Any]:
+def compile_record(
+    blocks: str, seconds: float, graphs: int, error: str | None, cache: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The sidecar's speed.compile: what the speed.compile lever did to the transformer blocks
     (`mode`), and what was compiled during this video and why, so `mode: none` next to seconds
     of compiling is explained: sparse attention compiles the FlexAttention kernel per shape
@@ -102,8 +103,15 @@ def compile_record(blocks: str, seconds: float, graphs: int, error: str | None,
         what = "the FlexAttention kernel for this shape (the transformer blocks run eagerly: speed.compile none)"
     else:
         what = f"the transformer blocks ({blocks}) and the attention kernel they call"
-    return {"mode": blocks, "compiled": what, "compile_s": seconds, "graphs_compiled": graphs,
-            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "cache": cache or {}, "error": error}
+    return {
+        "mode": blocks,
+        "compiled": what,
+        "compile_s": seconds,
+        "graphs_compiled": graphs,
+        "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+        "cache": cache or {},
+        "error": error,
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,14 +167,21 @@ class LoadedWeights:
     def generator(self, parallel=None) -> VideoGenerator:
         """The VideoGenerator of these weights, bound to `parallel` (a ParallelContext, or None)."""
         t0 = time.perf_counter()
-        gen = VideoGenerator(self.pipe, self.config, self.device, model_id=self.model_id,
-                             transformer_source=self.transformer_source, parallel=parallel)
+        gen = VideoGenerator(
+            self.pipe,
+            self.config,
+            self.device,
+            model_id=self.model_id,
+            transformer_source=self.transformer_source,
+            parallel=parallel,
+        )
         gen.load_s = self.load_s + time.perf_counter() - t0
         return gen
 
 
-def load_weights(model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
-                 tiny_seed: int = 0) -> LoadedWeights:
+def load_weights(
+    model: str, config: RunConfig, device: str | None = None, dtype: str | None = None, tiny_seed: int = 0
+) -> LoadedWeights:
     """Read `model` (and --transformer's DiT weights) onto `device`. Under torchrun every rank
     calls this before the process group exists (a load that fails alike everywhere is then a
     plain error on every rank; transformers saves checkpoints on rank 0 only once a group exists,
@@ -188,8 +203,15 @@ def load_weights(model: str, config: RunConfig, device: str | None = None, dtype
 class VideoGenerator:
     """A loaded Wan2.1 pipeline with wan-nabla attention installed; reusable across prompts."""
 
-    def __init__(self, pipe, config: RunConfig, device: torch.device, model_id: str = "custom",
-                 transformer_source: dict[str, Any] | None = None, parallel=None):
+    def __init__(
+        self,
+        pipe,
+        config: RunConfig,
+        device: torch.device,
+        model_id: str = "custom",
+        transformer_source: dict[str, Any] | None = None,
+        parallel=None,
+    ):
         # `parallel` (a distributed.ParallelContext) is bound here, once: attention is installed
         # with its sequence parallelism and the blocks are compiled for that attention run.
         self.pipe = pipe
@@ -201,8 +223,10 @@ class VideoGenerator:
         self.load_s = 0.0
         self.parallel = parallel
         self.handle = hooks.apply_attention(
-            pipe.transformer, config.attention,
-            sequence_parallel=parallel.sequence_parallel() if parallel is not None else None)
+            pipe.transformer,
+            config.attention,
+            sequence_parallel=parallel.sequence_parallel() if parallel is not None else None,
+        )
         if parallel is not None:  # densities are averaged over the ranks of a video
             self.handle.run.stats_mean = parallel.item_mean
         self.lora: list[dict[str, Any]] = []
@@ -214,8 +238,13 @@ class VideoGenerator:
                 from .quantize import quantize_transformer
 
                 self.quantize = quantize_transformer(pipe.transformer, config.speed.quantize, device)
-                log.info("quantize %s: %d linear layers in %d blocks (%.1fs)", self.quantize["mode"],
-                         self.quantize["linear_modules"], self.quantize["blocks"], self.quantize["seconds"])
+                log.info(
+                    "quantize %s: %d linear layers in %d blocks (%.1fs)",
+                    self.quantize["mode"],
+                    self.quantize["linear_modules"],
+                    self.quantize["blocks"],
+                    self.quantize["seconds"],
+                )
             set_vae_dtype(pipe, config.memory.vae_dtype)
             self.memory = offload.apply_memory(pipe, config.memory, device)
         except BaseException:
@@ -224,9 +253,12 @@ class VideoGenerator:
         self._first_call = True
         self.compile_mode = resolve_compile(config.speed.compile, device, config.memory.offload)
         if self.quantize["mode"] != "none" and self.compile_mode == "none":
-            log.warning("--quantize %s without compiled blocks: the activation quantisation runs as separate kernels "
-                        "and a step is slower than bf16 (the weights still take half the memory); add --compile "
-                        "blocks where the memory mode allows it", self.quantize["mode"])
+            log.warning(
+                "--quantize %s without compiled blocks: the activation quantisation runs as separate kernels "
+                "and a step is slower than bf16 (the weights still take half the memory); add --compile "
+                "blocks where the memory mode allows it",
+                self.quantize["mode"],
+            )
         self._compiled = None
         self._compile()
         self._cache_key = None
@@ -235,19 +267,25 @@ class VideoGenerator:
     def _compile(self) -> None:
         # `auto` must never cost a video: a compile failure falls back to eager (and is recorded).
         if self.compile_mode != "none":
-            self._compiled = adapter.compile_blocks(self.pipe.transformer, self.handle.run, self.compile_mode,
-                                                    fallback=self.config.speed.compile == "auto")
+            self._compiled = adapter.compile_blocks(
+                self.pipe.transformer, self.handle.run, self.compile_mode, fallback=self.config.speed.compile == "auto"
+            )
 
     def use_config(self, config: RunConfig) -> None:
         """Generate with `config` from here on (e.g. a server job's preset): its generation defaults
         are taken as they are and attention is reinstalled when its section differs. Model, LoRAs,
         memory, speed and parallel are fixed at load; a config that changes them raises ValueError
         (load another VideoGenerator instead)."""
-        fixed = [name for name in ("model", "lora", "memory", "speed", "parallel")
-                 if getattr(config, name) != getattr(self.config, name)]
+        fixed = [
+            name
+            for name in ("model", "lora", "memory", "speed", "parallel")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
         if fixed:
-            raise ValueError(f"use_config: {', '.join(fixed)} differ from the loaded config; only attention and "
-                             "generation can change after load")
+            raise ValueError(
+                f"use_config: {', '.join(fixed)} differ from the loaded config; only attention and "
+                "generation can change after load"
+            )
         if config.attention != self.config.attention:
             self._install_attention(config.attention)
         self.config = config
@@ -273,8 +311,15 @@ class VideoGenerator:
                 self._compile()
 
     @classmethod
-    def load(cls, model: str, config: RunConfig, device: str | None = None, dtype: str | None = None,
-             tiny_seed: int = 0, parallel=None) -> VideoGenerator:
+    def load(
+        cls,
+        model: str,
+        config: RunConfig,
+        device: str | None = None,
+        dtype: str | None = None,
+        tiny_seed: int = 0,
+        parallel=None,
+    ) -> VideoGenerator:
         """load_weights + the constructor; `parallel` must already exist (see load_weights)."""
         loaded = load_weights(model, config, device, dtype, tiny_seed)
         return loaded.generator(parallel)
@@ -298,8 +343,11 @@ class VideoGenerator:
             mag = resolve(speed, tr.config)
             params, ratios = speed.cache_params, speed.mag_ratios
             if mag is not None:
-                params = {"threshold": mag.threshold, "max_skip_steps": mag.max_skip_steps,
-                          "retention_ratio": mag.retention_ratio}
+                params = {
+                    "threshold": mag.threshold,
+                    "max_skip_steps": mag.max_skip_steps,
+                    "retention_ratio": mag.retention_ratio,
+                }
                 ratios = mag.mag_ratios
             adapter.enable_cache(tr, kind, params, steps, ratios)
             self._mag = mag
@@ -311,9 +359,16 @@ class VideoGenerator:
         return self.config.override(**overrides).generation
 
     @torch.no_grad()
-    def generate(self, prompt: str, negative_prompt: str | None = None, *, progress: bool = True,
-                 on_step: StepCallback | None = None, decode: bool = True,
-                 **overrides: Any) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        progress: bool = True,
+        on_step: StepCallback | None = None,
+        decode: bool = True,
+        **overrides: Any,
+    ) -> GenerationResult:
         """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
 
         `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
@@ -327,8 +382,10 @@ class VideoGenerator:
         cfg_on = g.guidance_scale > 1.0
         split_cfg = par is not None and par.cfg_parallel
         if split_cfg and not cfg_on:
-            raise ValueError(f"guidance_scale {g.guidance_scale:g} turns classifier-free guidance off, but this run "
-                             f"splits the CFG passes over ranks (--cfg-parallel); use guidance_scale > 1")
+            raise ValueError(
+                f"guidance_scale {g.guidance_scale:g} turns classifier-free guidance off, but this run "
+                f"splits the CFG passes over ranks (--cfg-parallel); use guidance_scale > 1"
+            )
         run.reset_stats()
         timings: dict[str, Any] = {}
         compile_s0, graphs0, cache0 = compile_seconds(), _graphs(), _cache_counts()
@@ -353,7 +410,7 @@ class VideoGenerator:
         printed = io.StringIO()  # diffusers prints MagCache's calibrated ratios to stdout
         t_loop = time.perf_counter()
         bar = _progress(g.steps, progress)
-        with bar, (contextlib.redirect_stdout(printed) if calibrate else contextlib.nullcontext()):
+        with bar, contextlib.redirect_stdout(printed) if calibrate else contextlib.nullcontext():
             for i, t in enumerate(scheduler.timesteps):
                 ts = time.perf_counter()
                 run.set_step(i)
@@ -374,9 +431,13 @@ class VideoGenerator:
         peaks.end("denoise")
         timings["compile_s"] = compile_seconds() - compile_s0
         speed = {
-            "compile": compile_record(self.compile_mode, timings["compile_s"], _graphs() - graphs0,
-                                      self._compiled.error if self._compiled is not None else None,
-                                      {k: v - cache0.get(k, 0) for k, v in _cache_counts().items()}),
+            "compile": compile_record(
+                self.compile_mode,
+                timings["compile_s"],
+                _graphs() - graphs0,
+                self._compiled.error if self._compiled is not None else None,
+                {k: v - cache0.get(k, 0) for k, v in _cache_counts().items()},
+            ),
             "cache": self._cache_record(g.steps, passes, printed.getvalue() if calibrate else ""),
             "lora": self.lora,
             "quantize": self.quantize,
@@ -399,8 +460,12 @@ class VideoGenerator:
             timings["vae_tiling"], timings["vae_split_ranks"] = True, par.layout.group_size
             from .distributed.decode import split_tiled_decode
 
-            out = adapter.decode_video(pipe, latents, dev, decoder=lambda z: split_tiled_decode(
-                pipe.vae, z, par.item_group(), par.item_ranks()))
+            out = adapter.decode_video(
+                pipe,
+                latents,
+                dev,
+                decoder=lambda z: split_tiled_decode(pipe.vae, z, par.item_group(), par.item_ranks()),
+            )
             frames = out if out is not None else frames
             sync_device(dev)
             timings["decode_s"] = time.perf_counter() - t0
@@ -414,8 +479,12 @@ class VideoGenerator:
                 if timings["vae_tiling"]:
                     raise
                 # The denoised latents are kept: decode again in tiles rather than lose the video.
-                log.warning("VAE decode ran out of memory untiled at %dx%dx%d; decoding again with tiling",
-                            g.width, g.height, g.frames)
+                log.warning(
+                    "VAE decode ran out of memory untiled at %dx%dx%d; decoding again with tiling",
+                    g.width,
+                    g.height,
+                    g.frames,
+                )
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 pipe.vae.enable_tiling()
@@ -445,9 +514,14 @@ class VideoGenerator:
         n_blocks = len(self.pipe.transformer.blocks)
         computed = [calls.get(i, 0) for i in range(steps)]
         total = steps * passes * n_blocks
-        record = {"cache": self.config.speed.cache, "block_calls": total, "computed": sum(computed),
-                  "skipped": total - sum(computed), "skipped_share": (total - sum(computed)) / total,
-                  "computed_per_step": computed}
+        record = {
+            "cache": self.config.speed.cache,
+            "block_calls": total,
+            "computed": sum(computed),
+            "skipped": total - sum(computed),
+            "skipped_share": (total - sum(computed)) / total,
+            "computed_per_step": computed,
+        }
         if printed:
             record["calibrated_mag_ratios"] = _printed_ratios(printed)
         if self._mag is not None:
@@ -497,12 +571,23 @@ class _PhasePeaks:
     def record(self) -> dict[str, Any]:
         if not self.gb:
             return {}
-        return {"peak_gpu_memory_gb": max(self.gb.values()), "peak_gpu_memory_gb_by_phase": dict(self.gb),
-                "peak_gpu_reserved_gb_by_phase": dict(self.reserved_gb)}
+        return {
+            "peak_gpu_memory_gb": max(self.gb.values()),
+            "peak_gpu_memory_gb_by_phase": dict(self.gb),
+            "peak_gpu_reserved_gb_by_phase": dict(self.reserved_gb),
+        }
 
 
-def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None,
-                  guidance_scale: float, both: torch.Tensor | None = None, parallel=None) -> torch.Tensor:
+def predict_noise(
+    pipe,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None,
+    guidance_scale: float,
+    both: torch.Tensor | None = None,
+    parallel=None,
+) -> torch.Tensor:
     """One step's guided noise prediction (the loop body without the scheduler), on every rank.
 
     neg None: no guidance, one conditional pass. CFG parallel: this rank's branch only, exchanged

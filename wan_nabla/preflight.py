@@ -118,13 +118,34 @@ class RunPlan:
     @property
     def levers(self) -> dict[str, Any]:
         """The speed levers asked for: compile mode, step cache, LoRAs (resolved by the pipeline)."""
-        return {"compile": self.config.speed.compile, "cache": self.config.speed.cache,
-                "lora": [spec.to_dict() for spec in self.config.lora]}
+        return {
+            "compile": self.config.speed.compile,
+            "cache": self.config.speed.cache,
+            "lora": [spec.to_dict() for spec in self.config.lora],
+        }
 
 
-OVERRIDE_FLAGS = ("model", "negative_prompt", "frames", "steps", "guidance_scale", "shift", "seed", "fps", "device",
-                  "dtype", "transformer", "offload", "vae_tiling", "sampler", "ulysses_degree", "cfg_parallel",
-                  "attention_backend", "crf", "vae_dtype")
+OVERRIDE_FLAGS = (
+    "model",
+    "negative_prompt",
+    "frames",
+    "steps",
+    "guidance_scale",
+    "shift",
+    "seed",
+    "fps",
+    "device",
+    "dtype",
+    "transformer",
+    "offload",
+    "vae_tiling",
+    "sampler",
+    "ulysses_degree",
+    "cfg_parallel",
+    "attention_backend",
+    "crf",
+    "vae_dtype",
+)
 """RunFlags fields passed to RunConfig.override under their own name (size is parsed first); a
 flag added by another feature joins this tuple (and requests.RunFlags)."""
 
@@ -142,8 +163,12 @@ def resolve_run_config(flags: RunFlags) -> RunConfig:
     # Every RunFlags field that overrides a config value, by RunConfig.override's keyword.
     overrides: dict[str, Any] = {name: getattr(flags, name) for name in OVERRIDE_FLAGS}
     overrides["size"] = size
-    levers = {"compile": flags.compile, "cache": flags.cache, "lora": list(flags.lora) if flags.lora else None,
-              "quantize": flags.quantize}
+    levers = {
+        "compile": flags.compile,
+        "cache": flags.cache,
+        "lora": list(flags.lora) if flags.lora else None,
+        "quantize": flags.quantize,
+    }
     try:
         return cfg.override(**overrides).with_levers(**levers)
     except ConfigError as e:
@@ -152,13 +177,18 @@ def resolve_run_config(flags: RunFlags) -> RunConfig:
 
 def _name_flag(msg: str, overrides: Mapping[str, Any], levers: Mapping[str, Any]) -> str:
     named = {f"{s}.{k}": (k, v) for k, v in overrides.items() for s in ("generation", "memory", "model", "parallel")}
-    named.update({"attention.backend": ("attention_backend", overrides["attention_backend"]),
-                  "speed.compile": ("compile", levers["compile"]), "speed.cache": ("cache", levers["cache"]),
-                  "speed.quantize": ("quantize", levers["quantize"]),
-                  "lora": ("lora", levers["lora"])})
+    named.update(
+        {
+            "attention.backend": ("attention_backend", overrides["attention_backend"]),
+            "speed.compile": ("compile", levers["compile"]),
+            "speed.cache": ("cache", levers["cache"]),
+            "speed.quantize": ("quantize", levers["quantize"]),
+            "lora": ("lora", levers["lora"]),
+        }
+    )
     for key, (name, value) in named.items():  # name the flag the user typed, not only the config key
         if value is not None and msg.startswith(f"{key}:"):
-            return f"--{name.replace('_', '-')} ({key}):{msg[len(key) + 1:]}"
+            return f"--{name.replace('_', '-')} ({key}):{msg[len(key) + 1 :]}"
     return msg
 
 
@@ -192,9 +222,13 @@ def preflight_loras(specs) -> None:
     for spec in specs:
         keys = safetensors_keys(Path(spec.path))
         if not any("lora" in k or k.endswith((".diff", ".diff_b", ".diff_m")) for k in keys):
-            raise LoraError(f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora' or ends in "
-                            f".diff/.diff_b/.diff_m; "
-                            f"first key {keys[0]!r})" if keys else f"LoRA {spec.path!r}: the file holds no tensors")
+            raise LoraError(
+                f"LoRA {spec.path!r}: no LoRA weights in it (no key contains 'lora' or ends in "
+                f".diff/.diff_b/.diff_m; "
+                f"first key {keys[0]!r})"
+                if keys
+                else f"LoRA {spec.path!r}: the file holds no tensors"
+            )
 
 
 SAFETENSORS_MAX_HEADER = 100 << 20
@@ -229,8 +263,9 @@ def safetensors_keys(path: Path) -> list[str]:
 def check_dense_layers(facts: ModelFacts, attention: AttentionConfig) -> None:
     bad = [i for i in attention.dense_layers if facts.num_layers is not None and i >= facts.num_layers]
     if bad:
-        raise ConfigError(f"attention.dense_layers: {bad} out of range; model {facts.model!r} has blocks "
-                          f"0..{facts.num_layers - 1}")
+        raise ConfigError(
+            f"attention.dense_layers: {bad} out of range; model {facts.model!r} has blocks 0..{facts.num_layers - 1}"
+        )
 
 
 def check_model_fits(facts: ModelFacts, g: GenerationConfig, attention: AttentionConfig) -> None:
@@ -245,7 +280,8 @@ def check_model_fits(facts: ModelFacts, g: GenerationConfig, attention: Attentio
         raise ConfigError(
             f"generation.size/frames: {g.width}x{g.height}, {g.frames} frames needs {max(over.values())} "
             f"rotary positions on the {'/'.join(over)} axis, but model {facts.model!r} has "
-            f"{facts.rope_positions}; use at most {side} px per side and {frames} frames")
+            f"{facts.rope_positions}; use at most {side} px per side and {frames} frames"
+        )
 
 
 TILE_SIDE = 8
@@ -259,12 +295,14 @@ def window_covers_grid(attention: AttentionConfig, facts: ModelFacts, g: Generat
         return None
     f, h, w = facts.latent_grid(g.width, g.height, g.frames)
     grid = (f, -(-h // TILE_SIDE), -(-w // TILE_SIDE))
-    if any(win // 2 < n - 1 for win, n in zip(attention.sta_window, grid)):
+    if any(win // 2 < n - 1 for win, n in zip(attention.sta_window, grid, strict=False)):
         return None
     reach = "x".join(str(2 * n - 1) for n in grid)
-    return (f"attention.sta_window {list(attention.sta_window)} covers the whole {grid[0]}x{grid[1]}x{grid[2]} "
-            f"tile grid of {g.width}x{g.height}, {g.frames} frames: every tile attends to every tile, so this runs "
-            f"full attention (density 1.0) through the sparse kernel; a window below {reach} is sparse here")
+    return (
+        f"attention.sta_window {list(attention.sta_window)} covers the whole {grid[0]}x{grid[1]}x{grid[2]} "
+        f"tile grid of {g.width}x{g.height}, {g.frames} frames: every tile attends to every tile, so this runs "
+        f"full attention (density 1.0) through the sparse kernel; a window below {reach} is sparse here"
+    )
 
 
 def parse_indices(text: str | None) -> tuple[int, ...] | None:
@@ -291,16 +329,18 @@ def parse_sampling(sample: SampleFlags) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def check_parallel(cfg: RunConfig, command: str, facts: ModelFacts,
-                   env: Mapping[str, str] | None = None) -> ParallelLayout | None:
+def check_parallel(
+    cfg: RunConfig, command: str, facts: ModelFacts, env: Mapping[str, str] | None = None
+) -> ParallelLayout | None:
     """The checked layout of this process, or None when it runs alone without parallel settings.
     Pure and identical on every rank, so a bad combination is the same error everywhere."""
     launch = Launch.from_env(env)
     par = cfg.parallel
     if not launch.distributed and par.group_size == 1:
         return None
-    layout = plan_ranks(par, launch.world_size, command=command, heads=facts.heads,
-                        guidance_scale=cfg.generation.guidance_scale)
+    layout = plan_ranks(
+        par, launch.world_size, command=command, heads=facts.heads, guidance_scale=cfg.generation.guidance_scale
+    )
     return ParallelLayout(launch, layout, par.timeout_s)
 
 
@@ -313,8 +353,9 @@ def default_output_dir() -> Path:
 def default_output(prompt: str) -> Path:
     """default_output_dir()/<prompt slug>.mp4, suffixed -2, -3, ... past names whose MP4 or
     sidecar is taken."""
-    return unique_path(default_output_dir(), prompt,
-                       available=lambda p: not any(map(os.path.lexists, (p, sidecar_path(p)))))
+    return unique_path(
+        default_output_dir(), prompt, available=lambda p: not any(map(os.path.lexists, (p, sidecar_path(p))))
+    )
 
 
 def _model(cfg: RunConfig, check: bool) -> tuple[str, ModelFacts]:
@@ -373,8 +414,9 @@ def plan_generate(req: GenerateRequest, env: Mapping[str, str] | None = None) ->
         if parallel is not None:
             raise UsageError("--save-masks: works in single-process runs only (not under torchrun / parallel flags)")
         if not cfg.attention.sparse:
-            raise UsageError("--save-masks: the config runs full attention, which has no mask to draw; "
-                             "give a sparse --config")
+            raise UsageError(
+                "--save-masks: the config runs full attention, which has no mask to draw; give a sparse --config"
+            )
         masks = output.with_name(f"{output.stem}_masks")
         if masks.exists() and not masks.is_dir():
             raise UsageError(f"--save-masks: {str(masks)!r} exists and is not a directory")
@@ -410,8 +452,9 @@ def plan_batch(req: BatchRequest, env: Mapping[str, str] | None = None) -> RunPl
     check_dense_layers(facts, cfg.attention)  # sizes are per item: the batch runner checks those per item
     parallel = check_parallel(cfg, "batch", facts, env)
     notes = tuple(n for n in (window_covers_grid(cfg.attention, facts, cfg.generation),) if n)
-    return RunPlan("batch", cfg, model, facts, parallel, out_dir, items=items, model_checked=not req.dry_run,
-                   notes=notes)
+    return RunPlan(
+        "batch", cfg, model, facts, parallel, out_dir, items=items, model_checked=not req.dry_run, notes=notes
+    )
 
 
 def plan_serve(flags: RunFlags, env: Mapping[str, str] | None = None) -> RunPlan:
@@ -435,20 +478,27 @@ def plan_compare(req: CompareRequest) -> RunPlan:
     cand = resolve_run_config(flags)
     if req.against_geometry is not None:  # the same attention, only the kernel geometry differs
         if req.against:
-            raise UsageError("--against-geometry: compares the candidate with itself at another geometry; "
-                             "leave out --against")
+            raise UsageError(
+                "--against-geometry: compares the candidate with itself at another geometry; leave out --against"
+            )
         if req.against_geometry not in ("exact", "fast"):
             raise UsageError(f"--against-geometry: {req.against_geometry!r} is not allowed; use exact or fast")
-        ref = dataclasses.replace(cand, attention=dataclasses.replace(
-            cand.attention, geometry=req.against_geometry, block_size=None, time_pairs=None))
+        ref = dataclasses.replace(
+            cand,
+            attention=dataclasses.replace(
+                cand.attention, geometry=req.against_geometry, block_size=None, time_pairs=None
+            ),
+        )
     else:
         try:
             against = resolve_run_config(dataclasses.replace(flags, config=req.against or "full"))
         except ConfigError as e:
             raise UsageError(f"--against: {e}") from None
         if flags.model is None and against.model.base not in (None, cand.model.base):
-            raise UsageError(f"--against: its model {against.model.base!r} differs from the candidate's "
-                             f"{cand.model.base!r}; compare runs one model (give --model)")
+            raise UsageError(
+                f"--against: its model {against.model.base!r} differs from the candidate's "
+                f"{cand.model.base!r}; compare runs one model (give --model)"
+            )
         ref = dataclasses.replace(cand, attention=against.attention)
     check_path_text(str(req.out), "--out")
     if req.max_query_rows is not None and req.max_query_rows < 1:
@@ -459,7 +509,4 @@ def plan_compare(req: CompareRequest) -> RunPlan:
     check_model_fits(facts, cand.generation, cand.attention)
     check_model_fits(facts, cand.generation, ref.attention)
     notes = tuple(n for n in (window_covers_grid(cand.attention, facts, cand.generation),) if n)
-    return RunPlan("compare", cand, model, facts, None, Path(req.out), reference=ref, sampling=sampling,
-                   notes=notes)
-
-
+    return RunPlan("compare", cand, model, facts, None, Path(req.out), reference=ref, sampling=sampling, notes=notes)

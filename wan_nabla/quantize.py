@@ -67,14 +67,18 @@ def fp8_unsupported(device: torch.device | str, capability: tuple[int, int] | No
     if device.type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available on this machine"
     if device.type != "cuda":
-        return (f"FP8 linear layers need an NVIDIA GPU with compute capability >= "
-                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Ada, Hopper, Blackwell); this run is on the "
-                f"{device.type.upper()}")
+        return (
+            f"FP8 linear layers need an NVIDIA GPU with compute capability >= "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Ada, Hopper, Blackwell); this run is on the "
+            f"{device.type.upper()}"
+        )
     cap = capability or torch.cuda.get_device_capability(device)
     if tuple(cap) < FP8_MIN_CAPABILITY:
         name = torch.cuda.get_device_name(device) if capability is None else "this GPU"
-        return (f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 linear layers need >= "
-                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Ada, Hopper, Blackwell)")
+        return (
+            f"{name} has compute capability {cap[0]}.{cap[1]}; FP8 linear layers need >= "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Ada, Hopper, Blackwell)"
+        )
     if torchao_version() is None:
         return f"torchao is not installed; {TORCHAO_HINT}"
     return None
@@ -90,8 +94,11 @@ def _blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _eligible(module: torch.nn.Module) -> bool:
-    return (isinstance(module, torch.nn.Linear) and module.in_features % FP8_ALIGN == 0
-            and module.out_features % FP8_ALIGN == 0)
+    return (
+        isinstance(module, torch.nn.Linear)
+        and module.in_features % FP8_ALIGN == 0
+        and module.out_features % FP8_ALIGN == 0
+    )
 
 
 def fp8_targets(transformer: torch.nn.Module) -> list[str]:
@@ -101,8 +108,12 @@ def fp8_targets(transformer: torch.nn.Module) -> list[str]:
 
 def fp8_skipped(transformer: torch.nn.Module) -> list[str]:
     """Linear layers inside the blocks that stay unquantised because of the alignment rule."""
-    return [f"{bn}.{n}" for bn, block in _blocks(transformer) for n, m in block.named_modules()
-            if isinstance(m, torch.nn.Linear) and not _eligible(m)]
+    return [
+        f"{bn}.{n}"
+        for bn, block in _blocks(transformer)
+        for n, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear) and not _eligible(m)
+    ]
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
@@ -114,8 +125,11 @@ def _torchao_fp8(block: torch.nn.Module) -> None:
     """torchao's float8 inference conversion of the eligible, not yet converted Linears of one block."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(block, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda m, _name: _eligible(m) and not is_quantized(m))
+    quantize_(
+        block,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=lambda m, _name: _eligible(m) and not is_quantized(m),
+    )
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | str) -> dict[str, Any]:
@@ -143,8 +157,14 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first = blocks[0][0] + "."
-    return {"mode": "fp8", "library": f"torchao {torchao_version()}",
-            "scheme": "float8 e4m3 weights (per output channel) x dynamic float8 e4m3 activations (per token)",
-            "linear_modules": len(names), "blocks": len(blocks),
-            "per_block": [n[len(first):] for n in names if n.startswith(first)],
-            "skipped": skipped, "already_quantized": already, "seconds": time.perf_counter() - t0}
+    return {
+        "mode": "fp8",
+        "library": f"torchao {torchao_version()}",
+        "scheme": "float8 e4m3 weights (per output channel) x dynamic float8 e4m3 activations (per token)",
+        "linear_modules": len(names),
+        "blocks": len(blocks),
+        "per_block": [n[len(first) :] for n in names if n.startswith(first)],
+        "skipped": skipped,
+        "already_quantized": already,
+        "seconds": time.perf_counter() - t0,
+    }

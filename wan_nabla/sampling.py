@@ -67,8 +67,10 @@ def set_timesteps(scheduler, steps: int, device: torch.device | str | None = Non
 
 def schedule_record(scheduler) -> dict[str, list[float]]:
     """The sigmas (steps + 1, the last 0) and timesteps (steps) a scheduler will run, as lists."""
-    return {"sigmas": [float(x) for x in scheduler.sigmas.flatten().tolist()],
-            "timesteps": [float(x) for x in scheduler.timesteps.flatten().tolist()]}
+    return {
+        "sigmas": [float(x) for x in scheduler.sigmas.flatten().tolist()],
+        "timesteps": [float(x) for x in scheduler.timesteps.flatten().tolist()],
+    }
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

@@ -31,9 +31,18 @@ _HEAD_DIM = 32
 
 # The tiny transformer's config (WanTransformer3DModel keyword arguments).
 TINY_TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=TINY_HEADS, attention_head_dim=_HEAD_DIM, in_channels=16, out_channels=16,
-    text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=TINY_LAYERS, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=TINY_ROPE_POSITIONS,
+    patch_size=(1, 2, 2),
+    num_attention_heads=TINY_HEADS,
+    attention_head_dim=_HEAD_DIM,
+    in_channels=16,
+    out_channels=16,
+    text_dim=_TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=TINY_LAYERS,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=TINY_ROPE_POSITIONS,
 )
 
 
@@ -41,7 +50,11 @@ def tiny_transformer_config(heads: int = TINY_HEADS) -> dict:
     """The tiny transformer's config with its 64 channels split into `heads` heads."""
     if heads not in (1, 2, 4):
         raise ValueError(f"heads must be 1, 2 or 4 (64 channels, head-dim >= 16 for Wan's rope), got {heads}")
-    return {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": heads, "attention_head_dim": _HEAD_DIM * TINY_HEADS // heads}
+    return {
+        **TINY_TRANSFORMER_CONFIG,
+        "num_attention_heads": heads,
+        "attention_head_dim": _HEAD_DIM * TINY_HEADS // heads,
+    }
 
 
 def build_tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:

@@ -52,42 +52,83 @@ def _model_scenario(spec: str):
     size, _, rest = spec.partition("@")
     dims = [int(x) for x in rest.lower().split("x")] if rest else []
     if size not in WAN_SIZES or len(dims) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"scenario {spec!r}: use SIZE@WIDTHxHEIGHT[xFRAMES], SIZE in {list(WAN_SIZES)}")
+        raise argparse.ArgumentTypeError(
+            f"scenario {spec!r}: use SIZE@WIDTHxHEIGHT[xFRAMES], SIZE in {list(WAN_SIZES)}"
+        )
     return size, dims[0], dims[1], dims[2] if len(dims) == 3 else 81
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.harness",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS), help="levels to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory for results.json/.md/.png")
     p.add_argument("--stem", default="results", help="file name stem of the results files")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU-sized), for tests and smoke runs")
-    p.add_argument("--op", dest="op_scenarios", nargs="+", type=_op_scenario, metavar="HEADS@WxH[:wan_block]",
-                   help="attention-op scenarios (default: 12 and 40 heads at 832x480 and 1280x720)")
-    p.add_argument("--backends", nargs="+", choices=("flex", "fa4"), default=None,
-                   help="attention backends to measure (default: flex, and fa4 where it runs)")
-    p.add_argument("--geometry", action="store_true",
-                   help="128x64 vs 128x128 blocks, time-paired or not, per backend, at the target op scenario")
+    p.add_argument(
+        "--op",
+        dest="op_scenarios",
+        nargs="+",
+        type=_op_scenario,
+        metavar="HEADS@WxH[:wan_block]",
+        help="attention-op scenarios (default: 12 and 40 heads at 832x480 and 1280x720)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("flex", "fa4"),
+        default=None,
+        help="attention backends to measure (default: flex, and fa4 where it runs)",
+    )
+    p.add_argument(
+        "--geometry",
+        action="store_true",
+        help="128x64 vs 128x128 blocks, time-paired or not, per backend, at the target op scenario",
+    )
     p.add_argument("--sweep", action="store_true", help="flex kernel options sweep at the target op scenario")
     p.add_argument("--breakdown", action="store_true", help="time each stage of the NABLA mask build")
-    p.add_argument("--op-rows", nargs="+", metavar="NAME", help="only these sparse op rows (e.g. 'nabla 0.4' nabla_0.7)")
+    p.add_argument(
+        "--op-rows", nargs="+", metavar="NAME", help="only these sparse op rows (e.g. 'nabla 0.4' nabla_0.7)"
+    )
     p.add_argument("--no-published", action="store_true", help="skip the published-style rows")
     p.add_argument("--no-checks", action="store_true", help="skip the mask/fidelity checks")
     p.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per measurement (ms)")
-    p.add_argument("--transformer", dest="tr_scenarios", nargs="+", type=_model_scenario, metavar="SIZE@WxH",
-                   help="transformer scenarios (default: 1.3B@832x480 14B@1280x720)")
-    p.add_argument("--transformer-rows", nargs="+", metavar="NAME",
-                   help="only these transformer rows (preset file stems, e.g. nabla_0.4), plus full")
+    p.add_argument(
+        "--transformer",
+        dest="tr_scenarios",
+        nargs="+",
+        type=_model_scenario,
+        metavar="SIZE@WxH",
+        help="transformer scenarios (default: 1.3B@832x480 14B@1280x720)",
+    )
+    p.add_argument(
+        "--transformer-rows",
+        nargs="+",
+        metavar="NAME",
+        help="only these transformer rows (preset file stems, e.g. nabla_0.4), plus full",
+    )
     p.add_argument("--reps", type=int, default=2, help="timed forwards per transformer row")
-    p.add_argument("--e2e", dest="e2e_scenario", type=_model_scenario, metavar="SIZE@WxH[xF]",
-                   help="end-to-end scenario (default 1.3B@832x480x81)")
+    p.add_argument(
+        "--e2e",
+        dest="e2e_scenario",
+        type=_model_scenario,
+        metavar="SIZE@WxH[xF]",
+        help="end-to-end scenario (default 1.3B@832x480x81)",
+    )
     p.add_argument("--steps", type=int, default=4, help="denoising steps for the end-to-end level")
     p.add_argument("--e2e-configs", nargs="+", default=None, help="full and/or preset stems for the e2e level")
-    p.add_argument("--render", type=Path, nargs="+", metavar="RESULTS.json",
-                   help="only re-render .md/.png from results JSON(s); several are merged level by level "
-                        "(each keeps its own environment record)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS.json",
+        help="only re-render .md/.png from results JSON(s); several are merged level by level "
+        "(each keeps its own environment record)",
+    )
     return p
 
 
@@ -129,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> dict[str, str]:
         return report.write_all(res.to_dict(), args.out, stem=args.stem)
 
-    log(f"python -m benchmarks.harness on {res.env['device_name']} ({device}); torch {res.env['torch']}, "
-        f"triton {res.env['triton']}, diffusers {res.env['diffusers']}")
+    log(
+        f"python -m benchmarks.harness on {res.env['device_name']} ({device}); torch {res.env['torch']}, "
+        f"triton {res.env['triton']}, diffusers {res.env['diffusers']}"
+    )
     with torch.inference_mode(False), torch.no_grad():
         for level in args.levels:
             try:
@@ -150,18 +193,33 @@ def _run_level(level: str, args, device: torch.device, res, log) -> None:
         from . import op
 
         scen = args.op_scenarios or (op.QUICK_SCENARIOS if args.quick else op.FULL_SCENARIOS)
+
         def checkpoint(partial: dict) -> None:  # the scenario so far, written with what is done
             from . import report
 
             report.write_all({**res.to_dict(), "op": res.op + [partial]}, args.out, stem=args.stem, with_plot=False)
 
-        done = op.run_op_level(scen, device, quick=args.quick, sweep=args.sweep, log=log, checkpoint=checkpoint,
-                               published_rows=not args.no_published, checks=not args.no_checks,
-                               budget_ms=args.budget_ms, only_rows=args.op_rows,
-                               breakdown=args.breakdown, geometry=args.geometry, backends=args.backends)
+        done = op.run_op_level(
+            scen,
+            device,
+            quick=args.quick,
+            sweep=args.sweep,
+            log=log,
+            checkpoint=checkpoint,
+            published_rows=not args.no_published,
+            checks=not args.no_checks,
+            budget_ms=args.budget_ms,
+            only_rows=args.op_rows,
+            breakdown=args.breakdown,
+            geometry=args.geometry,
+            backends=args.backends,
+        )
         res.op.extend(done)
-        res.errors += [f"op {x['scenario'].get('label')}: {e}" for x in done
-                       for e in x.get("errors", []) + ([x["error"]] if x.get("error") else [])]
+        res.errors += [
+            f"op {x['scenario'].get('label')}: {e}"
+            for x in done
+            for e in x.get("errors", []) + ([x["error"]] if x.get("error") else [])
+        ]
     elif level == "transformer":
         from . import transformer as tr
 
@@ -172,8 +230,11 @@ def _run_level(level: str, args, device: torch.device, res, log) -> None:
         rows = None
         if args.transformer_rows:
             rows = list(args.transformer_rows)
-        res.transformer.extend(tr.run_transformer_level(scen, device, quick=args.quick, log=log, reps=args.reps,
-                                                        rows=rows, backends=args.backends))
+        res.transformer.extend(
+            tr.run_transformer_level(
+                scen, device, quick=args.quick, log=log, reps=args.reps, rows=rows, backends=args.backends
+            )
+        )
     elif level == "e2e":
         from . import e2e
 
@@ -190,4 +251,3 @@ def _full_e2e():
     from .e2e import FULL_SCENARIO
 
     return FULL_SCENARIO.size, FULL_SCENARIO.width, FULL_SCENARIO.height, FULL_SCENARIO.frames
-

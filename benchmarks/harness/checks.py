@@ -60,40 +60,57 @@ def run_checks(sc, q, k, v, bs, quick: bool, backends=("flex",)) -> dict[str, An
         ref64, ref_ties, mass = brute_force_keep(p, thr)
         ambiguous = (mass - thr).abs() < 1e-5
         bad = fast != ref64
-        out["mask"].append({
-            "threshold": thr, "entries": fast.numel(), "impl": "triton" if masks.use_triton(q) else "torch",
-            "rule_on_same_map_vs_fp64_ties": int((same_p != ref_ties).sum()),
-            "rule_on_same_map_vs_fp64": int((same_p != ref64).sum()),
-            "tie_entries_changed": int((ref64 != ref_ties).sum()),
-            "mismatch_vs_fp32_sort": int((fast != ref32).sum()), "mismatch_vs_fp64": int(bad.sum()),
-            "outside_band_vs_fp64": int((bad & ~ambiguous).sum()), "ambiguous_entries": int(ambiguous.sum()),
-            "density": float(fast.float().mean()),
-        })
+        out["mask"].append(
+            {
+                "threshold": thr,
+                "entries": fast.numel(),
+                "impl": "triton" if masks.use_triton(q) else "torch",
+                "rule_on_same_map_vs_fp64_ties": int((same_p != ref_ties).sum()),
+                "rule_on_same_map_vs_fp64": int((same_p != ref64).sum()),
+                "tie_entries_changed": int((ref64 != ref_ties).sum()),
+                "mismatch_vs_fp32_sort": int((fast != ref32).sum()),
+                "mismatch_vs_fp64": int(bad.sum()),
+                "outside_band_vs_fp64": int((bad & ~ambiguous).sum()),
+                "ambiguous_entries": int(ambiguous.sum()),
+                "density": float(fast.float().mean()),
+            }
+        )
         del ref32, ref64, ref_ties, mass, ambiguous, bad, same_p
         for sta in (None, (11, 3, 3) if not quick else (3, 1, 1)):
             cfg = AttentionConfig(type="nabla_sta" if sta else "nabla", threshold=thr, sta_window=sta)
             keep = masks.tile_keep_mask(cfg, q, k, layout)
             ref = masks.plan_from_keep(keep, layout, bs)
             plan = masks.plan_blocks(cfg, q, k, layout, bs)  # the app's one-pass build on CUDA
-            out["plan_equal"].append({
-                "threshold": thr, "sta": sta, "block_size": list(bs),
-                "equal": all(bool(torch.equal(getattr(ref, f), getattr(plan, f)))
-                             for f in ("kv_num", "kv_idx", "full_num", "full_idx")),
-                "density_equal": abs(float(plan.density) - float(ref.density)) < 1e-6,
-            })
+            out["plan_equal"].append(
+                {
+                    "threshold": thr,
+                    "sta": sta,
+                    "block_size": list(bs),
+                    "equal": all(
+                        bool(torch.equal(getattr(ref, f), getattr(plan, f)))
+                        for f in ("kv_num", "kv_idx", "full_num", "full_idx")
+                    ),
+                    "density_equal": abs(float(plan.density) - float(ref.density)) < 1e-6,
+                }
+            )
     del p
     # Output fidelity on sampled query rows: exact fp32 attention under the same block plan, per
     # backend at its default geometry (plain tile order: the kernels do not care which).
     for backend in backends:
-        for name, cfg in (("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4, time_pairs=False)),
-                          ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3) if not quick else (3, 1, 1),
-                                                         time_pairs=False))):
+        for name, cfg in (
+            ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4, time_pairs=False)),
+            (
+                "sta 11-3-3",
+                AttentionConfig(type="sta", sta_window=(11, 3, 3) if not quick else (3, 1, 1), time_pairs=False),
+            ),
+        ):
             run = app_run(cfg, backend, q.device, q.dtype)
             run.layout = layout
             plan = run.plan(q, k, layout)
             fid = fidelity(q, k, v, plan, layout, lambda: run.sparse(q, k, v, plan))
-            out["fidelity"].append({"row": f"{name} [{backend}]", "block_size": list(plan.block_size),
-                                    "fallback": run.fallback, **fid})
+            out["fidelity"].append(
+                {"row": f"{name} [{backend}]", "block_size": list(plan.block_size), "fallback": run.fallback, **fid}
+            )
     return out
 
 
@@ -117,5 +134,8 @@ def fidelity(q, k, v, plan, layout: TileLayout, attend, n_rows: int = 128) -> di
     ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ vs
     dense = torch.softmax(scores.masked_fill(~valid, float("-inf")), -1) @ vs
     norm = ref.norm()
-    return {"rel_l2_vs_exact_masked": float((out - ref).norm() / norm),
-            "rel_l2_masked_vs_dense": float((dense - ref).norm() / norm), "rows": len(rows)}
+    return {
+        "rel_l2_vs_exact_masked": float((out - ref).norm() / norm),
+        "rel_l2_masked_vs_dense": float((dense - ref).norm() / norm),
+        "rows": len(rows),
+    }

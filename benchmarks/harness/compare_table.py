@@ -28,9 +28,9 @@ import gc
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,23 +50,38 @@ from .records import environment, sync
 PROMPT = "a red fox running through fresh snow at dawn"
 FULL = dict(model="1.3B", size=(832, 480), frames=81, steps=3)
 QUICK = dict(model="tiny", size=(144, 208), frames=9, steps=2)  # padded 3x9x13 patch grid
-NOTE = ("Random weights: these rows say nothing about visual quality. Random-weight attention maps are "
-        "flat, so NABLA keeps more and drops differently than on trained weights. They measure what the "
-        "masks drop on such maps (exact attention on the same q/k/v) and show the tool at real size.")
+NOTE = (
+    "Random weights: these rows say nothing about visual quality. Random-weight attention maps are "
+    "flat, so NABLA keeps more and drops differently than on trained weights. They measure what the "
+    "masks drop on such maps (exact attention on the same q/k/v) and show the tool at real size."
+)
 
 
-def iter_rows(pipe, device: torch.device, configs: list[tuple[str, AttentionConfig]], settings: dict,
-              sampling: Sampling, max_query_rows: int, budget_s: float = math.inf,
-              log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
+def iter_rows(
+    pipe,
+    device: torch.device,
+    configs: list[tuple[str, AttentionConfig]],
+    settings: dict,
+    sampling: Sampling,
+    max_query_rows: int,
+    budget_s: float = math.inf,
+    log: Callable[[str], None] = print,
+) -> Iterator[dict[str, Any]]:
     """The reference run, then one row per config (see module doc). A config that fails gives a
     row with its error and the next one runs; once `budget_s` has passed, the rest are skipped."""
-    gen = GenerationConfig(size=settings["size"], frames=settings["frames"], steps=settings["steps"],
-                           device=str(device), dtype=settings["dtype"])
+    gen = GenerationConfig(
+        size=settings["size"],
+        frames=settings["frames"],
+        steps=settings["steps"],
+        device=str(device),
+        dtype=settings["dtype"],
+    )
     model_id = f"random-{settings['model']}"
     with_ssim = not missing_extras(("skimage",))
     start = t0 = time.perf_counter()
-    ref = capture(pipe, RunConfig(attention=AttentionConfig(), generation=gen), device, model_id, PROMPT,
-                  keep_noise=True)
+    ref = capture(
+        pipe, RunConfig(attention=AttentionConfig(), generation=gen), device, model_id, PROMPT, keep_noise=True
+    )
     log(f"[compare] reference (full): {time.perf_counter() - t0:.1f} s, steady step {ref.steady_step_s():.3f} s")
     for name, att in configs:
         if time.perf_counter() - start > budget_s:
@@ -85,51 +100,77 @@ def iter_rows(pipe, device: torch.device, configs: list[tuple[str, AttentionConf
 
 
 def _row(name, att, ref, pipe, device, model_id, gen, sampling, max_query_rows, with_ssim, t0, log) -> dict:
-    cand = capture(pipe, RunConfig(attention=att, generation=gen), device, model_id, PROMPT, reference=ref,
-                   probe=(sampling, True), max_query_rows=max_query_rows)
+    cand = capture(
+        pipe,
+        RunConfig(attention=att, generation=gen),
+        device,
+        model_id,
+        PROMPT,
+        reference=ref,
+        probe=(sampling, True),
+        max_query_rows=max_query_rows,
+    )
     frames = frame_metrics(ref.result.frames, cand.result.frames, with_ssim=with_ssim)
     attention = attention_record(cand)
     sm = attention["summary"]
     row = {
-        "preset": name, "label": cand.label, "attention": att.to_dict(), "threshold": att.threshold,
+        "preset": name,
+        "label": cand.label,
+        "attention": att.to_dict(),
+        "threshold": att.threshold,
         "density": cand.result.attention["overall"],
         "tile_density_sampled": mean_of([c["tile_density"] for c in attention["calls"]]),
-        "rel_l2_mean": sm["rel_l2_mean"], "rel_l2_max": sm["rel_l2_max"],
+        "rel_l2_mean": sm["rel_l2_mean"],
+        "rel_l2_max": sm["rel_l2_max"],
         "dense_kernel_rel_l2_mean": sm["dense_kernel_rel_l2_mean"],
-        "kept_mass_mean": sm["kept_mass_mean"], "kept_mass_min": sm["kept_mass_min"],
+        "kept_mass_mean": sm["kept_mass_mean"],
+        "kept_mass_min": sm["kept_mass_min"],
         "coarse_mass_min": sm["coarse_mass_min"],
         "output_rel_l2_per_step": [json_number(x) for x in cand.step_rel_l2],
         "final_latents_rel_l2": json_number(rel_l2(cand.final_latents, ref.final_latents)),
-        "psnr_db": frames["overall"]["psnr_db"], "ssim_mean": frames["overall"]["ssim_mean"],
-        "steady_step_s": cand.steady_step_s(), "reference_steady_step_s": ref.steady_step_s(),
+        "psnr_db": frames["overall"]["psnr_db"],
+        "ssim_mean": frames["overall"]["ssim_mean"],
+        "steady_step_s": cand.steady_step_s(),
+        "reference_steady_step_s": ref.steady_step_s(),
         "speedup": ref.steady_step_s() / cand.steady_step_s(),
         "first_step_s": cand.result.timings["per_step_s"][0],
-        "probe_s": sum(cand.probe_s), "wall_s": time.perf_counter() - t0,
+        "probe_s": sum(cand.probe_s),
+        "wall_s": time.perf_counter() - t0,
         "attention_error": attention,
         "_records": cand.probe.records,  # for the mask picture; not written to JSON
     }
-    log(f"  {name}: density {row['density']:.3f}, attention rel. L2 {row['rel_l2_mean']:.4f} "
+    log(
+        f"  {name}: density {row['density']:.3f}, attention rel. L2 {row['rel_l2_mean']:.4f} "
         f"(floor {row['dense_kernel_rel_l2_mean']:.4f}), kept mass mean {row['kept_mass_mean']:.3f} "
         f"min {row['kept_mass_min']:.3f}, coarse min {fmt(row['coarse_mass_min'], 3)}, "
-        f"{row['speedup']:.2f}x, {row['wall_s']:.1f} s")
+        f"{row['speedup']:.2f}x, {row['wall_s']:.1f} s"
+    )
     return row
 
 
-TABLE_HEAD = ("| preset | kept blocks | attention rel. L2 mean / max | dense-kernel floor | kept mass mean | "
-              "kept mass min | coarse mass min (threshold) | output rel. L2 last step | PSNR dB | step s | speed-up |")
+TABLE_HEAD = (
+    "| preset | kept blocks | attention rel. L2 mean / max | dense-kernel floor | kept mass mean | "
+    "kept mass min | coarse mass min (threshold) | output rel. L2 last step | PSNR dB | step s | speed-up |"
+)
 
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     env = result["env"]
-    lines = [f"# Attention error per preset: Wan2.1-{s['model']} {s['size'][0]}x{s['size'][1]}x{s['frames']}, "
-             f"{s['steps']} steps, random weights", "",
-             f"**{NOTE}**", "",
-             f"Device {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, commit "
-             f"{env.get('commit')}. Reference: full attention (dense SDPA), same prompt, seed and noise. "
-             f"Exact attention in {result['compute_dtype']} on {result['query_rows']} query rows per sampled call; "
-             f"sampled steps {s['sampled_steps']}, layers {s['sampled_layers']}; presets' dense_steps dropped.", "",
-             TABLE_HEAD, "|" + "---|" * 11]
+    lines = [
+        f"# Attention error per preset: Wan2.1-{s['model']} {s['size'][0]}x{s['size'][1]}x{s['frames']}, "
+        f"{s['steps']} steps, random weights",
+        "",
+        f"**{NOTE}**",
+        "",
+        f"Device {env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, commit "
+        f"{env.get('commit')}. Reference: full attention (dense SDPA), same prompt, seed and noise. "
+        f"Exact attention in {result['compute_dtype']} on {result['query_rows']} query rows per sampled call; "
+        f"sampled steps {s['sampled_steps']}, layers {s['sampled_layers']}; presets' dense_steps dropped.",
+        "",
+        TABLE_HEAD,
+        "|" + "---|" * 11,
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['preset']} | {r['error']} |" + " |" * 9)
@@ -140,12 +181,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['preset']} | {fmt(r['density'], 3)} | {fmt(r['rel_l2_mean'], 3)} / {fmt(r['rel_l2_max'], 3)} | "
             f"{fmt(r['dense_kernel_rel_l2_mean'], 2)} | {fmt(r['kept_mass_mean'], 3)} | {fmt(r['kept_mass_min'], 3)} | "
             f"{fmt(r['coarse_mass_min'], 3)}{th} | {fmt(last, 3)} | {fmt(r['psnr_db'], 3)} | "
-            f"{fmt(r['steady_step_s'], 3)} | {fmt(r['speedup'], 3)}x |")
-    lines += ["", "Kept mass: share of the exact attention probability of a query row inside the blocks the "
-              "kernel computed (min: the worst row of any head). Coarse mass: the same on NABLA's pooled map, "
-              ">= threshold by construction for NABLA presets. Step s: median steady denoising step (probe time "
-              "excluded; the probe's syncs still slow sampled steps a little, so it is indicative only: "
-              "`python -m benchmarks.harness` measures speed); speed-up against the full reference in the same run.", ""]
+            f"{fmt(r['steady_step_s'], 3)} | {fmt(r['speedup'], 3)}x |"
+        )
+    lines += [
+        "",
+        "Kept mass: share of the exact attention probability of a query row inside the blocks the "
+        "kernel computed (min: the worst row of any head). Coarse mass: the same on NABLA's pooled map, "
+        ">= threshold by construction for NABLA presets. Step s: median steady denoising step (probe time "
+        "excluded; the probe's syncs still slow sampled steps a little, so it is indicative only: "
+        "`python -m benchmarks.harness` measures speed); speed-up against the full reference in the same run.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -157,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="denoising steps (default 3; quick 2)")
     p.add_argument("--presets", nargs="*", help="bundled sparse presets to run (default: all)")
     p.add_argument("--max-query-rows", type=int, default=4096)
-    p.add_argument("--budget-s", type=float, default=420.0,
-                   help="skip the presets left once this many seconds have passed since the reference started")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="skip the presets left once this many seconds have passed since the reference started",
+    )
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     settings = dict(QUICK if args.quick else FULL)
@@ -180,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     print(f"[compare] random Wan2.1-{settings['model']} pipeline built in {time.perf_counter() - t0:.1f} s on {device}")
     tr = pipe.transformer
-    sampling = Sampling(steps=tuple(range(settings["steps"])), layers=spread(len(tr.blocks)),
-                        heads=spread(tr.config.num_attention_heads))
+    sampling = Sampling(
+        steps=tuple(range(settings["steps"])),
+        layers=spread(len(tr.blocks)),
+        heads=spread(tr.config.num_attention_heads),
+    )
     settings.update(sampled_steps=list(sampling.steps), sampled_layers=list(sampling.layers))
     rows: list[dict[str, Any]] = []
     result = _write_results(out, env, settings, rows)
@@ -193,22 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     if not missing_extras(("matplotlib",)) and ok:
         from wan_nabla.compare.pictures import mask_picture, presets_picture
 
-        title = (f"Wan2.1-{settings['model']} random weights, "
-                 f"{settings['size'][0]}x{settings['size'][1]}x{settings['frames']}")
+        title = (
+            f"Wan2.1-{settings['model']} random weights, "
+            f"{settings['size'][0]}x{settings['size'][1]}x{settings['frames']}"
+        )
         atomic_write_bytes(out / "compare_table.png", presets_picture(ok, title))
         pick = next((r for r in ok if r["preset"] == "nabla_0.4"), ok[0])
-        atomic_write_bytes(out / f"compare_mask_{pick['preset']}.png",
-                           mask_picture(pick["_records"][-1], f"{pick['label']} (random weights)"))
+        atomic_write_bytes(
+            out / f"compare_mask_{pick['preset']}.png",
+            mask_picture(pick["_records"][-1], f"{pick['label']} (random weights)"),
+        )
     print(text)
     return 1 if len(ok) < len(rows) else 0
 
 
 def _write_results(out: Path, env: dict, settings: dict, rows: list[dict[str, Any]]) -> dict[str, Any]:
     first = next((r["attention_error"] for r in rows if "attention_error" in r), {})
-    result = {"env": env, "note": NOTE, "prompt": PROMPT, "settings": {**settings, "size": list(settings["size"])},
-              "compute_dtype": first.get("compute_dtype"),
-              "query_rows": (first.get("query_rows") or {}).get("sampled"),
-              "rows": [{k: v for k, v in r.items() if k != "_records"} for r in rows]}
+    result = {
+        "env": env,
+        "note": NOTE,
+        "prompt": PROMPT,
+        "settings": {**settings, "size": list(settings["size"])},
+        "compute_dtype": first.get("compute_dtype"),
+        "query_rows": (first.get("query_rows") or {}).get("sampled"),
+        "rows": [{k: v for k, v in r.items() if k != "_records"} for r in rows],
+    }
     atomic_write_json(out / "compare_table.json", result)
     atomic_write_text(out / "compare_table.md", markdown(result))
     return result

@@ -30,8 +30,9 @@ import gc
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +42,7 @@ from .records import environment, sync
 FULL_SIZES = ((1280, 720, 81), (832, 480, 81))
 QUICK_SIZES = ((64, 48, 5), (48, 32, 5))
 COMPILE_ROOM_S = 120.0
-VARIANTS = ("fp32", "fp32-tiled", "bf16", "bf16-tiled", "bf16-channels-last", "bf16-cudnn-benchmark",
-            "bf16-compiled")
+VARIANTS = ("fp32", "fp32-tiled", "bf16", "bf16-tiled", "bf16-channels-last", "bf16-cudnn-benchmark", "bf16-compiled")
 
 
 def build_vae(quick: bool, device: torch.device):
@@ -51,10 +51,15 @@ def build_vae(quick: bool, device: torch.device):
 
     torch.manual_seed(0)
     if quick:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
-        vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
-                          tile_sample_stride_width=24)
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        vae.enable_tiling(
+            tile_sample_min_height=32,
+            tile_sample_min_width=32,
+            tile_sample_stride_height=24,
+            tile_sample_stride_width=24,
+        )
     else:
         vae = AutoencoderKLWan()
     return vae.to(device=device, dtype=torch.float32).eval()
@@ -127,8 +132,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     device = resolve_device(args.device)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"env": environment(None, device), "random_weights": True, "rows": [], "need": {},
-                              "skipped": []}
+    result: dict[str, Any] = {
+        "env": environment(None, device),
+        "random_weights": True,
+        "rows": [],
+        "need": {},
+        "skipped": [],
+    }
     result["env"]["command"] = "python -m benchmarks.harness.decode " + " ".join(args.argv)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     vae = build_vae(args.quick, device)
@@ -142,9 +152,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     main_size = sizes[0]
     reference = None
     # the memory fit (second size) before the compiled decoder, whose first call may take minutes
-    plan = ([(v, main_size) for v in args.variants if not v.endswith("compiled")]
-            + [(v, sizes[1]) for v in ("fp32", "bf16") if args.fit]
-            + [(v, main_size) for v in args.variants if v.endswith("compiled")])
+    plan = (
+        [(v, main_size) for v in args.variants if not v.endswith("compiled")]
+        + [(v, sizes[1]) for v in ("fp32", "bf16") if args.fit]
+        + [(v, main_size) for v in args.variants if v.endswith("compiled")]
+    )
     last_s = 0.0
     for variant, size in plan:
         label = f"{variant} {size[0]}x{size[1]}x{size[2]}"
@@ -178,16 +190,24 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                     row["psnr_db"], row["ssim"] = overall["psnr_db"], overall["ssim_mean"]
             del d, v
         except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others
-            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-                       traceback=traceback.format_exc())
+            row.update(
+                error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                traceback=traceback.format_exc(),
+            )
         finally:
             torch.backends.cudnn.benchmark = False
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         result["rows"].append(row)
-        log(f"[decode] {label}: " + (row.get("error") or f"{row['seconds']:.2f} s, peak +{row.get('extra_peak_gib') or 0:.2f} GiB"
-                                                           + (f", PSNR {row['psnr_db']}" if "psnr_db" in row else "")))
+        log(
+            f"[decode] {label}: "
+            + (
+                row.get("error")
+                or f"{row['seconds']:.2f} s, peak +{row.get('extra_peak_gib') or 0:.2f} GiB"
+                + (f", PSNR {row['psnr_db']}" if "psnr_db" in row else "")
+            )
+        )
         save()
     result["need"] = fit_need(result["rows"])
     save()
@@ -209,10 +229,14 @@ def fit_need(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     e = result["env"]
-    lines = ["### VAE decode variants (random weights, one device)", "",
-             f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.", "",
-             "| variant | video | s | warm-up s | peak above resident GiB | PSNR dB vs fp32 untiled | SSIM | split over 2 / 4 ranks, est. s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "### VAE decode variants (random weights, one device)",
+        "",
+        f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.",
+        "",
+        "| variant | video | s | warm-up s | peak above resident GiB | PSNR dB vs fp32 untiled | SSIM | split over 2 / 4 ranks, est. s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         size = "x".join(map(str, r["size"]))
         if "error" in r:
@@ -224,11 +248,16 @@ def markdown(result: dict[str, Any]) -> str:
         ps = r.get("psnr_db", "")
         ps = f"{ps:.2f}" if isinstance(ps, float) else ps
         ss = f"{r['ssim']:.4f}" if "ssim" in r else ""
-        lines.append(f"| {r['variant']} | {size} | {r['seconds']:.2f} | {r['warmup_s']:.1f} | {peak} | {ps} | {ss} | {split} |")
+        lines.append(
+            f"| {r['variant']} | {size} | {r['seconds']:.2f} | {r['warmup_s']:.1f} | {peak} | {ps} | {ss} | {split} |"
+        )
     for dtype, n in result.get("need", {}).items():
         lines.append("")
-        lines.append(f"Untiled {dtype} decode need: " + ", ".join(f"{k}: {v:.3f}" for k, v in n["gib_per_mpixel_frame"].items())
-                     + f" GiB per million pixel-frames (rule: {n['rule']:.3f}).")
+        lines.append(
+            f"Untiled {dtype} decode need: "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in n["gib_per_mpixel_frame"].items())
+            + f" GiB per million pixel-frames (rule: {n['rule']:.3f})."
+        )
     if result.get("skipped"):
         lines += ["", "Skipped (deadline): " + ", ".join(result["skipped"])]
     return "\n".join(lines) + "\n"
@@ -239,12 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for decode.json and decode.md")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--quick", action="store_true", help="tiny VAE and sizes (CPU dry run)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                   help="variants, fp32 first: the reference (default: all; --quick: all but bf16-compiled, whose CPU "
-                        "compile takes minutes)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="variants, fp32 first: the reference (default: all; --quick: all but bf16-compiled, whose CPU "
+        "compile takes minutes)",
+    )
     p.add_argument("--no-fit", dest="fit", action="store_false", help="skip the second size (the memory fit)")
-    p.add_argument("--deadline-s", type=float, default=None,
-                   help="skip variants that would end later (default 330 s; --quick: none)")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="skip variants that would end later (default 330 s; --quick: none)",
+    )
     return p
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,10 @@ from .configs import preset_attention
 from .random_init import random_pipeline
 from .records import compiled_graphs, sync
 
-PROMPTS = (("a red fox running through fresh snow at dawn", 0),
-           ("a timelapse of clouds rolling over green mountains", 1))
+PROMPTS = (
+    ("a red fox running through fresh snow at dawn", 0),
+    ("a timelapse of clouds rolling over green mountains", 1),
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def attention_configs(names) -> list[tuple[str, AttentionConfig]]:
 
 
 @torch.no_grad()
-def run_e2e(s: E2EScenario, device: torch.device, *, configs=DEFAULT_CONFIGS,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_e2e(
+    s: E2EScenario, device: torch.device, *, configs=DEFAULT_CONFIGS, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     from wan_nabla.pipeline import VideoGenerator
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -74,40 +78,61 @@ def run_e2e(s: E2EScenario, device: torch.device, *, configs=DEFAULT_CONFIGS,
     log(f"[e2e] {s.label}: random pipeline built in {build_s:.1f} s")
     rows = []
     for name, att in attention_configs(configs):
-        gen_cfg = GenerationConfig(size=(s.width, s.height), frames=s.frames, steps=s.steps, guidance_scale=5.0,
-                                   device=str(device), dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        gen_cfg = GenerationConfig(
+            size=(s.width, s.height),
+            frames=s.frames,
+            steps=s.steps,
+            guidance_scale=5.0,
+            device=str(device),
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+        )
         gen = VideoGenerator(pipe, RunConfig(attention=att, generation=gen_cfg), device, model_id=f"random-{s.size}")
         calls = []
         try:
-            for i, (prompt, seed) in enumerate(PROMPTS):
+            for _i, (prompt, seed) in enumerate(PROMPTS):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 g0 = compiled_graphs()
                 t = time.perf_counter()
                 res = gen.generate(prompt, negative_prompt="blurry, low quality", seed=seed, progress=False)
                 wall = time.perf_counter() - t
-                calls.append({"prompt": prompt, "seed": seed, "wall_s": wall, "timings": res.timings,
-                              "attention": res.attention, "graphs_compiled": compiled_graphs() - g0,
-                              "finite_frames": bool(np.isfinite(res.frames).all()),
-                              "frames_shape": list(res.frames.shape)})
+                calls.append(
+                    {
+                        "prompt": prompt,
+                        "seed": seed,
+                        "wall_s": wall,
+                        "timings": res.timings,
+                        "attention": res.attention,
+                        "graphs_compiled": compiled_graphs() - g0,
+                        "finite_frames": bool(np.isfinite(res.frames).all()),
+                        "frames_shape": list(res.frames.shape),
+                    }
+                )
         finally:
             gen.close()
         first, second = calls
         steady = statistics.median(second["timings"]["per_step_s"])
         row = {
-            "scenario": s.label, "name": name, "config": att.to_dict(), "calls": calls,
+            "scenario": s.label,
+            "name": name,
+            "config": att.to_dict(),
+            "calls": calls,
             "compile_s": first["timings"]["per_step_s"][0] - steady,
-            "first_generate_s": first["wall_s"], "second_generate_s": second["wall_s"],
+            "first_generate_s": first["wall_s"],
+            "second_generate_s": second["wall_s"],
             "recompiles_second_call": second["graphs_compiled"],
-            "text_encoding_s": second["timings"]["text_encoding_s"], "per_step_s": steady,
+            "text_encoding_s": second["timings"]["text_encoding_s"],
+            "per_step_s": steady,
             "decode_s": second["timings"]["decode_s"],
             "peak_gpu_memory_gb": second["timings"].get("peak_gpu_memory_gb"),
             "density": second["attention"].get("overall"),
         }
         rows.append(row)
-        log(f"  {name}: step {steady:.2f} s, text {row['text_encoding_s']:.2f} s, decode {row['decode_s']:.2f} s, "
+        log(
+            f"  {name}: step {steady:.2f} s, text {row['text_encoding_s']:.2f} s, decode {row['decode_s']:.2f} s, "
             f"compile {row['compile_s']:.1f} s, recompiles {row['recompiles_second_call']}, "
-            f"density {row['density'] if row['density'] is None else round(row['density'], 3)}")
+            f"density {row['density'] if row['density'] is None else round(row['density'], 3)}"
+        )
     del pipe
     gc.collect()
     if device.type == "cuda":

@@ -31,10 +31,12 @@ GEOMETRIES = (
 )
 # CPU smoke runs: the rows' 64x64 and the sweep's 128x64 time-paired kernels, already compiled.
 QUICK_GEOMETRIES = (("64x64", (64, 64), False), ("128x64 time-paired", (128, 64), True))
-MASKS = (("nabla 0.2", AttentionConfig(type="nabla", threshold=0.2)),
-         ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4)),
-         ("nabla 0.7", AttentionConfig(type="nabla", threshold=0.7)),
-         ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3))))
+MASKS = (
+    ("nabla 0.2", AttentionConfig(type="nabla", threshold=0.2)),
+    ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4)),
+    ("nabla 0.7", AttentionConfig(type="nabla", threshold=0.7)),
+    ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3))),
+)
 QUICK_MASKS = (MASKS[0], ("sta 3-1-1", AttentionConfig(type="sta", sta_window=(3, 1, 1))))
 
 
@@ -63,8 +65,13 @@ def run_geometry(sc, q, k, v, backends, quick: bool = False) -> dict[str, Any]:
     entries = []
     for backend in backends:
         for label, bs, pairs in QUICK_GEOMETRIES if quick else GEOMETRIES:
-            entry: dict[str, Any] = {"backend": backend, "geometry": label, "block_size": list(bs),
-                                     "time_pairs": pairs, "masks": []}
+            entry: dict[str, Any] = {
+                "backend": backend,
+                "geometry": label,
+                "block_size": list(bs),
+                "time_pairs": pairs,
+                "masks": [],
+            }
             try:
                 for mname, cfg in QUICK_MASKS if quick else MASKS:
                     run = app_run(replace(cfg, block_size=bs, time_pairs=pairs), backend, sc.device, q.dtype)
@@ -75,16 +82,23 @@ def run_geometry(sc, q, k, v, backends, quick: bool = False) -> dict[str, Any]:
                     sc.compile_once(f"geometry {backend} {label}", lambda: run.sparse(qq, kk, vv, plan))
                     t_total = sc.timed(lambda: run.sparse(qq, kk, vv, run.plan(qq, kk, layout)))
                     t_kernel = sc.timed(lambda: run.sparse(qq, kk, vv, plan))
-                    entry["masks"].append({
-                        "mask": mname, "total_ms": t_total.median_ms, "kernel_ms": t_kernel.median_ms,
-                        "density": float(plan.density),
-                        "tile_density": float(masks.tile_keep_mask(cfg, qq, kk, layout).float().mean()),
-                        "fallback": run.fallback})
+                    entry["masks"].append(
+                        {
+                            "mask": mname,
+                            "total_ms": t_total.median_ms,
+                            "kernel_ms": t_kernel.median_ms,
+                            "density": float(plan.density),
+                            "tile_density": float(masks.tile_keep_mask(cfg, qq, kk, layout).float().mean()),
+                            "fallback": run.fallback,
+                        }
+                    )
                 entry["sum_total_ms"] = sum(m["total_ms"] for m in entry["masks"])
             except Exception as e:  # noqa: BLE001 - a geometry that fails is a result too
                 entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             cells = ", ".join(f"{m['mask']} {m['total_ms']:.2f} ms ({m['density']:.3f})" for m in entry["masks"])
-            sc.log(f"  geometry [{backend}] {label}: {cells}" + (f" ERROR {entry['error']}" if "error" in entry else ""))
+            sc.log(
+                f"  geometry [{backend}] {label}: {cells}" + (f" ERROR {entry['error']}" if "error" in entry else "")
+            )
             entries.append(entry)
         sc.relayout_cache = {}
     return {"entries": entries, "winner": winners(entries)}
@@ -95,8 +109,14 @@ def winners(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     how many masks each geometry won."""
     out: dict[str, dict[str, Any]] = {}
     for backend in dict.fromkeys(e["backend"] for e in entries):
-        mine = [e for e in entries if e["backend"] == backend and "error" not in e and e["masks"]
-                and not any(m["fallback"] for m in e["masks"])]
+        mine = [
+            e
+            for e in entries
+            if e["backend"] == backend
+            and "error" not in e
+            and e["masks"]
+            and not any(m["fallback"] for m in e["masks"])
+        ]
         if not mine:
             continue
         best = min(mine, key=lambda e: e["sum_total_ms"])
@@ -104,6 +124,11 @@ def winners(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for i, _ in enumerate(best["masks"]):
             fastest = min(mine, key=lambda e: e["masks"][i]["total_ms"])
             wins[fastest["geometry"]] += 1
-        out[backend] = {"geometry": best["geometry"], "block_size": best["block_size"],
-                        "time_pairs": best["time_pairs"], "sum_total_ms": best["sum_total_ms"], "mask_wins": wins}
+        out[backend] = {
+            "geometry": best["geometry"],
+            "block_size": best["block_size"],
+            "time_pairs": best["time_pairs"],
+            "sum_total_ms": best["sum_total_ms"],
+            "mask_wins": wins,
+        }
     return out

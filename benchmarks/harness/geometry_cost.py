@@ -41,7 +41,9 @@ def pairs(results: dict[str, Any]) -> list[dict[str, Any]]:
     levels = [("op", s) for s in results.get("op", [])] + [("transformer", s) for s in results.get("transformer", [])]
     for level, scen in levels:
         rows = _index(scen.get("rows", []))
-        label = scen.get("scenario", {}).get("label") if isinstance(scen.get("scenario"), dict) else scen.get("scenario")
+        label = (
+            scen.get("scenario", {}).get("label") if isinstance(scen.get("scenario"), dict) else scen.get("scenario")
+        )
         for (name, backend), fast in rows.items():
             if not name.endswith(FAST_TWIN):
                 continue
@@ -53,12 +55,21 @@ def pairs(results: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append(rec)
                 continue
             if level == "op":
-                rec.update(exact_call_ms=exact["total_ms"], fast_call_ms=fast["total_ms"],
-                           exact_density=exact.get("density"), fast_density=fast.get("density"))
+                rec.update(
+                    exact_call_ms=exact["total_ms"],
+                    fast_call_ms=fast["total_ms"],
+                    exact_density=exact.get("density"),
+                    fast_density=fast.get("density"),
+                )
             else:
-                rec.update(exact_forward_ms=exact["total_ms"], fast_forward_ms=fast["total_ms"],
-                           exact_call_ms=exact["per_layer_attention_ms"], fast_call_ms=fast["per_layer_attention_ms"],
-                           exact_density=exact.get("density"), fast_density=fast.get("density"))
+                rec.update(
+                    exact_forward_ms=exact["total_ms"],
+                    fast_forward_ms=fast["total_ms"],
+                    exact_call_ms=exact["per_layer_attention_ms"],
+                    fast_call_ms=fast["per_layer_attention_ms"],
+                    exact_density=exact.get("density"),
+                    fast_density=fast.get("density"),
+                )
                 rec["forward_ratio"] = rec["exact_forward_ms"] / rec["fast_forward_ms"]
             rec["call_ratio"] = rec["exact_call_ms"] / rec["fast_call_ms"]
             out.append(rec)
@@ -67,28 +78,41 @@ def pairs(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(results: dict[str, Any], recs: list[dict[str, Any]]) -> str:
     env = results.get("env", {})
-    lines = ["# Exact 64x64 tile masks vs the fast geometry", "",
-             f"commit {env.get('commit')}, {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
-             f"CUDA {env.get('cuda')}, flash-attn-4 {env.get('flash_attn_4')}.", "",
-             f"Command: `{env.get('command')}`", "",
-             "| level | scenario | preset | backend | call ms exact | call ms fast | call exact/fast | "
-             "forward ms exact | forward ms fast | forward exact/fast | density exact / fast |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Exact 64x64 tile masks vs the fast geometry",
+        "",
+        f"commit {env.get('commit')}, {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
+        f"CUDA {env.get('cuda')}, flash-attn-4 {env.get('flash_attn_4')}.",
+        "",
+        f"Command: `{env.get('command')}`",
+        "",
+        "| level | scenario | preset | backend | call ms exact | call ms fast | call exact/fast | "
+        "forward ms exact | forward ms fast | forward exact/fast | density exact / fast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(x, spec=".2f"):
         return "" if x is None else format(x, spec)
 
     for r in recs:
         if "missing" in r:
-            lines.append(f"| {r['level']} | {r['scenario']} | {r['preset']} | {r['backend']} | missing: {r['missing']} "
-                         "| | | | | | |")
+            lines.append(
+                f"| {r['level']} | {r['scenario']} | {r['preset']} | {r['backend']} | missing: {r['missing']} "
+                "| | | | | | |"
+            )
             continue
         dens = f"{f(r.get('exact_density'), '.3f')} / {f(r.get('fast_density'), '.3f')}"
-        lines.append(f"| {r['level']} | {r['scenario']} | {r['preset']} | {r['backend']} | {f(r['exact_call_ms'])} | "
-                     f"{f(r['fast_call_ms'])} | {f(r['call_ratio'], '.3f')} | {f(r.get('exact_forward_ms'), '.1f')} | "
-                     f"{f(r.get('fast_forward_ms'), '.1f')} | {f(r.get('forward_ratio'), '.3f')} | {dens} |")
-    lines += ["", "call ms: one attention call, mask build included (op level: synthetic q/k with locality; "
-              "transformer level: attention ms of a forward / layers, random weights).", ""]
+        lines.append(
+            f"| {r['level']} | {r['scenario']} | {r['preset']} | {r['backend']} | {f(r['exact_call_ms'])} | "
+            f"{f(r['fast_call_ms'])} | {f(r['call_ratio'], '.3f')} | {f(r.get('exact_forward_ms'), '.1f')} | "
+            f"{f(r.get('fast_forward_ms'), '.1f')} | {f(r.get('forward_ratio'), '.3f')} | {dens} |"
+        )
+    lines += [
+        "",
+        "call ms: one attention call, mask build included (op level: synthetic q/k with locality; "
+        "transformer level: attention ms of a forward / layers, random weights).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -56,9 +56,10 @@ import statistics
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,31 +123,79 @@ def plan_rows(s: LeverScenario, lora_path: str, cache: str, backend: str = "auto
     return [
         Row("dense", "dense (cuDNN SDPA)", AttentionConfig(backend="flex"), warm=False),
         Row("sta", f"+ {sta_label}", sta),
-        Row("compiled", "+ compiled blocks", sta, compile="blocks", note="attention as one custom op inside each block graph"),
-        Row("lora", "+ LoRA, fused", sta, compile="blocks", lora=lora, decode=True, note=f"synthetic rank {LORA_RANK}",
-            capture=True),
-        Row("cache", f"+ cache {cache}", sta, compile="blocks", cache=cache, decode=True,
-            note="LoRA merged since the row above"),
-        Row("variant", "variant: compiled blocks, graph split", sta, compile="blocks-split", optional=True,
-            note="graph split around attention (torch.compiler.disable); LoRA merged if its row ran"),
+        Row(
+            "compiled",
+            "+ compiled blocks",
+            sta,
+            compile="blocks",
+            note="attention as one custom op inside each block graph",
+        ),
+        Row(
+            "lora",
+            "+ LoRA, fused",
+            sta,
+            compile="blocks",
+            lora=lora,
+            decode=True,
+            note=f"synthetic rank {LORA_RANK}",
+            capture=True,
+        ),
+        Row(
+            "cache",
+            f"+ cache {cache}",
+            sta,
+            compile="blocks",
+            cache=cache,
+            decode=True,
+            note="LoRA merged since the row above",
+        ),
+        Row(
+            "variant",
+            "variant: compiled blocks, graph split",
+            sta,
+            compile="blocks-split",
+            optional=True,
+            note="graph split around attention (torch.compiler.disable); LoRA merged if its row ran",
+        ),
         # FP8 last: quantising is permanent for the shared pipeline (the rows above stay bf16).
-        Row("fp8", "+ FP8 linears", sta, compile="blocks", quantize="fp8", decode=True, capture=True,
-            note="torchao float8 e4m3, rowwise scales; LoRA merged if its row ran"),
-        Row("fastdecode", "+ fast decode (bf16 VAE)", sta, compile="blocks", quantize="fp8", vae_dtype="bf16",
-            decode=True, capture=True, note="FP8 linears as above"),
+        Row(
+            "fp8",
+            "+ FP8 linears",
+            sta,
+            compile="blocks",
+            quantize="fp8",
+            decode=True,
+            capture=True,
+            note="torchao float8 e4m3, rowwise scales; LoRA merged if its row ran",
+        ),
+        Row(
+            "fastdecode",
+            "+ fast decode (bf16 VAE)",
+            sta,
+            compile="blocks",
+            quantize="fp8",
+            vae_dtype="bf16",
+            decode=True,
+            capture=True,
+            note="FP8 linears as above",
+        ),
     ]
 
 
 ROW_KEYS = ("dense", "sta", "compiled", "lora", "cache", "variant", "fp8", "fastdecode")
-QUALITY_PAIRS = (("lora", "fp8", "fp8_vs_bf16"), ("fp8", "fastdecode", "bf16_decode_vs_fp32_decode"),
-                 ("lora", "fastdecode", "fp8_and_bf16_decode_vs_bf16"))
+QUALITY_PAIRS = (
+    ("lora", "fp8", "fp8_vs_bf16"),
+    ("fp8", "fastdecode", "bf16_decode_vs_fp32_decode"),
+    ("lora", "fastdecode", "fp8_and_bf16_decode_vs_bf16"),
+)
 """(reference row, candidate row, name) of result["quality"]: the FP8 transformer against bf16 (same
 seed, same LoRA-merged weights), the bf16 decode against the fp32 one (same FP8 latents), both."""
 
 
 # ---- synthetic LoRA -------------------------------------------------------------------------------
-def write_synthetic_lora(path: Path, size: WanSize, rank: int = LORA_RANK, seed: int = 0,
-                         dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+def write_synthetic_lora(
+    path: Path, size: WanSize, rank: int = LORA_RANK, seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Any]:
     """A LoRA in original Wan naming of the assumed LightX2V key set (module doc), small values."""
     from safetensors.torch import save_file
 
@@ -164,8 +213,14 @@ def write_synthetic_lora(path: Path, size: WanSize, rank: int = LORA_RANK, seed:
             sd[f"{key}.diff_b"] = (torch.randn(n_out, generator=g) * 1e-3).to(dtype)
         sd[f"diffusion_model.blocks.{b}.diff_m"] = (torch.randn(1, 6, d, generator=g) * 1e-3).to(dtype)
     save_file(sd, str(path))
-    return {"path": str(path), "rank": rank, "tensors": len(sd), "bytes": path.stat().st_size,
-            "targets": sorted(shapes), "note": "synthetic: shape of LightX2V's Wan2.1 T2V 14B rank-64 LoRA as assumed"}
+    return {
+        "path": str(path),
+        "rank": rank,
+        "tensors": len(sd),
+        "bytes": path.stat().st_size,
+        "targets": sorted(shapes),
+        "note": "synthetic: shape of LightX2V's Wan2.1 T2V 14B rank-64 LoRA as assumed",
+    }
 
 
 # ---- one row --------------------------------------------------------------------------------------
@@ -187,9 +242,12 @@ def quality(ref: dict[str, Any], cand: dict[str, Any], ref_frames, cand_frames, 
     has the same input in both runs: the one-forward error; later steps follow each run's own
     latents), of the final latents, and PSNR / SSIM of the decoded frames (`frame_quality`)."""
     a, b = cand["_capture"], ref["_capture"]
-    out = {"reference": ref["name"], "candidate": cand["name"],
-           "noise_rel_l2_per_step": [rel_l2(x, y) for x, y in zip(a["noise"], b["noise"])],
-           "final_latents_rel_l2": rel_l2(a["latents"], b["latents"])}
+    out = {
+        "reference": ref["name"],
+        "candidate": cand["name"],
+        "noise_rel_l2_per_step": [rel_l2(x, y) for x, y in zip(a["noise"], b["noise"], strict=False)],
+        "final_latents_rel_l2": rel_l2(a["latents"], b["latents"]),
+    }
     if ref_frames is not None and cand_frames is not None:
         out["psnr_db"], out["ssim"] = frame_quality(ref_frames, cand_frames, device)
     return out
@@ -202,17 +260,29 @@ def frame_quality(ref_frames, cand_frames, device: torch.device) -> tuple[Any, f
     return overall["psnr_db"], overall["ssim_mean"]
 
 
-def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
-            dtype: torch.dtype) -> tuple[dict[str, Any], np.ndarray | None]:
+def run_row(
+    pipe, s: LeverScenario, row: Row, device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """One row's record, and its decoded frames when the row decodes."""
     from wan_nabla.pipeline import VideoGenerator, compile_seconds
 
-    gen_cfg = GenerationConfig(size=(s.width, s.height), frames=s.frames, steps=s.steps, guidance_scale=1.0,
-                               shift=5.0, sampler="euler", device=str(device),
-                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-    cfg = RunConfig(attention=row.attention, generation=gen_cfg, lora=row.lora,
-                    speed=SpeedConfig(compile=row.compile, cache=row.cache, quantize=row.quantize),
-                    memory=MemoryConfig(vae_dtype=row.vae_dtype))
+    gen_cfg = GenerationConfig(
+        size=(s.width, s.height),
+        frames=s.frames,
+        steps=s.steps,
+        guidance_scale=1.0,
+        shift=5.0,
+        sampler="euler",
+        device=str(device),
+        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+    )
+    cfg = RunConfig(
+        attention=row.attention,
+        generation=gen_cfg,
+        lora=row.lora,
+        speed=SpeedConfig(compile=row.compile, cache=row.cache, quantize=row.quantize),
+        memory=MemoryConfig(vae_dtype=row.vae_dtype),
+    )
     t0 = time.perf_counter()
     gen = VideoGenerator(pipe, cfg, device, model_id=f"random-{s.size}")
     sync(device)
@@ -239,20 +309,35 @@ def run_row(pipe, s: LeverScenario, row: Row, device: torch.device,
     t = res.timings
     step_s = statistics.median(t["per_step_s"])
     out = {
-        "key": row.key, "name": row.name, "note": row.note, "attention": row.attention.to_dict(),
+        "key": row.key,
+        "name": row.name,
+        "note": row.note,
+        "attention": row.attention.to_dict(),
         "compile": gen.compile_mode,
-        "cache": row.cache, "lora": res.speed["lora"], "setup_s": setup_s, "warmup_forward_s": warm_s,
-        "compile_s": compile_s, "warmup_minus_step_s": warm_s - statistics.median(res.timings["per_step_s"]),
+        "cache": row.cache,
+        "lora": res.speed["lora"],
+        "setup_s": setup_s,
+        "warmup_forward_s": warm_s,
+        "compile_s": compile_s,
+        "warmup_minus_step_s": warm_s - statistics.median(res.timings["per_step_s"]),
         "graphs_compiled_in_generate": res.speed["compile"]["graphs_compiled"],
         "compile_error": res.speed["compile"]["error"],
-        "encode_s": t["text_encoding_s"], "denoise_s": t["denoising_s"], "per_step_s": t["per_step_s"],
-        "step_median_s": step_s, "attention_ms_per_forward": attn_ms, "mask_ms_per_forward": mask_ms,
-        "non_attention_ms_per_forward": step_s * 1e3 - attn_ms, "decode_s": t["decode_s"],
-        "density": res.attention.get("overall"), "backend": res.attention.get("backend"),
-        "vae_tiling": t.get("vae_tiling") if row.decode else None, "cache_record": res.speed["cache"],
+        "encode_s": t["text_encoding_s"],
+        "denoise_s": t["denoising_s"],
+        "per_step_s": t["per_step_s"],
+        "step_median_s": step_s,
+        "attention_ms_per_forward": attn_ms,
+        "mask_ms_per_forward": mask_ms,
+        "non_attention_ms_per_forward": step_s * 1e3 - attn_ms,
+        "decode_s": t["decode_s"],
+        "density": res.attention.get("overall"),
+        "backend": res.attention.get("backend"),
+        "vae_tiling": t.get("vae_tiling") if row.decode else None,
+        "cache_record": res.speed["cache"],
         "peak_gpu_memory_gb": t.get("peak_gpu_memory_gb"),
         "finite": bool(np.isfinite(res.frames).all()) if row.decode else None,
-        "quantize": res.speed["quantize"], "vae_dtype": row.vae_dtype,
+        "quantize": res.speed["quantize"],
+        "vae_dtype": row.vae_dtype,
     }
     if row.capture:
         out["_capture"] = {"noise": noise, "latents": res.latents}
@@ -268,12 +353,22 @@ def estimate_50_step_cfg(rows: list[dict[str, Any]], encode_s: float, decode_s: 
     for name, r in by.items():
         if r["cache"] != "none" or name.startswith("variant"):
             continue  # a cache's skip rate at 50 steps is not the 4-step one: not extrapolated
-        out.append({"config": name, "estimate_s": encode_s + 50 * 2 * r["step_median_s"] + decode_s,
-                    "dit_s": 50 * 2 * r["step_median_s"]})
+        out.append(
+            {
+                "config": name,
+                "estimate_s": encode_s + 50 * 2 * r["step_median_s"] + decode_s,
+                "dit_s": 50 * 2 * r["step_median_s"],
+            }
+        )
         if dense is not None and r is not dense and r["attention"]["type"] == "sta":
             dit = 2 * (12 * dense["step_median_s"] + 38 * r["step_median_s"])
-            out.append({"config": f"{name}, published schedule (12 dense steps)", "estimate_s": encode_s + dit + decode_s,
-                        "dit_s": dit})
+            out.append(
+                {
+                    "config": f"{name}, published schedule (12 dense steps)",
+                    "estimate_s": encode_s + dit + decode_s,
+                    "dit_s": dit,
+                }
+            )
     return out
 
 
@@ -299,8 +394,15 @@ def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
     goal = None
     if goal_rows and decode_s is not None:
         g = goal_rows[0]
-        goal = {"row": g["name"], "e2e_s": g["e2e_s"], "dit_s": g["denoise_s"], "e2e_goal_s": 30.0, "dit_goal_s": 16.0,
-                "e2e_met": g["e2e_s"] <= 30.0, "dit_met": g["denoise_s"] <= 16.0}
+        goal = {
+            "row": g["name"],
+            "e2e_s": g["e2e_s"],
+            "dit_s": g["denoise_s"],
+            "e2e_goal_s": 30.0,
+            "dit_goal_s": 16.0,
+            "e2e_met": g["e2e_s"] <= 30.0,
+            "dit_met": g["denoise_s"] <= 16.0,
+        }
     encode = statistics.median(r["encode_s"] for r in ok) if ok else 0.0
     fast = next((r for r in ok if r["key"] == "fastdecode"), None)
     bf16 = next((r for r in ok if r["key"] == "lora"), None) or next((r for r in ok if r["key"] == "compiled"), None)
@@ -308,22 +410,38 @@ def summarize(s: LeverScenario, rows: list[dict[str, Any]]) -> dict[str, Any]:
     if fast is not None:
         g = SPEED_GOALS
         ratio = fast["non_attention_ms_per_forward"] / bf16["non_attention_ms_per_forward"] if bf16 else None
-        speed_goal = {"row": fast["name"], "e2e_s": fast["e2e_s"], "dit_s": fast["denoise_s"],
-                      "decode_s": fast["decode_s"], "non_attention_ratio_vs_bf16": ratio, "goals": g,
-                      "e2e_met": fast["e2e_s"] <= g["e2e_s"], "dit_met": fast["denoise_s"] <= g["dit_s"],
-                      "decode_met": fast["decode_s"] <= g["decode_s"],
-                      "non_attention_met": ratio is not None and ratio <= g["non_attention_ratio"]}
+        speed_goal = {
+            "row": fast["name"],
+            "e2e_s": fast["e2e_s"],
+            "dit_s": fast["denoise_s"],
+            "decode_s": fast["decode_s"],
+            "non_attention_ratio_vs_bf16": ratio,
+            "goals": g,
+            "e2e_met": fast["e2e_s"] <= g["e2e_s"],
+            "dit_met": fast["denoise_s"] <= g["dit_s"],
+            "decode_met": fast["decode_s"] <= g["decode_s"],
+            "non_attention_met": ratio is not None and ratio <= g["non_attention_ratio"],
+        }
     estimates = estimate_50_step_cfg(ok, encode, decode_s or 0.0) if ok else []
     if fast is not None:
         # The published NABLA operating point (50 steps, CFG 5, 1280x720) on this stack, ESTIMATED
         # from the measured FP8 step and the measured bf16 decode: never run here.
-        estimates.append({"config": f"published operating point (50 steps, CFG as 2 passes, {s.width}x{s.height}): "
-                                    "STA + compiled + "
-                                    "FP8 + bf16 decode, ESTIMATED",
-                          "estimate_s": encode + 50 * 2 * fast["step_median_s"] + fast["decode_s"],
-                          "dit_s": 50 * 2 * fast["step_median_s"]})
-    return {"scenario": s.label, "decode_s": decode_s, "goal": goal, "speed_goal": speed_goal,
-            "cfg50_estimates": estimates}
+        estimates.append(
+            {
+                "config": f"published operating point (50 steps, CFG as 2 passes, {s.width}x{s.height}): "
+                "STA + compiled + "
+                "FP8 + bf16 decode, ESTIMATED",
+                "estimate_s": encode + 50 * 2 * fast["step_median_s"] + fast["decode_s"],
+                "dit_s": 50 * 2 * fast["step_median_s"],
+            }
+        )
+    return {
+        "scenario": s.label,
+        "decode_s": decode_s,
+        "goal": goal,
+        "speed_goal": speed_goal,
+        "cfg50_estimates": estimates,
+    }
 
 
 def _backend_text(r: dict[str, Any]) -> str:
@@ -335,12 +453,16 @@ def _backend_text(r: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     e = result.get("env") or {}
-    lines = [f"### Speed levers: {s['scenario']} (random weights, one GPU)", "",
-             f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
-             f"commit {e.get('commit', '?')}.", "",
-             "| row | backend | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
-             "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Speed levers: {s['scenario']} (random weights, one GPU)",
+        "",
+        f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, triton {e.get('triton', '?')}, "
+        f"commit {e.get('commit', '?')}.",
+        "",
+        "| row | backend | DiT s | step s | attention ms/fwd | non-attention ms/fwd | encode s | decode s | end to end s | "
+        "vs previous | vs dense | compile s | density | skipped blocks | PSNR / SSIM vs uncached bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "denoise_s" not in r:
             lines.append(f"| {r['name']} | {r.get('error') or r.get('skipped')} |" + " |" * 13)
@@ -356,32 +478,50 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['name']} | {_backend_text(r)} | {r['denoise_s']:.2f} | {r['step_median_s']:.3f} | {r['attention_ms_per_forward']:.0f} | "
             f"{r['non_attention_ms_per_forward']:.0f} | {r['encode_s']:.2f} | {dec} | {r['e2e_s']:.1f} | {vp} | "
             f"{r['speedup_vs_dense_dit']:.2f}x | {r['compile_s']:.1f} | {dens} | "
-            f"{c['skipped']}/{c['block_calls']} | {q} |")
+            f"{c['skipped']}/{c['block_calls']} | {q} |"
+        )
     q = result.get("quality") or {}
     if q:
-        lines += ["", "Quality (random weights; relative L2 against the reference row, PSNR/SSIM of the decoded "
-                      "videos; step 0 has the same input in both runs):", "",
-                  "| candidate vs reference | transformer output rel. L2 per step | final latents rel. L2 | PSNR dB | SSIM |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Quality (random weights; relative L2 against the reference row, PSNR/SSIM of the decoded "
+            "videos; step 0 has the same input in both runs):",
+            "",
+            "| candidate vs reference | transformer output rel. L2 per step | final latents rel. L2 | PSNR dB | SSIM |",
+            "|---|---|---|---|---|",
+        ]
         for v in q.values():
             steps = ", ".join(f"{x:.2e}" for x in v["noise_rel_l2_per_step"])
-            lines.append(f"| {v['candidate']} vs {v['reference']} | {steps} | {v['final_latents_rel_l2']:.2e} | "
-                         f"{fmt(v.get('psnr_db'), 4)} | {fmt(v.get('ssim'), 4)} |")
+            lines.append(
+                f"| {v['candidate']} vs {v['reference']} | {steps} | {v['final_latents_rel_l2']:.2e} | "
+                f"{fmt(v.get('psnr_db'), 4)} | {fmt(v.get('ssim'), 4)} |"
+            )
     sg = s.get("speed_goal")
     if sg:
         ratio = sg["non_attention_ratio_vs_bf16"]
-        lines += ["", f"Goals ({sg['row']}): end to end {sg['e2e_s']:.1f} s (<= 12 s: {'met' if sg['e2e_met'] else 'NOT met'}), "
-                      f"DiT {sg['dit_s']:.1f} s (<= 9 s: {'met' if sg['dit_met'] else 'NOT met'}), decode "
-                      f"{sg['decode_s']:.1f} s (<= 3 s: {'met' if sg['decode_met'] else 'NOT met'}), non-attention per "
-                      f"forward {'n/a' if ratio is None else f'{ratio:.2f}x'} of bf16 (<= 0.6x: "
-                      f"{'met' if sg['non_attention_met'] else 'NOT met'})."]
+        lines += [
+            "",
+            f"Goals ({sg['row']}): end to end {sg['e2e_s']:.1f} s (<= 12 s: {'met' if sg['e2e_met'] else 'NOT met'}), "
+            f"DiT {sg['dit_s']:.1f} s (<= 9 s: {'met' if sg['dit_met'] else 'NOT met'}), decode "
+            f"{sg['decode_s']:.1f} s (<= 3 s: {'met' if sg['decode_met'] else 'NOT met'}), non-attention per "
+            f"forward {'n/a' if ratio is None else f'{ratio:.2f}x'} of bf16 (<= 0.6x: "
+            f"{'met' if sg['non_attention_met'] else 'NOT met'}).",
+        ]
     g = s.get("goal")
     if g:
-        lines += ["", f"Goal ({g['row']}): end to end {g['e2e_s']:.1f} s (goal <= 30 s: {'met' if g['e2e_met'] else 'NOT met'}), "
-                      f"DiT {g['dit_s']:.1f} s (goal <= 16 s: {'met' if g['dit_met'] else 'NOT met'})."]
+        lines += [
+            "",
+            f"Goal ({g['row']}): end to end {g['e2e_s']:.1f} s (goal <= 30 s: {'met' if g['e2e_met'] else 'NOT met'}), "
+            f"DiT {g['dit_s']:.1f} s (goal <= 16 s: {'met' if g['dit_met'] else 'NOT met'}).",
+        ]
     if s["cfg50_estimates"]:
-        lines += ["", "50-step CFG run, ESTIMATED (50 x 2 x measured batch-1 step + measured encode and decode; not run):",
-                  "", "| config | DiT s | end to end s |", "|---|---|---|"]
+        lines += [
+            "",
+            "50-step CFG run, ESTIMATED (50 x 2 x measured batch-1 step + measured encode and decode; not run):",
+            "",
+            "| config | DiT s | end to end s |",
+            "|---|---|---|",
+        ]
         lines += [f"| {e['config']} | {e['dit_s']:.0f} | {e['estimate_s']:.0f} |" for e in s["cfg50_estimates"]]
     return "\n".join(lines) + "\n"
 
@@ -397,8 +537,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     dtype = torch.bfloat16 if device.type == "cuda" or emulate else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result: dict[str, Any] = {"env": environment(None, device), "scenario": s.label, "random_weights": True,
-                              "rows": [], "summary": {}}
+    result: dict[str, Any] = {
+        "env": environment(None, device),
+        "scenario": s.label,
+        "random_weights": True,
+        "rows": [],
+        "summary": {},
+    }
     result["env"]["command"] = "python -m benchmarks.harness.levers " + " ".join(args.argv)
 
     def save() -> None:
@@ -422,8 +567,10 @@ def allow_fp8_on_cpu():
 
     from wan_nabla import quantize
 
-    with mock.patch.object(qa, "_check_hardware_support", lambda *a, **k: None), \
-            mock.patch.object(quantize, "fp8_unsupported", lambda *a, **k: None):
+    with (
+        mock.patch.object(qa, "_check_hardware_support", lambda *a, **k: None),
+        mock.patch.object(quantize, "fp8_unsupported", lambda *a, **k: None),
+    ):
         yield
 
 
@@ -447,8 +594,13 @@ def _run_rows(args, s, device, dtype, result, start, save, log) -> None:
                 like = next((r for r in result["rows"] if r.get("compile") == "blocks" and "denoise_s" in r), None)
                 cost = like["compile_s"] + like["warmup_forward_s"] + like["denoise_s"] if like else 0.0
                 if time.perf_counter() - start + cost > args.deadline_s:
-                    result["rows"].append({"key": row.key, "name": row.name, "skipped": f"would end past --deadline-s "
-                                                                        f"{args.deadline_s:.0f} (estimated {cost:.0f} s)"})
+                    result["rows"].append(
+                        {
+                            "key": row.key,
+                            "name": row.name,
+                            "skipped": f"would end past --deadline-s {args.deadline_s:.0f} (estimated {cost:.0f} s)",
+                        }
+                    )
                     continue
             try:
                 rec, frames = run_row(pipe, s, row, device, dtype)
@@ -464,12 +616,20 @@ def _run_rows(args, s, device, dtype, result, start, save, log) -> None:
                 elif frames is not None and reference is not None:
                     rec["psnr_db"], rec["ssim"] = frame_quality(reference, frames, device)
                 result["rows"].append(rec)
-                log(f"  {row.name}: DiT {rec['denoise_s']:.2f} s (step {rec['step_median_s']:.3f} s, attention "
+                log(
+                    f"  {row.name}: DiT {rec['denoise_s']:.2f} s (step {rec['step_median_s']:.3f} s, attention "
                     f"{rec['attention_ms_per_forward']:.0f} ms/fwd), compile {rec['compile_s']:.1f} s, "
-                    f"skipped {rec['cache_record']['skipped']}/{rec['cache_record']['block_calls']}")
+                    f"skipped {rec['cache_record']['skipped']}/{rec['cache_record']['block_calls']}"
+                )
             except Exception as e:  # noqa: BLE001 - one row's failure must not lose the others
-                result["rows"].append({"key": row.key, "name": row.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                                       "traceback": traceback.format_exc()})
+                result["rows"].append(
+                    {
+                        "key": row.key,
+                        "name": row.name,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                        "traceback": traceback.format_exc(),
+                    }
+                )
                 log(f"  {row.name}: FAILED {type(e).__name__}: {e}")
             gc.collect()
             if device.type == "cuda":
@@ -486,13 +646,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU-sized)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per row (default 4)")
     p.add_argument("--cache", default="first-block:0.1", help="the cache row's --cache value (default first-block:0.1)")
-    p.add_argument("--attention-backend", choices=("auto", "flex", "fa4"), default="auto",
-                   help="backend of the sparse rows (default auto: fa4 where installed and supported); "
-                        "the dense row is always cuDNN SDPA")
-    p.add_argument("--deadline-s", type=float, default=500.0,
-                   help="skip the optional variant row when it would end later than this (default 500 s)")
-    p.add_argument("--rows", nargs="+", choices=ROW_KEYS, default=list(ROW_KEYS),
-                   help="rows to run (default: all; later rows keep the levers of the rows they follow)")
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "flex", "fa4"),
+        default="auto",
+        help="backend of the sparse rows (default auto: fa4 where installed and supported); "
+        "the dense row is always cuDNN SDPA",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=500.0,
+        help="skip the optional variant row when it would end later than this (default 500 s)",
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=ROW_KEYS,
+        default=list(ROW_KEYS),
+        help="rows to run (default: all; later rows keep the levers of the rows they follow)",
+    )
     return p
 
 

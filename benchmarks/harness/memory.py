@@ -29,8 +29,9 @@ import contextlib
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -89,9 +90,16 @@ def plan(part: str, sparse: str = DEFAULT_SPARSE) -> list[MemoryRun]:
         return run
 
     if part == "quick":
-        return [r("tiny", "quick", a, m, c) for a, m, c in [
-            ("full", "none", None), ("full", "model", 12), ("full", "group", 12), ("full", "sequential", 12),
-            ("sparse", "group", 12)]]
+        return [
+            r("tiny", "quick", a, m, c)
+            for a, m, c in [
+                ("full", "none", None),
+                ("full", "model", 12),
+                ("full", "group", 12),
+                ("full", "sequential", 12),
+                ("sparse", "group", 12),
+            ]
+        ]
     if part in ("fp8-24g", "fp8-quick"):
         # 14B 720p with FP8 DiT weights (14.3 GB instead of 28.6) on a 24 GB card: `model` offload
         # (the text encoder leaves before the DiT arrives), else `group` (torchao tensors streamed).
@@ -102,26 +110,43 @@ def plan(part: str, sparse: str = DEFAULT_SPARSE) -> list[MemoryRun]:
             steps = 2 if s == "14B" else 3
             return MemoryRun(s, v, sparse, mode, card, b2, steps, 1, (), q)
 
-        return [MemoryRun(s, v, sparse, "model", card, True, 2 if s == "14B" else 3, 1, (rq("model", False),), q),
-                MemoryRun(s, v, sparse, "group", card, True, 2 if s == "14B" else 3, 1, (rq("group", False),), q)]
+        return [
+            MemoryRun(s, v, sparse, "model", card, True, 2 if s == "14B" else 3, 1, (rq("model", False),), q),
+            MemoryRun(s, v, sparse, "group", card, True, 2 if s == "14B" else 3, 1, (rq("group", False),), q),
+        ]
     if part == "14B-720p":
         s, v = "14B", "720p"
-        return [r(s, v, "full", "none"), ladder(s, v, "group", [24]), r(s, v, "sparse", "none"),
-                ladder(s, v, "group", [24], "sparse"), ladder(s, v, "model", [48])]
+        return [
+            r(s, v, "full", "none"),
+            ladder(s, v, "group", [24]),
+            r(s, v, "sparse", "none"),
+            ladder(s, v, "group", [24], "sparse"),
+            ladder(s, v, "model", [48]),
+        ]
     if part == "14B-low":
         s, v = "14B", "720p"
         runs = [r(s, v, "full", "group", 16, False), ladder(s, v, "sequential", [16])]
         v = "480p"
-        return runs + [r(s, v, "full", "none"), r(s, v, "sparse", "none"), ladder(s, v, "group", [16, 24]),
-                       ladder(s, v, "group", [16, 24], "sparse"), ladder(s, v, "model", [48]),
-                       ladder(s, v, "sequential", [12, 16])]
+        return runs + [
+            r(s, v, "full", "none"),
+            r(s, v, "sparse", "none"),
+            ladder(s, v, "group", [16, 24]),
+            ladder(s, v, "group", [16, 24], "sparse"),
+            ladder(s, v, "model", [48]),
+            ladder(s, v, "sequential", [12, 16]),
+        ]
     if part == "1.3B":
         runs = []
         for v in ("480p", "720p"):
             s = "1.3B"
-            runs += [r(s, v, "full", "none"), r(s, v, "sparse", "none"), ladder(s, v, "model", [12, 16, 24]),
-                     ladder(s, v, "group", [12, 16, 24]), ladder(s, v, "group", [12, 16], "sparse"),
-                     ladder(s, v, "sequential", [12])]
+            runs += [
+                r(s, v, "full", "none"),
+                r(s, v, "sparse", "none"),
+                ladder(s, v, "model", [12, 16, 24]),
+                ladder(s, v, "group", [12, 16, 24]),
+                ladder(s, v, "group", [12, 16], "sparse"),
+                ladder(s, v, "sequential", [12]),
+            ]
         return runs
     raise ValueError(f"unknown part {part!r}; use one of {', '.join(PARTS)}")
 
@@ -150,7 +175,9 @@ class _Pipes:
             _sync(self.device)
             _empty(self.device)
             self.on_device = on_device
-            self.log(f"[memory] pipeline moved to {'device' if on_device else 'cpu'} in {time.perf_counter() - t0:.1f} s")
+            self.log(
+                f"[memory] pipeline moved to {'device' if on_device else 'cpu'} in {time.perf_counter() - t0:.1f} s"
+            )
         return self.pipe
 
 
@@ -212,10 +239,21 @@ def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
 
     w, h, f = VIDEOS[run.video]
     dtype = "bfloat16" if device.type == "cuda" or run.quantize != "none" else "float32"
-    gen_cfg = GenerationConfig(size=(w, h), frames=f, steps=run.steps, guidance_scale=5.0, batch_cfg=run.batch_cfg,
-                               device=str(device), dtype=dtype)
-    cfg = RunConfig(attention=_attention(run.attention), generation=gen_cfg, memory=MemoryConfig(offload=run.offload),
-                    speed=SpeedConfig(quantize=run.quantize))
+    gen_cfg = GenerationConfig(
+        size=(w, h),
+        frames=f,
+        steps=run.steps,
+        guidance_scale=5.0,
+        batch_cfg=run.batch_cfg,
+        device=str(device),
+        dtype=dtype,
+    )
+    cfg = RunConfig(
+        attention=_attention(run.attention),
+        generation=gen_cfg,
+        memory=MemoryConfig(offload=run.offload),
+        speed=SpeedConfig(quantize=run.quantize),
+    )
     row: dict[str, Any] = {k: v for k, v in asdict(run).items() if k != "fallback"}
     row["label"] = run.label()
     _empty(device)  # cached blocks of earlier runs must not count against this run's cap
@@ -236,11 +274,17 @@ def measure(run: MemoryRun, pipe, device: torch.device) -> dict[str, Any]:
         res = gen.generate(PROMPT[0], negative_prompt=PROMPT[1], seed=0, progress=False, decode=False)
         _sync(device)
         t = res.timings
-        timed = t["per_step_s"][run.warmup:] or t["per_step_s"]
-        row.update(status="ok", s_per_step=statistics.median(timed), per_step_s=t["per_step_s"],
-                   text_encoding_s=t["text_encoding_s"], density=res.attention.get("overall"),
-                   backend=res.attention.get("backend"), peak_gib=t.get("peak_gpu_memory_gb_by_phase"),
-                   reserved_peak_gib=t.get("peak_gpu_reserved_gb_by_phase"))
+        timed = t["per_step_s"][run.warmup :] or t["per_step_s"]
+        row.update(
+            status="ok",
+            s_per_step=statistics.median(timed),
+            per_step_s=t["per_step_s"],
+            text_encoding_s=t["text_encoding_s"],
+            density=res.attention.get("overall"),
+            backend=res.attention.get("backend"),
+            peak_gib=t.get("peak_gpu_memory_gb_by_phase"),
+            reserved_peak_gib=t.get("peak_gpu_reserved_gb_by_phase"),
+        )
         if device.type == "cuda":
             vae_gib = sum(p.numel() * p.element_size() for p in pipe.vae.parameters()) / 2**30
             # Offload modes: after_video() moved the VAE off; decoding brings it (and only it) back.
@@ -270,11 +314,20 @@ def estimate_s(run: MemoryRun, step_s: float | None = None) -> float:
     """Expected wall time of a run: steps (plus encoding) at `step_s` (else the H100 guess) with
     the offload overhead, plus placement and transfers."""
     step = step_s or _STEP_GUESS.get((run.size, run.video), 1.0)
-    return (run.steps + 0.5) * step * (1.5 if run.offload == "sequential" else 1.1) + (15.0 if run.size == "14B" else 6.0)
+    return (run.steps + 0.5) * step * (1.5 if run.offload == "sequential" else 1.1) + (
+        15.0 if run.size == "14B" else 6.0
+    )
 
 
-def run_part(part: str, device: torch.device, *, sparse: str = DEFAULT_SPARSE, budget_s: float = 500.0,
-             log: Callable[[str], None] = print, on_update: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_part(
+    part: str,
+    device: torch.device,
+    *,
+    sparse: str = DEFAULT_SPARSE,
+    budget_s: float = 500.0,
+    log: Callable[[str], None] = print,
+    on_update: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
     """Measure every run of plan(part) within budget_s; `on_update(result)` after each one."""
     start = time.perf_counter()
     dtype = torch.bfloat16 if device.type == "cuda" or part.startswith("fp8") else torch.float32
@@ -310,12 +363,19 @@ def run_part(part: str, device: torch.device, *, sparse: str = DEFAULT_SPARSE, b
                 try:
                     d = measure_decode(pipes.pipe, run.video, tiling, device)
                 except Exception as e:  # noqa: BLE001 - an OOM here is a result too
-                    d = {"video": run.video, "tiling": tiling, "seconds": 0.0, "decode_extra_gib": None,
-                         "error": _first_line(e)}
+                    d = {
+                        "video": run.video,
+                        "tiling": tiling,
+                        "seconds": 0.0,
+                        "decode_extra_gib": None,
+                        "error": _first_line(e),
+                    }
                     _empty(device)
                 result["vae"].append(d)
-                log(f"[memory] VAE decode {run.video} tiling={tiling}: {d['seconds']:.1f} s, "
-                    f"extra {_gib(d['decode_extra_gib'])} {d.get('error', '')}")
+                log(
+                    f"[memory] VAE decode {run.video} tiling={tiling}: {d['seconds']:.1f} s, "
+                    f"extra {_gib(d['decode_extra_gib'])} {d.get('error', '')}"
+                )
             if run.offload != "none":
                 pipes.pipe.vae.to("cpu")
         add_decode_estimates(result["runs"], result["vae"])
@@ -336,5 +396,7 @@ def _row_summary(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status'].upper()} ({row.get('error', '')})"
     peaks = row.get("peak_gib") or {}
-    return (f"{row['s_per_step']:.2f} s/step, peaks encode {_gib(peaks.get('encode'))}, denoise "
-            f"{_gib(peaks.get('denoise'))}, setup {row['setup_s']:.1f} s")
+    return (
+        f"{row['s_per_step']:.2f} s/step, peaks encode {_gib(peaks.get('encode'))}, denoise "
+        f"{_gib(peaks.get('denoise'))}, setup {row['setup_s']:.1f} s"
+    )

@@ -34,8 +34,11 @@ def decode_on_card(row: dict, vae: list[dict], card_gib: int | None) -> tuple[bo
     need x VAE_DECODE_MARGIN fits in the usable memory left after the resident components. The
     decode peak is that resident memory + the measured VAE decode peak (None when not measured)."""
     resident = row["resident_before_decode_gib"]
-    tiling = vae_tiling_on(MemoryConfig(offload=row["offload"]), *VIDEOS[row["video"]],
-                           free_gib=usable_gib(card_gib or CARDS_GIB[0]) - resident)
+    tiling = vae_tiling_on(
+        MemoryConfig(offload=row["offload"]),
+        *VIDEOS[row["video"]],
+        free_gib=usable_gib(card_gib or CARDS_GIB[0]) - resident,
+    )
     extra = {(d["video"], d["tiling"]): d["decode_extra_gib"] for d in vae}.get((row["video"], tiling))
     return tiling, None if extra is None else resident + extra
 
@@ -91,21 +94,34 @@ def recommendation_table(rows: list[dict]) -> list[dict[str, Any]]:
     out = []
     for (size, video), cards in recommend(rows).items():
         for card, r in cards.items():
-            out.append({"card_gib": card, "size": size, "video": video,
-                        "mode": None if r is None else r["offload"], "batch_cfg": None if r is None else r["batch_cfg"],
-                        "s_per_step": None if r is None else r["s_per_step"],
-                        "total_peak_gib": None if r is None else peak_on_card(r, card),
-                        "vae_tiled": None if r is None else (r.get("tiled_by_card") or {}).get(card),
-                        "confirmed_under_cap": None if r is None else r.get("card_gib") == card})
+            out.append(
+                {
+                    "card_gib": card,
+                    "size": size,
+                    "video": video,
+                    "mode": None if r is None else r["offload"],
+                    "batch_cfg": None if r is None else r["batch_cfg"],
+                    "s_per_step": None if r is None else r["s_per_step"],
+                    "total_peak_gib": None if r is None else peak_on_card(r, card),
+                    "vae_tiled": None if r is None else (r.get("tiled_by_card") or {}).get(card),
+                    "confirmed_under_cap": None if r is None else r.get("card_gib") == card,
+                }
+            )
     return out
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     rows = result["runs"]
-    base = {(r["size"], r["video"], r["attention"]): r["s_per_step"] for r in rows
-            if r.get("status") == "ok" and r["offload"] == "none"}
-    lines = ["| model | video | attention | mode | CFG | card | status | encode | denoise | decode (est.) | peak "
-             "| reserved | s/step | x none |", "|" + "---|" * 14]
+    base = {
+        (r["size"], r["video"], r["attention"]): r["s_per_step"]
+        for r in rows
+        if r.get("status") == "ok" and r["offload"] == "none"
+    }
+    lines = [
+        "| model | video | attention | mode | CFG | card | status | encode | denoise | decode (est.) | peak "
+        "| reserved | s/step | x none |",
+        "|" + "---|" * 14,
+    ]
     for r in rows:
         peaks = r.get("peak_gib") or {}
         ref = base.get((r["size"], r["video"], r["attention"]))
@@ -116,13 +132,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {r['card_gib'] or 'whole'} | {status} | {_num(peaks.get('encode'))} | {_num(peaks.get('denoise'))} "
             f"| {_decode_text(r)} | {_num(r.get('total_peak_gib'))} "
             f"| {_num(max((r.get('reserved_peak_gib') or {}).values(), default=None))} | {_num(r.get('s_per_step'))} "
-            f"| {ratio} |")
-    lines += ["", "Peaks: allocated GiB per phase (decode: resident + measured VAE decode peak, tiled or untiled "
-              "as `vae_tiling: auto` decides on the card the run had); reserved: the caching allocator's peak "
-              "over encode and denoise.", "",
-              "Which mode for my GPU (dense attention; fastest measured mode whose peak fits the card minus "
-              f"{CONTEXT_GIB} GiB, its VAE decode tiled where the card needs it (t); "
-              "* = confirmed by a run capped to that card):", ""]
+            f"| {ratio} |"
+        )
+    lines += [
+        "",
+        "Peaks: allocated GiB per phase (decode: resident + measured VAE decode peak, tiled or untiled "
+        "as `vae_tiling: auto` decides on the card the run had); reserved: the caching allocator's peak "
+        "over encode and denoise.",
+        "",
+        "Which mode for my GPU (dense attention; fastest measured mode whose peak fits the card minus "
+        f"{CONTEXT_GIB} GiB, its VAE decode tiled where the card needs it (t); "
+        "* = confirmed by a run capped to that card):",
+        "",
+    ]
     rec = recommend(rows)
     keys = list(rec)
     no_peaks = not any(r.get("total_peak_gib") for r in rows)
@@ -132,14 +154,21 @@ def render_markdown(result: dict[str, Any]) -> str:
         cells = []
         for key in keys:
             r = rec[key][card]
-            cells.append("n/a (no GPU peaks)" if no_peaks else "does not fit (measured modes)" if r is None else
-                         f"{_mode_text(r)}{'*' if r.get('card_gib') == card else ''} "
-                         f"({r['s_per_step']:.2f} s/step, {peak_on_card(r, card):.1f} GiB"
-                         f"{', t' if (r.get('tiled_by_card') or {}).get(card) else ''})")
+            cells.append(
+                "n/a (no GPU peaks)"
+                if no_peaks
+                else "does not fit (measured modes)"
+                if r is None
+                else f"{_mode_text(r)}{'*' if r.get('card_gib') == card else ''} "
+                f"({r['s_per_step']:.2f} s/step, {peak_on_card(r, card):.1f} GiB"
+                f"{', t' if (r.get('tiled_by_card') or {}).get(card) else ''})"
+            )
         lines.append(f"| {card} GB | " + " | ".join(cells) + " |")
     lines += ["", "| VAE decode | tiling | extra GiB | seconds |", "|---|---|---|---|"]
-    lines += [f"| {d['video']} | {'on' if d['tiling'] else 'off'} | {_num(d['decode_extra_gib'])} | {d['seconds']:.1f} |"
-              for d in result.get("vae", [])]
+    lines += [
+        f"| {d['video']} | {'on' if d['tiling'] else 'off'} | {_num(d['decode_extra_gib'])} | {d['seconds']:.1f} |"
+        for d in result.get("vae", [])
+    ]
     if result.get("skipped"):
         lines += ["", "Skipped (time budget): " + "; ".join(s["label"] for s in result["skipped"])]
     return "\n".join(lines) + "\n"
@@ -158,8 +187,13 @@ def _num(x, nd: int = 2) -> str:
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several parts' results as one (runs, decode measurements and skips concatenated); decode
     estimates are taken again over all parts' VAE measurements (one VAE for every model size)."""
-    merged: dict[str, Any] = {"part": "+".join(r["part"] for r in results), "runs": [], "vae": [], "skipped": [],
-                              "environment": [r.get("environment") for r in results]}
+    merged: dict[str, Any] = {
+        "part": "+".join(r["part"] for r in results),
+        "runs": [],
+        "vae": [],
+        "skipped": [],
+        "environment": [r.get("environment") for r in results],
+    }
     for r in results:
         merged["runs"] += r["runs"]
         merged["vae"] += r["vae"]

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wan_nabla.wan.hooks import apply_attention
 from wan_nabla.config import ConfigError, ParallelConfig, RunConfig
 from wan_nabla.distributed import Launch, ParallelContext, ParallelPlan, plan_ranks, rank_device
 from wan_nabla.pipeline import VideoGenerator, predict_noise, sync_device
+from wan_nabla.wan.hooks import apply_attention
 
 from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 from .records import environment
@@ -60,8 +60,12 @@ SIZES = [(WAN_SIZES["1.3B"], 832, 480, 81), (WAN_SIZES["14B"], 1280, 720, 81)]
 EXACT_ATTENTION = {
     "nabla 0.5": {"type": "nabla", "threshold": 0.5},
     "sta 1-1-1, 1 dense step": {"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 1},
-    "nabla 0.3 + sta 3-1-1, dense layer 1": {"type": "nabla_sta", "threshold": 0.3, "sta_window": [3, 1, 1],
-                                             "dense_layers": [1]},
+    "nabla 0.3 + sta 3-1-1, dense layer 1": {
+        "type": "nabla_sta",
+        "threshold": 0.3,
+        "sta_window": [3, 1, 1],
+        "dense_layers": [1],
+    },
     "full": {"type": "full"},
 }
 EXACT_GEN = {"size": (208, 80), "frames": 9, "steps": 2}
@@ -97,8 +101,9 @@ class Bench:
     # ---- plumbing ----------------------------------------------------------------------
     def _context(self, name: str, par: ParallelConfig, heads: int | None = None, batch: bool = False):
         if name not in self.contexts:
-            layout = plan_ranks(par, self.launch.world_size, command="batch" if batch else "generate",
-                                heads=heads, guidance_scale=5.0)
+            layout = plan_ranks(
+                par, self.launch.world_size, command="batch" if batch else "generate", heads=heads, guidance_scale=5.0
+            )
             self.contexts[name] = ParallelContext.start(ParallelPlan(self.launch, layout, self.device, 900.0))
         return self.contexts[name]
 
@@ -132,21 +137,29 @@ class Bench:
                 if self.main:
                     one = ref[name]
                     diff = res.latents.double() - one.latents.double()
-                    self.results["exactness"].append({
-                        "layout": lay, "attention": name, "max_abs": float(diff.abs().max()),
-                        "rel_l2": float(diff.norm() / one.latents.double().norm()),
-                        "density": res.attention["per_step"], "density_one_rank": one.attention["per_step"],
-                        "density_equal": bool(np.allclose(res.attention["per_step"], one.attention["per_step"],
-                                                          atol=1e-6)),
-                        "frames": None if res.frames is None else list(res.frames.shape)})
+                    self.results["exactness"].append(
+                        {
+                            "layout": lay,
+                            "attention": name,
+                            "max_abs": float(diff.abs().max()),
+                            "rel_l2": float(diff.norm() / one.latents.double().norm()),
+                            "density": res.attention["per_step"],
+                            "density_one_rank": one.attention["per_step"],
+                            "density_equal": bool(
+                                np.allclose(res.attention["per_step"], one.attention["per_step"], atol=1e-6)
+                            ),
+                            "frames": None if res.frames is None else list(res.frames.shape),
+                        }
+                    )
         self.save()
 
     def _tiny_generate(self, att: dict, ctx):
         from wan_nabla.tiny import build_tiny_pipeline
 
         cfg = RunConfig.from_mapping({"attention": att, "generation": {"dtype": "float32"}})
-        gen = VideoGenerator(build_tiny_pipeline(seed=0, heads=4).to(self.device), cfg, self.device, "tiny",
-                             parallel=ctx)
+        gen = VideoGenerator(
+            build_tiny_pipeline(seed=0, heads=4).to(self.device), cfg, self.device, "tiny", parallel=ctx
+        )
         try:
             return gen.generate("a fox in the snow", progress=False, **EXACT_GEN)
         finally:
@@ -154,7 +167,7 @@ class Bench:
 
     # ---- 2. per-step timing ------------------------------------------------------------
     def timing(self) -> None:
-        for spec, w, h, frames in (QUICK_SIZES if self.args.quick else SIZES):
+        for spec, w, h, frames in QUICK_SIZES if self.args.quick else SIZES:
             size = spec.name
             if self.args.sizes and size not in self.args.sizes:
                 continue
@@ -165,14 +178,23 @@ class Bench:
             lat = smooth_latents((1, 16, (frames - 1) // 4 + 1, h // 8, w // 8), torch.device("cpu"), seed=0)
             gen = torch.Generator().manual_seed(1)
             pos, neg = (torch.randn(1, 512, spec.text_dim, generator=gen) for _ in range(2))
-            inputs = (lat.to(self.device), torch.tensor(500.0, device=self.device),
-                      pos.to(self.device, self.dtype), neg.to(self.device, self.dtype))
+            inputs = (
+                lat.to(self.device),
+                torch.tensor(500.0, device=self.device),
+                pos.to(self.device, self.dtype),
+                neg.to(self.device, self.dtype),
+            )
             for att_name, att in (QUICK_ATTENTION if self.args.quick else ATTENTION).items():
                 if self.args.attention and att_name not in self.args.attention:
                     continue
                 for lay, par in layouts(self.launch.world_size).items():
-                    row = {"size": size, "video": f"{w}x{h}x{frames}", "attention": att_name, "layout": lay,
-                           "model_build_s": build_s}
+                    row = {
+                        "size": size,
+                        "video": f"{w}x{h}x{frames}",
+                        "attention": att_name,
+                        "layout": lay,
+                        "model_build_s": build_s,
+                    }
                     if par is not None and spec.heads % par.ulysses_degree:
                         self.results["skipped"].append({**row, "why": f"{spec.heads} heads % {par.ulysses_degree}"})
                         continue
@@ -220,8 +242,7 @@ class Bench:
             handle.remove()
             if ctx is not None:
                 ctx.timer.enabled = False
-        mine = {"step_s": statistics.median(steps[1:]), "comm_s": statistics.median(comm[1:]),
-                "warmup_s": steps[0]}
+        mine = {"step_s": statistics.median(steps[1:]), "comm_s": statistics.median(comm[1:]), "warmup_s": steps[0]}
         every = self.world.gather_to_main(mine)
         out = {k: max(m[k] for m in every) for k in mine} if every else mine
         out["density"] = density
@@ -240,24 +261,36 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 def markdown(results: dict[str, Any]) -> str:
     env = results.get("env", {})
-    lines = [f"# Multi-GPU per-step time ({env.get('device_name', '?')} x {env.get('world_size', '?')}, "
-             f"torch {env.get('torch', '?')}, commit {env.get('commit', '?')})", "",
-             "Random weights (real Wan2.1 architectures), bf16 on CUDA. One step = the CFG pair's transformer "
-             "forward(s) + collectives + guidance; median of the timed steps, slowest rank. comm = time inside "
-             "collectives per step. Speed-up vs `1gpu` with the same attention.", "",
-             "| model | video | attention | layout | step s | comm s | comm share | speed-up | density | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Multi-GPU per-step time ({env.get('device_name', '?')} x {env.get('world_size', '?')}, "
+        f"torch {env.get('torch', '?')}, commit {env.get('commit', '?')})",
+        "",
+        "Random weights (real Wan2.1 architectures), bf16 on CUDA. One step = the CFG pair's transformer "
+        "forward(s) + collectives + guidance; median of the timed steps, slowest rank. comm = time inside "
+        "collectives per step. Speed-up vs `1gpu` with the same attention.",
+        "",
+        "| model | video | attention | layout | step s | comm s | comm share | speed-up | density | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results.get("timing", []):
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
-        lines.append(f"| {r['size']} | {r['video']} | {r['attention']} | {r['layout']} | {r['step_s']:.3f} | "
-                     f"{r['comm_s']:.3f} | {r['comm_s'] / r['step_s']:.1%} | {sp} | {r['density']:.3f} | "
-                     f"{r['warmup_s']:.1f} |")
+        lines.append(
+            f"| {r['size']} | {r['video']} | {r['attention']} | {r['layout']} | {r['step_s']:.3f} | "
+            f"{r['comm_s']:.3f} | {r['comm_s'] / r['step_s']:.1%} | {sp} | {r['density']:.3f} | "
+            f"{r['warmup_s']:.1f} |"
+        )
     if results.get("exactness"):
-        lines += ["", "Exactness (tiny model, fp32, 2 steps, padded grid) vs the same run on one rank:", "",
-                  "| layout | attention | max abs diff | rel. L2 | densities equal |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Exactness (tiny model, fp32, 2 steps, padded grid) vs the same run on one rank:",
+            "",
+            "| layout | attention | max abs diff | rel. L2 | densities equal |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["exactness"]:
-            lines.append(f"| {r['layout']} | {r['attention']} | {r['max_abs']:.2e} | {r['rel_l2']:.2e} | "
-                         f"{r['density_equal']} |")
+            lines.append(
+                f"| {r['layout']} | {r['attention']} | {r['max_abs']:.2e} | {r['rel_l2']:.2e} | {r['density_equal']} |"
+            )
     for s in results.get("skipped", []):
         lines.append(f"\nskipped: {s['size']} {s['attention']} {s['layout']}: {s['why']}")
     for e in results.get("errors", []):
@@ -295,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multigpu: error: {e}", file=sys.stderr)
         return 2
     env = environment(argv, bench.device)
-    env.update(command="python -m benchmarks.harness.multigpu " + " ".join(sys.argv[1:] if argv is None else argv),
-               world_size=bench.launch.world_size, weights="random (real architectures)",
-               nccl=_nccl_version() if bench.device.type == "cuda" else None)
+    env.update(
+        command="python -m benchmarks.harness.multigpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        world_size=bench.launch.world_size,
+        weights="random (real architectures)",
+        nccl=_nccl_version() if bench.device.type == "cuda" else None,
+    )
     bench.results["env"] = env
     try:
         if not args.no_exactness:

@@ -25,8 +25,9 @@ Limits: B=1 by default; >= 10 timed repetitions per measurement (records.time_ca
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,18 @@ from .checks import run_checks
 from .configs import preset_configs
 from .geometry import app_run, available_backends, run_geometry
 from .qk import processor_storage, real_tokens, relayout, synthetic_qkv, tile_rotary, wan_block_qkv
-from .records import (OpRow, OpScenario, Timing, base_name, baseline_row_name, compiled_graphs, dense_flops, first_call_s,
-                      sync, time_call)
+from .records import (
+    OpRow,
+    OpScenario,
+    Timing,
+    base_name,
+    baseline_row_name,
+    compiled_graphs,
+    dense_flops,
+    first_call_s,
+    sync,
+    time_call,
+)
 from .sweep import mask_breakdown, run_sweep
 
 NABLA_THRESHOLDS = (0.1, 0.2, 0.4, 0.7, 0.9)
@@ -53,11 +64,15 @@ STA_WINDOWS = ((5, 3, 3), (11, 3, 3), (11, 5, 5), (21, 5, 7))
 MIN_REPS = 10
 
 FULL_SCENARIOS = (
-    OpScenario(12, 832, 480), OpScenario(12, 1280, 720), OpScenario(40, 832, 480), OpScenario(40, 1280, 720),
+    OpScenario(12, 832, 480),
+    OpScenario(12, 1280, 720),
+    OpScenario(40, 832, 480),
+    OpScenario(40, 1280, 720),
 )
 TARGET_SCENARIO = OpScenario(40, 1280, 720)
 # CPU-sized: 3 latent frames x 9 x 16 patches -> 3 x 2 x 2 tiles with padding rows (tests, --quick).
 QUICK_SCENARIOS = (OpScenario(heads=2, width=256, height=144, frames=9, head_dim=32),)
+
 
 def layout_of(s: OpScenario) -> TileLayout:
     return TileLayout(*s.grid)
@@ -73,7 +88,9 @@ def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     candidates += [(f"nabla {t:g}", AttentionConfig(type="nabla", threshold=t)) for t in thresholds]
     candidates += [("sta " + "-".join(map(str, w)), AttentionConfig(type="sta", sta_window=w)) for w in windows]
     if quick:
-        candidates.append(("nabla 0.5 + sta 3-1-1", AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1))))
+        candidates.append(
+            ("nabla 0.5 + sta 3-1-1", AttentionConfig(type="nabla_sta", threshold=0.5, sta_window=(3, 1, 1)))
+        )
     for name, cfg in candidates:
         key = (cfg.type, cfg.threshold, cfg.sta_window, cfg.geometry)
         if key not in seen:
@@ -117,8 +134,17 @@ class _Scenario:
                 return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
 
-    def row(self, name: str, kind: str, total, density: float, *, flops: float | None = None,
-            base_ms: float | None = None, **kw) -> OpRow:
+    def row(
+        self,
+        name: str,
+        kind: str,
+        total,
+        density: float,
+        *,
+        flops: float | None = None,
+        base_ms: float | None = None,
+        **kw,
+    ) -> OpRow:
         """A row; flops/base_ms: the work and dense cuDNN time of the row's own grid (default: this
         scenario's)."""
         ms = total.median_ms
@@ -127,9 +153,19 @@ class _Scenario:
         base = base_ms or self.cudnn_ms or ms
         base_tflops = flops / (base * 1e-3) / 1e12
         kw.setdefault("seq_real", self.layout.seq_len)
-        return OpRow(scenario=self.s.label, name=name, kind=kind, total_ms=ms, density=density, tflops=tflops,
-                     share_of_cudnn=tflops / base_tflops, speedup=base / ms, reps=total.reps,
-                     spread_ms=(total.min_ms, total.max_ms), **kw)
+        return OpRow(
+            scenario=self.s.label,
+            name=name,
+            kind=kind,
+            total_ms=ms,
+            density=density,
+            tflops=tflops,
+            share_of_cudnn=tflops / base_tflops,
+            speedup=base / ms,
+            reps=total.reps,
+            spread_ms=(total.min_ms, total.max_ms),
+            **kw,
+        )
 
     def compile_once(self, key: str, fn) -> float | None:
         """First call of a new (shape, kernel config): its wall time, recorded once per key."""
@@ -153,30 +189,50 @@ class _Scenario:
             qs, ks = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D], as the processor has them
             fused = self.timed(lambda: (rotate(qs, cos, sin, layout), rotate(ks, cos, sin, layout))).median_ms
             plain = self.timed(lambda: (rotate(qs, cos, sin), rotate(ks, cos, sin))).median_ms
-            self.pool_increment[layout] = {"rotary_pool_ms": fused, "rotary_ms": plain,
-                                           "increment_ms": max(0.0, fused - plain)}
+            self.pool_increment[layout] = {
+                "rotary_pool_ms": fused,
+                "rotary_ms": plain,
+                "increment_ms": max(0.0, fused - plain),
+            }
         return self.pool_increment[layout]
 
 
-def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sweep: bool = False,
-                 breakdown: bool = False, geometry: bool = False, backends=None,
-                 published_rows: bool = True, checks: bool = True, only_rows: list[str] | None = None,
-                 budget_ms: float = 1000.0, seed: int = 0, log: Callable[[str], None] = print,
-                 checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run_scenario(
+    s: OpScenario,
+    device: torch.device,
+    *,
+    quick: bool = False,
+    sweep: bool = False,
+    breakdown: bool = False,
+    geometry: bool = False,
+    backends=None,
+    published_rows: bool = True,
+    checks: bool = True,
+    only_rows: list[str] | None = None,
+    budget_ms: float = 1000.0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
     """All rows of one scenario, then each optional part on its own (a failing part is recorded in
     result["errors"]); `checkpoint(partial_result)` is called after the rows and after each part,
     so a run stopped half-way keeps what it measured."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sc = _Scenario(s, device, budget_ms, log)
     layout = sc.layout
-    log(f"[op] {s.label}: grid {s.grid}, S={layout.seq_len} real / {layout.padded_len} padded, "
-        f"{layout.n_tiles} tiles")
+    log(f"[op] {s.label}: grid {s.grid}, S={layout.seq_len} real / {layout.padded_len} padded, {layout.n_tiles} tiles")
     backends = available_backends(backends, device, dtype, log)
     q, k, v = make_qkv(s, layout, device, dtype, seed)
     rows: list[OpRow] = []
-    result: dict[str, Any] = {"scenario": s.to_dict(), "seq_real": layout.seq_len, "seq_padded": layout.padded_len,
-                              "tiles": layout.n_tiles, "dense_tflop": sc.flops / 1e12, "backends": backends,
-                              "storage": "[B, S, H, D] viewed as [B, H, S, D] (the processor's q/k/v)"}
+    result: dict[str, Any] = {
+        "scenario": s.to_dict(),
+        "seq_real": layout.seq_len,
+        "seq_padded": layout.padded_len,
+        "tiles": layout.n_tiles,
+        "dense_tflop": sc.flops / 1e12,
+        "backends": backends,
+        "storage": "[B, S, H, D] viewed as [B, H, S, D] (the processor's q/k/v)",
+    }
     rows += dense_rows(sc, q, k, v, backends)
 
     graphs_before = None
@@ -187,12 +243,16 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
                 continue
             r = sparse_row(sc, f"{name} [{backend}]", cfg, q, k, v, backend)
             rows.append(r)
-            log(f"  {r.name}: total {r.total_ms:.2f} ms (mask {r.mask_ms:.3f}, kernel {r.kernel_ms:.2f}) "
-                f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of {base_name(device)}")
+            log(
+                f"  {r.name}: total {r.total_ms:.2f} ms (mask {r.mask_ms:.3f}, kernel {r.kernel_ms:.2f}) "
+                f"density {r.density:.3f} tile {r.tile_density:.3f} -> {r.share_of_cudnn:.0%} of {base_name(device)}"
+            )
             if graphs_before is None:
                 graphs_before = compiled_graphs()
-    result["pooling_in_rotary"] = {("time-paired" if lay.time_pairs else "plain") + " tiles": inc
-                                   for lay, inc in sc.pool_increment.items()}
+    result["pooling_in_rotary"] = {
+        ("time-paired" if lay.time_pairs else "plain") + " tiles": inc for lay, inc in sc.pool_increment.items()
+    }
+
     def save():
         result["rows"], result["compile_s"] = [r.to_dict() for r in rows], sc.compile_s
         if checkpoint is not None:
@@ -200,13 +260,14 @@ def run_scenario(s: OpScenario, device: torch.device, *, quick: bool = False, sw
 
     save()
     # Cheap and essential first; the published rows (its max-autotune compile) last.
-    parts = [("recompiles_on_new_masks", True, lambda: recompiles_on_new_masks(sc, q, v, backends, quick, seed)),
-             ("mask_breakdown", sweep or breakdown,
-              lambda: mask_breakdown(sc, q, k, 0.2, default_block_size(device))),
-             ("checks", checks, lambda: run_checks(sc, q, k, v, default_block_size(device), quick, backends)),
-             ("sweep", sweep, lambda: run_sweep(sc, q, k, v)),
-             ("geometry", geometry, lambda: run_geometry(sc, q, k, v, backends, quick)),
-             ("published", published_rows, lambda: published.run_published(sc, quick=quick, seed=seed, model_qk=model_qk))]
+    parts = [
+        ("recompiles_on_new_masks", True, lambda: recompiles_on_new_masks(sc, q, v, backends, quick, seed)),
+        ("mask_breakdown", sweep or breakdown, lambda: mask_breakdown(sc, q, k, 0.2, default_block_size(device))),
+        ("checks", checks, lambda: run_checks(sc, q, k, v, default_block_size(device), quick, backends)),
+        ("sweep", sweep, lambda: run_sweep(sc, q, k, v)),
+        ("geometry", geometry, lambda: run_geometry(sc, q, k, v, backends, quick)),
+        ("published", published_rows, lambda: published.run_published(sc, quick=quick, seed=seed, model_qk=model_qk)),
+    ]
     for key, wanted, fn in parts:  # each part on its own: one that fails keeps the rows measured
         if not wanted:
             continue
@@ -238,13 +299,33 @@ def dense_rows(sc: _Scenario, q, k, v, backends) -> list[OpRow]:
     flex = compiled_flex()
     comp = sc.compile_once("dense flex", lambda: flex(qr, kr, vr))
     t = sc.timed(lambda: flex(qr, kr, vr))
-    rows.append(sc.row("dense flex", "dense_flex", t, 1.0, kernel_ms=t.median_ms, compile_s=comp,
-                       notes="unpadded sequence, no mask", backend="flex"))
+    rows.append(
+        sc.row(
+            "dense flex",
+            "dense_flex",
+            t,
+            1.0,
+            kernel_ms=t.median_ms,
+            compile_s=comp,
+            notes="unpadded sequence, no mask",
+            backend="flex",
+        )
+    )
     if "fa4" in backends:
         comp = sc.compile_once("dense fa4", lambda: fa4.dense_attention(qr, kr, vr))
         t = sc.timed(lambda: fa4.dense_attention(qr, kr, vr))
-        rows.append(sc.row("dense flash-attn-4", "dense_fa4", t, 1.0, kernel_ms=t.median_ms, compile_s=comp,
-                           notes="unpadded sequence, no mask", backend="fa4"))
+        rows.append(
+            sc.row(
+                "dense flash-attn-4",
+                "dense_fa4",
+                t,
+                1.0,
+                kernel_ms=t.median_ms,
+                compile_s=comp,
+                notes="unpadded sequence, no mask",
+                backend="fa4",
+            )
+        )
     for r in rows:
         sc.log(f"  {r.name}: {r.total_ms:.2f} ms ({r.share_of_cudnn:.0%} of {base_name(sc.device)})")
     return rows
@@ -282,9 +363,22 @@ def sparse_row(sc: _Scenario, name: str, cfg: AttentionConfig, q, k, v, backend:
     used = backend
     if run.fallback:  # never report flex numbers as FA4's
         used, notes = f"{backend} -> flex", f"FA4 FAILED, ran flex: {run.fallback}"
-    return sc.row(name, cfg.type, t_total, float(plan.density), tile_density=tile_density, mask_ms=t_mask.median_ms,
-                  kernel_ms=t_kernel.median_ms, block_size=cfg.block_size, kernel_options=None, compile_s=comp,
-                  config=cfg.to_dict(), notes=notes, backend=used, mask_unfused_ms=unfused)
+    return sc.row(
+        name,
+        cfg.type,
+        t_total,
+        float(plan.density),
+        tile_density=tile_density,
+        mask_ms=t_mask.median_ms,
+        kernel_ms=t_kernel.median_ms,
+        block_size=cfg.block_size,
+        kernel_options=None,
+        compile_s=comp,
+        config=cfg.to_dict(),
+        notes=notes,
+        backend=used,
+        mask_unfused_ms=unfused,
+    )
 
 
 def shift(t: Timing, ms: float) -> Timing:
@@ -298,7 +392,7 @@ def recompiles_on_new_masks(sc: _Scenario, q, v, backends, quick: bool, seed: in
     out = {}
     for backend in backends:
         g0, c0 = compiled_graphs(), fa4_cache_size()
-        for name, cfg in row_configs(quick)[:3]:
+        for _name, cfg in row_configs(quick)[:3]:
             run = app_run(cfg, backend, sc.device, q.dtype)
             layout = run.layout_for(sc.layout.frames, sc.layout.height, sc.layout.width, sc.device, q.dtype)
             qq, kk, vv = sc.app_qkv(layout, q2, k2, v)
@@ -329,14 +423,25 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_op_level(scenarios, device: torch.device, *, quick: bool = False, sweep: bool = False,
-                 geometry: bool = False, log: Callable[[str], None] = print, **kw) -> list[dict[str, Any]]:
+def run_op_level(
+    scenarios,
+    device: torch.device,
+    *,
+    quick: bool = False,
+    sweep: bool = False,
+    geometry: bool = False,
+    log: Callable[[str], None] = print,
+    **kw,
+) -> list[dict[str, Any]]:
     out = []
     for s in scenarios:
         target = quick or s == TARGET_SCENARIO
         try:
-            out.append(run_scenario(s, device, quick=quick, sweep=sweep and target, geometry=geometry and target,
-                                    log=log, **kw))
+            out.append(
+                run_scenario(
+                    s, device, quick=quick, sweep=sweep and target, geometry=geometry and target, log=log, **kw
+                )
+            )
         except torch.OutOfMemoryError as e:  # report and go on with the next scenario
             out.append({"scenario": s.to_dict(), "error": f"out of memory: {str(e).splitlines()[0]}", "rows": []})
             _free(device)

@@ -68,8 +68,13 @@ def published_sta(t: int, h: int, w: int, wt: int, wh: int, ww: int, device) -> 
 
 
 @torch.no_grad()
-def published_keep(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, threshold: float,
-                   sta_window: tuple[int, int, int] | None = None) -> torch.Tensor:
+def published_keep(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    layout: TileLayout,
+    threshold: float,
+    sta_window: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     """The published binarised tile mask [B, H, n, n] (int/bool), before BlockMask listing."""
     b, h, s, d = q_BHSD.shape
     n = s // TILE_TOKENS
@@ -88,15 +93,27 @@ def published_keep(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayou
 
 
 @torch.no_grad()
-def published_block_mask(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, threshold: float,
-                         sta_window: tuple[int, int, int] | None = None) -> BlockMask:
+def published_block_mask(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    layout: TileLayout,
+    threshold: float,
+    sta_window: tuple[int, int, int] | None = None,
+) -> BlockMask:
     mask = published_keep(q_BHSD, k_BHSD, layout, threshold, sta_window)
     kv_nb = mask.sum(-1).to(torch.int32)
     kv_inds = mask.argsort(dim=-1, descending=True).to(torch.int32)  # sort 3
     # Distinct tensors for the partial and full lists (one shared tensor breaks the CPU compile).
     full_inds = kv_inds if kv_inds.is_cuda else kv_inds.clone()
-    return BlockMask.from_kv_blocks(torch.zeros_like(kv_nb), kv_inds, kv_nb, full_inds,
-                                    BLOCK_SIZE=PUBLISHED_BLOCK, mask_mod=None, compute_q_blocks=False)
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(kv_nb),
+        kv_inds,
+        kv_nb,
+        full_inds,
+        BLOCK_SIZE=PUBLISHED_BLOCK,
+        mask_mod=None,
+        compute_q_blocks=False,
+    )
 
 
 def published_flex():
@@ -120,8 +137,10 @@ def published_attention(q_BHSD, k_BHSD, v_BHSD, block_mask: BlockMask) -> torch.
             return out
         except Exception as e:  # noqa: BLE001 - record why, then the documented workaround
             _state["options"] = FALLBACK_KERNEL_OPTIONS
-            _state["why"] = f"no kernel options failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); " \
-                            f"ran with {FALLBACK_KERNEL_OPTIONS}"
+            _state["why"] = (
+                f"no kernel options failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                f"ran with {FALLBACK_KERNEL_OPTIONS}"
+            )
     return flex(q_BHSD, k_BHSD, v_BHSD, block_mask=block_mask, kernel_options=_state["options"])
 
 
@@ -142,42 +161,87 @@ def run_published(sc, *, quick: bool, seed: int = 0, model_qk: bool = False) -> 
     s = cropped_grid(sc.s)
     layout = TileLayout(*s.grid)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (processor_storage(t) for t in synthetic_qkv(layout, s.heads, s.head_dim, s.batch, device=device,
-                                                             dtype=dtype, seed=seed))
+    q, k, v = (
+        processor_storage(t)
+        for t in synthetic_qkv(layout, s.heads, s.head_dim, s.batch, device=device, dtype=dtype, seed=seed)
+    )
     flops = dense_flops(s, layout)
     base = sc.timed(lambda: sc.baseline(q, k, v))
-    info: dict[str, Any] = {"grid": list(s.grid), "size": [s.width, s.height], "seq_real": layout.seq_len,
-                            "cudnn_ms": base.median_ms, "compile": dict(PUBLISHED_COMPILE)}
+    info: dict[str, Any] = {
+        "grid": list(s.grid),
+        "size": [s.width, s.height],
+        "seq_real": layout.seq_len,
+        "cudnn_ms": base.median_ms,
+        "compile": dict(PUBLISHED_COMPILE),
+    }
     kw = dict(flops=flops, base_ms=base.median_ms, seq_real=layout.seq_len)
-    rows = [sc.row(f"{baseline_row_name(sc.device)}, cropped {s.width}x{s.height}", "dense_cudnn_cropped", base, 1.0,
-                   kernel_ms=base.median_ms, notes="the published-style rows' own baseline", **kw)]
+    rows = [
+        sc.row(
+            f"{baseline_row_name(sc.device)}, cropped {s.width}x{s.height}",
+            "dense_cudnn_cropped",
+            base,
+            1.0,
+            kernel_ms=base.median_ms,
+            notes="the published-style rows' own baseline",
+            **kw,
+        )
+    ]
     specs = QUICK_ROWS if quick else (PUBLISHED_ROWS[1:2] if model_qk else PUBLISHED_ROWS)
     for thr, win in specs:
         build = lambda: published_block_mask(q, k, layout, thr, win)  # noqa: E731
         bm = build()
-        comp = sc.compile_once("published (max-autotune-no-cudagraphs, dynamic)",
-                               lambda: published_attention(q, k, v, bm))
+        comp = sc.compile_once(
+            "published (max-autotune-no-cudagraphs, dynamic)", lambda: published_attention(q, k, v, bm)
+        )
         t_mask = sc.timed(build)
         t_kernel = sc.timed(lambda: published_attention(q, k, v, bm))
         t_total = sc.timed(lambda: published_attention(q, k, v, build()))
         density = float(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) / bm.full_kv_indices.numel()
         name = f"published-style nabla {thr:g}" + (" + sta " + "-".join(map(str, win)) if win else "")
         opts, why = published_kernel_options()
-        rows.append(sc.row(name, "published", t_total, density, tile_density=density, mask_ms=t_mask.median_ms,
-                           kernel_ms=t_kernel.median_ms, block_size=PUBLISHED_BLOCK, kernel_options=opts,
-                           compile_s=comp, notes=f"cropped {s.width}x{s.height}, bf16 map, 3 sorts, STA rebuilt; {why}",
-                           config={"type": "nabla_sta" if win else "nabla", "threshold": thr,
-                                   "sta_window": list(win) if win else None}, **kw))
-        sc.log(f"  {name}: total {t_total.median_ms:.2f} ms (mask {t_mask.median_ms:.3f}, kernel "
-               f"{t_kernel.median_ms:.2f}) tile density {density:.3f} -> {rows[-1].share_of_cudnn:.0%} of the cropped {base_name(sc.device)}")
+        rows.append(
+            sc.row(
+                name,
+                "published",
+                t_total,
+                density,
+                tile_density=density,
+                mask_ms=t_mask.median_ms,
+                kernel_ms=t_kernel.median_ms,
+                block_size=PUBLISHED_BLOCK,
+                kernel_options=opts,
+                compile_s=comp,
+                notes=f"cropped {s.width}x{s.height}, bf16 map, 3 sorts, STA rebuilt; {why}",
+                config={
+                    "type": "nabla_sta" if win else "nabla",
+                    "threshold": thr,
+                    "sta_window": list(win) if win else None,
+                },
+                **kw,
+            )
+        )
+        sc.log(
+            f"  {name}: total {t_total.median_ms:.2f} ms (mask {t_mask.median_ms:.3f}, kernel "
+            f"{t_kernel.median_ms:.2f}) tile density {density:.3f} -> {rows[-1].share_of_cudnn:.0%} of the cropped {base_name(sc.device)}"
+        )
     # Per-block cost: wan-nabla's flex kernel (default compile, 64x64 tiles) on the same mask.
     thr, win = specs[0]
     bm = published_block_mask(q, k, layout, thr, win)
     sc.compile_once("wan-nabla flex 64x64 on the published mask", lambda: sparse_attention(q, k, v, bm))
     t = sc.timed(lambda: sparse_attention(q, k, v, bm))
     density = float(bm.full_kv_num_blocks.sum()) / bm.full_kv_indices.numel()
-    rows.append(sc.row(f"published mask {thr:g}, wan-nabla flex kernel 64x64", "published_kernel", t, density,
-                       tile_density=density, kernel_ms=t.median_ms, block_size=PUBLISHED_BLOCK, backend="flex",
-                       notes="kernel only: separates block geometry from compile mode", **kw))
+    rows.append(
+        sc.row(
+            f"published mask {thr:g}, wan-nabla flex kernel 64x64",
+            "published_kernel",
+            t,
+            density,
+            tile_density=density,
+            kernel_ms=t.median_ms,
+            block_size=PUBLISHED_BLOCK,
+            backend="flex",
+            notes="kernel only: separates block geometry from compile mode",
+            **kw,
+        )
+    )
     return rows, info
-

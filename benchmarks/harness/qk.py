@@ -47,11 +47,12 @@ def apply_rotary(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
 
 
-def smooth_field(shape_BHFHW: tuple[int, ...], dim: int, spacing: tuple[int, int, int], gen: torch.Generator,
-                 device: torch.device) -> torch.Tensor:
+def smooth_field(
+    shape_BHFHW: tuple[int, ...], dim: int, spacing: tuple[int, int, int], gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """[B*H, dim, F, Hg, Wg] float32: white noise on a coarse grid, trilinearly upsampled."""
     bh, f, h, w = shape_BHFHW
-    coarse = tuple(max(2, math.ceil(n / s) + 1) for n, s in zip((f, h, w), spacing))
+    coarse = tuple(max(2, math.ceil(n / s) + 1) for n, s in zip((f, h, w), spacing, strict=False))
     noise = torch.randn((bh, dim, *coarse), generator=gen, device=device)
     return F.interpolate(noise, size=(f, h, w), mode="trilinear", align_corners=True)
 
@@ -125,8 +126,10 @@ def wan_block_qkv(s, device, dtype, seed: int):
 
     from .random_init import WAN_SIZES, WanSize, random_transformer, smooth_latents
 
-    size = next((z for z in WAN_SIZES.values() if z.heads == s.heads and z.head_dim == s.head_dim),
-                WanSize("custom", s.heads * s.head_dim, s.heads, 1, 4 * s.heads * s.head_dim))
+    size = next(
+        (z for z in WAN_SIZES.values() if z.heads == s.heads and z.head_dim == s.head_dim),
+        WanSize("custom", s.heads * s.head_dim, s.heads, 1, 4 * s.heads * s.head_dim),
+    )
     model = random_transformer(size, device, dtype, seed=seed, layers=1)
     captured: dict[str, torch.Tensor] = {}
     # plain (unpaired) tile order: the order the op level's scenario layout assumes
@@ -140,8 +143,12 @@ def wan_block_qkv(s, device, dtype, seed: int):
     f, h, w = s.grid
     latents = smooth_latents((s.batch, 16, f, 2 * h, 2 * w), device, seed).to(dtype)
     text = torch.randn((s.batch, 512, size.text_dim), device=device, dtype=dtype)
-    model(hidden_states=latents, timestep=torch.full((s.batch,), 500.0, device=device),
-          encoder_hidden_states=text, return_dict=False)
+    model(
+        hidden_states=latents,
+        timestep=torch.full((s.batch,), 500.0, device=device),
+        encoder_hidden_states=text,
+        return_dict=False,
+    )
     handle.remove()
     del model
     return captured["q"], captured["k"], captured["v"]

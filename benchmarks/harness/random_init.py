@@ -44,18 +44,39 @@ WAN_SIZES = {
 }
 
 # google/umt5-xxl encoder, as used by Wan2.1 (d_model 4096 = the transformer's text_dim).
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                relative_attention_max_distance=128, dropout_rate=0.0, is_encoder_decoder=False,
-                tie_word_embeddings=False)
-UMT5_TINY = dict(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                 relative_attention_max_distance=32, dropout_rate=0.0, is_encoder_decoder=False)
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+    tie_word_embeddings=False,
+)
+UMT5_TINY = dict(
+    vocab_size=512,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+)
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                keep_fp32: tuple[str, ...] = ()) -> nn.Module:
+def materialize(
+    module: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0, keep_fp32: tuple[str, ...] = ()
+) -> nn.Module:
     """Allocate every meta parameter on `device` and fill it (see module doc). Returns `module`."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for mod_name, mod in module.named_modules():
@@ -86,16 +107,27 @@ def _fill(t: torch.Tensor, mod: nn.Module, pname: str, gen: torch.Generator) -> 
         t.normal_(0.0, 1.0 / math.sqrt(t.shape[-1]), generator=gen)
 
 
-def random_transformer(size: WanSize, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       layers: int | None = None):
+def random_transformer(
+    size: WanSize, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int | None = None
+):
     """WanTransformer3DModel of `size` (optionally fewer layers) with random weights on `device`."""
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=size.heads, attention_head_dim=size.head_dim,
-                  in_channels=16, out_channels=16, text_dim=size.text_dim, freq_dim=size.freq_dim,
-                  ffn_dim=size.ffn, num_layers=layers or size.layers, cross_attn_norm=True,
-                  qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+    kwargs = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=size.heads,
+        attention_head_dim=size.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=size.text_dim,
+        freq_dim=size.freq_dim,
+        ffn_dim=size.ffn,
+        num_layers=layers or size.layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    )
     with torch.device("meta"):
         model = WanTransformer3DModel(**kwargs)
     model.rope = WanRotaryPosEmbed(size.head_dim, (1, 2, 2), 1024).to(device)  # real tables, not meta
@@ -121,14 +153,21 @@ def random_pipeline(size: str, device: torch.device, dtype: torch.dtype = torch.
 
     tiny = size == "tiny"
     tokenizer = build_tiny_tokenizer()
-    text_cfg = dict(UMT5_TINY if tiny else UMT5_XXL, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
+    text_cfg = dict(
+        UMT5_TINY if tiny else UMT5_XXL, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = (AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                temperal_downsample=[False, True, True]) if tiny else AutoencoderKLWan())
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=3.0)
+        vae = (
+            AutoencoderKLWan(
+                base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+            )
+            if tiny
+            else AutoencoderKLWan()
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=random_text_encoder(text_cfg, device, dtype, seed + 1),

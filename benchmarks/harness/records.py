@@ -18,8 +18,9 @@ import datetime as _dt
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,7 +43,12 @@ sync = sync_device  # one definition for the app's timings and the benchmarks
 
 
 def time_call(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, min_reps: int = 3, max_reps: int = 30,
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_reps: int = 3,
+    max_reps: int = 30,
     budget_ms: float = 1500.0,
 ) -> Timing:
     """Median time of fn() after `warmup` calls; the repeat count fits `budget_ms` (3..30)."""
@@ -183,7 +189,8 @@ def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
     from wan_nabla.attention.backends import resolve_backend
 
     env["default_backend"], env["default_backend_reason"] = resolve_backend(
-        "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        "auto", device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
     return env
 
 

@@ -16,8 +16,8 @@ import torch
 from wan_nabla.attention import masks
 from wan_nabla.attention.backends.flex import sparse_attention
 from wan_nabla.attention.layout import TileLayout
-from wan_nabla.attention.triton.mask_kernels import pool_tiles_triton, select_triton
 from wan_nabla.attention.rotary import rotate, rotate_torch
+from wan_nabla.attention.triton.mask_kernels import pool_tiles_triton, select_triton
 from wan_nabla.config import AttentionConfig
 
 from .qk import relayout, tile_rotary
@@ -63,14 +63,27 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
 
     def select_tiles(src):
         keep = torch.empty(src.shape, dtype=torch.uint8, device=device)
-        select_triton(src, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold, scale=masks.softmax_scale(q),
-                      tile_out=keep)
+        select_triton(
+            src, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold, scale=masks.softmax_scale(q), tile_out=keep
+        )
         return keep
 
     def select(exact, warps=None):
-        return select_triton(scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
-                             scale=masks.softmax_scale(q), layout=layout, block_size=bs, out_shape=(b, h),
-                             exact=exact, num_warps=warps)
+        return select_triton(
+            scores,
+            mode=0,
+            n_rows=n,
+            n_cols=n,
+            bh=b * h,
+            threshold=threshold,
+            scale=masks.softmax_scale(q),
+            layout=layout,
+            block_size=bs,
+            out_shape=(b, h),
+            exact=exact,
+            num_warps=warps,
+        )
+
     for exact, name in ((2, "select_fp32_checked"), (1, "select_fp64"), (0, "select_fp32_only")):
         out[name] = t(lambda: select(exact))
     for warps in (2, 8):
@@ -83,6 +96,7 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     out["sort_select_reference"] = t(lambda: masks.cdf_select_sorted(torch.softmax(scores, -1), threshold))
     # Host time of one fused build (no sync): what a layer costs the CPU while the GPU is busy.
     import time as _time
+
     sync(device)
     t0 = _time.perf_counter()
     for _ in range(10):
@@ -92,8 +106,9 @@ def mask_breakdown(sc, q, k, threshold: float, bs) -> dict[str, Any]:
     exact_sets = [select(e)[1] for e in (1, 2, 0)]
     out["fp32_checked_equals_fp64"] = bool(torch.equal(exact_sets[0], exact_sets[1]))
     out["fp32_only_equals_fp64"] = bool(torch.equal(exact_sets[0], exact_sets[2]))
-    sc.log("  mask breakdown: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in out.items()))
+    sc.log(
+        "  mask breakdown: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items())
+    )
     return out
 
 
@@ -101,8 +116,12 @@ def run_sweep(sc, q, k, v) -> list[dict[str, Any]]:
     """Kernel time per (geometry, tile order, options) on the same configs; compile time per entry.
     q/k/v come in the scenario's plain tile order and are re-laid out for time-paired entries."""
     base, device = sc.layout, sc.device
-    configs = {f"{kind} {thr:g}" if thr else f"sta {'-'.join(map(str, win))}":
-               AttentionConfig(type=kind, threshold=thr, sta_window=win) for kind, thr, win in SWEEP_MASKS}
+    configs = {
+        f"{kind} {thr:g}" if thr else f"sta {'-'.join(map(str, win))}": AttentionConfig(
+            type=kind, threshold=thr, sta_window=win
+        )
+        for kind, thr, win in SWEEP_MASKS
+    }
     out = []
     for label, bs, pairs, extra in SWEEP if device.type == "cuda" else (SWEEP[0], SWEEP[3]):
         entry = {"config": label, "block_size": list(bs), "time_pairs": pairs, "kernel_options": extra, "masks": []}
@@ -120,10 +139,17 @@ def run_sweep(sc, q, k, v) -> list[dict[str, Any]]:
                 t = sc.timed(fn)
                 dens = float(masks.block_density(keep, bs))
                 tflops = sc.flops * dens / (t.median_ms * 1e-3) / 1e12
-                entry["masks"].append({"mask": mname, "kernel_ms": t.median_ms, "density": dens,
-                                       "tile_density": float(keep.float().mean()), "tflops": tflops,
-                                       "share_of_cudnn": t_share(sc, dens, t.median_ms),
-                                       "speedup": sc.cudnn_ms / t.median_ms})
+                entry["masks"].append(
+                    {
+                        "mask": mname,
+                        "kernel_ms": t.median_ms,
+                        "density": dens,
+                        "tile_density": float(keep.float().mean()),
+                        "tflops": tflops,
+                        "share_of_cudnn": t_share(sc, dens, t.median_ms),
+                        "speedup": sc.cudnn_ms / t.median_ms,
+                    }
+                )
             entry["compile_s"] = first
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is a result too
             entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -65,7 +65,7 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> tuple[float,
     if x <= pts[0][0] or x >= pts[-1][0]:
         end = pts[0] if x <= pts[0][0] else pts[-1]
         return end[1], not math.isclose(x, end[0])
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         if x0 <= x <= x1:
             w = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + w * (y1 - y0), False
@@ -90,12 +90,19 @@ def published_pairs(rows: list[dict], mine: list[dict]) -> list[dict]:
             u_ours, how = useful_tflops(same_config), f"equal config ({same_config['name']})"
         else:
             continue
-        pairs.append({"published_row": p["name"], "published_tile_density": p["tile_density"],
-                      "published_useful_tflops": u_pub, "wan_nabla_useful_tflops": u_ours, "how": how,
-                      "speedup": u_ours / u_pub,
-                      "equal_threshold_row": same_config["name"] if same_config else None,
-                      "equal_threshold_tile_density": same_config.get("tile_density") if same_config else None,
-                      "equal_threshold_time_ratio": p["total_ms"] / same_config["total_ms"] if same_config else None})
+        pairs.append(
+            {
+                "published_row": p["name"],
+                "published_tile_density": p["tile_density"],
+                "published_useful_tflops": u_pub,
+                "wan_nabla_useful_tflops": u_ours,
+                "how": how,
+                "speedup": u_ours / u_pub,
+                "equal_threshold_row": same_config["name"] if same_config else None,
+                "equal_threshold_tile_density": same_config.get("tile_density") if same_config else None,
+                "equal_threshold_time_ratio": p["total_ms"] / same_config["total_ms"] if same_config else None,
+            }
+        )
     return pairs
 
 
@@ -109,6 +116,7 @@ def per_block(rows: list[dict]) -> dict[str, Any] | None:
 
     def share(r):  # density x cuDNN time of the row's grid / kernel time
         return r["density"] * (r["total_ms"] * r["speedup"]) / r["kernel_ms"]
+
     return {"published_kernel_share": [share(r) for r in pub], "wan_nabla_flex_64x64_same_mask": share(diag)}
 
 
@@ -125,27 +133,54 @@ def op_targets(res: dict[str, Any], t: dict[str, Any]) -> None:
         worst = min(band, key=lambda r: r["share_of_cudnn"])
         by_backend = {}
         for b in dict.fromkeys(r.get("backend", "flex") for r in rows if r["kind"] in SPARSE_KINDS):
-            s = [r["share_of_cudnn"] for r in rows if r["kind"] in SPARSE_KINDS and r.get("backend", "flex") == b
-                 and lo <= r["density"] <= hi]
+            s = [
+                r["share_of_cudnn"]
+                for r in rows
+                if r["kind"] in SPARSE_KINDS and r.get("backend", "flex") == b and lo <= r["density"] <= hi
+            ]
             by_backend[b] = [min(s), max(s)] if s else None
-        t["T1"] = {"target": f">= {GOALS['T1']:.0%} of dense cuDNN throughput at density {lo}-{hi} (mask included)",
-                   "value": worst["share_of_cudnn"], "goal": GOALS["T1"], "met": worst["share_of_cudnn"] >= GOALS["T1"],
-                   "backend": backend, "scenario": where, "max": max(r["share_of_cudnn"] for r in band),
-                   "rows": len(band), "worst_row": worst["name"], "by_backend": by_backend}
+        t["T1"] = {
+            "target": f">= {GOALS['T1']:.0%} of dense cuDNN throughput at density {lo}-{hi} (mask included)",
+            "value": worst["share_of_cudnn"],
+            "goal": GOALS["T1"],
+            "met": worst["share_of_cudnn"] >= GOALS["T1"],
+            "backend": backend,
+            "scenario": where,
+            "max": max(r["share_of_cudnn"] for r in band),
+            "rows": len(band),
+            "worst_row": worst["name"],
+            "by_backend": by_backend,
+        }
     nab = nearest([r for r in mine if r["kind"] == "nabla"], "density", NEAR_DENSITY)
     if nab:
         frac = nab["mask_ms"] / nab["total_ms"]
-        t["T2"] = {"target": f"mask build <= {GOALS['T2']:.0%} of sparse attention time at density ~{NEAR_DENSITY}",
-                   "value": frac, "goal": GOALS["T2"], "met": frac <= GOALS["T2"], "backend": backend,
-                   "scenario": where, "row": nab["name"], "density": nab["density"], "mask_ms": nab["mask_ms"],
-                   "mask_unfused_ms": nab.get("mask_unfused_ms"), "total_ms": nab["total_ms"]}
+        t["T2"] = {
+            "target": f"mask build <= {GOALS['T2']:.0%} of sparse attention time at density ~{NEAR_DENSITY}",
+            "value": frac,
+            "goal": GOALS["T2"],
+            "met": frac <= GOALS["T2"],
+            "backend": backend,
+            "scenario": where,
+            "row": nab["name"],
+            "density": nab["density"],
+            "mask_ms": nab["mask_ms"],
+            "mask_unfused_ms": nab.get("mask_unfused_ms"),
+            "total_ms": nab["total_ms"],
+        }
     pairs = published_pairs(rows, mine)
     if pairs:
         worst = min(p["speedup"] for p in pairs)
-        t["T4"] = {"target": f">= {GOALS['T4']}x the published-style rows (own cropped grid, its compile mode) in "
-                             "useful throughput at equal tile density",
-                   "value": worst, "goal": GOALS["T4"], "met": worst >= GOALS["T4"], "backend": backend,
-                   "scenario": where, "pairs": pairs, "per_block": per_block(rows)}
+        t["T4"] = {
+            "target": f">= {GOALS['T4']}x the published-style rows (own cropped grid, its compile mode) in "
+            "useful throughput at equal tile density",
+            "value": worst,
+            "goal": GOALS["T4"],
+            "met": worst >= GOALS["T4"],
+            "backend": backend,
+            "scenario": where,
+            "pairs": pairs,
+            "per_block": per_block(rows),
+        }
 
 
 def transformer_targets(res: dict[str, Any], t: dict[str, Any]) -> None:
@@ -155,32 +190,52 @@ def transformer_targets(res: dict[str, Any], t: dict[str, Any]) -> None:
     rows = tr["rows"]
     backend = default_backend(res, rows)
     sparse = [r for r in rows if "fraction_of_ideal" in r and r.get("backend", "flex") == backend]
-    picks = [nearest([r for r in sparse if r["config"]["type"] == kind], "density", NEAR_DENSITY)
-             for kind in ("nabla", "sta")]
+    picks = [
+        nearest([r for r in sparse if r["config"]["type"] == kind], "density", NEAR_DENSITY)
+        for kind in ("nabla", "sta")
+    ]
     picks = [r for r in picks if r]
     if picks:
         worst = min(picks, key=lambda r: r["fraction_of_ideal"])
-        t["T3"] = {"target": f">= {GOALS['T3']:.0%} of the Amdahl-ideal forward speed-up at density ~{NEAR_DENSITY} "
-                             "(NABLA and STA; ideal from the fastest dense forward)",
-                   "value": worst["fraction_of_ideal"], "goal": GOALS["T3"],
-                   "met": worst["fraction_of_ideal"] >= GOALS["T3"], "backend": backend, "scenario": tr["scenario"],
-                   "rows": {r["name"]: {"density": r["density"], "speedup": r["speedup"], "ideal": r["ideal_speedup"],
-                                        "fraction": r["fraction_of_ideal"]} for r in picks},
-                   "dense_reference": tr.get("fastest_dense"),
-                   "all_rows": {r["name"]: round(r["fraction_of_ideal"], 3) for r in rows if "fraction_of_ideal" in r}}
+        t["T3"] = {
+            "target": f">= {GOALS['T3']:.0%} of the Amdahl-ideal forward speed-up at density ~{NEAR_DENSITY} "
+            "(NABLA and STA; ideal from the fastest dense forward)",
+            "value": worst["fraction_of_ideal"],
+            "goal": GOALS["T3"],
+            "met": worst["fraction_of_ideal"] >= GOALS["T3"],
+            "backend": backend,
+            "scenario": tr["scenario"],
+            "rows": {
+                r["name"]: {
+                    "density": r["density"],
+                    "speedup": r["speedup"],
+                    "ideal": r["ideal_speedup"],
+                    "fraction": r["fraction_of_ideal"],
+                }
+                for r in picks
+            },
+            "dense_reference": tr.get("fastest_dense"),
+            "all_rows": {r["name"]: round(r["fraction_of_ideal"], 3) for r in rows if "fraction_of_ideal" in r},
+        }
     full = {r.get("backend", "flex"): r for r in rows if r["config"]["type"] == "full"}
     if "flex" in full and "fa4" in full:
         ratio = full["flex"]["total_ms"] / full["fa4"]["total_ms"]
-        t["T6"] = {"target": f"dense full forward with flash-attn-4 >= {GOALS['T6']}x dense cuDNN",
-                   "value": ratio, "goal": GOALS["T6"], "met": ratio >= GOALS["T6"], "scenario": tr["scenario"],
-                   "cudnn_ms": full["flex"]["total_ms"], "fa4_ms": full["fa4"]["total_ms"]}
+        t["T6"] = {
+            "target": f"dense full forward with flash-attn-4 >= {GOALS['T6']}x dense cuDNN",
+            "value": ratio,
+            "goal": GOALS["T6"],
+            "met": ratio >= GOALS["T6"],
+            "scenario": tr["scenario"],
+            "cudnn_ms": full["flex"]["total_ms"],
+            "fa4_ms": full["fa4"]["total_ms"],
+        }
 
 
 def recompile_targets(res: dict[str, Any], t: dict[str, Any]) -> None:
     checks: list[tuple[str, int]] = []
     for x in res.get("op", []):
         n = x.get("recompiles_on_new_masks")
-        for b, v in (n.items() if isinstance(n, dict) else [("flex", n)] if n is not None else []):
+        for b, v in n.items() if isinstance(n, dict) else [("flex", n)] if n is not None else []:
             checks.append((f"op {label_of(x)} [{b}]", v))
     for x in res.get("transformer", []):
         for r in x.get("rows", []):
@@ -194,9 +249,15 @@ def recompile_targets(res: dict[str, Any], t: dict[str, Any]) -> None:
     if checks:
         bad = [name for name, n in checks if n]
         ok = not bad and (compile_s is None or compile_s <= 60.0)
-        t["T5"] = {"target": "no recompiles after the first call at a fixed shape; first-call compile <= 60 s",
-                   "value": len(bad), "goal": 0, "met": ok, "checked": len(checks), "with_recompiles": bad,
-                   "max_first_call_compile_s": compile_s}
+        t["T5"] = {
+            "target": "no recompiles after the first call at a fixed shape; first-call compile <= 60 s",
+            "value": len(bad),
+            "goal": 0,
+            "met": ok,
+            "checked": len(checks),
+            "with_recompiles": bad,
+            "max_first_call_compile_s": compile_s,
+        }
 
 
 def on_cpu(res: dict[str, Any]) -> bool:
@@ -223,9 +284,14 @@ def targets_json(res: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]
     runs = res.get("runs", [])
     commits = sorted({r["env"].get("commit") for r in runs} or {env.get("commit")})
     commands = [r["env"].get("command") for r in runs] or [env.get("command")]
-    return {"device": env.get("device_name"), "commit": commits[0] if len(commits) == 1 else commits,
-            "commands": commands, "created": env.get("created"), "default_backend": env.get("default_backend"),
-            **targets}
+    return {
+        "device": env.get("device_name"),
+        "commit": commits[0] if len(commits) == 1 else commits,
+        "commands": commands,
+        "created": env.get("created"),
+        "default_backend": env.get("default_backend"),
+        **targets,
+    }
 
 
 def target_text(key: str, t: dict) -> str:
@@ -233,17 +299,24 @@ def target_text(key: str, t: dict) -> str:
         by = ", ".join(f"{b} {v[0]:.0%}-{v[1]:.0%}" for b, v in (t.get("by_backend") or {}).items() if v)
         return f"{t['value']:.0%}-{t['max']:.0%} over {t['rows']} rows [{t['backend']}] (worst: {t['worst_row']}); {by}"
     if key == "T2":
-        return (f"{t['value']:.1%} ({t['row']}, density {t['density']:.3f}: mask {t['mask_ms']:.2f} of "
-                f"{t['total_ms']:.2f} ms)")
+        return (
+            f"{t['value']:.1%} ({t['row']}, density {t['density']:.3f}: mask {t['mask_ms']:.2f} of "
+            f"{t['total_ms']:.2f} ms)"
+        )
     if key == "T3":
-        return f"{t['value']:.0%}: " + ", ".join(f"{n} {r['fraction']:.0%} ({r['speedup']:.2f}x of {r['ideal']:.2f}x, "
-                                                  f"density {r['density']:.3f})" for n, r in t["rows"].items())
+        return f"{t['value']:.0%}: " + ", ".join(
+            f"{n} {r['fraction']:.0%} ({r['speedup']:.2f}x of {r['ideal']:.2f}x, density {r['density']:.3f})"
+            for n, r in t["rows"].items()
+        )
     if key == "T4":
         text = f"min {t['value']:.2f}x: " + ", ".join(f"{p['published_row']} {p['speedup']:.2f}x" for p in t["pairs"])
         pb = t.get("per_block")
         if pb:
-            text += ("; kernel per kept block: published " + "/".join(f"{x:.0%}" for x in pb["published_kernel_share"])
-                     + f" of cuDNN, wan-nabla flex 64x64 on its mask {pb['wan_nabla_flex_64x64_same_mask']:.0%}")
+            text += (
+                "; kernel per kept block: published "
+                + "/".join(f"{x:.0%}" for x in pb["published_kernel_share"])
+                + f" of cuDNN, wan-nabla flex 64x64 on its mask {pb['wan_nabla_flex_64x64_same_mask']:.0%}"
+            )
         return text
     if key == "T5":
         bad = ", ".join(t["with_recompiles"]) or "none"

@@ -26,8 +26,9 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,16 +62,20 @@ class TransformerScenario:
 
 FULL_SCENARIOS = (TransformerScenario("1.3B", 832, 480), TransformerScenario("14B", 1280, 720))
 QUICK_SCENARIOS = (TransformerScenario("tiny", 256, 144, 9),)
-EXTRA_ROWS = (("nabla 0.05", AttentionConfig(type="nabla", threshold=0.05)),
-              ("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)))
+EXTRA_ROWS = (
+    ("nabla 0.05", AttentionConfig(type="nabla", threshold=0.05)),
+    ("nabla 0.1", AttentionConfig(type="nabla", threshold=0.1)),
+)
 
 
 def row_configs(quick: bool) -> list[tuple[str, AttentionConfig]]:
     """(name, config) per row, `full` first."""
     rows = [("full", AttentionConfig())]
     if quick:
-        rows += [("nabla 0.5", AttentionConfig(type="nabla", threshold=0.5)),
-                 ("sta 3-1-1", AttentionConfig(type="sta", sta_window=(3, 1, 1)))]
+        rows += [
+            ("nabla 0.5", AttentionConfig(type="nabla", threshold=0.5)),
+            ("sta 3-1-1", AttentionConfig(type="sta", sta_window=(3, 1, 1))),
+        ]
     else:
         rows += preset_configs() + list(EXTRA_ROWS)
     return rows
@@ -117,9 +122,16 @@ class AttentionTimer(Observer):
 
 
 @torch.no_grad()
-def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = False, reps: int = 2,
-                 rows: list[str] | None = None, backends=None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_scenario(
+    s: TransformerScenario,
+    device: torch.device,
+    *,
+    quick: bool = False,
+    reps: int = 2,
+    rows: list[str] | None = None,
+    backends=None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = WAN_SIZES[s.size]
     t0 = time.perf_counter()
@@ -131,8 +143,7 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
     ts = torch.full((s.batch,), 500.0, device=device)
     _, _, f, h, w = s.latent_shape
     params_b = sum(p.numel() for p in model.parameters()) / 1e9
-    log(f"[transformer] {s.label}: {params_b:.2f}B params "
-        f"(built in {build_s:.1f} s), patch grid {f}x{h // 2}x{w // 2}")
+    log(f"[transformer] {s.label}: {params_b:.2f}B params (built in {build_s:.1f} s), patch grid {f}x{h // 2}x{w // 2}")
 
     def forward():
         return model(hidden_states=x, timestep=ts, encoder_hidden_states=text, return_dict=False)[0]
@@ -144,8 +155,10 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
                 continue
             row = _measure(model, forward, replace(cfg, backend=backend), f"{name} [{backend}]", s, size, device, reps)
             results.append(row)
-            log(f"  {row['name']}: {row['total_ms']:.1f} ms (attention {row['attention_ms']:.1f} ms = "
-                f"{row['attention_share']:.0%}, mask {row['mask_ms']:.1f} ms), density {row['density']:.3f}")
+            log(
+                f"  {row['name']}: {row['total_ms']:.1f} ms (attention {row['attention_ms']:.1f} ms = "
+                f"{row['attention_share']:.0%}, mask {row['mask_ms']:.1f} ms), density {row['density']:.3f}"
+            )
     dense = min((r for r in results if r["config"]["type"] == "full"), key=lambda r: r["total_ms"], default=None)
     if dense is not None:
         T, A = dense["total_ms"], dense["attention_ms"]
@@ -161,14 +174,22 @@ def run_scenario(s: TransformerScenario, device: torch.device, *, quick: bool = 
             if device.type != "cuda":  # tiny CPU shapes: the fields feed the tests of T3, nothing to read
                 log(f"  {row['name']}: {row['speedup']:.2f}x against {dense['name']} (CPU: no Amdahl ideal shown)")
                 continue
-            log(f"  {row['name']}: {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x "
-                f"({row['fraction_of_ideal']:.0%}) against {dense['name']}")
+            log(
+                f"  {row['name']}: {row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x "
+                f"({row['fraction_of_ideal']:.0%}) against {dense['name']}"
+            )
     model = x = text = None  # free the model before the next scenario
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"scenario": s.label, "size": s.size, "params_b": params_b, "build_s": build_s, "rows": results,
-            "fastest_dense": dense["name"] if dense else None}
+    return {
+        "scenario": s.label,
+        "size": s.size,
+        "params_b": params_b,
+        "build_s": build_s,
+        "rows": results,
+        "fastest_dense": dense["name"] if dense else None,
+    }
 
 
 def _measure(model, forward, cfg: AttentionConfig, name: str, s, size, device: torch.device, reps: int) -> dict:
@@ -205,12 +226,25 @@ def _measure(model, forward, cfg: AttentionConfig, name: str, s, size, device: t
         handle.remove()
     total, a = statistics.median(totals), statistics.median(attn)
     return {
-        "scenario": s.label, "name": name, "config": cfg.to_dict(), "backend": summary["backend"],
-        "total_ms": total, "attention_ms": a, "mask_ms": statistics.median(mask), "non_attention_ms": total - a,
-        "attention_share": a / total, "per_layer_attention_ms": a / size.layers, "density": summary["overall"],
-        "tile_density": float(torch.stack(tiles).mean()) if tiles else 1.0, "first_forward_s": first,
-        "graphs_compiled_first": g1 - g0, "recompiles_after_first": g2 - g1, "reps": reps, "times_ms": totals,
-        "finite_output": finite, "fallback": run.fallback,
+        "scenario": s.label,
+        "name": name,
+        "config": cfg.to_dict(),
+        "backend": summary["backend"],
+        "total_ms": total,
+        "attention_ms": a,
+        "mask_ms": statistics.median(mask),
+        "non_attention_ms": total - a,
+        "attention_share": a / total,
+        "per_layer_attention_ms": a / size.layers,
+        "density": summary["overall"],
+        "tile_density": float(torch.stack(tiles).mean()) if tiles else 1.0,
+        "first_forward_s": first,
+        "graphs_compiled_first": g1 - g0,
+        "recompiles_after_first": g2 - g1,
+        "reps": reps,
+        "times_ms": totals,
+        "finite_output": finite,
+        "fallback": run.fallback,
     }
 
 
@@ -224,8 +258,9 @@ class TileDensity(Observer):
         self.sink.append(masks.tile_keep_mask(self.cfg, call.q, call.k, call.layout).float().mean())
 
 
-def run_transformer_level(scenarios, device: torch.device, *, quick: bool = False,
-                          log: Callable[[str], None] = print, **kw) -> list[dict[str, Any]]:
+def run_transformer_level(
+    scenarios, device: torch.device, *, quick: bool = False, log: Callable[[str], None] = print, **kw
+) -> list[dict[str, Any]]:
     out = []
     for s in scenarios:
         try:

@@ -68,9 +68,14 @@ def check_manifest(out: Path, n: int) -> dict:
     extra = sorted(set(os.listdir(out)) - expected)
     if extra:
         problems.append(f"unexpected files (temps?): {extra[:5]}")
-    return {"records": len(records), "items": n, "distinct_outputs": len(set(names)),
-            "suffixed_names": sum(1 for nm in names if nm.rsplit(".", 1)[0].endswith("-2")),
-            "exact": not problems, "problems": problems}
+    return {
+        "records": len(records),
+        "items": n,
+        "distinct_outputs": len(set(names)),
+        "suffixed_names": sum(1 for nm in names if nm.rsplit(".", 1)[0].endswith("-2")),
+        "exact": not problems,
+        "problems": problems,
+    }
 
 
 def soak(n: int, out_dir: Path) -> dict:
@@ -85,8 +90,24 @@ def soak(n: int, out_dir: Path) -> dict:
     prompts.write_text(prompts_text(n))
     batch_dir = out_dir / "batch"
     args = cli.build_parser().parse_args(
-        ["batch", str(prompts), "--out-dir", str(batch_dir), "--model", "tiny", "--size", "16x16", "--frames", "1",
-         "--steps", "1", "--guidance-scale", "1", "--quiet"])
+        [
+            "batch",
+            str(prompts),
+            "--out-dir",
+            str(batch_dir),
+            "--model",
+            "tiny",
+            "--size",
+            "16x16",
+            "--frames",
+            "1",
+            "--steps",
+            "1",
+            "--guidance-scale",
+            "1",
+            "--quiet",
+        ]
+    )
     proc = psutil.Process()
     rss: list[int] = []
     t0 = time.perf_counter()
@@ -94,18 +115,27 @@ def soak(n: int, out_dir: Path) -> dict:
     rc = run_batch(preflight.plan_batch(req), req, on_record=lambda rec: rss.append(proc.memory_info().rss))
     wall = time.perf_counter() - t0
     warm = max(1, min(20, n // 10))
-    tail = rss[warm - 1:]
+    tail = rss[warm - 1 :]
     xs = list(range(len(tail)))
     mx, my = sum(xs) / len(xs), sum(tail) / len(tail)
     var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, tail)) / var if var else 0.0
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, tail, strict=False)) / var if var else 0.0
     check = check_manifest(batch_dir, n)
     return {
-        "items": n, "exit_code": rc, "wall_s": wall, "per_item_s": wall / n, "warmup_items": warm,
-        "rss_after_warmup_mb": tail[0] / 2**20, "rss_last_mb": rss[-1] / 2**20,
-        "rss_growth_mb": (rss[-1] - tail[0]) / 2**20, "rss_peak_mb": max(tail) / 2**20,
-        "rss_slope_kib_per_item": slope / 1024, "rss_mb_every_100": [round(r / 2**20, 1) for r in rss[::100]],
-        "manifest": check, "python": platform.python_version(), "cpus": os.cpu_count(),
+        "items": n,
+        "exit_code": rc,
+        "wall_s": wall,
+        "per_item_s": wall / n,
+        "warmup_items": warm,
+        "rss_after_warmup_mb": tail[0] / 2**20,
+        "rss_last_mb": rss[-1] / 2**20,
+        "rss_growth_mb": (rss[-1] - tail[0]) / 2**20,
+        "rss_peak_mb": max(tail) / 2**20,
+        "rss_slope_kib_per_item": slope / 1024,
+        "rss_mb_every_100": [round(r / 2**20, 1) for r in rss[::100]],
+        "manifest": check,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
         "commit": __import__("wan_nabla.output.sidecar", fromlist=["git_commit"]).git_commit(),
     }
 
@@ -123,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "soak.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["manifest"]
     print(f"{res['items']} items in {res['wall_s']:.0f} s ({res['per_item_s']:.2f} s/item), exit {res['exit_code']}")
-    print(f"RSS after item {res['warmup_items']}: {res['rss_after_warmup_mb']:.0f} MB; growth to the last item "
-          f"{res['rss_growth_mb']:+.1f} MB (slope {res['rss_slope_kib_per_item']:+.2f} KiB/item), "
-          f"peak {res['rss_peak_mb']:.0f} MB")
-    print(f"manifest: {m['records']} records for {m['items']} items, {m['distinct_outputs']} distinct outputs, "
-          f"exact: {m['exact']}" + (f"; problems: {m['problems']}" if m["problems"] else ""))
+    print(
+        f"RSS after item {res['warmup_items']}: {res['rss_after_warmup_mb']:.0f} MB; growth to the last item "
+        f"{res['rss_growth_mb']:+.1f} MB (slope {res['rss_slope_kib_per_item']:+.2f} KiB/item), "
+        f"peak {res['rss_peak_mb']:.0f} MB"
+    )
+    print(
+        f"manifest: {m['records']} records for {m['items']} items, {m['distinct_outputs']} distinct outputs, "
+        f"exact: {m['exact']}" + (f"; problems: {m['problems']}" if m["problems"] else "")
+    )
     ok = m["exact"] and res["exit_code"] == 0 and res["rss_growth_mb"] < args.max_growth_mb
     return 0 if ok else 1
 

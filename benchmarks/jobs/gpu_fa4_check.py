@@ -66,21 +66,29 @@ def token_keep(keep, layout, bs):
 
 def kernel_checks(device, dtype, quick: bool) -> list[dict]:
     rows = []
-    layouts = [TileLayout(1, 7, 40, time_pairs=True)] if quick else [TileLayout(1, 7, 40, time_pairs=True),
-                                                                      TileLayout(3, 17, 21, time_pairs=True)]
-    cases = [(16, BLOCKS[:1], True)] if quick else [(128, BLOCKS, True), (32, BLOCKS[:2], False), (24, BLOCKS[:2], False)]
+    layouts = (
+        [TileLayout(1, 7, 40, time_pairs=True)]
+        if quick
+        else [TileLayout(1, 7, 40, time_pairs=True), TileLayout(3, 17, 21, time_pairs=True)]
+    )
+    cases = (
+        [(16, BLOCKS[:1], True)] if quick else [(128, BLOCKS, True), (32, BLOCKS[:2], False), (24, BLOCKS[:2], False)]
+    )
     # flex's own error on the same inputs is the yardstick for head_dim 128 on the GPU (each flex
     # shape compiles for seconds, so not for every case); elsewhere a bf16 bound: rel. L2 <= 1e-2
     with_flex = device.type == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     for layout in layouts:
         for d, blocks, broadcast in cases:
-            q, k, v = (torch.randn((2, layout.padded_len, 3, d), generator=g).to(device, dtype).transpose(1, 2)
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn((2, layout.padded_len, 3, d), generator=g).to(device, dtype).transpose(1, 2)
+                for _ in range(3)
+            )
             for bs in blocks:
                 keep = (torch.rand((2, 3, layout.n_tiles, layout.n_tiles), generator=g) < 0.35) | torch.eye(
-                    layout.n_tiles, dtype=torch.bool)
-                for kp in ((keep, keep[:1, :1]) if broadcast else (keep,)):
+                    layout.n_tiles, dtype=torch.bool
+                )
+                for kp in (keep, keep[:1, :1]) if broadcast else (keep,):
                     kp = kp.to(device)
                     plan = masks.plan_from_keep(kp, layout, bs)
                     t0 = time.perf_counter()
@@ -90,43 +98,73 @@ def kernel_checks(device, dtype, quick: bool) -> list[dict]:
                     except fa4.FA4Error as e:
                         out, err = None, str(e)
                     first_s = time.perf_counter() - t0
-                    ref = R.masked_attention_f64(q.cpu(), k.cpu(), v.cpu(), token_keep(kp.expand(2, 3, -1, -1), layout, bs))
+                    ref = R.masked_attention_f64(
+                        q.cpu(), k.cpu(), v.cpu(), token_keep(kp.expand(2, 3, -1, -1), layout, bs)
+                    )
                     flex_err = None
                     if with_flex and d == 128:
                         flex_err = rel_l2(flex.sparse_attention(q, k, v, plan.block_mask()), ref)
                     bound = 1e-2 if device.type == "cuda" else 1e-5
                     if flex_err is not None:
                         bound = max(bound, 1.5 * flex_err + 2e-3)
-                    r = {"check": "sparse", "grid": [layout.frames, layout.height, layout.width], "head_dim": d,
-                         "block_size": list(bs), "broadcast": kp.shape[0] == 1, "first_call_s": first_s,
-                         "error": err, "rel_l2_flex": flex_err,
-                         "rel_l2_fa4": rel_l2(out, ref) if out is not None else None}
+                    r = {
+                        "check": "sparse",
+                        "grid": [layout.frames, layout.height, layout.width],
+                        "head_dim": d,
+                        "block_size": list(bs),
+                        "broadcast": kp.shape[0] == 1,
+                        "first_call_s": first_s,
+                        "error": err,
+                        "rel_l2_flex": flex_err,
+                        "rel_l2_fa4": rel_l2(out, ref) if out is not None else None,
+                    }
                     r["ok"] = out is not None and r["rel_l2_fa4"] <= bound
                     rows.append(r)
             # dense with fewer keys than queries (real keys gathered), and under inference_mode
             real = layout.real_token_index(device)
             kr, vr = (t.transpose(1, 2).index_select(1, real).transpose(1, 2) for t in (k, v))
-            ref = R.masked_attention_f64(q.cpu(), kr.cpu(), vr.cpu(), torch.ones(q.shape[2], kr.shape[2], dtype=torch.bool))
+            ref = R.masked_attention_f64(
+                q.cpu(), kr.cpu(), vr.cpu(), torch.ones(q.shape[2], kr.shape[2], dtype=torch.bool)
+            )
             try:
                 out = fa4.dense_attention(q, kr, vr)
                 with torch.inference_mode():
                     same = torch.equal(fa4.dense_attention(q, kr, vr), out)
-                rows.append({"check": "dense", "head_dim": d, "rel_l2_fa4": rel_l2(out, ref), "inference_mode_equal": same,
-                             "ok": rel_l2(out, ref) < 1e-2 and same})
+                rows.append(
+                    {
+                        "check": "dense",
+                        "head_dim": d,
+                        "rel_l2_fa4": rel_l2(out, ref),
+                        "inference_mode_equal": same,
+                        "ok": rel_l2(out, ref) < 1e-2 and same,
+                    }
+                )
             except fa4.FA4Error as e:
                 rows.append({"check": "dense", "head_dim": d, "error": str(e), "ok": False})
     # new block tables of a compiled configuration compile nothing
     layout = layouts[-1]
     d = cases[0][0]
     q, k, v = (torch.randn((2, 3, layout.padded_len, d), generator=g).to(device, dtype) for _ in range(3))
-    fa4.sparse_attention(q, k, v, masks.plan_from_keep(torch.rand((2, 3, layout.n_tiles, layout.n_tiles),
-                                                                   generator=g).to(device) < 0.3, layout, (128, 128)))
+    fa4.sparse_attention(
+        q,
+        k,
+        v,
+        masks.plan_from_keep(
+            torch.rand((2, 3, layout.n_tiles, layout.n_tiles), generator=g).to(device) < 0.3, layout, (128, 128)
+        ),
+    )
     before = fa4_cache_size()
     for seed in range(3):
         keep = torch.rand((2, 3, layout.n_tiles, layout.n_tiles), generator=g).to(device) < 0.2 + 0.2 * seed
         fa4.sparse_attention(q, k, v, masks.plan_from_keep(keep, layout, (128, 128)))
-    rows.append({"check": "compile cache", "entries_before": before, "entries_after": fa4_cache_size(),
-                 "ok": fa4_cache_size() == before})
+    rows.append(
+        {
+            "check": "compile cache",
+            "entries_before": before,
+            "entries_after": fa4_cache_size(),
+            "ok": fa4_cache_size() == before,
+        }
+    )
     return rows
 
 
@@ -141,10 +179,16 @@ def rotary_checks(device, quick: bool) -> list[dict]:
         impl = "auto" if device.type == "cuda" else "torch"
         out, pooled = rotary.rotate(x, cos, sin, layout, impl=impl)
         ref = rotary.rotate_torch(x, cos, sin)
-        r = {"check": "rotary", "dtype": str(dtype), "bitwise_equal": bool(torch.equal(out, ref)),
-             "fused": pooled is not None}
+        r = {
+            "check": "rotary",
+            "dtype": str(dtype),
+            "bitwise_equal": bool(torch.equal(out, ref)),
+            "fused": pooled is not None,
+        }
         if pooled is not None:
-            r["pooled_max_abs_diff"] = float((pooled - masks.pool_tiles(ref.transpose(1, 2), layout, "torch")).abs().max())
+            r["pooled_max_abs_diff"] = float(
+                (pooled - masks.pool_tiles(ref.transpose(1, 2), layout, "torch")).abs().max()
+            )
         r["ok"] = r["bitwise_equal"] and r.get("pooled_max_abs_diff", 0.0) < 1e-5
         rows.append(r)
     return rows
@@ -153,14 +197,22 @@ def rotary_checks(device, quick: bool) -> list[dict]:
 def transformer_checks(device, dtype, quick: bool) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(2, 16, 3, 18, 26, generator=g), torch.tensor([700.0, 300.0]), torch.randn(2, 7, 32, generator=g))
+    inputs = (
+        torch.randn(2, 16, 3, 18, 26, generator=g),
+        torch.tensor([700.0, 300.0]),
+        torch.randn(2, 7, 32, generator=g),
+    )
     tr = R.tiny_transformer(seed=0, head_dim=32).to(device, dtype)  # head_dim 24 is checked at kernel level
     inputs = tuple(t.to(device, dtype if t.is_floating_point() and t.dim() > 1 else torch.float32) for t in inputs)
     with torch.no_grad():
         unpatched = tr(*inputs).sample.float().cpu()
-    configs = ({"type": "nabla", "threshold": 0.5}, {"type": "sta", "sta_window": [3, 1, 1]},
-               {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1]}, {"type": "full"},
-               {"type": "sta", "sta_window": [3, 1, 1], "dense_steps": 1})
+    configs = (
+        {"type": "nabla", "threshold": 0.5},
+        {"type": "sta", "sta_window": [3, 1, 1]},
+        {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1]},
+        {"type": "full"},
+        {"type": "sta", "sta_window": [3, 1, 1], "dense_steps": 1},
+    )
     for att in configs[:1] + configs[3:4] if quick else configs:
         sizes = [[64, 64]] if quick else [[64, 64], [128, 64], [128, 128]]
         for bs in sizes if att["type"] != "full" else (None,):
@@ -171,8 +223,15 @@ def transformer_checks(device, dtype, quick: bool) -> list[dict]:
                     outs[backend] = tr(*inputs).sample.float().cpu()
                     s = h.run.density_summary()
                     info[backend] = (s["overall"], s["backend"], h.run.fallback)
-            r = {"check": "transformer", "attention": a, "density_flex": info["flex"][0], "density_fa4": info["fa4"][0],
-                 "backend_used": info["fa4"][1], "fallback": info["fa4"][2], "rel_l2_fa4_vs_flex": rel_l2(outs["fa4"], outs["flex"])}
+            r = {
+                "check": "transformer",
+                "attention": a,
+                "density_flex": info["flex"][0],
+                "density_fa4": info["fa4"][0],
+                "backend_used": info["fa4"][1],
+                "fallback": info["fa4"][2],
+                "rel_l2_fa4_vs_flex": rel_l2(outs["fa4"], outs["flex"]),
+            }
             ref = None
             if att["type"] == "full" or att.get("dense_steps"):
                 ref = unpatched  # dense attention over the real tokens: diffusers' own processor
@@ -185,9 +244,13 @@ def transformer_checks(device, dtype, quick: bool) -> list[dict]:
                     restore()
             if ref is not None:
                 r["rel_l2_flex_vs_ref"], r["rel_l2_fa4_vs_ref"] = rel_l2(outs["flex"], ref), rel_l2(outs["fa4"], ref)
-            r["ok"] = (r["backend_used"] == "fa4" and r["fallback"] is None and r["rel_l2_fa4_vs_flex"] < 5e-2
-                       and abs(r["density_flex"] - r["density_fa4"]) < 0.02
-                       and ("rel_l2_fa4_vs_ref" not in r or r["rel_l2_fa4_vs_ref"] <= 1.5 * r["rel_l2_flex_vs_ref"] + 5e-3))
+            r["ok"] = (
+                r["backend_used"] == "fa4"
+                and r["fallback"] is None
+                and r["rel_l2_fa4_vs_flex"] < 5e-2
+                and abs(r["density_flex"] - r["density_fa4"]) < 0.02
+                and ("rel_l2_fa4_vs_ref" not in r or r["rel_l2_fa4_vs_ref"] <= 1.5 * r["rel_l2_flex_vs_ref"] + 5e-3)
+            )
             rows.append(r)
     return rows
 
@@ -198,8 +261,11 @@ def preset_checks(device, dtype, quick: bool) -> list[dict]:
     for cfg_path in [p for p in paths if p.stem == "full"] if quick else paths:
         frames = {}
         for backend in ("flex", "fa4"):
-            cfg = load_config(cfg_path).override(dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-                                                 device=device.type, attention_backend=backend)
+            cfg = load_config(cfg_path).override(
+                dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+                device=device.type,
+                attention_backend=backend,
+            )
             pipe = build_tiny_pipeline(seed=0).to(device, dtype)
             pipe.vae.to(torch.float32)
             gen = VideoGenerator(pipe, cfg, device, "tiny")
@@ -208,10 +274,17 @@ def preset_checks(device, dtype, quick: bool) -> list[dict]:
             gen.close()
             frames[backend] = (res.frames, res.attention, time.perf_counter() - t0)
         f4, att4, sec = frames["fa4"]
-        r = {"check": "preset", "config": cfg_path.name, "seconds_fa4": sec, "backend_used": att4.get("backend"),
-             "finite": bool(np.isfinite(f4).all()), "shape": list(f4.shape),
-             "density_per_step": att4["per_step"], "density_per_step_flex": frames["flex"][1]["per_step"],
-             "frames_max_abs_diff_vs_flex": float(np.abs(f4 - frames["flex"][0]).max())}
+        r = {
+            "check": "preset",
+            "config": cfg_path.name,
+            "seconds_fa4": sec,
+            "backend_used": att4.get("backend"),
+            "finite": bool(np.isfinite(f4).all()),
+            "shape": list(f4.shape),
+            "density_per_step": att4["per_step"],
+            "density_per_step_flex": frames["flex"][1]["per_step"],
+            "frames_max_abs_diff_vs_flex": float(np.abs(f4 - frames["flex"][0]).max()),
+        }
         r["ok"] = r["finite"] and r["shape"] == [9, 144, 208, 3] and r["backend_used"] == "fa4"
         rows.append(r)
     return rows
@@ -227,18 +300,26 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     ok_fa4, why = backends.resolve_backend("fa4", device, dtype)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
-              "flash_attn_4": why, "backend": ok_fa4, "env": environment(argv if argv is not None else sys.argv[1:], device),
-              "sections": {}}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": git_commit(ROOT) or "unknown",
+        "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
+        "flash_attn_4": why,
+        "backend": ok_fa4,
+        "env": environment(argv if argv is not None else sys.argv[1:], device),
+        "sections": {},
+    }
     print(f"device {result['device']}, torch {result['torch']}: {ok_fa4} ({why})", flush=True)
     if ok_fa4 != "fa4":
         result["sections"]["fa4 available"] = [{"check": "available", "reason": why, "ok": False}]
     else:
-        for name, fn in (("kernel", lambda: kernel_checks(device, dtype, args.quick)),
-                         ("rotary", lambda: rotary_checks(device, args.quick)),
-                         ("transformer", lambda: transformer_checks(device, dtype, args.quick)),
-                         ("presets", lambda: preset_checks(device, dtype, args.quick))):
+        for name, fn in (
+            ("kernel", lambda: kernel_checks(device, dtype, args.quick)),
+            ("rotary", lambda: rotary_checks(device, args.quick)),
+            ("transformer", lambda: transformer_checks(device, dtype, args.quick)),
+            ("presets", lambda: preset_checks(device, dtype, args.quick)),
+        ):
             t0 = time.perf_counter()
             try:
                 result["sections"][name] = fn()
@@ -247,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
             (args.out / "gpu_fa4_check.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out / "gpu_fa4_check.json").write_text(json.dumps(result, indent=1, default=str))
+
     def line(name, r):
         keys = {k: v for k, v in r.items() if k not in ("ok", "density_per_step", "density_per_step_flex")}
         return f"{name:<12} {'ok ' if r['ok'] else 'BAD'} " + ", ".join(
-            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in keys.items())
+            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in keys.items()
+        )
 
     for name, rows in result["sections"].items():  # the whole table (log), then a short summary
         for r in rows:

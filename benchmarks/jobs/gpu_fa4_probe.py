@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.backends.flex import sparse_attention  # noqa: E402
-from wan_nabla.attention.layout import TileLayout  # noqa: E402
 from wan_nabla.attention.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.layout import TileLayout  # noqa: E402
 
 
 @cute.jit
@@ -52,12 +52,21 @@ def key_valid_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
 
 def fa4_sparse(q_BHSD, k_BHSD, v_BHSD, plan, valid_i32):
     bst = BlockSparseTensorsTorch(
-        mask_block_cnt=plan.kv_num.contiguous(), mask_block_idx=plan.kv_idx.contiguous(),
-        full_block_cnt=plan.full_num.contiguous(), full_block_idx=plan.full_idx.contiguous(),
-        block_size=tuple(plan.block_size))
-    out, _ = flash_attn_func(q_BHSD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2),
-                             softmax_scale=1.0 / math.sqrt(q_BHSD.shape[-1]), mask_mod=key_valid_mask,
-                             aux_tensors=[valid_i32], block_sparse_tensors=bst)
+        mask_block_cnt=plan.kv_num.contiguous(),
+        mask_block_idx=plan.kv_idx.contiguous(),
+        full_block_cnt=plan.full_num.contiguous(),
+        full_block_idx=plan.full_idx.contiguous(),
+        block_size=tuple(plan.block_size),
+    )
+    out, _ = flash_attn_func(
+        q_BHSD.transpose(1, 2),
+        k_BHSD.transpose(1, 2),
+        v_BHSD.transpose(1, 2),
+        softmax_scale=1.0 / math.sqrt(q_BHSD.shape[-1]),
+        mask_mod=key_valid_mask,
+        aux_tensors=[valid_i32],
+        block_sparse_tensors=bst,
+    )
     return out.transpose(1, 2)
 
 
@@ -89,10 +98,14 @@ def exactness() -> list[dict]:
     for d in (128, 64, 32, 24):
         for bs in ((128, 128), (128, 64)):
             layout = TileLayout(3, 9, 13, time_pairs=bs[0] == 128)
-            q, k, v = (torch.randn(2, 3, layout.padded_len, d, device="cuda", generator=g, dtype=torch.bfloat16)
-                       for _ in range(3))
-            for cfg in (AttentionConfig(type="nabla", threshold=0.5),
-                        AttentionConfig(type="sta", sta_window=(1, 1, 1))):
+            q, k, v = (
+                torch.randn(2, 3, layout.padded_len, d, device="cuda", generator=g, dtype=torch.bfloat16)
+                for _ in range(3)
+            )
+            for cfg in (
+                AttentionConfig(type="nabla", threshold=0.5),
+                AttentionConfig(type="sta", sta_window=(1, 1, 1)),
+            ):
                 plan = masks.plan_blocks(cfg, q, k, layout, bs)
                 valid = layout.valid_padded(q.device).to(torch.int32).contiguous()
                 row = {"head_dim": d, "block_size": list(bs), "config": cfg.label(), "density": float(plan.density)}
@@ -106,9 +119,15 @@ def exactness() -> list[dict]:
                         row["rel_l2_vs_flex"] = rel(out[:, :, real], fl[:, :, real])
                     except Exception as e:  # noqa: BLE001
                         row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    dense = reference(q, k, v, masks.plan_from_keep(torch.ones(layout.n_tiles, layout.n_tiles,
-                                                                               dtype=torch.bool, device="cuda"),
-                                                                    layout, bs), layout)
+                    dense = reference(
+                        q,
+                        k,
+                        v,
+                        masks.plan_from_keep(
+                            torch.ones(layout.n_tiles, layout.n_tiles, dtype=torch.bool, device="cuda"), layout, bs
+                        ),
+                        layout,
+                    )
                     row["rel_l2_masked_vs_dense"] = rel(ref[:, :, real], dense[:, :, real])
                 except Exception as e:  # noqa: BLE001
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
@@ -116,16 +135,22 @@ def exactness() -> list[dict]:
                 print("exactness", row, flush=True)
     # dense FA4 vs SDPA
     q, k, v = (torch.randn(2, 4, 3000, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    rows.append({"dense_fa4_vs_sdpa_fp32": rel(fa4_dense(q, k, v),
-                                               F.scaled_dot_product_attention(q.float(), k.float(), v.float()))})
+    rows.append(
+        {
+            "dense_fa4_vs_sdpa_fp32": rel(
+                fa4_dense(q, k, v), F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            )
+        }
+    )
     return rows
 
 
 def cache_growth() -> dict:
     layout = TileLayout(5, 16, 24, time_pairs=True)
     g = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (torch.randn(1, 4, layout.padded_len, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, 4, layout.padded_len, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)
+    )
     valid = layout.valid_padded(q.device).to(torch.int32).contiguous()
     cfg = AttentionConfig(type="nabla", threshold=0.4)
     fa4_sparse(q, k, v, masks.plan_blocks(cfg, q, k, layout, (128, 128)), valid)
@@ -157,23 +182,30 @@ def timing() -> list[dict]:
 
     base = TileLayout(21, 45, 80)
     q, k, v = synthetic_qkv(base, 40, 128, 1, device=torch.device("cuda"), dtype=torch.bfloat16, seed=0)
-    flops = 4.0 * 40 * base.seq_len ** 2 * 128
+    flops = 4.0 * 40 * base.seq_len**2 * 128
     qr, kr, vr = (real_tokens(t, base) for t in (q, k, v))
 
     def cudnn():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(qr, kr, vr)
+
     rows = []
     t_cudnn = bench(cudnn)
     rows.append({"row": "dense cuDNN SDPA", "ms": t_cudnn, "share": 1.0})
     t = bench(lambda: fa4_dense(qr, kr, vr))
     rows.append({"row": "dense FA4", "ms": t, "share": t_cudnn / t})
     qr = kr = vr = None  # frees the tensors; rebinding rather than del keeps the closures above well-defined
-    for name, cfg in (("nabla 0.2", AttentionConfig(type="nabla", threshold=0.2)),
-                      ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4)),
-                      ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3)))):
-        for backend, bs, pairs in (("flex", (128, 64), True), ("fa4", (128, 128), True),
-                                   ("fa4", (128, 64), True), ("fa4", (128, 128), False)):
+    for name, cfg in (
+        ("nabla 0.2", AttentionConfig(type="nabla", threshold=0.2)),
+        ("nabla 0.4", AttentionConfig(type="nabla", threshold=0.4)),
+        ("sta 11-3-3", AttentionConfig(type="sta", sta_window=(11, 3, 3))),
+    ):
+        for backend, bs, pairs in (
+            ("flex", (128, 64), True),
+            ("fa4", (128, 128), True),
+            ("fa4", (128, 64), True),
+            ("fa4", (128, 128), False),
+        ):
             layout = TileLayout(21, 45, 80, time_pairs=pairs)
             qq, kk, vv = (relayout(t, base, layout) for t in (q, k, v))
             valid = layout.valid_padded(qq.device).to(torch.int32).contiguous()
@@ -192,14 +224,22 @@ def timing() -> list[dict]:
 
                     def total():
                         return fa4_sparse(qq, kk, vv, masks.plan_blocks(cfg, qq, kk, layout, bs), valid)
+
                 t0 = time.perf_counter()
                 kern()
                 torch.cuda.synchronize()
                 first = time.perf_counter() - t0
                 tk, tt = bench(kern), bench(total)
                 tm = bench(lambda: masks.plan_blocks(cfg, qq, kk, layout, bs))
-                row.update(density=dens, kernel_ms=tk, total_ms=tt, mask_ms=tm, first_call_s=first,
-                           share=dens * flops / (tt * 1e-3) / (flops / (t_cudnn * 1e-3)), speedup=t_cudnn / tt)
+                row.update(
+                    density=dens,
+                    kernel_ms=tk,
+                    total_ms=tt,
+                    mask_ms=tm,
+                    first_call_s=first,
+                    share=dens * flops / (tt * 1e-3) / (flops / (t_cudnn * 1e-3)),
+                    speedup=t_cudnn / tt,
+                )
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             rows.append(row)
@@ -212,8 +252,11 @@ def timing() -> list[dict]:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "fa4_probe_out")
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "commit": os.environ.get("WAN_NABLA_COMMIT", "unknown")}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": os.environ.get("WAN_NABLA_COMMIT", "unknown"),
+    }
     t0 = time.perf_counter()
     res["exactness"] = exactness()
     res["exactness_s"] = time.perf_counter() - t0
@@ -227,10 +270,16 @@ def main() -> int:
         print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
     print("cache", res["cache"])
     for r in res.get("timing", []):
-        print(f"{r['row']:<32} " + ("ERROR " + r["error"] if "error" in r else
-              f"dens {r.get('density', 1):.3f} total {r['ms'] if 'ms' in r else r['total_ms']:.2f} ms "
-              f"share {r['share']:.0%}" + (f" mask {r['mask_ms']:.2f} kernel {r['kernel_ms']:.2f}"
-                                           if 'kernel_ms' in r else "")))
+        print(
+            f"{r['row']:<32} "
+            + (
+                "ERROR " + r["error"]
+                if "error" in r
+                else f"dens {r.get('density', 1):.3f} total {r['ms'] if 'ms' in r else r['total_ms']:.2f} ms "
+                f"share {r['share']:.0%}"
+                + (f" mask {r['mask_ms']:.2f} kernel {r['kernel_ms']:.2f}" if "kernel_ms" in r else "")
+            )
+        )
     return 0
 
 

@@ -44,29 +44,36 @@ from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.output.files import atomic_write_json, atomic_write_text  # noqa: E402
 from wan_nabla.pipeline import resolve_device  # noqa: E402
 
-NOTE = ("random weights at real sizes (speed and memory only; videos are noise); peaks are allocated GiB; "
-        "decode peaks are estimated as resident memory + the measured VAE decode peak")
+NOTE = (
+    "random weights at real sizes (speed and memory only; videos are noise); peaks are allocated GiB; "
+    "decode peaks are estimated as resident memory + the measured VAE decode peak"
+)
 
 
 def _provenance(result: dict) -> str:
     """One line per measuring environment (a merged report holds one per part)."""
     envs = result.get("environment") or []
     envs = [envs] if isinstance(envs, dict) else envs
-    return "".join(f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.\n"
-                   for e in envs)
+    return "".join(
+        f"Device {e.get('device_name', '?')}, torch {e.get('torch', '?')}, commit {e.get('commit', '?')}.\n"
+        for e in envs
+    )
 
 
 def _write(result: dict, out: Path, stem: str) -> None:
     atomic_write_json(out / f"{stem}.json", result)
-    atomic_write_text(out / f"{stem}.md", f"# Memory modes ({result['part']})\n\n{NOTE}.\n\n{_provenance(result)}\n"
-                      + memory_report.render_markdown(result))
+    atomic_write_text(
+        out / f"{stem}.md",
+        f"# Memory modes ({result['part']})\n\n{NOTE}.\n\n{_provenance(result)}\n"
+        + memory_report.render_markdown(result),
+    )
 
 
 def _short(result: dict) -> str:
     """The last lines printed: the recommendation per card."""
     md = memory_report.render_markdown(result)
     start = md.index("Which mode for my GPU")
-    return md[start:md.index("| VAE decode")].strip()
+    return md[start : md.index("| VAE decode")].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output directory ($OUT on the GPU machine)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--sparse", default=memory.DEFAULT_SPARSE, help="the sparse preset measured next to dense")
-    p.add_argument("--budget-s", type=float, default=460.0,
-                   help="start no run expected to end after this many seconds (default 460)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=460.0,
+        help="start no run expected to end after this many seconds (default 460)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -101,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     env["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
     def save(result: dict) -> None:
-        result.update(environment=env, note=NOTE, context_gib=memory_report.CONTEXT_GIB,
-                      cards_gib=list(memory_report.CARDS_GIB))
+        result.update(
+            environment=env, note=NOTE, context_gib=memory_report.CONTEXT_GIB, cards_gib=list(memory_report.CARDS_GIB)
+        )
         result["recommendation"] = memory_report.recommendation_table(result["runs"])
         _write(result, args.out, stem)
 
     result = memory.run_part(part, device, sparse=args.sparse, budget_s=args.budget_s, on_update=save)
     save(result)
-    print(f"wrote {args.out / (stem + '.json')} and .md; {len(result['runs'])} runs, "
-          f"{len(result['skipped'])} skipped, {result.get('elapsed_s', 0):.0f} s")
+    print(
+        f"wrote {args.out / (stem + '.json')} and .md; {len(result['runs'])} runs, "
+        f"{len(result['skipped'])} skipped, {result.get('elapsed_s', 0):.0f} s"
+    )
     print(_short(result))
     return 0
 

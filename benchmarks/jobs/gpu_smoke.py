@@ -46,8 +46,11 @@ def cross_device() -> list[dict]:
     gpu_tr = tiny_transformer(seed=0).cuda()
     with torch.no_grad():
         dense = cpu_tr(lat, t, ehs).sample
-    for att in ({"type": "nabla", "threshold": 0.5}, {"type": "sta", "sta_window": [3, 1, 1]},
-                {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1]}):
+    for att in (
+        {"type": "nabla", "threshold": 0.5},
+        {"type": "sta", "sta_window": [3, 1, 1]},
+        {"type": "nabla_sta", "threshold": 0.3, "sta_window": [1, 3, 1]},
+    ):
         for bs in ([64, 64], [128, 64]):
             a = {**att, "block_size": bs}
             outs, dens = {}, {}
@@ -55,11 +58,15 @@ def cross_device() -> list[dict]:
                 with apply_attention(tr, a) as h, torch.no_grad():
                     outs[name] = tr(lat.to(dev), t.to(dev), ehs.to(dev)).sample.cpu()
                     dens[name] = h.run.density_summary()["overall"]
-            rows.append({
-                "attention": a, "density_cpu": dens["cpu"], "density_cuda": dens["cuda"],
-                "rel_l2_cuda_vs_cpu": rel_l2(outs["cuda"], outs["cpu"]),
-                "rel_l2_sparse_vs_dense": rel_l2(outs["cpu"], dense),
-            })
+            rows.append(
+                {
+                    "attention": a,
+                    "density_cpu": dens["cpu"],
+                    "density_cuda": dens["cuda"],
+                    "rel_l2_cuda_vs_cpu": rel_l2(outs["cuda"], outs["cpu"]),
+                    "rel_l2_sparse_vs_dense": rel_l2(outs["cpu"], dense),
+                }
+            )
     return rows
 
 
@@ -72,11 +79,15 @@ def presets() -> list[dict]:
         t0 = time.perf_counter()
         res = gen.generate("a red fox running through snow", progress=False, size=(208, 144), frames=9, steps=3)
         gen.close()
-        rows.append({
-            "config": cfg_path.name, "seconds": time.perf_counter() - t0,
-            "finite": bool(np.isfinite(res.frames).all()), "shape": list(res.frames.shape),
-            "density_per_step": res.attention["per_step"],
-        })
+        rows.append(
+            {
+                "config": cfg_path.name,
+                "seconds": time.perf_counter() - t0,
+                "finite": bool(np.isfinite(res.frames).all()),
+                "shape": list(res.frames.shape),
+                "density_per_step": res.attention["per_step"],
+            }
+        )
     return rows
 
 
@@ -85,8 +96,12 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_smoke_out")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cross_device": cross_device(), "presets": presets()}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cross_device": cross_device(),
+        "presets": presets(),
+    }
     (out / "gpu_smoke.json").write_text(json.dumps(result, indent=2))
     ok = True
     print(f"device {result['device']}, torch {result['torch']}")
@@ -94,12 +109,16 @@ def main() -> int:
     for r in result["cross_device"]:
         good = abs(r["density_cpu"] - r["density_cuda"]) < 1e-6 and r["rel_l2_cuda_vs_cpu"] < 1e-4
         ok &= good
-        print(f"{json.dumps(r['attention']):<45} {r['density_cpu']:9.4f} {r['density_cuda']:9.4f} "
-              f"{r['rel_l2_cuda_vs_cpu']:12.2e} {r['rel_l2_sparse_vs_dense']:9.3f} {'ok' if good else 'MISMATCH'}")
+        print(
+            f"{json.dumps(r['attention']):<45} {r['density_cpu']:9.4f} {r['density_cuda']:9.4f} "
+            f"{r['rel_l2_cuda_vs_cpu']:12.2e} {r['rel_l2_sparse_vs_dense']:9.3f} {'ok' if good else 'MISMATCH'}"
+        )
     for r in result["presets"]:
         ok &= r["finite"] and r["shape"] == [9, 144, 208, 3]
-        print(f"{r['config']:<30} {r['seconds']:6.1f}s finite={r['finite']} shape={r['shape']} "
-              f"density/step={[round(d, 3) for d in r['density_per_step']]}")
+        print(
+            f"{r['config']:<30} {r['seconds']:6.1f}s finite={r['finite']} shape={r['shape']} "
+            f"density/step={[round(d, 3) for d in r['density_per_step']]}"
+        )
     print("ALL OK" if ok else "FAILURES")
     return 0 if ok else 1
 

@@ -34,15 +34,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.backends import default_block_size  # noqa: E402
-from wan_nabla.attention.layout import TileLayout  # noqa: E402
 from wan_nabla.attention.config import AttentionConfig  # noqa: E402
+from wan_nabla.attention.layout import TileLayout  # noqa: E402
 from wan_nabla.attention.run import Observer  # noqa: E402
 from wan_nabla.output.sidecar import git_commit  # noqa: E402
 
-CONFIGS = {"nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),
-           "nabla 0.4": AttentionConfig(type="nabla", threshold=0.4),
-           "nabla 0.7": AttentionConfig(type="nabla", threshold=0.7),
-           "nabla 0.6 + sta 11-3-3": AttentionConfig(type="nabla_sta", threshold=0.6, sta_window=(11, 3, 3))}
+CONFIGS = {
+    "nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),
+    "nabla 0.4": AttentionConfig(type="nabla", threshold=0.4),
+    "nabla 0.7": AttentionConfig(type="nabla", threshold=0.7),
+    "nabla 0.6 + sta 11-3-3": AttentionConfig(type="nabla_sta", threshold=0.6, sta_window=(11, 3, 3)),
+}
 
 
 def head_densities(plan: masks.BlockPlan) -> torch.Tensor:
@@ -68,16 +70,24 @@ def imbalance(dens: torch.Tensor, groups: list[list[int]]) -> float:
 def analyse(dens_LH: torch.Tensor) -> dict:
     """dens_LH: [layers or samples, H] -> imbalance stats per U."""
     n_heads = dens_LH.shape[-1]
-    out = {"heads": n_heads, "samples": dens_LH.shape[0], "mean_density": float(dens_LH.mean()),
-           "head_spread": float((dens_LH.max(-1).values / dens_LH.min(-1).values.clamp_min(1e-9)).mean())}
+    out = {
+        "heads": n_heads,
+        "samples": dens_LH.shape[0],
+        "mean_density": float(dens_LH.mean()),
+        "head_spread": float((dens_LH.max(-1).values / dens_LH.min(-1).values.clamp_min(1e-9)).mean()),
+    }
     for u in (2, 4, 8):
         if n_heads % u:
             continue
         per = n_heads // u
         contiguous = [imbalance(d, [list(range(r * per, (r + 1) * per)) for r in range(u)]) for d in dens_LH]
         balanced = [imbalance(d, snake(d, u)) for d in dens_LH]
-        out[f"U{u}"] = {"contiguous_mean": sum(contiguous) / len(contiguous), "contiguous_max": max(contiguous),
-                        "balanced_mean": sum(balanced) / len(balanced), "balanced_max": max(balanced)}
+        out[f"U{u}"] = {
+            "contiguous_mean": sum(contiguous) / len(contiguous),
+            "contiguous_max": max(contiguous),
+            "balanced_mean": sum(balanced) / len(balanced),
+            "balanced_max": max(balanced),
+        }
     return out
 
 
@@ -101,8 +111,8 @@ def synthetic(device: torch.device, quick: bool) -> dict:
 @torch.no_grad()
 def model_layers(device: torch.device, quick: bool) -> dict:
     """Per-layer per-head densities of a random-weight Wan transformer forward (real architecture)."""
-    from wan_nabla.wan.hooks import apply_attention
     from benchmarks.harness.random_init import WAN_SIZES, random_transformer, smooth_latents
+    from wan_nabla.wan.hooks import apply_attention
 
     size = WAN_SIZES["tiny" if quick else "14B"]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -120,8 +130,12 @@ def model_layers(device: torch.device, quick: bool) -> dict:
                 _sink.append(head_densities(call.plan))
 
         handle.run.stats.subscribe(Recording())
-        model(hidden_states=x, timestep=torch.full((1,), 500.0, device=device), encoder_hidden_states=text,
-              return_dict=False)
+        model(
+            hidden_states=x,
+            timestep=torch.full((1,), 500.0, device=device),
+            encoder_hidden_states=text,
+            return_dict=False,
+        )
         handle.remove()
         rows[name] = analyse(torch.stack(sink))
     return rows
@@ -134,21 +148,32 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     t0 = time.perf_counter()
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "commit": git_commit(ROOT) or "unknown", "command": " ".join(["benchmarks/jobs/head_balance.py", *sys.argv[1:]]),
-           "quick": quick, "env": environment(sys.argv[1:], device), "synthetic_qk": synthetic(device, quick)}
+    res = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": git_commit(ROOT) or "unknown",
+        "command": " ".join(["benchmarks/jobs/head_balance.py", *sys.argv[1:]]),
+        "quick": quick,
+        "env": environment(sys.argv[1:], device),
+        "synthetic_qk": synthetic(device, quick),
+    }
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))
     if "--no-model" not in sys.argv:
         res["random_weight_model"] = model_layers(device, quick)
     res["seconds"] = time.perf_counter() - t0
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))
-    print(f"{'source':<20} {'config':<24} {'mean dens':>9} {'max/min head':>12}  "
-          + "  ".join(f"U{u} contig/balanced (mean, max)" for u in (2, 4, 8)))
+    print(
+        f"{'source':<20} {'config':<24} {'mean dens':>9} {'max/min head':>12}  "
+        + "  ".join(f"U{u} contig/balanced (mean, max)" for u in (2, 4, 8))
+    )
     for src in ("synthetic_qk", "random_weight_model"):
         for name, r in res.get(src, {}).items():
-            cells = "  ".join(f"U{u} {r[f'U{u}']['contiguous_mean']:.1%}/{r[f'U{u}']['balanced_mean']:.1%} "
-                              f"({r[f'U{u}']['contiguous_max']:.1%}/{r[f'U{u}']['balanced_max']:.1%})"
-                              for u in (2, 4, 8) if f"U{u}" in r)
+            cells = "  ".join(
+                f"U{u} {r[f'U{u}']['contiguous_mean']:.1%}/{r[f'U{u}']['balanced_mean']:.1%} "
+                f"({r[f'U{u}']['contiguous_max']:.1%}/{r[f'U{u}']['balanced_max']:.1%})"
+                for u in (2, 4, 8)
+                if f"U{u}" in r
+            )
             print(f"{src:<20} {name:<24} {r['mean_density']:9.3f} {r['head_spread']:12.2f}  {cells}")
     return 0
 

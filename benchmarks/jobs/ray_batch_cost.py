@@ -87,8 +87,11 @@ def main() -> int:
         ("ray 2 actors, 16x16x1", prompts, [*small, "--engine", "ray", "--ray-actors", "2"]),
         ("local, 128x128x17", few, big),
         ("ray 1 actor, 128x128x17", few, [*big, "--engine", "ray", "--ray-actors", "1"]),
-        ("ray 1 actor --ray-transfer, 128x128x17", few,
-         [*big, "--engine", "ray", "--ray-actors", "1", "--ray-transfer"]),
+        (
+            "ray 1 actor --ray-transfer, 128x128x17",
+            few,
+            [*big, "--engine", "ray", "--ray-actors", "1", "--ray-transfer"],
+        ),
     ]
     rows = []
     for k, (name, file, flags) in enumerate(runs):
@@ -101,15 +104,24 @@ def main() -> int:
     from wan_nabla.output.sidecar import git_commit
 
     cpu = platform.processor() or platform.machine()
-    meta = {"commit": git_commit(), "device": f"CPU, {os.cpu_count()} cores ({cpu})",
-            "load_average_1min": round(os.getloadavg()[0], 1), "torch": torch.__version__, "ray": ray.__version__,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "peak_ray_rss_mb": round(mem.get("peak", 0) / 2**20)}
+    meta = {
+        "commit": git_commit(),
+        "device": f"CPU, {os.cpu_count()} cores ({cpu})",
+        "load_average_1min": round(os.getloadavg()[0], 1),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "peak_ray_rss_mb": round(mem.get("peak", 0) / 2**20),
+    }
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     cols = ["run", "items", "to_first_record_s", "per_item_s", "actor_item_s", "mp4_kb", "transfer_s"]
-    md = ["# Ray batch cost on the CPU (tiny model)\n",
-          *(f"- {k}: {v}" for k, v in meta.items()), "",
-          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md = [
+        "# Ray batch cost on the CPU (tiny model)\n",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     Path(a.out + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -94,7 +94,9 @@ class AttentionConfig:
                 raise ConfigError(f"attention.threshold: {_show(th)} is not allowed; use a number in (0, 1]")
             object.__setattr__(self, "threshold", float(th))
         elif self.threshold is not None:
-            raise ConfigError(f"attention.threshold: set to {_show(self.threshold)} but type {_show(t)} does not use it")
+            raise ConfigError(
+                f"attention.threshold: set to {_show(self.threshold)} but type {_show(t)} does not use it"
+            )
         if uses_sta:
             w = self.sta_window
             if w is None:
@@ -110,7 +112,8 @@ class AttentionConfig:
             object.__setattr__(self, "sta_window", tuple(int(x) for x in w))
         elif self.sta_window is not None:
             raise ConfigError(
-                f"attention.sta_window: set to {_show(self.sta_window)} but type {_show(t)} does not use it")
+                f"attention.sta_window: set to {_show(self.sta_window)} but type {_show(t)} does not use it"
+            )
         if not _is_int(self.dense_steps) or self.dense_steps < 0:
             raise ConfigError(f"attention.dense_steps: {_show(self.dense_steps)} is not allowed; use an integer >= 0")
         dl = self.dense_layers
@@ -121,24 +124,34 @@ class AttentionConfig:
         object.__setattr__(self, "dense_layers", tuple(sorted(set(int(x) for x in dl))))
         bs = self.block_size
         if bs is not None:
-            if not isinstance(bs, (list, tuple)) or len(bs) != 2 or not all(_is_int(x) and x in BLOCK_TOKENS for x in bs):
+            if (
+                not isinstance(bs, (list, tuple))
+                or len(bs) != 2
+                or not all(_is_int(x) and x in BLOCK_TOKENS for x in bs)
+            ):
                 raise ConfigError(f"attention.block_size: {_show(bs)} is not allowed; use [q, kv] with each 64 or 128")
             object.__setattr__(self, "block_size", (int(bs[0]), int(bs[1])))
         if self.time_pairs is not None and not isinstance(self.time_pairs, bool):
             raise ConfigError(f"attention.time_pairs: {_show(self.time_pairs)} is not allowed; use true, false or null")
         if self.backend not in ATTENTION_BACKENDS:
             raise ConfigError(
-                f"attention.backend: {_show(self.backend)} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}")
+                f"attention.backend: {_show(self.backend)} is not allowed; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         if self.geometry not in GEOMETRIES:
             raise ConfigError(
-                f"attention.geometry: {_show(self.geometry)} is not allowed; use one of {', '.join(GEOMETRIES)}")
+                f"attention.geometry: {_show(self.geometry)} is not allowed; use one of {', '.join(GEOMETRIES)}"
+            )
         if self.geometry == "exact":
             if self.block_size not in (None, (64, 64)):
-                raise ConfigError(f"attention.block_size: {list(self.block_size)} contradicts geometry exact "
-                                  "(64x64 tile masks); use [64, 64], leave it out, or use geometry fast")
+                raise ConfigError(
+                    f"attention.block_size: {list(self.block_size)} contradicts geometry exact "
+                    "(64x64 tile masks); use [64, 64], leave it out, or use geometry fast"
+                )
             if self.time_pairs:
-                raise ConfigError("attention.time_pairs: true contradicts geometry exact (plain tile order); "
-                                  "use false, leave it out, or use geometry fast")
+                raise ConfigError(
+                    "attention.time_pairs: true contradicts geometry exact (plain tile order); "
+                    "use false, leave it out, or use geometry fast"
+                )
 
     @property
     def sparse(self) -> bool:

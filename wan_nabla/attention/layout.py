@@ -140,9 +140,7 @@ class TileLayout:
         x = self._unpair(x.reshape(*lead, self.n_tiles, TILE_TOKENS * c))
         x = x.reshape(*lead, self.frames, self.tiles_h, self.tiles_w, TILE_SIDE, TILE_SIDE, c)
         perm = list(range(nd)) + [nd + i for i in (0, 1, 3, 2, 4, 5)]
-        x = x.permute(perm).reshape(
-            *lead, self.frames, self.tiles_h * TILE_SIDE, self.tiles_w * TILE_SIDE, c
-        )
+        x = x.permute(perm).reshape(*lead, self.frames, self.tiles_h * TILE_SIDE, self.tiles_w * TILE_SIDE, c)
         x = x[..., : self.height, : self.width, :]
         return x.reshape(*lead, self.seq_len, c).movedim(-2, seq_dim)
 

@@ -161,8 +161,9 @@ def nabla_tile_mask(
         scores = coarse_scores(q_BHSD, k_BHSD, layout, impl)
         b, h = scores.shape[:2]
         out = torch.empty((b, h, n, n), dtype=torch.uint8, device=q_BHSD.device)
-        select_triton(scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
-                      scale=softmax_scale(q_BHSD), tile_out=out)
+        select_triton(
+            scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold, scale=softmax_scale(q_BHSD), tile_out=out
+        )
         return out.view(torch.bool)
     return cdf_select_sorted(coarse_map(q_BHSD, k_BHSD, layout, "torch"), threshold)
 
@@ -183,8 +184,13 @@ def _sta_cached(layout: TileLayout, window: tuple[int, int, int], device: torch.
 
 
 # ---- the one rule: config + q/k + layout -> kept tiles / blocks --------------------------------
-def tile_keep_mask(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: torch.Tensor | None,
-                   layout: TileLayout, impl: str = "auto") -> torch.Tensor:
+def tile_keep_mask(
+    config: AttentionConfig,
+    q_BHSD: torch.Tensor | None,
+    k_BHSD: torch.Tensor | None,
+    layout: TileLayout,
+    impl: str = "auto",
+) -> torch.Tensor:
     """The tile pairs `config` keeps: [B, H, n, n] bool for NABLA (and NABLA | STA), [n, n] for STA."""
     if config.type == "full":
         raise ValueError("attention type 'full' has no tile mask; it runs dense attention")
@@ -200,8 +206,9 @@ def tile_keep_mask(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD:
     return keep
 
 
-def _nabla_inputs(config: AttentionConfig, q_BHSD: torch.Tensor | None,
-                  k_BHSD: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _nabla_inputs(
+    config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """q, k and the threshold a NABLA mask reads (a validated NABLA config always has the threshold)."""
     if q_BHSD is None or k_BHSD is None or config.threshold is None:
         raise ValueError(f"attention type {config.type!r} needs q, k and a threshold")
@@ -263,9 +270,15 @@ class BlockPlan:
         )
 
 
-def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: torch.Tensor | None,
-                layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS),
-                impl: str = "auto", pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockPlan:
+def plan_blocks(
+    config: AttentionConfig,
+    q_BHSD: torch.Tensor | None,
+    k_BHSD: torch.Tensor | None,
+    layout: TileLayout,
+    block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS),
+    impl: str = "auto",
+    pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BlockPlan:
     """The blocks `config` keeps for these q/k (see module doc). STA alone ignores q/k and returns
     the cached plan of its (layout, window, block size, device); NABLA on CUDA runs one Triton pass
     from the coarse scores to the lists, elsewhere the torch tile mask is compacted. `pooled`:
@@ -287,8 +300,17 @@ def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: to
             scores = coarse_scores(q, k, layout, impl)
         b, h = scores.shape[:2]
         lists = select_triton(
-            scores, mode=0, n_rows=n, n_cols=n, bh=b * h, threshold=threshold,
-            scale=softmax_scale(q), sta_window=window, layout=layout, block_size=block_size, out_shape=(b, h),
+            scores,
+            mode=0,
+            n_rows=n,
+            n_cols=n,
+            bh=b * h,
+            threshold=threshold,
+            scale=softmax_scale(q),
+            sta_window=window,
+            layout=layout,
+            block_size=block_size,
+            out_shape=(b, h),
         )
         return _plan_from_lists(lists, layout, block_size)
     keep = tile_keep_mask(config, q_BHSD, k_BHSD, layout, "torch" if impl == "auto" else impl)
@@ -296,8 +318,9 @@ def plan_blocks(config: AttentionConfig, q_BHSD: torch.Tensor | None, k_BHSD: to
 
 
 @functools.lru_cache(maxsize=32)
-def _sta_plan(layout: TileLayout, window: tuple[int, int, int], block_size: tuple[int, int],
-              device: torch.device) -> BlockPlan:
+def _sta_plan(
+    layout: TileLayout, window: tuple[int, int, int], block_size: tuple[int, int], device: torch.device
+) -> BlockPlan:
     return plan_from_keep(sta_tile_mask(layout, window, device), layout, block_size)
 
 
@@ -332,8 +355,9 @@ def _compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count, out
 
 
-def plan_from_keep(keep_BHnn: torch.Tensor, layout: TileLayout,
-                   block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)) -> BlockPlan:
+def plan_from_keep(
+    keep_BHnn: torch.Tensor, layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)
+) -> BlockPlan:
     """Tile keep mask [B|1, H|1, n, n] (or [n, n]) -> BlockPlan at `block_size` (torch, any device).
 
     With 128-token blocks a block is kept if any of its tile pairs is kept (`coarsen`)."""
@@ -348,8 +372,9 @@ def plan_from_keep(keep_BHnn: torch.Tensor, layout: TileLayout,
     return _plan_from_lists((kv_num, kv_idx, full_num, full_idx), layout, block_size)
 
 
-def to_block_mask(keep_BHnn: torch.Tensor, layout: TileLayout,
-                  block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)) -> BlockMask:
+def to_block_mask(
+    keep_BHnn: torch.Tensor, layout: TileLayout, block_size: tuple[int, int] = (TILE_TOKENS, TILE_TOKENS)
+) -> BlockMask:
     """Tile keep mask -> FlexAttention BlockMask (plan_from_keep(...).block_mask())."""
     return plan_from_keep(keep_BHnn, layout, block_size).block_mask()
 

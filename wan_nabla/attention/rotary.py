@@ -48,14 +48,25 @@ def rotate_torch(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 def fused_ok(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TileLayout | None = None) -> bool:
     """Whether the Triton kernel takes these inputs (else `rotate` runs the torch path)."""
     b, s, h, d = x_BSHD.shape
-    ok = (TRITON is not None and x_BSHD.is_cuda and d % 2 == 0 and x_BSHD.stride(-1) == 1
-          and all(t.dtype == torch.float32 and tuple(t.shape) == (1, s, 1, d) and t.device == x_BSHD.device
-                  and t.stride(-1) == 1 for t in (cos, sin)))
+    ok = (
+        TRITON is not None
+        and x_BSHD.is_cuda
+        and d % 2 == 0
+        and x_BSHD.stride(-1) == 1
+        and all(
+            t.dtype == torch.float32
+            and tuple(t.shape) == (1, s, 1, d)
+            and t.device == x_BSHD.device
+            and t.stride(-1) == 1
+            for t in (cos, sin)
+        )
+    )
     return ok and (layout is None or s == layout.padded_len)
 
 
-def rotate(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TileLayout | None = None,
-           impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+def rotate(
+    x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TileLayout | None = None, impl: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rotated x [B, S, H, D], tile means [B, H, n_tiles, D] float32 or None). impl: auto (Triton
     where `fused_ok`), torch, or triton (the interpreter in tests)."""
     if impl not in ("auto", "torch", "triton"):
@@ -71,8 +82,9 @@ def _pool_tables(layout: TileLayout, device: torch.device) -> tuple[torch.Tensor
     return layout.valid(device).to(torch.uint8).contiguous(), layout.tile_counts(device).contiguous()
 
 
-def rotate_triton(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  layout: TileLayout | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rotate_triton(
+    x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TileLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, s, h, d = x_BSHD.shape
     out = torch.empty((b, s, h, d), dtype=x_BSHD.dtype, device=x_BSHD.device)
     pool = layout is not None
@@ -86,10 +98,29 @@ def rotate_triton(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     n_blocks = -(-s // TILE_TOKENS)
     sb, ss, sh, sd = x_BSHD.stride()
     _rotary_kernel[(b * n_blocks,)](
-        x_BSHD, out, cos, sin, pooled, valid, counts, s, h, n_blocks, sb, ss, sh, sd,
-        cos.stride(1), sin.stride(1),
-        D=d, DP=max(2, triton.next_power_of_2(d)), T=TILE_TOKENS, POOL=pool,
-        BF16=x_BSHD.dtype == torch.bfloat16, num_warps=ROTARY_WARPS, **_NO_FMA,
+        x_BSHD,
+        out,
+        cos,
+        sin,
+        pooled,
+        valid,
+        counts,
+        s,
+        h,
+        n_blocks,
+        sb,
+        ss,
+        sh,
+        sd,
+        cos.stride(1),
+        sin.stride(1),
+        D=d,
+        DP=max(2, triton.next_power_of_2(d)),
+        T=TILE_TOKENS,
+        POOL=pool,
+        BF16=x_BSHD.dtype == torch.bfloat16,
+        num_warps=ROTARY_WARPS,
+        **_NO_FMA,
     )
     return out, (pooled if pool else None)
 
@@ -97,10 +128,29 @@ def rotate_triton(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 if TRITON is not None:
 
     @triton.jit
-    def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, pool_ptr, valid_ptr, count_ptr, S, H, n_blocks,
-                       s_b, s_s, s_h, s_d, s_cos, s_sin,
-                       D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, POOL: tl.constexpr,
-                       BF16: tl.constexpr):
+    def _rotary_kernel(
+        x_ptr,
+        out_ptr,
+        cos_ptr,
+        sin_ptr,
+        pool_ptr,
+        valid_ptr,
+        count_ptr,
+        S,
+        H,
+        n_blocks,
+        s_b,
+        s_s,
+        s_h,
+        s_d,
+        s_cos,
+        s_sin,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        T: tl.constexpr,
+        POOL: tl.constexpr,
+        BF16: tl.constexpr,
+    ):
         # One program per (batch item, 64-token block): cos/sin loaded once, then every head.
         pid = tl.program_id(0).to(tl.int64)
         bi = pid // n_blocks
@@ -111,8 +161,8 @@ if TRITON is not None:
         m2 = tmask[:, None] & (dd[None, :] < D)
         c = tl.load(cos_ptr + tok[:, None] * s_cos + dd[None, :], mask=m2, other=0.0)
         sn = tl.load(sin_ptr + tok[:, None] * s_sin + dd[None, :], mask=m2, other=0.0)
-        c_even, _ = tl.split(tl.reshape(c, (T, DP // 2, 2)))   # cos[2i]
-        _, s_odd = tl.split(tl.reshape(sn, (T, DP // 2, 2)))   # sin[2i+1]
+        c_even, _ = tl.split(tl.reshape(c, (T, DP // 2, 2)))  # cos[2i]
+        _, s_odd = tl.split(tl.reshape(sn, (T, DP // 2, 2)))  # sin[2i+1]
         if POOL:
             real = (tl.load(valid_ptr + tok, mask=tmask, other=0) != 0)[:, None]
             cnt = tl.load(count_ptr + blk)

@@ -148,8 +148,10 @@ class AttentionRun:
     def __deepcopy__(self, memo) -> AttentionRun:
         """A run of its own for a deep-copied model (same config and state, fresh statistics)."""
         if self.sequence_parallel is not None:
-            raise RuntimeError("a transformer patched with sequence parallelism cannot be deep-copied (it holds "
-                               "process groups); copy it before apply_attention, then patch the copy")
+            raise RuntimeError(
+                "a transformer patched with sequence parallelism cannot be deep-copied (it holds "
+                "process groups); copy it before apply_attention, then patch the copy"
+            )
         new = AttentionRun(self.config, copy.deepcopy(self.kernel_options, memo))
         new.state = copy.deepcopy(self.state, memo)
         new.compile_region = self.compile_region
@@ -171,8 +173,9 @@ class AttentionRun:
     def set_step(self, step: int) -> None:
         self.state.step = int(step)
 
-    def layout_for(self, frames: int, height: int, width: int, device: torch.device,
-                   dtype: torch.dtype | None = None) -> TileLayout:
+    def layout_for(
+        self, frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype | None = None
+    ) -> TileLayout:
         """The tile layout of a patch grid under this run's geometry."""
         pairs = self.backend_for(device, dtype).geometry.time_pairs
         return tile_layout(frames, height, width, pairs)
@@ -209,15 +212,26 @@ class AttentionRun:
         """The layout whose tile means this call's NABLA plan will read from the rotary kernel
         (None: no NABLA plan this call, or not on the Triton path)."""
         c, layout = self.config, self.state.layout
-        if (layout is None or self.uses_dense(layer) or c.type not in ("nabla", "nabla_sta")
-                or c.threshold is None or c.threshold >= 1.0):
+        if (
+            layout is None
+            or self.uses_dense(layer)
+            or c.type not in ("nabla", "nabla_sta")
+            or c.threshold is None
+            or c.threshold >= 1.0
+        ):
             return None
         return layout if use_triton(q, n=layout.n_tiles) else None
 
     # ---- the attention itself ----------------------------------------------------------
-    def attend(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, layer: int,
-               pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
-               layout: TileLayout | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        q_BHSD: torch.Tensor,
+        k_BHSD: torch.Tensor,
+        v_BHSD: torch.Tensor,
+        layer: int,
+        pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+        layout: TileLayout | None = None,
+    ) -> torch.Tensor:
         """[B, H, S, D] -> [B, H, S, D]. `layout` defaults to the forward's (state.layout)."""
         layout = self.state.layout if layout is None else layout
         step, observers = self.state.step, self.stats.observers
@@ -243,8 +257,9 @@ class AttentionRun:
             self.stats.emit("attend_finished", call)
         return out
 
-    def dense(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-              layout: TileLayout | None = None) -> torch.Tensor:
+    def dense(
+        self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, layout: TileLayout | None = None
+    ) -> torch.Tensor:
         """Dense attention over the real keys (pads of a padded tile layout gathered out)."""
         layout = self.state.layout if layout is None else layout
         if layout is not None and layout.needs_padding:
@@ -257,11 +272,17 @@ class AttentionRun:
         """Block-sparse attention over `plan` with this run's backend."""
         return self.backend_for(q_BHSD.device, q_BHSD.dtype).sparse(q_BHSD, k_BHSD, v_BHSD, plan)
 
-    def plan(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout,
-             pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockPlan:
+    def plan(
+        self,
+        q_BHSD: torch.Tensor,
+        k_BHSD: torch.Tensor,
+        layout: TileLayout,
+        pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> BlockPlan:
         """The kept blocks for this call's q/k under the configured attention type."""
-        return plan_blocks(self.config, q_BHSD, k_BHSD, layout, self.block_size(q_BHSD.device, q_BHSD.dtype),
-                           pooled=pooled)
+        return plan_blocks(
+            self.config, q_BHSD, k_BHSD, layout, self.block_size(q_BHSD.device, q_BHSD.dtype), pooled=pooled
+        )
 
     # ---- statistics --------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -293,10 +314,11 @@ class AttentionRun:
         host = iter(stacked.tolist()) if stacked is not None else iter(())
         for step, records in items:
             densities[step] = records = [
-                (layer, next(host) if isinstance(v, torch.Tensor) else v) for layer, v in records]
+                (layer, next(host) if isinstance(v, torch.Tensor) else v) for layer, v in records
+            ]
             vals = [float(v) for _, v in records]
             per_step[step] = sum(vals) / len(vals)
-            for (layer, _), v in zip(records, vals):
+            for (layer, _), v in zip(records, vals, strict=False):
                 by_layer[layer].append(v)
         overall = sum(per_step.values()) / len(per_step) if per_step else None
         order = range(steps) if steps is not None else sorted(per_step)
@@ -315,8 +337,13 @@ class AttentionRun:
         vals = self.stats.densities.get(step)
         if vals and log.isEnabledFor(logging.DEBUG):
             d = sum(float(v) for _, v in vals) / len(vals)
-            log.debug("step %d: %s mean kept-block density %.4f over %d attention calls",
-                      step, self.config.label(), d, len(vals))
+            log.debug(
+                "step %d: %s mean kept-block density %.4f over %d attention calls",
+                step,
+                self.config.label(),
+                d,
+                len(vals),
+            )
 
 
 # ---- the opaque regions a compiled graph calls ---------------------------------------------------
@@ -330,8 +357,9 @@ def _layout_from(grid: list[int]) -> TileLayout | None:
 
 
 @torch.library.custom_op("wan_nabla::attend", mutates_args=())
-def attend_op(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, ids: torch.Tensor,
-              grid: list[int]) -> torch.Tensor:
+def attend_op(
+    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, ids: torch.Tensor, grid: list[int]
+) -> torch.Tensor:
     """`AttentionRun.attend` as one opaque node; ids = [run_id, layer] on the CPU, grid = layout_args."""
     run_id, layer = ids.tolist()
     out = _RUNS[run_id].attend(q_BHSD, k_BHSD, v_BHSD, layer, layout=_layout_from(grid))
@@ -350,8 +378,9 @@ def attend_outside_graph(run: AttentionRun, q_BHSD, k_BHSD, v_BHSD, layer: int) 
     return run.attend(q_BHSD, k_BHSD, v_BHSD, layer)
 
 
-def attend_sequence_parallel(run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: int,
-                             layout: TileLayout | None = None) -> torch.Tensor:
+def attend_sequence_parallel(
+    run: AttentionRun, q_BSHD, k_BSHD, v_BSHD, layer: int, layout: TileLayout | None = None
+) -> torch.Tensor:
     """Ulysses attention on local tokens [B, S_loc, H, D] -> [B, H, S_loc, D] (contiguous): heads
     scattered over the ranks (all tokens each), `run.attend`, gathered back."""
     sp = run.sequence_parallel
@@ -365,8 +394,9 @@ attend_sequence_parallel_outside_graph = torch.compiler.disable(attend_sequence_
 
 
 @torch.library.custom_op("wan_nabla::attend_sequence_parallel", mutates_args=())
-def attend_sequence_parallel_op(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor,
-                                ids: torch.Tensor, grid: list[int]) -> torch.Tensor:
+def attend_sequence_parallel_op(
+    q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHD: torch.Tensor, ids: torch.Tensor, grid: list[int]
+) -> torch.Tensor:
     """Ulysses attention (all-to-alls included) as one opaque node of a compiled graph."""
     run_id, layer = ids.tolist()
     return attend_sequence_parallel(_RUNS[run_id], q_BSHD, k_BSHD, v_BSHD, layer, _layout_from(grid))

@@ -70,8 +70,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None,
-             rename: bool = True) -> dict[str, Any] | None:
+def run_item(
+    gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool, ctx=None, rename: bool = True
+) -> dict[str, Any] | None:
     """Generate and write one item; returns its manifest record (ok or failed), never raises Exception.
     With a ParallelContext all ranks of the group call it; the leader writes and gets the record,
     the others get None. Every engine runs its items through this function (ray_engine.py too).
@@ -83,16 +84,32 @@ def run_item(gen, p: PlannedItem, names: set[str], out_dir: Path, progress: bool
     try:
         if writer and not free_or_own(p.output, p.key):  # someone put a file there since planning: never overwrite it
             if ctx is not None or not rename:  # others name concurrently; only the planner's names are collision-free
-                raise RuntimeError(f"{p.output.name} appeared since planning and is not this item's; run the batch "
-                                   f"again to give the item a new name")
-            p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
-                                   available=lambda c: free_or_own(c, p.key))
+                raise RuntimeError(
+                    f"{p.output.name} appeared since planning and is not this item's; run the batch "
+                    f"again to give the item a new name"
+                )
+            p.output = unique_path(
+                out_dir, p.item.name or p.item.prompt, taken=names, available=lambda c: free_or_own(c, p.key)
+            )
             names.add(p.output.name)
         if writer:
             warn_long_prompt(gen, p.item.prompt, f"item {p.item.index}'s prompt (line {p.item.line})")
-        result = agreed(ctx, lambda: gen.generate(
-            p.item.prompt, negative_prompt=g.negative_prompt, progress=progress, size=g.size, frames=g.frames,
-            steps=g.steps, guidance_scale=g.guidance_scale, shift=g.shift, seed=g.seed, fps=g.fps), scope="item")
+        result = agreed(
+            ctx,
+            lambda: gen.generate(
+                p.item.prompt,
+                negative_prompt=g.negative_prompt,
+                progress=progress,
+                size=g.size,
+                frames=g.frames,
+                steps=g.steps,
+                guidance_scale=g.guidance_scale,
+                shift=g.shift,
+                seed=g.seed,
+                fps=g.fps,
+            ),
+            scope="item",
+        )
         density = result.attention.get("overall")
         side = agreed(ctx, lambda: _write_video(gen, result, p), here=writer, scope="item")
         result = None  # the frames go before the record is made

@@ -109,7 +109,7 @@ class ManifestWriter:
             with deferred():  # a signal (SIGINT/SIGTERM) never cuts a record in half
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self._fd, view):]
+                    view = view[os.write(self._fd, view) :]
                 os.fsync(self._fd)
         finally:
             if fcntl is not None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import DEFAULT_CRF, ConfigError, GenerationConfig, RunConfig, parse_size
 from .prompts import PromptItem
@@ -43,8 +44,9 @@ class PlannedItem:
     """The verified earlier record if this item is already done."""
 
 
-def plan_item(cfg: RunConfig, item: PromptItem, model_id: str,
-              check: Callable[[GenerationConfig], None] | None = None) -> PlannedItem:
+def plan_item(
+    cfg: RunConfig, item: PromptItem, model_id: str, check: Callable[[GenerationConfig], None] | None = None
+) -> PlannedItem:
     """Resolve one item's settings, seed and key; a bad value (config rules, then `check`, which
     raises ConfigError) makes it a failed item, not an error."""
     if item.error:

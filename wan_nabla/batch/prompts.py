@@ -125,8 +125,12 @@ def _encodable(text: str) -> bool:
         return False
 
 
-_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"), (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
-         (b"\xfe\xff", "UTF-16 (big-endian)"), (b"\xff\xfe", "UTF-16 (little-endian)"))
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+)
 
 
 def _foreign_encoding(data: bytes) -> str | None:
@@ -170,8 +174,9 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
         data = data[3:]
     encoding = _foreign_encoding(data)
     if encoding is not None:
-        raise PromptFileError(f"prompt file {str(p)!r} is {encoding}, not UTF-8; save it as UTF-8 "
-                              "(e.g. iconv -f <encoding> -t UTF-8)")
+        raise PromptFileError(
+            f"prompt file {str(p)!r} is {encoding}, not UTF-8; save it as UTF-8 (e.g. iconv -f <encoding> -t UTF-8)"
+        )
 
     items: list[PromptItem] = []
     for number, raw in enumerate(data.split(b"\n"), start=1):

@@ -47,9 +47,10 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UsageError, describe_failure
 from ..output.sidecar import sidecar_path
@@ -86,7 +87,8 @@ class BatchActor:
             if probe is not None and not (self.out_dir / probe).exists():
                 raise RuntimeError(
                     f"--out-dir {out_dir} is not the driver's directory on this node (its probe file is missing): "
-                    "it must be storage shared by every node at the same path, or use --ray-transfer")
+                    "it must be storage shared by every node at the same path, or use --ray-transfer"
+                )
             self.gen = load_generator(cfg, None, model)
         except Exception as exc:  # noqa: BLE001 - reported to the driver as one line
             self.error = describe_failure(exc)
@@ -130,8 +132,11 @@ def _connect(opts: RayOptions) -> bool:
     if ray.is_initialized():  # an application (or a test) that already joined a cluster
         return False
     address = opts.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose,
-                              "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": opts.verbose,
+        "logging_level": logging.WARNING,
+    }
     if address is None:
         kwargs["object_store_memory"] = LOCAL_OBJECT_STORE_MB * 2**20
     log.info("ray: %s", f"joining the cluster at {address}" if address else "starting a local cluster")
@@ -159,8 +164,15 @@ class _Slot:
 class _Pool:
     """The actors, the queue and the retry bookkeeping of one run (module doc: Faults)."""
 
-    def __init__(self, opts: RayOptions, cfg, model: str, out_dir: Path, probe: str | None,
-                 finish: Callable[[PlannedItem, dict[str, Any], _Slot | None, int], None]):
+    def __init__(
+        self,
+        opts: RayOptions,
+        cfg,
+        model: str,
+        out_dir: Path,
+        probe: str | None,
+        finish: Callable[[PlannedItem, dict[str, Any], _Slot | None, int], None],
+    ):
         import ray
 
         self.ray, self.opts, self.out_dir = ray, opts, out_dir
@@ -170,8 +182,9 @@ class _Pool:
             raise UsageError("--device cuda: the Ray cluster has no GPU (ray.cluster_resources()); use auto or cpu")
         use_gpu = gpus > 0 and cfg.generation.device != "cpu"
         self.count = opts.actors or gpus or 2
-        self.cls = ray.remote(BatchActor).options(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0,
-                                                  max_task_retries=0)
+        self.cls = ray.remote(BatchActor).options(
+            num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_task_retries=0
+        )
         self.args = (cfg, model, str(out_dir), probe, opts.verbose)
         self.slots: list[_Slot] = []
         self.starting: dict[Any, _Slot] = {}
@@ -228,8 +241,10 @@ class _Pool:
             while self.idle and queue:
                 self._dispatch(self.idle.popleft(), queue.popleft())
             if not self.alive():
-                raise RuntimeError(f"no Ray actor is left for the {len(queue)} remaining item(s) "
-                                   f"(last: {self.last_error}); run the same command again to resume them")
+                raise RuntimeError(
+                    f"no Ray actor is left for the {len(queue)} remaining item(s) "
+                    f"(last: {self.last_error}); run the same command again to resume them"
+                )
             done, _ = self.ray.wait([*self.inflight, *self.starting], num_returns=1, timeout=1.0)
             for ref in done:
                 if ref in self.starting:
@@ -275,8 +290,10 @@ class _Pool:
             self.finish(p, item_record(p, "ok"), None, attempt)  # published just before the death: keep it
         elif attempt > self.opts.max_retries:
             _remove_own_leftovers(p)
-            error = (f"line {p.item.line}: the Ray actor running it died {attempt} time(s), last: {why} "
-                     f"(--max-retries {self.opts.max_retries})")
+            error = (
+                f"line {p.item.line}: the Ray actor running it died {attempt} time(s), last: {why} "
+                f"(--max-retries {self.opts.max_retries})"
+            )
             self.finish(p, item_record(p, "failed", error=error), None, attempt)
         else:
             queue.appendleft(p)  # the next free actor takes it
@@ -303,8 +320,10 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
     side = sidecar_path(out)
     try:
         if not free_or_own(out, p.key or ""):
-            raise RuntimeError(f"{out.name} appeared since planning and is not this item's; run the batch again "
-                               "to give the item a new name")
+            raise RuntimeError(
+                f"{out.name} appeared since planning and is not this item's; run the batch again "
+                "to give the item a new name"
+            )
         try:
             with atomic_output(out) as tmp:
                 tmp.write_bytes(files["mp4"])
@@ -331,8 +350,15 @@ def _remove_own_leftovers(p: PlannedItem) -> None:
         side.unlink(missing_ok=True)
 
 
-def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, quiet: bool,
-            on_record: Callable[[dict[str, Any]], None] | None, model: str) -> dict[str, int]:
+def run_ray(
+    opts: RayOptions,
+    cfg,
+    planned: list[PlannedItem],
+    out_dir: Path,
+    quiet: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    model: str,
+) -> dict[str, int]:
     """Run a planned batch on Ray (module doc); returns the counts of ok, failed and skipped records."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -366,8 +392,12 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
             bar = tqdm(total=len(planned), desc="batch", unit="video", disable=quiet, dynamic_ncols=True)
 
             def finish(p: PlannedItem, rec: dict[str, Any], slot: _Slot | None, attempt: int) -> None:
-                rec["worker"] = {"engine": "ray", "actor": slot.id if slot else None,
-                                 "node": slot.node if slot else None, "attempt": attempt}
+                rec["worker"] = {
+                    "engine": "ray",
+                    "actor": slot.id if slot else None,
+                    "node": slot.node if slot else None,
+                    "attempt": attempt,
+                }
                 write(rec)
                 if rec["status"] == "failed":
                     log.warning("item %d failed: %s", p.item.index, rec["error"])
@@ -378,7 +408,7 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
                 bar.set_postfix(failed=counts["failed"], actors=rates or "starting", refresh=False)
                 bar.refresh()
 
-            with bar, (contextlib.nullcontext() if quiet else logging_redirect_tqdm()):
+            with bar, contextlib.nullcontext() if quiet else logging_redirect_tqdm():
                 pool = _Pool(opts, cfg, model, out_dir, probe.name if probe else None, finish)
                 pool.wait_ready()
                 record_planned(planned, write)
@@ -387,8 +417,11 @@ def run_ray(opts: RayOptions, cfg, planned: list[PlannedItem], out_dir: Path, qu
                 pool.run(pending, tick)
             if not quiet:
                 for s in pool.slots:
-                    print(f"ray actor {s.id} on {s.node} ({s.device}): {s.items} item(s), "
-                          f"{s.busy_s / max(s.items, 1):.2f} s/item", file=sys.stderr)
+                    print(
+                        f"ray actor {s.id} on {s.node} ({s.device}): {s.items} item(s), "
+                        f"{s.busy_s / max(s.items, 1):.2f} s/item",
+                        file=sys.stderr,
+                    )
         else:
             record_planned(planned, write)
         return counts

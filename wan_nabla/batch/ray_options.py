@@ -22,6 +22,8 @@ log = logging.getLogger("wan_nabla.batch.ray_engine")
 
 RAY_REQUIREMENT = "ray>=2.60,<2.61"
 """The tested range; keep it equal to the `ray` extra in pyproject.toml."""
+
+
 @dataclass(frozen=True)
 class RayOptions:
     """The --engine ray options (read from the command line in one place: from_args)."""
@@ -50,27 +52,42 @@ class RayOptions:
         try:
             version = importlib.metadata.version("ray")
         except importlib.metadata.PackageNotFoundError:
-            raise UsageError("--engine ray: ray is not installed; pip install 'wan-nabla[ray]' "
-                             f"({RAY_REQUIREMENT}) on the driver and on every node") from None
+            raise UsageError(
+                "--engine ray: ray is not installed; pip install 'wan-nabla[ray]' "
+                f"({RAY_REQUIREMENT}) on the driver and on every node"
+            ) from None
         if not version.startswith("2."):
             log.warning("ray %s is outside the tested range %s", version, RAY_REQUIREMENT)
-        return cls(address=getattr(args, "ray_address", None) or None, actors=actors,
-                   max_retries=2 if retries is None else retries, transfer=bool(getattr(args, "ray_transfer", False)),
-                   verbose=bool(getattr(args, "verbose", False)))
+        return cls(
+            address=getattr(args, "ray_address", None) or None,
+            actors=actors,
+            max_retries=2 if retries is None else retries,
+            transfer=bool(getattr(args, "ray_transfer", False)),
+            verbose=bool(getattr(args, "verbose", False)),
+        )
 
     def check(self, cfg) -> None:
         """UsageError for settings a Ray batch cannot run (module doc: Limits)."""
         if cfg.parallel.group_size > 1 or os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
-            raise UsageError("--engine ray runs one pipeline per actor: it does not combine with torchrun, "
-                             "--ulysses-degree or --cfg-parallel; use --engine local for those")
+            raise UsageError(
+                "--engine ray runs one pipeline per actor: it does not combine with torchrun, "
+                "--ulysses-degree or --cfg-parallel; use --engine local for those"
+            )
         device = cfg.generation.device
         if device.startswith("cuda:"):
-            raise UsageError(f"--device {device}: under --engine ray each actor is given its own GPU; "
-                             "use --device cuda or auto")
+            raise UsageError(
+                f"--device {device}: under --engine ray each actor is given its own GPU; use --device cuda or auto"
+            )
 
 
 def ray_options(req: Any) -> RayOptions:
     """RayOptions of a requests.BatchRequest (UsageError as from_args)."""
-    return RayOptions.from_args(argparse.Namespace(
-        ray_address=req.ray_address, ray_actors=req.ray_actors, max_retries=req.max_retries,
-        ray_transfer=req.ray_transfer, verbose=req.flags.verbose))
+    return RayOptions.from_args(
+        argparse.Namespace(
+            ray_address=req.ray_address,
+            ray_actors=req.ray_actors,
+            max_retries=req.max_retries,
+            ray_transfer=req.ray_transfer,
+            verbose=req.flags.verbose,
+        )
+    )

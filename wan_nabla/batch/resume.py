@@ -76,8 +76,13 @@ def assign_outputs(planned: list[PlannedItem], out_dir: Path, records: list[dict
             names.add(out.name)
     for p in valid:
         if p.done is None:
-            p.output = unique_path(out_dir, p.item.name or p.item.prompt, taken=names,
-                                   available=lambda c, k=p.key: free_or_own(c, k), counters=counters)
+            p.output = unique_path(
+                out_dir,
+                p.item.name or p.item.prompt,
+                taken=names,
+                available=lambda c, k=p.key: free_or_own(c, k),
+                counters=counters,
+            )
             names.add(p.output.name)
     return names
 

@@ -83,12 +83,15 @@ def print_plan(planned: list[PlannedItem], out_dir: Path) -> None:
             continue
         g, status = p.settings, ("would-skip" if p.done else "would-run")
         size = f"{g.width}x{g.height}"
-        print(f"{i.index:>5} {i.line:>5}  {status:<10} {g.seed:>10} {size:>9} {g.frames:>6} "
-              f"{g.steps:>5}  {p.output.name}")
+        print(
+            f"{i.index:>5} {i.line:>5}  {status:<10} {g.seed:>10} {size:>9} {g.frames:>6} {g.steps:>5}  {p.output.name}"
+        )
     invalid = sum(1 for p in planned if p.error)
     skip = sum(1 for p in planned if p.done)
-    print(f"dry run: {len(planned)} items: {len(planned) - invalid - skip} would run, {skip} already done, "
-          f"{invalid} invalid; output directory {out_dir}")
+    print(
+        f"dry run: {len(planned)} items: {len(planned) - invalid - skip} would run, {skip} already done, "
+        f"{invalid} invalid; output directory {out_dir}"
+    )
 
 
 def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, Any]], None] | None = None) -> int:
@@ -108,8 +111,10 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
     if cfg.parallel.cfg_parallel:
         for p in planned:
             if p.settings is not None and p.settings.guidance_scale <= 1.0:
-                p.error = (f"line {p.item.line}: guidance_scale: {p.settings.guidance_scale:g} turns classifier-free "
-                           f"guidance off, which --cfg-parallel needs; use a value > 1")
+                p.error = (
+                    f"line {p.item.line}: guidance_scale: {p.settings.guidance_scale:g} turns classifier-free "
+                    f"guidance off, which --cfg-parallel needs; use a value > 1"
+                )
     _warn_covered(plan, planned)
     if req.dry_run:
         if plan.parallel is None or plan.parallel.launch.rank == 0:
@@ -120,8 +125,10 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
         from .ray_engine import run_ray
 
         counts = run_ray(ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
-        print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
-              f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
+        print(
+            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
+            f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}"
+        )
         return 1 if counts["failed"] else 0
     pplan = parallel_plan(plan)
     loaded = None
@@ -130,15 +137,20 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
     with parallel_session(pplan) as ctx:
         counts = _execute(cfg, planned, out_dir, req.flags.quiet, ctx, on_record, loaded, plan.model)
     if ctx is None or ctx.is_main:
-        print(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
-              f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}")
+        print(
+            f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
+            f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}"
+        )
     return 1 if counts["failed"] else 0
 
 
 def _warn_covered(plan: RunPlan, planned: list[PlannedItem]) -> None:
     """One warning for items whose size makes the STA window cover the whole grid (full attention)."""
-    covered = [p for p in planned if p.settings is not None
-               and window_covers_grid(plan.config.attention, plan.facts, p.settings)]
+    covered = [
+        p
+        for p in planned
+        if p.settings is not None and window_covers_grid(plan.config.attention, plan.facts, p.settings)
+    ]
     if covered and not plan.notes:
         first = window_covers_grid(plan.config.attention, plan.facts, covered[0].settings)
         log.warning("%d of %d items: %s", len(covered), len(planned), first)
@@ -155,13 +167,14 @@ def _preview_pending(planned: list[PlannedItem], out_dir: Path) -> bool:
 def _share_outputs(ctx, planned: list[PlannedItem], out_dir: Path) -> set[str]:
     """Rank 0's names and done records on every rank (all ranks planned the same items)."""
     shared = ctx.broadcast([(p.output.name if p.output else None, p.done) for p in planned])
-    for p, (name, done) in zip(planned, shared):
+    for p, (name, done) in zip(planned, shared, strict=False):
         p.output, p.done = (out_dir / name if name else None), done
     return {name for name, _ in shared if name}
 
 
-def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, loaded=None,
-             model: str | None = None) -> dict[str, int]:
+def _execute(
+    cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, loaded=None, model: str | None = None
+) -> dict[str, int]:
     main = ctx is None or ctx.is_main
     held = agreed(ctx, lambda: HeldOutDir(out_dir, planned), here=main)
     names = held.names if held is not None else set()
@@ -176,8 +189,9 @@ def _execute(cfg, planned, out_dir: Path, quiet: bool, ctx, on_record, loaded=No
                 log.info("resolved config: %s", cfg.to_dict())
             try:
                 # Built once, bound to this run's parallel context (weights read earlier under torchrun).
-                gen = agreed(ctx, lambda: loaded.generator(ctx) if loaded is not None
-                             else load_generator(cfg, ctx, model))
+                gen = agreed(
+                    ctx, lambda: loaded.generator(ctx) if loaded is not None else load_generator(cfg, ctx, model)
+                )
             except BaseException:
                 if held is not None:
                     held.discard(out_dir)
@@ -220,10 +234,17 @@ def _run_all(planned, pending, gen, manifest, names, out_dir, quiet, on_record, 
     if main:
         record_planned(planned, write)
     initial = total - len(pending)
-    bar = tqdm(total=total, initial=initial, desc="batch", unit="video", position=0,
-               disable=quiet or not main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc="batch",
+        unit="video",
+        position=0,
+        disable=quiet or not main,
+        dynamic_ncols=True,
+    )
     bar.set_postfix(failed=counts["failed"])
-    with bar, (contextlib.nullcontext() if quiet else logging_redirect_tqdm()):
+    with bar, contextlib.nullcontext() if quiet else logging_redirect_tqdm():
         for p in _claimed(pending, claims):
             rec = run_item(gen, p, names, out_dir, progress=not quiet and main, ctx=ctx)
             if rec is None:

@@ -66,23 +66,31 @@ SSIM_WIN = 7
 """scikit-image's default SSIM window (uniform, not Gaussian)."""
 
 
-def ssim_torch(ref: torch.Tensor | np.ndarray, cand: torch.Tensor | np.ndarray, device: str | torch.device = "cpu",
-               frames_per_chunk: int = 4) -> list[float]:
+def ssim_torch(
+    ref: torch.Tensor | np.ndarray,
+    cand: torch.Tensor | np.ndarray,
+    device: str | torch.device = "cpu",
+    frames_per_chunk: int = 4,
+) -> list[float]:
     """Per-frame SSIM of two [T, H, W, C] videos in [0, 1], as scikit-image's
     structural_similarity(channel_axis=-1, data_range=1.0) defines it: 7x7 uniform window, sample
     covariance (49/48), K1 0.01, K2 0.03, the 3-pixel border cropped (so a valid 7x7 mean, which
     scikit-image's reflect padding never reaches), channels averaged. float64 on `device`, a few
     frames at a time so a 720p video fits in little memory."""
     if ref.shape != cand.shape or len(ref.shape) != 4 or min(ref.shape[1:3]) < SSIM_WIN:
-        raise ValueError(f"videos must share a [T, H, W, C] shape with H, W >= {SSIM_WIN}, got "
-                         f"{tuple(ref.shape)} and {tuple(cand.shape)}")
+        raise ValueError(
+            f"videos must share a [T, H, W, C] shape with H, W >= {SSIM_WIN}, got "
+            f"{tuple(ref.shape)} and {tuple(cand.shape)}"
+        )
     n = SSIM_WIN * SSIM_WIN
     cov_norm = n / (n - 1)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     out: list[float] = []
     for i in range(0, ref.shape[0], frames_per_chunk):
-        x, y = (torch.as_tensor(v[i:i + frames_per_chunk]).to(device=device, dtype=torch.float64)
-                .permute(0, 3, 1, 2) for v in (ref, cand))
+        x, y = (
+            torch.as_tensor(v[i : i + frames_per_chunk]).to(device=device, dtype=torch.float64).permute(0, 3, 1, 2)
+            for v in (ref, cand)
+        )
 
         def mean(t: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.avg_pool2d(t, SSIM_WIN, stride=1)
@@ -96,8 +104,9 @@ def ssim_torch(ref: torch.Tensor | np.ndarray, cand: torch.Tensor | np.ndarray, 
     return out
 
 
-def frame_metrics(ref: np.ndarray, cand: np.ndarray, with_ssim: bool = True,
-                  ssim_device: str | torch.device | None = None) -> dict[str, Any]:
+def frame_metrics(
+    ref: np.ndarray, cand: np.ndarray, with_ssim: bool = True, ssim_device: str | torch.device | None = None
+) -> dict[str, Any]:
     """Per-frame and overall PSNR / SSIM of two [T, H, W, 3] float videos in [0, 1] (SSIM None
     without `with_ssim`, e.g. on a machine lacking scikit-image). With `ssim_device` the SSIM is
     `ssim_torch`'s on that device (the same definition; no scikit-image needed)."""
@@ -111,7 +120,9 @@ def frame_metrics(ref: np.ndarray, cand: np.ndarray, with_ssim: bool = True,
     elif with_ssim:
         from skimage.metrics import structural_similarity
 
-        ssim = [float(structural_similarity(r, c, channel_axis=-1, data_range=1.0)) for r, c in zip(ref, cand)]
+        ssim = [
+            float(structural_similarity(r, c, channel_axis=-1, data_range=1.0)) for r, c in zip(ref, cand, strict=False)
+        ]
     return {
         "psnr_db": [json_number(psnr(float(m))) for m in mse],
         "ssim": ssim,

@@ -17,8 +17,8 @@ import contextlib
 from pathlib import Path
 
 from ..errors import UsageError
-from ..preflight import parse_indices, parse_sampling  # noqa: F401 - the light half, checked in preflight
 from ..output.files import OutputError, ensure_writable_dir
+from ..preflight import parse_indices, parse_sampling  # noqa: F401 - the light half, checked in preflight
 from .metrics import missing_extras
 from .probe import Sampling
 
@@ -47,12 +47,12 @@ def require_extras(what: str) -> None:
         raise UsageError(f"{what} needs {' and '.join(missing)}: pip install 'wan-nabla[compare]'")
 
 
-def resolve_sampling(wanted: dict[str, tuple[int, ...] | None], transformer, steps: int,
-                     dense_steps: int = 0) -> Sampling:
+def resolve_sampling(
+    wanted: dict[str, tuple[int, ...] | None], transformer, steps: int, dense_steps: int = 0
+) -> Sampling:
     """Indices checked against the loaded transformer and the step count; defaults: the first
     sparse step, the middle and the last step; first, middle and last block and head."""
-    sizes = {"steps": steps, "layers": len(transformer.blocks),
-             "heads": int(transformer.config.num_attention_heads)}
+    sizes = {"steps": steps, "layers": len(transformer.blocks), "heads": int(transformer.config.num_attention_heads)}
     start = {"steps": dense_steps if dense_steps < steps else 0}
     out = {}
     for what in SAMPLE_FLAGS:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
@@ -66,9 +67,15 @@ def mask_picture(record, label: str) -> bytes:
     axes = fig.subplots(1, len(heads), squeeze=False)[0]
     image = None
     n = masks.shape[-1]
-    for ax, head, mask in zip(axes, heads, masks):
-        image = ax.imshow(mask.astype(np.float32), cmap="Blues", vmin=0.0, vmax=1.0,
-                          interpolation="antialiased", interpolation_stage="data")
+    for ax, head, mask in zip(axes, heads, masks, strict=False):
+        image = ax.imshow(
+            mask.astype(np.float32),
+            cmap="Blues",
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="antialiased",
+            interpolation_stage="data",
+        )
         _frame_ticks(ax, n, record.tiles_per_frame or n)
         ax.set_title(f"head {head}: kept {mask.mean():.2f} of tiles", fontsize=9)
         ax.set_xlabel("key tile (ticks: latent frame)", fontsize=8)
@@ -109,8 +116,9 @@ def _finite(values) -> list[float]:
     return [float(v) if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
 
 
-def metrics_picture(step_rel_l2: Sequence[float], frames: dict[str, Any], attention: Sequence[dict[str, Any]],
-                    label: str) -> bytes:
+def metrics_picture(
+    step_rel_l2: Sequence[float], frames: dict[str, Any], attention: Sequence[dict[str, Any]], label: str
+) -> bytes:
     """Three panels: transformer-output rel. L2 per step; PSNR and SSIM per decoded frame; attention
     error and token-level kept mass at the sampled calls (attention rows: step, layer, rel_l2,
     kept_mass_mean, kept_mass_min)."""
@@ -144,8 +152,14 @@ def metrics_picture(step_rel_l2: Sequence[float], frames: dict[str, Any], attent
     names = [f"s{r['step']}/l{r['layer']}" for r in attention]
     x = np.arange(len(attention))
     c.bar(x, [r["rel_l2"] for r in attention], color="tab:red", alpha=0.7, label="rel. L2 vs exact")
-    c.bar(x, [r["dense_kernel_rel_l2"] for r in attention], color="k", alpha=0.5, width=0.4,
-          label="dense kernel (rounding floor)")
+    c.bar(
+        x,
+        [r["dense_kernel_rel_l2"] for r in attention],
+        color="k",
+        alpha=0.5,
+        width=0.4,
+        label="dense kernel (rounding floor)",
+    )
     c.set_xticks(x, names, fontsize=7, rotation=45)
     c.set_ylabel("attention output rel. L2")
     c.set_title("attention error at sampled calls", fontsize=10)
@@ -156,8 +170,9 @@ def metrics_picture(step_rel_l2: Sequence[float], frames: dict[str, Any], attent
     c2.set_ylabel("exact attention mass kept", color="tab:green")
     lines = c.get_legend_handles_labels()
     lines2 = c2.get_legend_handles_labels()
-    c.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, ncol=2, loc="upper center",
-             bbox_to_anchor=(0.5, -0.3))
+    c.legend(
+        lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.3)
+    )
     fig.suptitle(label, fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.95, bottom=0.32, top=0.86, wspace=0.5)
     return _png(fig)
@@ -170,12 +185,12 @@ def presets_picture(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     a, b = fig.subplots(1, 2)
     for r in rows:
         a.scatter(r["density"], r["rel_l2_mean"], s=30)
-        a.annotate(r["preset"], (r["density"], r["rel_l2_mean"]), fontsize=7, xytext=(3, 3),
-                   textcoords="offset points")
+        a.annotate(r["preset"], (r["density"], r["rel_l2_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         b.scatter(r["density"], r["kept_mass_mean"], s=30, color="tab:green")
         b.scatter(r["density"], r["kept_mass_min"], s=30, marker="v", color="tab:olive")
-        b.annotate(r["preset"], (r["density"], r["kept_mass_mean"]), fontsize=7, xytext=(3, 3),
-                   textcoords="offset points")
+        b.annotate(
+            r["preset"], (r["density"], r["kept_mass_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     a.set_ylabel("attention output rel. L2 vs exact")
     b.set_ylabel("exact attention mass kept (o mean, v min)")
     b.set_ylim(0, 1.05)

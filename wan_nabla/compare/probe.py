@@ -93,11 +93,19 @@ def sample_rows(n_rows: int, max_rows: int, device: torch.device, real: torch.Te
 
 
 @torch.no_grad()
-def exact_attention_stats(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-                          outputs: dict[str, torch.Tensor], *, key_valid: torch.Tensor | None = None,
-                          block_keep: torch.Tensor | None = None, block_size: tuple[int, int] = (64, 64),
-                          rows: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
-                          chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+def exact_attention_stats(
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    outputs: dict[str, torch.Tensor],
+    *,
+    key_valid: torch.Tensor | None = None,
+    block_keep: torch.Tensor | None = None,
+    block_size: tuple[int, int] = (64, 64),
+    rows: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, Any]:
     """Exact softmax attention on these q/k/v over chunks of query `rows`, compared with `outputs`
     (name -> [B, H, S, D]) and with the kept blocks `block_keep` ([B|1, H|1, n_q, n_kv] at
     `block_size`; None = everything kept). Keys where `key_valid` ([S] bool) is False get no weight.
@@ -118,7 +126,7 @@ def exact_attention_stats(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: to
     chunk = max(1, chunk_bytes // (3 * b * h * s * itemsize))  # scores, probabilities, a temporary
     bq, bk = block_size
     for start in range(0, len(rows), chunk):
-        idx = rows[start:start + chunk]
+        idx = rows[start : start + chunk]
         scores = torch.matmul(q_BHSD[:, :, idx].to(cd), k.transpose(-1, -2)) * scale  # [B, H, c, S]
         if key_valid is not None:
             scores.masked_fill_(~key_valid.to(dev), -math.inf)
@@ -146,8 +154,9 @@ def exact_attention_stats(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: to
     }
 
 
-def coarse_kept_mass(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout,
-                     keep: torch.Tensor) -> dict[str, list[float]]:
+def coarse_kept_mass(
+    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, layout: TileLayout, keep: torch.Tensor
+) -> dict[str, list[float]]:
     """P-mass of the kept tiles on NABLA's coarse map, per head: min and mean over query tiles
     (and batch items). `keep` is [B|1, H|1, n, n] or [n, n] bool."""
     p = masks.coarse_map(q_BHSD, k_BHSD, layout).double()
@@ -194,8 +203,15 @@ class CallRecord:
 class AttentionProbe(Observer):
     """Watches a run's attention calls; see module doc. Use as a context manager or call close()."""
 
-    def __init__(self, run, sampling: Sampling, *, exact: bool = False,
-                 max_query_rows: int = DEFAULT_MAX_QUERY_ROWS, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        run,
+        sampling: Sampling,
+        *,
+        exact: bool = False,
+        max_query_rows: int = DEFAULT_MAX_QUERY_ROWS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         self.run = run
         self.sampling = sampling
         self.exact = exact
@@ -235,8 +251,14 @@ class AttentionProbe(Observer):
         run, layout = self.run, self.run.layout
         b, h, s, _ = q.shape
         dense = plan is None
-        rec = CallRecord(step=step, layer=layer, dense=dense, batch=b, heads=list(self.sampling.heads),
-                         density=1.0 if dense else float(plan.density))
+        rec = CallRecord(
+            step=step,
+            layer=layer,
+            dense=dense,
+            batch=b,
+            heads=list(self.sampling.heads),
+            density=1.0 if dense else float(plan.density),
+        )
         heads = torch.tensor(self.sampling.heads, device=q.device)
         if layout is not None:
             if dense:
@@ -266,9 +288,17 @@ class AttentionProbe(Observer):
             dense_out = dense_attention(q, k, v)
         rows = sample_rows(s, self.max_query_rows, q.device, real)
         keep = None if plan is None else plan_block_keep(plan)
-        stats = exact_attention_stats(q, k, v, {"sparse": out, "dense_kernel": dense_out}, key_valid=key_valid,
-                                      block_keep=keep, block_size=plan.block_size if plan is not None else (64, 64),
-                                      rows=rows, chunk_bytes=self.chunk_bytes)
+        stats = exact_attention_stats(
+            q,
+            k,
+            v,
+            {"sparse": out, "dense_kernel": dense_out},
+            key_valid=key_valid,
+            block_keep=keep,
+            block_size=plan.block_size if plan is not None else (64, 64),
+            rows=rows,
+            chunk_bytes=self.chunk_bytes,
+        )
         stats["compute_dtype"] = "float64" if q.device.type == "cpu" else "float32"
         stats["rows_of"] = int(len(real) if real is not None else s)
         return stats

@@ -23,13 +23,17 @@ from ..output.sidecar import environment
 from ..tiny import TINY_MODEL_ID
 from .metrics import json_number, rel_l2
 
-RANDOM_NOTE = ("The model has random weights: its video is noise, so these numbers say nothing about "
-               "visual quality; they only show the tool at work. Use real weights to judge a config.")
-MASS_NOTE = ("Coarse kept mass is the share of NABLA's pooled map P = softmax(q_bar k_bar^T / sqrt(D)) "
-             "in the kept tiles of a query tile: the CDF rule makes it >= the threshold on every row for "
-             "NABLA and NABLA | STA. Token-level kept mass is the share of the exact attention of a "
-             "query row inside the blocks the kernel computed; nothing guarantees it, and it is what "
-             "decides the attention error.")
+RANDOM_NOTE = (
+    "The model has random weights: its video is noise, so these numbers say nothing about "
+    "visual quality; they only show the tool at work. Use real weights to judge a config."
+)
+MASS_NOTE = (
+    "Coarse kept mass is the share of NABLA's pooled map P = softmax(q_bar k_bar^T / sqrt(D)) "
+    "in the kept tiles of a query tile: the CDF rule makes it >= the threshold on every row for "
+    "NABLA and NABLA | STA. Token-level kept mass is the share of the exact attention of a "
+    "query row inside the blocks the kernel computed; nothing guarantees it, and it is what "
+    "decides the attention error."
+)
 
 
 def is_random_model(model_id: str) -> bool:
@@ -62,13 +66,18 @@ def metrics_record(prompt: str, model_id: str, ref, cand, frames: dict[str, Any]
         "latents": {"final_rel_l2": json_number(rel_l2(cand.final_latents, ref.final_latents))},
         "steps": {"output_rel_l2": [json_number(x) for x in cand.step_rel_l2]},
         "reference_density": ref.result.attention.get("overall"),
-        "density": {"overall": dens.get("overall"), "per_step": dens.get("per_step"),
-                    "per_layer": dens.get("per_layer"), "layer_step": table},
+        "density": {
+            "overall": dens.get("overall"),
+            "per_step": dens.get("per_step"),
+            "per_layer": dens.get("per_layer"),
+            "layer_step": table,
+        },
         "timings": {
-            "reference": _timing(ref), "candidate": _timing(cand),
+            "reference": _timing(ref),
+            "candidate": _timing(cand),
             "speedup": ref_s / cand_s if cand_s > 0 else None,
             "speedup_basis": "median denoising step time without the first step (FlexAttention compile) "
-                             "and without the probe's own time",
+            "and without the probe's own time",
         },
         "versions": environment(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -115,14 +124,19 @@ def attention_rows(attention: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for c in attention["calls"]:
         e = c.get("exact") or {}
-        rows.append({
-            "step": c["step"], "layer": c["layer"], "dense": c["dense"], "density": c["density"],
-            "rel_l2": e.get("rel_l2", {}).get("sparse"),
-            "dense_kernel_rel_l2": e.get("rel_l2", {}).get("dense_kernel"),
-            "kept_mass_mean": mean_of(e.get("kept_mass_mean", [])),
-            "kept_mass_min": min(e.get("kept_mass_min", []), default=None),
-            "coarse_mass_min": min(c["coarse_mass_min"]) if c.get("coarse_mass_min") else None,
-        })
+        rows.append(
+            {
+                "step": c["step"],
+                "layer": c["layer"],
+                "dense": c["dense"],
+                "density": c["density"],
+                "rel_l2": e.get("rel_l2", {}).get("sparse"),
+                "dense_kernel_rel_l2": e.get("rel_l2", {}).get("dense_kernel"),
+                "kept_mass_mean": mean_of(e.get("kept_mass_mean", [])),
+                "kept_mass_min": min(e.get("kept_mass_min", []), default=None),
+                "coarse_mass_min": min(c["coarse_mass_min"]) if c.get("coarse_mass_min") else None,
+            }
+        )
     return rows
 
 
@@ -145,46 +159,67 @@ def markdown(metrics: dict[str, Any], attention: dict[str, Any], mask_files: lis
     t = metrics["timings"]
     fr = metrics["frames"]["overall"]
     lines = [f"# {cand} against {ref}", ""]
-    lines += [f"Prompt: {metrics['prompt']!r}. Model: `{metrics['model']}`, seed {metrics['seed']}, "
-              f"{s['size']}, {s['frames']} frames, {s['steps']} steps, guidance {s['guidance_scale']}, "
-              f"shift {s['shift']}.", ""]
+    lines += [
+        f"Prompt: {metrics['prompt']!r}. Model: `{metrics['model']}`, seed {metrics['seed']}, "
+        f"{s['size']}, {s['frames']} frames, {s['steps']} steps, guidance {s['guidance_scale']}, "
+        f"shift {s['shift']}.",
+        "",
+    ]
     if metrics["random_weights"]:
         lines += [f"**{RANDOM_NOTE}**", ""]
     tr, tc = t["reference"], t["candidate"]
-    lines += ["| | reference | candidate |", "|---|---|---|",
-              f"| attention | {ref} | {cand} |",
-              f"| step time s (steady) | {fmt(tr['steady_step_s'])} | {fmt(tc['steady_step_s'])} |",
-              f"| denoising s (all steps) | {fmt(tr['denoising_s'])} | {fmt(tc['denoising_s'])} |",
-              f"| kept-block density | {fmt(metrics['reference_density'])} | {fmt(metrics['density']['overall'])} |",
-              ""]
+    lines += [
+        "| | reference | candidate |",
+        "|---|---|---|",
+        f"| attention | {ref} | {cand} |",
+        f"| step time s (steady) | {fmt(tr['steady_step_s'])} | {fmt(tc['steady_step_s'])} |",
+        f"| denoising s (all steps) | {fmt(tr['denoising_s'])} | {fmt(tc['denoising_s'])} |",
+        f"| kept-block density | {fmt(metrics['reference_density'])} | {fmt(metrics['density']['overall'])} |",
+        "",
+    ]
     lines += [f"Speed-up {fmt(t['speedup'], 3)}x ({t['speedup_basis']}).", ""]
     last = metrics["steps"]["output_rel_l2"][-1] if metrics["steps"]["output_rel_l2"] else None
-    lines += ["## Distance from the reference", "",
-              f"- decoded frames: PSNR {fmt(fr['psnr_db'])} dB over the video, SSIM mean {fmt(fr['ssim_mean'])}, "
-              f"min {fmt(fr['ssim_min'])}, largest pixel difference {fmt(fr['max_abs_diff'])}",
-              f"- final latents: relative L2 {fmt(metrics['latents']['final_rel_l2'])}",
-              f"- transformer output (guided noise) at the last step: relative L2 {fmt(last)}", "",
-              "![metrics](metrics.png)", "",
-              "Middle frame: reference | candidate | absolute difference"
-              + (" (the whole video: [side_by_side.mp4](side_by_side.mp4))" if video else "") + ".", "",
-              "![side by side](side_by_side.png)", ""]
+    lines += [
+        "## Distance from the reference",
+        "",
+        f"- decoded frames: PSNR {fmt(fr['psnr_db'])} dB over the video, SSIM mean {fmt(fr['ssim_mean'])}, "
+        f"min {fmt(fr['ssim_min'])}, largest pixel difference {fmt(fr['max_abs_diff'])}",
+        f"- final latents: relative L2 {fmt(metrics['latents']['final_rel_l2'])}",
+        f"- transformer output (guided noise) at the last step: relative L2 {fmt(last)}",
+        "",
+        "![metrics](metrics.png)",
+        "",
+        "Middle frame: reference | candidate | absolute difference"
+        + (" (the whole video: [side_by_side.mp4](side_by_side.mp4))" if video else "")
+        + ".",
+        "",
+        "![side by side](side_by_side.png)",
+        "",
+    ]
     sm = attention["summary"]
     rows = attention_rows(attention)
     q = attention.get("query_rows") or {}
-    lines += ["## Attention fidelity at sampled calls", "",
-              f"Exact dense attention on the candidate's own q/k/v ({attention.get('compute_dtype')}, "
-              f"{q.get('sampled')} of {q.get('of')} query rows per call). Mean relative L2 "
-              f"{fmt(sm['rel_l2_mean'])} (dense kernel floor {fmt(sm['dense_kernel_rel_l2_mean'])}); "
-              f"token-level kept mass mean {fmt(sm['kept_mass_mean'])}, min {fmt(sm['kept_mass_min'])}; "
-              f"coarse kept mass min {fmt(sm['coarse_mass_min'])}"
-              + (f" (threshold {attention['threshold']:g})" if attention.get("threshold") else "") + ".", "",
-              "| step | layer | kept blocks | rel. L2 vs exact | dense kernel | kept mass mean | kept mass min "
-              "| coarse mass min |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Attention fidelity at sampled calls",
+        "",
+        f"Exact dense attention on the candidate's own q/k/v ({attention.get('compute_dtype')}, "
+        f"{q.get('sampled')} of {q.get('of')} query rows per call). Mean relative L2 "
+        f"{fmt(sm['rel_l2_mean'])} (dense kernel floor {fmt(sm['dense_kernel_rel_l2_mean'])}); "
+        f"token-level kept mass mean {fmt(sm['kept_mass_mean'])}, min {fmt(sm['kept_mass_min'])}; "
+        f"coarse kept mass min {fmt(sm['coarse_mass_min'])}"
+        + (f" (threshold {attention['threshold']:g})" if attention.get("threshold") else "")
+        + ".",
+        "",
+        "| step | layer | kept blocks | rel. L2 vs exact | dense kernel | kept mass mean | kept mass min "
+        "| coarse mass min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['step']} | {r['layer']}{' (dense)' if r['dense'] else ''} | {fmt(r['density'], 3)} | "
-                     f"{fmt(r['rel_l2'], 3)} | {fmt(r['dense_kernel_rel_l2'], 3)} | {fmt(r['kept_mass_mean'], 3)} | "
-                     f"{fmt(r['kept_mass_min'], 3)} | {fmt(r['coarse_mass_min'], 3)} |")
+        lines.append(
+            f"| {r['step']} | {r['layer']}{' (dense)' if r['dense'] else ''} | {fmt(r['density'], 3)} | "
+            f"{fmt(r['rel_l2'], 3)} | {fmt(r['dense_kernel_rel_l2'], 3)} | {fmt(r['kept_mass_mean'], 3)} | "
+            f"{fmt(r['kept_mass_min'], 3)} | {fmt(r['coarse_mass_min'], 3)} |"
+        )
     lines += ["", MASS_NOTE, "", "## Masks", "", "![density](masks/density.png)", ""]
     lines += [f"![{name}](masks/{name})" for name in mask_files]
     lines += ["", "Files: metrics.json (every number above), attention_error.json (per call and head).", ""]

@@ -75,15 +75,24 @@ class Capture:
 
     def steady_step_s(self) -> float:
         """Median step time without the first step (compile) and without the probe's time."""
-        per = [s - p for s, p in zip(self.result.timings["per_step_s"], self.probe_s)]
+        per = [s - p for s, p in zip(self.result.timings["per_step_s"], self.probe_s, strict=False)]
         return statistics.median(per[1:] if len(per) > 1 else per)
 
 
 @torch.no_grad()
-def capture(pipe, config: RunConfig, device: torch.device, model_id: str, prompt: str, *,
-            keep_noise: bool = False, reference: Capture | None = None,
-            probe: tuple[Sampling, bool] | None = None, max_query_rows: int | None = None,
-            progress: bool = False) -> Capture:
+def capture(
+    pipe,
+    config: RunConfig,
+    device: torch.device,
+    model_id: str,
+    prompt: str,
+    *,
+    keep_noise: bool = False,
+    reference: Capture | None = None,
+    probe: tuple[Sampling, bool] | None = None,
+    max_query_rows: int | None = None,
+    progress: bool = False,
+) -> Capture:
     """Generate with `config`'s attention installed on `pipe` (removed again afterwards).
 
     `probe` = (sampling, exact): watch the attention calls (probe.AttentionProbe)."""
@@ -112,11 +121,19 @@ def capture(pipe, config: RunConfig, device: torch.device, model_id: str, prompt
             watcher.close()
         gen.close()
     steps = len(result.timings["per_step_s"])
-    rel = [0.0 if d == 0 else (d / r if r > 0 else float("inf"))
-           for d, r in (torch.stack(diffs).double().tolist() if diffs else [])]
-    return Capture(config=config, result=result, final_latents=last[0].float().clone(), noise=noise,
-                   step_rel_l2=rel, probe=watcher,
-                   probe_s=watcher.step_probe_s(steps) if watcher else [0.0] * steps)
+    rel = [
+        0.0 if d == 0 else (d / r if r > 0 else float("inf"))
+        for d, r in (torch.stack(diffs).double().tolist() if diffs else [])
+    ]
+    return Capture(
+        config=config,
+        result=result,
+        final_latents=last[0].float().clone(),
+        noise=noise,
+        step_rel_l2=rel,
+        probe=watcher,
+        probe_s=watcher.step_probe_s(steps) if watcher else [0.0] * steps,
+    )
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -147,11 +164,19 @@ def run_compare(plan: RunPlan, req: CompareRequest) -> int:
         progress = not req.flags.quiet
         log.info("reference run: %s", ref_cfg.attention.label())
         warn_long_prompt(base, req.prompt)
-        ref = capture(base.pipe, ref_cfg, base.device, base.model_id, req.prompt, keep_noise=True,
-                      progress=progress)
+        ref = capture(base.pipe, ref_cfg, base.device, base.model_id, req.prompt, keep_noise=True, progress=progress)
         log.info("candidate run: %s", cand_cfg.attention.label())
-        cand = capture(base.pipe, cand_cfg, base.device, base.model_id, req.prompt, reference=ref,
-                       probe=(sampling, True), max_query_rows=req.max_query_rows, progress=progress)
+        cand = capture(
+            base.pipe,
+            cand_cfg,
+            base.device,
+            base.model_id,
+            req.prompt,
+            reference=ref,
+            probe=(sampling, True),
+            max_query_rows=req.max_query_rows,
+            progress=progress,
+        )
         ref.noise.clear()
     except BaseException:  # bad model or sampling flag (exit 2), or a failed run: nothing written
         remove_if_empty(out, created)
@@ -161,8 +186,9 @@ def run_compare(plan: RunPlan, req: CompareRequest) -> int:
     return 0
 
 
-def write_outputs(out: Path, prompt: str, gen: VideoGenerator, ref: Capture, cand: Capture, *,
-                  video: bool) -> dict[str, Any]:
+def write_outputs(
+    out: Path, prompt: str, gen: VideoGenerator, ref: Capture, cand: Capture, *, video: bool
+) -> dict[str, Any]:
     """Render and write every output file (report.md last); returns metrics.json's content."""
     from . import pictures, report
     from .metrics import frame_metrics
@@ -178,9 +204,15 @@ def write_outputs(out: Path, prompt: str, gen: VideoGenerator, ref: Capture, can
     (out / "masks").mkdir(exist_ok=True)
     for name, data in pngs.items():
         atomic_write_bytes(out / "masks" / name, data)
-    atomic_write_bytes(out / "metrics.png", pictures.metrics_picture(
-        metrics["steps"]["output_rel_l2"], frames, report.attention_rows(attention),
-        f"{cand.label} vs {ref.label}{tag}"))
+    atomic_write_bytes(
+        out / "metrics.png",
+        pictures.metrics_picture(
+            metrics["steps"]["output_rel_l2"],
+            frames,
+            report.attention_rows(attention),
+            f"{cand.label} vs {ref.label}{tag}",
+        ),
+    )
     sbs, scale = side_by_side(ref.result.frames, cand.result.frames, ref.label, cand.label)
     _write_png(out / "side_by_side.png", sbs[len(sbs) // 2])
     if video:

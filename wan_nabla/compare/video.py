@@ -60,10 +60,16 @@ def side_by_side(ref: np.ndarray, cand: np.ndarray, ref_label: str, cand_label: 
     diff = np.abs(ref - cand).mean(axis=-1)
     scale = max(float(np.percentile(diff, 99.9)), 1.0 / 255.0)
     strip_h = max(12, int(round(w * STRIP_FRACTION / 2)) * 2)
-    strips = np.concatenate([label_strip(f"reference: {ref_label}", w, strip_h),
-                             label_strip(f"candidate: {cand_label}", w, strip_h),
-                             label_strip(f"|difference|, white = {scale:.3f}", w, strip_h)], axis=1)
-    panels = np.concatenate([(ref * 255).round().astype(np.uint8), (cand * 255).round().astype(np.uint8),
-                             heat(diff, scale)], axis=2)
+    strips = np.concatenate(
+        [
+            label_strip(f"reference: {ref_label}", w, strip_h),
+            label_strip(f"candidate: {cand_label}", w, strip_h),
+            label_strip(f"|difference|, white = {scale:.3f}", w, strip_h),
+        ],
+        axis=1,
+    )
+    panels = np.concatenate(
+        [(ref * 255).round().astype(np.uint8), (cand * 255).round().astype(np.uint8), heat(diff, scale)], axis=2
+    )
     out = np.concatenate([np.broadcast_to(strips, (t, *strips.shape)), panels], axis=1)
     return np.ascontiguousarray(out), scale

@@ -29,4 +29,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Launch", "ParallelContext", "ParallelPlan", "RankLayout", "Roles", "SequenceParallel", "plan_ranks", "rank_device"]
+__all__ = [
+    "Launch",
+    "ParallelContext",
+    "ParallelPlan",
+    "RankLayout",
+    "Roles",
+    "SequenceParallel",
+    "plan_ranks",
+    "rank_device",
+]

@@ -40,8 +40,15 @@ log = logging.getLogger(__name__)
 class ParallelContext:
     """Process groups, roles and collectives of one rank (see module doc)."""
 
-    def __init__(self, launch: Launch, layout: RankLayout, device: torch.device, backend: str,
-                 groups: dict[str, Any], timeout_s: float):
+    def __init__(
+        self,
+        launch: Launch,
+        layout: RankLayout,
+        device: torch.device,
+        backend: str,
+        groups: dict[str, Any],
+        timeout_s: float,
+    ):
         self.launch = launch
         self.timeout_s = timeout_s
         self.layout = layout
@@ -97,8 +104,12 @@ class ParallelContext:
 
     def describe(self) -> dict[str, Any]:
         """The parallel layout as recorded in sidecars."""
-        return {**self.layout.describe(), "backend": self.backend, "group": self.roles.group,
-                "ranks": self.layout.group_ranks(self.roles.group)}
+        return {
+            **self.layout.describe(),
+            "backend": self.backend,
+            "group": self.roles.group,
+            "ranks": self.layout.group_ranks(self.roles.group),
+        }
 
     def item_group(self):
         """The process group of this video's ranks (None when the video has one rank)."""
@@ -113,8 +124,9 @@ class ParallelContext:
         if self.layout.ulysses == 1:
             return None
         if self._sp is None:
-            self._sp = SequenceParallel(self._groups["ulysses"], self.layout.ulysses, self.roles.ulysses_rank,
-                                        self.timer)
+            self._sp = SequenceParallel(
+                self._groups["ulysses"], self.layout.ulysses, self.roles.ulysses_rank, self.timer
+            )
         return self._sp
 
     def exchange_cfg(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,13 +151,19 @@ class ParallelContext:
         if group is None:
             return
         d = t.detach().double()
-        mine = torch.stack([d.sum(), d.abs().sum(), (d * torch.arange(d.numel(), device=d.device,
-                                                                         dtype=torch.float64).view(d.shape)).sum()])
+        mine = torch.stack(
+            [
+                d.sum(),
+                d.abs().sum(),
+                (d * torch.arange(d.numel(), device=d.device, dtype=torch.float64).view(d.shape)).sum(),
+            ]
+        )
         allv = mine.new_empty(self.layout.group_size, 3)
         all_gather_equal(allv, mine[None], group)
         if not bool((allv == allv[0]).all()):
-            raise RuntimeError(f"{what} differ between the ranks of one video (checksums {allv.tolist()}); "
-                               f"the ranks diverged")
+            raise RuntimeError(
+                f"{what} differ between the ranks of one video (checksums {allv.tolist()}); the ranks diverged"
+            )
 
     # ---- control messages (gloo) -------------------------------------------------------
     def _ctrl(self, scope: str):
@@ -186,11 +204,13 @@ class ParallelContext:
 
 def _make_groups(layout: RankLayout, rank: int, backend: str, timeout: datetime.timedelta) -> dict[str, Any]:
     """Every group of the layout, created in the same order on every rank; this rank's are kept."""
+
     def new(ranks: list[int], gloo: bool = False):
         return dist.new_group(ranks, timeout=timeout, backend="gloo" if gloo else None)
 
-    mine: dict[str, Any] = {"ctrl_world": new(list(range(layout.world_size)), gloo=True) if backend != "gloo"
-                            else dist.group.WORLD}
+    mine: dict[str, Any] = {
+        "ctrl_world": new(list(range(layout.world_size)), gloo=True) if backend != "gloo" else dist.group.WORLD
+    }
     roles = layout.roles(rank)
     for g in range(layout.groups):
         if layout.group_size > 1:
@@ -223,13 +243,17 @@ def rank_device(name: str, launch: Launch) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda:"):
-        raise ConfigError(f"--device: {name!r} under torchrun would put every rank on one GPU; use cuda or auto "
-                          f"(rank i uses cuda:LOCAL_RANK)")
+        raise ConfigError(
+            f"--device: {name!r} under torchrun would put every rank on one GPU; use cuda or auto "
+            f"(rank i uses cuda:LOCAL_RANK)"
+        )
     if not torch.cuda.is_available():
         if name == "cuda":
             raise ConfigError("--device: 'cuda' requested but CUDA is not available; use --device cpu or auto")
         return torch.device("cpu")
     if launch.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
-                          f"use --nproc-per-node <= {torch.cuda.device_count()}")
+        raise ConfigError(
+            f"LOCAL_RANK {launch.local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
+            f"use --nproc-per-node <= {torch.cuda.device_count()}"
+        )
     return torch.device("cuda", launch.local_rank)

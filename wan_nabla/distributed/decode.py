@@ -42,7 +42,7 @@ def decode_tile(vae, z: torch.Tensor, i: int, j: int) -> torch.Tensor:
     frames = []
     for k in range(z.shape[2]):
         vae._conv_idx = [0]
-        tile = vae.post_quant_conv(z[:, :, k:k + 1, i:i + th, j:j + tw])
+        tile = vae.post_quant_conv(z[:, :, k : k + 1, i : i + th, j : j + tw])
         frames.append(vae.decoder(tile, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(k == 0)))
     vae.clear_cache()
     return torch.cat(frames, dim=2)
@@ -62,7 +62,7 @@ def assemble(vae, tiles: list[torch.Tensor], latent_height: int, latent_width: i
         blend_h, blend_w = vae.tile_sample_min_height - stride_h, vae.tile_sample_min_width - stride_w
     origins = tile_origins(vae, latent_height, latent_width)
     n_cols = len({j for _, j in origins})
-    rows = [tiles[r:r + n_cols] for r in range(0, len(tiles), n_cols)]
+    rows = [tiles[r : r + n_cols] for r in range(0, len(tiles), n_cols)]
     out_rows = []
     for a, row in enumerate(rows):
         kept = []
@@ -104,7 +104,7 @@ def split_tiled_decode(vae, z: torch.Tensor, group=None, ranks: list[int] | None
     full = torch.stack(all_shapes).view(-1, 5).amax(dim=0).tolist()
     packed = z.new_zeros(slots, *full, dtype=mine[0].dtype if mine else z.dtype)
     for s, t in enumerate(mine):
-        packed[s, :, :, :t.shape[2], :t.shape[3], :t.shape[4]] = t
+        packed[s, :, :, : t.shape[2], : t.shape[3], : t.shape[4]] = t
     leader = me == 0
     gathered = [torch.empty_like(packed) for _ in range(n)] if leader else None
     dist.gather(packed, gathered, dst=ranks[0], group=group)
@@ -114,5 +114,5 @@ def split_tiled_decode(vae, z: torch.Tensor, group=None, ranks: list[int] | None
     for k in range(len(origins)):
         r, s = k % n, k // n
         shape = all_shapes[r][s].tolist()
-        tiles.append(gathered[r][s, :shape[0], :shape[1], :shape[2], :shape[3], :shape[4]])
+        tiles.append(gathered[r][s, : shape[0], : shape[1], : shape[2], : shape[3], : shape[4]])
     return assemble(vae, tiles, lh, lw)

@@ -49,9 +49,12 @@ class Launch:
         except ValueError:
             raise ConfigError(
                 f"RANK/WORLD_SIZE/LOCAL_RANK must be integers (set by torchrun), got "
-                f"{env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}/{env.get('LOCAL_RANK')!r}") from None
+                f"{env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}/{env.get('LOCAL_RANK')!r}"
+            ) from None
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ConfigError(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} are inconsistent; launch with torchrun")
+            raise ConfigError(
+                f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} are inconsistent; launch with torchrun"
+            )
         return cls(rank, world, local)
 
     @property
@@ -94,8 +97,9 @@ class RankLayout:
 
     def roles(self, rank: int) -> Roles:
         pos = rank % self.group_size
-        return Roles(group=rank // self.group_size, group_rank=pos, branch=pos // self.ulysses,
-                     ulysses_rank=pos % self.ulysses)
+        return Roles(
+            group=rank // self.group_size, group_rank=pos, branch=pos // self.ulysses, ulysses_rank=pos % self.ulysses
+        )
 
     def group_ranks(self, group: int) -> list[int]:
         base = group * self.group_size
@@ -110,8 +114,13 @@ class RankLayout:
         return [base + b * self.ulysses for b in range(self.cfg)]
 
     def describe(self) -> dict:
-        return {"world_size": self.world_size, "ulysses_degree": self.ulysses, "cfg_parallel": self.cfg == 2,
-                "group_size": self.group_size, "data_parallel_groups": self.groups}
+        return {
+            "world_size": self.world_size,
+            "ulysses_degree": self.ulysses,
+            "cfg_parallel": self.cfg == 2,
+            "group_size": self.group_size,
+            "data_parallel_groups": self.groups,
+        }
 
 
 @dataclass(frozen=True)
@@ -133,22 +142,34 @@ def _flags(p: ParallelConfig) -> str:
     return f"--ulysses-degree {p.ulysses_degree}" + (" --cfg-parallel" if p.cfg_parallel else "")
 
 
-def plan_ranks(parallel: ParallelConfig, world_size: int, *, command: str, heads: int | None,
-               guidance_scale: float) -> RankLayout:
+def plan_ranks(
+    parallel: ParallelConfig, world_size: int, *, command: str, heads: int | None, guidance_scale: float
+) -> RankLayout:
     """The rank layout for `command` ('generate' or 'batch'), or ConfigError naming what does not fit."""
     g = parallel.group_size
     if command == "generate" and world_size != g:
-        hint = (f"launch with torchrun --nproc-per-node {g}" if world_size < g or world_size % g else
-                f"use `batch` for {world_size // g} videos at once, or a larger --ulysses-degree")
-        raise ConfigError(f"parallel: {_flags(parallel)} runs one video on {g} rank(s), but this run has "
-                          f"{world_size} (WORLD_SIZE); {hint}")
+        hint = (
+            f"launch with torchrun --nproc-per-node {g}"
+            if world_size < g or world_size % g
+            else f"use `batch` for {world_size // g} videos at once, or a larger --ulysses-degree"
+        )
+        raise ConfigError(
+            f"parallel: {_flags(parallel)} runs one video on {g} rank(s), but this run has "
+            f"{world_size} (WORLD_SIZE); {hint}"
+        )
     if command == "batch" and world_size % g:
-        raise ConfigError(f"parallel: {world_size} ranks (WORLD_SIZE) cannot form groups of {g} ({_flags(parallel)}); "
-                          f"use a world size that is a multiple of {g}")
+        raise ConfigError(
+            f"parallel: {world_size} ranks (WORLD_SIZE) cannot form groups of {g} ({_flags(parallel)}); "
+            f"use a world size that is a multiple of {g}"
+        )
     if heads is not None and heads % parallel.ulysses_degree:
-        raise ConfigError(f"parallel.ulysses_degree: {parallel.ulysses_degree} does not divide the model's {heads} "
-                          f"attention heads; use a divisor of {heads}")
+        raise ConfigError(
+            f"parallel.ulysses_degree: {parallel.ulysses_degree} does not divide the model's {heads} "
+            f"attention heads; use a divisor of {heads}"
+        )
     if parallel.cfg_parallel and guidance_scale <= 1.0:
-        raise ConfigError(f"parallel.cfg_parallel: needs classifier-free guidance, but guidance_scale is "
-                          f"{guidance_scale:g} (<= 1 turns it off); drop --cfg-parallel or raise --guidance-scale")
+        raise ConfigError(
+            f"parallel.cfg_parallel: needs classifier-free guidance, but guidance_scale is "
+            f"{guidance_scale:g} (<= 1 turns it off); drop --cfg-parallel or raise --guidance-scale"
+        )
     return RankLayout(world_size, parallel.ulysses_degree, 2 if parallel.cfg_parallel else 1)

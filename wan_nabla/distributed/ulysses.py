@@ -87,7 +87,7 @@ class SequenceParallel:
         out = x.new_empty(self.size * longest, *x.shape[1:])
         with self.timer.timed(x.device):
             all_gather_equal(out, x.contiguous(), self.group)
-        parts = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
+        parts = [out[r * longest : r * longest + n] for r, n in enumerate(sizes)]
         return torch.cat(parts).movedim(0, dim)
 
     # ---- heads <-> tokens --------------------------------------------------------------
@@ -104,8 +104,9 @@ class SequenceParallel:
         send = send.view(self.size * s_loc, 3 * b * hl * d)
         recv = send.new_empty(sum(sizes), 3 * b * hl * d)
         with self.timer.timed(send.device):
-            dist.all_to_all_single(recv, send, output_split_sizes=sizes, input_split_sizes=[s_loc] * self.size,
-                                   group=self.group)
+            dist.all_to_all_single(
+                recv, send, output_split_sizes=sizes, input_split_sizes=[s_loc] * self.size, group=self.group
+            )
         q, k, v = recv.view(-1, 3, b, hl, d).permute(1, 2, 3, 0, 4).unbind(0)  # [B, H/U, S, D] each
         return q, k, v
 
@@ -117,11 +118,11 @@ class SequenceParallel:
         send = out_BHSD.permute(2, 0, 1, 3).reshape(s, b * hl * d)
         recv = send.new_empty(self.size * s_loc, b * hl * d)
         with self.timer.timed(send.device):
-            dist.all_to_all_single(recv, send, output_split_sizes=[s_loc] * self.size, input_split_sizes=sizes,
-                                   group=self.group)
+            dist.all_to_all_single(
+                recv, send, output_split_sizes=[s_loc] * self.size, input_split_sizes=sizes, group=self.group
+            )
         # [U, S_loc, B, H/U, D] -> [B, U * H/U, S_loc, D]: head blocks back in rank order
         return recv.view(self.size, s_loc, b, hl, d).permute(2, 0, 3, 1, 4).reshape(b, self.size * hl, s_loc, d)
-
 
 
 class CommTimer:

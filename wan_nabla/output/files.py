@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 # mkstemp's names: ".<target>." + 8 random characters + ".tmp" + the target's suffix.
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
 
@@ -126,8 +125,11 @@ def probe_writable(path: Path, flag: str | None = None) -> None:
     except OSError as exc:
         # /proc, /sys and some FUSE mounts answer "No such file or directory" for a file that
         # could not be created in a directory that exists: say what that means.
-        why = ("it does not accept new files (a virtual file system such as /proc or /sys)"
-               if exc.errno == errno.ENOENT else f"creating a file there failed: {exc.strerror or exc}")
+        why = (
+            "it does not accept new files (a virtual file system such as /proc or /sys)"
+            if exc.errno == errno.ENOENT
+            else f"creating a file there failed: {exc.strerror or exc}"
+        )
         where = f"{flag}: " if flag else ""
         raise OutputError(f"{where}output directory {str(path)!r} is not writable: {why}") from None
 
@@ -142,7 +144,9 @@ def ensure_writable_dir(path: str | Path, created: list[Path] | None = None) -> 
         try:
             path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            raise OutputError(f"output directory {str(path)!r} cannot be used: it exists and is not a directory") from None
+            raise OutputError(
+                f"output directory {str(path)!r} cannot be used: it exists and is not a directory"
+            ) from None
         except OSError as exc:
             raise OutputError(f"output directory {str(path)!r} cannot be created: {exc.strerror or exc}") from None
         probe_writable(path)

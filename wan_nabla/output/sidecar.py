@@ -32,9 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-SINGLE_PROCESS = {"world_size": 1, "ulysses_degree": 1, "cfg_parallel": False, "group_size": 1,
-                  "data_parallel_groups": 1}
+SINGLE_PROCESS = {
+    "world_size": 1,
+    "ulysses_degree": 1,
+    "cfg_parallel": False,
+    "group_size": 1,
+    "data_parallel_groups": 1,
+}
 
 
 def sidecar_path(video_path: str | Path) -> Path:
@@ -63,13 +67,17 @@ def check_destination(output: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         names = " and ".join(repr(str(p)) for p in taken)
-        raise OutputError(f"--output: {names} already exist{'s' if len(taken) == 1 else ''}; "
-                          "give another --output, or --overwrite to replace the video and its sidecar")
+        raise OutputError(
+            f"--output: {names} already exist{'s' if len(taken) == 1 else ''}; "
+            "give another --output, or --overwrite to replace the video and its sidecar"
+        )
     if os.path.lexists(side):
         owner = sidecar_output(side)
         if owner is None or Path(owner).name != output.name:
-            raise OutputError(f"--output: {str(side)!r} exists and is not the sidecar of {str(output)!r}; "
-                              "it is never replaced, even with --overwrite: move it or give another --output")
+            raise OutputError(
+                f"--output: {str(side)!r} exists and is not the sidecar of {str(output)!r}; "
+                "it is never replaced, even with --overwrite: move it or give another --output"
+            )
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -83,7 +91,7 @@ def git_commit(root: Path | None = None) -> str | None:
         git = root / ".git"
         if git.is_file():  # a worktree: "gitdir: <path>"
             line = git.read_text().strip()
-            git = (root / line[len("gitdir:"):].strip()) if line.startswith("gitdir:") else git
+            git = (root / line[len("gitdir:") :].strip()) if line.startswith("gitdir:") else git
         common = git / "commondir"
         common = (git / common.read_text().strip()).resolve() if common.is_file() else git
         ref = (git / "HEAD").read_text().strip()
@@ -152,9 +160,12 @@ def environment(device: Any = None) -> dict[str, Any]:
         env.update(device=str(device), device_name=platform.processor() or platform.machine())
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
-            env.update(device_name=props.name, sm_count=props.multi_processor_count,
-                       memory_gb=round(props.total_memory / 2**30, 1),
-                       capability=list(torch.cuda.get_device_capability(device)))
+            env.update(
+                device_name=props.name,
+                sm_count=props.multi_processor_count,
+                memory_gb=round(props.total_memory / 2**30, 1),
+                capability=list(torch.cuda.get_device_capability(device)),
+            )
     return env
 
 
@@ -165,16 +176,29 @@ English); a longer one is cut here and identified by `prompt_sha256` of the full
 
 def prompt_record(prompt: str) -> dict[str, Any]:
     """The sidecar's prompt fields: the text (bounded), its length and the sha256 of the full text."""
-    record: dict[str, Any] = {"prompt": prompt[:SIDECAR_PROMPT_CHARS], "prompt_chars": len(prompt),
-                              "prompt_sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()}
+    record: dict[str, Any] = {
+        "prompt": prompt[:SIDECAR_PROMPT_CHARS],
+        "prompt_chars": len(prompt),
+        "prompt_sha256": hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest(),
+    }
     if len(prompt) > SIDECAR_PROMPT_CHARS:
         record["prompt_truncated"] = True
     return record
 
 
-def sidecar_record(*, prompt: str, result, config, model_id: str, output: Path, video: dict,
-                   load_s: float, write_s: float, transformer: dict[str, Any] | None = None,
-                   device: str | None = None) -> dict[str, Any]:
+def sidecar_record(
+    *,
+    prompt: str,
+    result,
+    config,
+    model_id: str,
+    output: Path,
+    video: dict,
+    load_s: float,
+    write_s: float,
+    transformer: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """The sidecar dict for one generated video (`result` is a pipeline.GenerationResult)."""
     resolved = config.to_dict()
     resolved["generation"] = result.settings
@@ -216,10 +240,18 @@ def publish_video(gen, result, prompt: str, output: Path, extra: dict[str, Any] 
             info = video.probe_mp4(tmp)
             if info["frames"] != len(result.frames):
                 raise RuntimeError(f"encoded {info['frames']} frames, expected {len(result.frames)}")
-            record = sidecar_record(prompt=prompt, result=result, config=gen.config, model_id=gen.model_id,
-                                    output=output, video=info, load_s=gen.load_s,
-                                    write_s=time.perf_counter() - t0,
-                                    transformer=getattr(gen, "transformer_source", None), device=str(gen.device))
+            record = sidecar_record(
+                prompt=prompt,
+                result=result,
+                config=gen.config,
+                model_id=gen.model_id,
+                output=output,
+                video=info,
+                load_s=gen.load_s,
+                write_s=time.perf_counter() - t0,
+                transformer=getattr(gen, "transformer_source", None),
+                device=str(gen.device),
+            )
             record.update(extra or {})
             wio.atomic_write_json(side, record)
     except BaseException:

@@ -24,7 +24,6 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
-
 _FRAME_LINE = re.compile(rb"^frame=(\d+)\s*$", re.MULTILINE)
 
 

@@ -81,8 +81,15 @@ class ServeState:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
@@ -94,10 +101,21 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 def video_object(job: dict[str, Any]) -> dict[str, Any]:
     pub = job["public"]
-    out = {"id": job["id"], "object": "video", "status": job["status"], "progress": int(job["progress"]),
-           "created_at": job["created_at"], "completed_at": job["completed_at"], "expires_at": None,
-           "model": pub["model"], "prompt": pub["prompt"], "size": pub["size"], "seconds": pub["seconds"],
-           "remixed_from_video_id": None, "error": None}
+    out = {
+        "id": job["id"],
+        "object": "video",
+        "status": job["status"],
+        "progress": int(job["progress"]),
+        "created_at": job["created_at"],
+        "completed_at": job["completed_at"],
+        "expires_at": None,
+        "model": pub["model"],
+        "prompt": pub["prompt"],
+        "size": pub["size"],
+        "seconds": pub["seconds"],
+        "remixed_from_video_id": None,
+        "error": None,
+    }
     if job["status"] == "failed":
         out["error"] = {"code": job["error_code"] or "generation_failed", "message": job["error_message"] or ""}
     return out
@@ -159,8 +177,11 @@ async def _fields(request: Request, limit: int) -> dict[str, Any]:
                 raise ApiError(400, f"{k}: given more than once", param=k)
             out[k] = v if isinstance(v, str) else "<file>"
         return out
-    raise ApiError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use application/json or "
-                        "multipart/form-data", code="unsupported_media_type")
+    raise ApiError(
+        415,
+        f"Content-Type {ctype or '(none)'!r} is not supported; use application/json or multipart/form-data",
+        code="unsupported_media_type",
+    )
 
 
 def _job_id(video_id: str) -> str:
@@ -181,11 +202,21 @@ def create_app(state: ServeState) -> FastAPI:
     @app.middleware("http")
     async def auth(request: Request, call_next):
         key = state.api_key
-        if key is not None and request.url.path != "/health" \
-                and not _authorized(request.headers.get("authorization"), key):
+        if (
+            key is not None
+            and request.url.path != "/health"
+            and not _authorized(request.headers.get("authorization"), key)
+        ):
             headers = {"WWW-Authenticate": 'Basic realm="wan-nabla"'} if request.url.path == "/" else None
-            return JSONResponse(error_body("missing or wrong API key: send Authorization: Bearer <key>",
-                                           "invalid_request_error", code="invalid_api_key"), 401, headers=headers)
+            return JSONResponse(
+                error_body(
+                    "missing or wrong API key: send Authorization: Bearer <key>",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                ),
+                401,
+                headers=headers,
+            )
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -194,8 +225,9 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=str(exc.status_code)),
-                            exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", code=str(exc.status_code)), exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, exc: Exception):
@@ -218,11 +250,20 @@ def create_app(state: ServeState) -> FastAPI:
             job, new = await _db(lambda q: q.submit(spec.to_dict(), public, key, digest, state.max_queue))
         except QueueFull as e:
             state.rejected += 1
-            raise ApiError(429, f"the queue is full: {e}; retry later", code="queue_full",
-                           kind="rate_limit_error", headers={"Retry-After": "10"}) from None
+            raise ApiError(
+                429,
+                f"the queue is full: {e}; retry later",
+                code="queue_full",
+                kind="rate_limit_error",
+                headers={"Retry-After": "10"},
+            ) from None
         except IdempotencyConflict:
-            raise ApiError(409, "Idempotency-Key: already used for a different request", param="Idempotency-Key",
-                           code="idempotency_key_reused") from None
+            raise ApiError(
+                409,
+                "Idempotency-Key: already used for a different request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            ) from None
         if new:
             state.accepted += 1
         return video_object(job)
@@ -240,8 +281,13 @@ def create_app(state: ServeState) -> FastAPI:
         except KeyError:
             raise ApiError(400, f"after: no video with id {after!r}", param="after") from None
         data = [video_object(j) for j in jobs]
-        return {"object": "list", "data": data, "has_more": more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return {
+            "object": "list",
+            "data": data,
+            "has_more": more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
 
     @app.get("/v1/videos/{video_id}")
     async def retrieve(video_id: str):
@@ -268,12 +314,15 @@ def create_app(state: ServeState) -> FastAPI:
         if job is None:
             raise ApiError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
         if variant != "video":
-            raise ApiError(400, f"variant: {variant[:40]!r} is not available; this server has variant=video only",
-                           param="variant")
+            raise ApiError(
+                400, f"variant: {variant[:40]!r} is not available; this server has variant=video only", param="variant"
+            )
         if job["status"] != "completed" or not published(state.videos, video_id):
-            raise ApiError(409 if job["status"] != "failed" else 400,
-                           f"video {video_id} is {job['status']}; its content exists once it is completed",
-                           code="video_not_ready")
+            raise ApiError(
+                409 if job["status"] != "failed" else 400,
+                f"video {video_id} is {job['status']}; its content exists once it is completed",
+                code="video_not_ready",
+            )
         mp4, _ = video_paths(state.videos, video_id)
         return FileResponse(mp4, media_type="video/mp4", filename=f"{video_id}.mp4")
 
@@ -290,10 +339,16 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/")
     async def page():
-        return Response((PAGE / "index.html").read_bytes(), media_type="text/html; charset=utf-8",
-                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                                 "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
-                                 "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+        return Response(
+            (PAGE / "index.html").read_bytes(),
+            media_type="text/html; charset=utf-8",
+            headers={
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; "
+                "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+            },
+        )
 
     @app.get("/presets")
     async def presets():
@@ -306,8 +361,14 @@ def create_app(state: ServeState) -> FastAPI:
 
 def _defaults(server: ServerPlan) -> dict[str, Any]:
     g = server.config.generation
-    return {"size": f"{g.width}x{g.height}", "frames": g.frames, "steps": g.steps, "fps": g.fps,
-            "guidance_scale": g.guidance_scale, "model": server.model_id}
+    return {
+        "size": f"{g.width}x{g.height}",
+        "frames": g.frames,
+        "steps": g.steps,
+        "fps": g.fps,
+        "guidance_scale": g.guidance_scale,
+        "model": server.model_id,
+    }
 
 
 def render_metrics(state: ServeState) -> str:
@@ -315,23 +376,31 @@ def render_metrics(state: ServeState) -> str:
     counts, totals = q.counts(), q.totals()
     workers = q.workers()
     lines = [
-        "# HELP wan_nabla_up 1 once the model is loaded and jobs run.", "# TYPE wan_nabla_up gauge",
+        "# HELP wan_nabla_up 1 once the model is loaded and jobs run.",
+        "# TYPE wan_nabla_up gauge",
         f"wan_nabla_up {1 if state.status == 'ok' else 0}",
-        "# HELP wan_nabla_queue_depth Jobs waiting to run.", "# TYPE wan_nabla_queue_depth gauge",
+        "# HELP wan_nabla_queue_depth Jobs waiting to run.",
+        "# TYPE wan_nabla_queue_depth gauge",
         f"wan_nabla_queue_depth {counts['queued']}",
-        "# HELP wan_nabla_jobs Jobs in the queue database by status.", "# TYPE wan_nabla_jobs gauge",
+        "# HELP wan_nabla_jobs Jobs in the queue database by status.",
+        "# TYPE wan_nabla_jobs gauge",
         *(f'wan_nabla_jobs{{status="{s}"}} {n}' for s, n in counts.items()),
         "# HELP wan_nabla_requests_total Create requests since start by outcome.",
         "# TYPE wan_nabla_requests_total counter",
         f'wan_nabla_requests_total{{outcome="accepted"}} {state.accepted}',
         f'wan_nabla_requests_total{{outcome="rejected"}} {state.rejected}',
         "# HELP wan_nabla_step_seconds_total Denoising seconds of completed jobs.",
-        "# TYPE wan_nabla_step_seconds_total counter", f"wan_nabla_step_seconds_total {totals['step_seconds']:.6f}",
+        "# TYPE wan_nabla_step_seconds_total counter",
+        f"wan_nabla_step_seconds_total {totals['step_seconds']:.6f}",
         "# HELP wan_nabla_video_seconds_total Seconds of video in completed jobs.",
-        "# TYPE wan_nabla_video_seconds_total counter", f"wan_nabla_video_seconds_total {totals['video_seconds']:.6f}",
-        "# HELP wan_nabla_workers Worker processes (group leaders) by state.", "# TYPE wan_nabla_workers gauge",
-        *(f'wan_nabla_workers{{state="{s}"}} {sum(w["state"] == s for w in workers)}'
-          for s in ("idle", "busy", "stopped")),
+        "# TYPE wan_nabla_video_seconds_total counter",
+        f"wan_nabla_video_seconds_total {totals['video_seconds']:.6f}",
+        "# HELP wan_nabla_workers Worker processes (group leaders) by state.",
+        "# TYPE wan_nabla_workers gauge",
+        *(
+            f'wan_nabla_workers{{state="{s}"}} {sum(w["state"] == s for w in workers)}'
+            for s in ("idle", "busy", "stopped")
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -42,13 +42,18 @@ HEALTH_FILE_ENV = "WAN_NABLA_HEALTH_FILE"
 
 
 def add_serve_flags(p) -> None:
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; any other address needs --api-key)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other address needs --api-key)"
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--data-dir", default="serve-data",
-                   help="queue database and videos (default ./serve-data; created if missing)")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every route but /health "
-                                     f"(default: ${API_KEY_ENV}); required off loopback")
+    p.add_argument(
+        "--data-dir", default="serve-data", help="queue database and videos (default ./serve-data; created if missing)"
+    )
+    p.add_argument(
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY' on every route but /health "
+        f"(default: ${API_KEY_ENV}); required off loopback",
+    )
     p.add_argument("--max-queue", type=int, default=100, help="queued jobs before POST answers 429 (default 100)")
 
 
@@ -67,8 +72,10 @@ def check_flags(args) -> str | None:
     if key is not None and (len(key) < 8 or len(key) > 512 or not key.isprintable() or " " in key):
         raise UsageError("--api-key: use 8..512 printable characters without spaces")
     if not _loopback(args.host) and key is None:
-        raise UsageError(f"--host {args.host}: binding a non-loopback address needs an API key; give --api-key KEY "
-                         f"or set {API_KEY_ENV}")
+        raise UsageError(
+            f"--host {args.host}: binding a non-loopback address needs an API key; give --api-key KEY "
+            f"or set {API_KEY_ENV}"
+        )
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port: {args.port} is not a port; use 0..65535")
     if not 1 <= args.max_queue <= 1_000_000:
@@ -159,8 +166,15 @@ def _serve_http(args, key, server, held: DataDir) -> int:
 
     state = ServeState(server, held.queue_path, held.videos, api_key=key, max_queue=args.max_queue)
     app = create_app(state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            server_header=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
     http = uvicorn.Server(config)
     stop = threading.Event()
     failed: list[BaseException] = []

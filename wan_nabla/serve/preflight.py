@@ -35,8 +35,19 @@ from ..requests import RunFlags
 MAX_PROMPT_CHARS = 4000
 """Longest prompt (and negative prompt) in characters; UMT5 reads 512 tokens, so more is waste."""
 MAX_FIELD_CHARS = 64
-FIELDS = ("prompt", "negative_prompt", "size", "seconds", "frames", "steps", "guidance_scale", "seed", "preset",
-          "model", "input_reference")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "size",
+    "seconds",
+    "frames",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "preset",
+    "model",
+    "input_reference",
+)
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -104,8 +115,14 @@ class JobSpec:
         cfg = server.config
         if self.preset is not None:
             cfg = dataclasses.replace(cfg, attention=_preset_attention(self.preset, cfg))
-        return cfg.override(negative_prompt=self.negative_prompt, size=(self.width, self.height), frames=self.frames,
-                            steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
+        return cfg.override(
+            negative_prompt=self.negative_prompt,
+            size=(self.width, self.height),
+            frames=self.frames,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+        )
 
 
 def server_plan(args: Any) -> ServerPlan:
@@ -124,7 +141,9 @@ def _preset_attention(name: str, cfg: RunConfig):
     if path is None:
         from ..presets import preset_names
 
-        raise RequestError("preset", f"preset: {name!r} is not a bundled preset; use one of {', '.join(preset_names())}")
+        raise RequestError(
+            "preset", f"preset: {name!r} is not a bundled preset; use one of {', '.join(preset_names())}"
+        )
     attention = load_config(path).attention
     # the backend is the server's choice (what its GPUs run), not the preset's
     return dataclasses.replace(attention, backend=cfg.attention.backend)
@@ -181,8 +200,9 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
     """Check one request (module doc); RequestError names the first bad field."""
     unknown = sorted(k for k in fields if k not in FIELDS)
     if unknown:
-        raise RequestError(unknown[0], f"{unknown[0]}: unknown field; allowed: {', '.join(FIELDS[:-1])}",
-                           "unknown_parameter")
+        raise RequestError(
+            unknown[0], f"{unknown[0]}: unknown field; allowed: {', '.join(FIELDS[:-1])}", "unknown_parameter"
+        )
     if fields.get("input_reference") is not None:
         raise RequestError("input_reference", "input_reference: not supported; this server generates from text only")
     prompt = _text(fields, "prompt", required=True)
@@ -190,8 +210,10 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
     model = _text(fields, "model") or server.model_id
     preset = _text(fields, "preset")
     if preset is not None and not _PRESET_NAME.match(preset):
-        raise RequestError("preset", f"preset: {preset!r} is not a preset name (letters, digits, '_', '.', '-'); "
-                                     "a path is never accepted")
+        raise RequestError(
+            "preset",
+            f"preset: {preset!r} is not a preset name (letters, digits, '_', '.', '-'); a path is never accepted",
+        )
     cfg = server.config
     fps = cfg.generation.fps
     frames = _number(fields, "frames", int)
@@ -202,8 +224,12 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
         frames = _frames_for(seconds, fps)
     size = _text(fields, "size")
     overrides: dict[str, Any] = {
-        "negative_prompt": negative, "frames": frames, "steps": _number(fields, "steps", int),
-        "guidance_scale": _number(fields, "guidance_scale", float), "seed": _number(fields, "seed", int)}
+        "negative_prompt": negative,
+        "frames": frames,
+        "steps": _number(fields, "steps", int),
+        "guidance_scale": _number(fields, "guidance_scale", float),
+        "seed": _number(fields, "seed", int),
+    }
     try:
         if size is not None:
             overrides["size"] = parse_size(size, "size")
@@ -215,13 +241,26 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
         item_check(server.facts, cfg.attention)(g)
         check_dense_layers(server.facts, cfg.attention)
         if cfg.parallel.cfg_parallel and g.guidance_scale <= 1.0:
-            raise ConfigError(f"guidance_scale: {g.guidance_scale:g} turns classifier-free guidance off, which this "
-                              "server's --cfg-parallel needs; use a value > 1")
+            raise ConfigError(
+                f"guidance_scale: {g.guidance_scale:g} turns classifier-free guidance off, which this "
+                "server's --cfg-parallel needs; use a value > 1"
+            )
     except ConfigError as e:
         msg = str(e).removeprefix("generation.")
         param = msg.split(":", 1)[0].split("/")[0].strip()
         if param == "frames" and seconds is not None and fields.get("frames") is None:
             param, msg = "seconds", f"seconds: {seconds:g} s at {fps} fps is {frames} frames; {msg}"
         raise RequestError(param if param in FIELDS else None, msg) from None
-    return JobSpec(prompt=prompt, negative_prompt=negative, width=g.width, height=g.height, frames=g.frames,
-                   steps=g.steps, guidance_scale=g.guidance_scale, seed=g.seed, fps=g.fps, preset=preset, model=model)
+    return JobSpec(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=g.width,
+        height=g.height,
+        frames=g.frames,
+        steps=g.steps,
+        guidance_scale=g.guidance_scale,
+        seed=g.seed,
+        fps=g.fps,
+        preset=preset,
+        model=model,
+    )

@@ -125,8 +125,14 @@ class JobQueue:
         return JobQueue._Tx(self._db(durable))
 
     # ---- the server's side --------------------------------------------------------------
-    def submit(self, spec: dict[str, Any], public: dict[str, Any], idempotency_key: str | None = None,
-               request_hash: str | None = None, max_queue: int | None = None) -> tuple[dict[str, Any], bool]:
+    def submit(
+        self,
+        spec: dict[str, Any],
+        public: dict[str, Any],
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+        max_queue: int | None = None,
+    ) -> tuple[dict[str, Any], bool]:
         """(the job, True) once it is committed; (the earlier job, False) for a repeated key."""
         with self._tx() as db:
             if idempotency_key is not None:
@@ -142,9 +148,11 @@ class JobQueue:
                 if depth >= max_queue:
                     raise QueueFull(f"{depth} jobs are queued (--max-queue {max_queue})")
             jid = new_id()
-            db.execute("INSERT INTO jobs (id, status, created_at, spec, public, idempotency_key, request_hash) "
-                       "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                       (jid, int(time.time()), json.dumps(spec), json.dumps(public), idempotency_key, request_hash))
+            db.execute(
+                "INSERT INTO jobs (id, status, created_at, spec, public, idempotency_key, request_hash) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                (jid, int(time.time()), json.dumps(spec), json.dumps(public), idempotency_key, request_hash),
+            )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
         return _job(row), True
 
@@ -152,7 +160,9 @@ class JobQueue:
         row = self._db().execute("SELECT * FROM jobs WHERE id = ? AND deleted = 0", (jid,)).fetchone()
         return _job(row) if row is not None else None
 
-    def list(self, limit: int, after: str | None = None, newest_first: bool = True) -> tuple[list[dict[str, Any]], bool]:
+    def list(
+        self, limit: int, after: str | None = None, newest_first: bool = True
+    ) -> tuple[list[dict[str, Any]], bool]:
         """Up to `limit` jobs after the job `after` (exclusive), and whether more follow.
         KeyError if `after` is not a job."""
         db = self._db()
@@ -164,7 +174,9 @@ class JobQueue:
                 raise KeyError(after)
             where += f" AND seq {op} ?"
             args.append(row["seq"])
-        rows = db.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY seq {order} LIMIT ?", (*args, limit + 1)).fetchall()
+        rows = db.execute(
+            f"SELECT * FROM jobs WHERE {where} ORDER BY seq {order} LIMIT ?", (*args, limit + 1)
+        ).fetchall()
         return [_job(r) for r in rows[:limit]], len(rows) > limit
 
     def delete(self, jid: str) -> tuple[str, dict[str, Any]] | None:
@@ -186,8 +198,14 @@ class JobQueue:
         return out
 
     def totals(self) -> dict[str, float]:
-        row = self._db().execute("SELECT COALESCE(SUM(step_seconds), 0) AS s, COALESCE(SUM(video_seconds), 0) AS v, "
-                                 "COUNT(*) AS n FROM jobs WHERE status = 'completed'").fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT COALESCE(SUM(step_seconds), 0) AS s, COALESCE(SUM(video_seconds), 0) AS v, "
+                "COUNT(*) AS n FROM jobs WHERE status = 'completed'"
+            )
+            .fetchone()
+        )
         return {"step_seconds": row["s"], "video_seconds": row["v"], "completed_rows": row["n"]}
 
     def workers(self) -> list[dict[str, Any]]:
@@ -205,11 +223,16 @@ class JobQueue:
     # ---- the workers' side --------------------------------------------------------------
     def claim(self, worker: str) -> dict[str, Any] | None:
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE status = 'queued' AND deleted = 0 ORDER BY seq LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' AND deleted = 0 ORDER BY seq LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET status = 'in_progress', started_at = ?, worker = ?, attempts = attempts + 1, "
-                       "progress = 0 WHERE id = ?", (time.time(), worker, row["id"]))
+            db.execute(
+                "UPDATE jobs SET status = 'in_progress', started_at = ?, worker = ?, attempts = attempts + 1, "
+                "progress = 0 WHERE id = ?",
+                (time.time(), worker, row["id"]),
+            )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return _job(row)
 
@@ -222,14 +245,18 @@ class JobQueue:
 
     def finish(self, jid: str, output: str, step_seconds: float = 0.0, video_seconds: float = 0.0) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, output = ?, "
-                       "step_seconds = ?, video_seconds = ? WHERE id = ?",
-                       (int(time.time()), output, step_seconds, video_seconds, jid))
+            db.execute(
+                "UPDATE jobs SET status = 'completed', progress = 100, completed_at = ?, output = ?, "
+                "step_seconds = ?, video_seconds = ? WHERE id = ?",
+                (int(time.time()), output, step_seconds, video_seconds, jid),
+            )
 
     def fail(self, jid: str, code: str, message: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error_message = ? "
-                       "WHERE id = ?", (int(time.time()), code, message[:2000], jid))
+            db.execute(
+                "UPDATE jobs SET status = 'failed', completed_at = ?, error_code = ?, error_message = ? WHERE id = ?",
+                (int(time.time()), code, message[:2000], jid),
+            )
 
     def requeue(self, jid: str) -> None:
         """A job abandoned by a stopping worker goes back to its place in the queue."""
@@ -248,9 +275,12 @@ class JobQueue:
 
     def heartbeat(self, worker: str, state: str, job: str | None = None, pid: int | None = None) -> None:
         db = self._db(durable=False)
-        db.execute("INSERT INTO workers (name, state, job, pid, updated_at) VALUES (?, ?, ?, ?, ?) "
-                   "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, pid = excluded.pid, "
-                   "updated_at = excluded.updated_at", (worker, state, job, pid, time.time()))
+        db.execute(
+            "INSERT INTO workers (name, state, job, pid, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET state = excluded.state, job = excluded.job, pid = excluded.pid, "
+            "updated_at = excluded.updated_at",
+            (worker, state, job, pid, time.time()),
+        )
 
 
 def _job(row: sqlite3.Row) -> dict[str, Any]:

@@ -94,8 +94,9 @@ class Worker:
     """One rank's loop (module doc). `stop` ends it: between jobs, or at the next step of a job,
     which then goes back to the queue."""
 
-    def __init__(self, server: ServerPlan, queue: JobQueue, videos: Path, gen, ctx=None,
-                 stop: threading.Event | None = None):
+    def __init__(
+        self, server: ServerPlan, queue: JobQueue, videos: Path, gen, ctx=None, stop: threading.Event | None = None
+    ):
         self.server = server
         self.queue = queue
         self.videos = videos
@@ -164,9 +165,21 @@ class Worker:
             cfg = spec.run_config(self.server)
             use_job_config(self.gen, cfg)
             g = cfg.generation
-            result = agreed(ctx, lambda: self.gen.generate(
-                spec.prompt, negative_prompt=g.negative_prompt, progress=False, on_step=on_step, size=g.size,
-                frames=g.frames, steps=g.steps, guidance_scale=g.guidance_scale, seed=g.seed), scope="item")
+            result = agreed(
+                ctx,
+                lambda: self.gen.generate(
+                    spec.prompt,
+                    negative_prompt=g.negative_prompt,
+                    progress=False,
+                    on_step=on_step,
+                    size=g.size,
+                    frames=g.frames,
+                    steps=g.steps,
+                    guidance_scale=g.guidance_scale,
+                    seed=g.seed,
+                ),
+                scope="item",
+            )
             record = agreed(ctx, lambda: write(result), here=leader, scope="item")
             steps_s = float(sum(result.timings.get("per_step_s") or ()))
             result = None

@@ -44,8 +44,13 @@ from ..attention.run import AttentionRun
 from .processor import WanSparseAttnProcessor
 
 _HANDLE_ATTR = "_wan_nabla_handle"
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def check_compatible(transformer: torch.nn.Module) -> None:
@@ -58,9 +63,18 @@ def check_compatible(transformer: torch.nn.Module) -> None:
     params = list(inspect.signature(WanAttnProcessor.__call__).parameters)
     expected = ["self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"]
     if params[: len(expected)] != expected:
-        raise RuntimeError(f"unsupported diffusers version: WanAttnProcessor.__call__ takes {params}, expected {expected}")
-    for name in ("rope", "patch_embedding", "proj_out", "blocks", "enable_cache", "cache_context",
-                 "_reset_stateful_cache"):
+        raise RuntimeError(
+            f"unsupported diffusers version: WanAttnProcessor.__call__ takes {params}, expected {expected}"
+        )
+    for name in (
+        "rope",
+        "patch_embedding",
+        "proj_out",
+        "blocks",
+        "enable_cache",
+        "cache_context",
+        "_reset_stateful_cache",
+    ):
         if not hasattr(transformer, name):
             raise RuntimeError(f"unsupported diffusers version: WanTransformer3DModel has no '{name}'")
     if getattr(transformer.config, "image_dim", None) is not None:
@@ -83,7 +97,7 @@ class AttentionHandle:
     def remove(self) -> None:
         if not self.active:
             return
-        for block, proc in zip(self.transformer.blocks, self._originals):
+        for block, proc in zip(self.transformer.blocks, self._originals, strict=False):
             block.attn1.processor = proc
         for module, hook_id in self._hooks:
             for name in _HOOK_DICTS:
@@ -104,7 +118,9 @@ def handle_of(transformer) -> AttentionHandle | None:
 
 
 def apply_attention(
-    transformer, attention: AttentionConfig | Mapping[str, Any], kernel_options: dict | None = None,
+    transformer,
+    attention: AttentionConfig | Mapping[str, Any],
+    kernel_options: dict | None = None,
     sequence_parallel=None,
 ) -> AttentionHandle:
     """Install wan-nabla processors on every self-attention of `transformer`; see module doc.
@@ -118,8 +134,10 @@ def apply_attention(
     sp = sequence_parallel
     heads = transformer.config.num_attention_heads
     if sp is not None and heads % sp.size:
-        raise ConfigError(f"parallel.ulysses_degree: {sp.size} does not divide the model's {heads} attention heads; "
-                          f"use a divisor of {heads}")
+        raise ConfigError(
+            f"parallel.ulysses_degree: {sp.size} does not divide the model's {heads} attention heads; "
+            f"use a divisor of {heads}"
+        )
     if handle_of(transformer) is not None:
         raise RuntimeError("attention is already applied to this transformer; call handle.remove() first")
 
@@ -132,8 +150,11 @@ def apply_attention(
     pre = transformer.register_forward_pre_hook(LayoutHook(run, (p_t, p_h, p_w)), with_kwargs=True)
     hooks = [(transformer, pre.id)]
     if config.sparse or sp is not None:
-        for module, hook in ((transformer.patch_embedding, PatchHook(run)), (transformer.rope, RopeHook(run)),
-                             (transformer.proj_out, UnpatchHook(run))):
+        for module, hook in (
+            (transformer.patch_embedding, PatchHook(run)),
+            (transformer.rope, RopeHook(run)),
+            (transformer.proj_out, UnpatchHook(run)),
+        ):
             hooks.append((module, module.register_forward_hook(hook).id))
     handle = AttentionHandle(transformer, run, originals, hooks)
     setattr(transformer, _HANDLE_ATTR, handle)
@@ -156,7 +177,8 @@ class LayoutHook:
             if not (isinstance(proc, WanSparseAttnProcessor) and proc.run is run):
                 raise RuntimeError(
                     f"blocks[{i}].attn1.processor was replaced by {type(proc).__name__} while wan-nabla's attention "
-                    "patch is active; call handle.remove() before set_attn_processor (or apply_attention again after)")
+                    "patch is active; call handle.remove() before set_attn_processor (or apply_attention again after)"
+                )
         x = args[0] if args else kwargs["hidden_states"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if timestep is not None and timestep.ndim == 2:

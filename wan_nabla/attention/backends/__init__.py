@@ -59,8 +59,13 @@ class Geometry:
 # keeps more blocks).
 FAST = {
     "flex": Geometry((128, 64), True, "fast", "benchmarks/results/h100_pairs.md (flex, H100)"),
-    "fa4": Geometry((128, 64), True, "fast", "benchmarks/results/h100_fa4_probe.json (NABLA 0.2/0.4 and STA, "
-                                             "total time incl. mask: 128x64 time-paired fastest, H100)"),
+    "fa4": Geometry(
+        (128, 64),
+        True,
+        "fast",
+        "benchmarks/results/h100_fa4_probe.json (NABLA 0.2/0.4 and STA, "
+        "total time incl. mask: 128x64 time-paired fastest, H100)",
+    ),
 }
 EXACT = Geometry((TILE_TOKENS, TILE_TOKENS), False, "exact", "the 64x64 tile mask, no coarsening")
 
@@ -114,8 +119,9 @@ def log_choice(requested: str, backend: str, why: str) -> None:
     log.log(level, "attention backend: %s (requested %s; %s)", backend, requested, why)
 
 
-def select(config: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None,
-           kernel_options: dict | None = None) -> Backend:
+def select(
+    config: AttentionConfig, device: torch.device, dtype: torch.dtype | None = None, kernel_options: dict | None = None
+) -> Backend:
     """The backend and geometry of `config` on (device, dtype), its choice logged once."""
     name, why = resolve_backend(config.backend, torch.device(device), dtype)
     log_choice(config.backend, name, why)
@@ -165,13 +171,20 @@ class Backend:
     def sparse(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, plan) -> torch.Tensor:
         """Block-sparse attention over `plan` (masks.BlockPlan), pad keys masked."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHSD, k_BHSD, v_BHSD)):
-            raise RuntimeError("wan-nabla's sparse attention is inference-only (no backward); run under "
-                               "torch.no_grad() / torch.inference_mode(), or use attention type full to train")
-        return self._call(q_BHSD, lambda: fa4.sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan),
-                          lambda: flex.sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan.block_mask(),
-                                                        self.kernel_options))
+            raise RuntimeError(
+                "wan-nabla's sparse attention is inference-only (no backward); run under "
+                "torch.no_grad() / torch.inference_mode(), or use attention type full to train"
+            )
+        return self._call(
+            q_BHSD,
+            lambda: fa4.sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan),
+            lambda: flex.sparse_attention(q_BHSD, k_BHSD, v_BHSD, plan.block_mask(), self.kernel_options),
+        )
 
     def dense(self, q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
         """Dense attention (no mask); K/V may hold fewer tokens than Q (pads gathered out)."""
-        return self._call(q_BHSD, lambda: fa4.dense_attention(q_BHSD, k_BHSD, v_BHSD),
-                          lambda: flex.dense_attention(q_BHSD, k_BHSD, v_BHSD))
+        return self._call(
+            q_BHSD,
+            lambda: fa4.dense_attention(q_BHSD, k_BHSD, v_BHSD),
+            lambda: flex.dense_attention(q_BHSD, k_BHSD, v_BHSD),
+        )

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -90,8 +91,10 @@ def available(device: torch.device | str) -> tuple[bool, str]:
         return False, f"{device.type} device (flash-attn-4 needs a CUDA GPU)"
     major, minor = torch.cuda.get_device_capability(device)
     if major not in SUPPORTED_MAJORS:
-        return False, (f"sm{major}{minor} GPU: flash-attn-4 block sparsity needs sm90-sm110 "
-                       "(on sm80/sm120 it ignores block tables)")
+        return False, (
+            f"sm{major}{minor} GPU: flash-attn-4 block sparsity needs sm90-sm110 "
+            "(on sm80/sm120 it ignores block tables)"
+        )
     fa, why = load()
     if fa is None:
         return False, f"flash-attn-4 not usable: {why}"
@@ -111,8 +114,12 @@ def unsupported(q_BHSD: torch.Tensor) -> str | None:
 # ---- the conversion (pure torch: tested on the CPU) -----------------------------------------------
 def block_sparse_args(plan) -> dict[str, Any]:
     """BlockPlan -> keyword arguments of BlockSparseTensorsTorch (1:1; int32, last dim contiguous)."""
-    tensors = {"mask_block_cnt": plan.kv_num, "mask_block_idx": plan.kv_idx,
-               "full_block_cnt": plan.full_num, "full_block_idx": plan.full_idx}
+    tensors = {
+        "mask_block_cnt": plan.kv_num,
+        "mask_block_idx": plan.kv_idx,
+        "full_block_cnt": plan.full_num,
+        "full_block_idx": plan.full_idx,
+    }
     for name, t in tensors.items():
         if t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32 for flash-attn-4, got {t.dtype}")
@@ -152,8 +159,10 @@ def _guarded(key: tuple, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken install or an unsupported shape: fall back to flex
-        raise FA4Error(f"flash-attn-4 {key[0]} attention failed on its first call "
-                       f"({key[1]}, head_dim {key[2]}, blocks {key[3]}): {one_line(e)}") from e
+        raise FA4Error(
+            f"flash-attn-4 {key[0]} attention failed on its first call "
+            f"({key[1]}, head_dim {key[2]}, blocks {key[3]}): {one_line(e)}"
+        ) from e
     with _lock:
         _verified.add(key)
     return out
@@ -165,12 +174,17 @@ def sparse_attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.T
     args = block_sparse_args(plan)
     valid = validity(plan.layout, q_BHSD.device)
     q, k, v = (t.transpose(1, 2) for t in (q_BHSD, k_BHSD, v_BHSD))  # [B, S, H, D] views
-    key = ("sparse", q.dtype, q.shape[-1], args["block_size"], tuple(plan.kv_num.shape[:2]) == (1, 1),
-           q_BHSD.device)
+    key = ("sparse", q.dtype, q.shape[-1], args["block_size"], tuple(plan.kv_num.shape[:2]) == (1, 1), q_BHSD.device)
 
     def call():
-        out, _ = fa.flash_attn_func(q, k, v, mask_mod=fa.key_valid_mask, aux_tensors=[valid],
-                                    block_sparse_tensors=fa.block_sparse_tensors(**args))
+        out, _ = fa.flash_attn_func(
+            q,
+            k,
+            v,
+            mask_mod=fa.key_valid_mask,
+            aux_tensors=[valid],
+            block_sparse_tensors=fa.block_sparse_tensors(**args),
+        )
         return out
 
     return _guarded(key, call).transpose(1, 2)

@@ -59,7 +59,10 @@ def flex_kernel_options(device: torch.device, block_size: tuple[int, int]) -> di
 
 
 def sparse_attention(
-    q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, block_mask: BlockMask,
+    q_BHSD: torch.Tensor,
+    k_BHSD: torch.Tensor,
+    v_BHSD: torch.Tensor,
+    block_mask: BlockMask,
     kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Compiled flex over `block_mask`; kernel_options extend the geometry-derived defaults."""

@@ -50,8 +50,9 @@ POOL_TILES_PER_PROGRAM = 4
 POOL_WARPS = 4
 
 
-def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_program: int | None = None,
-                      num_warps: int | None = None) -> torch.Tensor:
+def pool_tiles_triton(
+    x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_program: int | None = None, num_warps: int | None = None
+) -> torch.Tensor:
     """Mean of the real tokens of each tile: [B, H, S_pad, D] -> [B, H, n_tiles, D] float32."""
     b, h, s, d = x_BHSD.shape
     n = layout.n_tiles
@@ -60,8 +61,21 @@ def pool_tiles_triton(x_BHSD: torch.Tensor, layout: TileLayout, tiles_per_progra
     out = torch.empty((b, h, n, d), dtype=torch.float32, device=x_BHSD.device)
     sb, sh, ss, sd = x_BHSD.stride()
     _pool_kernel[(b * h, -(-n // tpp))](
-        x_BHSD, out, valid, counts, h, n, sb, sh, ss, sd,
-        D=d, DP=triton.next_power_of_2(d), T=TILE_TOKENS, TPP=tpp, MASKED=layout.needs_padding,
+        x_BHSD,
+        out,
+        valid,
+        counts,
+        h,
+        n,
+        sb,
+        sh,
+        ss,
+        sd,
+        D=d,
+        DP=triton.next_power_of_2(d),
+        T=TILE_TOKENS,
+        TPP=tpp,
+        MASKED=layout.needs_padding,
         num_warps=num_warps or POOL_WARPS,
     )
     return out
@@ -125,12 +139,32 @@ def select_triton(
     paired = layout is not None and layout.time_pairs
     warps = num_warps or (4 if block <= 2048 else (8 if block <= 8192 else 16))
     _select_kernel[(bh * nqb,)](
-        src, tile_out if tile_out is not None else dummy, *lists, pad,
-        n_rows, n_cols, nqb, nkb, float(scale), *_split_f64(min(threshold, 1.0)), int(threshold >= 1.0),
-        *sta, tiles_h, tiles_w, n_frames,
-        MODE=mode, PAIRED=paired, EXACT=exact, QT=qt, KT=kt, BLOCK=block, HAS_STA=sta_window is not None,
-        WRITE_TILE=tile_out is not None, WRITE_BLOCKS=block_size is not None,
-        KNOWN_TOTAL=mode == 0 and threshold < 0.99, num_warps=warps,
+        src,
+        tile_out if tile_out is not None else dummy,
+        *lists,
+        pad,
+        n_rows,
+        n_cols,
+        nqb,
+        nkb,
+        float(scale),
+        *_split_f64(min(threshold, 1.0)),
+        int(threshold >= 1.0),
+        *sta,
+        tiles_h,
+        tiles_w,
+        n_frames,
+        MODE=mode,
+        PAIRED=paired,
+        EXACT=exact,
+        QT=qt,
+        KT=kt,
+        BLOCK=block,
+        HAS_STA=sta_window is not None,
+        WRITE_TILE=tile_out is not None,
+        WRITE_BLOCKS=block_size is not None,
+        KNOWN_TOTAL=mode == 0 and threshold < 0.99,
+        num_warps=warps,
         **_NO_FMA,  # the same rounding in every specialisation: tile and fused paths agree bit for bit
     )
     return lists if block_size is not None else None
@@ -139,9 +173,23 @@ def select_triton(
 if triton is not None:
 
     @triton.jit
-    def _pool_kernel(x_ptr, out_ptr, valid_ptr, count_ptr, H, n_tiles, s_b, s_h, s_s, s_d,
-                     D: tl.constexpr, DP: tl.constexpr, T: tl.constexpr, TPP: tl.constexpr,
-                     MASKED: tl.constexpr):
+    def _pool_kernel(
+        x_ptr,
+        out_ptr,
+        valid_ptr,
+        count_ptr,
+        H,
+        n_tiles,
+        s_b,
+        s_h,
+        s_s,
+        s_d,
+        D: tl.constexpr,
+        DP: tl.constexpr,
+        T: tl.constexpr,
+        TPP: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
         # One program per (batch*head, TPP tiles): sum 64 tokens x D in fp32, skip pads, divide.
         bh = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1).to(tl.int64) * TPP + tl.arange(0, TPP)  # [TPP]
@@ -231,13 +279,37 @@ if triton is not None:
 
     @triton.jit
     def _select_kernel(
-        src_ptr, tile_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, pad_ptr,
-        n_rows, n_cols, nqb, nkb, scale, thr, thr_lo, keep_all,
-        sta_t, sta_h, sta_w, tiles_h, tiles_w, n_frames,
-        MODE: tl.constexpr, PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities
+        src_ptr,
+        tile_ptr,
+        kvn_ptr,
+        kvi_ptr,
+        fn_ptr,
+        fi_ptr,
+        pad_ptr,
+        n_rows,
+        n_cols,
+        nqb,
+        nkb,
+        scale,
+        thr,
+        thr_lo,
+        keep_all,
+        sta_t,
+        sta_h,
+        sta_w,
+        tiles_h,
+        tiles_w,
+        n_frames,
+        MODE: tl.constexpr,
+        PAIRED: tl.constexpr,  # 0: raw scores (softmax here), 1: probabilities
         EXACT: tl.constexpr,  # 1: float64 bisection, 2: float32 search checked in float64, 0: float32 only
-        QT: tl.constexpr, KT: tl.constexpr, BLOCK: tl.constexpr,
-        HAS_STA: tl.constexpr, WRITE_TILE: tl.constexpr, WRITE_BLOCKS: tl.constexpr, KNOWN_TOTAL: tl.constexpr,
+        QT: tl.constexpr,
+        KT: tl.constexpr,
+        BLOCK: tl.constexpr,
+        HAS_STA: tl.constexpr,
+        WRITE_TILE: tl.constexpr,
+        WRITE_BLOCKS: tl.constexpr,
+        KNOWN_TOTAL: tl.constexpr,
     ):
         # One program per query block (QT tile rows, one after the other: few live registers).
         pid = tl.program_id(0).to(tl.int64)
@@ -280,8 +352,9 @@ if triton is not None:
                 cut = _bisect_fast(bits, p, t0.to(tl.int32, bitcast=True), top, thr)
                 if EXACT == 2:  # exact iff G64(cut) < thr <= G64(cut - 1); else redo in float64
                     p64 = p.to(tl.float64)
-                    above, below = tl.reduce((tl.where(bits > cut, p64, 0.0), tl.where(bits > cut - 1, p64, 0.0)),
-                                             0, _sum_pair)
+                    above, below = tl.reduce(
+                        (tl.where(bits > cut, p64, 0.0), tl.where(bits > cut - 1, p64, 0.0)), 0, _sum_pair
+                    )
                     if (above >= thr64) | (below < thr64):
                         cut = _bisect(bits, p64, top * 0, top, thr64)
             if KNOWN_TOTAL:
