@@ -129,7 +129,10 @@ def item_check(facts: ModelFacts, attention) -> Callable[[GenerationConfig], Non
 
 def check_environment(plan: RunPlan) -> None:
     """The checks that need torch (module doc); then the plan's notes, logged once."""
-    check_device(plan.config.generation.device)
+    if plan.parallel is not None and plan.parallel.launch.distributed:
+        rank_device(plan.config.generation.device, plan.parallel.launch)  # torchrun's own device rules
+    else:
+        check_device(plan.config.generation.device)
     check_quantize(plan.config)
     # the run's own settings (config + flags) for every command: a batch whose defaults cannot run
     # is exit 2; an item's own values are checked per item (a failed item)

@@ -31,6 +31,12 @@ THIRD_PARTY_LOGGERS = (
     "imageio_ffmpeg",
 )
 
+# Import-time chatter of the optional torchao (the FP8 extra), which diffusers imports whenever it
+# is installed: its CUDA extensions fail to load on machines without them, and it registers enums
+# that torch's pytree now warns about. Neither affects a run (the fp8 path checks the GPU itself);
+# left at WARNING they made every command's stderr several lines long.
+QUIET_AT_IMPORT = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
+
 
 def setup_logging(args: argparse.Namespace) -> None:
     level = (
@@ -47,6 +53,8 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.getLogger("wan_nabla").setLevel(level)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in QUIET_AT_IMPORT:
+        logging.getLogger(name).setLevel(logging.ERROR)
     keep_one_handler()
 
 
