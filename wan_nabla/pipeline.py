@@ -81,8 +81,12 @@ VAE_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def set_vae_dtype(pipe, vae_dtype: str) -> None:
-    """Cast the VAE to `memory.vae_dtype` (fp32 | bf16); decode_video feeds it latents of its dtype."""
-    pipe.vae.to(dtype=VAE_TORCH_DTYPES[vae_dtype])
+    """Cast the VAE to `memory.vae_dtype` (fp32 | bf16); decode_video feeds it latents of its dtype.
+    torch's own Module.to: diffusers' ModelMixin.to warns on every dtype cast that it "should keep
+    modules in float32: []" (the Wan VAE names none), noise in every command's output."""
+    dtype = VAE_TORCH_DTYPES[vae_dtype]
+    if pipe.vae.dtype != dtype:
+        torch.nn.Module.to(pipe.vae, dtype=dtype)
 
 
 def compile_seconds() -> float:
