@@ -21,13 +21,15 @@ def pipeline(out: str) -> None:
     """The app's own path: Ulysses 2 over the tiny model, the video decoded split over both ranks."""
     from test_split_decode import PIPELINE_CONFIG, PIPELINE_GENERATION  # noqa: E402
 
-    from wan_nabla.app import check_parallel
+    from wan_nabla.app import with_device
     from wan_nabla.distributed import ParallelContext
+    from wan_nabla.model_source import model_facts
     from wan_nabla.pipeline import VideoGenerator
+    from wan_nabla.preflight import check_parallel
     from wan_nabla.tiny import build_tiny_pipeline
 
     cfg = RunConfig.from_mapping({**PIPELINE_CONFIG, "parallel": {"ulysses_degree": 2}})
-    plan = check_parallel(cfg, "generate")
+    plan = with_device(check_parallel(cfg, "generate", model_facts("tiny")), cfg.generation.device)
     ctx = ParallelContext.start(plan)
     gen = VideoGenerator(build_tiny_pipeline(seed=0), cfg, plan.device, "tiny", parallel=ctx)
     res = gen.generate("a fox in the snow", progress=False, **PIPELINE_GENERATION)
