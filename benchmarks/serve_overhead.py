@@ -44,8 +44,7 @@ def in_process(jobs: int, out: Path) -> float:
 
 
 def served(jobs: int, data: Path) -> float:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serve_util import ServeProcess
+    from tests.support.serve_util import ServeProcess
 
     with ServeProcess(data) as srv:
         srv.wait_for(srv.create(prompt="warm up", **SETTINGS)["id"], "completed")

@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 
+from tests.support.wan_original import save_original_checkpoint
 from wan_nabla.models import save_tiny_checkpoint
 from wan_nabla.tiny import build_tiny_pipeline
-
-from .wan_original import save_original_checkpoint
 
 
 @pytest.fixture(scope="session")

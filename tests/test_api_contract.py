@@ -17,13 +17,12 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from tests.support import reference as R
 from wan_nabla import apply_attention
 from wan_nabla.attention import backends, masks
 from wan_nabla.attention.config import AttentionConfig, ConfigError
 from wan_nabla.attention.layout import TileLayout
 from wan_nabla.wan.processor import WanSparseAttnProcessor
-
-from . import reference as R
 
 CONFIGS = {
     "full": {"type": "full"},

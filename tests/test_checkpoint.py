@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.support.wan_original import save_original_checkpoint, to_original
 from wan_nabla import checkpoint
 from wan_nabla.app import load_generator, warn_if_zero_shot
 from wan_nabla.cli import main
@@ -20,8 +21,6 @@ from wan_nabla.config import RunConfig
 from wan_nabla.models import load_transformer, same_checkpoint
 from wan_nabla.preflight import resolve_run_config
 from wan_nabla.requests import RunFlags
-
-from .wan_original import save_original_checkpoint, to_original
 
 FAST = ["--model", "tiny", "--size", "128x128", "--frames", "5", "--steps", "1", "--quiet"]
 SHARD1 = "diffusion_pytorch_model-00001-of-00002.safetensors"

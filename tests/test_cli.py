@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support import ROOT
 from wan_nabla import app, preflight
 from wan_nabla.cli import main
 from wan_nabla.output.sidecar import git_commit
 from wan_nabla.output.video import probe_mp4
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FAST = ["--model", "tiny", "--size", "128x128", "--frames", "17", "--steps", "2", "--quiet"]
 

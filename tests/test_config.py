@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ROOT
 from wan_nabla.config import AttentionConfig, ConfigError, GenerationConfig, RunConfig, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 EXPECTED = {
     "full.yaml": ("full", None, None, 0),
     "nabla_0.7.yaml": ("nabla", 0.7, None, 0),

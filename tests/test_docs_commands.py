@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 MARK = "<!-- test: run -->"
 SKIPPED = (re.compile(r"^pip3? install\b"), re.compile(r"^python3? -m (pip|pytest)\b"))
 LINKED = ("examples", "scripts", "configs")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 PKG = ROOT / "wan_nabla"
 
 
@@ -328,3 +329,42 @@ def test_attention_library_imports_nothing_from_the_app():
         and not (target == "wan_nabla.attention" or target.startswith("wan_nabla.attention."))
     ]
     assert not bad, "\n".join(bad)
+
+
+TESTS = ROOT / "tests"
+
+
+def test_tests_mirror_the_packages_and_helpers_live_in_support():
+    """Guards the test layout: a test file sits at tests/ (top-level modules and repository rules)
+    or in a folder named after a subpackage of wan_nabla/ (tests/batch/ for wan_nabla/batch/) or
+    tests/benchmarks/; every test folder is a package (so equal file names in two folders do not
+    clash); helpers (modules that are not test_*.py) live only in tests/support/, which holds no
+    tests; and no test imports another test module (shared code goes to tests/support/)."""
+    subpackages = {p.parent.relative_to(PKG).parts[0] for p in PKG.glob("*/**/*.py")}
+    allowed = subpackages | {"benchmarks", "support"}
+    problems = []
+    for path in sorted(TESTS.rglob("*.py")):
+        rel = path.relative_to(TESTS)
+        if "__pycache__" in rel.parts:
+            continue
+        folder = rel.parts[0] if len(rel.parts) > 1 else None
+        if len(rel.parts) > 2 or (folder is not None and folder not in allowed):
+            problems.append(f"tests/{rel}: not in tests/ or a folder named after a package ({sorted(allowed)})")
+        if folder == "support" and rel.name.startswith("test_"):
+            problems.append(f"tests/{rel}: tests/support/ holds helpers, not tests")
+        if folder != "support" and not rel.name.startswith("test_") and rel.name not in ("__init__.py", "conftest.py"):
+            problems.append(f"tests/{rel}: a helper outside tests/support/")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                targets = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            if any(t.rpartition(".")[2].startswith("test_") for t in targets):
+                problems.append(f"tests/{rel}: imports a test module ({', '.join(targets)})")
+    for folder in {p.parent for p in TESTS.rglob("*.py")} - {TESTS}:
+        if "__pycache__" not in folder.parts and not (folder / "__init__.py").exists():
+            problems.append(f"{folder.relative_to(ROOT)}: no __init__.py")
+    assert not problems, "\n".join(problems)
+    assert {p.parent.name for p in TESTS.glob("*/test_*.py")} >= {"attention", "batch", "serve", "distributed"}

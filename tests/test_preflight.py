@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ROOT
 from wan_nabla import cli, preflight
 from wan_nabla.config import ConfigError, load_config
 from wan_nabla.errors import LoraError, UsageError
@@ -24,7 +25,6 @@ from wan_nabla.output.files import OutputError
 from wan_nabla.output.sidecar import SIDECAR_PROMPT_CHARS, prompt_record
 from wan_nabla.requests import BatchRequest, CompareRequest, GenerateRequest, RunFlags
 
-REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers")
 TINY = RunFlags(model="tiny", device="cpu")
 
@@ -50,7 +50,7 @@ LIGHT_PATHS = [
     ["generate", "--prompt", "x", "--model", "tiny", "--output", "/proc/x.mp4"],
     ["generate", "--prompt", "x", "--model", "tiny", "--output", "a\nb.mp4"],
     ["generate", "--prompt", "x", "--model", "tiny", "--config", "nope_preset"],
-    ["generate", "--prompt", "x", "--model", str(REPO / "no-such-model-dir")],
+    ["generate", "--prompt", "x", "--model", str(ROOT / "no-such-model-dir")],
     ["batch", ".", "--out-dir", "out"],
     ["compare", "--prompt", "x", "--config", "nabla_0.4", "--against", "nope_preset", "--out", "c"],
 ]
@@ -73,7 +73,7 @@ def test_help_presets_and_input_errors_import_no_torch(tmp_path):
             out.append([argv, rc, [m for m in HEAVY if m in sys.modules], err.getvalue()[-300:]])
         print(json.dumps(out))
     """).replace("HEAVY", repr(HEAVY))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(LIGHT_PATHS)],
         cwd=tmp_path,
@@ -98,7 +98,7 @@ def test_package_import_is_light_and_heavy_names_still_resolve():
         f"assert not [m for m in {HEAVY!r} if m in sys.modules], sys.modules.keys(); "
         "wan_nabla.apply_attention; wan_nabla.distributed.ParallelContext; print('ok')"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
     )

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import ROOT
 from wan_nabla.batch.manifest import read_manifest
 from wan_nabla.interrupts import Interrupted, deferred, handle_signals
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny", "--size", "16x16", "--frames", "1", "--steps", "1", "--guidance-scale", "1", "--quiet"]
 
 # Writes a real temp MP4, then (for the N-th video of the process) signals readiness and hangs the

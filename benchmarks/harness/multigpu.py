@@ -56,7 +56,7 @@ ATTENTION = {
 SIZES = [(WAN_SIZES["1.3B"], 832, 480, 81), (WAN_SIZES["14B"], 1280, 720, 81)]
 # Exactness: every attention type, with a dense step (STA) and a dense layer (NABLA+STA), on a
 # padded grid of 6 tiles (208x80x9 -> patch grid 3x5x13 -> 3x8x16): shards of whole tiles, uneven
-# raster shards for full. tests/test_distributed.py uses the same cases.
+# raster shards for full. tests/distributed/test_multiprocess.py uses the same cases.
 EXACT_ATTENTION = {
     "nabla 0.5": {"type": "nabla", "threshold": 0.5},
     "sta 1-1-1, 1 dense step": {"type": "sta", "sta_window": [1, 1, 1], "dense_steps": 1},

@@ -1,7 +1,7 @@
 """Soak test of `wan-nabla batch`: N tiny items, RSS sampled after every item, manifest checked exactly.
 
     python benchmarks/jobs/batch_soak.py --items 1000 --out /tmp/soak     # ~4-8 min on 2 CPU cores
-    python benchmarks/jobs/batch_soak.py --items 5 --out /tmp/soak        # smoke run (tests/test_batch.py)
+    python benchmarks/jobs/batch_soak.py --items 5 --out /tmp/soak        # smoke run (tests/batch/test_run.py)
 
 The batch runs in-process through the real CLI parser and `batch.run_batch`, with the cheapest
 item the pipeline allows (tiny model, 16x16, 1 frame, 1 step, guidance 1: no CFG pass), so the
@@ -14,7 +14,7 @@ ok, distinct output names, each MP4 present and complete (decoded, 1 frame), eac
 its record's key, no temp files, and nothing else in the directory.
 Exit code 0 iff the manifest is exact and the growth is under --max-growth-mb.
 Why a script: 1,000 items take minutes, more than the CI suite can spend; the suite runs the
-200-item memory test (tests/test_batch.py) and this script's smoke mode.
+200-item memory test (tests/batch/test_run.py) and this script's smoke mode.
 """
 
 from __future__ import annotations

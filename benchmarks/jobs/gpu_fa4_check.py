@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.op import fa4_cache_size  # noqa: E402
 from benchmarks.harness.records import environment  # noqa: E402
-from tests import reference as R  # noqa: E402
+from tests.support import reference as R  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.attention import backends, masks, rotary  # noqa: E402
 from wan_nabla.attention.backends import fa4, flex  # noqa: E402

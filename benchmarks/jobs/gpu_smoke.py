@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.reference import tiny_transformer  # noqa: E402
+from tests.support.reference import tiny_transformer  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
 from wan_nabla.tiny import build_tiny_pipeline  # noqa: E402

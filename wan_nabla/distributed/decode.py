@@ -10,7 +10,7 @@ blend_v / blend_h) and crops. The tiles are independent until the blend, so here
 tiled_decode's row-major order) is decoded by rank k mod n; the decoded tiles are gathered on the
 leader (one gather of their shapes, one of the tiles padded to the largest shape) and blended
 and cropped exactly as tiled_decode does. The result equals vae.tiled_decode(z) up to rounding
-(bitwise on the CPU: the same operations on the same tiles; tests/test_split_decode.py, gloo with 2
+(bitwise on the CPU: the same operations on the same tiles; tests/distributed/test_decode.py, gloo with 2
 and 4 ranks). A video that fits in one tile is decoded by the leader alone, untiled, as
 vae.decode does at that size.
 

@@ -1,0 +1,1 @@
+"""Tests of wan_nabla/distributed/."""
