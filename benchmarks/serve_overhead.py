@@ -3,7 +3,7 @@
     python benchmarks/serve_overhead.py --jobs 30 [--out results.json]
 
 Both sides run the tiny model on the CPU with the same settings (32x32, 1 frame, 1 step, no CFG,
-float32, OMP_NUM_THREADS=1) and write the same MP4 + sidecar (output.sidecar.publish_video):
+float32, OMP_NUM_THREADS=1) and write the same MP4 + sidecar (output.publish.publish_video):
   in-process: VideoGenerator.generate + publish_video per job, the model loaded once (what
               `generate` does per video, without its process start and model load);
   server:     a real `wan-nabla serve` process; all jobs are POSTed at once, the clock runs from
@@ -31,7 +31,7 @@ SETTINGS = {"size": "32x32", "frames": 1, "steps": 1, "guidance_scale": 1.0}
 
 def in_process(jobs: int, out: Path) -> float:
     from wan_nabla.config import RunConfig
-    from wan_nabla.output.sidecar import publish_video
+    from wan_nabla.output.publish import publish_video
     from wan_nabla.pipeline import VideoGenerator
 
     gen = VideoGenerator.load("tiny", RunConfig(), device="cpu", dtype="float32")

@@ -368,3 +368,64 @@ def test_tests_mirror_the_packages_and_helpers_live_in_support():
             problems.append(f"{folder.relative_to(ROOT)}: no __init__.py")
     assert not problems, "\n".join(problems)
     assert {p.parent.name for p in TESTS.glob("*/test_*.py")} >= {"attention", "batch", "serve", "distributed"}
+
+
+OPTIONAL_IMPORTS = (
+    # optional dependencies: extras or GPU-only packages the base install runs without
+    "flash_attn",
+    "cutlass",
+    "torchao",
+    "ray",
+    "uvicorn",
+    "fastapi",
+    "starlette",
+    "matplotlib",
+    "skimage",
+    "triton",
+    # modules of the package that import one of those at their top
+    "wan_nabla.attention.backends.fa4_mask",
+    "wan_nabla.compare.pictures",
+    "wan_nabla.serve.app",
+)
+HANDOVER = {
+    # the CLI's one hand-over from the light layers to a command's runner, once preflight accepted the input
+    "wan_nabla/cli.py": ("wan_nabla.app", "wan_nabla.batch.run", "wan_nabla.compare.run", "wan_nabla.serve.main"),
+}
+
+
+def _absolute_targets(node: ast.Import | ast.ImportFrom, path: Path) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not node.level:
+        return [node.module or ""]
+    mod = _module_name(path).split(".")
+    base = mod if path.name == "__init__.py" else mod[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    if node.module:
+        return [".".join([*base, node.module])]
+    return [".".join([*base, a.name]) for a in node.names]
+
+
+def test_imports_sit_at_the_top_of_modules():
+    """Guards issue 20 point 5: imports sit at the top of modules, and the light layers (CLI, config,
+    preflight) stay light by what they import, not by hiding imports in functions. An import inside
+    a function is allowed only for an optional dependency (or a module of the package that needs
+    one), for the CLI's hand-over to a command's runner, and in a module-level __getattr__ (PEP
+    562: `import wan_nabla` stays light while its heavy names still resolve)."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        lazy_ok = {n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"}
+        rel = str(path.relative_to(ROOT))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or fn in lazy_ok:
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                for target in _absolute_targets(node, path):
+                    root = target.split(".")[0]
+                    if root in OPTIONAL_IMPORTS or target in OPTIONAL_IMPORTS or target in HANDOVER.get(rel, ()):
+                        continue
+                    bad.append(f"{rel}:{node.lineno} imports {target} inside {fn.name}()")
+    assert not bad, "move these to the top of their module (or split the module):\n" + "\n".join(bad)

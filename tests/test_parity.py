@@ -501,7 +501,7 @@ def test_crf_flag_reaches_the_encoder_and_wans_quality_is_crf_10(monkeypatch, tm
     """Wan2.1 wan/utils/utils.py cache_video: imageio.get_writer(..., codec='libx264', quality=8);
     imageio-ffmpeg turns quality q into -crf int((1 - q/10) * 51) = 10. wan-nabla: --crf, default
     18 (documented), given to ffmpeg as -crf."""
-    from wan_nabla.output import sidecar, video
+    from wan_nabla.output import publish, video
 
     assert int((1 - 8 / 10.0) * 51) == 10
     assert GenerationConfig().crf == 18 and GenerationConfig(crf=10).crf == 10
@@ -522,7 +522,7 @@ def test_crf_flag_reaches_the_encoder_and_wans_quality_is_crf_10(monkeypatch, tm
         schedule={},
     )
     gen = types.SimpleNamespace(config=RunConfig(), model_id="tiny", load_s=0.0, device="cpu")
-    sidecar.publish_video(gen, result, "x", tmp_path / "v.mp4")
+    publish.publish_video(gen, result, "x", tmp_path / "v.mp4")
     assert seen == [10]
 
 

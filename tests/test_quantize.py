@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wan_nabla import quantize
+from wan_nabla import app, quantize
+from wan_nabla import pipeline as pl
 from wan_nabla.cli import main
 from wan_nabla.config import ConfigError, RunConfig, load_config
 from wan_nabla.tiny import TINY_LAYERS, build_tiny_pipeline
@@ -104,6 +105,7 @@ def _allow_cpu_fp8(monkeypatch):
 
     monkeypatch.setattr(qa, "_check_hardware_support", lambda *a, **k: None)
     monkeypatch.setattr(quantize, "fp8_unsupported", lambda *a, **k: None)
+    monkeypatch.setattr(app, "fp8_unsupported", lambda *a, **k: None)  # the CLI's preflight check
 
 
 def test_torchao_fp8_on_cpu_changes_exactly_the_targets_and_stays_close(monkeypatch):
@@ -163,7 +165,7 @@ def test_lora_is_fused_before_quantising_and_the_sidecar_says_what_ran(monkeypat
         seen["q"] = transformer.blocks[0].attn1.to_q.weight.detach().clone()
         return {"mode": mode, "linear_modules": 0, "blocks": 0, "seconds": 0.0, "stub": True}
 
-    monkeypatch.setattr(quantize, "quantize_transformer", stub)
+    monkeypatch.setattr(pl, "quantize_transformer", stub)
     gen_cfg = GenerationConfig(device="cpu", dtype="bfloat16", size=(64, 64), frames=5, steps=1)
     plain = build_tiny_pipeline(seed=0).to(torch.bfloat16)
     base_q = plain.transformer.blocks[0].attn1.to_q.weight.detach().clone()

@@ -33,7 +33,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers import FirstBlockCacheConfig, MagCacheConfig
+from torch._dynamo.exc import TorchDynamoException
 
+from . import sampling
 from .attention.run import AttentionRun
 from .model_source import WAN_SCHEDULER_CONFIG  # noqa: F401 - re-exported: Wan2.1's scheduler, known without torch
 
@@ -68,23 +71,17 @@ def initial_latents(pipe, width: int, height: int, frames: int, seed: int, devic
 
 def make_scheduler(pipe, shift: float, sampler: str = "unipc"):
     """A fresh flow-matching scheduler with this shift (sampling.make_scheduler on the pipeline's own)."""
-    from .sampling import make_scheduler as make
-
-    return make(pipe.scheduler, shift, sampler)
+    return sampling.make_scheduler(pipe.scheduler, shift, sampler)
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
     """Wan's FlowUniPC schedule for UniPC, the distilled LoRAs' schedule for Euler (sampling.py)."""
-    from .sampling import set_timesteps as set_steps
-
-    set_steps(scheduler, steps, device)
+    sampling.set_timesteps(scheduler, steps, device)
 
 
 def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:
     """False iff diffusers' scheduler would fail to run `steps` at `shift` (sampling.sampler_runs)."""
-    from .sampling import sampler_runs as runs
-
-    return runs(scheduler_config, steps, shift)
+    return sampling.sampler_runs(scheduler_config, steps, shift)
 
 
 def denoise(
@@ -161,8 +158,6 @@ def _standard_strides(x: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_forward(state: CompiledBlocks, eager, compiled, fallback: bool):
-    from torch._dynamo.exc import TorchDynamoException
-
     def forward(hidden_states, *args, **kwargs):
         x = _standard_strides(hidden_states)
         if state.error is None:
@@ -182,8 +177,6 @@ def enable_cache(
 ) -> None:
     """Enable diffusers' FirstBlockCache ("first-block", params: threshold) or MagCache ("mag",
     params: threshold and max_skip_steps, or calibrate) on `transformer` (replacing an enabled one)."""
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig
-
     disable_cache(transformer)
     if kind == "first-block":
         config = FirstBlockCacheConfig(threshold=params["threshold"])

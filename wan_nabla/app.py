@@ -46,9 +46,11 @@ from .model_source import (
     same_checkpoint,
 )
 from .output.files import ensure_writable_dir, remove_created_dirs
-from .output.sidecar import check_destination, publish_video
+from .output.publish import publish_video
+from .output.sidecar import check_destination
 from .pipeline import VideoGenerator, load_weights
 from .preflight import ParallelLayout, RunPlan, check_model_fits
+from .quantize import fp8_unsupported
 from .requests import GenerateRequest
 
 log = logging.getLogger("wan_nabla")
@@ -80,7 +82,6 @@ def check_quantize(cfg: RunConfig) -> None:
     an explicit request is refused, never run in bf16 under the fp8 label."""
     if cfg.speed.quantize == "none":
         return
-    from .quantize import fp8_unsupported
 
     name = cfg.generation.device
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -54,6 +55,7 @@ from .requests import (
     SampleFlags,
     request_fields,
 )
+from .serve.options import add_serve_flags
 
 log = logging.getLogger("wan_nabla")
 
@@ -404,8 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
         config_help="the server's defaults: a preset name or a YAML path (requests may pick "
         "another bundled preset's attention)",
     )
-    from .serve.main import add_serve_flags
-
     add_serve_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -424,8 +424,6 @@ def run_bench(argv: list[str]) -> int:
     """`wan-nabla bench ARGS` = `python -m benchmarks.harness ARGS` of the checkout this package runs
     from. The harness is lab code kept out of the installed package, and the package never imports
     it: it runs as a child process with the checkout on its path."""
-    import subprocess
-
     root = CHECKOUT_ROOT
     if not (root / "benchmarks" / "harness" / "__main__.py").is_file():
         print(BENCH_MISSING, file=sys.stderr)

@@ -47,6 +47,7 @@ import torch
 from diffusers import WanPipeline
 from safetensors import safe_open
 
+from .checkpoint import CheckpointError, diffusers_names
 from .config import LoraSpec
 from .errors import LoraError
 from .preflight import preflight_loras, safetensors_keys  # noqa: F401 - the light checks, importable from here too
@@ -94,8 +95,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 def diff_targets(transformer: torch.nn.Module, diffs: dict[str, torch.Tensor], fmt: str, path: str) -> dict[str, str]:
     """{file key: transformer parameter name} of each difference key; LoraError naming the first
     key that matches no parameter, or one of another shape."""
-    from .checkpoint import CheckpointError, diffusers_names
-
     if diffs and fmt == "musubi":
         raise LoraError(f"LoRA {path!r}: difference key {sorted(diffs)[0]!r} in musubi naming is not supported")
     wanted: dict[str, str] = {}  # file key -> parameter name in the file's own naming

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
 TINY_MODEL_ID = "tiny"
 # Generation settings the CLI uses with `--model tiny` for every value not given as a flag: the
@@ -189,7 +190,6 @@ def model_file(model: str, filename: str) -> Path | None:
         return path / filename if (path / filename).is_file() else None
     if not looks_like_hub_id(model):
         return None
-    from huggingface_hub import try_to_load_from_cache
 
     try:
         found = try_to_load_from_cache(model, filename)
@@ -200,9 +200,6 @@ def model_file(model: str, filename: str) -> Path | None:
 
 def check_hub_reachable(repo_id: str) -> None:
     """One request without retries: is the hub reachable, and does it have `repo_id`?"""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
     if hub_offline():
         raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set", repo_id)
     try:

@@ -44,6 +44,7 @@ adapter.py keep working under every mode (they read module outputs, never weight
 from __future__ import annotations
 
 import torch
+from diffusers.hooks import HookRegistry, apply_group_offloading
 
 from .config import MemoryConfig
 
@@ -136,8 +137,6 @@ class MemoryHandle:
         if mode == "model":
             self.pipe.remove_all_hooks()
         else:
-            from diffusers.hooks import HookRegistry
-
             for module in self._grouped:
                 registry = HookRegistry.check_if_exists_or_initialize(module)
                 for name in _GROUP_HOOKS:
@@ -160,8 +159,6 @@ def apply_memory(pipe, memory: MemoryConfig, device: torch.device) -> MemoryHand
         except ImportError as e:  # accelerate is a dependency, but a trimmed install may lack it
             raise RuntimeError(f"memory.offload 'model' needs accelerate ({e}); pip install accelerate") from None
         return MemoryHandle(pipe, memory, device)
-
-    from diffusers.hooks import apply_group_offloading
 
     stream = device.type == "cuda"
     kw = dict(onload_device=device, offload_device=_CPU)

@@ -56,8 +56,11 @@ from tqdm.auto import tqdm
 
 from . import adapter, offload
 from .config import GenerationConfig, RunConfig
+from .distributed.decode import split_tiled_decode
 from .lora import load_loras
+from .magcache import resolve
 from .models import load_pipeline, load_transformer
+from .quantize import quantize_transformer
 from .sampling import guide, schedule_record
 from .wan import hooks
 
@@ -239,8 +242,6 @@ class VideoGenerator:
             if config.lora:  # before offloading moves the weights
                 self.lora = load_loras(pipe, config.lora)
             if config.speed.quantize != "none":  # after the LoRA merge: deltas fused at full precision
-                from .quantize import quantize_transformer
-
                 self.quantize = quantize_transformer(pipe.transformer, config.speed.quantize, device)
                 log.info(
                     "quantize %s: %d linear layers in %d blocks (%.1fs)",
@@ -342,8 +343,6 @@ class VideoGenerator:
         kind = speed.cache_kind
         key = (kind, steps if kind == "mag" else None)
         if kind != "none" and key != self._cache_key:
-            from .magcache import resolve
-
             mag = resolve(speed, tr.config)
             params, ratios = speed.cache_params, speed.mag_ratios
             if mag is not None:
@@ -462,7 +461,6 @@ class VideoGenerator:
                 # the split decode calls the VAE's layers, not vae.decode, whose hook would bring it in
                 pipe.vae.to(dev)
             timings["vae_tiling"], timings["vae_split_ranks"] = True, par.layout.group_size
-            from .distributed.decode import split_tiled_decode
 
             out = adapter.decode_video(
                 pipe,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .batch.prompts import PromptFileError, PromptItem, read_prompt_file
+from .batch.ray_options import ray_options
 from .config import (
     AttentionConfig,
     ConfigError,
@@ -48,6 +49,7 @@ from .config import (
 )
 from .distributed.launch import Launch, RankLayout, plan_ranks
 from .errors import LoraError, UsageError
+from .magcache import check as check_mag
 from .model_source import (
     TINY_GENERATION,
     TINY_HEADS,
@@ -363,8 +365,6 @@ def _model(cfg: RunConfig, check: bool) -> tuple[str, ModelFacts]:
     if check:
         check_available(model, cfg.model.base, transformer_weights=cfg.model.transformer is None)
     if cfg.speed.cache_kind == "mag":  # published MagCache ratios exist for this model's shape?
-        from .magcache import check as check_mag
-
         check_mag(cfg.speed, transformer_config_on_disk(model))
     return model, model_facts(model)
 
@@ -430,8 +430,6 @@ def plan_batch(req: BatchRequest, env: Mapping[str, str] | None = None) -> RunPl
     weights (the facts are Wan2.1's where the model's config files are not on disk)."""
     ray = None
     if req.engine == "ray":
-        from .batch.ray_options import ray_options
-
         ray = ray_options(req)  # bad --ray-* values and a missing ray: exit 2 first
     cfg = resolve_run_config(req.flags)
     if ray is not None:

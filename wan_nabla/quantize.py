@@ -39,6 +39,7 @@ trained weights with `wan-nabla compare`.
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
@@ -52,8 +53,6 @@ TORCHAO_HINT = 'pip install "wan-nabla[fp8]" (torchao >= 0.18)'
 
 def torchao_version() -> str | None:
     """The installed torchao version, or None (not imported until needed: it is optional)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("torchao")
     except PackageNotFoundError:

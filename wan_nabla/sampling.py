@@ -30,8 +30,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 WAN_SIGMA_MAX = float(np.float32(1.0 - 1.0 / 1000))
 """Wan's FlowUniPC sigma_max: its float32 training sigmas (1 - linspace(1, 1/1000, 1000)) start at
@@ -47,16 +49,12 @@ def make_scheduler(base, shift: float, sampler: str = "unipc"):
     """A fresh scheduler with flow shift `shift`: a copy of `base` (the pipeline's UniPC, or any
     scheduler with a config) for unipc, first-order flow-matching Euler for euler."""
     if sampler == "euler":
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=base.config.num_train_timesteps, shift=shift)
     return type(base).from_config(base.config, flow_shift=shift)
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device | str | None = None) -> None:
     """Wan's FlowUniPC schedule (UniPC) or the distilled LoRAs' Euler schedule (module doc)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
     elif getattr(scheduler.config, "use_flow_sigmas", False):
@@ -87,8 +85,6 @@ def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) 
     schedule, and `step` fails (`assert self.this_order > 0`) at the last step. Integer timesteps
     coincide when sigma_1 truncates to sigma_0's timestep (999). Schedulers without that lookup
     are assumed to run."""
-    import diffusers
-
     cls = getattr(diffusers, str(scheduler_config.get("_class_name", "")), None) or diffusers.UniPCMultistepScheduler
     sched = cls.from_config(dict(scheduler_config), flow_shift=shift)
     find = getattr(sched, "index_for_timestep", None)

@@ -23,10 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..app import agreed, describe_failure, warn_long_prompt
 from ..output.files import ensure_writable_dir, remove_created_dirs
 from ..output.naming import unique_path
-from ..output.sidecar import publish_video, sidecar_path
+from ..output.publish import publish_video
+from ..output.sidecar import sidecar_path
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from .plan import PlannedItem
 from .resume import assign_outputs, free_or_own, remove_stale_temps
@@ -64,7 +67,6 @@ def _release_memory() -> None:
     """After a failed item: free what its frames held, and hand cached CUDA blocks back to the
     driver so the next item (often a smaller one after an out-of-memory) starts from a clean pool."""
     gc.collect()
-    import torch
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

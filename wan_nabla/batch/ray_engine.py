@@ -52,10 +52,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..app import load_generator
 from ..errors import UsageError, describe_failure
+from ..log_setup import setup_logging
+from ..output.files import atomic_output, atomic_write_bytes
 from ..output.sidecar import sidecar_path
+from .item import HeldOutDir, item_record, record_planned, run_item
 from .plan import PlannedItem
 from .ray_options import RAY_REQUIREMENT, RayOptions, ray_options  # noqa: F401 - re-exported
+from .resume import free_or_own, remove_stale_temps, sidecar_key, verified_output
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +84,6 @@ class BatchActor:
     Construction never raises: a load failure is reported by info(), as one line."""
 
     def __init__(self, cfg, model: str, out_dir: str, probe: str | None, verbose: bool):
-        from ..app import load_generator
-        from ..log_setup import setup_logging
-
         setup_logging(argparse.Namespace(quiet=not verbose, verbose=verbose))  # the CLI's levels, no loading bars
 
         self.out_dir = Path(out_dir)
@@ -103,8 +108,6 @@ class BatchActor:
 
     def run(self, p: PlannedItem, transfer: bool) -> tuple[dict[str, Any], dict[str, bytes] | None]:
         """The item's manifest record, and with `transfer` the files for the driver to publish."""
-        from .item import run_item
-
         assert p.output is not None  # the driver names every item it sends
         if not transfer:
             rec = run_item(self.gen, p, set(), self.out_dir, progress=False, rename=False)
@@ -263,8 +266,6 @@ class _Pool:
         try:
             rec, files = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as exc:  # raised inside a live actor: the item's own failure
-            from .item import item_record
-
             self.idle.append(slot)
             self.finish(p, item_record(p, "failed", error=f"line {p.item.line}: {_one_line(exc)}"), slot, attempt)
             return
@@ -279,9 +280,6 @@ class _Pool:
         self.finish(p, rec, slot, attempt)
 
     def _on_death(self, slot: _Slot, p: PlannedItem, attempt: int, why: str, queue: deque[PlannedItem]) -> None:
-        from .item import item_record
-        from .resume import verified_output
-
         log.warning("ray actor %d died running item %d (attempt %d): %s", slot.id, p.item.index, attempt, why)
         self.last_error = f"actor {slot.id}: {why}"
         self._drop(slot)
@@ -310,10 +308,6 @@ class _Pool:
 def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
     """--ray-transfer: write what an actor returned, in publish_video's order (the sidecar while
     the MP4 is still a temp file, then the MP4's rename); a failure fails the item, no file stays."""
-    from ..output.files import atomic_output, atomic_write_bytes
-    from .item import item_record
-    from .resume import free_or_own
-
     t0 = time.perf_counter()
     out = p.output
     assert out is not None  # every item that runs was given a name by assign_outputs
@@ -340,8 +334,6 @@ def _publish_transferred(p: PlannedItem, rec: dict[str, Any], files: dict[str, b
 
 def _remove_own_leftovers(p: PlannedItem) -> None:
     """A sidecar (and MP4) of this item that a killed actor left incomplete: partial files never stay."""
-    from .resume import sidecar_key
-
     if p.output is None:
         return
     side = sidecar_path(p.output)
@@ -360,12 +352,6 @@ def run_ray(
     model: str,
 ) -> dict[str, int]:
     """Run a planned batch on Ray (module doc); returns the counts of ok, failed and skipped records."""
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from .item import HeldOutDir, record_planned
-    from .resume import remove_stale_temps
-
     out_dir = out_dir.absolute()  # actors (other nodes, other working directories) need the full path
     held = HeldOutDir(out_dir, planned)
     counts = {"ok": 0, "failed": 0, "skipped": 0}

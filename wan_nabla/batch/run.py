@@ -69,6 +69,8 @@ from ..requests import BatchRequest
 from .item import HeldOutDir, record_planned, run_item
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from .plan import PlannedItem, plan_item
+from .ray_engine import run_ray
+from .ray_options import ray_options
 from .resume import assign_outputs, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -100,8 +102,6 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
     (ray_engine.py; preflight checked its options)."""
     engine = req.engine or "local"
     if engine == "ray":
-        from .ray_options import ray_options
-
         ray = ray_options(req)
     else:
         check_environment(plan)  # under Ray the actors check the device, which this machine need not have
@@ -122,8 +122,6 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
             print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
     if engine == "ray":
-        from .ray_engine import run_ray
-
         counts = run_ray(ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
         print(
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "

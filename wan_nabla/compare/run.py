@@ -33,24 +33,31 @@ on runs of a few steps the speed-up is indicative only (the benchmark harness in
 
 from __future__ import annotations
 
+import io
 import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imageio_ffmpeg
 import numpy as np
 import torch
+from PIL import Image
 
 from ..app import check_environment, load_generator, warn_long_prompt
 from ..config import RunConfig
 from ..errors import UsageError
 from ..output.files import atomic_output, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..output.video import write_mp4
 from ..pipeline import GenerationResult, VideoGenerator
 from ..preflight import RunPlan
 from ..requests import CompareRequest
+from . import report
+from .metrics import frame_metrics
 from .options import claim_out_dir, remove_if_empty, require_extras, resolve_sampling
 from .probe import AttentionProbe, Sampling
+from .video import side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +146,8 @@ def capture(
 # ---- the command ---------------------------------------------------------------------------------
 def _check_video_writer() -> None:
     try:
-        import imageio_ffmpeg
-
         imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError) as e:
+    except RuntimeError as e:
         raise UsageError(f"side_by_side.mp4 needs ffmpeg (imageio-ffmpeg): {e}; or give --no-video") from None
 
 
@@ -190,9 +195,7 @@ def write_outputs(
     out: Path, prompt: str, gen: VideoGenerator, ref: Capture, cand: Capture, *, video: bool
 ) -> dict[str, Any]:
     """Render and write every output file (report.md last); returns metrics.json's content."""
-    from . import pictures, report
-    from .metrics import frame_metrics
-    from .video import side_by_side
+    from . import pictures  # needs matplotlib (the plot extra); checked by require_extras first
 
     frames = frame_metrics(ref.result.frames, cand.result.frames)
     metrics = report.metrics_record(prompt, gen.model_id, ref, cand, frames)
@@ -216,8 +219,6 @@ def write_outputs(
     sbs, scale = side_by_side(ref.result.frames, cand.result.frames, ref.label, cand.label)
     _write_png(out / "side_by_side.png", sbs[len(sbs) // 2])
     if video:
-        from ..output.video import write_mp4
-
         with atomic_output(out / "side_by_side.mp4") as tmp:
             write_mp4(sbs, tmp, fps=ref.result.settings["fps"])
     metrics["side_by_side"] = {"heat_scale": scale, "video": "side_by_side.mp4" if video else None}
@@ -229,10 +230,6 @@ def write_outputs(
 
 
 def _write_png(path: Path, frame_HW3: np.ndarray) -> None:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(frame_HW3).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -23,6 +23,7 @@ from ..config import RunConfig
 from ..output.files import atomic_write_bytes, ensure_writable_dir
 from .options import require_extras, resolve_sampling
 from .probe import AttentionProbe
+from .report import is_random_model
 
 
 def masks_dir(output: Path) -> Path:
@@ -55,7 +56,6 @@ class MaskSaver:
 
     def write(self, result) -> list[Path]:
         from .pictures import mask_pictures
-        from .report import is_random_model
 
         self.probe.close()
         steps = len(result.timings["per_step_s"])

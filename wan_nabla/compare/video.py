@@ -13,13 +13,12 @@ the label states the scale. Sizes stay even (yuv420p) because Wan frames are mul
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 STRIP_FRACTION = 0.12
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one bitmap size only
@@ -28,8 +27,6 @@ def _font(size: int):
 
 def label_strip(text: str, width: int, height: int) -> np.ndarray:
     """[height, width, 3] uint8: white text on dark grey, shrunk until it fits the width."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, height), (32, 32, 32))
     draw = ImageDraw.Draw(img)
     size = max(6, int(height * 0.7))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 
 def tile_origins(vae, latent_height: int, latent_width: int) -> list[tuple[int, int]]:
@@ -50,8 +51,6 @@ def decode_tile(vae, z: torch.Tensor, i: int, j: int) -> torch.Tensor:
 
 def assemble(vae, tiles: list[torch.Tensor], latent_height: int, latent_width: int) -> torch.Tensor:
     """tiled_decode's second half: blend decoded `tiles` (tiled_decode's order) and crop."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
     ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size
     stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
     height, width = latent_height * ratio, latent_width * ratio

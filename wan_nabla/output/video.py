@@ -7,7 +7,7 @@
 
 Output: libx264, yuv420p, CRF 18 by default, `+faststart` (index up front, so browsers can stream
 it): exactly T frames at exactly H x W, no resizing. `write_mp4` writes exactly the path it is
-given; publishing atomically is the caller's job (sidecar.publish_video writes into a temp path
+given; publishing atomically is the caller's job (publish.publish_video writes into a temp path
 from files.atomic_output and renames it together with the sidecar).
 Limits: yuv420p needs even H and W, so odd sizes are refused rather than silently padded. Non-finite
 float frames are refused too (a NaN from the model would otherwise become a black video).

@@ -45,6 +45,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..presets import preset_names
 from .preflight import JobSpec, RequestError, ServerPlan, plan_job
 from .queue import IdempotencyConflict, JobQueue, QueueFull
 from .worker import published, remove_video, video_paths
@@ -352,8 +353,6 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/presets")
     async def presets():
-        from ..presets import preset_names
-
         return {"presets": preset_names(), "defaults": _defaults(state.server)}
 
     return app

@@ -26,73 +26,31 @@ container's HEALTHCHECK (healthcheck.py) while it serves.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import fcntl
 import logging
 import os
 import signal
 import threading
 from pathlib import Path
 
-from ..errors import UsageError
+from ..app import describe_failure, load_weights_for, parallel_session
+from ..distributed import Launch
+from ..output.files import OutputError, atomic_write_text, ensure_writable_dir
+from .options import HEALTH_FILE_ENV, check_flags
+from .preflight import server_plan
+from .queue import JobQueue
+from .worker import Worker, remove_stale_temps
 
 log = logging.getLogger(__name__)
-
-API_KEY_ENV = "WAN_NABLA_API_KEY"
-HEALTH_FILE_ENV = "WAN_NABLA_HEALTH_FILE"
-
-
-def add_serve_flags(p) -> None:
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other address needs --api-key)"
-    )
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument(
-        "--data-dir", default="serve-data", help="queue database and videos (default ./serve-data; created if missing)"
-    )
-    p.add_argument(
-        "--api-key",
-        help=f"require 'Authorization: Bearer KEY' on every route but /health "
-        f"(default: ${API_KEY_ENV}); required off loopback",
-    )
-    p.add_argument("--max-queue", type=int, default=100, help="queued jobs before POST answers 429 (default 100)")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_flags(args) -> str | None:
-    """The API key to use; UsageError for bad serve flags."""
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if key is not None and (len(key) < 8 or len(key) > 512 or not key.isprintable() or " " in key):
-        raise UsageError("--api-key: use 8..512 printable characters without spaces")
-    if not _loopback(args.host) and key is None:
-        raise UsageError(
-            f"--host {args.host}: binding a non-loopback address needs an API key; give --api-key KEY "
-            f"or set {API_KEY_ENV}"
-        )
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port: {args.port} is not a port; use 0..65535")
-    if not 1 <= args.max_queue <= 1_000_000:
-        raise UsageError(f"--max-queue: {args.max_queue} is not allowed; use 1..1000000")
-    return key
 
 
 class DataDir:
     """The data directory, locked by one server (fcntl; released when the process ends, even by SIGKILL)."""
 
     def __init__(self, path: Path):
-        from ..output.files import OutputError, ensure_writable_dir
-
         self.path = ensure_writable_dir(path)
         self.videos = ensure_writable_dir(self.path / "videos")
         self.queue_path = self.path / "queue.sqlite3"
-        import fcntl
 
         self._lock = open(self.path / "serve.lock", "a")  # noqa: SIM115 - held for the process's life
         try:
@@ -103,9 +61,6 @@ class DataDir:
 
 
 def run_serve(args) -> int:
-    from ..distributed import Launch
-    from .preflight import server_plan
-
     key = check_flags(args)
     server = server_plan(args)
     launch = Launch.from_env()
@@ -113,8 +68,6 @@ def run_serve(args) -> int:
     data = Path(args.data_dir).expanduser()
     if main:
         held = DataDir(data)
-        from .queue import JobQueue
-        from .worker import remove_stale_temps
 
         queue = JobQueue(held.queue_path)
         back = queue.recover()
@@ -132,10 +85,6 @@ def run_serve(args) -> int:
 
 def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) -> None:
     """Load the model, join the process group, loop over jobs until `stop` (every rank)."""
-    from ..app import load_weights_for, parallel_session
-    from .queue import JobQueue
-    from .worker import Worker
-
     pplan = server.parallel
     # weights read before the process group (like generate); the generator is built once, bound to it
     loaded = load_weights_for(server.config, pplan.device if pplan is not None else None, server.model)
@@ -161,7 +110,6 @@ def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) 
 def _serve_http(args, key, server, held: DataDir) -> int:
     import uvicorn
 
-    from ..app import describe_failure
     from .app import ServeState, create_app
 
     state = ServeState(server, held.queue_path, held.videos, api_key=key, max_queue=args.max_queue)
@@ -215,8 +163,6 @@ def _announce(http, health_file: str | None):
         url = f"http://{'[' + host + ']' if ':' in host else host}:{sock[1]}"
         print(f"wan-nabla serve: listening on {url}", flush=True)
         if health_file:
-            from ..output.files import atomic_write_text
-
             with contextlib.suppress(OSError):
                 atomic_write_text(health_file, f"{url}/health {os.getpid()}\n")
 

@@ -27,9 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..app import check_environment, item_check, parallel_plan
 from ..config import ConfigError, RunConfig, load_config, parse_size
 from ..errors import UsageError
 from ..preflight import RunPlan, check_dense_layers, check_text, plan_serve
+from ..presets import preset_names, preset_path
 from ..requests import RunFlags
 
 MAX_PROMPT_CHARS = 4000
@@ -127,20 +129,14 @@ class JobSpec:
 
 def server_plan(args: Any) -> ServerPlan:
     """The server's defaults from its flags, checked like `generate`'s (UsageError / ConfigError)."""
-    from ..app import check_environment, parallel_plan
-
     plan = plan_serve(RunFlags.from_mapping(vars(args)))
     check_environment(plan)  # device, FP8 support, the sampler at the defaults (needs torch)
     return ServerPlan(plan.config, parallel_plan(plan), plan.facts, plan.model_label, plan)
 
 
 def _preset_attention(name: str, cfg: RunConfig):
-    from ..presets import preset_path
-
     path = preset_path(name)
     if path is None:
-        from ..presets import preset_names
-
         raise RequestError(
             "preset", f"preset: {name!r} is not a bundled preset; use one of {', '.join(preset_names())}"
         )
@@ -235,8 +231,6 @@ def plan_job(server: ServerPlan, fields: Mapping[str, Any]) -> JobSpec:
             overrides["size"] = parse_size(size, "size")
         if preset is not None:
             cfg = dataclasses.replace(cfg, attention=_preset_attention(preset, cfg))
-        from ..app import item_check
-
         g = cfg.override(**overrides).generation
         item_check(server.facts, cfg.attention)(g)
         check_dense_layers(server.facts, cfg.attention)

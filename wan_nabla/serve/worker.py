@@ -37,9 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..app import agreed, describe_failure
 from ..output.files import temp_target
-from ..output.sidecar import publish_video, sidecar_output, sidecar_path
+from ..output.publish import publish_video
+from ..output.sidecar import sidecar_output, sidecar_path
 from .preflight import JobSpec, ServerPlan
 from .queue import JobQueue
 
@@ -218,7 +221,6 @@ class Worker:
 
 def _release_memory() -> None:
     gc.collect()
-    import torch
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()

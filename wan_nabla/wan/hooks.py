@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..attention.config import AttentionConfig, ConfigError
 from ..attention.layout import TILE_TOKENS
@@ -55,9 +57,6 @@ _HOOK_DICTS = (
 
 def check_compatible(transformer: torch.nn.Module) -> None:
     """Raise a clear error if the transformer is not the diffusers Wan2.1 layout we patch."""
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
     if not isinstance(transformer, WanTransformer3DModel):
         raise TypeError(f"apply_attention expects a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
     params = list(inspect.signature(WanAttnProcessor.__call__).parameters)

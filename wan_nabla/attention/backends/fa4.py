@@ -34,6 +34,7 @@ import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -76,8 +77,6 @@ def load() -> tuple[FA4Kernels | None, str]:
     except Exception as e:  # noqa: BLE001 - ImportError, a missing CUDA library, a DSL error: all mean "not usable"
         return None, one_line(e)
     try:
-        from importlib.metadata import version
-
         ver = version("flash-attn-4")
     except Exception:  # noqa: BLE001 - installed without metadata (PYTHONPATH copy)
         ver = "unknown version"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from ..layout import TILE_TOKENS, TileLayout
@@ -83,8 +84,6 @@ def pool_tiles_triton(
 
 def _split_f64(x: float) -> tuple[float, float]:
     """x = hi + lo with hi, lo float32: passes a float64 threshold through float32 kernel arguments."""
-    import numpy as np
-
     hi = float(np.float32(x))
     return hi, float(np.float32(x - hi))
 
