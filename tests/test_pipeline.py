@@ -175,3 +175,24 @@ def test_on_step_sees_each_step_and_the_final_latents():
     with torch.no_grad():
         np.testing.assert_array_equal(adapter.decode_video(gen.pipe, seen[-1][2]), res.frames)
     np.testing.assert_array_equal(gen.generate("a fox", progress=False, **SMALL).frames, res.frames)
+
+
+def test_generate_with_whole_settings_equals_the_same_overrides():
+    """Guards generate(settings=...), the path batch items and served jobs take: a GenerationConfig
+    gives the video its fields give as overrides (and not the config's defaults), is refused next
+    to overrides, and cannot change the dtype the generator was built for."""
+    gen = _gen({"type": "sta", "sta_window": [1, 1, 1]})
+    small = {"size": (64, 64), "frames": 5, "steps": 2}
+    g = gen.settings(seed=7, guidance_scale=3.0, shift=4.0, negative_prompt="blurry", **small)
+    whole = gen.generate("a red fox", settings=g, progress=False)
+    fields = gen.generate(
+        "a red fox", negative_prompt="blurry", seed=7, guidance_scale=3.0, shift=4.0, progress=False, **small
+    )
+    defaults = gen.generate("a red fox", progress=False, **small)
+    np.testing.assert_array_equal(whole.frames, fields.frames)
+    assert whole.settings == fields.settings and whole.seed == 7
+    assert np.abs(whole.frames - defaults.frames).max() > 0.01  # the settings were used, not the defaults
+    with pytest.raises(TypeError, match="not both"):
+        gen.generate("a red fox", settings=g, seed=1, progress=False)
+    with pytest.raises(ValueError, match="built for float32"):
+        gen.generate("a red fox", settings=gen.settings(dtype="bfloat16", **small), progress=False)

@@ -370,9 +370,15 @@ class VideoGenerator:
         progress: bool = True,
         on_step: StepCallback | None = None,
         decode: bool = True,
+        settings: GenerationConfig | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Generate one video. `overrides` are GenerationConfig fields (size, frames, steps, ...).
+
+        `settings`: this call's whole GenerationConfig instead of the config's defaults plus
+        overrides (a batch item's or a served job's, as preflight checked it); it cannot be combined
+        with `negative_prompt` or overrides, and its dtype and device must be the generator's (both
+        are fixed when it is built).
 
         `on_step(i, noise, latents)` is called after step i with the transformer's (guided) noise
         prediction (float32) and the latents after the scheduler step (float32),
@@ -380,7 +386,17 @@ class VideoGenerator:
         decode=False stops after denoising (memory and speed measurements): frames are then empty."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
-        g = self.settings(negative_prompt=negative_prompt, **overrides)
+        if settings is None:
+            g = self.settings(negative_prompt=negative_prompt, **overrides)
+        elif overrides or negative_prompt is not None:
+            raise TypeError("generate: give settings= or per-call overrides, not both")
+        elif (settings.dtype, settings.device) != (self.config.generation.dtype, self.config.generation.device):
+            raise ValueError(
+                f"generate: settings ask for {settings.dtype} on {settings.device}, but this generator was "
+                f"built for {self.config.generation.dtype} on {self.config.generation.device}"
+            )
+        else:
+            g = settings
         pipe, dev, run, par = self.pipe, self.device, self.handle.run, self.parallel
         cfg_on = g.guidance_scale > 1.0
         split_cfg = par is not None and par.cfg_parallel

@@ -67,7 +67,6 @@ def _release_memory() -> None:
     """After a failed item: free what its frames held, and hand cached CUDA blocks back to the
     driver so the next item (often a smaller one after an out-of-memory) starts from a clean pool."""
     gc.collect()
-
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
@@ -98,18 +97,7 @@ def run_item(
             warn_long_prompt(gen, p.item.prompt, f"item {p.item.index}'s prompt (line {p.item.line})")
         result = agreed(
             ctx,
-            lambda: gen.generate(
-                p.item.prompt,
-                negative_prompt=g.negative_prompt,
-                progress=progress,
-                size=g.size,
-                frames=g.frames,
-                steps=g.steps,
-                guidance_scale=g.guidance_scale,
-                shift=g.shift,
-                seed=g.seed,
-                fps=g.fps,
-            ),
+            lambda: gen.generate(p.item.prompt, settings=g, progress=progress),
             scope="item",
         )
         density = result.attention.get("overall")

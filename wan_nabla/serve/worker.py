@@ -167,20 +167,9 @@ class Worker:
         try:
             cfg = spec.run_config(self.server)
             use_job_config(self.gen, cfg)
-            g = cfg.generation
             result = agreed(
                 ctx,
-                lambda: self.gen.generate(
-                    spec.prompt,
-                    negative_prompt=g.negative_prompt,
-                    progress=False,
-                    on_step=on_step,
-                    size=g.size,
-                    frames=g.frames,
-                    steps=g.steps,
-                    guidance_scale=g.guidance_scale,
-                    seed=g.seed,
-                ),
+                lambda: self.gen.generate(spec.prompt, settings=cfg.generation, progress=False, on_step=on_step),
                 scope="item",
             )
             record = agreed(ctx, lambda: write(result), here=leader, scope="item")
