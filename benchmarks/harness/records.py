@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wan_nabla.output.publish import environment as product_environment
+from wan_nabla.output.environment import environment as product_environment
 from wan_nabla.pipeline import sync_device
 
 
@@ -178,7 +178,7 @@ def baseline_row_name(device) -> str:
 
 
 def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
-    """The product's environment record (wan_nabla.output.publish.environment: versions, commit,
+    """The product's environment record (wan_nabla.output.environment.environment: versions, commit,
     device) with the harness's command line, start time and default attention backend."""
     env: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,7 +19,7 @@ import datetime as _dt
 import math
 from typing import Any
 
-from ..output.publish import environment
+from ..output.environment import environment
 from ..tiny import TINY_MODEL_ID
 from .metrics import json_number, rel_l2
 

@@ -1,81 +1,22 @@
-"""Publishing a video: the MP4 and its sidecar written as one step, and the environment record.
+"""Publishing a video: the MP4 and its sidecar written as one step.
 
     record = publish_video(gen, result, prompt, Path("outputs/fox.mp4"))   # fox.mp4 + fox.json
-    env = environment("cuda:0")     # versions, commit, device: in every sidecar, report and benchmark
 
 What the sidecar holds, its name and the overwrite rules are sidecar.py's (light: preflight checks
-a destination without torch); this module needs torch, diffusers and transformers for the
-versions it records, so only the runners import it.
+a destination without torch); the versions it records are environment.py's.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import diffusers
-import torch
-import transformers
-
-from .. import __version__
 from . import files as wio
 from . import video
-from .sidecar import SINGLE_PROCESS, git_commit, prompt_record, sidecar_path
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def environment(device: Any = None) -> dict[str, Any]:
-    """The software and hardware a result was made with: the record every sidecar, compare report
-    and benchmark result carries (benchmarks add their command line and start time to it).
-
-    Versions of the package, Python, torch, diffusers, transformers, Triton, CUDA, cuDNN and the
-    FA4 distributions (None when absent), the git commit (git_commit), and `gpu`: the CUDA device's
-    name, if any. With a `device` (torch.device or str) also `device`, `device_name` (the GPU's
-    name, else the CPU's) and for a CUDA device its SM count, memory and compute capability."""
-    env: dict[str, Any] = {
-        "wan_nabla": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "commit": git_commit(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        env["cudnn"] = torch.backends.cudnn.version()
-    except Exception:  # noqa: BLE001 - informational only; a broken cuDNN must not stop a run
-        env["cudnn"] = None
-    env["flash_attn_4"] = _dist_version("flash-attn-4")
-    env["nvidia_cutlass_dsl"] = _dist_version("nvidia-cutlass-dsl")
-    if device is not None:
-        device = torch.device(device)
-        env.update(device=str(device), device_name=platform.processor() or platform.machine())
-        if device.type == "cuda":
-            props = torch.cuda.get_device_properties(device)
-            env.update(
-                device_name=props.name,
-                sm_count=props.multi_processor_count,
-                memory_gb=round(props.total_memory / 2**30, 1),
-                capability=list(torch.cuda.get_device_capability(device)),
-            )
-    return env
+from .environment import environment
+from .sidecar import SINGLE_PROCESS, prompt_record, sidecar_path
 
 
 def sidecar_record(
