@@ -527,3 +527,18 @@ def test_wan_nabla_bench_runs_the_checkout_harness_or_says_where_it_is(tmp_path,
     assert cli.main(["bench", "--quick"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "benchmarks/" in err[0] and "python -m benchmarks.harness" in err[0], err
+
+
+def test_gpu_jobs_import_no_video_encoder():
+    """Guards the bare GPU image (torch, diffusers and the FA4 wheels, no imageio/ffmpeg): the
+    attention and transformer levels, the FA4 check and the environment record import no video
+    encoder (gpu_fa4_check.py failed on an H200 when records.py reached the environment record
+    through output/publish.py -> output/video.py -> imageio_ffmpeg)."""
+    code = (
+        "import sys; sys.argv = ['x']; import benchmarks.harness.op, benchmarks.harness.records, "
+        "benchmarks.harness.transformer, wan_nabla.output.environment; "
+        "sys.exit(sorted(m for m in ('imageio', 'imageio_ffmpeg', 'wan_nabla.output.video') if m in sys.modules) or 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:])
