@@ -53,6 +53,7 @@ from .requests import (
     GenerateRequest,
     RunFlags,
     SampleFlags,
+    ServeRequest,
     request_fields,
 )
 from .serve.options import add_serve_flags
@@ -262,7 +263,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.main import run_serve
 
-    return run_serve(args)
+    return run_serve(request_from_args(ServeRequest, args))
 
 
 GENERATE_EPILOG = """\

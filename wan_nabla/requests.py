@@ -1,4 +1,4 @@
-"""Typed requests of the commands that generate: what the user asked for, before any checking.
+"""Typed requests of the commands: what the user asked for, before any checking.
 
     flags = RunFlags(config="nabla_0.7", model="tiny", steps=4)
     req = GenerateRequest(prompt="a red fox", output="fox.mp4", flags=flags)
@@ -104,6 +104,19 @@ class CompareRequest:
     max_query_rows: int | None = None
     flags: RunFlags = field(default_factory=RunFlags)
     sample: SampleFlags = field(default_factory=SampleFlags)
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """`wan-nabla serve`: where to listen and keep jobs; `flags` are the server's generation defaults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "serve-data"
+    api_key: str | None = None
+    """None: WAN_NABLA_API_KEY, if set (serve/options.check_flags)."""
+    max_queue: int = 100
+    flags: RunFlags = field(default_factory=RunFlags)
 
 
 def request_fields(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -295,26 +295,11 @@ class _FakeGen:
 
 @pytest.fixture
 def plan_and_queue(tmp_path):
-    from types import SimpleNamespace
-
+    from wan_nabla.requests import RunFlags
     from wan_nabla.serve.preflight import server_plan
     from wan_nabla.serve.queue import JobQueue
 
-    args = SimpleNamespace(
-        config=None,
-        model="tiny",
-        negative_prompt=None,
-        size=None,
-        frames=None,
-        steps=None,
-        guidance_scale=None,
-        shift=None,
-        seed=None,
-        fps=None,
-        device="cpu",
-        dtype="float32",
-    )
-    server = server_plan(args)
+    server = server_plan(RunFlags(model="tiny", device="cpu", dtype="float32"))
     videos = tmp_path / "videos"
     videos.mkdir()
     return server, JobQueue(tmp_path / "q.sqlite3"), videos

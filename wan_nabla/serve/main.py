@@ -2,7 +2,7 @@
 
     wan-nabla serve --model tiny --port 8000 --data-dir serve-data
     torchrun --nproc-per-node 4 -m wan_nabla serve --config nabla_0.7 --port 8000   # 4 groups of 1 GPU
-    run_serve(args)      # the subcommand; returns the exit code
+    run_serve(ServeRequest(port=8000, flags=RunFlags(model="tiny")))   # the subcommand; returns the exit code
 
 Order: the flags are checked like `generate`'s (preflight.server_plan: exit 2, nothing bound or
 written); rank 0 (or the only process) takes the data directory's lock (a second server on the
@@ -36,6 +36,7 @@ from pathlib import Path
 from ..app import describe_failure, load_weights_for, parallel_session
 from ..distributed import Launch
 from ..output.files import OutputError, atomic_write_text, ensure_writable_dir
+from ..requests import ServeRequest
 from .options import HEALTH_FILE_ENV, check_flags
 from .preflight import server_plan
 from .queue import JobQueue
@@ -60,12 +61,13 @@ class DataDir:
             raise OutputError(f"--data-dir: {str(self.path)!r} is in use by another wan-nabla serve") from None
 
 
-def run_serve(args) -> int:
-    key = check_flags(args)
-    server = server_plan(args)
+def run_serve(req: ServeRequest) -> int:
+    """The `serve` command (module doc); returns the exit code."""
+    key = check_flags(req)
+    server = server_plan(req.flags)
     launch = Launch.from_env()
     main = not launch.distributed or launch.rank == 0
-    data = Path(args.data_dir).expanduser()
+    data = Path(req.data_dir).expanduser()
     if main:
         held = DataDir(data)
 
@@ -75,7 +77,7 @@ def run_serve(args) -> int:
             log.info("%d job(s) that were running go back to the queue", len(back))
         remove_stale_temps(held.videos)
         queue.close()
-        return _serve_http(args, key, server, held)
+        return _serve_http(req, key, server, held)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -107,17 +109,17 @@ def _work(server, queue_path: Path, videos: Path, stop: threading.Event, state) 
             gen.close()
 
 
-def _serve_http(args, key, server, held: DataDir) -> int:
+def _serve_http(req: ServeRequest, key: str | None, server, held: DataDir) -> int:
     import uvicorn
 
     from .app import ServeState, create_app
 
-    state = ServeState(server, held.queue_path, held.videos, api_key=key, max_queue=args.max_queue)
+    state = ServeState(server, held.queue_path, held.videos, api_key=key, max_queue=req.max_queue)
     app = create_app(state)
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
+        host=req.host,
+        port=req.port,
         log_level="warning",
         access_log=False,
         server_header=False,

@@ -13,6 +13,7 @@ import ipaddress
 import os
 
 from ..errors import UsageError
+from ..requests import ServeRequest
 
 API_KEY_ENV = "WAN_NABLA_API_KEY"
 HEALTH_FILE_ENV = "WAN_NABLA_HEALTH_FILE"
@@ -43,7 +44,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_flags(args) -> str | None:
+def check_flags(args: ServeRequest) -> str | None:
     """The API key to use; UsageError for bad serve flags."""
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if key is not None and (len(key) < 8 or len(key) > 512 or not key.isprintable() or " " in key):

@@ -127,9 +127,9 @@ class JobSpec:
         )
 
 
-def server_plan(args: Any) -> ServerPlan:
-    """The server's defaults from its flags, checked like `generate`'s (UsageError / ConfigError)."""
-    plan = plan_serve(RunFlags.from_mapping(vars(args)))
+def server_plan(flags: RunFlags) -> ServerPlan:
+    """The server's defaults from its generation flags, checked like `generate`'s (UsageError / ConfigError)."""
+    plan = plan_serve(flags)
     check_environment(plan)  # device, FP8 support, the sampler at the defaults (needs torch)
     return ServerPlan(plan.config, parallel_plan(plan), plan.facts, plan.model_label, plan)
 
