@@ -2,7 +2,7 @@
 and a bad flag answer at once; cli.py builds the parser from here and serve/main.py runs the server.
 
     add_serve_flags(parser)      # --host --port --data-dir --api-key --max-queue
-    key = check_flags(args)      # the API key to use; UsageError (exit 2) naming the bad flag
+    key = check_flags(req)       # a ServeRequest -> the API key to use; UsageError (exit 2) naming the bad flag
 
 Binding an address other than loopback needs an API key (--api-key or WAN_NABLA_API_KEY).
 """

@@ -1,6 +1,6 @@
 """The serve preflight: a request's fields become a job through the same checks as `generate`.
 
-    server = server_plan(args)                  # at start: config + flags, torchrun layout, model facts
+    server = server_plan(req.flags)             # at start: config + flags, torchrun layout, model facts
     job = plan_job(server, {"prompt": "a fox", "size": "64x64", "seconds": "1"})   # JobSpec or RequestError
     job.run_config(server)                      # the RunConfig the worker runs this job with
 
