@@ -429,3 +429,39 @@ def test_imports_sit_at_the_top_of_modules():
                         continue
                     bad.append(f"{rel}:{node.lineno} imports {target} inside {fn.name}()")
     assert not bad, "move these to the top of their module (or split the module):\n" + "\n".join(bad)
+
+
+def test_nothing_replaces_the_attention_runs_methods():
+    """Guards issue 20 point 4: tools observe an attention run through `run.stats.subscribe(...)`
+    and never replace its methods at run time. No module of the package, the benchmarks or the
+    tests assigns, or `setattr`s, a method of AttentionRun, Statistics or ForwardState (properties
+    with setters, such as `run.layout`, are the classes' own API and allowed)."""
+    run_py = ast.parse((PKG / "attention" / "run.py").read_text())
+    methods = set()
+    for cls in run_py.body:
+        if isinstance(cls, ast.ClassDef) and cls.name in ("AttentionRun", "Statistics", "ForwardState"):
+            for fn in cls.body:
+                is_property = isinstance(fn, ast.FunctionDef) and any(
+                    (isinstance(d, ast.Name) and d.id == "property") or isinstance(d, ast.Attribute)
+                    for d in fn.decorator_list
+                )
+                if isinstance(fn, ast.FunctionDef) and not is_property and not fn.name.startswith("__"):
+                    methods.add(fn.name)
+    assert {"attend", "plan", "record", "emit", "subscribe"} <= methods, methods
+    owners = re.compile(r"(^|\.|\b)(run|stats|AttentionRun|Statistics|ForwardState|run\(\))$")
+    bad = []
+    for path in sorted([*PKG.rglob("*.py"), *ROOT.joinpath("benchmarks").rglob("*.py"), *TESTS.rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[tuple[ast.expr, str]] = []
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if isinstance(t, ast.Attribute):
+                        targets.append((t.value, t.attr))
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("setattr") and len(node.args) >= 2:
+                name = node.args[1]
+                if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                    targets.append((node.args[0], name.value))
+            for owner, attr in targets:
+                if attr in methods and owners.search(ast.unparse(owner)):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} replaces {ast.unparse(owner)}.{attr}")
+    assert not bad, "subscribe an Observer (attention/run.py) instead:\n" + "\n".join(bad)

@@ -41,7 +41,7 @@ def test_contiguous_groups_of_a_density_ramp_are_unequal_and_snake_fixes_it():
 
 def test_quick_run_writes_both_sources_with_provenance(tmp_path):
     """Guards the script end to end (synthetic q/k and the tiny random-weight transformer through
-    AttentionRun.plan, whose signature it wraps): exit 0, both sources analysed, and the JSON names
+    an Observer subscribed to the run's statistics): exit 0, both sources analysed, and the JSON names
     the commit and the command."""
     script = ROOT / "benchmarks" / "jobs" / "head_balance.py"
     proc = subprocess.run(
