@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .attention import config as attention_rules
 from .batch.prompts import PromptFileError, PromptItem, read_prompt_file
 from .batch.ray_options import ray_options
 from .config import (
@@ -263,11 +264,8 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def check_dense_layers(facts: ModelFacts, attention: AttentionConfig) -> None:
-    bad = [i for i in attention.dense_layers if facts.num_layers is not None and i >= facts.num_layers]
-    if bad:
-        raise ConfigError(
-            f"attention.dense_layers: {bad} out of range; model {facts.model!r} has blocks 0..{facts.num_layers - 1}"
-        )
+    """attention.config.check_dense_layers against the model's facts (before it is loaded)."""
+    attention_rules.check_dense_layers(attention, facts.num_layers, f"model {facts.model!r}")
 
 
 def check_model_fits(facts: ModelFacts, g: GenerationConfig, attention: AttentionConfig) -> None:

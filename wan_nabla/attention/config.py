@@ -187,3 +187,25 @@ class AttentionConfig:
         if self.type in ("sta", "nabla_sta") and self.sta_window is not None:
             parts.append("sta " + "-".join(str(x) for x in self.sta_window))
         return " + ".join(parts) if parts else "full"
+
+
+# ---- rules between the attention config and a model ---------------------------------------------
+# Written once; preflight applies them from the model's facts before anything loads, and
+# apply_attention again on the transformer it is given (the library entry, reached without preflight).
+def check_dense_layers(config: AttentionConfig, num_layers: int | None, owner: str = "this transformer") -> None:
+    """ConfigError when attention.dense_layers names a block past the model's depth (None: unknown)."""
+    if num_layers is None:
+        return
+    bad = [i for i in config.dense_layers if i >= num_layers]
+    if bad:
+        raise ConfigError(f"attention.dense_layers: {bad} out of range; {owner} has blocks 0..{num_layers - 1}")
+
+
+def check_heads_split(degree: int, heads: int | None) -> None:
+    """ConfigError when a Ulysses degree does not divide the attention heads (None: unknown): each
+    rank attends a whole share of the heads."""
+    if heads is not None and heads % degree:
+        raise ConfigError(
+            f"parallel.ulysses_degree: {degree} does not divide the model's {heads} attention heads; "
+            f"use a divisor of {heads}"
+        )

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..attention.config import check_heads_split
 from ..config import ConfigError, ParallelConfig
 
 
@@ -162,11 +163,7 @@ def plan_ranks(
             f"parallel: {world_size} ranks (WORLD_SIZE) cannot form groups of {g} ({_flags(parallel)}); "
             f"use a world size that is a multiple of {g}"
         )
-    if heads is not None and heads % parallel.ulysses_degree:
-        raise ConfigError(
-            f"parallel.ulysses_degree: {parallel.ulysses_degree} does not divide the model's {heads} "
-            f"attention heads; use a divisor of {heads}"
-        )
+    check_heads_split(parallel.ulysses_degree, heads)
     if parallel.cfg_parallel and guidance_scale <= 1.0:
         raise ConfigError(
             f"parallel.cfg_parallel: needs classifier-free guidance, but guidance_scale is "

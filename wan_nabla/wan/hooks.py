@@ -40,7 +40,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from ..attention.config import AttentionConfig, ConfigError
+from ..attention.config import AttentionConfig, check_dense_layers, check_heads_split
 from ..attention.layout import TILE_TOKENS
 from ..attention.run import AttentionRun
 from .processor import WanSparseAttnProcessor
@@ -126,17 +126,10 @@ def apply_attention(
     `sequence_parallel`: a distributed.SequenceParallel to shard tokens over its ranks (or None)."""
     check_compatible(transformer)
     config = AttentionConfig.from_mapping(attention)
-    n_layers = len(transformer.blocks)
-    bad = [i for i in config.dense_layers if i >= n_layers]
-    if bad:
-        raise ConfigError(f"attention.dense_layers: {bad} out of range; this transformer has blocks 0..{n_layers - 1}")
+    check_dense_layers(config, len(transformer.blocks))
     sp = sequence_parallel
-    heads = transformer.config.num_attention_heads
-    if sp is not None and heads % sp.size:
-        raise ConfigError(
-            f"parallel.ulysses_degree: {sp.size} does not divide the model's {heads} attention heads; "
-            f"use a divisor of {heads}"
-        )
+    if sp is not None:
+        check_heads_split(sp.size, transformer.config.num_attention_heads)
     if handle_of(transformer) is not None:
         raise RuntimeError("attention is already applied to this transformer; call handle.remove() first")
 
