@@ -50,7 +50,7 @@ def _args(**kw):
 
 
 def _video(**kw) -> np.ndarray:
-    gen = load_generator(resolve_run_config(_args(**kw)))
+    gen = load_generator(resolve_run_config(_args(**kw)), None, "tiny")
     try:
         return gen.generate("a red fox", progress=False).frames
     finally:
@@ -98,8 +98,8 @@ def test_original_layout_gives_the_same_transformer_and_video(tiny_original_chec
     names) and loaded with --transformer equals the diffusers-format weights of --model tiny tensor
     for tensor in bf16 (fp32-kept modules as from_pretrained keeps them), and the videos of one
     seed are identical."""
-    a = load_generator(resolve_run_config(_args()))
-    b = load_generator(resolve_run_config(_args(transformer=str(tiny_original_checkpoint))))
+    a = load_generator(resolve_run_config(_args()), None, "tiny")
+    b = load_generator(resolve_run_config(_args(transformer=str(tiny_original_checkpoint))), None, "tiny")
     sa, sb = _state(a.pipe.transformer), _state(b.pipe.transformer)
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -42,7 +42,6 @@ from .model_source import (
     TINY_MODEL_ID,
     ModelFacts,
     download_command,
-    resolve_model,
     same_checkpoint,
 )
 from .output.files import ensure_writable_dir, remove_created_dirs
@@ -212,10 +211,10 @@ def on_main(ctx, fn: Callable[[], T]) -> T | None:
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def load_weights_for(cfg: RunConfig, device=None, model: str | None = None):
-    """Read the weights of `cfg`'s model (pipeline.load_weights) on `device` (a ParallelPlan's
-    device under torchrun); the generator is built afterwards, bound to its parallel context."""
-    model = model or resolve_model(cfg.model.base, None)
+def load_weights_for(cfg: RunConfig, device, model: str):
+    """Read the weights of `model` (the plan's, resolved once by preflight) for `cfg`
+    (pipeline.load_weights) on `device` (a ParallelPlan's device under torchrun; None: the
+    config's); the generator is built afterwards, bound to its parallel context."""
     dit = cfg.model.transformer
     log.info(
         "loading model %s%s (%s attention, offload %s)",
@@ -228,9 +227,7 @@ def load_weights_for(cfg: RunConfig, device=None, model: str | None = None):
     return load_weights(model, cfg, device=str(device) if device is not None else None)
 
 
-def load_generator(
-    cfg: RunConfig, parallel: ParallelContext | None = None, model: str | None = None, device=None
-) -> VideoGenerator:
+def load_generator(cfg: RunConfig, parallel: ParallelContext | None, model: str, device=None) -> VideoGenerator:
     """Weights read and the generator built in one go (one process, or a context that exists)."""
     loaded = load_weights_for(cfg, device if device is not None else getattr(parallel, "device", None), model)
     gen = loaded.generator(parallel)

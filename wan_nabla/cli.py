@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args)
+    setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
     with handle_signals():
         try:
             return args.func(args)

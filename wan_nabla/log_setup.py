@@ -1,14 +1,13 @@
 """Logging for the command line and the processes it starts (Ray actors): wan_nabla follows
 --quiet/--verbose, every other library stays at WARNING, one stderr handler each.
 
-    setup_logging(args)      # args: anything with `quiet` / `verbose` attributes
+    setup_logging(quiet=args.quiet, verbose=args.verbose)
 
 Limits: standard library only (the CLI imports it before it knows whether torch is needed).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -38,12 +37,10 @@ THIRD_PARTY_LOGGERS = (
 QUIET_AT_IMPORT = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    level = (
-        logging.DEBUG
-        if getattr(args, "verbose", False)
-        else (logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    )
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """wan_nabla's loggers at INFO (WARNING with `quiet`, DEBUG with `verbose`; other torchrun ranks
+    WARNING), every other library's at WARNING, one stderr handler."""
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
     if os.environ.get("RANK", "0").strip() not in ("", "0"):  # torchrun: rank 0 reports, the others warn
         level = max(level, logging.WARNING)
     # The root logger (every other library) stays at WARNING; only wan_nabla follows the flags.

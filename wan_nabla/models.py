@@ -1,6 +1,6 @@
 """Find and load a Wan2.1 text-to-video pipeline: the tiny test model, a local directory, or a hub id.
 
-    model = resolve_model(args.model, cfg.model.base)      # CLI > config > weights/... > hub id
+    model = resolve_model(flags.model, cfg.model.base)     # --model > config > weights/... > hub id (preflight)
     pipe = load_pipeline(model, device="cuda", dtype=torch.bfloat16)
     dit, source = load_transformer("weights/Wan2.1-T2V-14B-NABLA-0.7", model)   # other DiT weights
     pipe = load_pipeline(model, device="cuda", transformer=dit)  # ... used instead of model's own

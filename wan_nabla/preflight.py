@@ -38,7 +38,7 @@ from typing import Any
 
 from .attention import config as attention_rules
 from .batch.prompts import PromptFileError, PromptItem, read_prompt_file
-from .batch.ray_options import ray_options
+from .batch.ray_options import RayOptions, ray_options
 from .config import (
     AttentionConfig,
     ConfigError,
@@ -109,6 +109,8 @@ class RunPlan:
     """compare / --save-masks: the --sample-* indices (None = default), syntax checked."""
     model_checked: bool = True
     """False for a batch dry run: the model was resolved but not looked up (it loads nothing)."""
+    ray: RayOptions | None = None
+    """batch --engine ray: the checked Ray options (None for the local engine)."""
     notes: tuple[str, ...] = ()
     """Degenerate settings that run anyway: one warning each, logged once by the runner."""
 
@@ -449,7 +451,7 @@ def plan_batch(req: BatchRequest, env: Mapping[str, str] | None = None) -> RunPl
     parallel = check_parallel(cfg, "batch", facts, env)
     notes = tuple(n for n in (window_covers_grid(cfg.attention, facts, cfg.generation),) if n)
     return RunPlan(
-        "batch", cfg, model, facts, parallel, out_dir, items=items, model_checked=not req.dry_run, notes=notes
+        "batch", cfg, model, facts, parallel, out_dir, items=items, model_checked=not req.dry_run, notes=notes, ray=ray
     )
 
 

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from wan_nabla import cli
 
-    cli.setup_logging(cli.build_parser().parse_args(["batch", "x", "--out-dir", "x", "--quiet"]))
+    cli.setup_logging(quiet=True)
     res = soak(args.items, args.out)
     (args.out / "soak.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["manifest"]

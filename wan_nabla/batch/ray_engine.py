@@ -35,7 +35,6 @@ unrecorded (a rerun does them). Ray is imported here only, when the engine is us
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -84,7 +83,7 @@ class BatchActor:
     Construction never raises: a load failure is reported by info(), as one line."""
 
     def __init__(self, cfg, model: str, out_dir: str, probe: str | None, verbose: bool):
-        setup_logging(argparse.Namespace(quiet=not verbose, verbose=verbose))  # the CLI's levels, no loading bars
+        setup_logging(quiet=not verbose, verbose=verbose)  # the CLI's levels, no loading bars
 
         self.out_dir = Path(out_dir)
         self.gen, self.error = None, None

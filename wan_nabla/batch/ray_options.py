@@ -9,7 +9,6 @@ imports the app and torch). Limits: ray itself is only looked up (importlib.meta
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import logging
 import os
@@ -26,7 +25,7 @@ RAY_REQUIREMENT = "ray>=2.60,<2.61"
 
 @dataclass(frozen=True)
 class RayOptions:
-    """The --engine ray options (read from the command line in one place: from_args)."""
+    """The --engine ray options (checked in one place: ray_options)."""
 
     address: str | None = None
     """A running cluster (host:port or "auto"); None: RAY_ADDRESS, else a new local cluster."""
@@ -39,32 +38,6 @@ class RayOptions:
     verbose: bool = False
     """Show the actors' own output (Ray's log_to_driver); off by default, their failures come back
     in the manifest records."""
-
-    @classmethod
-    def from_args(cls, args: Any) -> RayOptions:
-        """UsageError for a bad value or when ray is not installed (before anything is planned)."""
-        actors = getattr(args, "ray_actors", None)
-        retries = getattr(args, "max_retries", None)
-        if actors is not None and actors < 1:
-            raise UsageError(f"--ray-actors: {actors} is not allowed; use at least 1")
-        if retries is not None and retries < 0:
-            raise UsageError(f"--max-retries: {retries} is not allowed; use 0 or more")
-        try:
-            version = importlib.metadata.version("ray")
-        except importlib.metadata.PackageNotFoundError:
-            raise UsageError(
-                "--engine ray: ray is not installed; pip install 'wan-nabla[ray]' "
-                f"({RAY_REQUIREMENT}) on the driver and on every node"
-            ) from None
-        if not version.startswith("2."):
-            log.warning("ray %s is outside the tested range %s", version, RAY_REQUIREMENT)
-        return cls(
-            address=getattr(args, "ray_address", None) or None,
-            actors=actors,
-            max_retries=2 if retries is None else retries,
-            transfer=bool(getattr(args, "ray_transfer", False)),
-            verbose=bool(getattr(args, "verbose", False)),
-        )
 
     def check(self, cfg) -> None:
         """UsageError for settings a Ray batch cannot run (module doc: Limits)."""
@@ -81,13 +54,26 @@ class RayOptions:
 
 
 def ray_options(req: Any) -> RayOptions:
-    """RayOptions of a requests.BatchRequest (UsageError as from_args)."""
-    return RayOptions.from_args(
-        argparse.Namespace(
-            ray_address=req.ray_address,
-            ray_actors=req.ray_actors,
-            max_retries=req.max_retries,
-            ray_transfer=req.ray_transfer,
-            verbose=req.flags.verbose,
-        )
+    """RayOptions of a requests.BatchRequest; UsageError for a bad value or when ray is not
+    installed (before anything is planned)."""
+    actors, retries = req.ray_actors, req.max_retries
+    if actors is not None and actors < 1:
+        raise UsageError(f"--ray-actors: {actors} is not allowed; use at least 1")
+    if retries is not None and retries < 0:
+        raise UsageError(f"--max-retries: {retries} is not allowed; use 0 or more")
+    try:
+        version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(
+            "--engine ray: ray is not installed; pip install 'wan-nabla[ray]' "
+            f"({RAY_REQUIREMENT}) on the driver and on every node"
+        ) from None
+    if not version.startswith("2."):
+        log.warning("ray %s is outside the tested range %s", version, RAY_REQUIREMENT)
+    return RayOptions(
+        address=req.ray_address or None,
+        actors=actors,
+        max_retries=2 if retries is None else retries,
+        transfer=bool(req.ray_transfer),
+        verbose=bool(req.flags.verbose),
     )

@@ -70,7 +70,6 @@ from .item import HeldOutDir, record_planned, run_item
 from .manifest import MANIFEST_NAME, ManifestWriter, read_manifest
 from .plan import PlannedItem, plan_item
 from .ray_engine import run_ray
-from .ray_options import ray_options
 from .resume import assign_outputs, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -101,9 +100,7 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
     record as it is written. `req.engine` "ray" runs the same plan on a pool of Ray actors
     (ray_engine.py; preflight checked its options)."""
     engine = req.engine or "local"
-    if engine == "ray":
-        ray = ray_options(req)
-    else:
+    if engine != "ray":
         check_environment(plan)  # under Ray the actors check the device, which this machine need not have
     cfg, out_dir = plan.config, plan.output
     check = item_check(plan.facts, cfg.attention)
@@ -122,7 +119,8 @@ def run_batch(plan: RunPlan, req: BatchRequest, on_record: Callable[[dict[str, A
             print_plan(planned, out_dir)
         return 1 if any(p.error for p in planned) else 0
     if engine == "ray":
-        counts = run_ray(ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
+        assert plan.ray is not None, "preflight.plan_batch checks the Ray options"
+        counts = run_ray(plan.ray, cfg, planned, out_dir, req.flags.quiet, on_record, plan.model)
         print(
             f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped (already done) "
             f"of {len(planned)}; outputs and {MANIFEST_NAME} in {out_dir}"
