@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness.records import environment  # noqa: E402
+
 SETTINGS = {"size": "32x32", "frames": 1, "steps": 1, "guidance_scale": 1.0}
 
 
@@ -68,13 +70,15 @@ def main() -> int:
         local.mkdir()
         t_local = in_process(a.jobs, local)
         t_server = served(a.jobs, Path(tmp) / "data")
+    env = environment(sys.argv[1:], "cpu")
     res = {
+        "env": env,
         "jobs": a.jobs,
         "settings": SETTINGS,
         "device": "cpu (tiny model)",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": env["device_name"],
         "cores": os.cpu_count(),
-        "torch": torch.__version__,
+        "torch": env["torch"],
         "in_process_s_per_job": t_local / a.jobs,
         "server_s_per_job": t_server / a.jobs,
         "overhead_s_per_job": (t_server - t_local) / a.jobs,

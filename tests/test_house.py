@@ -465,3 +465,30 @@ def test_nothing_replaces_the_attention_runs_methods():
                 if attr in methods and owners.search(ast.unparse(owner)):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} replaces {ast.unparse(owner)}.{attr}")
     assert not bad, "subscribe an Observer (attention/run.py) instead:\n" + "\n".join(bad)
+
+
+def test_one_environment_record():
+    """Guards issue 20 point 7 ("one environment record"): versions and the commit are read in one
+    place, wan_nabla/output/environment.py, which benchmarks/harness/records.py extends with the
+    command line; no other module or job script reads them itself."""
+    allowed = {
+        PKG / "output" / "environment.py",
+        PKG / "output" / "sidecar.py",
+        ROOT / "benchmarks" / "harness" / "records.py",
+    }
+    # a hand-built record: a commit looked up, or a library's version stored under a key
+    pattern = re.compile(r"\bgit_commit\(|[\"']\s*:\s*(torch|diffusers|transformers|triton|ray)\.__version__")
+    bad = []
+    for path in sorted(
+        [
+            *PKG.rglob("*.py"),
+            *ROOT.joinpath("benchmarks").rglob("*.py"),
+            *ROOT.joinpath("benchmarks", "jobs").glob("*.sh"),
+        ]
+    ):
+        if path in allowed:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line) and not line.lstrip().startswith("#"):
+                bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "use the environment record (output/environment.py, benchmarks.harness.records):\n" + "\n".join(bad)

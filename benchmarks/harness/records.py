@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,12 +178,35 @@ def baseline_row_name(device) -> str:
     return "dense cuDNN SDPA" if base == "cuDNN" else base
 
 
-def environment(argv: list[str] | None, device: torch.device) -> dict[str, Any]:
+REPO = Path(__file__).resolve().parents[2]
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that is running, as typed from the repository root: `python -m
+    benchmarks.harness.levers ...` for a harness module, `python benchmarks/jobs/gpu_smoke.py ...` for a
+    job script, `python -m benchmarks.harness ...` when called from another program (tests)."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        rel = Path(sys.argv[0]).resolve().relative_to(REPO)
+    except (ValueError, OSError):
+        rel = None
+    if rel is not None and rel.parts[:2] == ("benchmarks", "harness") and rel.suffix == ".py":
+        program = "python -m " + ".".join(rel.with_suffix("").parts).removesuffix(".__main__")
+    elif rel is not None and rel.parts[:1] == ("benchmarks",):
+        program = f"python {rel}"
+    else:
+        program = "python -m benchmarks.harness"
+    return f"{program} {args}".rstrip()
+
+
+def environment(argv: list[str] | None, device: torch.device | str) -> dict[str, Any]:
     """The product's environment record (wan_nabla.output.environment.environment: versions, commit,
-    device) with the harness's command line, start time and default attention backend."""
+    device) with the command line (command_line), start time and default attention backend: the
+    one record every benchmark result and GPU job carries."""
+    device = torch.device(device)
     env: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.harness " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(argv),
         **product_environment(device),
     }
     env["commit"] = env["commit"] or "unknown"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness.records import environment  # noqa: E402
 
 
 def prompts_text(n: int) -> str:
@@ -134,9 +135,8 @@ def soak(n: int, out_dir: Path) -> dict:
         "rss_slope_kib_per_item": slope / 1024,
         "rss_mb_every_100": [round(r / 2**20, 1) for r in rss[::100]],
         "manifest": check,
-        "python": platform.python_version(),
+        "env": environment(sys.argv[1:], "cpu"),
         "cpus": os.cpu_count(),
-        "commit": __import__("wan_nabla.output.sidecar", fromlist=["git_commit"]).git_commit(),
     }
 
 

@@ -40,7 +40,6 @@ from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.attention import backends, masks, rotary  # noqa: E402
 from wan_nabla.attention.backends import fa4, flex  # noqa: E402
 from wan_nabla.attention.layout import TILE_TOKENS, TileLayout  # noqa: E402
-from wan_nabla.output.sidecar import git_commit  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
 from wan_nabla.tiny import build_tiny_pipeline  # noqa: E402
 
@@ -300,14 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
     ok_fa4, why = backends.resolve_backend("fa4", device, dtype)
+    env = environment(argv if argv is not None else sys.argv[1:], device)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "commit": git_commit(ROOT) or "unknown",
-        "command": " ".join(["benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
+        "torch": env["torch"],
+        "commit": env["commit"],
+        "command": " ".join(["python benchmarks/jobs/gpu_fa4_check.py", *(sys.argv[1:] if argv is None else argv)]),
         "flash_attn_4": why,
         "backend": ok_fa4,
-        "env": environment(argv if argv is not None else sys.argv[1:], device),
+        "env": env,
         "sections": {},
     }
     print(f"device {result['device']}, torch {result['torch']}: {ok_fa4} ({why})", flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.records import environment  # noqa: E402
 from wan_nabla.attention import masks  # noqa: E402
 from wan_nabla.attention.backends.flex import sparse_attention  # noqa: E402
 from wan_nabla.attention.config import AttentionConfig  # noqa: E402
@@ -252,11 +252,8 @@ def timing() -> list[dict]:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "fa4_probe_out")
     out.mkdir(parents=True, exist_ok=True)
-    res = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "commit": os.environ.get("WAN_NABLA_COMMIT", "unknown"),
-    }
+    env = environment(sys.argv[1:], "cuda")
+    res = {"env": env, "device": env["device_name"], "torch": env["torch"], "commit": env["commit"]}
     t0 = time.perf_counter()
     res["exactness"] = exactness()
     res["exactness_s"] = time.perf_counter() - t0

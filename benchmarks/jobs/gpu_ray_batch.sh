@@ -20,9 +20,9 @@ t1=$(date +%s.%N)
 python - "$work/out" "$OUT" "$t0" "$t1" "${cmd[*]}" <<'EOF'
 import collections, json, subprocess, sys
 from pathlib import Path
-import ray, torch
+import ray
+from benchmarks.harness.records import environment
 from wan_nabla.batch.manifest import read_manifest
-from wan_nabla.output.sidecar import git_commit
 
 out, dest, t0, t1, cmd = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 recs = read_manifest(out / "manifest.jsonl")
@@ -35,7 +35,8 @@ try:
     gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip().splitlines()
 except FileNotFoundError:  # a CPU dry run of this script
     gpus = []
-res = {"commit": git_commit(), "gpus": gpus, "torch": torch.__version__, "ray": ray.__version__, "command": cmd,
+env = environment([], "cuda" if gpus else "cpu")
+res = {"env": env, "commit": env["commit"], "gpus": gpus, "torch": env["torch"], "ray": env["ray"], "command": cmd,
        "items": len(recs), "ok": len(ok), "each_once": sorted(r["index"] for r in recs) == list(range(len(recs))),
        "wall_s": round(t1 - t0, 1),
        "actors": [{"actor": a, "device": d, "gpu": g, "items": len(t), "s_per_item": round(sum(t) / len(t), 3)}

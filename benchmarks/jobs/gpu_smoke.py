@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.records import environment  # noqa: E402
 from tests.support.reference import tiny_transformer  # noqa: E402
 from wan_nabla import apply_attention, load_config  # noqa: E402
 from wan_nabla.pipeline import VideoGenerator  # noqa: E402
@@ -96,9 +97,11 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_smoke_out")
     out.mkdir(parents=True, exist_ok=True)
+    env = environment(sys.argv[1:], "cuda")
     result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        "env": env,
+        "device": env["device_name"],
+        "torch": env["torch"],
         "cross_device": cross_device(),
         "presets": presets(),
     }

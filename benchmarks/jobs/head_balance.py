@@ -37,7 +37,6 @@ from wan_nabla.attention.backends import default_block_size  # noqa: E402
 from wan_nabla.attention.config import AttentionConfig  # noqa: E402
 from wan_nabla.attention.layout import TileLayout  # noqa: E402
 from wan_nabla.attention.run import Observer  # noqa: E402
-from wan_nabla.output.sidecar import git_commit  # noqa: E402
 
 CONFIGS = {
     "nabla 0.2": AttentionConfig(type="nabla", threshold=0.2),
@@ -148,13 +147,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not quick else "cpu")
     t0 = time.perf_counter()
+    env = environment(sys.argv[1:], device)
     res = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "commit": git_commit(ROOT) or "unknown",
-        "command": " ".join(["benchmarks/jobs/head_balance.py", *sys.argv[1:]]),
+        "torch": env["torch"],
+        "commit": env["commit"],
+        "command": env["command"],
         "quick": quick,
-        "env": environment(sys.argv[1:], device),
+        "env": env,
         "synthetic_qk": synthetic(device, quick),
     }
     (out / "head_balance.json").write_text(json.dumps(res, indent=2))

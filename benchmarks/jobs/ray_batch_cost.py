@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,12 @@ import time
 from pathlib import Path
 
 import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness.records import environment  # noqa: E402
 
 
 def _peak_children_rss(stop: threading.Event, out: dict) -> None:
@@ -99,18 +104,15 @@ def main() -> int:
         print(rows[-1], flush=True)
     stop.set()
     ray.shutdown()
-    import torch
-
-    from wan_nabla.output.sidecar import git_commit
-
-    cpu = platform.processor() or platform.machine()
+    env = environment(sys.argv[1:], "cpu")
     meta = {
-        "commit": git_commit(),
-        "device": f"CPU, {os.cpu_count()} cores ({cpu})",
+        "env": env,
+        "commit": env["commit"],
+        "device": f"CPU, {os.cpu_count()} cores ({env['device_name']})",
         "load_average_1min": round(os.getloadavg()[0], 1),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": env["torch"],
+        "ray": env["ray"],
+        "command": env["command"],
         "peak_ray_rss_mb": round(mem.get("peak", 0) / 2**20),
     }
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

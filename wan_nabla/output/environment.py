@@ -34,7 +34,7 @@ def environment(device: Any = None) -> dict[str, Any]:
     and benchmark result carries (benchmarks add their command line and start time to it).
 
     Versions of the package, Python, torch, diffusers, transformers, Triton, CUDA, cuDNN and the
-    FA4 distributions (None when absent), the git commit (git_commit), and `gpu`: the CUDA device's
+    FA4 distributions and Ray (None when absent), the git commit (git_commit), and `gpu`: the CUDA device's
     name, if any. With a `device` (torch.device or str) also `device`, `device_name` (the GPU's
     name, else the CPU's) and for a CUDA device its SM count, memory and compute capability."""
     env: dict[str, Any] = {
@@ -59,6 +59,7 @@ def environment(device: Any = None) -> dict[str, Any]:
         env["cudnn"] = None
     env["flash_attn_4"] = _dist_version("flash-attn-4")
     env["nvidia_cutlass_dsl"] = _dist_version("nvidia-cutlass-dsl")
+    env["ray"] = _dist_version("ray")  # --engine ray (looked up, not imported)
     if device is not None:
         device = torch.device(device)
         env.update(device=str(device), device_name=platform.processor() or platform.machine())
