@@ -367,7 +367,15 @@ def test_tests_mirror_the_packages_and_helpers_live_in_support():
         if "__pycache__" not in folder.parts and not (folder / "__init__.py").exists():
             problems.append(f"{folder.relative_to(ROOT)}: no __init__.py")
     assert not problems, "\n".join(problems)
-    assert {p.parent.name for p in TESTS.glob("*/test_*.py")} >= {"attention", "batch", "serve", "distributed"}
+    assert {p.parent.name for p in TESTS.glob("*/test_*.py")} >= {
+        "attention",
+        "batch",
+        "compare",
+        "distributed",
+        "output",
+        "serve",
+        "wan",
+    }
 
 
 OPTIONAL_IMPORTS = (
