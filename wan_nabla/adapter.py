@@ -108,13 +108,13 @@ class CompiledBlocks:
 
     def fall_back(self, exc: BaseException) -> None:
         self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-        self.run.compile_region = "eager"
+        self.run.set_compile_region("eager")
         log.warning("compiling the transformer blocks failed; running them eagerly (%s)", self.error)
 
     def undo(self) -> None:
         for block in self.blocks:
             block.__dict__.pop("forward", None)
-        self.run.compile_region = "eager"
+        self.run.set_compile_region("eager")
 
 
 def compile_blocks(transformer, run: AttentionRun, mode: str, fallback: bool = False) -> CompiledBlocks:
@@ -130,7 +130,7 @@ def compile_blocks(transformer, run: AttentionRun, mode: str, fallback: bool = F
     blocks = [m for m in transformer.modules() if type(m).__name__ in kinds]
     if not blocks:
         raise RuntimeError(f"unsupported diffusers version: no repeated blocks {kinds} to compile")
-    run.compile_region = "op" if mode == "blocks" else "split"
+    run.set_compile_region("op" if mode == "blocks" else "split")
     # One graph per input shape (dynamic=False, like the compiled flex); let resolutions, CFG batch
     # sizes and sizes of tests coexist instead of silently falling back to eager at the default limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

@@ -139,8 +139,8 @@ class AttentionRun:
         self.state = ForwardState()
         self.stats = Statistics()
         self.compile_region = "eager"
-        """How a compiled block reaches `attend`: through `attend_op` (eager / op), or behind a graph
-        break (split: adapter.compile_blocks mode blocks-split)."""
+        """How traced code reaches `attend` (set_compile_region): one custom op ("eager", "op") or
+        behind a graph break ("split"). Read while TorchDynamo traces, never in eager calls."""
         self._backends: dict[tuple, backends.Backend] = {}
         self.run_id = next(_RUN_IDS)
         _RUNS[self.run_id] = self
@@ -156,6 +156,14 @@ class AttentionRun:
         new.state = copy.deepcopy(self.state, memo)
         new.compile_region = self.compile_region
         return new
+
+    def set_compile_region(self, region: str) -> None:
+        """How compiled code calls attention from now on (adapter.compile_blocks): "op" (one opaque
+        custom op inside a full graph), "split" (the graph breaks around attention) or "eager" (not
+        compiled: traced callers get the custom op)."""
+        if region not in ("eager", "op", "split"):
+            raise ValueError(f"compile region {region!r} is not allowed; use eager, op or split")
+        self.compile_region = region
 
     # ---- per-forward state -------------------------------------------------------------
     @property

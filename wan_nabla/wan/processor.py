@@ -33,6 +33,41 @@ from ..attention.run import (
 )
 
 
+class _Local:
+    """One GPU (or CPU): AttentionRun.attend on [B, H, S, D]."""
+
+    @staticmethod
+    def eager(proc, q_BSHD, k_BSHD, v_BSHD, pooled):
+        q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
+        return proc.run.attend(q, k, v, proc.layer, pooled=pooled)
+
+    @staticmethod
+    def op(proc, q_BSHD, k_BSHD, v_BSHD):
+        q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
+        return attend_op(q, k, v, proc.ids, layout_args(proc.run.state.layout))
+
+    @staticmethod
+    def split(proc, q_BSHD, k_BSHD, v_BSHD):
+        q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))
+        return attend_outside_graph(proc.run, q, k, v, proc.layer)
+
+
+class _Ulysses:
+    """Sequence parallelism: the all-to-alls around `attend`, never inside a compiled graph."""
+
+    @staticmethod
+    def eager(proc, q_BSHD, k_BSHD, v_BSHD, pooled):
+        return attend_sequence_parallel(proc.run, q_BSHD, k_BSHD, v_BSHD, proc.layer)
+
+    @staticmethod
+    def op(proc, q_BSHD, k_BSHD, v_BSHD):
+        return attend_sequence_parallel_op(q_BSHD, k_BSHD, v_BSHD, proc.ids, layout_args(proc.run.state.layout))
+
+    @staticmethod
+    def split(proc, q_BSHD, k_BSHD, v_BSHD):
+        return attend_sequence_parallel_outside_graph(proc.run, q_BSHD, k_BSHD, v_BSHD, proc.layer)
+
+
 class WanSparseAttnProcessor:
     """Drop-in processor for a Wan2.1 self-attention module (block.attn1)."""
 
@@ -40,7 +75,7 @@ class WanSparseAttnProcessor:
         self.run = run
         self.layer = layer
         self.ids = torch.tensor([run.run_id, layer])  # CPU: reading it inside the custom op never syncs
-        self.attend = self._attend_ulysses if run.sequence_parallel is not None else self._attend_local
+        self.path = _Ulysses if run.sequence_parallel is not None else _Local  # chosen once, here
 
     def __deepcopy__(self, memo) -> WanSparseAttnProcessor:
         return WanSparseAttnProcessor(copy.deepcopy(self.run, memo), self.layer)
@@ -62,6 +97,15 @@ class WanSparseAttnProcessor:
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
+    def attend(self, q_BSHD, k_BSHD, v_BSHD, pooled):
+        """[B, S, H, D] -> [B, H, S, D] by the path chosen at construction. While TorchDynamo traces
+        (a trace-time constant: the compiled graph holds only the op or the break), through the
+        custom op or behind a graph break as compile_blocks set it (AttentionRun.set_compile_region)."""
+        if not torch.compiler.is_compiling():
+            return self.path.eager(self, q_BSHD, k_BSHD, v_BSHD, pooled)
+        traced = self.path.split if self.run.compile_region == "split" else self.path.op
+        return traced(self, q_BSHD, k_BSHD, v_BSHD)
+
     def _rotate(self, q, k, rotary_emb):
         cos, sin = rotary_emb
         if torch.compiler.is_compiling():  # plain torch, which Inductor fuses with the q/k norm
@@ -70,21 +114,3 @@ class WanSparseAttnProcessor:
         pool = self.run.pool_layout(self.layer, q) if self.run.sequence_parallel is None else None
         (q, q_bar), (k, k_bar) = rotate(q, cos, sin, pool), rotate(k, cos, sin, pool)
         return q, k, ((q_bar, k_bar) if q_bar is not None and k_bar is not None else None)
-
-    def _attend_local(self, q_BSHD, k_BSHD, v_BSHD, pooled):
-        q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHD))  # [B, H, S, D]
-        run = self.run
-        if not torch.compiler.is_compiling():
-            return run.attend(q, k, v, self.layer, pooled=pooled)
-        if run.compile_region == "split":
-            return attend_outside_graph(run, q, k, v, self.layer)
-        return attend_op(q, k, v, self.ids, layout_args(run.state.layout))
-
-    def _attend_ulysses(self, q_BSHD, k_BSHD, v_BSHD, pooled):
-        # The all-to-alls never enter a compiled graph (an opaque op, or a graph break).
-        run = self.run
-        if not torch.compiler.is_compiling():
-            return attend_sequence_parallel(run, q_BSHD, k_BSHD, v_BSHD, self.layer)
-        if run.compile_region == "split":
-            return attend_sequence_parallel_outside_graph(run, q_BSHD, k_BSHD, v_BSHD, self.layer)
-        return attend_sequence_parallel_op(q_BSHD, k_BSHD, v_BSHD, self.ids, layout_args(run.state.layout))
