@@ -242,6 +242,8 @@ def test_plan_is_frozen_and_resolves_the_model_once(tmp_path, monkeypatch):
     assert plan.facts.heads == 2 and plan.parallel is None and plan.levers["compile"] == "auto"
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.model = "other"
+    with pytest.raises(TypeError):  # frozen all the way down: the --sample-* table too
+        plan.sampling["steps"] = (0,)
 
 
 def test_batch_dry_run_never_looks_up_the_model(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .attention import config as attention_rules
@@ -113,6 +114,10 @@ class RunPlan:
     """batch --engine ray: the checked Ray options (None for the local engine)."""
     notes: tuple[str, ...] = ()
     """Degenerate settings that run anyway: one warning each, logged once by the runner."""
+
+    def __post_init__(self) -> None:
+        # frozen all the way down: the sampling table is read-only too
+        object.__setattr__(self, "sampling", MappingProxyType(dict(self.sampling)))
 
     @property
     def model_label(self) -> str:
