@@ -1,5 +1,8 @@
 """The pad-key mask_mod of the flash-attn-4 path: a CuTe DSL function (imported only by fa4.py).
 
+Limits: needs the CUTLASS DSL (nvidia-cutlass-dsl) to import; SM90 calls a mask_mod per element
+(`__vec_size__` 1): a scalar read and a compare.
+
     from wan_nabla.attention.backends.fa4_mask import key_valid_mask      # needs nvidia-cutlass-dsl
     flash_attn_func(q, k, v, mask_mod=key_valid_mask, aux_tensors=[valid_i32], block_sparse_tensors=...)
 
@@ -12,7 +15,6 @@ Why a module of its own, defined once at module level: FA4 keys its compile cach
 the mask_mod's source (plus closure values), and the CuTe DSL parses the function's source, so
 the function must live in a real file, take every datum through `aux_tensors`, and capture
 nothing; importing this module needs the CUTLASS DSL, which fa4.py loads lazily and guardedly.
-Limits: SM90 calls a mask_mod per element (`__vec_size__` 1): a scalar read and a compare.
 """
 
 from __future__ import annotations
