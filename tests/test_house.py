@@ -500,3 +500,15 @@ def test_one_environment_record():
             if pattern.search(line) and not line.lstrip().startswith("#"):
                 bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not bad, "use the environment record (output/environment.py, benchmarks.harness.records):\n" + "\n".join(bad)
+
+
+def test_each_attention_backend_states_its_limits_first():
+    """Guards issue 20 point 3: every module of attention/backends/ says what it cannot do within the
+    first lines of its docstring (a reader choosing a backend reads no further)."""
+    missing = []
+    for path in sorted((PKG / "attention" / "backends").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        head = "\n".join(doc.splitlines()[:6])
+        if path.name != "__init__.py" and "Limits" not in head:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"no 'Limits:' in the first lines of: {missing}"
