@@ -31,19 +31,22 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _from_target(node: ast.ImportFrom, path: Path) -> str:
+    """The absolute module a `from ... import` in `path` reads from (relative levels resolved)."""
+    if not node.level:
+        return node.module or ""
+    mod = _module_name(path).split(".")
+    base = mod if path.name == "__init__.py" else mod[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """(imported wan_nabla module, names taken from it) for every import in the file, function-level ones too."""
-    mod = _module_name(path)
-    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = _from_target(node, path)
             if not target.startswith("wan_nabla"):
                 continue
             names = [a.name for a in node.names]
@@ -402,16 +405,11 @@ HANDOVER = {
 
 
 def _absolute_targets(node: ast.Import | ast.ImportFrom, path: Path) -> list[str]:
+    """The modules an import statement reads: `from . import a, b` reads the submodules a and b."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
-    if not node.level:
-        return [node.module or ""]
-    mod = _module_name(path).split(".")
-    base = mod if path.name == "__init__.py" else mod[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    if node.module:
-        return [".".join([*base, node.module])]
-    return [".".join([*base, a.name]) for a in node.names]
+    target = _from_target(node, path)
+    return [target] if node.module or not node.level else [f"{target}.{a.name}" for a in node.names]
 
 
 def test_imports_sit_at_the_top_of_modules():
