@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from wan_nabla import adapter
 from wan_nabla.config import GenerationConfig, RunConfig, SpeedConfig, load_config
 from wan_nabla.pipeline import VideoGenerator
+from wan_nabla.sampling import set_timesteps
 from wan_nabla.tiny import build_tiny_pipeline
 
 # Wan2.1 wan/configs/shared_config.py: wan_shared_cfg.sample_neg_prompt
@@ -177,7 +178,7 @@ def test_euler_four_steps_are_lightx2vs(tiny_pipe):
     """LightX2V's 4-step distilled schedule at shift 5: sigma 1, 0.9375, 0.8333, 0.625 -> 0
     (timesteps 1000, 750, 500, 250 before the shift)."""
     sched = adapter.make_scheduler(tiny_pipe, 5.0, "euler")
-    adapter.set_timesteps(sched, 4, torch.device("cpu"))
+    set_timesteps(sched, 4, torch.device("cpu"))
     np.testing.assert_allclose(sched.sigmas.numpy(), [1.0, 0.9375, 5 * 0.5 / 3, 0.625, 0.0], rtol=1e-6)
     np.testing.assert_allclose(sched.timesteps.numpy(), [1000.0, 937.5, 2500 / 3, 625.0], rtol=1e-6)
 
@@ -227,7 +228,7 @@ def test_unipc_schedule_is_wans(tiny_pipe, steps, shift):
     """diffusers' UniPC runs Wan's FlowUniPC sigmas and timesteps (diffusers' own starts at 1.0:
     27 of 50 timesteps differ by up to 4 at shift 5)."""
     sched = adapter.make_scheduler(tiny_pipe, shift)
-    adapter.set_timesteps(sched, steps, torch.device("cpu"))
+    set_timesteps(sched, steps, torch.device("cpu"))
     sigmas, timesteps = wan_flow_unipc_schedule(steps, shift)
     np.testing.assert_allclose(sched.sigmas.numpy(), sigmas, atol=1e-6, rtol=0)
     assert sched.timesteps.tolist() == timesteps.tolist() and sched.sigmas[-1] == 0

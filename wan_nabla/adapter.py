@@ -74,16 +74,6 @@ def make_scheduler(pipe, shift: float, sampler: str = "unipc"):
     return sampling.make_scheduler(pipe.scheduler, shift, sampler)
 
 
-def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
-    """Wan's FlowUniPC schedule for UniPC, the distilled LoRAs' schedule for Euler (sampling.py)."""
-    sampling.set_timesteps(scheduler, steps, device)
-
-
-def sampler_runs(scheduler_config: Mapping[str, Any], steps: int, shift: float) -> bool:
-    """False iff diffusers' scheduler would fail to run `steps` at `shift` (sampling.sampler_runs)."""
-    return sampling.sampler_runs(scheduler_config, steps, shift)
-
-
 def denoise(
     pipe, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, context: str | None = None
 ) -> torch.Tensor:

@@ -32,7 +32,6 @@ import torch
 import transformers.utils.logging as tlog
 from huggingface_hub.utils import disable_progress_bars
 
-from .adapter import sampler_runs
 from .compare.save_masks import MaskSaver
 from .config import NUM_TRAIN_TIMESTEPS, ConfigError, GenerationConfig, RunConfig
 from .distributed.context import ParallelContext, rank_device
@@ -51,6 +50,7 @@ from .pipeline import VideoGenerator, load_weights
 from .preflight import ParallelLayout, RunPlan, check_model_fits
 from .quantize import fp8_unsupported
 from .requests import GenerateRequest
+from .sampling import sampler_runs
 
 log = logging.getLogger("wan_nabla")
 

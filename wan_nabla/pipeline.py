@@ -61,7 +61,7 @@ from .lora import load_loras
 from .magcache import resolve
 from .models import load_pipeline, load_transformer
 from .quantize import quantize_transformer
-from .sampling import guide, schedule_record
+from .sampling import guide, schedule_record, set_timesteps
 from .wan import hooks
 
 log = logging.getLogger(__name__)
@@ -419,7 +419,7 @@ class VideoGenerator:
         peaks.end("encode")
 
         scheduler = adapter.make_scheduler(pipe, g.resolved_shift, g.sampler)
-        adapter.set_timesteps(scheduler, g.steps, dev)
+        set_timesteps(scheduler, g.steps, dev)
         schedule = schedule_record(scheduler)  # before stepping: what this run's steps use
         latents = adapter.initial_latents(pipe, g.width, g.height, g.frames, g.seed, dev)
         both = torch.cat([pos, neg]) if cfg_on and g.batch_cfg else None
